@@ -1,0 +1,221 @@
+//! The daemon's configuration: a TOML file whose every key has a default, so no file is needed.
+//! An unknown key or a bad value is a startup error naming the key and the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the config file is read from when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cri-systemd/config.toml";
+
+/// The effective configuration of the daemon (`cri-systemd config` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unix socket serving both CRI services (created with mode 0660).
+    pub socket: PathBuf,
+    /// Persistent state: images, layers, pod and container records.
+    pub state_root: PathBuf,
+    /// Volatile state: namespace pins, per-pod files; lost on reboot, as the pods are.
+    pub run_root: PathBuf,
+    /// One of error, warn, info, debug, trace.
+    pub log_level: LogLevel,
+    pub systemd: SystemdConfig,
+    pub cni: runtime::CniConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/cri-systemd/cri-systemd.sock"),
+            state_root: PathBuf::from("/var/lib/cri-systemd"),
+            run_root: PathBuf::from("/run/cri-systemd"),
+            log_level: LogLevel::Info,
+            systemd: SystemdConfig::default(),
+            cni: runtime::CniConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// How the daemon reaches systemd (the `[systemd]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SystemdConfig {
+    /// D-Bus address of the system bus. systemd's private socket is not supported: zbus rejects
+    /// the sender name systemd uses on it (zbus issue #1497).
+    pub bus_address: String,
+}
+
+impl Default for SystemdConfig {
+    fn default() -> Self {
+        Self { bus_address: "unix:path=/run/dbus/system_bus_socket".into() }
+    }
+}
+
+/// A config that cannot be used, with the file and, where known, the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("config file {file}: key `{key}`: {message}")]
+    Key { file: String, key: String, message: String },
+    #[error("config file {file}: {message}")]
+    Syntax { file: String, message: String },
+}
+
+impl Config {
+    /// Loads the config from `path`, or the defaults when `path` is the default path and no file
+    /// is there. An explicitly named file must exist.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, required) = match path {
+            Some(path) => (path, true),
+            None => (Path::new(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                let config = Config::default();
+                config.validate(&path.display().to_string())?;
+                Ok(config)
+            }
+            Err(source) => Err(ConfigError::Read { file: path.to_path_buf(), source }),
+        }
+    }
+
+    /// Parses and validates TOML text; `file` names the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::Syntax { file: file.into(), message: describe(&e, text) })?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let message = describe(e.inner(), text);
+            if key.is_empty() || key == "." {
+                ConfigError::Syntax { file: file.into(), message }
+            } else {
+                ConfigError::Key { file: file.into(), key, message }
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: paths must be absolute, the socket path must fit a sockaddr_un.
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Key { file: file.into(), key: key.into(), message };
+        let absolute = [
+            ("socket", &self.socket),
+            ("state_root", &self.state_root),
+            ("run_root", &self.run_root),
+            ("cni.conf_dir", &self.cni.conf_dir),
+        ];
+        for (key, path) in absolute {
+            if !path.is_absolute() {
+                return Err(bad(key, format!("{} is not an absolute path", path.display())));
+            }
+        }
+        for (index, dir) in self.cni.plugin_dirs.iter().enumerate() {
+            if !dir.is_absolute() {
+                return Err(bad(&format!("cni.plugin_dirs[{index}]"), format!("{} is not an absolute path", dir.display())));
+            }
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if self.socket.as_os_str().len() > 107 {
+            return Err(bad("socket", "longer than the 107 bytes a unix socket path may have".into()));
+        }
+        if !self.systemd.bus_address.contains(':') {
+            return Err(bad(
+                "systemd.bus_address",
+                format!("{:?} is not a D-Bus address (e.g. unix:path=/run/dbus/system_bus_socket)", self.systemd.bus_address),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, as `cri-systemd config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config always serializes")
+    }
+}
+
+/// toml's own message, with the line it points at; its multi-line source excerpt reads badly in
+/// the journal.
+fn describe(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("", "t.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_default_config_is_the_default() {
+        let text = include_str!("../../deploy/config.toml");
+        assert_eq!(Config::parse(text, "deploy/config.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let config = Config::default();
+        assert_eq!(Config::parse(&config.to_toml(), "printed").unwrap(), config);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let err = Config::parse("sockt = \"/x\"\n", "/etc/c.toml").unwrap_err().to_string();
+        assert!(err.contains("/etc/c.toml") && err.contains("sockt"), "{err}");
+        let err = Config::parse("[systemd]\nbus = \"x\"\n", "/etc/c.toml").unwrap_err().to_string();
+        assert!(err.contains("bus"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Config::parse("log_level = \"loud\"\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`log_level`") && err.contains("loud"), "{err}");
+        let err = Config::parse("state_root = \"relative/dir\"\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`state_root`"), "{err}");
+        let err = Config::parse("[cni]\nplugin_dirs = [\"/ok\", \"rel\"]\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`cni.plugin_dirs[1]`"), "{err}");
+        let err = Config::parse("[systemd]\nbus_address = 3\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`systemd.bus_address`"), "{err}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/c.toml"))).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/c.toml"), "{err}");
+    }
+}

@@ -1,0 +1,78 @@
+//! `cri-systemd`: the daemon. It owns the configuration, the CRI gRPC services on a unix socket,
+//! and the handlers that translate CRI calls into calls on `runtime` (pods, containers, systemd)
+//! and `imagestore` (images). Handlers hold no logic of their own beyond that translation and the
+//! mapping of library errors to gRPC codes.
+
+mod config;
+mod image_service;
+mod logging;
+mod runtime_service;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "cri-systemd", version, about = "A Kubernetes container runtime (CRI) on systemd")]
+struct Cli {
+    /// Config file [default: /etc/cri-systemd/config.toml, used only if it exists].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CRI on the configured socket (what runs when no command is given).
+    Serve,
+    /// Print the effective configuration (the file merged over the defaults) as TOML.
+    Config {
+        /// Print the built-in defaults instead, ignoring any config file.
+        #[arg(long)]
+        default: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match &cli.command {
+        Some(Command::Config { default: true }) => Ok(Config::default()),
+        _ => Config::load(cli.config.as_deref()),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            // Logging is not set up yet (its level comes from the config): stderr reaches the journal.
+            eprintln!("cri-systemd: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Config { .. }) => {
+            print!("{}", config.to_toml());
+            ExitCode::SUCCESS
+        }
+        None | Some(Command::Serve) => {
+            logging::init(config.log_level);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(server::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The CRI `RuntimeService`: translates CRI runtime calls into `runtime` calls.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use proto::cri::{self, runtime_service_server::RuntimeService};
+use runtime::{NetworkReadiness, Systemd};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+
+/// The runtime API version this daemon speaks.
+const RUNTIME_API_VERSION: &str = "v1";
+const RUNTIME_NAME: &str = "cri-systemd";
+
+/// Serves `runtime.v1.RuntimeService`.
+#[derive(Debug)]
+pub struct Runtime {
+    config: Arc<Config>,
+    systemd: Arc<Systemd>,
+}
+
+impl Runtime {
+    pub fn new(config: Arc<Config>, systemd: Arc<Systemd>) -> Self {
+        Self { config, systemd }
+    }
+}
+
+fn not_yet(rpc: &str, why: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is not implemented yet by cri-systemd ({why})"))
+}
+
+fn condition(kind: &str, outcome: Result<(), (&str, String)>) -> cri::RuntimeCondition {
+    match outcome {
+        Ok(()) => cri::RuntimeCondition { r#type: kind.into(), status: true, ..Default::default() },
+        Err((reason, message)) => cri::RuntimeCondition {
+            r#type: kind.into(),
+            status: false,
+            reason: reason.into(),
+            message,
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Runtime {
+    async fn version(&self, _: Request<cri::VersionRequest>) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            // The "kubelet runtime API" version; containerd and CRI-O both answer 0.1.0.
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    async fn status(&self, request: Request<cri::StatusRequest>) -> Result<Response<cri::StatusResponse>, Status> {
+        let manager = self.systemd.manager_info().await;
+        let runtime_ready = match &manager {
+            Ok(_) => Ok(()),
+            Err(e) => Err(("SystemdUnreachable", e.to_string())),
+        };
+        let network_ready = match self.config.cni.readiness() {
+            NetworkReadiness::Ready { .. } => Ok(()),
+            NetworkReadiness::NotReady { message } => Err(("NetworkPluginNotReady", message)),
+        };
+        let mut info = HashMap::new();
+        if request.get_ref().verbose {
+            info.insert("config".into(), serde_json::to_string(&*self.config).unwrap_or_default());
+            if let Ok(manager) = &manager {
+                let systemd = serde_json::json!({
+                    "version": manager.version,
+                    "features": manager.features,
+                    "virtualization": manager.virtualization,
+                    "systemState": manager.system_state,
+                });
+                info.insert("systemd".into(), systemd.to_string());
+            }
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![condition("RuntimeReady", runtime_ready), condition("NetworkReady", network_ready)],
+            }),
+            info,
+            // Only features that work end to end are advertised; both come with later issues.
+            runtime_handlers: vec![cri::RuntimeHandler {
+                name: String::new(),
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            }],
+            features: Some(cri::RuntimeFeatures { supplemental_groups_policy: false }),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration { cgroup_driver: cri::CgroupDriver::Systemd as i32 }),
+        }))
+    }
+
+    type GetContainerEventsStream =
+        Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
+
+    async fn get_container_events(
+        &self,
+        _: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
+    }
+
+    async fn run_pod_sandbox(&self, _: Request<cri::RunPodSandboxRequest>) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        Err(not_yet("RunPodSandbox", "the pod and container lifecycle issue"))
+    }
+    async fn stop_pod_sandbox(&self, _: Request<cri::StopPodSandboxRequest>) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        Err(not_yet("StopPodSandbox", "the pod and container lifecycle issue"))
+    }
+    async fn remove_pod_sandbox(&self, _: Request<cri::RemovePodSandboxRequest>) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        Err(not_yet("RemovePodSandbox", "the pod and container lifecycle issue"))
+    }
+    async fn pod_sandbox_status(&self, _: Request<cri::PodSandboxStatusRequest>) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        Err(not_yet("PodSandboxStatus", "the pod and container lifecycle issue"))
+    }
+    async fn list_pod_sandbox(&self, _: Request<cri::ListPodSandboxRequest>) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        Err(not_yet("ListPodSandbox", "the pod and container lifecycle issue"))
+    }
+    async fn create_container(&self, _: Request<cri::CreateContainerRequest>) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        Err(not_yet("CreateContainer", "the pod and container lifecycle issue"))
+    }
+    async fn start_container(&self, _: Request<cri::StartContainerRequest>) -> Result<Response<cri::StartContainerResponse>, Status> {
+        Err(not_yet("StartContainer", "the pod and container lifecycle issue"))
+    }
+    async fn stop_container(&self, _: Request<cri::StopContainerRequest>) -> Result<Response<cri::StopContainerResponse>, Status> {
+        Err(not_yet("StopContainer", "the pod and container lifecycle issue"))
+    }
+    async fn remove_container(&self, _: Request<cri::RemoveContainerRequest>) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        Err(not_yet("RemoveContainer", "the pod and container lifecycle issue"))
+    }
+    async fn list_containers(&self, _: Request<cri::ListContainersRequest>) -> Result<Response<cri::ListContainersResponse>, Status> {
+        Err(not_yet("ListContainers", "the pod and container lifecycle issue"))
+    }
+    async fn container_status(&self, _: Request<cri::ContainerStatusRequest>) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        Err(not_yet("ContainerStatus", "the pod and container lifecycle issue"))
+    }
+    async fn update_container_resources(&self, _: Request<cri::UpdateContainerResourcesRequest>) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(not_yet("UpdateContainerResources", "the pod and container lifecycle issue"))
+    }
+    async fn reopen_container_log(&self, _: Request<cri::ReopenContainerLogRequest>) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        Err(not_yet("ReopenContainerLog", "the pod and container lifecycle issue"))
+    }
+    async fn exec_sync(&self, _: Request<cri::ExecSyncRequest>) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Err(not_yet("ExecSync", "the streaming issue"))
+    }
+    async fn exec(&self, _: Request<cri::ExecRequest>) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(not_yet("Exec", "the streaming issue"))
+    }
+    async fn attach(&self, _: Request<cri::AttachRequest>) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(not_yet("Attach", "the streaming issue"))
+    }
+    async fn port_forward(&self, _: Request<cri::PortForwardRequest>) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(not_yet("PortForward", "the streaming issue"))
+    }
+    async fn container_stats(&self, _: Request<cri::ContainerStatsRequest>) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        Err(not_yet("ContainerStats", "stats are not implemented yet"))
+    }
+    async fn list_container_stats(&self, _: Request<cri::ListContainerStatsRequest>) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        Err(not_yet("ListContainerStats", "stats are not implemented yet"))
+    }
+    async fn pod_sandbox_stats(&self, _: Request<cri::PodSandboxStatsRequest>) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        Err(not_yet("PodSandboxStats", "stats are not implemented yet"))
+    }
+    async fn list_pod_sandbox_stats(&self, _: Request<cri::ListPodSandboxStatsRequest>) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(not_yet("ListPodSandboxStats", "stats are not implemented yet"))
+    }
+    async fn update_runtime_config(&self, _: Request<cri::UpdateRuntimeConfigRequest>) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        Err(not_yet("UpdateRuntimeConfig", "the CNI issue"))
+    }
+    async fn checkpoint_container(&self, _: Request<cri::CheckpointContainerRequest>) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(not_yet("CheckpointContainer", "checkpointing is not supported"))
+    }
+    async fn list_metric_descriptors(&self, _: Request<cri::ListMetricDescriptorsRequest>) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(not_yet("ListMetricDescriptors", "stats are not implemented yet"))
+    }
+    async fn list_pod_sandbox_metrics(&self, _: Request<cri::ListPodSandboxMetricsRequest>) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
+    }
+}

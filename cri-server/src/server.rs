@@ -1,0 +1,141 @@
+//! Start-up, the unix socket, and shutdown.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use proto::cri::image_service_server::ImageServiceServer;
+use proto::cri::runtime_service_server::RuntimeServiceServer;
+use runtime::Systemd;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::image_service::Images;
+use crate::runtime_service::Runtime;
+
+/// Why the daemon could not start; each says what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create {what} {path}: {source}; create it or set `{key}` in the config")]
+    CreateDir { what: &'static str, key: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{what} {path} is not writable: {source}; make it writable or set `{key}` in the config")]
+    NotWritable { what: &'static str, key: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(
+        "socket {0} is in use by a running process (another cri-systemd?); stop it or set `socket` to another path"
+    )]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket; remove it or set `socket` to another path")]
+    NotASocket(PathBuf),
+    #[error("cannot listen on socket {path}: {source}")]
+    Listen { path: PathBuf, source: std::io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Containers are never stopped on the way out: they
+/// are systemd's units and keep running while the daemon is away.
+pub async fn serve(config: Config) -> Result<(), StartupError> {
+    info!(version = env!("CARGO_PKG_VERSION"), "cri-systemd starting");
+    prepare_dir(&config.state_root, "state root", "state_root", 0o711)?;
+    prepare_dir(&config.run_root, "run root", "run_root", 0o711)?;
+
+    let systemd = Arc::new(Systemd::new(config.systemd.bus_address.clone()));
+    // The daemon serves even without systemd (Status then says why it is not ready), so that
+    // the kubelet can see the reason instead of a dead socket.
+    match systemd.manager_info().await {
+        Ok(manager) => info!(
+            version = %manager.version,
+            features = %manager.features,
+            virtualization = %manager.virtualization,
+            state = %manager.system_state,
+            "connected to systemd"
+        ),
+        Err(e) => warn!("{e}; RuntimeReady stays false until systemd answers"),
+    }
+
+    let listener = listen(&config.socket)?;
+    let config = Arc::new(config);
+    let mut terminate = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM: stopping (containers keep running)"),
+            _ = interrupt.recv() => info!("SIGINT: stopping (containers keep running)"),
+        }
+        notify(&[sd_notify::NotifyState::Stopping]);
+    };
+
+    info!(socket = %config.socket.display(), "serving CRI");
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving CRI on {}", config.socket.display())),
+    ]);
+    let socket = config.socket.clone();
+    let result = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(Runtime::new(config.clone(), systemd)))
+        .add_service(ImageServiceServer::new(Images::default()))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    // Only our own socket file: leaving it would make the next start probe a dead socket.
+    if let Err(e) = std::fs::remove_file(&socket) {
+        warn!("cannot remove socket {}: {e}", socket.display());
+    }
+    result?;
+    info!("stopped");
+    Ok(())
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    // Outside systemd there is no NOTIFY_SOCKET and this does nothing.
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Creates `path` if missing and checks that it is writable.
+fn prepare_dir(path: &Path, what: &'static str, key: &'static str, mode: u32) -> Result<(), StartupError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|source| StartupError::CreateDir { what, key, path: path.into(), source })?;
+    // A read-only mount or a foreign owner shows only on write: try one.
+    let probe = path.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| StartupError::NotWritable { what, key, path: path.into(), source })
+}
+
+/// Binds the CRI socket with mode 0660, replacing a stale socket left by a dead daemon.
+fn listen(path: &Path) -> Result<UnixListener, StartupError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => return Err(StartupError::NotASocket(path.into())),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(StartupError::SocketInUse(path.into())),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                info!(socket = %path.display(), "replacing stale socket of a dead daemon");
+                std::fs::remove_file(path).map_err(|source| StartupError::Listen { path: path.into(), source })?;
+            }
+            Err(source) => return Err(StartupError::Listen { path: path.into(), source }),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => return Err(StartupError::Listen { path: path.into(), source }),
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)
+            .map_err(|source| StartupError::Listen { path: path.into(), source })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| StartupError::Listen { path: path.into(), source })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|source| StartupError::Listen { path: path.into(), source })?;
+    Ok(listener)
+}

@@ -1,0 +1,187 @@
+//! End-to-end test support: throwaway systemd nodes (the `e2e/node` command) with cri-systemd
+//! running inside as its production unit, and CRI clients that reach it over its socket.
+//!
+//! Tests need root and build nothing themselves: build the daemon first (`cargo build -p cri-server`),
+//! as the README's test command does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use proto::{CriClient, cri};
+
+/// The `e2e/node` command.
+pub fn node_command() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("node")
+}
+
+/// How a node is brought up.
+#[derive(Debug, Default, Clone)]
+pub struct NodeOptions {
+    /// Boot without starting cri-systemd (tests that start it themselves).
+    pub no_daemon: bool,
+    /// A config file for the daemon instead of deploy/config.toml.
+    pub config: Option<PathBuf>,
+}
+
+/// A running throwaway node, shut down and removed on drop.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+}
+
+/// The output of a command run in a node, with its text decoded for assertions.
+#[derive(Debug)]
+pub struct Run {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(output: Output) -> Run {
+        Run {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+}
+
+impl Node {
+    /// Boots a node named after `label`, unique to this process and call.
+    pub fn up(label: &str, options: NodeOptions) -> Node {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let mut command = Command::new(node_command());
+        command.arg("up").arg(&name);
+        if options.no_daemon {
+            command.arg("--no-daemon");
+        }
+        if let Some(config) = &options.config {
+            command.arg("--config").arg(config);
+        }
+        let node = Node { name };
+        let output = command.stdin(Stdio::null()).output().expect("cannot run e2e/node");
+        assert!(
+            output.status.success(),
+            "e2e/node up {} failed:\n{}{}",
+            node.name,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        node
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn node_query(&self, verb: &str) -> String {
+        let output = Command::new(node_command()).arg(verb).arg(&self.name).output().expect("cannot run e2e/node");
+        assert!(output.status.success(), "e2e/node {verb} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// The daemon's socket as seen from the host.
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(self.node_query("socket"))
+    }
+
+    /// The node's directory on the host (state/, run/, console.log).
+    pub fn dir(&self) -> PathBuf {
+        PathBuf::from(self.node_query("dir"))
+    }
+
+    /// Runs a command inside the node, in all its namespaces.
+    pub fn exec(&self, args: &[&str]) -> Run {
+        let output = Command::new(node_command())
+            .arg("exec")
+            .arg(&self.name)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run e2e/node exec");
+        Run::from_output(output)
+    }
+
+    /// Runs a shell snippet inside the node and asserts that it succeeds.
+    pub fn sh(&self, script: &str) -> String {
+        let run = self.exec(&["sh", "-c", script]);
+        assert!(run.success(), "in node {}: `{script}` failed ({}):\n{}{}", self.name, run.status, run.stdout, run.stderr);
+        run.stdout
+    }
+
+    /// The daemon's journal in the node.
+    pub fn logs(&self) -> String {
+        self.exec(&["journalctl", "-u", "cri-systemd", "--no-pager", "-o", "cat"]).stdout
+    }
+
+    /// Writes `contents` to `path` inside the node.
+    pub fn write_file(&self, path: &str, contents: &str) {
+        let mut child = Command::new(node_command())
+            .args(["exec", &self.name, "sh", "-c", "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\"", "sh", path])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("cannot run e2e/node exec");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(contents.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "cannot write {path} in node {}", self.name);
+    }
+
+    /// Connects to the daemon, waiting up to `timeout` for its socket to answer `Version`.
+    pub async fn cri(&self, timeout: Duration) -> CriClient {
+        let socket = self.socket();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = async {
+                let mut client = CriClient::connect(&socket).await.map_err(|e| e.to_string())?;
+                client.runtime.version(cri::VersionRequest::default()).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(client)
+            };
+            match attempt.await {
+                Ok(client) => return client,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("daemon in node {} does not answer on {}: {e}\n{}", self.name, socket.display(), self.logs())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::env::var_os("E2E_KEEP_NODES").is_some() {
+            eprintln!("keeping node {} (E2E_KEEP_NODES is set)", self.name);
+            return;
+        }
+        let output = Command::new(node_command()).arg("down").arg(&self.name).output();
+        match output {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!("e2e/node down {} failed: {}", self.name, String::from_utf8_lossy(&output.stderr)),
+            Err(e) => eprintln!("cannot run e2e/node down {}: {e}", self.name),
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
