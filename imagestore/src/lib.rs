@@ -1,0 +1,36 @@
+//! The image store of cri-systemd. It owns everything under `<state_root>/images`: blobs kept once
+//! by digest and verified, layers unpacked once and shared as overlayfs lower directories, image
+//! metadata (references -> manifest -> config -> layers), pulls from registries, garbage collection,
+//! and the assembly of container root filesystems from an image's layers.
+//!
+//! Layout under the root:
+//! - `blobs/<alg>/<hex>`: manifests, indexes, configs and (with `keep_layer_blobs`) compressed layers;
+//! - `layers/<alg>/<chain id hex>/diff`: unpacked layers, used as overlayfs lower directories;
+//! - `metadata.json`: every image's names, manifest, config and layers, replaced atomically;
+//! - `tmp/`: downloads and unpacks in progress, emptied on open.
+
+mod blobs;
+mod config;
+mod digest;
+mod error;
+mod layers;
+mod meta;
+mod platform;
+mod reference;
+mod registry;
+mod rootfs;
+mod store;
+mod tarstream;
+mod token;
+mod unpack;
+
+pub use config::{IdShift, RegistryConfig, StoreConfig};
+pub use digest::{Algorithm, Digest};
+pub use error::{Error, ErrorKind};
+pub use layers::Layer;
+pub use meta::ImageConfig;
+pub use platform::Platform;
+pub use reference::ImageReference;
+pub use registry::Credentials;
+pub use rootfs::Rootfs;
+pub use store::{GcReport, Image, ImageId, ImageStore, Usage};

@@ -1,0 +1,752 @@
+//! [`ImageStore`]: the public face of the crate, tying blobs, layers, metadata and pulls together.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{info, warn};
+
+use crate::blobs::{BlobStore, InFlight};
+use crate::config::{IdShift, StoreConfig};
+use crate::digest::{Digest, Hasher, chain_ids};
+use crate::error::{Error, IoContext};
+use crate::layers::{self, Layer, LayerStore, StreamFailure, stream_io_error};
+use crate::meta::{ImageConfig, ImageRecord, Metadata, parse_image_config};
+use crate::platform::{self, Platform};
+use crate::reference::ImageReference;
+use crate::registry::{self, Credentials, EndpointClient};
+use crate::rootfs::Rootfs;
+use crate::unpack::Limits;
+
+/// Largest manifest, index or config we accept: real ones are a few kilobytes.
+const MAX_SMALL_BLOB: u64 = 8 << 20;
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// An image id: the digest of the image's config (`sha256:...`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImageId(pub Digest);
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for ImageId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        s.parse().map(ImageId).map_err(|e: crate::digest::DigestParseError| Error::InvalidReference {
+            reference: s.to_owned(),
+            reason: e.0,
+        })
+    }
+}
+
+/// An image as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub id: ImageId,
+    /// `registry/repository:tag` names of the image.
+    pub repo_tags: Vec<String>,
+    /// `registry/repository@sha256:<manifest digest>` names of the image.
+    pub repo_digests: Vec<String>,
+    /// Bytes of the image's content as pulled (config and compressed layers).
+    pub size: u64,
+    /// Listed in `pinned_images`: garbage collection never removes it.
+    pub pinned: bool,
+    pub config: ImageConfig,
+    /// Bottom layer first.
+    pub layers: Vec<Layer>,
+    pub manifest_digest: Digest,
+}
+
+/// Disk use of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes allocated on disk (like `du`), hard links counted once.
+    pub used_bytes: u64,
+    pub inodes_used: u64,
+    /// The store's root directory (what containerd reports as the image filesystem).
+    pub mountpoint: PathBuf,
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub images_removed: Vec<ImageId>,
+    pub layers_removed: usize,
+    pub blobs_removed: usize,
+}
+
+/// The content-addressed image store rooted at one directory. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct ImageStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageStore").field("root", &self.inner.root).finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    root: PathBuf,
+    config: StoreConfig,
+    blobs: BlobStore,
+    layers: Arc<LayerStore>,
+    meta: Mutex<Metadata>,
+    /// Work on one blob or layer at a time, across pulls.
+    in_flight: InFlight,
+    /// Bounds layer downloads+unpacks across all pulls.
+    downloads: Arc<Semaphore>,
+    /// Content that pulls in progress rely on and GC must keep. The one place, with the metadata,
+    /// that decides what is referenced.
+    active: Mutex<HashMap<Digest, usize>>,
+    pinned: HashSet<String>,
+    platform: Platform,
+}
+
+/// Keeps content referenced while a pull uses it.
+struct ActiveGuard<'a> {
+    inner: &'a Inner,
+    keys: Vec<Digest>,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut active = lock(&self.inner.active);
+        for key in &self.keys {
+            if let Some(n) = active.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    active.remove(key);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Deserialize)]
+struct RawManifest {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    config: Option<RawDescriptor>,
+    #[serde(default)]
+    layers: Option<Vec<RawDescriptor>>,
+    #[serde(default)]
+    manifests: Option<Vec<RawDescriptor>>,
+}
+
+#[derive(Deserialize, Clone)]
+struct RawDescriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+const INDEX_TYPES: &[&str] =
+    &["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+const CONFIG_TYPES: &[&str] =
+    &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
+
+impl ImageStore {
+    /// Opens (creating if needed) the store at `root`. Leftovers of interrupted pulls are
+    /// discarded here.
+    pub fn open(root: &Path, config: StoreConfig) -> Result<ImageStore, Error> {
+        config.validate()?;
+        for dir in ["blobs", "layers"] {
+            fs::create_dir_all(root.join(dir)).ctx(|| format!("create {}", root.join(dir).display()))?;
+        }
+        let tmp = root.join("tmp");
+        match fs::remove_dir_all(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Error::io(format!("clear {}", tmp.display()), e)),
+            _ => {}
+        }
+        fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        let meta = Metadata::open(root.join("metadata.json"))?;
+        let pinned = config
+            .pinned_images
+            .iter()
+            .filter_map(|p| ImageReference::parse(p).ok())
+            .map(|r| match (&r.digest, r.repo_tag()) {
+                (Some(d), _) => r.repo_digest(d),
+                (None, Some(tag)) => tag,
+                (None, None) => r.name(),
+            })
+            .collect();
+        let inner = Inner {
+            root: root.to_path_buf(),
+            blobs: BlobStore::new(root.join("blobs"), tmp.clone()),
+            layers: Arc::new(LayerStore::new(root.join("layers"), tmp)),
+            meta: Mutex::new(meta),
+            in_flight: InFlight::default(),
+            downloads: Arc::new(Semaphore::new(config.max_concurrent_downloads)),
+            active: Mutex::new(HashMap::new()),
+            pinned,
+            platform: Platform::host(),
+            config,
+        };
+        Ok(ImageStore { inner: Arc::new(inner) })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Pulls an image and returns it. Cancel-safe: if the future is dropped, the pull stops and
+    /// nothing partial becomes visible (verified layers already committed stay, as cache).
+    pub async fn pull(&self, reference: &str, auth: Option<Credentials>) -> Result<Image, Error> {
+        let image_ref = ImageReference::parse(reference)?;
+        let started = Instant::now();
+        let registry_config = self.inner.config.registries.get(&image_ref.registry).cloned().unwrap_or_default();
+        let mut last_error = None;
+        for endpoint in registry::endpoints(&image_ref.registry, &registry_config) {
+            let is_mirror = endpoint.is_mirror;
+            let host = endpoint.host.clone();
+            let attempt = async {
+                let client = EndpointClient::new(endpoint, &image_ref.registry, &self.inner.config, auth.as_ref()).await?;
+                self.pull_from(&client, &image_ref).await
+            };
+            match attempt.await {
+                Ok(image) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    info!(reference = %image_ref, id = %image.id, from = %host, size = image.size, secs = format_args!("{secs:.2}"),
+                        rate_mb_s = format_args!("{:.1}", image.size as f64 / secs.max(1e-3) / 1e6), "pulled image");
+                    return Ok(image);
+                }
+                Err(e) if is_mirror && mirror_may_fall_back(&e) => {
+                    warn!(reference = %image_ref, mirror = %host, error = %e, "mirror failed, trying the next endpoint");
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::NotFound { reference: reference.to_owned(), detail: "no endpoint".into() }))
+    }
+
+    async fn pull_from(&self, client: &EndpointClient, image_ref: &ImageReference) -> Result<Image, Error> {
+        let body = client.manifest(image_ref, None).await?;
+        let top_digest = verify_manifest_digest(&body, image_ref.digest.as_ref(), &image_ref.to_string())?;
+        let top = parse_manifest(&body, &image_ref.to_string())?;
+        let (manifest_body, manifest_digest, manifest, index) = if top.is_index {
+            let entries = top.raw.manifests.clone().unwrap_or_default();
+            let chosen = platform::select(&self.inner.platform, entries.iter().map(|e| e.platform.as_ref()))
+                .ok_or_else(|| Error::NoMatchingPlatform { reference: image_ref.to_string(), platform: self.inner.platform.to_string() })?;
+            let digest: Digest = parse_digest(&entries[chosen].digest, "manifest list entry")?;
+            let body = client.manifest(image_ref, Some(&digest)).await?;
+            verify_manifest_digest(&body, Some(&digest), &format!("{}@{digest}", image_ref.name()))?;
+            let manifest = parse_manifest(&body, &format!("{}@{digest}", image_ref.name()))?;
+            if manifest.is_index {
+                return Err(Error::Unsupported { what: "image index".into(), detail: format!("{digest} is an index inside an index") });
+            }
+            (body, digest, manifest, Some((body_clone(&top.body), top_digest)))
+        } else {
+            (body.clone(), top_digest, top, None)
+        };
+
+        let config_desc = manifest.raw.config.clone().ok_or_else(|| invalid("manifest", "no config descriptor"))?;
+        if !CONFIG_TYPES.contains(&config_desc.media_type.as_str()) {
+            return Err(Error::Unsupported {
+                what: "config media type".into(),
+                detail: format!("{:?} (not a container image)", config_desc.media_type),
+            });
+        }
+        let config_digest = parse_digest(&config_desc.digest, "config descriptor")?;
+        let config_size = descriptor_size(&config_desc, MAX_SMALL_BLOB)?;
+        let _config_active = self.activate(vec![config_digest.clone(), manifest_digest.clone()]);
+        let config_bytes = self.small_blob(client, image_ref, &config_digest, config_size, "config").await?;
+        let (config, diff_ids) = parse_image_config(&config_bytes).map_err(|e| invalid("image config", &e))?;
+
+        let raw_layers = manifest.raw.layers.clone().unwrap_or_default();
+        if raw_layers.len() != diff_ids.len() {
+            return Err(invalid(
+                "image",
+                &format!("manifest lists {} layers but the config has {} diff_ids", raw_layers.len(), diff_ids.len()),
+            ));
+        }
+        let chains = chain_ids(&diff_ids);
+        let mut layers = Vec::with_capacity(raw_layers.len());
+        for ((desc, diff_id), chain_id) in raw_layers.iter().zip(diff_ids).zip(chains) {
+            if !layers::supported_layer_media_type(&desc.media_type) {
+                return Err(Error::Unsupported { what: "layer media type".into(), detail: format!("{:?} of layer {}", desc.media_type, desc.digest) });
+            }
+            layers.push(Layer {
+                digest: parse_digest(&desc.digest, "layer descriptor")?,
+                size: descriptor_size(desc, u64::MAX)?,
+                media_type: desc.media_type.clone(),
+                diff_id,
+                chain_id,
+            });
+        }
+        let mut keys: Vec<Digest> = layers.iter().flat_map(|l| [l.chain_id.clone(), l.digest.clone()]).collect();
+        keys.extend(index.as_ref().map(|(_, d)| d.clone()));
+        let _layers_active = self.activate(keys);
+
+        // All layers at once, bounded by the download semaphore; the first failure drops (and so
+        // cancels) the others.
+        futures_util::future::try_join_all(layers.iter().map(|layer| self.ensure_layer(client, image_ref, layer))).await?;
+
+        self.inner.blobs.put(&manifest_digest, &manifest_body, "manifest")?;
+        if let Some((index_body, index_digest)) = &index {
+            self.inner.blobs.put(index_digest, index_body, "image index")?;
+        }
+        let record = ImageRecord {
+            id: config_digest.clone(),
+            repo_tags: BTreeSet::new(),
+            repo_digests: BTreeSet::new(),
+            manifest: manifest_digest.clone(),
+            index: index.map(|(_, d)| d),
+            config,
+            config_size,
+            layers,
+            removed: false,
+            pulled_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        };
+        // A digest reference names the manifest list if there is one, as containerd records it.
+        let repo_digest = image_ref.repo_digest(image_ref.digest.as_ref().unwrap_or(&record.index.clone().unwrap_or(manifest_digest)));
+        let repo_tag = if image_ref.digest.is_none() { image_ref.repo_tag() } else { None };
+        let mut meta = lock(&self.inner.meta);
+        meta.update(|images| {
+            if let Some(tag) = &repo_tag {
+                for other in images.values_mut() {
+                    other.repo_tags.remove(tag);
+                }
+            }
+            let entry = images.entry(config_digest.clone()).or_insert_with(|| record.clone());
+            if entry.removed {
+                *entry = record.clone();
+            }
+            entry.manifest = record.manifest.clone();
+            entry.index = record.index.clone();
+            entry.layers = record.layers.clone();
+            entry.pulled_at = record.pulled_at;
+            entry.repo_tags.extend(repo_tag.clone());
+            entry.repo_digests.insert(repo_digest.clone());
+        })?;
+        let record = meta.get(&config_digest).expect("just stored").clone();
+        drop(meta);
+        Ok(self.to_image(&record))
+    }
+
+    /// Marks content as used by a pull in progress, so GC keeps it.
+    fn activate(&self, keys: Vec<Digest>) -> ActiveGuard<'_> {
+        let mut active = lock(&self.inner.active);
+        for key in &keys {
+            *active.entry(key.clone()).or_default() += 1;
+        }
+        ActiveGuard { inner: &self.inner, keys }
+    }
+
+    /// Returns a small blob from the store, downloading it once if missing.
+    async fn small_blob(
+        &self,
+        client: &EndpointClient,
+        image_ref: &ImageReference,
+        digest: &Digest,
+        size: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, Error> {
+        if let Some(data) = self.inner.blobs.read(digest)? {
+            return Ok(data);
+        }
+        let _guard = self.inner.in_flight.lock(&format!("blob {digest}")).await;
+        if let Some(data) = self.inner.blobs.read(digest)? {
+            return Ok(data);
+        }
+        let data = client.small_blob(image_ref, digest, size).await?;
+        self.inner.blobs.put(digest, &data, &format!("{what} {digest}"))?;
+        Ok(data)
+    }
+
+    /// Makes sure a layer is unpacked: from a stored blob if we have it, else downloaded.
+    async fn ensure_layer(&self, client: &EndpointClient, image_ref: &ImageReference, layer: &Layer) -> Result<(), Error> {
+        let layers = &self.inner.layers;
+        if layers.exists(&layer.chain_id) {
+            return Ok(());
+        }
+        let _guard = self.inner.in_flight.lock(&format!("layer {}", layer.chain_id)).await;
+        if layers.exists(&layer.chain_id) {
+            return Ok(());
+        }
+        let _permit = self.inner.downloads.clone().acquire_owned().await.expect("semaphore never closed");
+        let started = Instant::now();
+        if self.inner.blobs.exists(&layer.digest) {
+            let (store, blob_path, layer_c) = (layers.clone(), self.inner.blobs.path(&layer.digest), layer.clone());
+            let (limits, shift) = (self.limits(), self.shift());
+            let result = tokio::task::spawn_blocking(move || {
+                let file = fs::File::open(&blob_path).ctx(|| format!("open {}", blob_path.display()))?;
+                store.unpack_verified(&layer_c, file, None, limits, shift)
+            })
+            .await
+            .map_err(|e| Error::io("unpack task", io::Error::other(e)))?;
+            match result {
+                Ok(stats) => {
+                    info!(layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "unpacked layer from stored blob");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(layer = %layer.digest, error = %e, "stored blob unusable, downloading it again");
+                    self.inner.blobs.remove(&layer.digest)?;
+                }
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match self.download_and_unpack(client, image_ref, layer).await {
+                Ok(stats) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    info!(layer = %layer.digest, size = layer.size, unpacked = stats.bytes, entries = stats.entries,
+                        secs = format_args!("{secs:.2}"), rate_mb_s = format_args!("{:.1}", layer.size as f64 / secs.max(1e-3) / 1e6),
+                        "pulled layer");
+                    return Ok(());
+                }
+                Err(e) if registry::is_transient(&e) && attempt < self.inner.config.retries => {
+                    attempt += 1;
+                    warn!(layer = %layer.digest, attempt, error = %e, "layer download failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Streams a layer from the registry into the unpacker running on a blocking thread.
+    async fn download_and_unpack(
+        &self,
+        client: &EndpointClient,
+        image_ref: &ImageReference,
+        layer: &Layer,
+    ) -> Result<crate::unpack::UnpackStats, Error> {
+        let mut stream = client.blob_stream(image_ref, &layer.digest, layer.size).await?;
+        let blob = if self.inner.config.keep_layer_blobs { Some(self.inner.blobs.writer()?) } else { None };
+        let (tx, rx) = mpsc::channel::<Chunk>(64);
+        let (store, layer_c, limits, shift) = (self.inner.layers.clone(), layer.clone(), self.limits(), self.shift());
+        let unpacker = tokio::task::spawn_blocking(move || {
+            store.unpack_verified(&layer_c, ChannelReader { rx, current: Bytes::new() }, blob, limits, shift)
+        });
+        let mut received: u64 = 0;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        while let Some(chunk) = stream.next().await {
+            let message = match chunk {
+                Ok(bytes) => {
+                    received += bytes.len() as u64;
+                    Chunk::Data(bytes)
+                }
+                // oci-client verifies the digest itself and fails the stream's end on a mismatch;
+                // our unpacker verifies the same bytes and reports it better, so just end here.
+                Err(_) if received == layer.size => break,
+                Err(e) => Chunk::Failed(StreamFailure::Download(
+                    client.unavailable(format!("download of layer {} interrupted after {received} bytes: {e}", layer.digest)),
+                )),
+            };
+            let failed = matches!(message, Chunk::Failed(_));
+            if tx.send(message).await.is_err() || failed {
+                break; // the unpacker stopped (its error is reported below) or we failed
+            }
+            if last_report.elapsed() >= PROGRESS_INTERVAL {
+                last_report = Instant::now();
+                let secs = started.elapsed().as_secs_f64();
+                info!(layer = %layer.digest, received, total = layer.size,
+                    rate_mb_s = format_args!("{:.1}", received as f64 / secs.max(1e-3) / 1e6), "pulling layer");
+            }
+        }
+        let _ = tx.send(Chunk::End).await;
+        drop(tx);
+        unpacker.await.map_err(|e| Error::io("unpack task", io::Error::other(e)))?
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_bytes: self.inner.config.max_layer_bytes, max_entries: self.inner.config.max_layer_entries }
+    }
+
+    fn shift(&self) -> IdShift {
+        IdShift::new(self.inner.config.layer_uid_shift)
+    }
+
+    fn is_pinned(&self, record: &ImageRecord) -> bool {
+        record.repo_tags.iter().chain(&record.repo_digests).any(|r| self.inner.pinned.contains(r))
+    }
+
+    fn to_image(&self, record: &ImageRecord) -> Image {
+        Image {
+            id: ImageId(record.id.clone()),
+            repo_tags: record.repo_tags.iter().cloned().collect(),
+            repo_digests: record.repo_digests.iter().cloned().collect(),
+            size: record.size(),
+            pinned: self.is_pinned(record),
+            config: record.config.clone(),
+            layers: record.layers.clone(),
+            manifest_digest: record.manifest.clone(),
+        }
+    }
+
+    /// Finds a visible image by id (`sha256:...` or the bare hex), tag or digest reference.
+    fn find<'m>(&self, meta: &'m Metadata, name: &str) -> Result<Option<&'m ImageRecord>, Error> {
+        let visible = || meta.records().filter(|r| !r.removed);
+        let id = name.parse::<Digest>().ok().or_else(|| {
+            (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{name}").parse().ok()).flatten()
+        });
+        if let Some(id) = id {
+            return Ok(meta.get(&id).filter(|r| !r.removed));
+        }
+        let reference = ImageReference::parse(name)?;
+        Ok(match &reference.digest {
+            Some(digest) => {
+                let wanted = reference.repo_digest(digest);
+                visible().find(|r| r.repo_digests.contains(&wanted))
+            }
+            None => {
+                let tag = reference.repo_tag().expect("a reference without digest has a tag");
+                visible().find(|r| r.repo_tags.contains(&tag))
+            }
+        })
+    }
+
+    /// Looks an image up by reference, id or digest. `Ok(None)` if absent.
+    pub fn image(&self, name: &str) -> Result<Option<Image>, Error> {
+        let meta = lock(&self.inner.meta);
+        Ok(self.find(&meta, name)?.map(|r| self.to_image(r)))
+    }
+
+    /// All images.
+    pub fn images(&self) -> Result<Vec<Image>, Error> {
+        let meta = lock(&self.inner.meta);
+        Ok(meta.records().filter(|r| !r.removed).map(|r| self.to_image(r)).collect())
+    }
+
+    /// The image's config JSON as pulled (for verbose status).
+    pub fn config_json(&self, id: &ImageId) -> Result<Option<Vec<u8>>, Error> {
+        self.inner.blobs.read(&id.0)
+    }
+
+    /// Removes an image with all its names. Absent is fine. Its content stays until [`gc`]
+    /// finds no container using it.
+    ///
+    /// [`gc`]: ImageStore::gc
+    pub fn remove(&self, name: &str) -> Result<(), Error> {
+        let mut meta = lock(&self.inner.meta);
+        let Some(id) = self.find(&meta, name)?.map(|r| r.id.clone()) else { return Ok(()) };
+        meta.update(|images| {
+            if let Some(record) = images.get_mut(&id) {
+                record.removed = true;
+                record.repo_tags.clear();
+                record.repo_digests.clear();
+            }
+        })?;
+        info!(image = %id, name, "removed image");
+        Ok(())
+    }
+
+    /// Deletes removed images no container uses (`in_use`), then every layer and blob no image
+    /// refers to. Visible images, and so pinned ones, are never deleted here; pulls in progress
+    /// keep what they need.
+    pub fn gc(&self, in_use: &HashSet<ImageId>) -> Result<GcReport, Error> {
+        // Holding `active` while deleting makes a pull that starts now wait, then re-check.
+        let active = lock(&self.inner.active);
+        let mut meta = lock(&self.inner.meta);
+        let doomed: Vec<Digest> = meta
+            .records()
+            .filter(|r| r.removed && !in_use.contains(&ImageId(r.id.clone())) && !self.is_pinned(r))
+            .map(|r| r.id.clone())
+            .collect();
+        meta.update(|images| {
+            for id in &doomed {
+                images.remove(id);
+            }
+        })?;
+        let mut live: HashSet<Digest> = active.keys().cloned().collect();
+        for record in meta.records() {
+            live.insert(record.id.clone());
+            live.insert(record.manifest.clone());
+            live.extend(record.index.clone());
+            for layer in &record.layers {
+                live.insert(layer.digest.clone());
+                live.insert(layer.chain_id.clone());
+            }
+        }
+        let mut report = GcReport { images_removed: doomed.into_iter().map(ImageId).collect(), ..Default::default() };
+        for chain_id in self.inner.layers.list()? {
+            if !live.contains(&chain_id) {
+                self.inner.layers.remove(&chain_id)?;
+                report.layers_removed += 1;
+            }
+        }
+        for digest in self.inner.blobs.list()? {
+            if !live.contains(&digest) {
+                self.inner.blobs.remove(&digest)?;
+                report.blobs_removed += 1;
+            }
+        }
+        drop(meta);
+        drop(active);
+        if report != GcReport::default() {
+            info!(images = report.images_removed.len(), layers = report.layers_removed, blobs = report.blobs_removed, "image garbage collection");
+        }
+        Ok(report)
+    }
+
+    /// Disk use of everything under the store's root.
+    pub fn usage(&self) -> Result<Usage, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let mut seen = HashSet::new();
+        let mut used_bytes = 0u64;
+        let mut stack = vec![self.inner.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // Removed by a concurrent GC or pull cleanup: nothing to count.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
+            };
+            for entry in entries {
+                let Ok(entry) = entry else { continue };
+                let Ok(md) = entry.metadata() else { continue };
+                if md.is_dir() {
+                    stack.push(entry.path());
+                }
+                if seen.insert((md.dev(), md.ino())) {
+                    used_bytes += md.blocks() * 512;
+                }
+            }
+        }
+        Ok(Usage { used_bytes, inodes_used: seen.len() as u64, mountpoint: self.inner.root.clone() })
+    }
+
+    /// Prepares a container's root filesystem from an image: returns the overlay to mount
+    /// (layers plus, unless `readonly`, upper and work directories made in `container_dir`).
+    pub fn rootfs(&self, image: &ImageId, container_dir: &Path, readonly: bool) -> Result<Rootfs, Error> {
+        let record = {
+            let meta = lock(&self.inner.meta);
+            meta.get(&image.0).cloned()
+        }
+        .ok_or_else(|| Error::NotFound { reference: image.to_string(), detail: "no such image in the store".into() })?;
+        let mut lowers = Vec::with_capacity(record.layers.len());
+        for layer in record.layers.iter().rev() {
+            let path = self.inner.layers.diff_path(&layer.chain_id);
+            if !path.is_dir() {
+                return Err(Error::NotFound {
+                    reference: image.to_string(),
+                    detail: format!("layer {} is missing from the store; pull the image again", layer.digest),
+                });
+            }
+            lowers.push(path);
+        }
+        Rootfs::prepare(lowers, container_dir, readonly)
+    }
+}
+
+fn body_clone(b: &Bytes) -> Bytes {
+    b.clone()
+}
+
+fn mirror_may_fall_back(e: &Error) -> bool {
+    use crate::error::ErrorKind as K;
+    matches!(e.kind(), K::NotFound | K::Unavailable | K::Unauthenticated | K::PermissionDenied)
+        || matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch { .. })
+}
+
+fn invalid(what: &str, detail: &str) -> Error {
+    Error::InvalidContent { what: what.to_owned(), detail: detail.to_owned() }
+}
+
+fn parse_digest(s: &str, what: &str) -> Result<Digest, Error> {
+    s.parse().map_err(|e: crate::digest::DigestParseError| invalid(what, &e.0))
+}
+
+fn descriptor_size(desc: &RawDescriptor, max: u64) -> Result<u64, Error> {
+    let size = u64::try_from(desc.size).map_err(|_| invalid("descriptor", &format!("negative size for {}", desc.digest)))?;
+    if size > max {
+        return Err(invalid("descriptor", &format!("{} declares {size} bytes, more than the {max} allowed", desc.digest)));
+    }
+    Ok(size)
+}
+
+struct ParsedManifest {
+    raw: RawManifest,
+    is_index: bool,
+    body: Bytes,
+}
+
+fn parse_manifest(body: &Bytes, what: &str) -> Result<ParsedManifest, Error> {
+    if body.len() as u64 > MAX_SMALL_BLOB {
+        return Err(invalid("manifest", &format!("{what} is larger than {MAX_SMALL_BLOB} bytes")));
+    }
+    let raw: RawManifest = serde_json::from_slice(body).map_err(|e| invalid("manifest", &format!("{what}: {e}")))?;
+    if raw.schema_version != 2 {
+        return Err(Error::Unsupported { what: "manifest".into(), detail: format!("schema version {} of {what} (docker schema 1 is not supported)", raw.schema_version) });
+    }
+    let is_index = match raw.media_type.as_deref() {
+        Some(t) if INDEX_TYPES.contains(&t) => true,
+        Some("application/vnd.oci.image.manifest.v1+json" | "application/vnd.docker.distribution.manifest.v2+json") => false,
+        Some(other) => return Err(Error::Unsupported { what: "manifest media type".into(), detail: format!("{other:?} of {what}") }),
+        None => raw.manifests.is_some() && raw.config.is_none(),
+    };
+    if !is_index && (raw.config.is_none() || raw.layers.is_none()) {
+        return Err(invalid("manifest", &format!("{what} has no config or layers")));
+    }
+    Ok(ParsedManifest { raw, is_index, body: body.clone() })
+}
+
+fn verify_manifest_digest(body: &[u8], expected: Option<&Digest>, what: &str) -> Result<Digest, Error> {
+    let algorithm = expected.map_or(crate::digest::Algorithm::Sha256, |d| d.algorithm());
+    let mut hasher = Hasher::new(algorithm);
+    hasher.update(body);
+    let actual = hasher.finish();
+    if let Some(expected) = expected {
+        if *expected != actual {
+            return Err(Error::DigestMismatch { what: format!("manifest of {what}"), expected: expected.to_string(), actual: actual.to_string() });
+        }
+    }
+    Ok(actual)
+}
+
+enum Chunk {
+    Data(Bytes),
+    Failed(StreamFailure),
+    End,
+}
+
+/// The blocking side of the download channel. A channel closed without `End` means the pull
+/// was cancelled.
+struct ChannelReader {
+    rx: mpsc::Receiver<Chunk>,
+    current: Bytes,
+}
+
+impl io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Chunk::Data(bytes)) => self.current = bytes,
+                Some(Chunk::End) => return Ok(0),
+                Some(Chunk::Failed(failure)) => return Err(stream_io_error(failure)),
+                None => return Err(stream_io_error(StreamFailure::Cancelled)),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
