@@ -23,6 +23,8 @@ mod store;
 mod tarstream;
 mod token;
 mod unpack;
+#[cfg(test)]
+mod unpack_tests;
 
 pub use config::{IdShift, RegistryConfig, StoreConfig};
 pub use digest::{Algorithm, Digest};

@@ -25,6 +25,20 @@ pub enum Kind {
     Fifo,
 }
 
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Regular => "regular file",
+            Kind::HardLink => "hard link",
+            Kind::Symlink => "symlink",
+            Kind::CharDevice => "character device",
+            Kind::BlockDevice => "block device",
+            Kind::Directory => "directory",
+            Kind::Fifo => "fifo",
+        }
+    }
+}
+
 /// One entry's metadata after folding in GNU long names and PAX records.
 #[derive(Debug, Clone)]
 pub struct Header {
@@ -253,7 +267,7 @@ impl<R: Read> TarReader<R> {
             // Only regular files carry data; a size on anything else would desynchronise readers
             // that disagree about it (the classic tar-confusion trick), so it is refused.
             if kind != Kind::Regular && size != 0 && kind != Kind::HardLink {
-                return Err(malformed(&path, format!("{kind:?} entry declares {size} data bytes")));
+                return Err(malformed(&path, format!("{} entry declares {size} data bytes", kind.name())));
             }
             if kind == Kind::HardLink && size != 0 {
                 return Err(malformed(&path, "hard link entry declares data bytes"));
