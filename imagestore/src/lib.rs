@@ -20,7 +20,11 @@ mod reference;
 mod registry;
 mod rootfs;
 mod store;
+#[cfg(test)]
+mod store_tests;
 mod tarstream;
+#[cfg(test)]
+mod test_registry;
 mod token;
 mod unpack;
 #[cfg(test)]

@@ -37,7 +37,11 @@ pub struct Rootfs {
 
 impl Rootfs {
     /// Prepares `container_dir` (`upper/`, `work/`, `empty/`) for `lowerdirs` (top first).
-    pub(crate) fn prepare(mut lowerdirs: Vec<PathBuf>, container_dir: &Path, readonly: bool) -> Result<Rootfs, Error> {
+    pub(crate) fn prepare(
+        mut lowerdirs: Vec<PathBuf>,
+        container_dir: &Path,
+        readonly: bool,
+    ) -> Result<Rootfs, Error> {
         fs::create_dir_all(container_dir).ctx(|| format!("create {}", container_dir.display()))?;
         let (upperdir, workdir) = if readonly {
             (None, None)
@@ -59,7 +63,12 @@ impl Rootfs {
                 lowerdirs.push(empty.clone());
             }
         }
-        Ok(Rootfs { lowerdirs, upperdir, workdir, container_dir: container_dir.to_path_buf() })
+        Ok(Rootfs {
+            lowerdirs,
+            upperdir,
+            workdir,
+            container_dir: container_dir.to_path_buf(),
+        })
     }
 
     pub fn readonly(&self) -> bool {
@@ -87,29 +96,51 @@ impl Rootfs {
     }
 
     fn mount_with_fsconfig(&self, target: &Path) -> Result<(), MountError> {
-        let failed = |what: &str, e: Errno| MountError::Failed(Error::io(format!("mount overlay on {}: {what}", target.display()), e.into()));
+        let failed = |what: &str, e: Errno| {
+            MountError::Failed(Error::io(
+                format!("mount overlay on {}: {what}", target.display()),
+                e.into(),
+            ))
+        };
         let fs = match rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
             Ok(fd) => fd,
-            Err(e @ (Errno::NOSYS | Errno::PERM)) if e == Errno::NOSYS => return Err(MountError::Unsupported(e)),
+            Err(e @ (Errno::NOSYS | Errno::PERM)) if e == Errno::NOSYS => {
+                return Err(MountError::Unsupported(e));
+            }
             Err(e) => return Err(failed("fsopen", e)),
         };
         for lower in &self.lowerdirs {
             match rustix::mount::fsconfig_set_string(fs.as_fd(), "lowerdir+", lower) {
                 Ok(()) => {}
                 // Kernels before 6.8 do not know the key.
-                Err(e @ Errno::INVAL) if lower == &self.lowerdirs[0] => return Err(MountError::Unsupported(e)),
+                Err(e @ Errno::INVAL) if lower == &self.lowerdirs[0] => {
+                    return Err(MountError::Unsupported(e));
+                }
                 Err(e) => return Err(failed(&format!("lowerdir+ {}", lower.display()), e)),
             }
         }
         if let (Some(upper), Some(work)) = (&self.upperdir, &self.workdir) {
-            rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper).map_err(|e| failed("upperdir", e))?;
-            rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work).map_err(|e| failed("workdir", e))?;
+            rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper)
+                .map_err(|e| failed("upperdir", e))?;
+            rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work)
+                .map_err(|e| failed("workdir", e))?;
         }
         rustix::mount::fsconfig_create(fs.as_fd()).map_err(|e| failed("create", e))?;
-        let attrs = if self.readonly() { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
-        let mnt = rustix::mount::fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(|e| failed("fsmount", e))?;
-        rustix::mount::move_mount(mnt.as_fd(), "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-            .map_err(|e| failed("move_mount", e))?;
+        let attrs = if self.readonly() {
+            MountAttrFlags::MOUNT_ATTR_RDONLY
+        } else {
+            MountAttrFlags::empty()
+        };
+        let mnt = rustix::mount::fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+            .map_err(|e| failed("fsmount", e))?;
+        rustix::mount::move_mount(
+            mnt.as_fd(),
+            "",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(|e| failed("move_mount", e))?;
         Ok(())
     }
 
@@ -117,25 +148,51 @@ impl Rootfs {
     pub(crate) fn mount_legacy(&self, target: &Path) -> Result<(), Error> {
         let links = self.container_dir.join("lower");
         match fs::remove_dir_all(&links) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Error::io(format!("clear {}", links.display()), e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("clear {}", links.display()), e));
+            }
             _ => {}
         }
         fs::create_dir(&links).ctx(|| format!("create {}", links.display()))?;
         for (i, lower) in self.lowerdirs.iter().enumerate() {
-            symlink(lower, links.join(i.to_string())).ctx(|| format!("link lower directory {}", lower.display()))?;
+            symlink(lower, links.join(i.to_string()))
+                .ctx(|| format!("link lower directory {}", lower.display()))?;
         }
-        let dir = rustix::fs::open(&links, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .ctx(|| format!("open {}", links.display()))?;
+        let dir = rustix::fs::open(
+            &links,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| format!("open {}", links.display()))?;
         let prefix = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
-        let lowers: Vec<String> = (0..self.lowerdirs.len()).map(|i| format!("{prefix}/{i}")).collect();
+        let lowers: Vec<String> = (0..self.lowerdirs.len())
+            .map(|i| format!("{prefix}/{i}"))
+            .collect();
         let mut options = format!("lowerdir={}", lowers.join(":"));
         if let (Some(upper), Some(work)) = (&self.upperdir, &self.workdir) {
-            options.push_str(&format!(",upperdir={},workdir={}", upper.display(), work.display()));
+            options.push_str(&format!(
+                ",upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            ));
         }
-        let flags = if self.readonly() { MountFlags::RDONLY } else { MountFlags::empty() };
-        let data = std::ffi::CString::new(options.clone()).map_err(|_| Error::io("mount options", io::Error::other("nul byte in a path")))?;
-        rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str())
-            .map_err(|e| Error::io(format!("mount overlay on {} ({} bytes of options)", target.display(), options.len()), e.into()))
+        let flags = if self.readonly() {
+            MountFlags::RDONLY
+        } else {
+            MountFlags::empty()
+        };
+        let data = std::ffi::CString::new(options.clone())
+            .map_err(|_| Error::io("mount options", io::Error::other("nul byte in a path")))?;
+        rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str()).map_err(|e| {
+            Error::io(
+                format!(
+                    "mount overlay on {} ({} bytes of options)",
+                    target.display(),
+                    options.len()
+                ),
+                e.into(),
+            )
+        })
     }
 }
 
