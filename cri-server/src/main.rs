@@ -36,10 +36,17 @@ enum Command {
         #[arg(long)]
         default: bool,
     },
+    /// The ExecStart of a container unit: set the container up from SPEC and exec its entrypoint.
+    #[command(hide = true)]
+    Init { spec: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any config, logging or async runtime: init must stay single-threaded (it forks).
+    if let Some(Command::Init { spec }) = &cli.command {
+        runtime::init::run(spec);
+    }
     let config = match &cli.command {
         Some(Command::Config { default: true }) => Ok(Config::default()),
         _ => Config::load(cli.config.as_deref()),
@@ -53,6 +60,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Some(Command::Init { .. }) => unreachable!("init returned"),
         Some(Command::Config { .. }) => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

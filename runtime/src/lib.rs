@@ -3,6 +3,7 @@
 //! namespaces and networking, and the runtime state under `<state_root>/pods` and `<run_root>`.
 
 mod error;
+pub mod init;
 mod network;
 mod systemd;
 

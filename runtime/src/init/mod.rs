@@ -1,0 +1,305 @@
+//! `cri-systemd init <spec.json>`: the `ExecStart` of every container unit. It sets the container
+//! up (namespaces, rootfs, mounts, identity, capabilities) and ends by exec'ing the container's
+//! entrypoint, leaving no process of its own behind.
+//!
+//! systemd 252 cannot express pivot_root into an overlay rootfs, a private PID namespace, the
+//! container's mount setup, capabilities and no_new_privs the way containers need them; this step
+//! does, and systemd stays the only supervisor:
+//!
+//! ```text
+//! systemd ──starts──▶ init (main PID, Type=notify)
+//!                      │ read spec, setns/unshare (mount always new, pid per spec)
+//!                      │ fork ─────────────▶ child (PID 1 of a new PID namespace)
+//!                      │                      │ mounts, pivot_root, hostname, sysctls,
+//!                      │                      │ masked/readonly paths, user, caps, rlimits,
+//!                      │                      │ PATH lookup
+//!                      │ ◀──── "ready" ───────┤
+//!                      │ sd_notify MAINPID=child (+ barrier)
+//!                      ├────── "go" ─────────▶│ execve(entrypoint): the CLOEXEC pipe closes
+//!                      │ ◀──── EOF ───────────┘ (or "error: ..." if execve failed)
+//!                      │ sd_notify READY=1 (+ barrier), exit 0
+//! ```
+//!
+//! systemd then has the entrypoint as the service's main process: the orphan is reparented to
+//! PID 1 (systemd), which reaps it and records its exit status as `ExecMainStatus`/`ExecMainCode`.
+//! On any failure the child reports a one-line message through the pipe, init writes it to
+//! `error_file` and exits non-zero without `READY=1`, so the start job fails.
+//!
+//! The same fork pattern is used when the PID namespace is joined or not listed (hostPID): the
+//! forked child, not init, becomes the main process, so the flow stays the same.
+//!
+//! init is single-threaded and starts no async runtime: the child of `fork` may use the allocator.
+
+mod namespaces;
+mod notify;
+mod process;
+mod rootfs;
+mod spec;
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+pub use spec::{InitSpec, OverlayRootfs};
+
+/// The hidden subcommand's name: `cri-systemd init <spec.json>`.
+pub const SUBCOMMAND: &str = "init";
+
+/// A failure of the init step: one human-readable line, naming the step or path that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(String);
+
+impl Error {
+    pub(crate) fn new(message: impl Into<String>) -> Error {
+        Error(message.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub(crate) type Result<T> = std::result::Result<T, Error>;
+
+/// An errno as Go (and so runc) spells it: "no such file or directory".
+pub(crate) fn errno_desc(errno: Errno) -> String {
+    let desc = errno.desc();
+    let mut chars = desc.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => format!("errno {}", errno as i32),
+    }
+}
+
+pub(crate) fn io_desc(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => errno_desc(Errno::from_raw(code)),
+        None => e.to_string(),
+    }
+}
+
+/// Adds what was being done to a system error: `"mount proc on /proc: permission denied"`.
+pub(crate) trait Context<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, Errno> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error(format!("{}: {}", what(), errno_desc(e))))
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, std::io::Error> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error(format!("{}: {}", what(), io_desc(&e))))
+    }
+}
+
+/// Runs `cri-systemd init <spec_path>`. Never returns: exits 0 once the entrypoint runs as the
+/// service's main process, non-zero (after writing the spec's `error_file`) on failure.
+pub fn run(spec_path: &Path) -> ! {
+    let spec = match InitSpec::load(spec_path) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // No error_file without a spec: stderr reaches the unit's journal.
+            eprintln!("cri-systemd init: {e}");
+            std::process::exit(1);
+        }
+    };
+    let error_file = ErrorFile::open(&spec.error_file);
+    match supervise(&spec) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("cri-systemd init: {e}");
+            error_file.write(&e.to_string());
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The spec's error_file, its directory opened before any namespace is entered, so the message
+/// lands on the host whatever mount namespace init ends up in.
+struct ErrorFile {
+    dir: Option<OwnedFd>,
+    name: Vec<u8>,
+}
+
+impl ErrorFile {
+    fn open(path: &Path) -> ErrorFile {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+        let dir = nix::fcntl::open(dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty());
+        match &dir {
+            Ok(fd) if !name.is_empty() => match nix::unistd::unlinkat(fd, OsStr::from_bytes(&name), nix::unistd::UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => eprintln!("cri-systemd init: remove stale {}: {}", path.display(), errno_desc(e)),
+            },
+            Ok(_) => eprintln!("cri-systemd init: error file {} has no file name", path.display()),
+            Err(e) => eprintln!("cri-systemd init: open directory of error file {}: {}", path.display(), errno_desc(*e)),
+        }
+        ErrorFile { dir: dir.ok(), name }
+    }
+
+    fn write(&self, message: &str) {
+        let Some(dir) = &self.dir else { return };
+        if self.name.is_empty() {
+            return;
+        }
+        let line = format!("{}\n", message.replace('\n', " "));
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        let result = nix::fcntl::openat(dir, OsStr::from_bytes(&self.name), flags, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .map(std::fs::File::from)
+            .and_then(|mut file| file.write_all(line.as_bytes()).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))));
+        if let Err(e) = result {
+            eprintln!("cri-systemd init: write error file: {}", errno_desc(e));
+        }
+    }
+}
+
+/// Messages of the child on the report pipe: `READY` (set up, about to exec), or `ERROR` followed
+/// by the message up to EOF. A bare EOF after "go" means execve succeeded (the pipe is CLOEXEC).
+const MSG_READY: u8 = b'R';
+const MSG_ERROR: u8 = b'E';
+const MSG_GO: u8 = b'G';
+
+/// The parent's side: validate, enter namespaces, fork, and hand the child over to systemd.
+fn supervise(spec: &InitSpec) -> Result<()> {
+    process::validate(&spec.oci)?;
+    let plan = namespaces::enter(&spec.oci)?;
+
+    let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create report pipe".into())?;
+    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create go pipe".into())?;
+
+    // SAFETY: init is single-threaded (no async runtime, no thread spawned before this point), so
+    // the child may run arbitrary code, allocation included, until it execs or exits.
+    let fork = unsafe { nix::unistd::fork() }.ctx(|| "fork container process".into())?;
+    let child = match fork {
+        ForkResult::Child => {
+            drop(report_r);
+            drop(go_w);
+            child_main(spec, &plan, report_w, go_r)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(report_w);
+    drop(go_r);
+    let mut report = std::fs::File::from(report_r);
+
+    // Phase 1: setup, up to the moment before execve.
+    match read_report(&mut report)? {
+        Report::Ready => {}
+        Report::Error(message) => {
+            reap(child);
+            return Err(Error(message));
+        }
+        Report::Eof => return Err(Error(format!("container process died during setup ({})", reap(child)))),
+    }
+
+    // Phase 2: the child is alive and blocked on "go": make it the main PID before it can exit.
+    notify::notify(&format!("MAINPID={child}"))?;
+    let mut go = std::fs::File::from(go_w);
+    go.write_all(&[MSG_GO]).ctx(|| "release container process".into())?;
+    drop(go);
+
+    match read_report(&mut report)? {
+        // Never reap the child from here on: systemd must collect its exit status.
+        Report::Eof => {
+            notify::notify("READY=1")?;
+            Ok(())
+        }
+        Report::Error(message) => Err(Error(message)),
+        Report::Ready => Err(Error("container process: unexpected message after go".into())),
+    }
+}
+
+enum Report {
+    Ready,
+    Error(String),
+    Eof,
+}
+
+fn read_report(pipe: &mut std::fs::File) -> Result<Report> {
+    let mut tag = [0u8; 1];
+    loop {
+        match pipe.read(&mut tag) {
+            Ok(0) => return Ok(Report::Eof),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error(format!("read report of container process: {}", io_desc(&e)))),
+        }
+    }
+    match tag[0] {
+        MSG_READY => Ok(Report::Ready),
+        MSG_ERROR => {
+            let mut message = Vec::new();
+            pipe.read_to_end(&mut message).ctx(|| "read error of container process".into())?;
+            Ok(Report::Error(String::from_utf8_lossy(&message).trim().to_string()))
+        }
+        other => Err(Error(format!("container process sent an unknown message {other:#x}"))),
+    }
+}
+
+/// Waits for a child that failed during setup; describes how it ended.
+fn reap(child: Pid) -> String {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return format!("exit status {code}"),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return format!("killed by {signal}"),
+            Ok(_) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return format!("wait: {}", errno_desc(e)),
+        }
+    }
+}
+
+/// The forked child: set up and exec, reporting failures. Never returns.
+fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: OwnedFd) -> ! {
+    let result = (|| -> Result<std::convert::Infallible> {
+        process::prepare_child()?;
+        rootfs::setup(spec, plan)?;
+        let exec = process::finish(&spec.oci, plan)?;
+        // Set up: tell the parent, which makes us the main PID, then wait for its go.
+        write_all(&report, &[MSG_READY]);
+        let mut tag = [0u8; 1];
+        match nix::unistd::read(&go, &mut tag) {
+            Ok(1) if tag[0] == MSG_GO => {}
+            // The parent died or failed: nobody will adopt us.
+            _ => exit_now(1),
+        }
+        drop(go);
+        Err(exec.exec())
+    })();
+    let Err(e) = result;
+    let mut message = vec![MSG_ERROR];
+    message.extend_from_slice(e.to_string().as_bytes());
+    write_all(&report, &message);
+    exit_now(127)
+}
+
+fn write_all(fd: &OwnedFd, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd.as_fd(), bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Leaves the forked child without running atexit handlers or flushing the parent's buffers.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and always allowed.
+    unsafe { libc::_exit(code) }
+}

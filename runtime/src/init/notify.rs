@@ -1,0 +1,56 @@
+//! sd_notify to `$NOTIFY_SOCKET`, written with a plain unix datagram socket, each message
+//! followed by a barrier so that systemd has processed it before init goes on.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, socket};
+
+use super::{Context, Error, Result, errno_desc};
+
+/// How long systemd may take to process a message before init gives up waiting for it.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Sends `message` (e.g. "MAINPID=42" or "READY=1") and waits until systemd has processed it.
+/// Without `$NOTIFY_SOCKET` (init run by hand) it does nothing.
+pub(crate) fn notify(message: &str) -> Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
+    let bytes = path.as_bytes();
+    let addr = match bytes.first() {
+        Some(b'@') => UnixAddr::new_abstract(&bytes[1..]),
+        Some(b'/') => UnixAddr::new(bytes),
+        _ => return Err(Error::new(format!("NOTIFY_SOCKET {path:?} is neither a path nor an abstract name"))),
+    }
+    .ctx(|| format!("notify socket {path:?}"))?;
+    let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .ctx(|| "create notify socket".into())?;
+    sendmsg(sock.as_raw_fd(), &[IoSlice::new(message.as_bytes())], &[], MsgFlags::empty(), Some(&addr))
+        .ctx(|| format!("send {message:?} to systemd at {path:?}"))?;
+
+    // The barrier (sd_notify_barrier): systemd closes the fd it receives once it has processed
+    // every message before it.
+    let (barrier_r, barrier_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create barrier pipe".into())?;
+    let fds = [barrier_w.as_raw_fd()];
+    sendmsg(sock.as_raw_fd(), &[IoSlice::new(b"BARRIER=1")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), Some(&addr))
+        .ctx(|| format!("send BARRIER=1 to systemd at {path:?}"))?;
+    drop(barrier_w);
+    let mut pollfd = libc::pollfd { fd: barrier_r.as_fd().as_raw_fd(), events: 0, revents: 0 };
+    let timeout = BARRIER_TIMEOUT.as_millis() as libc::c_int;
+    loop {
+        // SAFETY: one valid pollfd, owned by this frame, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pollfd, 1, timeout) };
+        match n {
+            1.. => return Ok(()),
+            0 => return Err(Error::new(format!("systemd did not process {message:?} within {BARRIER_TIMEOUT:?}"))),
+            _ => {
+                let errno = nix::errno::Errno::last();
+                if errno != nix::errno::Errno::EINTR {
+                    return Err(Error::new(format!("wait for systemd to process {message:?}: {}", errno_desc(errno))));
+                }
+            }
+        }
+    }
+}

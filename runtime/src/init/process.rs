@@ -1,0 +1,407 @@
+//! The container process after pivot_root: hostname, sysctls, masked and read-only paths,
+//! rlimits, user and groups, capabilities, no_new_privs, and the execve of the entrypoint.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+
+use nix::errno::Errno;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
+use oci_spec::runtime::{Capability, LinuxCapabilities, PosixRlimitType, Process, Spec};
+
+use super::namespaces::Plan;
+use super::{Context, Error, Result, errno_desc, rootfs};
+
+/// The PATH used to find the entrypoint when the spec's env has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Refuses what init does not implement rather than silently running the container without it.
+pub(crate) fn validate(spec: &Spec) -> Result<()> {
+    let process = spec.process().as_ref().ok_or_else(|| Error::new("spec has no process"))?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(Error::new("process.args must not be empty"));
+    }
+    if process.terminal() == Some(true) {
+        return Err(Error::new("process.terminal is not supported yet"));
+    }
+    if !process.cwd().is_absolute() {
+        return Err(Error::new(format!("cwd {:?} is not an absolute path", process.cwd())));
+    }
+    if process.apparmor_profile().as_deref().is_some_and(|p| !p.is_empty()) {
+        return Err(Error::new("apparmor profiles are not supported"));
+    }
+    if process.selinux_label().as_deref().is_some_and(|l| !l.is_empty()) {
+        return Err(Error::new("selinux labels are not supported"));
+    }
+    let root = spec.root().as_ref().ok_or_else(|| Error::new("spec has no root"))?;
+    if !root.path().is_absolute() {
+        return Err(Error::new(format!("root.path {} is not an absolute path", root.path().display())));
+    }
+    if let Some(linux) = spec.linux() {
+        if linux.seccomp().is_some() {
+            return Err(Error::new("seccomp is not supported yet"));
+        }
+        if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(Error::new("user namespaces are not supported yet (uid/gid mappings given)"));
+        }
+        if linux.mount_label().as_deref().is_some_and(|l| !l.is_empty()) {
+            return Err(Error::new("selinux mount labels are not supported"));
+        }
+    }
+    Ok(())
+}
+
+/// First thing in the forked child: a clean slate for what the container inherits.
+pub(crate) fn prepare_child() -> Result<()> {
+    // Modes of the nodes and dirs init creates are exact; the spec's umask is set before exec.
+    nix::sys::stat::umask(Mode::empty());
+    // Nothing inherited from systemd or the daemon leaks into the container (stdio excepted).
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only sets flags on this process's descriptors; no memory is passed.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
+    Errno::result(rc).ctx(|| "mark inherited descriptors close-on-exec".into())?;
+    Ok(())
+}
+
+/// The process to exec, resolved: what remains once everything else is set up.
+#[derive(Debug)]
+pub(crate) struct Exec {
+    path: CString,
+    args: Vec<CString>,
+    env: Vec<CString>,
+    shown: String,
+}
+
+/// Everything after pivot_root up to (not including) the execve.
+pub(crate) fn finish(spec: &Spec, plan: &Plan) -> Result<Exec> {
+    let process = spec.process().as_ref().ok_or_else(|| Error::new("spec has no process"))?;
+    let linux = spec.linux().as_ref();
+
+    if let Some(hostname) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
+        if !plan.uts {
+            return Err(Error::new("unable to set hostname without a private UTS namespace"));
+        }
+        nix::unistd::sethostname(hostname).ctx(|| format!("set hostname {hostname:?}"))?;
+    }
+    if let Some(domainname) = spec.domainname().as_deref().filter(|d| !d.is_empty()) {
+        if !plan.uts {
+            return Err(Error::new("unable to set domainname without a private UTS namespace"));
+        }
+        // SAFETY: a pointer and length of a live byte slice; the kernel only reads it.
+        let rc = unsafe { libc::setdomainname(domainname.as_ptr().cast(), domainname.len()) };
+        Errno::result(rc).ctx(|| format!("set domainname {domainname:?}"))?;
+    }
+
+    let mut sysctls: Vec<_> = linux.and_then(|l| l.sysctl().as_ref()).map(|s| s.iter().collect()).unwrap_or_default();
+    sysctls.sort();
+    for (key, value) in sysctls {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).ctx(|| format!("write sysctl {key}={value}"))?;
+    }
+    for path in linux.and_then(|l| l.readonly_paths().as_deref()).unwrap_or_default() {
+        rootfs::readonly_path(path)?;
+    }
+    for path in linux.and_then(|l| l.masked_paths().as_deref()).unwrap_or_default() {
+        rootfs::mask_path(path)?;
+    }
+    // As runc: a missing working directory is created (while the root is still writable).
+    let cwd = process.cwd();
+    let _ = std::fs::create_dir_all(cwd);
+    if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
+        rootfs::remount_root_readonly()?;
+    }
+
+    set_rlimits(process)?;
+    let caps = process.capabilities().as_ref();
+    let last_cap = last_cap();
+    if let Some(caps) = caps {
+        drop_bounding(caps, last_cap)?;
+    }
+    let chdir = |cwd: &std::path::Path| {
+        nix::unistd::chdir(cwd).map_err(|e| Error::new(format!("chdir to cwd ({:?}) set in config.json failed: {}", cwd, errno_desc(e))))
+    };
+    // As runc: chdir as root first (a dir the user cannot reach), again as the user on EACCES/EPERM.
+    let chdir_later = match nix::unistd::chdir(cwd) {
+        Ok(()) => false,
+        Err(Errno::EACCES | Errno::EPERM) => true,
+        Err(_) => return chdir(cwd).map(|_| unreachable!()),
+    };
+    set_user(process)?;
+    if chdir_later {
+        chdir(cwd)?;
+    }
+    if let Some(caps) = caps {
+        set_caps(caps, last_cap)?;
+    }
+    if process.no_new_privileges() == Some(true) {
+        nix::sys::prctl::set_no_new_privs().ctx(|| "set no_new_privs".into())?;
+    }
+    let umask = process.user().umask().unwrap_or(0o022);
+    nix::sys::stat::umask(Mode::from_bits_truncate(umask & 0o777));
+
+    let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", home_of(process.user().uid())));
+    }
+    let args = process.args().as_deref().unwrap_or_default();
+    let path = lookup(&args[0], &env)?;
+    let cstring = |s: &str, what: &str| CString::new(s).map_err(|_| Error::new(format!("{what} {s:?} contains a NUL byte")));
+    Ok(Exec {
+        path: cstring(&path, "executable")?,
+        args: args.iter().map(|a| cstring(a, "argument")).collect::<Result<_>>()?,
+        env: env.iter().map(|e| cstring(e, "environment variable")).collect::<Result<_>>()?,
+        shown: path,
+    })
+}
+
+impl Exec {
+    /// execve. Returns only on failure.
+    pub(crate) fn exec(self) -> Error {
+        reset_signals();
+        match nix::unistd::execve(&self.path, &self.args, &self.env) {
+            Err(e) => Error::new(format!("exec {}: {}", self.shown, errno_desc(e))),
+        }
+    }
+}
+
+/// Rust ignores SIGPIPE at start-up and ignored signals survive execve: give the container
+/// default dispositions and an empty signal mask.
+fn reset_signals() {
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: setting a default disposition installs no handler; failures (signals the C
+        // library reserves) are harmless.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let empty = nix::sys::signal::SigSet::empty();
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&empty), None);
+}
+
+/// Finds the entrypoint as runc does (Go's exec.LookPath with the container's PATH).
+fn lookup(arg0: &str, env: &[String]) -> Result<String> {
+    let check = |path: &str| -> std::result::Result<(), Errno> {
+        let meta = std::fs::metadata(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        if meta.is_dir() {
+            Err(Errno::EISDIR)
+        } else if meta.permissions().mode() & 0o111 == 0 {
+            Err(Errno::EACCES)
+        } else {
+            Ok(())
+        }
+    };
+    if arg0.contains('/') {
+        return match check(arg0) {
+            Ok(()) => Ok(arg0.to_string()),
+            Err(e @ (Errno::ENOENT | Errno::ENOTDIR)) => Err(Error::new(format!("exec: {arg0:?}: stat {arg0}: {}", errno_desc(e)))),
+            Err(e) => Err(Error::new(format!("exec: {arg0:?}: {}", errno_desc(e)))),
+        };
+    }
+    let path_var = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    for dir in path_var.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = format!("{dir}/{arg0}");
+        if check(&candidate).is_ok() {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::new(format!("exec: {arg0:?}: executable file not found in $PATH")))
+}
+
+/// The user's home from the container's /etc/passwd, "/" if none.
+fn home_of(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() >= 7 && fields[2].parse() == Ok(uid)).then(|| fields[5].to_string())
+        })
+        .find(|home| !home.is_empty())
+        .unwrap_or_else(|| "/".to_string())
+}
+
+fn set_rlimits(process: &Process) -> Result<()> {
+    for rlimit in process.rlimits().as_deref().unwrap_or_default() {
+        let resource = match rlimit.typ() {
+            PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
+            PosixRlimitType::RlimitFsize => libc::RLIMIT_FSIZE,
+            PosixRlimitType::RlimitData => libc::RLIMIT_DATA,
+            PosixRlimitType::RlimitStack => libc::RLIMIT_STACK,
+            PosixRlimitType::RlimitCore => libc::RLIMIT_CORE,
+            PosixRlimitType::RlimitRss => libc::RLIMIT_RSS,
+            PosixRlimitType::RlimitNproc => libc::RLIMIT_NPROC,
+            PosixRlimitType::RlimitNofile => libc::RLIMIT_NOFILE,
+            PosixRlimitType::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+            PosixRlimitType::RlimitAs => libc::RLIMIT_AS,
+            PosixRlimitType::RlimitLocks => libc::RLIMIT_LOCKS,
+            PosixRlimitType::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+            PosixRlimitType::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+            PosixRlimitType::RlimitNice => libc::RLIMIT_NICE,
+            PosixRlimitType::RlimitRtprio => libc::RLIMIT_RTPRIO,
+            PosixRlimitType::RlimitRttime => libc::RLIMIT_RTTIME,
+        };
+        let limit = libc::rlimit { rlim_cur: rlimit.soft(), rlim_max: rlimit.hard() };
+        // SAFETY: pid 0 (this process), a valid rlimit to read, no old limit requested.
+        let rc = unsafe { libc::prlimit(0, resource, &limit, std::ptr::null_mut()) };
+        Errno::result(rc).ctx(|| format!("set rlimit {} to soft {} hard {}", rlimit.typ(), rlimit.soft(), rlimit.hard()))?;
+    }
+    Ok(())
+}
+
+fn set_user(process: &Process) -> Result<()> {
+    let user = process.user();
+    // Capabilities survive the change of uid; set_caps then sets them exactly.
+    nix::sys::prctl::set_keepcaps(true).ctx(|| "set keepcaps".into())?;
+    let groups: Vec<Gid> = user.additional_gids().as_deref().unwrap_or_default().iter().map(|g| Gid::from_raw(*g)).collect();
+    nix::unistd::setgroups(&groups).ctx(|| format!("setgroups {:?}", user.additional_gids().as_deref().unwrap_or_default()))?;
+    let gid = Gid::from_raw(user.gid());
+    nix::unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {gid}"))?;
+    let uid = Uid::from_raw(user.uid());
+    nix::unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {uid}"))?;
+    nix::sys::prctl::set_keepcaps(false).ctx(|| "clear keepcaps".into())?;
+    Ok(())
+}
+
+/// The highest capability this kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
+}
+
+fn cap_number(cap: Capability) -> u32 {
+    use Capability::*;
+    match cap {
+        Chown => 0,
+        DacOverride => 1,
+        DacReadSearch => 2,
+        Fowner => 3,
+        Fsetid => 4,
+        Kill => 5,
+        Setgid => 6,
+        Setuid => 7,
+        Setpcap => 8,
+        LinuxImmutable => 9,
+        NetBindService => 10,
+        NetBroadcast => 11,
+        NetAdmin => 12,
+        NetRaw => 13,
+        IpcLock => 14,
+        IpcOwner => 15,
+        SysModule => 16,
+        SysRawio => 17,
+        SysChroot => 18,
+        SysPtrace => 19,
+        SysPacct => 20,
+        SysAdmin => 21,
+        SysBoot => 22,
+        SysNice => 23,
+        SysResource => 24,
+        SysTime => 25,
+        SysTtyConfig => 26,
+        Mknod => 27,
+        Lease => 28,
+        AuditWrite => 29,
+        AuditControl => 30,
+        Setfcap => 31,
+        MacOverride => 32,
+        MacAdmin => 33,
+        Syslog => 34,
+        WakeAlarm => 35,
+        BlockSuspend => 36,
+        AuditRead => 37,
+        Perfmon => 38,
+        Bpf => 39,
+        CheckpointRestore => 40,
+    }
+}
+
+/// The capability numbers of a set, those beyond this kernel's last left out (as runc does).
+fn numbers(set: Option<&HashSet<Capability>>, last_cap: u32) -> Vec<u32> {
+    let mut numbers: Vec<u32> = set.into_iter().flatten().map(|c| cap_number(*c)).filter(|n| *n <= last_cap).collect();
+    numbers.sort_unstable();
+    numbers
+}
+
+fn prctl(option: libc::c_int, arg: libc::c_ulong, arg2: libc::c_ulong) -> nix::Result<()> {
+    // SAFETY: the capability prctls used here take integer arguments only.
+    let rc = unsafe { libc::prctl(option, arg, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    Errno::result(rc).map(drop)
+}
+
+/// Drops from the bounding set what the spec's bounding set lacks (needs CAP_SETPCAP: done
+/// before the change of user).
+fn drop_bounding(caps: &LinuxCapabilities, last_cap: u32) -> Result<()> {
+    let keep = numbers(caps.bounding().as_ref(), last_cap);
+    for cap in 0..=last_cap {
+        if !keep.contains(&cap) {
+            prctl(libc::PR_CAPBSET_DROP, cap.into(), 0).ctx(|| format!("drop capability {cap} from the bounding set"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets the effective, permitted, inheritable and ambient sets exactly as in the spec.
+fn set_caps(caps: &LinuxCapabilities, last_cap: u32) -> Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut data = [Data::default(); 2];
+    for cap in numbers(caps.effective().as_ref(), last_cap) {
+        data[(cap / 32) as usize].effective |= 1 << (cap % 32);
+    }
+    for cap in numbers(caps.permitted().as_ref(), last_cap) {
+        data[(cap / 32) as usize].permitted |= 1 << (cap % 32);
+    }
+    for cap in numbers(caps.inheritable().as_ref(), last_cap) {
+        data[(cap / 32) as usize].inheritable |= 1 << (cap % 32);
+    }
+    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    // SAFETY: a version-3 header and the two data structs that version takes, alive during the
+    // call; the kernel only reads the data.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    Errno::result(rc).ctx(|| "set capabilities (capset)".into())?;
+
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0).ctx(|| "clear ambient capabilities".into())?;
+    for cap in numbers(caps.ambient().as_ref(), last_cap) {
+        prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, cap.into())
+            .ctx(|| format!("raise ambient capability {cap} (it must be permitted and inheritable)"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_numbers_match_the_kernel() {
+        assert_eq!(cap_number(Capability::Chown), 0);
+        assert_eq!(cap_number(Capability::NetBindService), 10);
+        assert_eq!(cap_number(Capability::SysAdmin), 21);
+        assert_eq!(cap_number(Capability::CheckpointRestore), 40);
+    }
+
+    #[test]
+    fn lookup_follows_path_and_reports_like_runc() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("tool");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let env = vec![format!("PATH=/nonexistent:{}", dir.path().display())];
+        assert_eq!(lookup("tool", &env).unwrap(), exe.display().to_string());
+        assert_eq!(lookup("nosuch", &env).unwrap_err().to_string(), "exec: \"nosuch\": executable file not found in $PATH");
+        assert_eq!(lookup("/nope", &env).unwrap_err().to_string(), "exec: \"/nope\": stat /nope: no such file or directory");
+    }
+}

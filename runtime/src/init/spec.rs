@@ -1,0 +1,62 @@
+//! The interface between the daemon and `cri-systemd init`: one JSON file per container start.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `cri-systemd init <spec.json>` needs to set a container up and exec its entrypoint.
+///
+/// The daemon writes it (e.g. to `<container dir>/init.json`) before starting the container's
+/// transient unit, whose `ExecStart` is `cri-systemd init <that file>` (`Type=notify`,
+/// `NotifyAccess=all`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitSpec {
+    /// The OCI runtime spec of the container. Used: `process` (args, env, cwd, user uid/gid/
+    /// additionalGids/umask, capabilities, noNewPrivileges, rlimits; `terminal` must be false),
+    /// `root.path` (the mount point of the rootfs, an absolute host path under the container's
+    /// dir) and `root.readonly`, `hostname`, `domainname`, `mounts`, `linux.namespaces` (with
+    /// `path`: join that pinned namespace file; without: a new one), `linux.rootfsPropagation`,
+    /// `linux.devices`, `linux.maskedPaths`, `linux.readonlyPaths`, `linux.sysctl`.
+    /// `linux.resources` is ignored here: systemd applies limits through unit properties. So are
+    /// `hooks`, `process.oomScoreAdj` (use `OOMScoreAdjust=`), `process.ioPriority`,
+    /// `process.scheduler`, `linux.personality`. Refused (the start fails with a message):
+    /// `process.terminal`, `linux.seccomp`, AppArmor/SELinux labels, user namespaces and ID
+    /// mappings, which are not implemented yet.
+    pub oci: oci_spec::runtime::Spec,
+    /// The image layers + per-container upper/work dirs, mounted by init as an overlay at
+    /// `root.path` inside the container's own mount namespace (so nothing leaks into the host's
+    /// mount table and nothing is left mounted when the container dies). `None`: `root.path` is
+    /// already a prepared tree (init bind-mounts it onto itself in the container's namespace).
+    pub rootfs: Option<OverlayRootfs>,
+    /// Where init writes a one-line human-readable error before failing, e.g.
+    /// `exec: "nosuch": executable file not found in $PATH`. A host path in an existing
+    /// directory; init removes a stale file at start and writes it only on failure.
+    pub error_file: PathBuf,
+}
+
+/// An overlay root file system: read-only image layers under a per-container writable layer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayRootfs {
+    /// The image layers' directories, top (last applied) layer first. At least one.
+    pub lowerdirs: Vec<PathBuf>,
+    /// The container's writable layer. Must not be on an overlayfs (e.g. under the state dir).
+    pub upperdir: PathBuf,
+    /// overlayfs's work dir: an empty directory on the same file system as `upperdir`.
+    pub workdir: PathBuf,
+}
+
+impl InitSpec {
+    /// Reads and parses the spec file.
+    pub fn load(path: &Path) -> Result<InitSpec, String> {
+        let text = std::fs::read(path).map_err(|e| format!("read init spec {}: {}", path.display(), super::io_desc(&e)))?;
+        serde_json::from_slice(&text).map_err(|e| format!("parse init spec {}: {e}", path.display()))
+    }
+
+    /// Writes the spec as JSON to `path` (what the daemon does before starting the unit).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, text)
+    }
+}
