@@ -4,8 +4,10 @@
 //! mapping of library errors to gRPC codes.
 
 mod config;
+mod errors;
 mod image_service;
 mod logging;
+mod pod_translate;
 mod runtime_service;
 mod server;
 

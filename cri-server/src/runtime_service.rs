@@ -5,11 +5,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use proto::cri::{self, runtime_service_server::RuntimeService};
-use runtime::{NetworkReadiness, Systemd};
+use runtime::{NetworkReadiness, PodFilter, Runtime, Systemd};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
+use crate::errors::runtime_status;
+use crate::pod_translate;
 
 /// The runtime API version this daemon speaks.
 const RUNTIME_API_VERSION: &str = "v1";
@@ -17,14 +19,15 @@ const RUNTIME_NAME: &str = "cri-systemd";
 
 /// Serves `runtime.v1.RuntimeService`.
 #[derive(Debug)]
-pub struct Runtime {
+pub struct RuntimeApi {
     config: Arc<Config>,
     systemd: Arc<Systemd>,
+    runtime: Arc<Runtime>,
 }
 
-impl Runtime {
-    pub fn new(config: Arc<Config>, systemd: Arc<Systemd>) -> Self {
-        Self { config, systemd }
+impl RuntimeApi {
+    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>) -> Self {
+        Self { config, systemd: runtime.systemd().clone(), runtime }
     }
 }
 
@@ -45,7 +48,7 @@ fn condition(kind: &str, outcome: Result<(), (&str, String)>) -> cri::RuntimeCon
 }
 
 #[tonic::async_trait]
-impl RuntimeService for Runtime {
+impl RuntimeService for RuntimeApi {
     async fn version(&self, _: Request<cri::VersionRequest>) -> Result<Response<cri::VersionResponse>, Status> {
         Ok(Response::new(cri::VersionResponse {
             // The "kubelet runtime API" version; containerd and CRI-O both answer 0.1.0.
@@ -105,6 +108,63 @@ impl RuntimeService for Runtime {
         }))
     }
 
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let spec = pod_translate::pod_spec(request.into_inner())?;
+        let pod_sandbox_id = self.runtime.run_pod(spec).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        self.runtime.stop_pod(&request.into_inner().pod_sandbox_id).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        self.runtime.remove_pod(&request.into_inner().pod_sandbox_id).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let request = request.into_inner();
+        let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        let mut info = HashMap::new();
+        if request.verbose {
+            info.insert("info".into(), serde_json::to_string(&pod).unwrap_or_default());
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(pod_translate::pod_status(&pod)),
+            info,
+            containers_statuses: Vec::new(),
+            timestamp: 0,
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let mut filter = PodFilter::default();
+        if let Some(cri_filter) = request.into_inner().filter {
+            filter.id = Some(cri_filter.id).filter(|id| !id.is_empty());
+            filter.state = cri_filter.state.map(|s| pod_translate::pod_state(s.state)).transpose()?;
+            filter.labels = cri_filter.label_selector.into_iter().collect();
+        }
+        let items = self.runtime.pods(&filter).iter().map(pod_translate::pod_sandbox).collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
     type GetContainerEventsStream =
         Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
 
@@ -115,21 +175,6 @@ impl RuntimeService for Runtime {
         Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
     }
 
-    async fn run_pod_sandbox(&self, _: Request<cri::RunPodSandboxRequest>) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        Err(not_yet("RunPodSandbox", "the pod and container lifecycle issue"))
-    }
-    async fn stop_pod_sandbox(&self, _: Request<cri::StopPodSandboxRequest>) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        Err(not_yet("StopPodSandbox", "the pod and container lifecycle issue"))
-    }
-    async fn remove_pod_sandbox(&self, _: Request<cri::RemovePodSandboxRequest>) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        Err(not_yet("RemovePodSandbox", "the pod and container lifecycle issue"))
-    }
-    async fn pod_sandbox_status(&self, _: Request<cri::PodSandboxStatusRequest>) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
-        Err(not_yet("PodSandboxStatus", "the pod and container lifecycle issue"))
-    }
-    async fn list_pod_sandbox(&self, _: Request<cri::ListPodSandboxRequest>) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
-        Err(not_yet("ListPodSandbox", "the pod and container lifecycle issue"))
-    }
     async fn create_container(&self, _: Request<cri::CreateContainerRequest>) -> Result<Response<cri::CreateContainerResponse>, Status> {
         Err(not_yet("CreateContainer", "the pod and container lifecycle issue"))
     }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::image_service::Images;
-use crate::runtime_service::Runtime;
+use crate::runtime_service::RuntimeApi;
 
 /// Why the daemon could not start; each says what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub enum StartupError {
     Listen { path: PathBuf, source: std::io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot recover pods: {0}")]
+    Recover(#[from] runtime::Error),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -59,17 +61,17 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         Err(e) => warn!("{e}; RuntimeReady stays false until systemd answers"),
     }
 
+    let runtime_config = runtime::RuntimeConfig {
+        state_root: config.state_root.clone(),
+        run_root: config.run_root.clone(),
+        cni: config.cni.clone(),
+    };
+    let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
     let listener = listen(&config.socket)?;
     let config = Arc::new(config);
     let mut terminate = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => info!("SIGTERM: stopping (containers keep running)"),
-            _ = interrupt.recv() => info!("SIGINT: stopping (containers keep running)"),
-        }
-        notify(&[sd_notify::NotifyState::Stopping]);
-    };
+    let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
 
     info!(socket = %config.socket.display(), "serving CRI");
     notify(&[
@@ -77,11 +79,18 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         sd_notify::NotifyState::Status(&format!("serving CRI on {}", config.socket.display())),
     ]);
     let socket = config.socket.clone();
-    let result = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(Runtime::new(config.clone(), systemd)))
+    let server = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime)))
         .add_service(ImageServiceServer::new(Images::default()))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        _ = terminate.recv() => stop(&mut server, stop_serving, "SIGTERM").await,
+        _ = interrupt.recv() => stop(&mut server, stop_serving, "SIGINT").await,
+    };
     // Only our own socket file: leaving it would make the next start probe a dead socket.
     if let Err(e) = std::fs::remove_file(&socket) {
         warn!("cannot remove socket {}: {e}", socket.display());
@@ -89,6 +98,28 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     result?;
     info!("stopped");
     Ok(())
+}
+
+/// How long requests under way may take to finish after SIGTERM. Clients such as the kubelet keep
+/// their connections open for good, so the server cannot wait for them to close.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Stops accepting, lets requests under way finish for a while, then gives up on them.
+async fn stop<F>(server: &mut std::pin::Pin<&mut F>, stop_serving: tokio::sync::oneshot::Sender<()>, signal: &str)
+    -> Result<(), tonic::transport::Error>
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
+    info!("{signal}: stopping (containers keep running)");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_serving.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server.as_mut()).await {
+        Ok(result) => result,
+        Err(_) => {
+            info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+            Ok(())
+        }
+    }
 }
 
 fn notify(state: &[sd_notify::NotifyState]) {

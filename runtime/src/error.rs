@@ -3,4 +3,28 @@
 pub enum Error {
     #[error("systemd is unreachable over the system bus at {address}: {reason}")]
     SystemdUnreachable { address: String, reason: String },
+    #[error("systemd cannot {action} unit {unit}: {reason}")]
+    Unit { unit: String, action: &'static str, reason: String },
+    #[error("systemd: {0}")]
+    Bus(#[from] zbus::Error),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// Teardown that kept going past failures reports them all at once.
+    #[error("{what}: {}", .errors.join("; "))]
+    Teardown { what: String, errors: Vec<String> },
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
 }

@@ -1,12 +1,63 @@
 //! The runtime of cri-systemd: pods as systemd slices and containers as transient systemd services,
 //! created over D-Bus. It owns the connection to systemd, pod namespaces, container mounts, user
 //! namespaces and networking, and the runtime state under `<state_root>/pods` and `<run_root>`.
+//!
+//! Concurrency: every pod has a lock of its own held across its slow work (systemd jobs, mounts);
+//! the table of pods is locked only to look up or insert an entry, never across slow work.
 
 mod error;
 pub mod init;
+mod namespaces;
 mod network;
+mod pod;
+mod podfiles;
+mod pods;
+mod store;
 mod systemd;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
 pub use error::Error;
+pub use namespaces::PodNamespaces;
 pub use network::{CniConfig, NetworkReadiness};
+pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
+pub use pods::PodFilter;
 pub use systemd::{ManagerInfo, Systemd};
+
+/// Where the runtime keeps its state.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Persistent records (`pods/<id>/pod.json`).
+    pub state_root: PathBuf,
+    /// Volatile pod files and namespace pins (`pods/<id>/`).
+    pub run_root: PathBuf,
+    pub cni: CniConfig,
+}
+
+/// The pods and containers of this node.
+#[derive(Debug)]
+pub struct Runtime {
+    config: RuntimeConfig,
+    systemd: Arc<Systemd>,
+    pods: Mutex<BTreeMap<String, Arc<PodEntry>>>,
+}
+
+/// One pod: `operation` serialises the pod's lifecycle calls; `record` can be read at any time
+/// and always matches what is on disk.
+#[derive(Debug)]
+struct PodEntry {
+    operation: Arc<tokio::sync::Mutex<()>>,
+    record: RwLock<Pod>,
+}
+
+impl Runtime {
+    pub fn systemd(&self) -> &Arc<Systemd> {
+        &self.systemd
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tracing::debug;
+use futures_util::StreamExt;
 use zbus::Connection;
+use zbus::zvariant::{OwnedObjectPath, Value};
 
 use crate::Error;
 
@@ -20,6 +22,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     default_path = "/org/freedesktop/systemd1"
 )]
 pub(crate) trait Manager {
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, zbus::zvariant::Value<'_>)],
+        aux: &[(&str, &[(&str, zbus::zvariant::Value<'_>)])],
+    ) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn subscribe(&self) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -130,4 +145,94 @@ impl Systemd {
         })
         .await
     }
+}
+
+/// The unit property values the runtime sets: `(name, value)` pairs as StartTransientUnit takes them.
+pub type UnitProperties = Vec<(&'static str, Value<'static>)>;
+
+/// How long a start or stop job may take before the runtime gives up waiting (the job goes on).
+const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Systemd {
+    /// Starts transient unit `name` with `properties` and waits for its start job to finish.
+    /// `Type=notify` services finish starting when they send READY=1.
+    pub async fn start_transient_unit(&self, name: &str, properties: UnitProperties) -> Result<(), Error> {
+        let job_error = |reason: String| Error::Unit { unit: name.to_string(), action: "start", reason };
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await.map_err(|e| job_error(e.to_string()))?;
+        // Subscribe before queueing the job so that its JobRemoved signal cannot be missed.
+        let mut removed = manager.receive_job_removed().await.map_err(|e| job_error(e.to_string()))?;
+        let job = manager
+            .start_transient_unit(name, "fail", &properties, &[])
+            .await
+            .map_err(|e| job_error(e.to_string()))?;
+        self.wait_for_job(&mut removed, &job, name, "start").await
+    }
+
+    /// Stops unit `name` (and, for a slice, every unit in it) and waits for the stop job. A unit
+    /// that does not exist is already stopped.
+    pub async fn stop_unit(&self, name: &str) -> Result<(), Error> {
+        let job_error = |reason: String| Error::Unit { unit: name.to_string(), action: "stop", reason };
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await.map_err(|e| job_error(e.to_string()))?;
+        let mut removed = manager.receive_job_removed().await.map_err(|e| job_error(e.to_string()))?;
+        match manager.stop_unit(name, "replace").await {
+            Ok(job) => self.wait_for_job(&mut removed, &job, name, "stop").await,
+            Err(e) if is_no_such_unit(&e) => Ok(()),
+            Err(e) => Err(job_error(e.to_string())),
+        }
+    }
+
+    /// Forgets a failed unit's state so that its name can be reused; absent units are fine.
+    pub async fn reset_failed_unit(&self, name: &str) -> Result<(), Error> {
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await?;
+        match manager.reset_failed_unit(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_unit(&e) => Ok(()),
+            Err(e) => Err(Error::Unit { unit: name.to_string(), action: "reset", reason: e.to_string() }),
+        }
+    }
+
+    /// Whether systemd has unit `name` loaded (running, failed, or otherwise remembered).
+    pub async fn unit_exists(&self, name: &str) -> Result<bool, Error> {
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await?;
+        match manager.get_unit(name).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_no_such_unit(&e) => Ok(false),
+            Err(e) => Err(Error::Unit { unit: name.to_string(), action: "look up", reason: e.to_string() }),
+        }
+    }
+
+    async fn wait_for_job(
+        &self,
+        removed: &mut JobRemovedStream,
+        job: &OwnedObjectPath,
+        unit: &str,
+        action: &'static str,
+    ) -> Result<(), Error> {
+        let wait = async {
+            while let Some(signal) = removed.next().await {
+                let Ok(args) = signal.args() else { continue };
+                if args.job == *job {
+                    return Ok(args.result);
+                }
+            }
+            Err("the bus connection closed".to_string())
+        };
+        let result = tokio::time::timeout(JOB_TIMEOUT, wait)
+            .await
+            .map_err(|_| format!("the {action} job did not finish within {JOB_TIMEOUT:?}"))
+            .and_then(|r| r)
+            .map_err(|reason| Error::Unit { unit: unit.to_string(), action, reason })?;
+        match result.as_str() {
+            "done" => Ok(()),
+            other => Err(Error::Unit { unit: unit.to_string(), action, reason: format!("job result {other:?}") }),
+        }
+    }
+}
+
+fn is_no_such_unit(error: &zbus::Error) -> bool {
+    matches!(error, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit")
 }

@@ -1,0 +1,140 @@
+//! CRI pod messages <-> `runtime` pods.
+
+use std::collections::HashMap;
+
+use proto::cri;
+use runtime::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
+use tonic::Status;
+
+/// Reads a CRI RunPodSandboxRequest as a runtime PodSpec.
+pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
+    let config = request.config.ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a config"))?;
+    if !request.runtime_handler.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "runtime handler {:?} is not configured (cri-systemd has only the default handler \"\")",
+            request.runtime_handler
+        )));
+    }
+    let metadata = config.metadata.unwrap_or_default();
+    let linux = config.linux.unwrap_or_default();
+    let namespace_options = linux.security_context.as_ref().and_then(|s| s.namespace_options.clone());
+    if let Some(userns) = namespace_options.as_ref().and_then(|o| o.userns_options.as_ref()) {
+        if userns.mode == cri::NamespaceMode::Pod as i32 {
+            return Err(Status::invalid_argument("pods in user namespaces are not supported yet"));
+        }
+    }
+    let (network, pid, ipc) = match &namespace_options {
+        Some(options) => (mode(options.network)?, mode(options.pid)?, mode(options.ipc)?),
+        // No namespace options at all (crictl's minimal configs): the kubelet's defaults, which
+        // give each container its own PID namespace.
+        None => (NamespaceMode::Pod, NamespaceMode::Container, NamespaceMode::Pod),
+    };
+    let port_mappings = config
+        .port_mappings
+        .iter()
+        .map(|p| PortMapping {
+            protocol: cri::Protocol::try_from(p.protocol).map(|p| p.as_str_name().to_string()).unwrap_or_default(),
+            container_port: p.container_port,
+            host_port: p.host_port,
+            host_ip: p.host_ip.clone(),
+        })
+        .collect();
+    Ok(PodSpec {
+        name: metadata.name,
+        uid: metadata.uid,
+        namespace: metadata.namespace,
+        attempt: metadata.attempt,
+        hostname: config.hostname,
+        log_directory: config.log_directory.into(),
+        dns: config.dns_config.map(|d| DnsConfig { servers: d.servers, searches: d.searches, options: d.options }),
+        port_mappings,
+        labels: config.labels.into_iter().collect(),
+        annotations: config.annotations.into_iter().collect(),
+        cgroup_parent: linux.cgroup_parent,
+        network,
+        pid,
+        ipc,
+        runtime_handler: request.runtime_handler,
+    })
+}
+
+fn mode(value: i32) -> Result<NamespaceMode, Status> {
+    match cri::NamespaceMode::try_from(value) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NamespaceMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NamespaceMode::Container),
+        Ok(cri::NamespaceMode::Node) => Ok(NamespaceMode::Node),
+        _ => Err(Status::invalid_argument(format!("namespace mode {value} is not supported for a pod"))),
+    }
+}
+
+fn cri_mode(mode: NamespaceMode) -> i32 {
+    match mode {
+        NamespaceMode::Pod => cri::NamespaceMode::Pod as i32,
+        NamespaceMode::Container => cri::NamespaceMode::Container as i32,
+        NamespaceMode::Node => cri::NamespaceMode::Node as i32,
+    }
+}
+
+pub fn cri_state(state: PodState) -> i32 {
+    match state {
+        PodState::Ready => cri::PodSandboxState::SandboxReady as i32,
+        _ => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+pub fn pod_state(value: i32) -> Result<PodState, Status> {
+    match cri::PodSandboxState::try_from(value) {
+        Ok(cri::PodSandboxState::SandboxReady) => Ok(PodState::Ready),
+        Ok(cri::PodSandboxState::SandboxNotready) => Ok(PodState::NotReady),
+        Err(_) => Err(Status::invalid_argument(format!("unknown pod sandbox state {value}"))),
+    }
+}
+
+fn metadata(pod: &Pod) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: pod.spec.name.clone(),
+        uid: pod.spec.uid.clone(),
+        namespace: pod.spec.namespace.clone(),
+        attempt: pod.spec.attempt,
+    }
+}
+
+fn map(from: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    from.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub fn pod_status(pod: &Pod) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: pod.id.clone(),
+        metadata: Some(metadata(pod)),
+        state: cri_state(pod.state),
+        created_at: pod.created_at,
+        // Pod IPs come with CNI networking.
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption {
+                    network: cri_mode(pod.spec.network),
+                    pid: cri_mode(pod.spec.pid),
+                    ipc: cri_mode(pod.spec.ipc),
+                    ..Default::default()
+                }),
+            }),
+        }),
+        labels: map(&pod.spec.labels),
+        annotations: map(&pod.spec.annotations),
+        runtime_handler: pod.spec.runtime_handler.clone(),
+    }
+}
+
+pub fn pod_sandbox(pod: &Pod) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: pod.id.clone(),
+        metadata: Some(metadata(pod)),
+        state: cri_state(pod.state),
+        created_at: pod.created_at,
+        labels: map(&pod.spec.labels),
+        annotations: map(&pod.spec.annotations),
+        runtime_handler: pod.spec.runtime_handler.clone(),
+    }
+}

@@ -1,0 +1,176 @@
+//! Pod sandboxes as systemd slices with pinned namespaces, driven over the CRI socket of a daemon
+//! in a real systemd node.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use e2e::{CriClient, Node, NodeOptions, cri};
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn pod_config(name: &str, uid: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        dns_config: Some(cri::DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["e2e.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        labels: HashMap::from([("app".into(), name.into()), ("tier".into(), "test".into())]),
+        annotations: HashMap::from([("note".into(), "hello".into())]),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.map(|r| r.into_inner().pod_sandbox_id)
+}
+
+async fn pod_status(client: &mut CriClient, id: &str) -> Result<cri::PodSandboxStatusResponse, tonic::Status> {
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: id.into(), verbose: true };
+    client.runtime.pod_sandbox_status(request).await.map(|r| r.into_inner())
+}
+
+async fn list_pods(client: &mut CriClient, filter: Option<cri::PodSandboxFilter>) -> Vec<String> {
+    let items = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter }).await.unwrap().into_inner().items;
+    items.into_iter().map(|p| p.id).collect()
+}
+
+#[tokio::test]
+async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
+    let node = Node::up("pods-life", NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+
+    let uid = "5f0c7e4a-1111-4c2d-9e8f-0123456789ab";
+    let id = run_pod(&mut client, pod_config("web", uid)).await.expect("RunPodSandbox");
+    let slice = "kubepods-besteffort-pod5f0c7e4a_1111_4c2d_9e8f_0123456789ab.slice";
+    assert_eq!(node.sh(&format!("systemctl is-active {slice}")).trim(), "active");
+
+    let status = pod_status(&mut client, &id).await.unwrap();
+    let pod = status.status.unwrap();
+    assert_eq!(pod.state, cri::PodSandboxState::SandboxReady as i32);
+    assert_eq!(pod.metadata.unwrap().name, "web");
+    assert_eq!(pod.labels["app"], "web");
+    assert_eq!(pod.annotations["note"], "hello");
+    assert!(pod.created_at > 0);
+    assert!(status.info["info"].contains(slice), "{:?}", status.info);
+
+    // Namespaces are pinned files, with no process holding them: the slice has no tasks at all.
+    let pins = format!("/run/cri-systemd/pods/{id}/ns");
+    let links = node.sh(&format!("nsenter --net={pins}/net ip -o link"));
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert!(links.contains("lo:") && links.contains("UP"), "{links}");
+    assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), "web-host");
+    assert_ne!(node.sh(&format!("readlink /proc/self/ns/ipc; nsenter --ipc={pins}/ipc readlink /proc/self/ns/ipc")).lines().collect::<std::collections::HashSet<_>>().len(), 1);
+    let procs = node.sh(&format!("find /sys/fs/cgroup/systemd/kubepods.slice -path '*{slice}*' -name cgroup.procs -exec cat {{}} +"));
+    assert_eq!(procs.trim(), "", "processes in the pod's slice: {procs}");
+
+    // Pod files.
+    let files = format!("/run/cri-systemd/pods/{id}");
+    assert_eq!(
+        node.sh(&format!("cat {files}/resolv.conf")),
+        "search e2e.svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
+    );
+    assert_eq!(node.sh(&format!("cat {files}/hostname")), "web-host\n");
+    assert!(node.sh(&format!("cat {files}/hosts")).contains("web-host"));
+    assert!(node.sh(&format!("findmnt -n -o FSTYPE {files}/shm")).contains("tmpfs"));
+
+    // The same pod attempt again is the same pod.
+    assert_eq!(run_pod(&mut client, pod_config("web", uid)).await.unwrap(), id);
+
+    // Listing, with filters.
+    let other = run_pod(&mut client, pod_config("db", "9a9a9a9a-2222-4c2d-9e8f-0123456789ab")).await.unwrap();
+    assert_eq!(list_pods(&mut client, None).await, vec![id.clone(), other.clone()]);
+    let by_label = cri::PodSandboxFilter { label_selector: HashMap::from([("app".into(), "db".into())]), ..Default::default() };
+    assert_eq!(list_pods(&mut client, Some(by_label)).await, vec![other.clone()]);
+    let by_prefix = cri::PodSandboxFilter { id: id[..12].into(), ..Default::default() };
+    assert_eq!(list_pods(&mut client, Some(by_prefix)).await, vec![id.clone()]);
+
+    // Stop: not ready, namespaces and slice released; twice is fine.
+    for _ in 0..2 {
+        client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
+    }
+    let state = pod_status(&mut client, &id).await.unwrap().status.unwrap().state;
+    assert_eq!(state, cri::PodSandboxState::SandboxNotready as i32);
+    assert!(node.exec(&["test", "-e", &format!("{pins}/net")]).status.code() == Some(1));
+    assert_ne!(node.exec(&["systemctl", "is-active", slice]).stdout.trim(), "active");
+    let ready_only = cri::PodSandboxFilter {
+        state: Some(cri::PodSandboxStateValue { state: cri::PodSandboxState::SandboxReady as i32 }),
+        ..Default::default()
+    };
+    assert_eq!(list_pods(&mut client, Some(ready_only)).await, vec![other.clone()]);
+
+    // Remove: gone everywhere; removing again, or an unknown pod, succeeds.
+    for pod in [&id, &id, &"f".repeat(64)] {
+        client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.to_string() }).await.unwrap();
+    }
+    assert_eq!(pod_status(&mut client, &id).await.unwrap_err().code(), tonic::Code::NotFound);
+    node.sh(&format!("test ! -e {files} && test ! -e /var/lib/cri-systemd/pods/{id}"));
+    assert_eq!(list_pods(&mut client, None).await, vec![other.clone()]);
+}
+
+#[tokio::test]
+async fn pods_survive_a_daemon_kill_and_bad_requests_change_nothing() {
+    let node = Node::up("pods-recover", NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+
+    // The kubelet's systemd cgroup driver names the slice itself.
+    let mut config = pod_config("kubelet-style", "0000aaaa-3333-4c2d-9e8f-0123456789ab");
+    config.linux.as_mut().unwrap().cgroup_parent = "kubepods-burstable-pod0000aaaa_3333.slice".into();
+    let id = run_pod(&mut client, config).await.unwrap();
+    assert_eq!(node.sh("systemctl is-active kubepods-burstable-pod0000aaaa_3333.slice").trim(), "active");
+
+    // Host network: no network namespace of its own.
+    let mut host = pod_config("hostnet", "0000bbbb-3333-4c2d-9e8f-0123456789ab");
+    host.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap().network =
+        cri::NamespaceMode::Node as i32;
+    let host_id = run_pod(&mut client, host).await.unwrap();
+    node.sh(&format!("test ! -e /run/cri-systemd/pods/{host_id}/ns/net"));
+
+    // Bad requests: the right codes, and nothing created.
+    let before = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
+    let mut nameless = pod_config("x", "0000cccc-3333-4c2d-9e8f-0123456789ab");
+    nameless.metadata.as_mut().unwrap().name.clear();
+    assert_eq!(run_pod(&mut client, nameless).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let mut bad_parent = pod_config("y", "0000dddd-3333-4c2d-9e8f-0123456789ab");
+    bad_parent.linux.as_mut().unwrap().cgroup_parent = "/kubepods/burstable".into();
+    assert_eq!(run_pod(&mut client, bad_parent).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let no_config = cri::RunPodSandboxRequest { config: None, runtime_handler: String::new() };
+    assert_eq!(client.runtime.run_pod_sandbox(no_config).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let odd_handler = cri::RunPodSandboxRequest { config: Some(pod_config("z", "1")), runtime_handler: "kata".into() };
+    assert_eq!(client.runtime.run_pod_sandbox(odd_handler).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(pod_status(&mut client, &"0".repeat(64)).await.unwrap_err().code(), tonic::Code::NotFound);
+    let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
+    assert_eq!(before, after);
+
+    // SIGKILL the daemon: systemd restarts it, and it knows its pods again.
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let mut listed = list_pods(&mut client, None).await;
+    listed.sort();
+    let mut expected = vec![id.clone(), host_id.clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    let status = pod_status(&mut client, &id).await.unwrap().status.unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
+    assert_ne!(node.exec(&["systemctl", "is-active", "kubepods-burstable-pod0000aaaa_3333.slice"]).stdout.trim(), "active");
+}

@@ -1,0 +1,187 @@
+//! Pods: what the kubelet asks for (`PodSpec`), what the runtime records (`Pod`), and how a pod
+//! maps onto systemd (its slice).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::namespaces::PodNamespaces;
+
+/// Where a namespace comes from: the pod's own, the node's, or (PID only) the container's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamespaceMode {
+    #[default]
+    Pod,
+    Container,
+    Node,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsConfig {
+    pub servers: Vec<String>,
+    pub searches: Vec<String>,
+    pub options: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub protocol: String,
+    pub container_port: i32,
+    pub host_port: i32,
+    pub host_ip: String,
+}
+
+/// A pod as the kubelet describes it (the runtime's reading of a CRI PodSandboxConfig).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub attempt: u32,
+    pub hostname: String,
+    pub log_directory: PathBuf,
+    pub dns: Option<DnsConfig>,
+    pub port_mappings: Vec<PortMapping>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// The slice the kubelet's systemd cgroup driver chose, e.g. `kubepods-burstable-pod<uid>.slice`.
+    pub cgroup_parent: String,
+    pub network: NamespaceMode,
+    pub pid: NamespaceMode,
+    pub ipc: NamespaceMode,
+    pub runtime_handler: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodState {
+    /// RunPodSandbox is under way (or was, when the daemon died: then it is rolled back).
+    Creating,
+    Ready,
+    NotReady,
+    /// RemovePodSandbox is under way (or was: then it is finished on restart).
+    Removing,
+}
+
+/// What the runtime knows of a pod; persisted as `<state_root>/pods/<id>/pod.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub id: String,
+    pub spec: PodSpec,
+    pub state: PodState,
+    /// Nanoseconds since the epoch.
+    pub created_at: i64,
+    pub slice: String,
+    pub namespaces: PodNamespaces,
+    /// hostname, hosts, resolv.conf and the shm mount point.
+    pub files_dir: PathBuf,
+    /// The pod's /dev/shm, when it has one of its own (IPC namespace of its own).
+    pub shm: Option<PathBuf>,
+}
+
+impl PodSpec {
+    /// Checks what the CRI requires of a pod config.
+    pub fn validate(&self) -> Result<(), Error> {
+        for (field, value) in [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)] {
+            if value.is_empty() {
+                return Err(Error::InvalidArgument(format!("pod sandbox config has no {field}")));
+            }
+        }
+        if self.pid == NamespaceMode::Pod {
+            // A shared pod PID namespace needs a pod-level init process; not built yet.
+            return Err(Error::InvalidArgument(
+                "a pod-wide PID namespace (shareProcessNamespace) is not supported yet".into(),
+            ));
+        }
+        if !self.cgroup_parent.is_empty() {
+            check_slice_name(&self.cgroup_parent)?;
+        }
+        Ok(())
+    }
+
+    /// The systemd slice the pod runs in: the kubelet's choice, or for clients that give none
+    /// (crictl), a best-effort slice named after the pod's uid, as the kubelet would name it.
+    pub fn slice_name(&self) -> String {
+        if !self.cgroup_parent.is_empty() {
+            return self.cgroup_parent.clone();
+        }
+        // The kubelet turns the uid's dashes into underscores: dashes nest slices in systemd.
+        format!("kubepods-besteffort-pod{}.slice", escape_unit_name_part(&self.uid.replace('-', "_")))
+    }
+
+    pub fn hostname(&self) -> &str {
+        if self.hostname.is_empty() { &self.name } else { &self.hostname }
+    }
+}
+
+/// Escapes a string for use inside a unit name the way systemd-escape does: bytes outside
+/// `[A-Za-z0-9:_.]` become `\xNN`, and a leading dot too.
+pub fn escape_unit_name_part(text: &str) -> String {
+    let mut escaped = String::new();
+    for (index, byte) in text.bytes().enumerate() {
+        let plain = byte.is_ascii_alphanumeric() || byte == b':' || byte == b'_' || (byte == b'.' && index > 0);
+        if plain {
+            escaped.push(byte as char);
+        } else {
+            escaped += &format!("\\x{byte:02x}");
+        }
+    }
+    escaped
+}
+
+/// Checks that `name` is a valid systemd slice name, as the kubelet's systemd driver produces.
+fn check_slice_name(name: &str) -> Result<(), Error> {
+    let bad = |why: &str| Err(Error::InvalidArgument(format!("cgroup_parent {name:?} is not a systemd slice name: {why}")));
+    let Some(stem) = name.strip_suffix(".slice") else { return bad("it does not end in .slice") };
+    if name.len() > 255 {
+        return bad("longer than 255 characters");
+    }
+    if stem.is_empty() || stem.starts_with('-') || stem.ends_with('-') || stem.contains("--") {
+        return bad("empty or misplaced dash");
+    }
+    if !stem.bytes().all(|b| b.is_ascii_alphanumeric() || b":_.-\\".contains(&b)) {
+        return bad("it has characters systemd does not allow");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> PodSpec {
+        PodSpec {
+            name: "web".into(),
+            uid: "0b7c6a1e-2f3d-4e5f-8a9b-1c2d3e4f5a6b".into(),
+            namespace: "default".into(),
+            pid: NamespaceMode::Container,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn slice_from_uid_like_the_kubelet() {
+        assert_eq!(spec().slice_name(), "kubepods-besteffort-pod0b7c6a1e_2f3d_4e5f_8a9b_1c2d3e4f5a6b.slice");
+        let odd = PodSpec { uid: "a/b c".into(), ..spec() };
+        assert_eq!(odd.slice_name(), "kubepods-besteffort-poda\\x2fb\\x20c.slice");
+    }
+
+    #[test]
+    fn cgroup_parent_is_used_when_valid() {
+        let given = PodSpec { cgroup_parent: "kubepods-burstable-pod123.slice".into(), ..spec() };
+        given.validate().unwrap();
+        assert_eq!(given.slice_name(), "kubepods-burstable-pod123.slice");
+        for bad in ["/kubepods/pod123", "kubepods--x.slice", "-x.slice", "a b.slice"] {
+            let err = PodSpec { cgroup_parent: bad.into(), ..spec() }.validate().unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_required() {
+        for spec in [PodSpec { name: "".into(), ..spec() }, PodSpec { uid: "".into(), ..spec() }, PodSpec { namespace: "".into(), ..spec() }] {
+            assert!(matches!(spec.validate(), Err(Error::InvalidArgument(_))));
+        }
+    }
+}

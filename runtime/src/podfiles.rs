@@ -1,0 +1,73 @@
+//! The per-pod files every container of the pod sees: /etc/hostname, /etc/hosts, /etc/resolv.conf.
+
+use std::path::Path;
+
+use crate::pod::DnsConfig;
+
+/// The node's resolver config, used when the pod brings no DNS config of its own.
+const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
+
+pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_network: bool) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
+    let hosts = if host_network {
+        // Host-network pods see the node's own names, as with containerd.
+        std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| default_hosts(hostname))
+    } else {
+        default_hosts(hostname)
+    };
+    std::fs::write(dir.join("hosts"), hosts)?;
+    let resolv = match dns {
+        Some(dns) if !(dns.servers.is_empty() && dns.searches.is_empty() && dns.options.is_empty()) => resolv_conf(dns),
+        _ => std::fs::read_to_string(NODE_RESOLV_CONF).unwrap_or_default(),
+    };
+    std::fs::write(dir.join("resolv.conf"), resolv)
+}
+
+fn default_hosts(hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n\
+         fe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n127.0.1.1\t{hostname}\n"
+    )
+}
+
+fn resolv_conf(dns: &DnsConfig) -> String {
+    let mut text = String::new();
+    if !dns.searches.is_empty() {
+        text += &format!("search {}\n", dns.searches.join(" "));
+    }
+    for server in &dns.servers {
+        text += &format!("nameserver {server}\n");
+    }
+    if !dns.options.is_empty() {
+        text += &format!("options {}\n", dns.options.join(" "));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_from_dns_config() {
+        let dns = DnsConfig {
+            servers: vec!["10.0.0.10".into(), "10.0.0.11".into()],
+            searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        };
+        assert_eq!(
+            resolv_conf(&dns),
+            "search ns.svc.cluster.local svc.cluster.local\nnameserver 10.0.0.10\nnameserver 10.0.0.11\noptions ndots:5\n"
+        );
+    }
+
+    #[test]
+    fn files_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "web-0", None, false).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("hostname")).unwrap(), "web-0\n");
+        assert!(std::fs::read_to_string(dir.path().join("hosts")).unwrap().contains("127.0.1.1\tweb-0"));
+        assert!(dir.path().join("resolv.conf").exists());
+    }
+}

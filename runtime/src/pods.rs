@@ -1,0 +1,300 @@
+//! Pod lifecycle: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and listing, and the
+//! recovery of pods from disk and systemd when the daemon starts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use nix::mount::{MntFlags, MsFlags};
+use tracing::{info, warn};
+use zbus::zvariant::Value;
+
+use crate::namespaces::{self, NewNamespaces};
+use crate::pod::{NamespaceMode, Pod, PodSpec, PodState};
+use crate::store::{new_id, read_json, write_json};
+use crate::{Error, PodEntry, Runtime, RuntimeConfig, Systemd, podfiles};
+
+/// The size of a pod's /dev/shm, the kubelet's default.
+const SHM_SIZE: &str = "size=65536k";
+
+/// Which pods ListPodSandbox wants.
+#[derive(Debug, Clone, Default)]
+pub struct PodFilter {
+    /// A full id or a unique prefix of one.
+    pub id: Option<String>,
+    pub state: Option<PodState>,
+    /// Every pair must be among the pod's labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Runtime {
+    /// Opens the runtime: reads every pod record, rolls half-done operations of a daemon that
+    /// died forward or back, and marks pods whose namespaces are gone (after a reboot) NotReady.
+    pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
+        let runtime = Runtime { config, systemd, pods: Mutex::new(BTreeMap::new()) };
+        let dir = runtime.pods_state_dir();
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
+        for entry in entries.flatten() {
+            let record_path = entry.path().join("pod.json");
+            let mut pod: Pod = match read_json(&record_path) {
+                Ok(pod) => pod,
+                Err(e) => {
+                    // A record-less dir is what a daemon killed before its first write leaves.
+                    warn!("removing pod dir {} without a usable record: {e}", entry.path().display());
+                    let _ = std::fs::remove_dir_all(entry.path());
+                    continue;
+                }
+            };
+            match pod.state {
+                PodState::Creating | PodState::Removing => {
+                    info!(pod = %pod.id, state = ?pod.state, "finishing the removal of a pod left half-done");
+                    match runtime.teardown(&pod, true).await {
+                        Ok(()) => continue,
+                        // Kept (as Removing, unlisted) so that RemovePodSandbox or the next
+                        // start can finish the job.
+                        Err(e) => {
+                            warn!(pod = %pod.id, "{e}; will try again");
+                            pod.state = PodState::Removing;
+                        }
+                    }
+                }
+                PodState::Ready if !pod.namespaces.pins().all(|pin| namespaces::is_pinned(pin)) => {
+                    info!(pod = %pod.id, "pod namespaces are gone (reboot?): pod is NotReady");
+                    pod.state = PodState::NotReady;
+                    write_json(&record_path, &pod).map_err(Error::io("cannot update pod record"))?;
+                }
+                _ => {}
+            }
+            runtime.insert_entry(pod);
+        }
+        Ok(runtime)
+    }
+
+    fn pods_state_dir(&self) -> PathBuf {
+        self.config.state_root.join("pods")
+    }
+
+    fn pod_state_dir(&self, id: &str) -> PathBuf {
+        self.pods_state_dir().join(id)
+    }
+
+    fn pod_run_dir(&self, id: &str) -> PathBuf {
+        self.config.run_root.join("pods").join(id)
+    }
+
+    fn insert_entry(&self, pod: Pod) -> Arc<PodEntry> {
+        let entry = Arc::new(PodEntry { operation: Default::default(), record: RwLock::new(pod.clone()) });
+        self.pods.lock().expect("pod table lock").insert(pod.id.clone(), entry.clone());
+        entry
+    }
+
+    fn save(&self, entry: &PodEntry, pod: Pod) -> Result<(), Error> {
+        write_json(&self.pod_state_dir(&pod.id).join("pod.json"), &pod).map_err(Error::io("cannot write pod record"))?;
+        *entry.record.write().expect("pod record lock") = pod;
+        Ok(())
+    }
+
+    /// Finds a pod by full id or unique id prefix.
+    fn entry(&self, id: &str) -> Result<Option<Arc<PodEntry>>, Error> {
+        let pods = self.pods.lock().expect("pod table lock");
+        if let Some(entry) = pods.get(id) {
+            return Ok(Some(entry.clone()));
+        }
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let mut matches = pods.range(id.to_string()..).take_while(|(key, _)| key.starts_with(id));
+        match (matches.next(), matches.next()) {
+            (Some((_, entry)), None) => Ok(Some(entry.clone())),
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!("pod id prefix {id:?} is ambiguous"))),
+        }
+    }
+
+    /// RunPodSandbox. A second call for the same pod attempt (name, namespace, uid, attempt)
+    /// while the first pod is ready returns the same id, so that a kubelet retrying after a timeout
+    /// gets the pod it asked for; if that pod is no longer ready, the call fails with AlreadyExists.
+    pub async fn run_pod(&self, spec: PodSpec) -> Result<String, Error> {
+        spec.validate()?;
+        let (entry, guard) = {
+            let mut pods = self.pods.lock().expect("pod table lock");
+            let same_attempt = pods.values().find(|entry| {
+                let pod = entry.record.read().expect("pod record lock");
+                let s = &pod.spec;
+                s.name == spec.name && s.namespace == spec.namespace && s.uid == spec.uid && s.attempt == spec.attempt
+            });
+            if let Some(existing) = same_attempt {
+                let pod = existing.record.read().expect("pod record lock");
+                return match pod.state {
+                    PodState::Ready => Ok(pod.id.clone()),
+                    state => Err(Error::AlreadyExists(format!(
+                        "pod {}/{} (uid {}, attempt {}) already exists as {} in state {state:?}; remove it first",
+                        spec.namespace, spec.name, spec.uid, spec.attempt, pod.id
+                    ))),
+                };
+            }
+            let id = new_id();
+            let run_dir = self.pod_run_dir(&id);
+            let pod = Pod {
+                id: id.clone(),
+                slice: spec.slice_name(),
+                spec,
+                state: PodState::Creating,
+                created_at: now_nanos(),
+                namespaces: Default::default(),
+                files_dir: run_dir,
+                shm: None,
+            };
+            let entry = Arc::new(PodEntry { operation: Default::default(), record: RwLock::new(pod.clone()) });
+            // Locked before it is visible, so that no other call on this pod runs before it exists.
+            let guard = entry.operation.clone().try_lock_owned().expect("a new lock is free");
+            pods.insert(id, entry.clone());
+            (entry, guard)
+        };
+        let _guard = guard;
+        let pod = entry.record.read().expect("pod record lock").clone();
+        match self.create_pod(&entry, pod.clone()).await {
+            Ok(()) => {
+                info!(pod = %pod.id, name = %pod.spec.name, namespace = %pod.spec.namespace, slice = %pod.slice, "pod ready");
+                Ok(pod.id)
+            }
+            Err(e) => {
+                let latest = entry.record.read().expect("pod record lock").clone();
+                if let Err(teardown) = self.teardown(&latest, true).await {
+                    warn!(pod = %pod.id, "rollback incomplete: {teardown}");
+                }
+                self.pods.lock().expect("pod table lock").remove(&pod.id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_pod(&self, entry: &PodEntry, mut pod: Pod) -> Result<(), Error> {
+        // The intent goes to disk first: a daemon killed from here on finds it and rolls back.
+        self.save(entry, pod.clone())?;
+        self.systemd
+            .start_transient_unit(&pod.slice, vec![
+                ("Description", Value::from(format!("pod {}/{} ({})", pod.spec.namespace, pod.spec.name, pod.id))),
+            ])
+            .await?;
+        let wanted = NewNamespaces {
+            network: pod.spec.network != NamespaceMode::Node,
+            ipc: pod.spec.ipc != NamespaceMode::Node,
+            // The pod's hostname lives in its UTS namespace; host-network pods use the node's.
+            uts: pod.spec.network != NamespaceMode::Node,
+        };
+        let ns_dir = pod.files_dir.join("ns");
+        let hostname = pod.spec.hostname().to_string();
+        pod.namespaces = tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname))
+            .await
+            .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
+            .map_err(Error::io("cannot create pod namespaces"))?;
+        self.save(entry, pod.clone())?;
+        let host_network = pod.spec.network == NamespaceMode::Node;
+        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network)
+            .map_err(Error::io("cannot write pod files"))?;
+        if wanted.ipc {
+            let shm = pod.files_dir.join("shm");
+            mount_shm(&shm).map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
+            pod.shm = Some(shm);
+        }
+        pod.state = PodState::Ready;
+        self.save(entry, pod)
+    }
+
+    /// StopPodSandbox: stops every container (the slice's units) and releases the pod's
+    /// namespaces and /dev/shm. Unknown pods are already stopped.
+    pub async fn stop_pod(&self, id: &str) -> Result<(), Error> {
+        let Some(entry) = self.entry(id)? else { return Ok(()) };
+        let _guard = entry.operation.clone().lock_owned().await;
+        let mut pod = entry.record.read().expect("pod record lock").clone();
+        if pod.state == PodState::Removing {
+            return Ok(());
+        }
+        self.teardown(&pod, false).await?;
+        pod.state = PodState::NotReady;
+        pod.shm = None;
+        self.save(&entry, pod)
+    }
+
+    /// RemovePodSandbox: everything StopPodSandbox does, and the pod's records. Unknown pods are
+    /// already removed.
+    pub async fn remove_pod(&self, id: &str) -> Result<(), Error> {
+        let Some(entry) = self.entry(id)? else { return Ok(()) };
+        let _guard = entry.operation.clone().lock_owned().await;
+        let mut pod = entry.record.read().expect("pod record lock").clone();
+        pod.state = PodState::Removing;
+        self.save(&entry, pod.clone())?;
+        self.teardown(&pod, true).await?;
+        self.pods.lock().expect("pod table lock").remove(&pod.id);
+        info!(pod = %pod.id, "pod removed");
+        Ok(())
+    }
+
+    /// Releases what the pod holds, continuing past failures and reporting them all. With
+    /// `remove`, also deletes the pod's files and record.
+    async fn teardown(&self, pod: &Pod, remove: bool) -> Result<(), Error> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.systemd.stop_unit(&pod.slice).await {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = namespaces::release(&pod.namespaces) {
+            errors.push(e);
+        }
+        let shm = pod.files_dir.join("shm");
+        match nix::mount::umount2(&shm, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => errors.push(format!("unmount {}: {e}", shm.display())),
+        }
+        if remove && errors.is_empty() {
+            for dir in [&pod.files_dir, &self.pod_state_dir(&pod.id)] {
+                match std::fs::remove_dir_all(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => errors.push(format!("remove {}: {e}", dir.display())),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Teardown { what: format!("cannot release pod {}", pod.id), errors })
+        }
+    }
+
+    /// The pod with this id (or unique id prefix).
+    pub fn pod(&self, id: &str) -> Result<Pod, Error> {
+        match self.entry(id)? {
+            Some(entry) => Ok(entry.record.read().expect("pod record lock").clone()),
+            None => Err(Error::NotFound(format!("pod sandbox {id:?} not found"))),
+        }
+    }
+
+    /// The pods matching `filter`, oldest first. Pods being created or removed are not listed.
+    pub fn pods(&self, filter: &PodFilter) -> Vec<Pod> {
+        let entries: Vec<Arc<PodEntry>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
+        let mut pods: Vec<Pod> = entries
+            .iter()
+            .map(|entry| entry.record.read().expect("pod record lock").clone())
+            .filter(|pod| matches!(pod.state, PodState::Ready | PodState::NotReady))
+            .filter(|pod| filter.id.as_ref().is_none_or(|id| pod.id.starts_with(id.as_str())))
+            .filter(|pod| filter.state.is_none_or(|state| pod.state == state))
+            .filter(|pod| filter.labels.iter().all(|(k, v)| pod.spec.labels.get(k) == Some(v)))
+            .collect();
+        pods.sort_by_key(|pod| pod.created_at);
+        pods
+    }
+}
+
+fn mount_shm(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    nix::mount::mount(Some("shm"), path, Some("tmpfs"), flags, Some(format!("mode=1777,{SHM_SIZE}").as_str()))?;
+    Ok(())
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
