@@ -22,7 +22,9 @@ impl Images {
     }
 
     fn store(&self) -> Result<&ImageStore, Status> {
-        self.store.as_ref().ok_or_else(|| Status::unavailable("the image store is not configured in this daemon"))
+        self.store
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the image store is not configured in this daemon"))
     }
 }
 
@@ -44,7 +46,9 @@ pub fn image_status(error: imagestore::Error) -> Status {
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.trim()) {
         Some(name) if !name.is_empty() => Ok(name),
-        _ => Err(Status::invalid_argument("image spec is missing or has an empty image")),
+        _ => Err(Status::invalid_argument(
+            "image spec is missing or has an empty image",
+        )),
     }
 }
 
@@ -70,7 +74,10 @@ fn to_cri(image: &Image) -> cri::Image {
         size: image.size,
         uid,
         username,
-        spec: Some(cri::ImageSpec { image: image.id.to_string(), ..Default::default() }),
+        spec: Some(cri::ImageSpec {
+            image: image.id.to_string(),
+            ..Default::default()
+        }),
         pinned: image.pinned,
     }
 }
@@ -82,7 +89,10 @@ fn credentials(auth: Option<&cri::AuthConfig>) -> Result<Option<Credentials>, St
     Ok(if !auth.registry_token.is_empty() {
         Some(Credentials::RegistryToken(auth.registry_token.clone()))
     } else if !auth.username.is_empty() {
-        Some(Credentials::Basic { username: auth.username.clone(), password: auth.password.clone() })
+        Some(Credentials::Basic {
+            username: auth.username.clone(),
+            password: auth.password.clone(),
+        })
     } else if !auth.identity_token.is_empty() {
         Some(Credentials::IdentityToken(auth.identity_token.clone()))
     } else if !auth.auth.is_empty() {
@@ -91,6 +101,9 @@ fn credentials(auth: Option<&cri::AuthConfig>) -> Result<Option<Credentials>, St
         None
     })
 }
+
+/// Below this a pull cannot even reach a registry.
+const MIN_PULL_DEADLINE: Duration = Duration::from_millis(10);
 
 /// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
 fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
@@ -124,12 +137,23 @@ impl ImageService for Images {
         request: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
         let store = self.store()?;
-        let filter = request.get_ref().filter.as_ref().and_then(|f| f.image.as_ref()).map(|s| s.image.trim());
+        let filter = request
+            .get_ref()
+            .filter
+            .as_ref()
+            .and_then(|f| f.image.as_ref())
+            .map(|s| s.image.trim());
         let images = match filter {
-            Some(name) if !name.is_empty() => store.image(name).map_err(image_status)?.into_iter().collect(),
+            Some(name) if !name.is_empty() => store
+                .image(name)
+                .map_err(image_status)?
+                .into_iter()
+                .collect(),
             _ => store.images().map_err(image_status)?,
         };
-        Ok(Response::new(cri::ListImagesResponse { images: images.iter().map(to_cri).collect() }))
+        Ok(Response::new(cri::ListImagesResponse {
+            images: images.iter().map(to_cri).collect(),
+        }))
     }
 
     async fn image_status(
@@ -160,7 +184,10 @@ impl ImageService for Images {
             });
             info.insert("info".to_owned(), verbose.to_string());
         }
-        Ok(Response::new(cri::ImageStatusResponse { image: Some(to_cri(&image)), info }))
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: Some(to_cri(&image)),
+            info,
+        }))
     }
 
     async fn pull_image(
@@ -176,10 +203,17 @@ impl ImageService for Images {
         let pull = store.pull(&name, auth);
         let image = match deadline {
             None => pull.await,
+            Some(deadline) if deadline < MIN_PULL_DEADLINE => {
+                // No registry round trip fits: say so at once instead of starting work that
+                // cannot finish (and before the client's own timer fires).
+                return Err(Status::deadline_exceeded(format!(
+                    "a {deadline:?} deadline is too short to pull image {name:?}"
+                )));
+            }
             Some(deadline) => {
                 // Answer a little before the client gives up, so it hears DeadlineExceeded and not
-                // a cancellation; dropping the pull future undoes it (the store is cancel-safe).
-                let ours = deadline.saturating_sub((deadline / 10).min(Duration::from_millis(200)));
+                // its own cancellation; dropping the pull future undoes it (the store is cancel-safe).
+                let ours = deadline.saturating_sub((deadline / 5).min(Duration::from_millis(200)));
                 match tokio::time::timeout(ours, pull).await {
                     Ok(result) => result,
                     Err(_) => {
@@ -191,7 +225,9 @@ impl ImageService for Images {
             }
         }
         .map_err(image_status)?;
-        Ok(Response::new(cri::PullImageResponse { image_ref: image.id.to_string() }))
+        Ok(Response::new(cri::PullImageResponse {
+            image_ref: image.id.to_string(),
+        }))
     }
 
     async fn remove_image(
@@ -210,14 +246,26 @@ impl ImageService for Images {
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
         let store = self.store()?.clone();
         let usage = blocking(move || store.usage()).await?;
-        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
         let filesystem = cri::FilesystemUsage {
             timestamp,
-            fs_id: Some(cri::FilesystemIdentifier { mountpoint: usage.mountpoint.display().to_string() }),
-            used_bytes: Some(cri::UInt64Value { value: usage.used_bytes }),
-            inodes_used: Some(cri::UInt64Value { value: usage.inodes_used }),
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: usage.mountpoint.display().to_string(),
+            }),
+            used_bytes: Some(cri::UInt64Value {
+                value: usage.used_bytes,
+            }),
+            inodes_used: Some(cri::UInt64Value {
+                value: usage.inodes_used,
+            }),
         };
-        Ok(Response::new(cri::ImageFsInfoResponse { image_filesystems: vec![filesystem], container_filesystems: vec![] }))
+        Ok(Response::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![filesystem],
+            container_filesystems: vec![],
+        }))
     }
 }
 
@@ -226,16 +274,28 @@ mod tests {
     use super::*;
 
     fn spec(image: &str) -> Option<cri::ImageSpec> {
-        Some(cri::ImageSpec { image: image.into(), ..Default::default() })
+        Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        })
     }
 
     #[test]
     fn user_maps_as_kubelet_reads_it() {
-        assert_eq!(user_fields("1002"), (Some(cri::Int64Value { value: 1002 }), String::new()));
+        assert_eq!(
+            user_fields("1002"),
+            (Some(cri::Int64Value { value: 1002 }), String::new())
+        );
         assert_eq!(user_fields("www-data"), (None, "www-data".to_owned()));
-        assert_eq!(user_fields("1003:1004"), (Some(cri::Int64Value { value: 1003 }), String::new()));
+        assert_eq!(
+            user_fields("1003:1004"),
+            (Some(cri::Int64Value { value: 1003 }), String::new())
+        );
         assert_eq!(user_fields("www-data:1004"), (None, "www-data".to_owned()));
-        assert_eq!(user_fields("0"), (Some(cri::Int64Value { value: 0 }), String::new()));
+        assert_eq!(
+            user_fields("0"),
+            (Some(cri::Int64Value { value: 0 }), String::new())
+        );
         assert_eq!(user_fields(""), (None, String::new()));
     }
 
@@ -247,27 +307,56 @@ mod tests {
             f(&mut a);
             credentials(Some(&a)).unwrap()
         };
-        assert_eq!(auth(|a| a.registry_token = "t".into()), Some(Credentials::RegistryToken("t".into())));
-        assert_eq!(auth(|a| a.identity_token = "i".into()), Some(Credentials::IdentityToken("i".into())));
+        assert_eq!(
+            auth(|a| a.registry_token = "t".into()),
+            Some(Credentials::RegistryToken("t".into()))
+        );
+        assert_eq!(
+            auth(|a| a.identity_token = "i".into()),
+            Some(Credentials::IdentityToken("i".into()))
+        );
         assert_eq!(
             auth(|a| {
                 a.username = "u".into();
                 a.password = "p".into()
             }),
-            Some(Credentials::Basic { username: "u".into(), password: "p".into() })
+            Some(Credentials::Basic {
+                username: "u".into(),
+                password: "p".into()
+            })
         );
-        assert_eq!(auth(|a| a.auth = "dTpw".into()), Some(Credentials::Basic { username: "u".into(), password: "p".into() }));
+        assert_eq!(
+            auth(|a| a.auth = "dTpw".into()),
+            Some(Credentials::Basic {
+                username: "u".into(),
+                password: "p".into()
+            })
+        );
         assert_eq!(auth(|_| {}), None);
-        let bad = cri::AuthConfig { auth: "%%".into(), ..Default::default() };
-        assert_eq!(credentials(Some(&bad)).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let bad = cri::AuthConfig {
+            auth: "%%".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            credentials(Some(&bad)).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
 
         let mut request = Request::new(());
         assert_eq!(grpc_timeout(&request), None);
-        for (header, expected) in [("1m", Duration::from_millis(1)), ("30S", Duration::from_secs(30)), ("2M", Duration::from_secs(120))] {
-            request.metadata_mut().insert("grpc-timeout", header.parse().unwrap());
+        for (header, expected) in [
+            ("1m", Duration::from_millis(1)),
+            ("30S", Duration::from_secs(30)),
+            ("2M", Duration::from_secs(120)),
+        ] {
+            request
+                .metadata_mut()
+                .insert("grpc-timeout", header.parse().unwrap());
             assert_eq!(grpc_timeout(&request), Some(expected));
         }
-        request.metadata_mut().insert("grpc-timeout", "5x".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "5x".parse().unwrap());
         assert_eq!(grpc_timeout(&request), None);
     }
 
@@ -275,16 +364,29 @@ mod tests {
     fn errors_map_to_codes() {
         let e = imagestore::ImageReference::parse("Bad").unwrap_err();
         assert_eq!(image_status(e).code(), tonic::Code::InvalidArgument);
-        let e = imagestore::Error::Unauthenticated { registry: "r".into(), detail: "d".into() };
+        let e = imagestore::Error::Unauthenticated {
+            registry: "r".into(),
+            detail: "d".into(),
+        };
         assert_eq!(image_status(e).code(), tonic::Code::Unauthenticated);
-        let e = imagestore::Error::HostileLayer { layer: "l".into(), entry: "e".into(), reason: "r".into() };
+        let e = imagestore::Error::HostileLayer {
+            layer: "l".into(),
+            entry: "e".into(),
+            reason: "r".into(),
+        };
         assert_eq!(image_status(e).code(), tonic::Code::FailedPrecondition);
     }
 
     fn service(dir: &std::path::Path, registry: Option<&str>) -> Images {
         let mut config = imagestore::StoreConfig::default();
         if let Some(host) = registry {
-            config.registries.insert(host.into(), imagestore::RegistryConfig { plain_http: true, ..Default::default() });
+            config.registries.insert(
+                host.into(),
+                imagestore::RegistryConfig {
+                    plain_http: true,
+                    ..Default::default()
+                },
+            );
         }
         Images::new(ImageStore::open(dir, config).unwrap())
     }
@@ -294,29 +396,60 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let images = service(dir.path(), None);
         let status = images
-            .image_status(Request::new(cri::ImageStatusRequest { image: spec("busybox"), verbose: true }))
+            .image_status(Request::new(cri::ImageStatusRequest {
+                image: spec("busybox"),
+                verbose: true,
+            }))
             .await
             .unwrap()
             .into_inner();
-        assert!(status.image.is_none(), "absent image must be nil, not an error");
-        let list = images.list_images(Request::new(cri::ListImagesRequest::default())).await.unwrap().into_inner();
+        assert!(
+            status.image.is_none(),
+            "absent image must be nil, not an error"
+        );
+        let list = images
+            .list_images(Request::new(cri::ListImagesRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(list.images.is_empty());
-        images.remove_image(Request::new(cri::RemoveImageRequest { image: spec("busybox:1") })).await.unwrap();
-        let err = images.remove_image(Request::new(cri::RemoveImageRequest { image: spec("") })).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        images
+            .remove_image(Request::new(cri::RemoveImageRequest {
+                image: spec("busybox:1"),
+            }))
+            .await
+            .unwrap();
         let err = images
-            .image_status(Request::new(cri::ImageStatusRequest { image: spec("Not Valid"), verbose: false }))
+            .remove_image(Request::new(cri::RemoveImageRequest { image: spec("") }))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        let fs = images.image_fs_info(Request::new(cri::ImageFsInfoRequest {})).await.unwrap().into_inner();
+        let err = images
+            .image_status(Request::new(cri::ImageStatusRequest {
+                image: spec("Not Valid"),
+                verbose: false,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let fs = images
+            .image_fs_info(Request::new(cri::ImageFsInfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(fs.image_filesystems.len(), 1);
         let usage = &fs.image_filesystems[0];
-        assert_eq!(usage.fs_id.as_ref().unwrap().mountpoint, dir.path().display().to_string());
+        assert_eq!(
+            usage.fs_id.as_ref().unwrap().mountpoint,
+            dir.path().display().to_string()
+        );
         assert!(usage.inodes_used.unwrap().value >= 3);
         assert!(usage.timestamp > 0);
         let unconfigured = Images::default();
-        let err = unconfigured.list_images(Request::new(cri::ListImagesRequest::default())).await.unwrap_err();
+        let err = unconfigured
+            .list_images(Request::new(cri::ListImagesRequest::default()))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
     }
 
@@ -335,13 +468,68 @@ mod tests {
         let images = service(dir.path(), Some(&host));
         let name = format!("{host}/app:1");
         for timeout in ["1m", "100m"] {
-            let mut request = Request::new(cri::PullImageRequest { image: spec(&name), ..Default::default() });
-            request.metadata_mut().insert("grpc-timeout", timeout.parse().unwrap());
+            let mut request = Request::new(cri::PullImageRequest {
+                image: spec(&name),
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert("grpc-timeout", timeout.parse().unwrap());
             let err = images.pull_image(request).await.unwrap_err();
             assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
         }
-        let list = images.list_images(Request::new(cri::ListImagesRequest::default())).await.unwrap().into_inner();
+        let list = images
+            .list_images(Request::new(cri::ListImagesRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(list.images.is_empty());
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    /// Through a real gRPC server and client: tonic's own server-side timeout would answer
+    /// Cancelled; the handler must win with DeadlineExceeded.
+    #[tokio::test]
+    async fn deadline_exceeded_over_grpc() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cri.sock");
+        let uds = tokio::net::UnixListener::bind(&socket).unwrap();
+        let images = service(&dir.path().join("images"), Some(&host));
+        let _server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(cri::image_service_server::ImageServiceServer::new(images))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds)),
+        );
+        let mut client = proto::CriClient::connect(&socket).await.unwrap().image;
+        for timeout in [Duration::from_millis(1), Duration::from_millis(50)] {
+            let mut request = Request::new(cri::PullImageRequest {
+                image: spec(&format!("{host}/app:1")),
+                ..Default::default()
+            });
+            request.set_timeout(timeout);
+            let err = client.pull_image(request).await.unwrap_err();
+            assert_eq!(
+                err.code(),
+                tonic::Code::DeadlineExceeded,
+                "{timeout:?}: {err:?}"
+            );
+        }
+        let list = client
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(list.images.is_empty());
     }
 }
