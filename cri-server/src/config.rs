@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/cri-systemd/config.toml";
 
 /// The effective configuration of the daemon (`cri-systemd config` prints it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Unix socket serving both CRI services (created with mode 0660).
@@ -22,6 +22,8 @@ pub struct Config {
     pub log_level: LogLevel,
     pub systemd: SystemdConfig,
     pub cni: runtime::CniConfig,
+    /// The image store (the `[images]` table).
+    pub images: imagestore::StoreConfig,
 }
 
 impl Default for Config {
@@ -33,6 +35,7 @@ impl Default for Config {
             log_level: LogLevel::Info,
             systemd: SystemdConfig::default(),
             cni: runtime::CniConfig::default(),
+            images: imagestore::StoreConfig::default(),
         }
     }
 }
@@ -144,6 +147,7 @@ impl Config {
         if self.socket.as_os_str().len() > 107 {
             return Err(bad("socket", "longer than the 107 bytes a unix socket path may have".into()));
         }
+        self.images.validate().map_err(|e| bad("images", e.to_string()))?;
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
                 "systemd.bus_address",

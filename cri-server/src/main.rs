@@ -4,6 +4,7 @@
 //! mapping of library errors to gRPC codes.
 
 mod config;
+mod container_translate;
 mod errors;
 mod image_service;
 mod logging;
@@ -41,6 +42,9 @@ enum Command {
     /// The ExecStart of a container unit: set the container up from SPEC and exec its entrypoint.
     #[command(hide = true)]
     Init { spec: PathBuf },
+    /// The ExecStopPost of a container unit: record how the container ended in FILE.
+    #[command(hide = true, name = "record-exit")]
+    RecordExit { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,9 @@ fn main() -> ExitCode {
     // Before any config, logging or async runtime: init must stay single-threaded (it forks).
     if let Some(Command::Init { spec }) = &cli.command {
         runtime::init::run(spec);
+    }
+    if let Some(Command::RecordExit { file }) = &cli.command {
+        return ExitCode::from(runtime::exit_record::record(file) as u8);
     }
     let config = match &cli.command {
         Some(Command::Config { default: true }) => Ok(Config::default()),
@@ -62,7 +69,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Init { .. }) => unreachable!("init returned"),
+        Some(Command::Init { .. } | Command::RecordExit { .. }) => unreachable!("handled above"),
         Some(Command::Config { .. }) => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

@@ -5,12 +5,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use proto::cri::{self, runtime_service_server::RuntimeService};
-use runtime::{NetworkReadiness, PodFilter, Runtime, Systemd};
+use imagestore::ImageStore;
+use runtime::{ContainerFilter, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::errors::runtime_status;
+use crate::container_translate;
+use crate::image_service::image_status;
 use crate::pod_translate;
 
 /// The runtime API version this daemon speaks.
@@ -23,11 +26,12 @@ pub struct RuntimeApi {
     config: Arc<Config>,
     systemd: Arc<Systemd>,
     runtime: Arc<Runtime>,
+    images: ImageStore,
 }
 
 impl RuntimeApi {
-    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>) -> Self {
-        Self { config, systemd: runtime.systemd().clone(), runtime }
+    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore) -> Self {
+        Self { config, systemd: runtime.systemd().clone(), runtime, images }
     }
 }
 
@@ -165,6 +169,103 @@ impl RuntimeService for RuntimeApi {
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
+    async fn create_container(
+        &self,
+        request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let request = request.into_inner();
+        let config = request.config.ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
+        let image_name = config.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        if image_name.is_empty() {
+            return Err(Status::invalid_argument("container config names no image"));
+        }
+        // Unknown pods fail before anything is prepared.
+        self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        let image = self
+            .images
+            .image(&image_name)
+            .map_err(image_status)?
+            .ok_or_else(|| Status::not_found(format!("image {image_name:?} not found: pull it first")))?;
+        let spec = container_translate::container_spec(config, &image)?;
+        let id = self.runtime.new_container_id();
+        let dir = self.runtime.container_dir(&id);
+        let rootfs = match self.images.rootfs(&image.id, &dir, false) {
+            Ok(rootfs) => rootfs,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(image_status(e));
+            }
+        };
+        let (Some(upperdir), Some(workdir)) = (rootfs.upperdir.clone(), rootfs.workdir.clone()) else {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(Status::internal("the image store prepared no writable layer"));
+        };
+        let layers = RootfsLayers { lowerdirs: rootfs.lowerdirs.clone(), upperdir, workdir };
+        let container_id = self
+            .runtime
+            .create_container(id, &request.pod_sandbox_id, spec, layers)
+            .await
+            .map_err(runtime_status)?;
+        Ok(Response::new(cri::CreateContainerResponse { container_id }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        self.runtime.start_container(&request.into_inner().container_id).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let request = request.into_inner();
+        self.runtime.stop_container(&request.container_id, request.timeout).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        self.runtime.remove_container(&request.into_inner().container_id).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let mut filter = ContainerFilter::default();
+        if let Some(cri_filter) = request.into_inner().filter {
+            filter.id = Some(cri_filter.id).filter(|id| !id.is_empty());
+            filter.pod_id = Some(cri_filter.pod_sandbox_id).filter(|id| !id.is_empty());
+            filter.state = cri_filter.state.map(|s| container_translate::container_state(s.state)).transpose()?;
+            filter.labels = cri_filter.label_selector.into_iter().collect();
+        }
+        let containers = self.runtime.containers(&filter).iter().map(container_translate::container).collect();
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let request = request.into_inner();
+        let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
+        let log_directory = self.runtime.pod(&container.pod_id).map(|p| p.spec.log_directory).unwrap_or_default();
+        let mut info = HashMap::new();
+        if request.verbose {
+            info.insert("info".into(), serde_json::to_string(&container).unwrap_or_default());
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(container_translate::container_status(&container, &log_directory)),
+            info,
+        }))
+    }
+
     type GetContainerEventsStream =
         Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
 
@@ -175,24 +276,6 @@ impl RuntimeService for RuntimeApi {
         Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
     }
 
-    async fn create_container(&self, _: Request<cri::CreateContainerRequest>) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        Err(not_yet("CreateContainer", "the pod and container lifecycle issue"))
-    }
-    async fn start_container(&self, _: Request<cri::StartContainerRequest>) -> Result<Response<cri::StartContainerResponse>, Status> {
-        Err(not_yet("StartContainer", "the pod and container lifecycle issue"))
-    }
-    async fn stop_container(&self, _: Request<cri::StopContainerRequest>) -> Result<Response<cri::StopContainerResponse>, Status> {
-        Err(not_yet("StopContainer", "the pod and container lifecycle issue"))
-    }
-    async fn remove_container(&self, _: Request<cri::RemoveContainerRequest>) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        Err(not_yet("RemoveContainer", "the pod and container lifecycle issue"))
-    }
-    async fn list_containers(&self, _: Request<cri::ListContainersRequest>) -> Result<Response<cri::ListContainersResponse>, Status> {
-        Err(not_yet("ListContainers", "the pod and container lifecycle issue"))
-    }
-    async fn container_status(&self, _: Request<cri::ContainerStatusRequest>) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        Err(not_yet("ContainerStatus", "the pod and container lifecycle issue"))
-    }
     async fn update_container_resources(&self, _: Request<cri::UpdateContainerResourcesRequest>) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
         Err(not_yet("UpdateContainerResources", "the pod and container lifecycle issue"))
     }

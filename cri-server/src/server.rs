@@ -34,6 +34,8 @@ pub enum StartupError {
     Listen { path: PathBuf, source: std::io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot open the image store: {0}")]
+    Images(imagestore::Error),
     #[error("cannot recover pods: {0}")]
     Recover(#[from] runtime::Error),
     #[error("the gRPC server failed: {0}")]
@@ -67,6 +69,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         cni: config.cni.clone(),
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
+    let images = imagestore::ImageStore::open(&config.state_root.join("images"), config.images.clone())
+        .map_err(StartupError::Images)?;
     let listener = listen(&config.socket)?;
     let config = Arc::new(config);
     let mut terminate = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
@@ -80,8 +84,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     ]);
     let socket = config.socket.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime)))
-        .add_service(ImageServiceServer::new(Images::default()))
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime, images.clone())))
+        .add_service(ImageServiceServer::new(Images::new(images)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stopped.await;
         });

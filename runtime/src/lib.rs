@@ -5,10 +5,14 @@
 //! Concurrency: every pod has a lock of its own held across its slow work (systemd jobs, mounts);
 //! the table of pods is locked only to look up or insert an entry, never across slow work.
 
+mod container;
+mod containers;
 mod error;
+pub mod exit_record;
 pub mod init;
 mod namespaces;
 mod network;
+mod passwd;
 mod pod;
 mod podfiles;
 mod pods;
@@ -19,6 +23,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use container::{
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, RootfsLayers,
+};
+pub use containers::ContainerFilter;
 pub use error::Error;
 pub use namespaces::PodNamespaces;
 pub use network::{CniConfig, NetworkReadiness};
@@ -41,15 +49,30 @@ pub struct RuntimeConfig {
 pub struct Runtime {
     config: RuntimeConfig,
     systemd: Arc<Systemd>,
-    pods: Mutex<BTreeMap<String, Arc<PodEntry>>>,
+    pods: Mutex<BTreeMap<String, Arc<Entry<Pod>>>>,
+    containers: Mutex<BTreeMap<String, Arc<Entry<Container>>>>,
 }
 
-/// One pod: `operation` serialises the pod's lifecycle calls; `record` can be read at any time
-/// and always matches what is on disk.
+/// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any
+/// time and always matches what is on disk.
 #[derive(Debug)]
-struct PodEntry {
+struct Entry<T> {
     operation: Arc<tokio::sync::Mutex<()>>,
-    record: RwLock<Pod>,
+    record: RwLock<T>,
+}
+
+impl<T: Clone> Entry<T> {
+    fn new(record: T) -> Arc<Entry<T>> {
+        Arc::new(Entry { operation: Default::default(), record: RwLock::new(record) })
+    }
+
+    fn get(&self) -> T {
+        self.record.read().expect("record lock").clone()
+    }
+
+    fn set(&self, record: T) {
+        *self.record.write().expect("record lock") = record;
+    }
 }
 
 impl Runtime {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use nix::mount::{MntFlags, MsFlags};
 use tracing::{info, warn};
@@ -12,7 +12,7 @@ use zbus::zvariant::Value;
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState};
 use crate::store::{new_id, read_json, write_json};
-use crate::{Error, PodEntry, Runtime, RuntimeConfig, Systemd, podfiles};
+use crate::{Entry, Error, Runtime, RuntimeConfig, Systemd, podfiles};
 
 /// The size of a pod's /dev/shm, the kubelet's default.
 const SHM_SIZE: &str = "size=65536k";
@@ -31,7 +31,12 @@ impl Runtime {
     /// Opens the runtime: reads every pod record, rolls half-done operations of a daemon that
     /// died forward or back, and marks pods whose namespaces are gone (after a reboot) NotReady.
     pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
-        let runtime = Runtime { config, systemd, pods: Mutex::new(BTreeMap::new()) };
+        let runtime = Runtime {
+            config,
+            systemd,
+            pods: Mutex::new(BTreeMap::new()),
+            containers: Mutex::new(BTreeMap::new()),
+        };
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
@@ -68,6 +73,7 @@ impl Runtime {
             }
             runtime.insert_entry(pod);
         }
+        runtime.recover_containers().await?;
         Ok(runtime)
     }
 
@@ -83,20 +89,20 @@ impl Runtime {
         self.config.run_root.join("pods").join(id)
     }
 
-    fn insert_entry(&self, pod: Pod) -> Arc<PodEntry> {
-        let entry = Arc::new(PodEntry { operation: Default::default(), record: RwLock::new(pod.clone()) });
+    fn insert_entry(&self, pod: Pod) -> Arc<Entry<Pod>> {
+        let entry = Entry::new(pod.clone());
         self.pods.lock().expect("pod table lock").insert(pod.id.clone(), entry.clone());
         entry
     }
 
-    fn save(&self, entry: &PodEntry, pod: Pod) -> Result<(), Error> {
+    fn save(&self, entry: &Entry<Pod>, pod: Pod) -> Result<(), Error> {
         write_json(&self.pod_state_dir(&pod.id).join("pod.json"), &pod).map_err(Error::io("cannot write pod record"))?;
-        *entry.record.write().expect("pod record lock") = pod;
+        entry.set(pod);
         Ok(())
     }
 
     /// Finds a pod by full id or unique id prefix.
-    fn entry(&self, id: &str) -> Result<Option<Arc<PodEntry>>, Error> {
+    fn entry(&self, id: &str) -> Result<Option<Arc<Entry<Pod>>>, Error> {
         let pods = self.pods.lock().expect("pod table lock");
         if let Some(entry) = pods.get(id) {
             return Ok(Some(entry.clone()));
@@ -146,7 +152,7 @@ impl Runtime {
                 files_dir: run_dir,
                 shm: None,
             };
-            let entry = Arc::new(PodEntry { operation: Default::default(), record: RwLock::new(pod.clone()) });
+            let entry = Entry::new(pod.clone());
             // Locked before it is visible, so that no other call on this pod runs before it exists.
             let guard = entry.operation.clone().try_lock_owned().expect("a new lock is free");
             pods.insert(id, entry.clone());
@@ -170,7 +176,7 @@ impl Runtime {
         }
     }
 
-    async fn create_pod(&self, entry: &PodEntry, mut pod: Pod) -> Result<(), Error> {
+    async fn create_pod(&self, entry: &Entry<Pod>, mut pod: Pod) -> Result<(), Error> {
         // The intent goes to disk first: a daemon killed from here on finds it and rolls back.
         self.save(entry, pod.clone())?;
         self.systemd
@@ -213,6 +219,7 @@ impl Runtime {
             return Ok(());
         }
         self.teardown(&pod, false).await?;
+        self.refresh_pod_containers(&pod.id);
         pod.state = PodState::NotReady;
         pod.shm = None;
         self.save(&entry, pod)
@@ -223,10 +230,11 @@ impl Runtime {
     pub async fn remove_pod(&self, id: &str) -> Result<(), Error> {
         let Some(entry) = self.entry(id)? else { return Ok(()) };
         let _guard = entry.operation.clone().lock_owned().await;
-        let mut pod = entry.record.read().expect("pod record lock").clone();
+        let mut pod = entry.get();
         pod.state = PodState::Removing;
         self.save(&entry, pod.clone())?;
         self.teardown(&pod, true).await?;
+        self.remove_pod_containers(&pod.id).await?;
         self.pods.lock().expect("pod table lock").remove(&pod.id);
         info!(pod = %pod.id, "pod removed");
         Ok(())
@@ -273,7 +281,7 @@ impl Runtime {
 
     /// The pods matching `filter`, oldest first. Pods being created or removed are not listed.
     pub fn pods(&self, filter: &PodFilter) -> Vec<Pod> {
-        let entries: Vec<Arc<PodEntry>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
+        let entries: Vec<Arc<Entry<Pod>>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
         let mut pods: Vec<Pod> = entries
             .iter()
             .map(|entry| entry.record.read().expect("pod record lock").clone())

@@ -31,6 +31,13 @@ pub(crate) trait Manager {
     ) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, zbus::zvariant::Value<'_>)],
+    ) -> zbus::Result<()>;
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
@@ -183,6 +190,28 @@ impl Systemd {
         }
     }
 
+    /// Sends `signal` to every process of unit `name`; a unit that is gone is fine.
+    pub async fn kill_unit(&self, name: &str, signal: i32) -> Result<(), Error> {
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await?;
+        match manager.kill_unit(name, "all", signal).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_unit(&e) || is_not_running(&e) => Ok(()),
+            Err(e) => Err(Error::Unit { unit: name.to_string(), action: "signal", reason: e.to_string() }),
+        }
+    }
+
+    /// Changes properties of a loaded unit until it is unloaded.
+    pub async fn set_unit_properties(&self, name: &str, properties: UnitProperties) -> Result<(), Error> {
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await?;
+        match manager.set_unit_properties(name, true, &properties).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_unit(&e) => Ok(()),
+            Err(e) => Err(Error::Unit { unit: name.to_string(), action: "change", reason: e.to_string() }),
+        }
+    }
+
     /// Forgets a failed unit's state so that its name can be reused; absent units are fine.
     pub async fn reset_failed_unit(&self, name: &str) -> Result<(), Error> {
         let connection = self.connection().await?;
@@ -231,6 +260,10 @@ impl Systemd {
             other => Err(Error::Unit { unit: unit.to_string(), action, reason: format!("job result {other:?}") }),
         }
     }
+}
+
+fn is_not_running(error: &zbus::Error) -> bool {
+    matches!(error, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.systemd1.NoSuchProcess")
 }
 
 fn is_no_such_unit(error: &zbus::Error) -> bool {

@@ -1,0 +1,190 @@
+//! CRI container messages <-> `runtime` containers.
+
+use std::collections::HashMap;
+
+use imagestore::Image;
+use proto::cri;
+use runtime::{BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources};
+use tonic::Status;
+
+/// Reads a CRI ContainerConfig, and the image it names, as a runtime ContainerSpec.
+pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<ContainerSpec, Status> {
+    if config.tty || config.stdin {
+        return Err(Status::invalid_argument("containers with stdin or a tty are not supported yet (attach comes with the streaming server)"));
+    }
+    if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
+        return Err(Status::invalid_argument("container devices are not supported yet"));
+    }
+    let metadata = config.metadata.ok_or_else(|| Status::invalid_argument("container config has no metadata"))?;
+    let linux = config.linux.unwrap_or_default();
+    let security = linux.security_context.unwrap_or_default();
+    if security.namespace_options.as_ref().is_some_and(|o| o.target_id != "") {
+        return Err(Status::invalid_argument("targeting another container's namespaces is not supported yet"));
+    }
+    let resources = linux.resources.unwrap_or_default();
+    let mut mounts = Vec::with_capacity(config.mounts.len());
+    for mount in config.mounts {
+        if mount.recursive_read_only || !mount.uid_mappings.is_empty() || mount.image.is_some() {
+            return Err(Status::invalid_argument(format!(
+                "mount at {}: recursive read-only, idmapped and image mounts are not supported yet",
+                mount.container_path
+            )));
+        }
+        let propagation = match cri::MountPropagation::try_from(mount.propagation) {
+            Ok(cri::MountPropagation::PropagationPrivate) => Propagation::Private,
+            Ok(cri::MountPropagation::PropagationHostToContainer) => Propagation::HostToContainer,
+            Ok(cri::MountPropagation::PropagationBidirectional) => Propagation::Bidirectional,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown mount propagation {}", mount.propagation))),
+        };
+        // selinux_relabel is ignored: this runtime does not use SELinux labels.
+        mounts.push(BindMount {
+            container_path: mount.container_path,
+            host_path: mount.host_path.into(),
+            readonly: mount.readonly,
+            propagation,
+        });
+    }
+    let capabilities = security.capabilities.unwrap_or_default();
+    let image_name = config.image.map(|i| i.image).unwrap_or_default();
+    Ok(ContainerSpec {
+        name: metadata.name,
+        attempt: metadata.attempt,
+        image: container_image(image, &image_name),
+        command: config.command,
+        args: config.args,
+        working_dir: config.working_dir,
+        env: config.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        mounts,
+        labels: config.labels.into_iter().collect(),
+        annotations: config.annotations.into_iter().collect(),
+        log_path: config.log_path,
+        resources: Resources {
+            cpu_period: resources.cpu_period,
+            cpu_quota: resources.cpu_quota,
+            cpu_shares: resources.cpu_shares,
+            memory_limit_in_bytes: resources.memory_limit_in_bytes,
+            oom_score_adj: resources.oom_score_adj,
+        },
+        run_as_user: security.run_as_user.map(|v| v.value),
+        run_as_group: security.run_as_group.map(|v| v.value),
+        run_as_username: security.run_as_username,
+        supplemental_groups: security.supplemental_groups,
+        readonly_rootfs: security.readonly_rootfs,
+        no_new_privs: security.no_new_privs,
+        privileged: security.privileged,
+        add_capabilities: capabilities.add_capabilities,
+        drop_capabilities: capabilities.drop_capabilities,
+        masked_paths: (!security.masked_paths.is_empty()).then_some(security.masked_paths),
+        readonly_paths: (!security.readonly_paths.is_empty()).then_some(security.readonly_paths),
+    })
+}
+
+fn container_image(image: &Image, requested: &str) -> ContainerImage {
+    ContainerImage {
+        id: image.id.to_string(),
+        name: if requested.is_empty() { image.repo_tags.first().cloned().unwrap_or_default() } else { requested.to_string() },
+        repo_digest: image.repo_digests.first().cloned().unwrap_or_else(|| image.id.to_string()),
+        entrypoint: image.config.entrypoint.clone(),
+        cmd: image.config.cmd.clone(),
+        env: image.config.env.clone(),
+        working_dir: image.config.working_dir.clone(),
+        user: image.config.user.clone(),
+        stop_signal: image.config.stop_signal.clone(),
+    }
+}
+
+pub fn cri_state(state: ContainerState) -> i32 {
+    match state {
+        ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
+        ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
+        ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
+        ContainerState::Creating | ContainerState::Removing => cri::ContainerState::ContainerUnknown as i32,
+    }
+}
+
+pub fn container_state(value: i32) -> Result<ContainerState, Status> {
+    match cri::ContainerState::try_from(value) {
+        Ok(cri::ContainerState::ContainerCreated) => Ok(ContainerState::Created),
+        Ok(cri::ContainerState::ContainerRunning) => Ok(ContainerState::Running),
+        Ok(cri::ContainerState::ContainerExited) => Ok(ContainerState::Exited),
+        // Nothing is ever listed as unknown; a filter for it matches nothing.
+        Ok(cri::ContainerState::ContainerUnknown) => Ok(ContainerState::Removing),
+        Err(_) => Err(Status::invalid_argument(format!("unknown container state {value}"))),
+    }
+}
+
+fn map(from: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    from.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn metadata(c: &Container) -> cri::ContainerMetadata {
+    cri::ContainerMetadata { name: c.spec.name.clone(), attempt: c.spec.attempt }
+}
+
+pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> cri::ContainerStatus {
+    let log_path = if c.spec.log_path.is_empty() || pod_log_directory.as_os_str().is_empty() {
+        String::new()
+    } else {
+        pod_log_directory.join(&c.spec.log_path).to_string_lossy().into_owned()
+    };
+    cri::ContainerStatus {
+        id: c.id.clone(),
+        metadata: Some(metadata(c)),
+        state: cri_state(c.state),
+        created_at: c.created_at,
+        started_at: c.started_at,
+        finished_at: c.finished_at,
+        exit_code: c.exit_code,
+        image: Some(cri::ImageSpec { image: c.spec.image.name.clone(), ..Default::default() }),
+        image_ref: c.spec.image.repo_digest.clone(),
+        reason: c.reason.clone(),
+        message: c.message.clone(),
+        labels: map(&c.spec.labels),
+        annotations: map(&c.spec.annotations),
+        mounts: c
+            .spec
+            .mounts
+            .iter()
+            .map(|m| cri::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.to_string_lossy().into_owned(),
+                readonly: m.readonly,
+                propagation: match m.propagation {
+                    Propagation::Private => cri::MountPropagation::PropagationPrivate as i32,
+                    Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer as i32,
+                    Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional as i32,
+                },
+                ..Default::default()
+            })
+            .collect(),
+        log_path,
+        resources: Some(cri::ContainerResources {
+            linux: Some(cri::LinuxContainerResources {
+                cpu_period: c.spec.resources.cpu_period,
+                cpu_quota: c.spec.resources.cpu_quota,
+                cpu_shares: c.spec.resources.cpu_shares,
+                memory_limit_in_bytes: c.spec.resources.memory_limit_in_bytes,
+                oom_score_adj: c.spec.resources.oom_score_adj,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        image_id: c.spec.image.id.clone(),
+        user: None,
+    }
+}
+
+pub fn container(c: &Container) -> cri::Container {
+    cri::Container {
+        id: c.id.clone(),
+        pod_sandbox_id: c.pod_id.clone(),
+        metadata: Some(metadata(c)),
+        image: Some(cri::ImageSpec { image: c.spec.image.name.clone(), ..Default::default() }),
+        image_ref: c.spec.image.repo_digest.clone(),
+        state: cri_state(c.state),
+        created_at: c.created_at,
+        labels: map(&c.spec.labels),
+        annotations: map(&c.spec.annotations),
+        image_id: c.spec.image.id.clone(),
+    }
+}

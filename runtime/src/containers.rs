@@ -1,0 +1,398 @@
+//! Container lifecycle: CreateContainer, StartContainer, StopContainer, RemoveContainer, status
+//! and listing, and their recovery when the daemon starts.
+//!
+//! A container is the transient service `cri-<id>.service` in its pod's slice. Its `ExecStart`
+//! is `cri-systemd init <init.json>`, which sets the container up and execs the entrypoint, so
+//! the entrypoint is the service's main process; its `ExecStopPost` is `cri-systemd record-exit
+//! <exit.json>`, so systemd itself records how it ended.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use zbus::zvariant::Value;
+
+use crate::container::{self, Container, ContainerSpec, ContainerState, RootfsLayers, SpecContext};
+use crate::exit_record::{self, ExitRecord};
+use crate::init::{InitSpec, OverlayRootfs};
+use crate::pod::PodState;
+use crate::store::{new_id, read_json, write_json};
+use crate::{Entry, Error, Runtime};
+
+/// Which containers ListContainers wants.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerFilter {
+    /// A full id or a prefix of one.
+    pub id: Option<String>,
+    pub state: Option<ContainerState>,
+    pub pod_id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Runtime {
+    fn containers_state_dir(&self) -> PathBuf {
+        self.config.state_root.join("containers")
+    }
+
+    /// The directory of container `id`: records, init spec, exit record, rootfs mount point,
+    /// and the writable layer (which the image store prepares there).
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.containers_state_dir().join(id)
+    }
+
+    /// A fresh container id. The daemon prepares the container's root file system in
+    /// `container_dir(id)` before `create_container`.
+    pub fn new_container_id(&self) -> String {
+        new_id()
+    }
+
+    fn save_container(&self, entry: &Entry<Container>, container: Container) -> Result<(), Error> {
+        write_json(&self.container_dir(&container.id).join("container.json"), &container)
+            .map_err(Error::io("cannot write container record"))?;
+        entry.set(container);
+        Ok(())
+    }
+
+    fn container_entry(&self, id: &str) -> Result<Arc<Entry<Container>>, Error> {
+        let containers = self.containers.lock().expect("container table lock");
+        if let Some(entry) = containers.get(id) {
+            return Ok(entry.clone());
+        }
+        let mut matches = containers.range(id.to_string()..).take_while(|(key, _)| !id.is_empty() && key.starts_with(id));
+        match (matches.next(), matches.next()) {
+            (Some((_, entry)), None) => Ok(entry.clone()),
+            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!("container id prefix {id:?} is ambiguous"))),
+            (None, _) => Err(Error::NotFound(format!("container {id:?} not found"))),
+        }
+    }
+
+    /// CreateContainer: checks the config against its pod and image, writes the init spec, and
+    /// records the container as Created. `rootfs` was prepared in `container_dir(id)`.
+    pub async fn create_container(
+        &self,
+        id: String,
+        pod_id: &str,
+        spec: ContainerSpec,
+        rootfs: RootfsLayers,
+    ) -> Result<String, Error> {
+        let result = self.create_container_inner(&id, pod_id, spec, rootfs).await;
+        if result.is_err() {
+            self.containers.lock().expect("container table lock").remove(&id);
+            let _ = std::fs::remove_dir_all(self.container_dir(&id));
+        }
+        result.map(|()| id)
+    }
+
+    async fn create_container_inner(&self, id: &str, pod_id: &str, spec: ContainerSpec, rootfs: RootfsLayers) -> Result<(), Error> {
+        spec.validate()?;
+        let pod = self.pod(pod_id)?;
+        if pod.state != PodState::Ready {
+            return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
+        }
+        let entry = {
+            let mut containers = self.containers.lock().expect("container table lock");
+            let taken = containers.values().map(|e| e.get()).find(|c| {
+                c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt
+            });
+            if let Some(existing) = taken {
+                return Err(Error::AlreadyExists(format!(
+                    "container {:?} attempt {} already exists in pod {} as {}",
+                    spec.name, spec.attempt, pod.id, existing.id
+                )));
+            }
+            let record = Container {
+                id: id.to_string(),
+                pod_id: pod.id.clone(),
+                spec,
+                rootfs,
+                state: ContainerState::Creating,
+                created_at: now_nanos(),
+                started_at: 0,
+                finished_at: 0,
+                exit_code: 0,
+                reason: String::new(),
+                message: String::new(),
+                unit: format!("cri-{id}.service"),
+                slice: pod.slice.clone(),
+            };
+            let entry = Entry::new(record);
+            containers.insert(id.to_string(), entry.clone());
+            entry
+        };
+        let _guard = entry.operation.clone().lock_owned().await;
+        let mut record = entry.get();
+        let dir = self.container_dir(id);
+        std::fs::create_dir_all(dir.join("rootfs")).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        let context = SpecContext { pod: &pod, rootfs_mountpoint: &dir.join("rootfs") };
+        let oci = container::oci_spec(&record.spec, &record.rootfs, &context)?;
+        let init = InitSpec {
+            oci,
+            rootfs: Some(OverlayRootfs {
+                lowerdirs: record.rootfs.lowerdirs.clone(),
+                upperdir: record.rootfs.upperdir.clone(),
+                workdir: record.rootfs.workdir.clone(),
+            }),
+            error_file: dir.join("start-error"),
+        };
+        init.save(&dir.join("init.json")).map_err(Error::io("cannot write the init spec"))?;
+        record.state = ContainerState::Created;
+        self.save_container(&entry, record.clone())?;
+        info!(container = %id, pod = %pod.id, name = %record.spec.name, "container created");
+        Ok(())
+    }
+
+    /// StartContainer: starts the container's transient service and waits until its entrypoint
+    /// runs (init sends READY=1 right after exec). A failed start leaves the container Exited
+    /// with reason StartError and the message init gave.
+    pub async fn start_container(&self, id: &str) -> Result<(), Error> {
+        let entry = self.container_entry(id)?;
+        let _guard = entry.operation.clone().lock_owned().await;
+        let mut record = entry.get();
+        if record.state != ContainerState::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {:?}, not Created: it can be started once",
+                record.id, record.state
+            )));
+        }
+        let pod = self.pod(&record.pod_id)?;
+        if pod.state != PodState::Ready {
+            return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
+        }
+        let dir = self.container_dir(&record.id);
+        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
+        let exe = exe.to_string_lossy().into_owned();
+        let init_args = vec![exe.clone(), crate::init::SUBCOMMAND.to_string(), dir.join("init.json").to_string_lossy().into_owned()];
+        let record_args =
+            vec![exe.clone(), exit_record::SUBCOMMAND.to_string(), dir.join("exit.json").to_string_lossy().into_owned()];
+        let mut properties: Vec<(&'static str, Value<'static>)> = vec![
+            ("Description", Value::from(format!("container {} of pod {}/{}", record.spec.name, pod.spec.namespace, pod.spec.name))),
+            ("Slice", Value::from(record.slice.clone())),
+            ("Type", Value::from("notify")),
+            // The READY and MAINPID messages come from init's forked child as well.
+            ("NotifyAccess", Value::from("all")),
+            ("ExecStart", Value::from(vec![(exe.clone(), init_args, false)])),
+            ("ExecStopPost", Value::from(vec![(exe, record_args, false)])),
+            // The exit record holds the status; the unit need not linger once inactive or failed.
+            ("CollectMode", Value::from("inactive-or-failed")),
+            ("SendSIGKILL", Value::from(true)),
+        ];
+        properties.extend(container::resource_properties(&record.spec)?);
+        let started = self.systemd.start_transient_unit(&record.unit, properties).await;
+        match started {
+            Ok(()) => {
+                record.state = ContainerState::Running;
+                record.started_at = now_nanos();
+                self.save_container(&entry, record.clone())?;
+                info!(container = %record.id, unit = %record.unit, "container started");
+                Ok(())
+            }
+            Err(e) => {
+                let message = std::fs::read_to_string(dir.join("start-error"))
+                    .map(|m| m.trim().to_string())
+                    .unwrap_or_else(|_| e.to_string());
+                record.state = ContainerState::Exited;
+                record.exit_code = 128;
+                record.reason = "StartError".into();
+                record.message = message.clone();
+                record.finished_at = now_nanos();
+                self.save_container(&entry, record.clone())?;
+                let _ = self.systemd.reset_failed_unit(&record.unit).await;
+                Err(Error::FailedPrecondition(format!("cannot start container {}: {message}", record.id)))
+            }
+        }
+    }
+
+    /// StopContainer: the stop signal, then SIGKILL after `timeout_seconds`. Stopping a stopped
+    /// container succeeds.
+    pub async fn stop_container(&self, id: &str, timeout_seconds: i64) -> Result<(), Error> {
+        let entry = self.container_entry(id)?;
+        let _guard = entry.operation.clone().lock_owned().await;
+        self.stop_locked(&entry, timeout_seconds).await
+    }
+
+    async fn stop_locked(&self, entry: &Entry<Container>, timeout_seconds: i64) -> Result<(), Error> {
+        let record = self.refresh(entry);
+        if record.state != ContainerState::Running {
+            return Ok(());
+        }
+        if timeout_seconds <= 0 {
+            self.systemd.kill_unit(&record.unit, libc::SIGKILL).await?;
+        } else {
+            let usec = (timeout_seconds as u64).saturating_mul(1_000_000);
+            self.systemd.set_unit_properties(&record.unit, vec![("TimeoutStopUSec", Value::from(usec))]).await?;
+        }
+        self.systemd.stop_unit(&record.unit).await?;
+        let record = self.refresh(entry);
+        if record.state == ContainerState::Running {
+            // The unit is gone but no exit record was written (ExecStopPost could not run).
+            self.mark_exited(entry, None, "the container's unit stopped without an exit record");
+        }
+        Ok(())
+    }
+
+    /// RemoveContainer: kills it if running, removes its unit, writable layer and records.
+    /// Removing an unknown container succeeds.
+    pub async fn remove_container(&self, id: &str) -> Result<(), Error> {
+        let entry = match self.container_entry(id) {
+            Ok(entry) => entry,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _guard = entry.operation.clone().lock_owned().await;
+        self.remove_locked(&entry).await
+    }
+
+    async fn remove_locked(&self, entry: &Entry<Container>) -> Result<(), Error> {
+        let mut record = entry.get();
+        if record.state == ContainerState::Running {
+            self.stop_locked(entry, 0).await?;
+            record = entry.get();
+        }
+        record.state = ContainerState::Removing;
+        self.save_container(entry, record.clone())?;
+        self.systemd.stop_unit(&record.unit).await?;
+        self.systemd.reset_failed_unit(&record.unit).await?;
+        let dir = self.container_dir(&record.id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io { what: format!("cannot remove {}", dir.display()), source: e }),
+        }
+        self.containers.lock().expect("container table lock").remove(&record.id);
+        info!(container = %record.id, "container removed");
+        Ok(())
+    }
+
+    /// Picks up an exit record written by systemd since the last look.
+    fn refresh(&self, entry: &Entry<Container>) -> Container {
+        let record = entry.get();
+        if record.state != ContainerState::Running {
+            return record;
+        }
+        match exit_record::read(&self.container_dir(&record.id).join("exit.json")) {
+            Some(exit) => self.mark_exited(entry, Some(exit), ""),
+            None => record,
+        }
+    }
+
+    fn mark_exited(&self, entry: &Entry<Container>, exit: Option<ExitRecord>, message: &str) -> Container {
+        let mut record = entry.get();
+        record.state = ContainerState::Exited;
+        match exit {
+            Some(exit) => {
+                record.exit_code = exit.exit_code;
+                record.finished_at = exit.finished_at;
+                record.reason = if exit.oom_killed {
+                    "OOMKilled".into()
+                } else if exit.exit_code == 0 {
+                    "Completed".into()
+                } else {
+                    "Error".into()
+                };
+            }
+            None => {
+                record.exit_code = 255;
+                record.finished_at = now_nanos();
+                record.reason = "Unknown".into();
+                record.message = message.into();
+            }
+        }
+        if let Err(e) = self.save_container(entry, record.clone()) {
+            warn!(container = %record.id, "{e}");
+        }
+        record
+    }
+
+    /// The container with this id (or unique prefix), with its latest state.
+    pub fn container(&self, id: &str) -> Result<Container, Error> {
+        let entry = self.container_entry(id)?;
+        Ok(self.refresh(&entry))
+    }
+
+    /// The containers matching `filter`, oldest first.
+    pub fn containers(&self, filter: &ContainerFilter) -> Vec<Container> {
+        let entries: Vec<Arc<Entry<Container>>> =
+            self.containers.lock().expect("container table lock").values().cloned().collect();
+        let mut list: Vec<Container> = entries
+            .iter()
+            .map(|entry| self.refresh(entry))
+            .filter(|c| !matches!(c.state, ContainerState::Creating | ContainerState::Removing))
+            .filter(|c| filter.id.as_ref().is_none_or(|id| c.id.starts_with(id.as_str())))
+            .filter(|c| filter.state.is_none_or(|state| c.state == state))
+            .filter(|c| filter.pod_id.as_ref().is_none_or(|pod| &c.pod_id == pod))
+            .filter(|c| filter.labels.iter().all(|(k, v)| c.spec.labels.get(k) == Some(v)))
+            .collect();
+        list.sort_by_key(|c| c.created_at);
+        list
+    }
+
+    /// The image ids that containers use: the image store must not collect them.
+    pub fn images_in_use(&self) -> HashSet<String> {
+        let containers = self.containers.lock().expect("container table lock");
+        containers.values().map(|e| e.get().spec.image.id).collect()
+    }
+
+    /// After a pod's slice stopped: its containers' exit records are there now.
+    pub(crate) fn refresh_pod_containers(&self, pod_id: &str) {
+        let entries: Vec<Arc<Entry<Container>>> =
+            self.containers.lock().expect("container table lock").values().cloned().collect();
+        for entry in entries.iter().filter(|e| e.get().pod_id == pod_id) {
+            let record = self.refresh(entry);
+            if record.state == ContainerState::Running {
+                self.mark_exited(entry, None, "stopped with its pod");
+            }
+        }
+    }
+
+    /// Removes every container of a pod (RemovePodSandbox), reporting all failures together.
+    pub(crate) async fn remove_pod_containers(&self, pod_id: &str) -> Result<(), Error> {
+        let entries: Vec<Arc<Entry<Container>>> =
+            self.containers.lock().expect("container table lock").values().cloned().collect();
+        let mut errors = Vec::new();
+        for entry in entries.iter().filter(|e| e.get().pod_id == pod_id) {
+            let _guard = entry.operation.clone().lock_owned().await;
+            if let Err(e) = self.remove_locked(entry).await {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(Error::Teardown { what: format!("cannot remove the containers of pod {pod_id}"), errors }) }
+    }
+
+    /// Reads every container record: finishes removals and rolls back creations that a dead
+    /// daemon left half-done, and notices containers that ended (or vanished) meanwhile.
+    pub(crate) async fn recover_containers(&self) -> Result<(), Error> {
+        let dir = self.containers_state_dir();
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
+        for dir_entry in entries.flatten() {
+            let record: Container = match read_json(&dir_entry.path().join("container.json")) {
+                Ok(record) => record,
+                Err(e) => {
+                    warn!("removing container dir {} without a usable record: {e}", dir_entry.path().display());
+                    let _ = std::fs::remove_dir_all(dir_entry.path());
+                    continue;
+                }
+            };
+            let pod_gone = self.pod(&record.pod_id).is_err();
+            let entry = Entry::new(record.clone());
+            self.containers.lock().expect("container table lock").insert(record.id.clone(), entry.clone());
+            if pod_gone || matches!(record.state, ContainerState::Creating | ContainerState::Removing) {
+                info!(container = %record.id, state = ?record.state, pod_gone, "removing a container left half-done");
+                if let Err(e) = self.remove_locked(&entry).await {
+                    warn!(container = %record.id, "{e}; will try again");
+                }
+                continue;
+            }
+            let record = self.refresh(&entry);
+            if record.state == ContainerState::Running && !self.systemd.unit_exists(&record.unit).await.unwrap_or(true) {
+                self.mark_exited(&entry, None, "the container's unit is gone (node rebooted?)");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}

@@ -1,0 +1,100 @@
+//! How a container ended, recorded by systemd itself: the container unit's `ExecStopPost=` runs
+//! `cri-systemd record-exit <file>`, which writes what systemd passes it ($SERVICE_RESULT,
+//! $EXIT_CODE, $EXIT_STATUS) and whether the cgroup saw an OOM kill. The record is written even
+//! while the daemon is down, and outlives the unit, which systemd unloads once it is inactive.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The hidden subcommand: `cri-systemd record-exit <file>`.
+pub const SUBCOMMAND: &str = "record-exit";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// systemd's SERVICE_RESULT: success, exit-code, signal, core-dump, oom-kill, timeout, ...
+    pub result: String,
+    /// The process exit code, or 128 + the signal number that killed it (as a shell reports it).
+    pub exit_code: i32,
+    pub oom_killed: bool,
+    /// Nanoseconds since the epoch.
+    pub finished_at: i64,
+}
+
+/// The body of `cri-systemd record-exit <file>`; returns the process exit code.
+pub fn record(path: &Path) -> i32 {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let result = var("SERVICE_RESULT");
+    let exit_code = exit_code(&var("EXIT_CODE"), &var("EXIT_STATUS"));
+    let record = ExitRecord {
+        oom_killed: result == "oom-kill" || cgroup_saw_oom_kill(),
+        result,
+        exit_code,
+        finished_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
+    };
+    match crate::store::write_json(path, &record) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cri-systemd record-exit: cannot write {}: {e}", path.display());
+            1
+        }
+    }
+}
+
+pub fn read(path: &Path) -> Option<ExitRecord> {
+    crate::store::read_json(path).ok()
+}
+
+/// `EXIT_CODE=exited EXIT_STATUS=3` -> 3; `EXIT_CODE=killed EXIT_STATUS=KILL` -> 137.
+fn exit_code(kind: &str, status: &str) -> i32 {
+    match kind {
+        "exited" => status.parse().unwrap_or(255),
+        "killed" | "dumped" => {
+            let signal: Option<nix::sys::signal::Signal> = format!("SIG{status}").parse().ok();
+            signal.map(|s| 128 + s as i32).or_else(|| status.parse::<i32>().ok().map(|n| 128 + n)).unwrap_or(255)
+        }
+        // No main process exit seen (e.g. the start failed before one existed).
+        _ => 255,
+    }
+}
+
+/// Whether the kernel OOM-killed a task in this process's memory cgroup, which ExecStopPost
+/// shares with the container. cgroup v1 reports it in memory.oom_control, v2 in memory.events.
+fn cgroup_saw_oom_kill() -> bool {
+    let Ok(cgroups) = std::fs::read_to_string("/proc/self/cgroup") else { return false };
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next(), fields.next().unwrap_or(""), fields.next().unwrap_or(""));
+        let counter_file = if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.oom_control")
+        } else if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.events")
+        } else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(counter_file) else { continue };
+        let kills = text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse::<u64>().ok());
+        if kills.unwrap_or(0) > 0 {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_like_a_shell() {
+        assert_eq!(exit_code("exited", "0"), 0);
+        assert_eq!(exit_code("exited", "3"), 3);
+        assert_eq!(exit_code("killed", "KILL"), 137);
+        assert_eq!(exit_code("killed", "TERM"), 143);
+        assert_eq!(exit_code("dumped", "SEGV"), 139);
+        assert_eq!(exit_code("", ""), 255);
+    }
+}
