@@ -185,3 +185,27 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+// ==== container rootfs helpers (runtime::init tests) ====
+
+/// The busybox applets [`busybox_rootfs`] links by default.
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "ls", "id", "cat", "echo", "sleep", "hostname", "mount", "touch", "grep", "ps", "readlink", "stat", "mkdir", "true",
+    "false", "wc", "head", "env", "sed", "seq",
+];
+
+/// Builds, inside `node`, a minimal image tree at `dir` from the host's static busybox
+/// (Debian's busybox-static, /bin/busybox): bin/busybox with applet symlinks, empty /proc, /sys,
+/// /dev, /tmp, and an /etc/passwd with root and a user 1000. Usable as an overlay lower dir.
+pub fn busybox_rootfs(node: &Node, dir: &str, applets: &[&str]) {
+    let links: String = applets.iter().map(|a| format!(" && ln -sf busybox \"$d/bin/{a}\"")).collect();
+    node.sh(&format!(
+        "d='{dir}' && test -x /bin/busybox && \
+         mkdir -p \"$d/bin\" \"$d/etc\" \"$d/proc\" \"$d/sys\" \"$d/dev\" \"$d/tmp\" \"$d/root\" && \
+         cp /bin/busybox \"$d/bin/busybox\"{links} && \
+         printf 'root:x:0:0:root:/root:/bin/sh\\nuser:x:1000:1000:user:/home/user:/bin/sh\\n' > \"$d/etc/passwd\" && \
+         printf 'root:x:0:\\nuser:x:1000:\\n' > \"$d/etc/group\" && chmod 1777 \"$d/tmp\""
+    ));
+}
+
+// ==== end of container rootfs helpers ====

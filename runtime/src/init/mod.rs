@@ -8,9 +8,10 @@
 //!
 //! ```text
 //! systemd ──starts──▶ init (main PID, Type=notify)
-//!                      │ read spec, setns/unshare (mount always new, pid per spec)
+//!                      │ read spec, setns/unshare all but mnt (pid, net, ... per spec)
 //!                      │ fork ─────────────▶ child (PID 1 of a new PID namespace)
-//!                      │                      │ mounts, pivot_root, hostname, sysctls,
+//!                      │                      │ new mnt namespace (always; a copy of a
+//!                      │                      │ joined one), mounts, pivot_root, hostname, sysctls,
 //!                      │                      │ masked/readonly paths, user, caps, rlimits,
 //!                      │                      │ PATH lookup
 //!                      │ ◀──── "ready" ───────┤
@@ -177,6 +178,7 @@ const MSG_GO: u8 = b'G';
 /// The parent's side: validate, enter namespaces, fork, and hand the child over to systemd.
 fn supervise(spec: &InitSpec) -> Result<()> {
     process::validate(&spec.oci)?;
+    let notifier = notify::Notifier::open()?;
     let plan = namespaces::enter(&spec.oci)?;
 
     let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create report pipe".into())?;
@@ -208,7 +210,7 @@ fn supervise(spec: &InitSpec) -> Result<()> {
     }
 
     // Phase 2: the child is alive and blocked on "go": make it the main PID before it can exit.
-    notify::notify(&format!("MAINPID={child}"))?;
+    notifier.notify(&format!("MAINPID={child}"))?;
     let mut go = std::fs::File::from(go_w);
     go.write_all(&[MSG_GO]).ctx(|| "release container process".into())?;
     drop(go);
@@ -216,7 +218,7 @@ fn supervise(spec: &InitSpec) -> Result<()> {
     match read_report(&mut report)? {
         // Never reap the child from here on: systemd must collect its exit status.
         Report::Eof => {
-            notify::notify("READY=1")?;
+            notifier.notify("READY=1")?;
             Ok(())
         }
         Report::Error(message) => Err(Error(message)),
@@ -268,6 +270,7 @@ fn reap(child: Pid) -> String {
 fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: OwnedFd) -> ! {
     let result = (|| -> Result<std::convert::Infallible> {
         process::prepare_child()?;
+        namespaces::enter_mount(plan)?;
         rootfs::setup(spec, plan)?;
         let exec = process::finish(&spec.oci, plan)?;
         // Set up: tell the parent, which makes us the main PID, then wait for its go.

@@ -1,5 +1,8 @@
-//! Entering the container's namespaces, in the parent before the fork: joined ones (a `path`)
-//! with setns, new ones with unshare. A new PID namespace applies to the forked child only.
+//! Entering the container's namespaces: joined ones (a `path`) with setns, new ones with
+//! unshare. The parent enters all but the mount namespace before the fork (a new PID namespace
+//! applies to the forked child only); the child enters the mount namespace, so that its
+//! pivot_root never moves the parent's root (the parent must still reach $NOTIFY_SOCKET and
+//! the error file).
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -12,8 +15,10 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use super::{Context, Error, Result};
 
 /// What the child needs to know about the namespaces it lives in.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Plan {
+    /// The mount namespace to join (then copy), opened before anything else.
+    mount: Option<(PathBuf, OwnedFd)>,
     /// The container has a UTS namespace of its own (new or joined): the hostname may be set.
     pub uts: bool,
     /// A new cgroup namespace was created (the cgroup2 file system may be mounted as is).
@@ -34,13 +39,13 @@ fn clone_flag(typ: LinuxNamespaceType) -> CloneFlags {
     }
 }
 
-/// Joins the namespaces that have a path, then unshares the new ones. The mount namespace is
-/// always new (a private copy of the joined one if a path is given).
+/// In the parent: joins the namespaces that have a path, then unshares the new ones, all but the
+/// mount namespace (see [`enter_mount`]).
 pub(crate) fn enter(spec: &Spec) -> Result<Plan> {
     let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
     let mut plan = Plan::default();
     let mut joins: Vec<(LinuxNamespaceType, PathBuf, OwnedFd)> = Vec::new();
-    let mut unshare = CloneFlags::CLONE_NEWNS;
+    let mut unshare = CloneFlags::empty();
     let mut seen = Vec::new();
     for ns in &namespaces {
         let typ = ns.typ();
@@ -58,6 +63,7 @@ pub(crate) fn enter(spec: &Spec) -> Result<Plan> {
                     .ctx(|| format!("open {typ} namespace {}", path.display()))?;
                 joins.push((typ, path.clone(), fd));
             }
+            None if typ == LinuxNamespaceType::Mount => {}
             None => unshare |= clone_flag(typ),
         }
         match typ {
@@ -66,13 +72,26 @@ pub(crate) fn enter(spec: &Spec) -> Result<Plan> {
             _ => {}
         }
     }
-    // The mount namespace last among the joins, so nothing after it resolves a path.
-    joins.sort_by_key(|(typ, _, _)| *typ == LinuxNamespaceType::Mount);
+    if let Some(i) = joins.iter().position(|(typ, _, _)| *typ == LinuxNamespaceType::Mount) {
+        let (_, path, fd) = joins.remove(i);
+        plan.mount = Some((path, fd));
+    }
     for (typ, path, fd) in &joins {
         nix::sched::setns(fd, clone_flag(*typ)).ctx(|| format!("join {typ} namespace {}", path.display()))?;
     }
-    nix::sched::unshare(unshare).ctx(|| format!("unshare namespaces ({})", names(unshare)))?;
+    if !unshare.is_empty() {
+        nix::sched::unshare(unshare).ctx(|| format!("unshare namespaces ({})", names(unshare)))?;
+    }
     Ok(plan)
+}
+
+/// In the forked child: the container's own mount namespace, always new (a private copy of the
+/// joined one if the spec gives a path).
+pub(crate) fn enter_mount(plan: &Plan) -> Result<()> {
+    if let Some((path, fd)) = &plan.mount {
+        nix::sched::setns(fd, CloneFlags::CLONE_NEWNS).ctx(|| format!("join mnt namespace {}", path.display()))?;
+    }
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).ctx(|| "unshare mnt namespace".into())
 }
 
 fn names(flags: CloneFlags) -> String {

@@ -97,23 +97,38 @@ fn open_in_root(rootfd: &OwnedFd, rel: &Path, flags: OFlag, mode: Mode) -> nix::
 }
 
 /// Creates the directory `rel` and its missing parents inside the rootfs; returns it opened O_PATH.
+/// A dangling symlink on the way is followed inside the rootfs: its target is created there.
 fn mkdir_all(rootfd: &OwnedFd, rel: &Path) -> Result<OwnedFd> {
+    mkdir_all_at_depth(rootfd, rel, 0)
+}
+
+fn mkdir_all_at_depth(rootfd: &OwnedFd, rel: &Path, links: usize) -> Result<OwnedFd> {
+    const MAX_LINKS: usize = 40;
     let dir = OFlag::O_PATH | OFlag::O_DIRECTORY;
+    let names: Vec<&OsStr> = rel.components().filter_map(|c| if let Component::Normal(n) = c { Some(n) } else { None }).collect();
     let mut current = PathBuf::new();
     let mut fd = open_in_root(rootfd, &current, dir, Mode::empty()).ctx(|| "open rootfs".into())?;
-    for c in rel.components() {
-        let Component::Normal(name) = c else { continue };
+    for (i, name) in names.iter().enumerate() {
+        let parent = current.clone();
         current.push(name);
+        let shown = || format!("/{}", current.display());
         fd = match open_in_root(rootfd, &current, dir, Mode::empty()) {
             Ok(fd) => fd,
-            Err(Errno::ENOENT) => {
-                match nix::sys::stat::mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(Error::new(format!("mkdir /{} in rootfs: {}", current.display(), errno_desc(e)))),
+            Err(Errno::ENOENT) => match nix::sys::stat::mkdirat(&fd, *name, Mode::from_bits_truncate(0o755)) {
+                Ok(()) => open_in_root(rootfd, &current, dir, Mode::empty()).ctx(|| format!("open {} in rootfs", shown()))?,
+                // Something is there but does not resolve: a dangling symlink. Go on from its target.
+                Err(Errno::EEXIST) => {
+                    if links >= MAX_LINKS {
+                        return Err(Error::new(format!("mkdir {} in rootfs: too many levels of symbolic links", shown())));
+                    }
+                    let target = nix::fcntl::readlinkat(&fd, *name).ctx(|| format!("mkdir {} in rootfs", shown()))?;
+                    let mut next = parent.join(target);
+                    next.extend(&names[i + 1..]);
+                    return mkdir_all_at_depth(rootfd, &clean(&next), links + 1);
                 }
-                open_in_root(rootfd, &current, dir, Mode::empty()).ctx(|| format!("open /{} in rootfs", current.display()))?
-            }
-            Err(e) => return Err(Error::new(format!("open /{} in rootfs: {}", current.display(), errno_desc(e)))),
+                Err(e) => return Err(Error::new(format!("mkdir {} in rootfs: {}", shown(), errno_desc(e)))),
+            },
+            Err(e) => return Err(Error::new(format!("open {} in rootfs: {}", shown(), errno_desc(e)))),
         };
     }
     Ok(fd)
