@@ -619,3 +619,78 @@ async fn mounts_an_image_of_128_layers() {
 }
 
 use crate::rootfs::Rootfs;
+
+#[tokio::test]
+async fn pulls_docker_schema2_manifests_and_lists() {
+    let reg = FakeRegistry::start().await;
+    let tar = tar_with(&[("hello", b"docker")]);
+    let gz = crate::unpack_tests::gzip(&tar);
+    let layer = reg.put_blob(&gz);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"User":"www-data"}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        crate::digest::Digest::sha256_of(&tar)
+    );
+    let config_digest = reg.put_blob(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{layer}","size":{}}}]}}"#,
+        config.len(),
+        gz.len()
+    );
+    let docker_v2 = "application/vnd.docker.distribution.manifest.v2+json";
+    let manifest_digest = reg.put_manifest("d", None, docker_v2, manifest.as_bytes());
+    let arch = crate::platform::Platform::host().architecture;
+    let list = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[{{"mediaType":"{docker_v2}","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}]}}"#,
+        manifest.len()
+    );
+    reg.put_manifest(
+        "d",
+        Some("1"),
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        list.as_bytes(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), config_for(&reg));
+    let image = store
+        .pull(&format!("{}/d:1", reg.host()), None)
+        .await
+        .unwrap();
+    assert_eq!(image.id.0, config_digest);
+    assert_eq!(image.manifest_digest, manifest_digest);
+    assert_eq!(image.config.user, "www-data");
+    let rootfs = store
+        .rootfs(&image.id, &dir.path().join("c"), true)
+        .unwrap();
+    assert_eq!(
+        fs::read(rootfs.lowerdirs[0].join("hello")).unwrap(),
+        b"docker"
+    );
+}
+
+#[tokio::test]
+async fn registry_settings_errors_are_clear() {
+    let reg = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(&reg);
+    config.registries.get_mut(&reg.host()).unwrap().ca_file =
+        Some(dir.path().join("missing-ca.pem"));
+    let store = open(dir.path(), config);
+    let err = store
+        .pull(&format!("{}/x:1", reg.host()), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing-ca.pem"), "{err}");
+    let bad = StoreConfig {
+        registries: [(
+            "r".to_string(),
+            RegistryConfig {
+                mirrors: vec!["https://m/with/path".into()],
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..StoreConfig::default()
+    };
+    let err = ImageStore::open(dir.path(), bad).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+}

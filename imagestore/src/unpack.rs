@@ -132,8 +132,12 @@ fn clean(raw: &[u8]) -> Result<Option<CleanPath>, &'static str> {
                     return Err("path escapes the layer root with '..'");
                 }
             }
+            part if part.len() > 255 => return Err("a name component is longer than 255 bytes"),
             part => parts.push(part),
         }
+    }
+    if raw.len() > 4096 {
+        return Err("path is longer than 4096 bytes");
     }
     let Some(name) = parts.pop() else {
         return Ok(None);
@@ -736,5 +740,7 @@ mod tests {
         assert!(c("../x").is_err());
         assert!(c("a/../../x").is_err());
         assert!(c("/../x").is_err());
+        assert!(c(&format!("a/{}", "n".repeat(256))).is_err());
+        assert!(c(&"a/".repeat(2100)).is_err());
     }
 }

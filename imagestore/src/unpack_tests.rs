@@ -224,6 +224,8 @@ fn all_entry_types() -> Vec<u8> {
     dir(&mut b, "tmp", 0o1777);
     let mut h = header(tar::EntryType::Symlink, 0o777);
     h.set_uid(1000);
+    b.append_pax_extensions([("SCHILY.xattr.trusted.label", &b"link"[..])])
+        .unwrap();
     b.append_link(&mut h, "bin/sh", "tool").unwrap();
     let mut h = header(tar::EntryType::Link, 0o644);
     b.append_link(&mut h, "bin/tool-again", "bin/tool").unwrap();
@@ -551,6 +553,17 @@ fn refuses_deceptive_headers() {
         |b| append_raw(b, tar::EntryType::new(b'V'), "vol", "", b""),
         "vol",
         "unsupported tar entry type",
+    );
+    // Names the kernel cannot hold are refused as such, not as a local failure.
+    let long = format!("{}/x", "n".repeat(300));
+    let l2 = long.clone();
+    hostile(
+        move |b| {
+            let mut h = header(tar::EntryType::Regular, 0o644);
+            b.append_data(&mut h, &l2, &[][..]).unwrap();
+        },
+        &long,
+        "longer than 255 bytes",
     );
     // Whiteout of nothing.
     hostile(
