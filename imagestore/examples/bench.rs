@@ -14,7 +14,6 @@ use sha2::Digest as _;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber_init();
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("push") if args.len() >= 5 => push(&args[2], &args[3], &args[4..]).await,
@@ -24,8 +23,6 @@ async fn main() {
         ),
     }
 }
-
-fn tracing_subscriber_init() {}
 
 async fn push(host: &str, name: &str, dirs: &[String]) {
     let mut layers = Vec::new();
