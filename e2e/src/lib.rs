@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 pub use proto::{CriClient, cri};
 
+pub mod oci;
+pub mod rawgrpc;
+pub mod registry;
+
 /// The `e2e/node` command.
 pub fn node_command() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("node")

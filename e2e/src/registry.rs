@@ -1,0 +1,300 @@
+//! Real registries inside a test node: Debian's `docker-registry` (distribution 2.8) started as a
+//! transient unit, listening on the node's loopback, with storage of its own under
+//! `/srv/e2e-registry/<name>` in the node (the node's tmpfs overlay upper: gone with the node).
+//!
+//! The tests push to it from their own process: [`connect_in_node`] opens a TCP socket from a
+//! thread that joined the node's network namespace, so every byte stays on the node's loopback.
+//! [`Registry::push_image`] and friends speak the distribution API over such sockets with a
+//! minimal HTTP/1.1 client (monolithic blob uploads, manifest PUTs).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+use crate::Node;
+use crate::oci::{Blob, Image, Index};
+
+/// The host PID of the node's PID 1.
+pub fn node_pid1(node: &Node) -> u32 {
+    let output = std::process::Command::new(crate::node_command())
+        .args(["pid", node.name()])
+        .output()
+        .expect("cannot run e2e/node pid");
+    assert!(output.status.success(), "e2e/node pid {}: {}", node.name(), String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().parse().expect("e2e/node pid prints a pid")
+}
+
+/// Opens a TCP connection to `addr` (e.g. `127.0.0.1:5000`) inside the node's network namespace.
+/// The socket belongs to the node's namespace for its whole life, whichever thread uses it.
+pub fn connect_in_node(node: &Node, addr: &str) -> io::Result<TcpStream> {
+    let netns = File::open(format!("/proc/{}/ns/net", node_pid1(node)))?;
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let stream = TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(stream)
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// An HTTP response, body read in full.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) to `addr` in the node.
+pub fn http(node: &Node, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+    let mut stream = connect_in_node(node, addr)?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other(format!("no HTTP header in {:?}", String::from_utf8_lossy(&raw))))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Ok(Response { status, headers, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..end]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[end + 2 + size + 2..];
+    }
+}
+
+/// How a registry is set up.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Require HTTP basic auth with this user and password (an htpasswd file with a bcrypt entry).
+    pub basic_auth: Option<(String, String)>,
+}
+
+/// A `docker-registry` running in a node. Stopped with the node.
+#[derive(Debug)]
+pub struct Registry<'n> {
+    node: &'n Node,
+    name: String,
+    port: u16,
+    dir: String,
+    auth: Option<String>,
+}
+
+impl<'n> Registry<'n> {
+    /// Starts registry `name` on 127.0.0.1:`port` in the node and waits until it answers.
+    pub fn start(node: &'n Node, name: &str, port: u16, options: RegistryOptions) -> Registry<'n> {
+        let dir = format!("/srv/e2e-registry/{name}");
+        let mut auth_section = String::new();
+        let mut auth = None;
+        if let Some((user, password)) = &options.basic_auth {
+            let hash = bcrypt::hash(password, 4).expect("bcrypt");
+            node.write_file(&format!("{dir}/htpasswd"), &format!("{user}:{hash}\n"));
+            auth_section = format!("auth:\n  htpasswd:\n    realm: e2e-{name}\n    path: {dir}/htpasswd\n");
+            auth = Some(base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+        }
+        // No blob descriptor cache: what is on disk is what is served (see `tamper_blob`).
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {dir}/data\n  delete:\n    enabled: true\n  redirect:\n    disable: true\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: e2e-{name}-not-secret\n\
+             {auth_section}"
+        );
+        node.write_file(&format!("{dir}/config.yml"), &config);
+        let unit = format!("e2e-registry-{name}");
+        node.sh(&format!("systemd-run --quiet --unit={unit} -p Type=exec /usr/bin/docker-registry serve {dir}/config.yml"));
+        let registry = Registry { node, name: name.to_owned(), port, dir, auth };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match registry.request("GET", "/v2/", &[], b"") {
+                Ok(r) if r.status == 200 || r.status == 401 => break,
+                result => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "registry {name} does not answer on 127.0.0.1:{port}: {result:?}\n{}",
+                        registry.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        registry
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `127.0.0.1:<port>`, the registry part of image references.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<port>/<repo>`
+    pub fn repo(&self, repo: &str) -> String {
+        format!("{}/{repo}", self.host())
+    }
+
+    /// The unit running the registry in the node.
+    pub fn unit(&self) -> String {
+        format!("e2e-registry-{}", self.name)
+    }
+
+    /// Its storage directory in the node.
+    pub fn dir(&self) -> &str {
+        &self.dir
+    }
+
+    /// A request to the registry, with its credentials if it has any.
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+        let authorization;
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(auth) = &self.auth {
+            authorization = format!("Basic {auth}");
+            all.push(("Authorization", &authorization));
+        }
+        http(self.node, &self.host(), method, path, &all, body)
+    }
+
+    fn expect(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], want: u16) -> Response {
+        let response = self.request(method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.name));
+        assert_eq!(response.status, want, "{method} {path} on registry {}: {}", self.name, response.text());
+        response
+    }
+
+    /// Uploads a blob to `repo` (monolithic upload), unless the registry has it already.
+    pub fn push_blob(&self, repo: &str, blob: &Blob) {
+        let head = self.request("HEAD", &format!("/v2/{repo}/blobs/{}", blob.digest), &[], b"").unwrap();
+        if head.status == 200 {
+            return;
+        }
+        let started = self.expect("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], b"", 202);
+        let location = started.header("Location").expect("upload Location").to_owned();
+        let path = match location.find("/v2/") {
+            Some(i) => location[i..].to_owned(),
+            None => panic!("odd upload location {location}"),
+        };
+        let sep = if path.contains('?') { '&' } else { '?' };
+        self.expect(
+            "PUT",
+            &format!("{path}{sep}digest={}", blob.digest),
+            &[("Content-Type", "application/octet-stream")],
+            &blob.data,
+            201,
+        );
+    }
+
+    /// PUTs a manifest or index under `reference` (a tag or its digest).
+    pub fn push_manifest(&self, repo: &str, reference: &str, manifest: &Blob) {
+        self.expect(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("Content-Type", &manifest.media_type)],
+            &manifest.data,
+            201,
+        );
+    }
+
+    /// Pushes an image's blobs and manifest, tagged `tag`. Returns `<host>/<repo>:<tag>`.
+    pub fn push_image(&self, repo: &str, tag: &str, image: &Image) -> String {
+        self.push_image_blobs(repo, image);
+        self.push_manifest(repo, tag, &image.manifest);
+        format!("{}:{tag}", self.repo(repo))
+    }
+
+    fn push_image_blobs(&self, repo: &str, image: &Image) {
+        for layer in &image.layers {
+            self.push_blob(repo, &layer.blob);
+        }
+        self.push_blob(repo, &image.config);
+    }
+
+    /// Pushes every image of the index (by digest), then the index tagged `tag`.
+    pub fn push_index(&self, repo: &str, tag: &str, index: &Index) -> String {
+        for image in &index.images {
+            self.push_image_blobs(repo, image);
+            self.push_manifest(repo, &image.manifest.digest, &image.manifest);
+        }
+        self.push_manifest(repo, tag, &index.manifest);
+        format!("{}:{tag}", self.repo(repo))
+    }
+
+    /// The registry's journal (its log and access log).
+    pub fn logs(&self) -> String {
+        self.node.exec(&["journalctl", "-u", &self.unit(), "--no-pager", "-o", "cat"]).stdout
+    }
+
+    /// Access-log lines (combined log format) of requests whose request line contains `needle`,
+    /// e.g. `"GET /v2/e2e/x/blobs/sha256:..."`.
+    pub fn access_lines(&self, needle: &str) -> Vec<String> {
+        self.logs().lines().filter(|l| l.starts_with("127.0.0.1 - ") && l.contains(needle)).map(str::to_owned).collect()
+    }
+
+    /// How many times the blob was served (GET answered 200 or 206).
+    pub fn blob_downloads(&self, repo: &str, digest: &str) -> usize {
+        self.access_lines(&format!("\"GET /v2/{repo}/blobs/{digest}"))
+            .iter()
+            .filter(|l| l.contains("\" 200 ") || l.contains("\" 206 "))
+            .count()
+    }
+
+    /// Replaces the stored content of a blob behind the registry's back (the registry serves
+    /// files as they are on disk). `data` should have the blob's size, so that only the digest
+    /// is wrong.
+    pub fn tamper_blob(&self, digest: &str, data: &[u8]) {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        let path = format!("{}/data/docker/registry/v2/blobs/sha256/{}/{hex}/data", self.dir, &hex[..2]);
+        self.node.sh(&format!("test -f {path}"));
+        let host_path = format!("/proc/{}/root{path}", node_pid1(self.node));
+        std::fs::write(&host_path, data).unwrap_or_else(|e| panic!("write {host_path}: {e}"));
+    }
+
+    /// Stops the registry (it stays stopped).
+    pub fn stop(&self) {
+        self.node.sh(&format!("systemctl stop {}", self.unit()));
+    }
+}
