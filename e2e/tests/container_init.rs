@@ -327,6 +327,11 @@ fn start_failures_are_reported_in_the_error_file() {
     check(&Container::new(&node, "notexec", &["/etc/passwd"]), r#"exec: "/etc/passwd": permission denied"#);
     check(&Container::new(&node, "nofile", &["/no/such/file"]), r#"exec: "/no/such/file": stat /no/such/file: no such file or directory"#);
 
+    // Found and executable, but execve fails: reported after systemd was given the child's PID.
+    let c = Container::new(&node, "noexec", &["/garbage"]);
+    node.sh(&format!("echo garbage > {0}/upper/garbage && chmod 755 {0}/upper/garbage", c.dir));
+    check(&c, "exec /garbage: exec format error");
+
     let mut c = Container::new(&node, "cwdfile", &["true"]);
     c.oci()["process"]["cwd"] = json!("/etc/passwd");
     check(&c, r#"chdir to cwd ("/etc/passwd") set in config.json failed: not a directory"#);
