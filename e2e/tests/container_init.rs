@@ -221,6 +221,9 @@ echo firmware=$(ls /sys/firmware | wc -l)
 echo cgroup=$(ls /sys/fs/cgroup | wc -l)
 echo greeting=$GREETING
 echo home=$HOME
+echo shm_rmid_forced=$(cat /proc/sys/kernel/shm_rmid_forced)
+echo port_start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)
+echo domainname=$(cat /proc/sys/kernel/domainname)
 echo END
 } > /out/report 2>&1
 exec sleep 1000"#;
@@ -237,11 +240,16 @@ fn container_runs_as_the_units_main_process() {
     ));
     c.add_mount(json!({ "destination": "/data", "type": "bind", "source": format!("{dir}/vol"), "options": ["rbind", "ro"] }));
     c.add_mount(json!({ "destination": "/etc/hosts", "type": "bind", "source": format!("{dir}/hosts-link"), "options": ["bind", "ro"] }));
+    c.oci()["linux"]["sysctl"] = json!({ "kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "80" });
+    c.oci()["domainname"] = json!("example.test");
     c.start_ok(&[]);
     let report = c.report();
 
     assert_eq!(field(&report, "pid"), "1", "{report}");
     assert_eq!(field(&report, "hostname"), "main-host");
+    assert_eq!(field(&report, "shm_rmid_forced"), "1");
+    assert_eq!(field(&report, "port_start"), "80");
+    assert_eq!(field(&report, "domainname"), "example.test");
     assert_eq!(field(&report, "root"), "bin data dev etc out proc root sys tmp");
     assert!(field(&report, "id").starts_with("uid=0(root) gid=0(root)"), "{report}");
     assert_eq!(field(&report, "CapEff"), "00000000a80425fb", "{report}");
@@ -462,4 +470,30 @@ exec sleep 1000"#;
     assert_eq!(field(&report, "pid"), c.show("MainPID"));
     assert_eq!(node.sh(&format!("readlink /proc/{}/ns/pid", c.show("MainPID"))), node.sh("readlink /proc/1/ns/pid"));
     assert_eq!(init_processes(&node), "");
+}
+
+#[test]
+fn bidirectional_mounts_propagate_back_with_rshared_rootfs_propagation() {
+    let node = up("init-shared");
+    let before = node_mounts(&node);
+    // A CRI "Bidirectional" mount: the runtime sets rootfsPropagation=rshared (as containerd does)
+    // and the bind is rshared; what the container mounts under it appears on the node.
+    let script = r#"mount -t tmpfs -o size=1m tmpfs /shared/sub && echo fromcontainer > /shared/sub/file && { echo END; } > /out/report; exec sleep 1000"#;
+    let mut c = Container::new(&node, "shared", &["sh", "-c", script]);
+    let dir = c.dir.clone();
+    node.sh(&format!("mkdir -p {dir}/shared/sub"));
+    let caps = json!(["CAP_SYS_ADMIN"]);
+    c.oci()["process"]["capabilities"] = json!({ "bounding": caps, "effective": caps, "permitted": caps });
+    c.oci()["linux"]["rootfsPropagation"] = json!("rshared");
+    c.add_mount(json!({ "destination": "/shared", "type": "bind", "source": format!("{dir}/shared"), "options": ["rbind", "rshared"] }));
+    c.start_ok(&[]);
+    c.report();
+    assert_eq!(node.sh(&format!("cat {dir}/shared/sub/file")).trim(), "fromcontainer");
+    // Only that mount reached the node: not the rootfs, /proc, /dev... of the container.
+    let mut after = node_mounts(&node);
+    let propagated = format!("{dir}/shared/sub");
+    assert!(after.contains(&propagated), "{after:?}");
+    after.retain(|m| *m != propagated);
+    assert_eq!(after, before);
+    node.sh(&format!("umount {propagated}"));
 }

@@ -36,7 +36,13 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
         },
     };
     mount(None::<&str>, "/", None::<&str>, propagation, None::<&str>).ctx(|| "make / a slave mount".into())?;
-    // pivot_root refuses a new root whose parent mount is shared (rootfsPropagation "rshared").
+    let mounts = oci.mounts().as_deref().unwrap_or_default();
+    // Bind sources are cloned now, before the parent mount of the rootfs is made private: the
+    // clones keep the propagation of their source (a peer of the host's mount for "rshared"
+    // volumes, a slave of it for "rslave"), even when the source is on that same mount.
+    let sources = mounts.iter().map(clone_bind_source).collect::<Result<Vec<_>>>()?;
+    // pivot_root refuses a new root whose parent mount is shared (rootfsPropagation "rshared"),
+    // and nothing mounted at the rootfs may propagate to the host.
     make_parent_mount_private(&root)?;
 
     match &spec.rootfs {
@@ -48,11 +54,10 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
         .ctx(|| format!("open rootfs {}", root.display()))?;
 
     let mut dev_tmpfs = false;
-    for m in oci.mounts().as_deref().unwrap_or_default() {
-        mount_one(&rootfd, m, plan)?;
-        let typ = m.typ().as_deref().unwrap_or("");
+    for (m, source) in mounts.iter().zip(sources) {
+        mount_one(&rootfd, m, source, plan)?;
         if clean(m.destination()) == Path::new("dev") {
-            dev_tmpfs = typ != "bind" && !m.options().as_deref().unwrap_or_default().iter().any(|o| o == "bind" || o == "rbind");
+            dev_tmpfs = !is_bind(m);
         }
     }
     if dev_tmpfs {
@@ -248,7 +253,59 @@ fn parse_options(options: &[String], dest: &Path) -> Result<MountOptions> {
 
 // --- mounts ---------------------------------------------------------------------------------------
 
-fn mount_one(rootfd: &OwnedFd, m: &Mount, plan: &Plan) -> Result<()> {
+/// A bind mount's source, cloned (a detached mount tree) and ready to be attached.
+#[derive(Debug)]
+struct BindSource {
+    path: PathBuf,
+    is_dir: bool,
+    tree: OwnedFd,
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind") || m.options().as_deref().unwrap_or_default().iter().any(|o| o == "bind" || o == "rbind")
+}
+
+/// open_tree(OPEN_TREE_CLONE) of a bind mount's source (recursive for rbind); None for others.
+fn clone_bind_source(m: &Mount) -> Result<Option<BindSource>> {
+    if !is_bind(m) {
+        return Ok(None);
+    }
+    let dest = m.destination().display();
+    let source = m.source().as_ref().ok_or_else(|| Error::new(format!("bind mount on {dest}: no source")))?;
+    // A host path given as a symlink is resolved on the host, before the mount.
+    let path = std::fs::canonicalize(source).ctx(|| format!("bind mount source {} for {dest}", source.display()))?;
+    let is_dir = std::fs::metadata(&path).ctx(|| format!("bind mount source {}", path.display()))?.is_dir();
+    let recursive = m.options().as_deref().unwrap_or_default().iter().any(|o| o == "rbind");
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::new(format!("bind mount source for {dest} contains NUL")))?;
+    // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
+    let fd = Errno::result(fd).ctx(|| format!("clone bind mount source {} for {dest}", path.display()))?;
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    Ok(Some(BindSource { path, is_dir, tree }))
+}
+
+/// move_mount of a detached tree onto `target` (an fd of the mount point).
+fn attach(tree: &OwnedFd, target: &OwnedFd) -> nix::Result<()> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    // SAFETY: two valid fds and empty NUL-terminated paths, alive during the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Plan) -> Result<()> {
     let dest = m.destination();
     let rel = clean(dest);
     if rel.as_os_str().is_empty() {
@@ -258,19 +315,16 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, plan: &Plan) -> Result<()> {
     let opts = parse_options(m.options().as_deref().unwrap_or_default(), dest)?;
     let shown = dest.display();
 
-    if typ == "bind" || opts.flags.contains(MsFlags::MS_BIND) {
-        let source = m.source().as_ref().ok_or_else(|| Error::new(format!("bind mount on {shown}: no source")))?;
-        // A host path given as a symlink is resolved on the host, before the mount.
-        let source = std::fs::canonicalize(source).ctx(|| format!("bind mount source {} for {shown}", source.display()))?;
-        let is_dir = std::fs::metadata(&source).ctx(|| format!("bind mount source {}", source.display()))?.is_dir();
-        if is_dir {
+    if let Some(source) = source {
+        if source.is_dir {
             mkdir_all(rootfd, &rel)?;
         } else {
             create_file(rootfd, &rel)?;
         }
         let bind = MsFlags::MS_BIND | (opts.flags & MsFlags::MS_REC);
-        at(rootfd, &rel, |target| mount(Some(&source), target, None::<&str>, bind, None::<&str>))
-            .ctx(|| format!("bind mount {} on {shown}", source.display()))?;
+        open_in_root(rootfd, &rel, OFlag::O_PATH, Mode::empty())
+            .and_then(|target| attach(&source.tree, &target))
+            .ctx(|| format!("bind mount {} on {shown}", source.path.display()))?;
         // Flags other than bind (ro, nosuid, ...) need a remount of the new mount.
         let extra = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         let recursive_ro = opts.recursive_readonly || (extra.contains(MsFlags::MS_RDONLY) && bind.contains(MsFlags::MS_REC));
@@ -454,8 +508,13 @@ fn mount_overlay(overlay: &OverlayRootfs, target: &Path) -> Result<()> {
         .chain([&overlay.upperdir, &overlay.workdir])
         .any(|d| d.as_os_str().as_bytes().iter().any(|b| matches!(b, b',' | b':' | b'\\')));
     if data.len() <= MOUNT_DATA_MAX && !awkward {
-        mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
-            .ctx(|| format!("mount overlay rootfs on {} ({} layers)", target.display(), overlay.lowerdirs.len()))
+        match mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
+            Ok(()) => Ok(()),
+            // mount(2) says only "invalid argument": the new API gets the kernel's reason.
+            Err(e) => mount_overlay_fsconfig(overlay, target).map_err(|detail| {
+                Error::new(format!("mount overlay rootfs on {}: {} ({detail})", target.display(), errno_desc(e)))
+            }),
+        }
     } else {
         mount_overlay_fsconfig(overlay, target)
     }
@@ -506,7 +565,7 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, target: &Path) -> Result<()> 
     let rc = unsafe {
         libc::syscall(libc::SYS_fsconfig, fsfd.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0 as libc::c_int)
     };
-    Errno::result(rc).map_err(|e| Error::new(format!("create overlay rootfs ({layers} layers): {}{}", errno_desc(e), log(&fsfd))))?;
+    Errno::result(rc).map_err(|e| Error::new(format!("create overlay rootfs ({layers} lower dirs): {}{}", errno_desc(e), log(&fsfd))))?;
     // SAFETY: a valid, created fs context fd; returns a new mount fd or -1.
     let rc = unsafe { libc::syscall(libc::SYS_fsmount, fsfd.as_raw_fd(), FSMOUNT_CLOEXEC, 0 as libc::c_uint) };
     let mfd = Errno::result(rc).ctx(|| "fsmount overlay rootfs".into())?;
