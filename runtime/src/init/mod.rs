@@ -23,6 +23,9 @@
 //!
 //! systemd then has the entrypoint as the service's main process: the orphan is reparented to
 //! PID 1 (systemd), which reaps it and records its exit status as `ExecMainStatus`/`ExecMainCode`.
+//! (systemd 252 logs "Supervising process N which is not our child" once per start: expected.)
+//! MAINPID= is sent while the child still waits for "go", so an entrypoint that exits at once
+//! keeps its status; init never reaps the child once it was handed over.
 //! On any failure the child reports a one-line message through the pipe, init writes it to
 //! `error_file` and exits non-zero without `READY=1`, so the start job fails.
 //!
