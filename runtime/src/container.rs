@@ -347,8 +347,9 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
             "env": spec.environment(),
             "cwd": spec.cwd(),
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "inheritable": [], "ambient": []},
+            // No rlimits: containers inherit systemd's defaults for services, as with
+            // containerd 2 (a fixed RLIMIT_NOFILE may exceed what the node allows).
             "noNewPrivileges": spec.no_new_privs,
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
         },
         "root": {"path": context.rootfs_mountpoint, "readonly": spec.readonly_rootfs},
         "mounts": mounts,

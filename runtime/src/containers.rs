@@ -216,11 +216,19 @@ impl Runtime {
         if record.state != ContainerState::Running {
             return Ok(());
         }
-        if timeout_seconds <= 0 {
-            self.systemd.kill_unit(&record.unit, libc::SIGKILL).await?;
-        } else {
-            let usec = (timeout_seconds as u64).saturating_mul(1_000_000);
-            self.systemd.set_unit_properties(&record.unit, vec![("TimeoutStopUSec", Value::from(usec))]).await?;
+        // The stop signal to the main process, then SIGKILL to all after the grace period.
+        // (systemd's own TimeoutStopSec cannot be changed on a running unit.)
+        let exit_file = self.container_dir(&record.id).join("exit.json");
+        if timeout_seconds > 0 {
+            let signal = container::stop_signal(&record.spec.image.stop_signal)?;
+            self.systemd.kill_unit(&record.unit, "main", signal).await?;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_seconds as u64);
+            while tokio::time::Instant::now() < deadline && !exit_file.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        if !exit_file.exists() {
+            self.systemd.kill_unit(&record.unit, "all", libc::SIGKILL).await?;
         }
         self.systemd.stop_unit(&record.unit).await?;
         let record = self.refresh(entry);

@@ -11,6 +11,7 @@ mod error;
 pub mod exit_record;
 pub mod init;
 mod namespaces;
+mod logs;
 mod network;
 mod passwd;
 mod pod;
@@ -29,6 +30,7 @@ pub use container::{
 pub use containers::ContainerFilter;
 pub use error::Error;
 pub use namespaces::PodNamespaces;
+pub use logs::{LogPathOf, LogWriter};
 pub use network::{CniConfig, NetworkReadiness};
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;

@@ -190,11 +190,12 @@ impl Systemd {
         }
     }
 
-    /// Sends `signal` to every process of unit `name`; a unit that is gone is fine.
-    pub async fn kill_unit(&self, name: &str, signal: i32) -> Result<(), Error> {
+    /// Sends `signal` to the processes of unit `name` (`whom`: "main" or "all"); a unit that is
+    /// gone is fine.
+    pub async fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> Result<(), Error> {
         let connection = self.connection().await?;
         let manager = ManagerProxy::new(&connection).await?;
-        match manager.kill_unit(name, "all", signal).await {
+        match manager.kill_unit(name, whom, signal).await {
             Ok(()) => Ok(()),
             Err(e) if is_no_such_unit(&e) || is_not_running(&e) => Ok(()),
             Err(e) => Err(Error::Unit { unit: name.to_string(), action: "signal", reason: e.to_string() }),

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use e2e::{CriClient, cri};
 
-const USAGE: &str = "usage: cri [--socket PATH] version|status|runtime-config|images|image-fs-info|pull IMAGE";
+const USAGE: &str = "usage: cri [--socket PATH] COMMAND
+  version | status | runtime-config | images | image-fs-info | pull IMAGE
+  runp POD.json | pods | inspectp POD | stopp POD | rmp POD
+  create POD CONTAINER.json | start ID | stop ID [TIMEOUT] | rm ID | ps | inspect ID
+(POD.json is a PodSandboxConfig, CONTAINER.json a ContainerConfig, as JSON with snake_case keys)";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -36,6 +40,46 @@ async fn main() -> ExitCode {
             };
             client.image.pull_image(request).await.map(json)
         }
+        ["runp", file] => match read_json::<cri::PodSandboxConfig>(file) {
+            Ok(config) => client
+                .runtime
+                .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
+                .await
+                .map(json),
+            Err(e) => return fail(e),
+        },
+        ["pods"] => client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.map(json),
+        ["inspectp", id] => client
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.to_string(), verbose: true })
+            .await
+            .map(json),
+        ["stopp", id] => client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.map(json),
+        ["rmp", id] => client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.map(json),
+        ["create", pod, file] => match read_json::<cri::ContainerConfig>(file) {
+            Ok(config) => client
+                .runtime
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.to_string(),
+                    config: Some(config),
+                    sandbox_config: None,
+                })
+                .await
+                .map(json),
+            Err(e) => return fail(e),
+        },
+        ["start", id] => client.runtime.start_container(cri::StartContainerRequest { container_id: id.to_string() }).await.map(json),
+        ["stop", id, rest @ ..] => {
+            let timeout = rest.first().and_then(|t| t.parse().ok()).unwrap_or(10);
+            client.runtime.stop_container(cri::StopContainerRequest { container_id: id.to_string(), timeout }).await.map(json)
+        }
+        ["rm", id] => client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.to_string() }).await.map(json),
+        ["ps"] => client.runtime.list_containers(cri::ListContainersRequest::default()).await.map(json),
+        ["inspect", id] => client
+            .runtime
+            .container_status(cri::ContainerStatusRequest { container_id: id.to_string(), verbose: true })
+            .await
+            .map(json),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -55,4 +99,14 @@ async fn main() -> ExitCode {
 
 fn json<T: serde::Serialize>(response: tonic::Response<T>) -> String {
     serde_json::to_string_pretty(response.get_ref()).unwrap_or_else(|e| format!("unprintable answer: {e}"))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(file: &str) -> Result<T, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("cri: {message}");
+    ExitCode::FAILURE
 }

@@ -1,0 +1,253 @@
+//! Containers as transient systemd services in their pod's slice, from an image pulled from a
+//! real registry, driven over the CRI socket of a daemon in a real systemd node.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use e2e::oci::busybox_image;
+use e2e::registry::{Registry, RegistryOptions};
+use e2e::{CriClient, Node, NodeOptions, cri, eventually};
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+const REGISTRY_PORT: u16 = 5000;
+
+/// A node whose daemon pulls from the plain-HTTP registry on the node's loopback.
+fn node(label: &str) -> Node {
+    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!("[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"),
+    )
+    .unwrap();
+    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
+    let _ = std::fs::remove_file(config);
+    node
+}
+
+async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
+    let registry = Registry::start(node, "containers", REGISTRY_PORT, RegistryOptions::default());
+    registry.push_image("busybox", "1", &busybox_image(""));
+    let image = registry.repo("busybox:1");
+    let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+    client.image.pull_image(request).await.expect("PullImage");
+    image
+}
+
+fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-0000-1111-2222-333344445555"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        labels: HashMap::from([("container".into(), name.into())]),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(client: &mut CriClient, name: &str) -> String {
+    let request = cri::RunPodSandboxRequest { config: Some(pod_config(name)), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
+}
+
+async fn create(client: &mut CriClient, pod: &str, config: cri::ContainerConfig) -> Result<String, tonic::Status> {
+    let request = cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: Some(pod_config("x")) };
+    client.runtime.create_container(request).await.map(|r| r.into_inner().container_id)
+}
+
+async fn start(client: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
+    client.runtime.start_container(cri::StartContainerRequest { container_id: id.into() }).await.map(|_| ())
+}
+
+async fn status(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
+    let request = cri::ContainerStatusRequest { container_id: id.into(), verbose: false };
+    client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.unwrap()
+}
+
+async fn wait_exited(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
+    eventually(Duration::from_secs(30), "the container to exit", || {
+        let mut client = client.clone();
+        let id = id.to_string();
+        async move {
+            let s = status(&mut client, &id).await;
+            (s.state == cri::ContainerState::ContainerExited as i32).then_some(s)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn container_lifecycle_as_a_systemd_service() {
+    let node = node("ctr-life");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "life").await;
+    let slice = "kubepods-besteffort-podlife_0000_1111_2222_333344445555.slice";
+
+    // Created, then Running: the entrypoint is the service's main process, in the pod's slice,
+    // and it is the only process there is for this container.
+    let id = create(&mut client, &pod, container_config("sleeper", &image, &["/bin/busybox", "sleep", "1000"])).await.unwrap();
+    let created = status(&mut client, &id).await;
+    assert_eq!(created.state, cri::ContainerState::ContainerCreated as i32);
+    assert_eq!(created.image.unwrap().image, image);
+    assert!(created.image_id.starts_with("sha256:"));
+    start(&mut client, &id).await.unwrap();
+    let running = status(&mut client, &id).await;
+    assert_eq!(running.state, cri::ContainerState::ContainerRunning as i32);
+    assert!(running.started_at >= running.created_at);
+    let unit = format!("cri-{id}.service");
+    assert_eq!(node.sh(&format!("systemctl show -p Slice --value {unit}")).trim(), slice);
+    let main_pid = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
+    assert_eq!(node.sh(&format!("tr '\\0' ' ' < /proc/{main_pid}/cmdline")).trim(), "/bin/busybox sleep 1000");
+    let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();
+    let procs = node.sh(&format!("cat /sys/fs/cgroup/systemd{cgroup}/cgroup.procs"));
+    assert_eq!(procs.split_whitespace().collect::<Vec<_>>(), vec![main_pid.as_str()], "processes of {unit}");
+    // Its own PID namespace (it is PID 1 there), the pod's network and UTS namespaces.
+    assert_eq!(node.sh(&format!("grep NSpid /proc/{main_pid}/status")).split_whitespace().last(), Some("1"));
+    let pins = format!("/run/cri-systemd/pods/{pod}/ns");
+    assert_eq!(node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/net")), node.sh(&format!("stat -L -c %i {pins}/net")));
+    assert_eq!(node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/uts")), node.sh(&format!("stat -L -c %i {pins}/uts")));
+
+    let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
+    assert_eq!(listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
+
+    // Stop: SIGTERM ends sleep (PID 1 of its namespace has no default handlers, so SIGKILL after the grace).
+    client.runtime.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 2 }).await.unwrap();
+    let stopped = status(&mut client, &id).await;
+    assert_eq!(stopped.state, cri::ContainerState::ContainerExited as i32);
+    assert!(stopped.finished_at >= stopped.started_at);
+    client.runtime.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 2 }).await.unwrap();
+
+    // Remove: unit and files gone; again is fine.
+    for _ in 0..2 {
+        client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    }
+    node.sh(&format!("test ! -e /var/lib/cri-systemd/containers/{id}"));
+    assert_ne!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
+    let gone = client.runtime.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await;
+    assert_eq!(gone.unwrap_err().code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn process_rules_exit_codes_mounts_and_oom() {
+    let node = node("ctr-rules");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "rules").await;
+    node.sh("mkdir -p /srv/out /srv/ro && chmod 777 /srv/out && echo data > /srv/ro/file");
+
+    // Command, args, env (config over image), working dir, user by number; a rw and a ro bind.
+    let mut config = container_config(
+        "report",
+        &image,
+        &["sh", "-c", "{ echo \"$A $B\"; pwd; busybox id -u; busybox id -g; busybox cat /ro/file; busybox touch /ro/x 2>/dev/null && echo writable || echo readonly; busybox hostname; } > /out/report"],
+    );
+    config.envs = vec![cri::KeyValue { key: "A".into(), value: "alpha".into() }, cri::KeyValue { key: "B".into(), value: "beta".into() }];
+    config.working_dir = "/tmp".into();
+    config.mounts = vec![
+        cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() },
+        cri::Mount { container_path: "/ro".into(), host_path: "/srv/ro".into(), readonly: true, ..Default::default() },
+    ];
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 33 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = create(&mut client, &pod, config).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let done = wait_exited(&mut client, &id).await;
+    let report = node.sh("cat /srv/out/report");
+    assert_eq!((done.exit_code, done.reason.as_str()), (0, "Completed"), "report: {report}");
+    assert_eq!(report, "alpha beta\n/tmp\n33\n33\ndata\nreadonly\nrules\n");
+
+    // Exit codes, from systemd.
+    let id = create(&mut client, &pod, container_config("three", &image, &["sh", "-c", "exit 3"])).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let done = wait_exited(&mut client, &id).await;
+    assert_eq!((done.exit_code, done.reason.as_str()), (3, "Error"));
+
+    // A binary that is not in the image: StartContainer fails with a message a user understands.
+    let id = create(&mut client, &pod, container_config("missing", &image, &["no-such-binary"])).await.unwrap();
+    let err = start(&mut client, &id).await.unwrap_err();
+    assert!(err.message().contains("no-such-binary") && err.message().contains("not found"), "{err:?}");
+    let failed = status(&mut client, &id).await;
+    assert_eq!((failed.state, failed.reason.as_str()), (cri::ContainerState::ContainerExited as i32, "StartError"));
+
+    // OOM: a 32 MiB limit and a shell that doubles a string until the kernel kills it.
+    let mut hog = container_config("hog", &image, &["sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"]);
+    hog.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 32 << 20, ..Default::default() }),
+        ..Default::default()
+    });
+    let id = create(&mut client, &pod, hog).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let done = wait_exited(&mut client, &id).await;
+    assert_eq!((done.exit_code, done.reason.as_str()), (137, "OOMKilled"), "{done:?}");
+
+    // A container that ignores SIGTERM is killed after the grace period.
+    let stubborn = container_config("stubborn", &image, &["sh", "-c", "trap '' TERM; while :; do busybox sleep 1; done"]);
+    let id = create(&mut client, &pod, stubborn).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let begin = Instant::now();
+    client.runtime.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 3 }).await.unwrap();
+    assert!(begin.elapsed() >= Duration::from_secs(3), "stopped after {:?}", begin.elapsed());
+    assert_eq!(status(&mut client, &id).await.exit_code, 137);
+}
+
+#[tokio::test]
+async fn bad_requests_change_nothing_and_containers_outlive_the_daemon() {
+    let node = node("ctr-bad");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "bad").await;
+
+    let code = |r: Result<String, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(create(&mut client, &"f".repeat(64), container_config("a", &image, &["true"])).await), tonic::Code::NotFound);
+    assert_eq!(code(create(&mut client, &pod, container_config("a", "127.0.0.1:5000/nope:1", &["true"])).await), tonic::Code::NotFound);
+    let mut nameless = container_config("a", &image, &["true"]);
+    nameless.metadata = None;
+    assert_eq!(code(create(&mut client, &pod, nameless).await), tonic::Code::InvalidArgument);
+    let mut escaping = container_config("a", &image, &["true"]);
+    escaping.mounts = vec![cri::Mount { container_path: "/../../etc".into(), host_path: "/tmp".into(), ..Default::default() }];
+    assert_eq!(code(create(&mut client, &pod, escaping).await), tonic::Code::InvalidArgument);
+    let mut unknown_user = container_config("a", &image, &["true"]);
+    unknown_user.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext { run_as_username: "nobody-here".into(), ..Default::default() }),
+        ..Default::default()
+    });
+    assert_eq!(code(create(&mut client, &pod, unknown_user).await), tonic::Code::InvalidArgument);
+    assert_eq!(node.sh("ls -A /var/lib/cri-systemd/containers"), "");
+
+    // The daemon is killed while a container runs; the container does not notice, and its exit,
+    // while the daemon is down, is still recorded.
+    let id = create(&mut client, &pod, container_config("survivor", &image, &["sh", "-c", "busybox sleep 4; exit 7"])).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let unit = format!("cri-{id}.service");
+    let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
+    node.sh("systemctl kill -s KILL cri-systemd && systemctl stop cri-systemd");
+    assert_eq!(node.sh(&format!("systemctl show -p MainPID --value {unit}")), pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    node.sh("systemctl start cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let done = status(&mut client, &id).await;
+    assert_eq!((done.state, done.exit_code), (cri::ContainerState::ContainerExited as i32, 7));
+
+    // Removing the pod removes its containers.
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let left = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(node.sh("ls -A /var/lib/cri-systemd/containers"), "");
+}
