@@ -159,6 +159,56 @@ mod tests {
     }
 
     #[test]
+    fn parses_as_the_daemons_images_table() {
+        #[derive(Deserialize)]
+        struct Daemon {
+            #[serde(default)]
+            images: StoreConfig,
+        }
+        let daemon: Daemon = toml::from_str(
+            r#"
+            [images]
+            max_layer_bytes = 1073741824
+            pinned_images = ["registry.k8s.io/pause:3.10"]
+            layer_uid_shift = 2147352576
+
+            [images.registries."docker.io"]
+            mirrors = ["https://mirror.example", "http://10.0.0.1:5000"]
+
+            [images.registries."localhost:5000"]
+            plain_http = true
+            insecure = true
+            ca_file = "/etc/cri-systemd/ca.pem"
+            "#,
+        )
+        .unwrap();
+        let images = daemon.images;
+        images.validate().unwrap();
+        assert_eq!(images.max_layer_bytes, 1 << 30);
+        assert_eq!(
+            images.max_concurrent_downloads, 4,
+            "unset fields keep their defaults"
+        );
+        assert_eq!(images.registries["docker.io"].mirrors.len(), 2);
+        assert_eq!(
+            images.registries["localhost:5000"].ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/cri-systemd/ca.pem"))
+        );
+        let typo = toml::from_str::<Daemon>("[images]\nmax_layer_byte = 1\n")
+            .err()
+            .unwrap();
+        assert!(
+            typo.to_string().contains("unknown field `max_layer_byte`"),
+            "{typo}"
+        );
+        let empty: Daemon = toml::from_str("").unwrap();
+        assert_eq!(empty.images, StoreConfig::default());
+        // And back: the daemon can print its effective configuration.
+        let text = toml::to_string(&images).unwrap();
+        assert_eq!(toml::from_str::<StoreConfig>(&text).unwrap(), images);
+    }
+
+    #[test]
     fn id_shift() {
         assert_eq!(IdShift::IDENTITY.map(0), Some(0));
         assert_eq!(IdShift::IDENTITY.map(100_000), Some(100_000));

@@ -137,6 +137,38 @@ async fn pulls_by_tag_and_digest_and_keeps_one_image_for_two_names() {
 }
 
 #[tokio::test]
+async fn can_drop_layer_blobs_after_unpacking() {
+    let reg = FakeRegistry::start().await;
+    push_image(&reg, "lean", Some("1"), &two_layers(), "", "amd64");
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(
+        dir.path(),
+        StoreConfig {
+            keep_layer_blobs: false,
+            ..config_for(&reg)
+        },
+    );
+    let image = store
+        .pull(&format!("{}/lean:1", reg.host()), None)
+        .await
+        .unwrap();
+    let blobs: Vec<_> = fs::read_dir(dir.path().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        blobs.len(),
+        2,
+        "only the manifest and the config: {blobs:?}"
+    );
+    assert_eq!(layer_count(dir.path()), 2);
+    assert!(tmp_is_empty(dir.path()));
+    store
+        .rootfs(&image.id, &dir.path().join("c"), true)
+        .unwrap();
+}
+
+#[tokio::test]
 async fn metadata_and_layers_survive_reopen() {
     let reg = FakeRegistry::start().await;
     push_image(&reg, "app", Some("1"), &two_layers(), "1000:1000", "amd64");
