@@ -9,22 +9,14 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 /// Serves `runtime.v1.ImageService` from an [`ImageStore`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Images {
-    /// `None` only until the daemon constructs `Images::new(store)`; every call then answers
-    /// Unavailable rather than pretending.
-    store: Option<ImageStore>,
+    store: ImageStore,
 }
 
 impl Images {
     pub fn new(store: ImageStore) -> Self {
-        Images { store: Some(store) }
-    }
-
-    fn store(&self) -> Result<&ImageStore, Status> {
-        self.store
-            .as_ref()
-            .ok_or_else(|| Status::unavailable("the image store is not configured in this daemon"))
+        Images { store }
     }
 }
 
@@ -136,7 +128,7 @@ impl ImageService for Images {
         &self,
         request: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
-        let store = self.store()?;
+        let store = &self.store;
         let filter = request
             .get_ref()
             .filter
@@ -160,7 +152,7 @@ impl ImageService for Images {
         &self,
         request: Request<cri::ImageStatusRequest>,
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
-        let store = self.store()?;
+        let store = &self.store;
         let request = request.into_inner();
         let name = image_name(request.image.as_ref())?;
         let Some(image) = store.image(name).map_err(image_status)? else {
@@ -194,7 +186,7 @@ impl ImageService for Images {
         &self,
         request: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
-        let store = self.store()?;
+        let store = &self.store;
         let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let name = image_name(request.image.as_ref())?.to_owned();
@@ -234,7 +226,7 @@ impl ImageService for Images {
         &self,
         request: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
-        let store = self.store()?.clone();
+        let store = self.store.clone();
         let name = image_name(request.get_ref().image.as_ref())?.to_owned();
         blocking(move || store.remove(&name)).await?;
         Ok(Response::new(cri::RemoveImageResponse {}))
@@ -244,7 +236,7 @@ impl ImageService for Images {
         &self,
         _: Request<cri::ImageFsInfoRequest>,
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
-        let store = self.store()?.clone();
+        let store = self.store.clone();
         let usage = blocking(move || store.usage()).await?;
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -445,12 +437,6 @@ mod tests {
         );
         assert!(usage.inodes_used.unwrap().value >= 3);
         assert!(usage.timestamp > 0);
-        let unconfigured = Images::default();
-        let err = unconfigured
-            .list_images(Request::new(cri::ListImagesRequest::default()))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]
