@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use proto::cri::{self, runtime_service_server::RuntimeService};
 use imagestore::ImageStore;
-use runtime::{ContainerFilter, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd};
+use runtime::{ContainerFilter, ContainerState, LogWriter, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -27,11 +27,12 @@ pub struct RuntimeApi {
     systemd: Arc<Systemd>,
     runtime: Arc<Runtime>,
     images: ImageStore,
+    logs: Arc<LogWriter>,
 }
 
 impl RuntimeApi {
-    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore) -> Self {
-        Self { config, systemd: runtime.systemd().clone(), runtime, images }
+    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore, logs: Arc<LogWriter>) -> Self {
+        Self { config, systemd: runtime.systemd().clone(), runtime, images, logs }
     }
 }
 
@@ -230,8 +231,29 @@ impl RuntimeService for RuntimeApi {
         &self,
         request: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        self.runtime.remove_container(&request.into_inner().container_id).await.map_err(runtime_status)?;
+        let id = request.into_inner().container_id;
+        self.runtime.remove_container(&id).await.map_err(runtime_status)?;
+        self.logs.forget(&id);
         Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let container = self.runtime.container(&id).map_err(runtime_status)?;
+        if container.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!("container {} is not running", container.id)));
+        }
+        let path = self
+            .runtime
+            .log_path(&container.id)
+            .ok_or_else(|| Status::failed_precondition(format!("container {} has no log path", container.id)))?;
+        self.logs
+            .reopen(&container.id, &path)
+            .map_err(|e| Status::internal(format!("cannot reopen log {}: {e}", path.display())))?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
     async fn list_containers(
@@ -278,9 +300,6 @@ impl RuntimeService for RuntimeApi {
 
     async fn update_container_resources(&self, _: Request<cri::UpdateContainerResourcesRequest>) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
         Err(not_yet("UpdateContainerResources", "the pod and container lifecycle issue"))
-    }
-    async fn reopen_container_log(&self, _: Request<cri::ReopenContainerLogRequest>) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(not_yet("ReopenContainerLog", "the pod and container lifecycle issue"))
     }
     async fn exec_sync(&self, _: Request<cri::ExecSyncRequest>) -> Result<Response<cri::ExecSyncResponse>, Status> {
         Err(not_yet("ExecSync", "the streaming issue"))

@@ -69,6 +69,14 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         cni: config.cni.clone(),
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
+    let logs = {
+        let runtime = Arc::downgrade(&runtime);
+        runtime::LogWriter::new(
+            config.state_root.join("logs.cursor"),
+            Arc::new(move |id: &str| runtime.upgrade()?.log_path(id)),
+        )
+    };
+    logs.spawn();
     let images = imagestore::ImageStore::open(&config.state_root.join("images"), config.images.clone())
         .map_err(StartupError::Images)?;
     let listener = listen(&config.socket)?;
@@ -84,7 +92,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     ]);
     let socket = config.socket.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime, images.clone())))
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime, images.clone(), logs)))
         .add_service(ImageServiceServer::new(Images::new(images)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stopped.await;

@@ -251,3 +251,85 @@ async fn bad_requests_change_nothing_and_containers_outlive_the_daemon() {
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(node.sh("ls -A /var/lib/cri-systemd/containers"), "");
 }
+
+/// Every line of a CRI log file: (stream, tag, text), after checking the timestamp's form.
+fn parse_log(text: &str) -> Vec<(String, String, String)> {
+    text.lines()
+        .map(|line| {
+            let mut fields = line.splitn(4, ' ');
+            let (time, stream, tag) = (fields.next().unwrap(), fields.next().unwrap(), fields.next().unwrap());
+            let bytes = time.as_bytes();
+            assert!(
+                time.len() == 30 && bytes[4] == b'-' && bytes[10] == b'T' && bytes[19] == b'.' && time.ends_with('Z'),
+                "not an RFC3339Nano time: {line:?}"
+            );
+            (stream.to_string(), tag.to_string(), fields.next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_in_the_cri_format_survive_restarts_and_reopen() {
+    let node = node("ctr-logs");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let mut pod = pod_config("logs");
+    pod.log_directory = "/var/log/pods/e2e_logs".into();
+    let request = cri::RunPodSandboxRequest { config: Some(pod), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.unwrap().into_inner().pod_sandbox_id;
+
+    // stdout and stderr, a line over 16 KiB, and a last line without a newline.
+    let script = "echo out-1; echo err-1 >&2; s=; i=0; while [ $i -lt 2000 ]; do s=${s}xxxxxxxxxx; i=$((i+1)); done; echo $s; printf no-newline";
+    let mut config = container_config("talker", &image, &["sh", "-c", script]);
+    config.log_path = "talker/0.log".into();
+    let id = create(&mut client, &pod, config).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    wait_exited(&mut client, &id).await;
+    let log = "/var/log/pods/e2e_logs/talker/0.log";
+    let lines = eventually(Duration::from_secs(20), "the last log line", || {
+        let text = node.exec(&["cat", log]).stdout;
+        async move {
+            let lines = parse_log(&text);
+            lines.iter().any(|(_, _, t)| t == "no-newline").then_some(lines)
+        }
+    })
+    .await;
+    let stdout: Vec<_> = lines.iter().filter(|(s, _, _)| s == "stdout").collect();
+    assert_eq!((stdout[0].1.as_str(), stdout[0].2.as_str()), ("F", "out-1"));
+    assert!(lines.contains(&("stderr".into(), "F".into(), "err-1".into())), "{lines:?}");
+    let long: String = stdout.iter().skip(1).take_while(|(_, tag, _)| tag == "P").map(|(_, _, t)| t.as_str()).collect();
+    let long_end = stdout.iter().skip(1).find(|(_, tag, _)| tag == "F").unwrap();
+    assert_eq!(long.len() + long_end.2.len(), 20000, "the long line, reassembled from P parts and its F end: {:?}", lines.iter().map(|(s, t, x)| format!("{s} {t} {}", &x[..x.len().min(40)])).collect::<Vec<_>>());
+    assert!(long.len() >= 16 * 1024 && long.chars().chain(long_end.2.chars()).all(|c| c == 'x'));
+
+    // While the daemon is down, output is kept (by journald), and written once it is back;
+    // ReopenContainerLog then moves writing to a new file after the kubelet rotated the old one.
+    let mut config = container_config("ticker", &image, &["sh", "-c", "i=0; while :; do echo tick-$i; i=$((i+1)); busybox sleep 0.2; done"]);
+    config.log_path = "ticker/0.log".into();
+    let id = create(&mut client, &pod, config).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    node.sh("systemctl kill -s KILL cri-systemd && systemctl stop cri-systemd && sleep 2 && systemctl start cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let log = "/var/log/pods/e2e_logs/ticker/0.log";
+    let ticks = eventually(Duration::from_secs(20), "ticks from before, during and after the restart", || {
+        let text = node.exec(&["cat", log]).stdout;
+        async move {
+            let ticks: Vec<String> = parse_log(&text).into_iter().map(|(_, _, t)| t).collect();
+            (ticks.len() > 15).then_some(ticks)
+        }
+    })
+    .await;
+    // No tick is missing (a crash may repeat a few; none may be lost).
+    let mut numbers: Vec<u32> = ticks.iter().map(|t| t.trim_start_matches("tick-").parse().unwrap()).collect();
+    numbers.dedup();
+    let expected: Vec<u32> = (0..numbers.len() as u32).collect();
+    assert_eq!(numbers, expected);
+
+    node.sh(&format!("mv {log} {log}.1"));
+    client.runtime.reopen_container_log(cri::ReopenContainerLogRequest { container_id: id.clone() }).await.unwrap();
+    eventually(Duration::from_secs(10), "ticks in the reopened log", || {
+        let text = node.exec(&["cat", log]).stdout;
+        async move { parse_log(&text).iter().any(|(_, _, t)| t.starts_with("tick-")).then_some(()) }
+    })
+    .await;
+}

@@ -354,6 +354,8 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
         "root": {"path": context.rootfs_mountpoint, "readonly": spec.readonly_rootfs},
         "mounts": mounts,
         "linux": {
+            // A bidirectional mount needs the rootfs shared, or nothing propagates back.
+            "rootfsPropagation": if spec.mounts.iter().any(|m| m.propagation == Propagation::Bidirectional) { "rshared" } else { "rslave" },
             "namespaces": namespaces,
             "maskedPaths": masked,
             "readonlyPaths": readonly,

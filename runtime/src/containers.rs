@@ -134,6 +134,7 @@ impl Runtime {
                 workdir: record.rootfs.workdir.clone(),
             }),
             error_file: dir.join("start-error"),
+            journal_stdio: true,
         };
         init.save(&dir.join("init.json")).map_err(Error::io("cannot write the init spec"))?;
         record.state = ContainerState::Created;
@@ -176,8 +177,17 @@ impl Runtime {
             // The exit record holds the status; the unit need not linger once inactive or failed.
             ("CollectMode", Value::from("inactive-or-failed")),
             ("SendSIGKILL", Value::from(true)),
+            // Container output goes to journald (see crate::logs); it must never be dropped.
+            ("LogRateLimitIntervalUSec", Value::from(0u64)),
         ];
         properties.extend(container::resource_properties(&record.spec)?);
+        // The kubelet reads the log file from the start; create it before the first line.
+        if let Some(log) = self.log_path(&record.id) {
+            let created = log.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+                std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop)
+            });
+            created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
+        }
         let started = self.systemd.start_transient_unit(&record.unit, properties).await;
         match started {
             Ok(()) => {
@@ -333,6 +343,17 @@ impl Runtime {
             .collect();
         list.sort_by_key(|c| c.created_at);
         list
+    }
+
+    /// Where the kubelet wants container `id`'s log: the pod's log directory joined with the
+    /// container's log path, when both are set.
+    pub fn log_path(&self, id: &str) -> Option<PathBuf> {
+        let container = self.container_entry(id).ok()?.get();
+        let pod = self.pod(&container.pod_id).ok()?;
+        if container.spec.log_path.is_empty() || pod.spec.log_directory.as_os_str().is_empty() {
+            return None;
+        }
+        Some(pod.spec.log_directory.join(&container.spec.log_path))
     }
 
     /// The image ids that containers use: the image store must not collect them.

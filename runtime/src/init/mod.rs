@@ -123,6 +123,14 @@ pub fn run(spec_path: &Path) -> ! {
         }
     };
     let error_file = ErrorFile::open(&spec.error_file);
+    if spec.journal_stdio {
+        if let Err(e) = connect_stdio_to_journal() {
+            let message = format!("connect stdout and stderr to the journal: {e}");
+            eprintln!("cri-systemd init: {message}");
+            error_file.write(&message);
+            std::process::exit(1);
+        }
+    }
     match supervise(&spec) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
@@ -131,6 +139,20 @@ pub fn run(spec_path: &Path) -> ! {
             std::process::exit(1);
         }
     }
+}
+
+/// Makes fd 1 and 2 two journald streams (stdout at priority 6, stderr at 3), opened here, while
+/// the host's /run is still in view; the container's processes inherit them. See crate::logs.
+fn connect_stdio_to_journal() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for (target, stderr) in [(1, false), (2, true)] {
+        let stream = crate::logs::journal_stream(stderr)?;
+        // SAFETY: dup2 on two valid descriptors; `stream` stays owned and is closed after.
+        if unsafe { libc::dup2(stream.as_raw_fd(), target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The spec's error_file, its directory opened before any namespace is entered, so the message

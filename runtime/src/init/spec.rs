@@ -33,6 +33,10 @@ pub struct InitSpec {
     /// `exec: "nosuch": executable file not found in $PATH`. A host path in an existing
     /// directory; init removes a stale file at start and writes it only on failure.
     pub error_file: PathBuf,
+    /// Connect the container's stdout and stderr to two journald streams that the daemon's log
+    /// writer turns into the CRI log file (crate::logs). False: keep the unit's stdio.
+    #[serde(default)]
+    pub journal_stdio: bool,
 }
 
 /// An overlay root file system: read-only image layers under a per-container writable layer.
