@@ -1,9 +1,10 @@
 //! The CRI `ImageService`: translates CRI image calls into `imagestore` calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use imagestore::{Credentials, ErrorKind, Image, ImageStore};
+use imagestore::{ImageId, Credentials, ErrorKind, Image, ImageStore};
 use proto::cri::{self, image_service_server::ImageService};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -12,11 +13,24 @@ use tracing::info;
 #[derive(Debug)]
 pub struct Images {
     store: ImageStore,
+    runtime: Arc<runtime::Runtime>,
 }
 
 impl Images {
-    pub fn new(store: ImageStore) -> Self {
-        Images { store }
+    pub fn new(store: ImageStore, runtime: Arc<runtime::Runtime>) -> Self {
+        Images { store, runtime }
+    }
+}
+
+/// Removes what no image and no container needs any more: removed images whose last container
+/// is gone, and their layers and blobs. Called after anything that may free content.
+pub async fn collect_garbage(store: &ImageStore, runtime: &runtime::Runtime) {
+    let in_use: HashSet<ImageId> = runtime.images_in_use().iter().filter_map(|id| id.parse().ok()).collect();
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.gc(&in_use)).await {
+        Ok(Ok(report)) => tracing::debug!(?report, "garbage collected"),
+        Ok(Err(e)) => tracing::warn!("garbage collection: {e}"),
+        Err(e) => tracing::warn!("garbage collection task: {e}"),
     }
 }
 
@@ -229,6 +243,7 @@ impl ImageService for Images {
         let store = self.store.clone();
         let name = image_name(request.get_ref().image.as_ref())?.to_owned();
         blocking(move || store.remove(&name)).await?;
+        collect_garbage(&self.store, &self.runtime).await;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }
 
@@ -369,7 +384,7 @@ mod tests {
         assert_eq!(image_status(e).code(), tonic::Code::FailedPrecondition);
     }
 
-    fn service(dir: &std::path::Path, registry: Option<&str>) -> Images {
+    async fn service(dir: &std::path::Path, registry: Option<&str>) -> Images {
         let mut config = imagestore::StoreConfig::default();
         if let Some(host) = registry {
             config.registries.insert(
@@ -380,13 +395,26 @@ mod tests {
                 },
             );
         }
-        Images::new(ImageStore::open(dir, config).unwrap())
+        // No records and no containers: opening the runtime touches neither systemd nor the bus.
+        // Its state lives apart from the store, whose root the tests inspect.
+        let runtime_dir = tempfile::tempdir().unwrap().keep();
+        let runtime = runtime::Runtime::open(
+            runtime::RuntimeConfig {
+                state_root: runtime_dir.join("state"),
+                run_root: runtime_dir.join("run"),
+                cni: Default::default(),
+            },
+            Arc::new(runtime::Systemd::new("unix:path=/nonexistent")),
+        )
+        .await
+        .unwrap();
+        Images::new(ImageStore::open(dir, config).unwrap(), Arc::new(runtime))
     }
 
     #[tokio::test]
     async fn answers_for_an_empty_store() {
         let dir = tempfile::tempdir().unwrap();
-        let images = service(dir.path(), None);
+        let images = service(dir.path(), None).await;
         let status = images
             .image_status(Request::new(cri::ImageStatusRequest {
                 image: spec("busybox"),
@@ -451,7 +479,7 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let images = service(dir.path(), Some(&host));
+        let images = service(dir.path(), Some(&host)).await;
         let name = format!("{host}/app:1");
         for timeout in ["1m", "100m"] {
             let mut request = Request::new(cri::PullImageRequest {
@@ -493,7 +521,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("cri.sock");
         let uds = tokio::net::UnixListener::bind(&socket).unwrap();
-        let images = service(&dir.path().join("images"), Some(&host));
+        let images = service(&dir.path().join("images"), Some(&host)).await;
         let _server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(cri::image_service_server::ImageServiceServer::new(images))

@@ -234,6 +234,7 @@ impl RuntimeService for RuntimeApi {
         let id = request.into_inner().container_id;
         self.runtime.remove_container(&id).await.map_err(runtime_status)?;
         self.logs.forget(&id);
+        crate::image_service::collect_garbage(&self.images, &self.runtime).await;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 

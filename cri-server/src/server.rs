@@ -92,8 +92,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     ]);
     let socket = config.socket.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime, images.clone(), logs)))
-        .add_service(ImageServiceServer::new(Images::new(images)))
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime.clone(), images.clone(), logs)))
+        .add_service(ImageServiceServer::new(Images::new(images, runtime)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stopped.await;
         });
