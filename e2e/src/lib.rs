@@ -62,6 +62,12 @@ impl Node {
     pub fn up(label: &str, options: NodeOptions) -> Node {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!("{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        Node::up_named(&name, options)
+    }
+
+    /// Boots a node with exactly this name (which must not be running).
+    pub fn up_named(name: &str, options: NodeOptions) -> Node {
+        let name = name.to_string();
         let mut command = Command::new(node_command());
         command.arg("up").arg(&name);
         if options.no_daemon {
@@ -84,6 +90,11 @@ impl Node {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Leaves the node running after this handle is gone (the demo does; tests never should).
+    pub fn keep(self) {
+        std::mem::forget(self);
     }
 
     fn node_query(&self, verb: &str) -> String {
