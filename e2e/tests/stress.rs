@@ -1,0 +1,186 @@
+//! Many clients at once, and the daemon killed in the middle of lifecycle calls: nothing may
+//! fail that should not, and nothing may leak (units, slices, namespace pins, mounts, records).
+
+use std::time::Duration;
+
+use e2e::oci::busybox_image;
+use e2e::registry::{Registry, RegistryOptions};
+use e2e::{CriClient, Node, NodeOptions, cri};
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn node(label: &str) -> Node {
+    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
+    std::fs::write(&config, "[images.registries.\"127.0.0.1:5000\"]\nplain_http = true\n").unwrap();
+    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
+    let _ = std::fs::remove_file(config);
+    node
+}
+
+async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
+    let registry = Registry::start(node, "stress", 5000, RegistryOptions::default());
+    registry.push_image("busybox", "1", &busybox_image(""));
+    let image = registry.repo("busybox:1");
+    let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+    client.image.pull_image(request).await.expect("PullImage");
+    image
+}
+
+fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: "stress".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs a pod with two sleeping containers.
+async fn pod_with_two_containers(client: &mut CriClient, image: &str, name: &str) -> Result<String, tonic::Status> {
+    let config = pod_config(name);
+    let pod = client
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    for container in ["a", "b"] {
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata { name: container.into(), attempt: 0 }),
+                image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+                command: vec!["/bin/busybox".into(), "sleep".into(), "1000".into()],
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        };
+        let id = client.runtime.create_container(request).await?.into_inner().container_id;
+        client.runtime.start_container(cri::StartContainerRequest { container_id: id }).await?;
+    }
+    Ok(pod)
+}
+
+async fn remove_all_pods(client: &mut CriClient) {
+    let pods = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
+    for pod in pods {
+        client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.unwrap();
+        client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.id }).await.unwrap();
+    }
+}
+
+/// Everything a pod or container could leave behind on the node.
+fn leftovers(node: &Node) -> String {
+    // The parent slices kubepods.slice and kubepods-besteffort.slice are the node's, not a pod's.
+    node.sh(
+        "systemctl list-units --all --plain --no-legend 'kubepods-*' 'cri-[0-9a-f]*.service' \
+           | awk '{print $1}' | grep -v '^kubepods-besteffort.slice$' || true; \
+         find /run/cri-systemd/pods /var/lib/cri-systemd/pods /var/lib/cri-systemd/containers -mindepth 1 -maxdepth 1 2>/dev/null; \
+         grep -c ' nsfs \\|cri-systemd/pods' /proc/self/mountinfo || true",
+    )
+}
+
+#[tokio::test]
+async fn hundred_pods_with_two_containers_from_ten_clients() {
+    let node = node("stress-100");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let clean = leftovers(&node);
+
+    let mut tasks = Vec::new();
+    for worker in 0..10 {
+        let mut client = client.clone();
+        let image = image.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                pod_with_two_containers(&mut client, &image, &format!("p{worker}-{i}")).await.expect("pod with two containers");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let pods = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
+    assert_eq!(pods.len(), 100);
+    let running = cri::ContainerFilter {
+        state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 }),
+        ..Default::default()
+    };
+    let containers = client.runtime.list_containers(cri::ListContainersRequest { filter: Some(running) }).await.unwrap().into_inner().containers;
+    assert_eq!(containers.len(), 200);
+
+    // Removed by ten clients too.
+    let mut tasks = Vec::new();
+    for chunk in pods.chunks(10) {
+        let mut client = client.clone();
+        let ids: Vec<String> = chunk.iter().map(|p| p.id.clone()).collect();
+        tasks.push(tokio::spawn(async move {
+            for id in ids {
+                client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
+                client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(leftovers(&node), clean);
+}
+
+#[tokio::test]
+async fn daemon_killed_during_lifecycle_calls_recovers_without_leaks() {
+    let node = node("stress-kill");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let clean = leftovers(&node);
+
+    // Each round: many creations and removals in flight, then SIGKILL at a different moment.
+    for (round, kill_after_ms) in [150u64, 400, 900].into_iter().enumerate() {
+        let survivor = pod_with_two_containers(&mut client, &image, &format!("survivor-{round}")).await.unwrap();
+        let mut tasks = Vec::new();
+        for worker in 0..6 {
+            let mut client = client.clone();
+            let image = image.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..5 {
+                    match pod_with_two_containers(&mut client, &image, &format!("r{round}-w{worker}-{i}")).await {
+                        Ok(pod) if i % 2 == 0 => {
+                            let _ = client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
+                        }
+                        Ok(_) => {}
+                        Err(_) => return, // the daemon is gone
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
+        node.sh("systemctl kill -s KILL cri-systemd");
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let mut client_after = node.cri(ANSWER_TIMEOUT).await;
+
+        // The survivor still runs, with its containers, untouched by the restart.
+        let status = client_after
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: survivor.clone(), verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
+        let filter = cri::ContainerFilter { pod_sandbox_id: survivor.clone(), ..Default::default() };
+        let containers = client_after.runtime.list_containers(cri::ListContainersRequest { filter: Some(filter) }).await.unwrap().into_inner().containers;
+        assert_eq!(containers.len(), 2);
+        assert!(containers.iter().all(|c| c.state == cri::ContainerState::ContainerRunning as i32), "{containers:?}");
+
+        // Everything listed can be removed, and then nothing is left behind.
+        remove_all_pods(&mut client_after).await;
+        assert_eq!(leftovers(&node), clean, "after round {round}");
+        client = client_after;
+    }
+}
