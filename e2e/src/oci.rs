@@ -199,7 +199,10 @@ pub struct Layer {
 impl Layer {
     pub fn from_tar(tar: Vec<u8>, compression: Compression) -> Layer {
         let data = compression.compress(&tar);
-        Layer { blob: Blob::new(compression.media_type(), data), diff_id: sha256(&tar), tar }
+        let blob = Blob::new(compression.media_type(), data);
+        // Hashing is slow in debug builds: an uncompressed blob is its own diff.
+        let diff_id = if compression == Compression::None { blob.digest.clone() } else { sha256(&tar) };
+        Layer { blob, diff_id, tar }
     }
 }
 
@@ -328,6 +331,18 @@ pub fn busybox_binary() -> Vec<u8> {
 /// A busybox root file system as one layer: bin/busybox with applet symlinks and a hard link,
 /// /etc with users (www-data is 33), a sticky /tmp, a setuid file, a directory owned by a user.
 pub fn busybox_layer(compression: Compression) -> Layer {
+    // Built once per compression and process: gzip and sha256 are slow in debug builds.
+    static CACHE: std::sync::Mutex<Vec<(Compression, Layer)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, layer)) = cache.iter().find(|(c, _)| *c == compression) {
+        return layer.clone();
+    }
+    let layer = build_busybox_layer(compression);
+    cache.push((compression, layer.clone()));
+    layer
+}
+
+fn build_busybox_layer(compression: Compression) -> Layer {
     let mut l = LayerBuilder::new();
     l.dir("bin", 0o755)
         .file("bin/busybox", 0o755, &busybox_binary())

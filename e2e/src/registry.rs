@@ -27,19 +27,71 @@ pub fn node_pid1(node: &Node) -> u32 {
     String::from_utf8_lossy(&output.stdout).trim().parse().expect("e2e/node pid prints a pid")
 }
 
-/// Opens a TCP connection to `addr` (e.g. `127.0.0.1:5000`) inside the node's network namespace.
-/// The socket belongs to the node's namespace for its whole life, whichever thread uses it.
+/// A node's network namespace, for sockets opened from the test process: a socket keeps the
+/// namespace it was created in for its whole life, whichever thread then uses it.
+#[derive(Debug, Clone)]
+pub struct NodeNet {
+    pid1: u32,
+}
+
+impl NodeNet {
+    pub fn of(node: &Node) -> NodeNet {
+        NodeNet { pid1: node_pid1(node) }
+    }
+
+    /// The host PID of the node's PID 1.
+    pub fn pid1(&self) -> u32 {
+        self.pid1
+    }
+
+    /// Runs `f` on a new thread that joined the node's network namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+        let netns = File::open(format!("/proc/{}/ns/net", self.pid1))?;
+        std::thread::spawn(move || {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    /// A TCP connection to `addr` (e.g. `127.0.0.1:5000`) in the node.
+    pub fn connect(&self, addr: &str) -> io::Result<TcpStream> {
+        let addr = addr.to_owned();
+        self.run(move || {
+            let stream = TcpStream::connect(&addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+            Ok(stream)
+        })
+    }
+
+    /// One HTTP/1.1 request (`Connection: close`) to `addr` in the node.
+    pub fn http(&self, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+        let mut stream = self.connect(addr)?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {TEST_USER_AGENT}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        parse_response(&raw)
+    }
+}
+
+/// Opens a TCP connection to `addr` inside the node's network namespace.
 pub fn connect_in_node(node: &Node, addr: &str) -> io::Result<TcpStream> {
-    let netns = File::open(format!("/proc/{}/ns/net", node_pid1(node)))?;
-    let addr = addr.to_owned();
-    std::thread::spawn(move || {
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let stream = TcpStream::connect(&addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(stream)
-    })
-    .join()
-    .expect("netns thread panicked")
+    NodeNet::of(node).connect(addr)
+}
+
+/// One HTTP/1.1 request to `addr` inside the node's network namespace.
+pub fn http(node: &Node, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+    NodeNet::of(node).http(addr, method, path, headers, body)
 }
 
 /// An HTTP response, body read in full.
@@ -60,22 +112,14 @@ impl Response {
     }
 }
 
-/// One HTTP/1.1 request (`Connection: close`) to `addr` in the node.
-pub fn http(node: &Node, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
-    let mut stream = connect_in_node(node, addr)?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+/// The User-Agent of the tests' own requests, which [`Registry::access_lines`] leaves out.
+pub const TEST_USER_AGENT: &str = "cri-systemd-e2e";
+
+fn parse_response(raw: &[u8]) -> io::Result<Response> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| io::Error::other(format!("no HTTP header in {:?}", String::from_utf8_lossy(&raw))))?;
+        .ok_or_else(|| io::Error::other(format!("no HTTP header in {:?}", String::from_utf8_lossy(raw))))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
@@ -118,6 +162,7 @@ pub struct RegistryOptions {
 #[derive(Debug)]
 pub struct Registry<'n> {
     node: &'n Node,
+    net: NodeNet,
     name: String,
     port: u16,
     dir: String,
@@ -147,7 +192,7 @@ impl<'n> Registry<'n> {
         node.write_file(&format!("{dir}/config.yml"), &config);
         let unit = format!("e2e-registry-{name}");
         node.sh(&format!("systemd-run --quiet --unit={unit} -p Type=exec /usr/bin/docker-registry serve {dir}/config.yml"));
-        let registry = Registry { node, name: name.to_owned(), port, dir, auth };
+        let registry = Registry { node, net: NodeNet::of(node), name: name.to_owned(), port, dir, auth };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match registry.request("GET", "/v2/", &[], b"") {
@@ -197,7 +242,7 @@ impl<'n> Registry<'n> {
             authorization = format!("Basic {auth}");
             all.push(("Authorization", &authorization));
         }
-        http(self.node, &self.host(), method, path, &all, body)
+        self.net.http(&self.host(), method, path, &all, body)
     }
 
     fn expect(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], want: u16) -> Response {
@@ -268,10 +313,15 @@ impl<'n> Registry<'n> {
         self.node.exec(&["journalctl", "-u", &self.unit(), "--no-pager", "-o", "cat"]).stdout
     }
 
-    /// Access-log lines (combined log format) of requests whose request line contains `needle`,
-    /// e.g. `"GET /v2/e2e/x/blobs/sha256:..."`.
+    /// Access-log lines (combined log format) of requests containing `needle`, e.g.
+    /// `"GET /v2/e2e/x/blobs/sha256:...`, leaving out the tests' own requests (pushes).
     pub fn access_lines(&self, needle: &str) -> Vec<String> {
-        self.logs().lines().filter(|l| l.starts_with("127.0.0.1 - ") && l.contains(needle)).map(str::to_owned).collect()
+        let ours = format!("\"{TEST_USER_AGENT}\"");
+        self.logs()
+            .lines()
+            .filter(|l| l.starts_with("127.0.0.1 - ") && l.contains(needle) && !l.ends_with(&ours))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// How many times the blob was served (GET answered 200 or 206).
@@ -289,12 +339,107 @@ impl<'n> Registry<'n> {
         let hex = digest.strip_prefix("sha256:").unwrap();
         let path = format!("{}/data/docker/registry/v2/blobs/sha256/{}/{hex}/data", self.dir, &hex[..2]);
         self.node.sh(&format!("test -f {path}"));
-        let host_path = format!("/proc/{}/root{path}", node_pid1(self.node));
+        let host_path = format!("/proc/{}/root{path}", self.net.pid1());
         std::fs::write(&host_path, data).unwrap_or_else(|e| panic!("write {host_path}: {e}"));
     }
 
     /// Stops the registry (it stays stopped).
     pub fn stop(&self) {
         self.node.sh(&format!("systemctl stop {}", self.unit()));
+    }
+}
+
+/// A TCP proxy in a node that forwards to a registry at a limited rate: a slow registry, so that
+/// a pull reliably takes long enough to be interrupted (deadline, SIGKILL) or overlapped, however
+/// fast the daemon is. It listens on 127.0.0.1:`port` in the node and connects to `target` there;
+/// the test process only moves bytes between two sockets of the node's namespace. The rate
+/// (server to client, all connections together) is `bytes_per_sec`. Stops accepting when dropped;
+/// open connections end when either side closes.
+#[derive(Debug)]
+pub struct SlowProxy {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowProxy {
+    pub fn start(node: &Node, port: u16, target: &str, bytes_per_sec: u64) -> SlowProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        let net = NodeNet::of(node);
+        let listener = net
+            .run(move || {
+                let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            })
+            .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port} in node {}: {e}", node.name()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (target, stop_c) = (target.to_owned(), stop.clone());
+        // When the link is free again: every chunk sent books its time on it, so the rate holds
+        // from the first byte on, without a burst after idle time.
+        let free_at = Arc::new(Mutex::new(Instant::now()));
+        let thread = std::thread::spawn(move || {
+            while !stop_c.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(upstream) = net.connect(&target) else { continue };
+                let _ = upstream.set_read_timeout(None);
+                let (Ok(client2), Ok(upstream2)) = (client.try_clone(), upstream.try_clone()) else { continue };
+                std::thread::spawn(move || pipe(client, upstream, None));
+                let free_at = free_at.clone();
+                std::thread::spawn(move || pipe(upstream2, client2, Some((free_at, bytes_per_sec))));
+            }
+        });
+        SlowProxy { port, stop, thread: Some(thread) }
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+type Throttle = (std::sync::Arc<std::sync::Mutex<Instant>>, u64);
+
+/// Copies `from` to `to` until EOF or an error, then shuts both down; with a throttle, keeps all
+/// the pipes sharing it under its rate.
+fn pipe(mut from: TcpStream, mut to: TcpStream, throttle: Option<Throttle>) {
+    let mut buffer = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some((free_at, rate)) = &throttle {
+            let done = {
+                let mut free_at = free_at.lock().unwrap_or_else(|p| p.into_inner());
+                *free_at = (*free_at).max(Instant::now()) + Duration::from_secs_f64(n as f64 / *rate as f64);
+                *free_at
+            };
+            std::thread::sleep(done.saturating_duration_since(Instant::now()));
+        }
+        if to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    let _ = from.shutdown(std::net::Shutdown::Read);
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
