@@ -453,17 +453,17 @@ pub fn platform_index() -> Index {
     Index::new(images)
 }
 
-/// An image of `count` tiny layers: layer `i` adds `layers/<i>` and rewrites `top` to `i`.
+/// An image of `count` layers: the busybox layer, then `count - 1` tiny ones, layer `i` adding
+/// `layers/<i>` and rewriting `top` to `i` (alternately gzip and plain).
 pub fn many_layers_image(count: usize) -> Image {
-    let layers = (0..count)
-        .map(|i| {
-            let mut l = LayerBuilder::new();
-            l.dir("layers", 0o755)
-                .file(&format!("layers/{i}"), 0o644, format!("{i}\n").as_bytes())
-                .file("top", 0o644, format!("{i}\n").as_bytes());
-            l.build(if i % 2 == 0 { Compression::Gzip } else { Compression::None })
-        })
-        .collect();
+    let mut layers = vec![busybox_layer(Compression::Gzip)];
+    layers.extend((1..count).map(|i| {
+        let mut l = LayerBuilder::new();
+        l.dir("layers", 0o755)
+            .file(&format!("layers/{i}"), 0o644, format!("{i}\n").as_bytes())
+            .file("top", 0o644, format!("{i}\n").as_bytes());
+        l.build(if i % 2 == 0 { Compression::Gzip } else { Compression::None })
+    }));
     Image::new(layers, ConfigOptions::default())
 }
 

@@ -252,10 +252,13 @@ async fn pull_status_list_remove_and_fs_info() {
     assert_eq!(status(&mut client, busybox.id()).await, None);
     all.remove(busybox.id());
     assert_eq!(list_ids(&mut client).await, all);
-    // Other images sharing its layer are untouched.
+    // Other images sharing its layer are untouched; what only it used is collected.
     for (reference, image) in &user_images {
         assert_eq!(status(&mut client, reference).await.map(|i| i.id), Some(image.id().to_owned()));
     }
+    let stored = blobs(&node);
+    assert!(!stored.contains(busybox.id()) && !stored.contains(&busybox.manifest.digest), "{stored:?}");
+    assert!(layer_dirs(&node).contains(&busybox.chain_ids()[0]));
 
     // By repo digest, and by id (with and without `sha256:`).
     let repo_digest = format!("{}@{}", registry.repo("e2e/busybox"), busybox.manifest.digest);
@@ -270,6 +273,16 @@ async fn pull_status_list_remove_and_fs_info() {
         remove(&mut client, name).await.unwrap_or_else(|e| panic!("RemoveImage of absent {name}: {e}"));
     }
     assert_eq!(list_ids(&mut client).await, all);
+    assert_store_sound(&node);
+
+    // Removing every image leaves an empty store.
+    for id in &all {
+        remove(&mut client, id).await.unwrap();
+    }
+    assert!(list(&mut client, None).await.is_empty());
+    assert_eq!((blobs(&node), layer_dirs(&node)), Default::default());
+    let fs_empty = fs_info(&mut client).await;
+    assert!(fs_empty.used_bytes.unwrap().value + busybox_len <= fs_after.used_bytes.unwrap().value, "{fs_after:?} -> {fs_empty:?}");
     assert_store_sound(&node);
 }
 
@@ -328,9 +341,10 @@ async fn unpacked_layers_match_their_source_byte_for_byte() {
     assert_store_sound(&node);
 }
 
-/// 128 layers pull, and stack to the expected tree in one overlay mount.
+/// 128 layers (busybox and 127 small ones) pull, stack to the expected tree in one overlay
+/// mount, and make the root file system of a container that the daemon runs.
 #[tokio::test]
-async fn a_128_layer_image_pulls_and_stacks() {
+async fn a_128_layer_image_pulls_and_runs() {
     let node = node_with("img-deep", "", &[plain_registry("127.0.0.1:5000", &[])]);
     let registry = Registry::start(&node, "main", 5000, RegistryOptions::default());
     let image = oci::many_layers_image(128);
@@ -352,10 +366,52 @@ async fn a_128_layer_image_pulls_and_stacks() {
     assert_layers_match_source(&node, &image);
 
     let (merged, host) = mount_layers(&node, "deep", &image.chain_ids());
+    let sources: Vec<_> = image.layers.iter().map(|l| listing_of_tar(&l.tar)).collect();
+    assert_eq!(listing_of_dir(&host), oci::merged_listing(&sources));
     assert_eq!(std::fs::read_to_string(host.join("top")).unwrap(), "127\n");
-    assert_eq!(names_in(&host.join("layers")).len(), 128);
     node.sh(&format!("umount {merged}"));
+
+    // The daemon's own rootfs assembly (imagestore's Rootfs) for a container of the image.
+    let check = "test \"$(cat /top)\" = 127 && test \"$(ls /layers | wc -l)\" = 127 && test -x /bin/busybox && echo ok > /written";
+    let exit = run_container(&mut client, "deep", &reference, &["/bin/busybox", "sh", "-c", check]).await;
+    assert_eq!(exit.exit_code, 0, "the container did not see the 128 layers stacked: {exit:?}\n{}", node.logs());
     assert_store_sound(&node);
+}
+
+/// Runs `command` in a new container of `image` in a new pod, and returns its status once it
+/// exited.
+async fn run_container(client: &mut CriClient, name: &str, image: &str, command: &[&str]) -> cri::ContainerStatus {
+    let pod_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-0000-1111-2222-333344445555"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        ..Default::default()
+    };
+    let request = cri::RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: spec(image),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let request = cri::CreateContainerRequest { pod_sandbox_id: pod, config: Some(config), sandbox_config: Some(pod_config) };
+    let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
+    client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    eventually(Duration::from_secs(30), "the container to exit", || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            let request = cri::ContainerStatusRequest { container_id: id, verbose: false };
+            let status = client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.unwrap();
+            (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
+        }
+    })
+    .await
 }
 
 /// Basic auth (none, wrong and right credentials, docker's `auth` field), mirrors in order with
