@@ -24,6 +24,10 @@ pub struct Config {
     pub cni: runtime::CniConfig,
     /// The image store (the `[images]` table).
     pub images: imagestore::StoreConfig,
+    /// ExecSync (the `[exec]` table).
+    pub exec: ExecConfig,
+    /// The streaming server of Exec, Attach and PortForward (the `[streaming]` table).
+    pub streaming: StreamingConfig,
 }
 
 impl Default for Config {
@@ -36,6 +40,57 @@ impl Default for Config {
             systemd: SystemdConfig::default(),
             cni: runtime::CniConfig::default(),
             images: imagestore::StoreConfig::default(),
+            exec: ExecConfig::default(),
+            streaming: StreamingConfig::default(),
+        }
+    }
+}
+
+/// ExecSync settings (the `[exec]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecConfig {
+    /// Most bytes of stdout, and of stderr, that ExecSync returns; the rest is read and
+    /// discarded (the CRI asks for 16 MiB, see CVE-2022-1708).
+    pub sync_max_output_bytes: u64,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        Self { sync_max_output_bytes: 16 << 20 }
+    }
+}
+
+/// The streaming server (the `[streaming]` table): Exec, Attach and PortForward answer with a
+/// URL on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// IP address to listen on. The kubelet reaches it (it proxies clients' streams).
+    pub address: std::net::IpAddr,
+    /// TCP port; 0 picks a free one at start (as containerd and CRI-O do).
+    pub port: u16,
+    /// PEM certificate (chain) and key: serve HTTPS. Both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// How long a URL handed out by Exec, Attach or PortForward stays usable (once).
+    pub token_ttl_secs: u64,
+    /// How long the client may take to open its streams after the upgrade.
+    pub stream_creation_timeout_secs: u64,
+    /// Sessions in which nothing moves for this long are closed (0: never).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            token_ttl_secs: 60,
+            stream_creation_timeout_secs: 30,
+            idle_timeout_secs: 4 * 3600,
         }
     }
 }
@@ -148,6 +203,18 @@ impl Config {
             return Err(bad("socket", "longer than the 107 bytes a unix socket path may have".into()));
         }
         self.images.validate().map_err(|e| bad("images", e.to_string()))?;
+        if self.exec.sync_max_output_bytes == 0 {
+            return Err(bad("exec.sync_max_output_bytes", "must be more than 0".into()));
+        }
+        if self.streaming.tls_cert_file.is_some() != self.streaming.tls_key_file.is_some() {
+            return Err(bad("streaming.tls_cert_file", "tls_cert_file and tls_key_file go together: set both or neither".into()));
+        }
+        if self.streaming.token_ttl_secs == 0 {
+            return Err(bad("streaming.token_ttl_secs", "must be more than 0".into()));
+        }
+        if self.streaming.stream_creation_timeout_secs == 0 {
+            return Err(bad("streaming.stream_creation_timeout_secs", "must be more than 0".into()));
+        }
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
                 "systemd.bus_address",

@@ -11,6 +11,8 @@ pub fn runtime_status(error: runtime::Error) -> Status {
         E::AlreadyExists(_) => Status::already_exists(message),
         E::FailedPrecondition(_) => Status::failed_precondition(message),
         E::SystemdUnreachable { .. } => Status::unavailable(message),
-        E::Unit { .. } | E::Bus(_) | E::Io { .. } | E::Teardown { .. } => Status::internal(message),
+        // The kubelet reads DeadlineExceeded from ExecSync as a timed-out probe.
+        E::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+        E::Unit { .. } | E::Bus(_) | E::Io { .. } | E::Teardown { .. } | E::Exec(_) => Status::internal(message),
     }
 }

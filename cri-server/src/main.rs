@@ -45,6 +45,19 @@ enum Command {
     /// The ExecStopPost of a container unit: record how the container ended in FILE.
     #[command(hide = true, name = "record-exit")]
     RecordExit { file: PathBuf },
+    /// Spawned by the daemon for ExecSync and Exec: run COMMAND in the running container whose
+    /// init spec is INIT_SPEC, unit UNIT and main process MAIN_PID (control socket on fd 3).
+    #[command(hide = true, name = "exec-in")]
+    ExecIn {
+        /// Give the command a pty (sent to the daemon over the control socket).
+        #[arg(long)]
+        tty: bool,
+        init_spec: PathBuf,
+        unit: String,
+        main_pid: i32,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +65,17 @@ fn main() -> ExitCode {
     // Before any config, logging or async runtime: init must stay single-threaded (it forks).
     if let Some(Command::Init { spec }) = &cli.command {
         runtime::init::run(spec);
+    }
+    // Single-threaded too: it joins the container's mount namespace.
+    if let Some(Command::ExecIn { tty, init_spec, unit, main_pid, command }) = &cli.command {
+        let args = runtime::init::exec_in::ExecInArgs {
+            init_spec: init_spec.clone(),
+            unit: unit.clone(),
+            main_pid: *main_pid,
+            tty: *tty,
+            command: command.clone(),
+        };
+        runtime::init::exec_in::run(&args);
     }
     if let Some(Command::RecordExit { file }) = &cli.command {
         return ExitCode::from(runtime::exit_record::record(file) as u8);
@@ -69,7 +93,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Init { .. } | Command::RecordExit { .. }) => unreachable!("handled above"),
+        Some(Command::Init { .. } | Command::RecordExit { .. } | Command::ExecIn { .. }) => unreachable!("handled above"),
         Some(Command::Config { .. }) => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

@@ -302,8 +302,23 @@ impl RuntimeService for RuntimeApi {
     async fn update_container_resources(&self, _: Request<cri::UpdateContainerResourcesRequest>) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
         Err(not_yet("UpdateContainerResources", "the pod and container lifecycle issue"))
     }
-    async fn exec_sync(&self, _: Request<cri::ExecSyncRequest>) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("ExecSync", "the streaming issue"))
+    async fn exec_sync(&self, request: Request<cri::ExecSyncRequest>) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let request = request.into_inner();
+        if request.cmd.is_empty() {
+            return Err(Status::invalid_argument("ExecSync needs a command"));
+        }
+        let timeout = match request.timeout {
+            0 => None,
+            seconds if seconds > 0 => Some(std::time::Duration::from_secs(seconds as u64)),
+            seconds => return Err(Status::invalid_argument(format!("ExecSync timeout {seconds} is negative"))),
+        };
+        let max_output = usize::try_from(self.config.exec.sync_max_output_bytes).unwrap_or(usize::MAX);
+        let output = self
+            .runtime
+            .exec_sync(&request.container_id, request.cmd, timeout, max_output)
+            .await
+            .map_err(runtime_status)?;
+        Ok(Response::new(cri::ExecSyncResponse { stdout: output.stdout, stderr: output.stderr, exit_code: output.exit_code }))
     }
     async fn exec(&self, _: Request<cri::ExecRequest>) -> Result<Response<cri::ExecResponse>, Status> {
         Err(not_yet("Exec", "the streaming issue"))

@@ -15,6 +15,12 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A deadline of the request passed (ExecSync's timeout).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A command could not be run in a container for a reason other than the request's.
+    #[error("{0}")]
+    Exec(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     /// Teardown that kept going past failures reports them all at once.

@@ -8,6 +8,7 @@
 mod container;
 mod containers;
 mod error;
+mod exec;
 pub mod exit_record;
 pub mod init;
 mod namespaces;
@@ -29,6 +30,7 @@ pub use container::{
 };
 pub use containers::ContainerFilter;
 pub use error::Error;
+pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
 pub use namespaces::PodNamespaces;
 pub use logs::{LogPathOf, LogWriter};
 pub use network::{CniConfig, NetworkReadiness};

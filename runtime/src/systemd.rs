@@ -235,6 +235,24 @@ impl Systemd {
         }
     }
 
+    /// The main PID of service `name`; 0 when it has none (not running). A unit that does not
+    /// exist has none either.
+    pub async fn main_pid(&self, name: &str) -> Result<u32, Error> {
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await?;
+        let path = match manager.get_unit(name).await {
+            Ok(path) => path,
+            Err(e) if is_no_such_unit(&e) => return Ok(0),
+            Err(e) => return Err(Error::Unit { unit: name.to_string(), action: "look up", reason: e.to_string() }),
+        };
+        let service = zbus::Proxy::new(&connection, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Service")
+            .await?;
+        service
+            .get_property::<u32>("MainPID")
+            .await
+            .map_err(|e| Error::Unit { unit: name.to_string(), action: "read MainPID of", reason: e.to_string() })
+    }
+
     async fn wait_for_job(
         &self,
         removed: &mut JobRemovedStream,

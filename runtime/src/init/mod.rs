@@ -34,6 +34,7 @@
 //!
 //! init is single-threaded and starts no async runtime: the child of `fork` may use the allocator.
 
+pub mod exec_in;
 mod namespaces;
 mod notify;
 mod process;

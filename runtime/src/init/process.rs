@@ -111,7 +111,14 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan) -> Result<Exec> {
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
         rootfs::remount_root_readonly()?;
     }
+    prepare_exec(process)
+}
 
+/// The process's own setup, shared by init and `exec-in` (which runs in the container's root
+/// already): rlimits, bounding set, user and groups, cwd, capabilities, no_new_privs, umask,
+/// environment, and the lookup of the executable.
+pub(crate) fn prepare_exec(process: &Process) -> Result<Exec> {
+    let cwd = process.cwd();
     set_rlimits(process)?;
     let caps = process.capabilities().as_ref();
     let last_cap = last_cap();

@@ -1,0 +1,395 @@
+//! Commands in running containers (ExecSync, Exec): the daemon's side of `cri-systemd exec-in`
+//! (see `init::exec_in` for the steps and why a helper process does the namespace work).
+//!
+//! The daemon spawns exec-in with the session's stdio (pipes) and a SOCK_SEQPACKET control
+//! socket as fd 3, on which exec-in reports the pty, the start and the end of the command.
+//! Dropping an [`ExecSession`] closes the control socket, which kills the command.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, socketpair};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tracing::debug;
+
+use crate::container::ContainerState;
+use crate::init::exec_in::{self, MSG_KILL, Report};
+use crate::{Error, Runtime};
+
+/// What to run and which stdio the caller wants.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    pub tty: bool,
+    pub stdin: bool,
+    pub stdout: bool,
+    /// Ignored with a tty (one stream carries both).
+    pub stderr: bool,
+}
+
+/// ExecSync's result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSyncOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+}
+
+/// Largest command line accepted (the kernel's limit for one argument is 128 KiB).
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// After the command ended, how long its output may still take to reach EOF: a background
+/// process that keeps the pipes open must not hold the call.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+/// How long a killed command may take to be reported as ended.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// A command started in a container. Dropping it kills the command (and its process group).
+#[derive(Debug)]
+pub struct ExecSession {
+    helper: tokio::process::Child,
+    control: Control,
+    pub stdin: Option<tokio::process::ChildStdin>,
+    pub stdout: Option<tokio::process::ChildStdout>,
+    pub stderr: Option<tokio::process::ChildStderr>,
+    /// The pty master (`tty` sessions): the command's stdin, stdout and stderr.
+    pub pty: Option<Arc<Pty>>,
+    /// Why the command could not be started, with the shell-like exit code reported for it.
+    start_error: Option<String>,
+    exit_code: Option<i32>,
+}
+
+impl ExecSession {
+    /// The message of a command that could not be started (its exit code is 126 or 127).
+    pub fn start_error(&self) -> Option<&str> {
+        self.start_error.as_deref()
+    }
+
+    /// Waits for the command to end: its exit code, 128 + the signal that killed it.
+    pub async fn wait(&mut self) -> Result<i32, Error> {
+        if let Some(code) = self.exit_code {
+            return Ok(code);
+        }
+        loop {
+            let code = match self.control.receive().await? {
+                Some((Report::Exited { code }, _)) => code,
+                Some((Report::Killed { signal }, _)) => 128 + signal,
+                Some((Report::Failed { message, .. }, _)) => return Err(Error::Exec(format!("exec-in: {message}"))),
+                Some(_) => continue,
+                None => {
+                    let status = self.helper.wait().await.ok();
+                    return Err(Error::Exec(format!(
+                        "exec-in ended ({}) without reporting the command's end: did the container stop?",
+                        status.map(|s| s.to_string()).unwrap_or_else(|| "status unknown".into())
+                    )));
+                }
+            };
+            self.exit_code = Some(code);
+            let _ = self.helper.wait().await;
+            return Ok(code);
+        }
+    }
+
+    /// Kills the command's process group; [`wait`](Self::wait) then reports how it ended.
+    pub fn kill(&self) {
+        self.control.send(MSG_KILL);
+    }
+}
+
+impl Runtime {
+    /// Starts `request.command` in running container `id`, in all its namespaces, its cgroup,
+    /// with its user, environment, working dir, capabilities and no_new_privs.
+    pub async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecSession, Error> {
+        if request.command.is_empty() {
+            return Err(Error::InvalidArgument("exec needs a command".into()));
+        }
+        if request.command.iter().any(|a| a.contains('\0')) {
+            return Err(Error::InvalidArgument("exec command contains a NUL byte".into()));
+        }
+        if request.command.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_COMMAND_BYTES {
+            return Err(Error::InvalidArgument(format!("exec command is longer than {MAX_COMMAND_BYTES} bytes")));
+        }
+        let container = self.container(id)?;
+        if container.state != ContainerState::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {:?}, not running: cannot exec in it",
+                container.id, container.state
+            )));
+        }
+        let main_pid = self.systemd.main_pid(&container.unit).await?;
+        if main_pid == 0 {
+            return Err(Error::FailedPrecondition(format!("container {} is not running: its unit has no main process", container.id)));
+        }
+        let init_spec = self.container_dir(&container.id).join("init.json");
+
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| Error::Io { what: "cannot create the exec control socket".into(), source: e.into() })?;
+        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
+        let mut command = std::process::Command::new(exe);
+        command.arg(exec_in::SUBCOMMAND);
+        if request.tty {
+            command.arg("--tty");
+        }
+        command.arg(&init_spec).arg(&container.unit).arg(main_pid.to_string()).arg("--").args(&request.command);
+        let piped = |wanted: bool| if wanted && !request.tty { std::process::Stdio::piped() } else { std::process::Stdio::null() };
+        command.stdin(piped(request.stdin)).stdout(piped(request.stdout)).stderr(piped(request.stderr));
+        let control_fd: RawFd = theirs.as_raw_fd();
+        // SAFETY: the closure runs between fork and exec in the child and calls only dup2, which
+        // is async-signal-safe; dup2 onto fd 3 clears its close-on-exec flag there.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(control_fd, exec_in::CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut helper = tokio::process::Command::from(command)
+            .spawn()
+            .map_err(Error::io("cannot start cri-systemd exec-in"))?;
+        drop(theirs);
+        let control = Control::new(ours)?;
+        let mut session = ExecSession {
+            stdin: helper.stdin.take(),
+            stdout: helper.stdout.take(),
+            stderr: helper.stderr.take(),
+            helper,
+            control,
+            pty: None,
+            start_error: None,
+            exit_code: None,
+        };
+        loop {
+            match session.control.receive().await? {
+                Some((Report::Tty, Some(master))) => session.pty = Some(Arc::new(Pty::new(master)?)),
+                Some((Report::Tty, None)) => return Err(Error::Exec("exec-in sent no pty".into())),
+                Some((Report::Started { pid }, _)) => {
+                    debug!(container = %container.id, pid, command = ?request.command, "exec started");
+                    return Ok(session);
+                }
+                Some((Report::Failed { message, exit_code: Some(code) }, _)) => {
+                    session.start_error = Some(message);
+                    session.exit_code = Some(code);
+                    let _ = session.helper.wait().await;
+                    return Ok(session);
+                }
+                Some((Report::Failed { message, exit_code: None }, _)) => {
+                    let _ = session.helper.wait().await;
+                    return Err(match self.systemd.main_pid(&container.unit).await {
+                        Ok(0) => Error::FailedPrecondition(format!("container {} stopped: {message}", container.id)),
+                        _ => Error::Exec(format!("cannot exec in container {}: {message}", container.id)),
+                    });
+                }
+                Some((other, _)) => return Err(Error::Exec(format!("exec-in reported {other:?} before the command started"))),
+                None => {
+                    let status = session.helper.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                    return Err(Error::Exec(format!("exec-in ended ({status}) before the command started")));
+                }
+            }
+        }
+    }
+
+    /// ExecSync: runs `command` and returns its output, each stream capped at `max_output`
+    /// bytes (the rest is read and discarded, so the command never blocks on a full pipe). On
+    /// `timeout` the command's process group is killed and the call fails with DeadlineExceeded.
+    pub async fn exec_sync(&self, id: &str, command: Vec<String>, timeout: Option<Duration>, max_output: usize) -> Result<ExecSyncOutput, Error> {
+        let request = ExecRequest { command: command.clone(), stdout: true, stderr: true, ..Default::default() };
+        let mut session = self.exec(id, request).await?;
+        if let Some(message) = session.start_error.clone() {
+            let exit_code = session.wait().await?;
+            return Ok(ExecSyncOutput { stdout: Vec::new(), stderr: format!("{message}\n").into_bytes(), exit_code });
+        }
+        let stdout = Captured::spawn(session.stdout.take(), max_output);
+        let stderr = Captured::spawn(session.stderr.take(), max_output);
+        let ended = match timeout {
+            Some(limit) => tokio::time::timeout(limit, session.wait()).await.ok(),
+            None => Some(session.wait().await),
+        };
+        let Some(ended) = ended else {
+            session.kill();
+            let _ = tokio::time::timeout(KILL_WAIT, session.wait()).await;
+            let (out, err) = (stdout.finish(OUTPUT_DRAIN).await, stderr.finish(OUTPUT_DRAIN).await);
+            return Err(Error::DeadlineExceeded(format!(
+                "command {command:?} in container {id} timed out after {}s and was killed; output so far: stdout {:?}, stderr {:?}",
+                timeout.unwrap_or_default().as_secs(),
+                excerpt(&out),
+                excerpt(&err)
+            )));
+        };
+        let exit_code = ended?;
+        Ok(ExecSyncOutput { stdout: stdout.finish(OUTPUT_DRAIN).await, stderr: stderr.finish(OUTPUT_DRAIN).await, exit_code })
+    }
+}
+
+/// The start of some output, for an error message.
+fn excerpt(bytes: &[u8]) -> String {
+    const MAX: usize = 512;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]).into_owned();
+    if bytes.len() > MAX { format!("{text}...") } else { text }
+}
+
+/// One output stream read to EOF in a task of its own, kept up to a cap.
+struct Captured {
+    data: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Captured {
+    fn spawn<R: AsyncRead + Unpin + Send + 'static>(reader: Option<R>, cap: usize) -> Captured {
+        let data = Arc::new(Mutex::new(Vec::new()));
+        let sink = data.clone();
+        let task = tokio::spawn(async move {
+            let Some(mut reader) = reader else { return };
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                match reader.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let mut data = sink.lock().expect("output lock");
+                        let room = cap.saturating_sub(data.len());
+                        data.extend_from_slice(&buffer[..n.min(room)]);
+                    }
+                }
+            }
+        });
+        Captured { data, task }
+    }
+
+    /// What was read once the stream reached EOF, or after `grace`, whichever comes first.
+    async fn finish(self, grace: Duration) -> Vec<u8> {
+        let mut task = self.task;
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            task.abort();
+        }
+        std::mem::take(&mut *self.data.lock().expect("output lock"))
+    }
+}
+
+/// The daemon's end of the control socket.
+#[derive(Debug)]
+struct Control {
+    socket: AsyncFd<OwnedFd>,
+}
+
+/// The largest report exec-in sends (a message of init's and some JSON).
+const MAX_REPORT: usize = 64 * 1024;
+
+impl Control {
+    fn new(socket: OwnedFd) -> Result<Control, Error> {
+        set_nonblocking(&socket)?;
+        // SAFETY: the descriptor is ours alone (a fresh socketpair end) and stays open while
+        // registered: AsyncFd owns it and deregisters before closing it.
+        let socket = unsafe { AsyncFd::register(socket) }
+            .map_err(|e| Error::Io { what: "cannot watch the exec control socket".into(), source: e.into_parts().1 })?;
+        Ok(Control { socket })
+    }
+
+    /// One byte to exec-in. The socket's buffer holds far more than the two bytes ever sent.
+    fn send(&self, byte: u8) {
+        let _ = nix::sys::socket::send(self.socket.get_ref().as_raw_fd(), &[byte], MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
+    }
+
+    /// The next report, with the descriptor it carried; `None` once exec-in is gone.
+    async fn receive(&self) -> Result<Option<(Report, Option<OwnedFd>)>, Error> {
+        let mut buffer = vec![0u8; MAX_REPORT];
+        loop {
+            let mut guard = self.socket.readable().await.map_err(Error::io("cannot wait on the exec control socket"))?;
+            let result = guard.try_io(|socket| {
+                let mut space = nix::cmsg_space!([RawFd; 1]);
+                let mut iov = [IoSliceMut::new(&mut buffer)];
+                let message = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(std::io::Error::from)?;
+                let mut fd = None;
+                for cmsg in message.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                        for raw in fds {
+                            // SAFETY: SCM_RIGHTS gave us this new descriptor; we own it now.
+                            let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                            fd.get_or_insert(owned);
+                        }
+                    }
+                }
+                Ok((message.bytes, message.flags.contains(MsgFlags::MSG_TRUNC), fd))
+            });
+            let (length, truncated, fd) = match result {
+                Ok(Ok(received)) => received,
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(None),
+                Ok(Err(e)) => return Err(Error::Io { what: "cannot read the exec control socket".into(), source: e }),
+                Err(_would_block) => continue,
+            };
+            if length == 0 && !truncated {
+                return Ok(None);
+            }
+            if truncated {
+                return Err(Error::Exec("exec-in sent an over-long report".into()));
+            }
+            let report: Report = serde_json::from_slice(&buffer[..length])
+                .map_err(|e| Error::Exec(format!("exec-in sent a bad report: {e}")))?;
+            return Ok(Some((report, fd)));
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), Error> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| Error::Io { what: "fcntl".into(), source: e.into() })?;
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK))
+        .map_err(|e| Error::Io { what: "fcntl".into(), source: e.into() })?;
+    Ok(())
+}
+
+/// The master side of an exec's pty, non-blocking, usable from several tasks at once.
+#[derive(Debug)]
+pub struct Pty {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Pty {
+    fn new(master: OwnedFd) -> Result<Pty, Error> {
+        set_nonblocking(&master)?;
+        // SAFETY: the master came to us over SCM_RIGHTS and nothing else holds it; AsyncFd owns
+        // it and deregisters before closing it.
+        let fd = unsafe { AsyncFd::register(master) }.map_err(|e| Error::Io { what: "cannot watch the pty".into(), source: e.into_parts().1 })?;
+        Ok(Pty { fd })
+    }
+
+    /// Reads what the command wrote; `Ok(0)` once every slave descriptor is closed (the kernel
+    /// reports that as EIO on a pty master).
+    pub async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(std::io::Error::from)) {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes all of `buf` as the command's input.
+    pub async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(std::io::Error::from)) {
+                Ok(Ok(n)) => buf = &buf[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the terminal's size (the command gets SIGWINCH).
+    pub fn resize(&self, width: u16, height: u16) -> std::io::Result<()> {
+        let size = libc::winsize { ws_row: height, ws_col: width, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads a winsize we own, on a pty master descriptor we own.
+        Errno::result(unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &size) })
+            .map(drop)
+            .map_err(std::io::Error::from)
+    }
+}
