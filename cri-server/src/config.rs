@@ -198,6 +198,9 @@ impl Config {
                 return Err(bad(&format!("cni.plugin_dirs[{index}]"), format!("{} is not an absolute path", dir.display())));
             }
         }
+        if self.cni.plugin_timeout_secs == 0 {
+            return Err(bad("cni.plugin_timeout_secs", "must be more than 0".into()));
+        }
         // sun_path holds 108 bytes including the terminating NUL.
         if self.socket.as_os_str().len() > 107 {
             return Err(bad("socket", "longer than the 107 bytes a unix socket path may have".into()));
@@ -280,6 +283,8 @@ mod tests {
         assert!(err.contains("`state_root`"), "{err}");
         let err = Config::parse("[cni]\nplugin_dirs = [\"/ok\", \"rel\"]\n", "c").unwrap_err().to_string();
         assert!(err.contains("`cni.plugin_dirs[1]`"), "{err}");
+        let err = Config::parse("[cni]\nplugin_timeout_secs = 0\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`cni.plugin_timeout_secs`"), "{err}");
         let err = Config::parse("[systemd]\nbus_address = 3\n", "c").unwrap_err().to_string();
         assert!(err.contains("`systemd.bus_address`"), "{err}");
     }

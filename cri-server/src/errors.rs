@@ -11,8 +11,22 @@ pub fn runtime_status(error: runtime::Error) -> Status {
         E::AlreadyExists(_) => Status::already_exists(message),
         E::FailedPrecondition(_) => Status::failed_precondition(message),
         E::SystemdUnreachable { .. } => Status::unavailable(message),
+        E::Network(cni) => cni_status(cni, message),
         // The kubelet reads DeadlineExceeded from ExecSync as a timed-out probe.
         E::DeadlineExceeded(_) => Status::deadline_exceeded(message),
         E::Unit { .. } | E::Bus(_) | E::Io { .. } | E::Teardown { .. } | E::Exec(_) => Status::internal(message),
+    }
+}
+
+fn cni_status(error: runtime::CniError, message: String) -> Status {
+    use runtime::CniError as C;
+    match error {
+        // The node's network is not set up (yet): the kubelet waits for NetworkReady.
+        C::NotReady(_) | C::PluginNotFound { .. } => Status::failed_precondition(message),
+        // CNI error code 11: "try again later".
+        C::Plugin { code: 11, .. } => Status::unavailable(message),
+        // Failures of another program (the plugin), not of this daemon.
+        C::Plugin { .. } | C::Failed { .. } | C::Timeout { .. } | C::BadResult { .. } => Status::unknown(message),
+        C::Spawn { .. } | C::Cache { .. } | C::BadCacheEntry { .. } => Status::internal(message),
     }
 }

@@ -109,8 +109,7 @@ pub fn pod_status(pod: &Pod) -> cri::PodSandboxStatus {
         metadata: Some(metadata(pod)),
         state: cri_state(pod.state),
         created_at: pod.created_at,
-        // Pod IPs come with CNI networking.
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(network_status(pod)),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(cri::NamespaceOption {
@@ -124,6 +123,15 @@ pub fn pod_status(pod: &Pod) -> cri::PodSandboxStatus {
         labels: map(&pod.spec.labels),
         annotations: map(&pod.spec.annotations),
         runtime_handler: pod.spec.runtime_handler.clone(),
+    }
+}
+
+/// The pod IP (IPv4 first) and the others (dual stack); empty for pods without a CNI network.
+fn network_status(pod: &Pod) -> cri::PodSandboxNetworkStatus {
+    let mut ips = pod.ips.iter().map(|ip| ip.to_string());
+    cri::PodSandboxNetworkStatus {
+        ip: ips.next().unwrap_or_default(),
+        additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
     }
 }
 

@@ -341,8 +341,16 @@ impl RuntimeService for RuntimeApi {
     async fn list_pod_sandbox_stats(&self, _: Request<cri::ListPodSandboxStatsRequest>) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
         Err(not_yet("ListPodSandboxStats", "stats are not implemented yet"))
     }
-    async fn update_runtime_config(&self, _: Request<cri::UpdateRuntimeConfigRequest>) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
-        Err(not_yet("UpdateRuntimeConfig", "the CNI issue"))
+    /// Only the pod CIDR is read (the kubelet sends nothing else): it reaches CNI plugins with the
+    /// `ipRanges` capability. A request without a network config changes nothing.
+    async fn update_runtime_config(
+        &self,
+        request: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        if let Some(network) = request.into_inner().runtime_config.and_then(|c| c.network_config) {
+            self.runtime.update_pod_cidr(&network.pod_cidr).map_err(runtime_status)?;
+        }
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
     async fn checkpoint_container(&self, _: Request<cri::CheckpointContainerRequest>) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
         Err(not_yet("CheckpointContainer", "checkpointing is not supported"))

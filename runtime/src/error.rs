@@ -23,6 +23,9 @@ pub enum Error {
     Exec(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// Attaching a pod to its network or detaching it (a CNI plugin's own message included).
+    #[error(transparent)]
+    Network(#[from] crate::cni::CniError),
     /// Teardown that kept going past failures reports them all at once.
     #[error("{what}: {}", .errors.join("; "))]
     Teardown { what: String, errors: Vec<String> },

@@ -5,6 +5,7 @@
 //! Concurrency: every pod has a lock of its own held across its slow work (systemd jobs, mounts);
 //! the table of pods is locked only to look up or insert an entry, never across slow work.
 
+mod cni;
 mod container;
 mod containers;
 mod error;
@@ -13,7 +14,6 @@ pub mod exit_record;
 pub mod init;
 mod namespaces;
 mod logs;
-mod network;
 mod passwd;
 mod pod;
 mod podfiles;
@@ -33,7 +33,7 @@ pub use error::Error;
 pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
 pub use namespaces::PodNamespaces;
 pub use logs::{LogPathOf, LogWriter};
-pub use network::{CniConfig, NetworkReadiness};
+pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use systemd::{ManagerInfo, Systemd};
@@ -53,6 +53,8 @@ pub struct RuntimeConfig {
 pub struct Runtime {
     config: RuntimeConfig,
     systemd: Arc<Systemd>,
+    /// Pod networking: the CNI plugins, the result cache, the pod CIDRs.
+    cni: cni::Cni,
     pods: Mutex<BTreeMap<String, Arc<Entry<Pod>>>>,
     containers: Mutex<BTreeMap<String, Arc<Entry<Container>>>>,
 }

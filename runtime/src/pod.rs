@@ -2,6 +2,7 @@
 //! maps onto systemd (its slice).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,10 @@ pub struct Pod {
     pub files_dir: PathBuf,
     /// The pod's /dev/shm, when it has one of its own (IPC namespace of its own).
     pub shm: Option<PathBuf>,
+    /// The addresses CNI gave the pod, IPv4 first (the first is the pod IP); none for host-network
+    /// pods, pods on a node without a CNI config, and stopped pods.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
 }
 
 impl PodSpec {
@@ -96,6 +101,12 @@ impl PodSpec {
         }
         if !self.cgroup_parent.is_empty() {
             check_slice_name(&self.cgroup_parent)?;
+        }
+        if self.network != NamespaceMode::Node {
+            for (field, value) in [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)] {
+                crate::cni::check_cni_arg(field, value).map_err(Error::InvalidArgument)?;
+            }
+            crate::cni::capability_args(&self.port_mappings, &self.annotations, &[]).map_err(Error::InvalidArgument)?;
         }
         Ok(())
     }
@@ -176,6 +187,43 @@ mod tests {
             let err = PodSpec { cgroup_parent: bad.into(), ..spec() }.validate().unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn network_inputs_are_checked_unless_host_network() {
+        let mut bad_bandwidth = spec();
+        bad_bandwidth.annotations.insert("kubernetes.io/egress-bandwidth".into(), "lots".into());
+        let err = bad_bandwidth.validate().unwrap_err().to_string();
+        assert!(err.contains("kubernetes.io/egress-bandwidth") && err.contains("lots"), "{err}");
+        let bad_mapping = PodSpec {
+            port_mappings: vec![PortMapping { protocol: "TCP".into(), container_port: 80, host_port: 99999, host_ip: String::new() }],
+            ..spec()
+        };
+        assert!(matches!(bad_mapping.validate(), Err(Error::InvalidArgument(_))));
+        let odd_name = PodSpec { name: "a;b".into(), ..spec() };
+        assert!(odd_name.validate().unwrap_err().to_string().contains("CNI"));
+        // Host-network pods make no CNI call: nothing to check.
+        PodSpec { network: NamespaceMode::Node, ..odd_name }.validate().unwrap();
+    }
+
+    #[test]
+    fn records_without_ips_still_read() {
+        let pod = Pod {
+            id: "x".into(),
+            spec: spec(),
+            state: PodState::Ready,
+            created_at: 1,
+            slice: "s.slice".into(),
+            namespaces: Default::default(),
+            files_dir: "/run/x".into(),
+            shm: None,
+            ips: vec!["10.88.0.5".parse().unwrap()],
+        };
+        let mut json = serde_json::to_value(&pod).unwrap();
+        assert_eq!(json["ips"], serde_json::json!(["10.88.0.5"]));
+        json.as_object_mut().unwrap().remove("ips");
+        let old: Pod = serde_json::from_value(json).unwrap();
+        assert!(old.ips.is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The per-pod files every container of the pod sees: /etc/hostname, /etc/hosts, /etc/resolv.conf.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use crate::pod::DnsConfig;
@@ -7,14 +8,16 @@ use crate::pod::DnsConfig;
 /// The node's resolver config, used when the pod brings no DNS config of its own.
 const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
 
-pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_network: bool) -> std::io::Result<()> {
+/// Writes the pod's files; `ips` (the pod's addresses from CNI, if any) name the pod's hostname
+/// in /etc/hosts, as the kubelet's managed hosts file does.
+pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_network: bool, ips: &[IpAddr]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
     let hosts = if host_network {
         // Host-network pods see the node's own names, as with containerd.
-        std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| default_hosts(hostname))
+        std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| default_hosts(hostname, ips))
     } else {
-        default_hosts(hostname)
+        default_hosts(hostname, ips)
     };
     std::fs::write(dir.join("hosts"), hosts)?;
     let resolv = match dns {
@@ -24,11 +27,19 @@ pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_ne
     std::fs::write(dir.join("resolv.conf"), resolv)
 }
 
-fn default_hosts(hostname: &str) -> String {
-    format!(
+fn default_hosts(hostname: &str, ips: &[IpAddr]) -> String {
+    let mut hosts = String::from(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n\
-         fe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n127.0.1.1\t{hostname}\n"
-    )
+         fe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
+    );
+    if ips.is_empty() {
+        // No network address (loopback only): the Debian convention keeps the name resolvable.
+        hosts += &format!("127.0.1.1\t{hostname}\n");
+    }
+    for ip in ips {
+        hosts += &format!("{ip}\t{hostname}\n");
+    }
+    hosts
 }
 
 fn resolv_conf(dns: &DnsConfig) -> String {
@@ -65,9 +76,20 @@ mod tests {
     #[test]
     fn files_are_written() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "web-0", None, false).unwrap();
+        write(dir.path(), "web-0", None, false, &[]).unwrap();
         assert_eq!(std::fs::read_to_string(dir.path().join("hostname")).unwrap(), "web-0\n");
         assert!(std::fs::read_to_string(dir.path().join("hosts")).unwrap().contains("127.0.1.1\tweb-0"));
         assert!(dir.path().join("resolv.conf").exists());
+    }
+
+    #[test]
+    fn hosts_names_the_pod_ips() {
+        let dir = tempfile::tempdir().unwrap();
+        let ips = ["10.88.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        write(dir.path(), "web-0", None, false, &ips).unwrap();
+        let hosts = std::fs::read_to_string(dir.path().join("hosts")).unwrap();
+        assert!(hosts.starts_with("127.0.0.1\tlocalhost\n"), "{hosts}");
+        assert!(hosts.ends_with("\n10.88.0.5\tweb-0\nfd00::5\tweb-0\n"), "{hosts}");
+        assert!(!hosts.contains("127.0.1.1"), "{hosts}");
     }
 }

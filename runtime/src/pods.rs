@@ -9,6 +9,7 @@ use nix::mount::{MntFlags, MsFlags};
 use tracing::{info, warn};
 use zbus::zvariant::Value;
 
+use crate::cni::{self, Cni, NetworkList};
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState};
 use crate::store::{new_id, read_json, write_json};
@@ -32,6 +33,7 @@ impl Runtime {
     /// died forward or back, and marks pods whose namespaces are gone (after a reboot) NotReady.
     pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
         let runtime = Runtime {
+            cni: Cni::open(config.cni.clone(), &config.state_root),
             config,
             systemd,
             pods: Mutex::new(BTreeMap::new()),
@@ -123,7 +125,12 @@ impl Runtime {
     /// gets the pod it asked for; if that pod is no longer ready, the call fails with AlreadyExists.
     pub async fn run_pod(&self, spec: PodSpec) -> Result<String, Error> {
         spec.validate()?;
-        let (entry, guard) = {
+        // Read before anything is created; its error only counts for a pod that is created.
+        let network = match spec.network {
+            NamespaceMode::Node => Ok(None),
+            _ => self.cni.network(),
+        };
+        let (entry, guard, network) = {
             let mut pods = self.pods.lock().expect("pod table lock");
             let same_attempt = pods.values().find(|entry| {
                 let pod = entry.record.read().expect("pod record lock");
@@ -140,6 +147,7 @@ impl Runtime {
                     ))),
                 };
             }
+            let network = network?;
             let id = new_id();
             let run_dir = self.pod_run_dir(&id);
             let pod = Pod {
@@ -151,16 +159,17 @@ impl Runtime {
                 namespaces: Default::default(),
                 files_dir: run_dir,
                 shm: None,
+                ips: Vec::new(),
             };
             let entry = Entry::new(pod.clone());
             // Locked before it is visible, so that no other call on this pod runs before it exists.
             let guard = entry.operation.clone().try_lock_owned().expect("a new lock is free");
             pods.insert(id, entry.clone());
-            (entry, guard)
+            (entry, guard, network)
         };
         let _guard = guard;
         let pod = entry.record.read().expect("pod record lock").clone();
-        match self.create_pod(&entry, pod.clone()).await {
+        match self.create_pod(&entry, pod.clone(), network).await {
             Ok(()) => {
                 info!(pod = %pod.id, name = %pod.spec.name, namespace = %pod.spec.namespace, slice = %pod.slice, "pod ready");
                 Ok(pod.id)
@@ -176,7 +185,9 @@ impl Runtime {
         }
     }
 
-    async fn create_pod(&self, entry: &Entry<Pod>, mut pod: Pod) -> Result<(), Error> {
+    /// Creates what the pod is made of; `network` is the CNI network to attach it to (none: host
+    /// network, or a node without CNI config).
+    async fn create_pod(&self, entry: &Entry<Pod>, mut pod: Pod, network: Option<NetworkList>) -> Result<(), Error> {
         // The intent goes to disk first: a daemon killed from here on finds it and rolls back.
         self.save(entry, pod.clone())?;
         self.systemd
@@ -197,8 +208,27 @@ impl Runtime {
             .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
             .map_err(Error::io("cannot create pod namespaces"))?;
         self.save(entry, pod.clone())?;
+        match (&network, &pod.namespaces.network) {
+            (Some(network), Some(netns)) => {
+                // The record (state Creating, pins) is on disk: a daemon killed during the ADD
+                // rolls the pod back on restart, DEL included (the CNI result cache has it).
+                let attachment = cni::Attachment {
+                    container_id: pod.id.clone(),
+                    netns: netns.clone(),
+                    cni_args: cni::k8s_args(&pod.spec.namespace, &pod.spec.name, &pod.id, &pod.spec.uid),
+                    capability_args: cni::capability_args(&pod.spec.port_mappings, &pod.spec.annotations, &self.cni.pod_cidrs())
+                        .map_err(Error::InvalidArgument)?,
+                };
+                pod.ips = self.cni.add(network, &attachment).await?;
+                self.save(entry, pod.clone())?;
+            }
+            (None, Some(_)) => {
+                info!(pod = %pod.id, "no CNI network config: the pod's network namespace has loopback only");
+            }
+            _ => {}
+        }
         let host_network = pod.spec.network == NamespaceMode::Node;
-        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network)
+        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network, &pod.ips)
             .map_err(Error::io("cannot write pod files"))?;
         if wanted.ipc {
             let shm = pod.files_dir.join("shm");
@@ -209,8 +239,9 @@ impl Runtime {
         self.save(entry, pod)
     }
 
-    /// StopPodSandbox: stops every container (the slice's units) and releases the pod's
-    /// namespaces and /dev/shm. Unknown pods are already stopped.
+    /// StopPodSandbox: stops every container (the slice's units), detaches the pod from its
+    /// network (CNI DEL) and releases its namespaces and /dev/shm. Unknown pods are already
+    /// stopped.
     pub async fn stop_pod(&self, id: &str) -> Result<(), Error> {
         let Some(entry) = self.entry(id)? else { return Ok(()) };
         let _guard = entry.operation.clone().lock_owned().await;
@@ -222,10 +253,13 @@ impl Runtime {
         self.refresh_pod_containers(&pod.id);
         pod.state = PodState::NotReady;
         pod.shm = None;
+        // Released by the DEL: another pod may have them now.
+        pod.ips.clear();
         self.save(&entry, pod)
     }
 
-    /// RemovePodSandbox: everything StopPodSandbox does, and the pod's records. Unknown pods are
+    /// RemovePodSandbox: everything StopPodSandbox does (again: a DEL that failed at stop is
+    /// retried, one that succeeded is not repeated), and the pod's records. Unknown pods are
     /// already removed.
     pub async fn remove_pod(&self, id: &str) -> Result<(), Error> {
         let Some(entry) = self.entry(id)? else { return Ok(()) };
@@ -245,6 +279,12 @@ impl Runtime {
     async fn teardown(&self, pod: &Pod, remove: bool) -> Result<(), Error> {
         let mut errors = Vec::new();
         if let Err(e) = self.systemd.stop_unit(&pod.slice).await {
+            errors.push(e.to_string());
+        }
+        // While the namespace is still pinned, so that plugins can remove the pod's interface;
+        // without it (after a reboot) they still release what lives outside (IPAM, iptables).
+        let netns = pod.namespaces.network.as_deref().filter(|pin| namespaces::is_pinned(pin));
+        if let Err(e) = self.cni.del(&pod.id, netns).await {
             errors.push(e.to_string());
         }
         if let Err(e) = namespaces::release(&pod.namespaces) {
@@ -269,6 +309,17 @@ impl Runtime {
         } else {
             Err(Error::Teardown { what: format!("cannot release pod {}", pod.id), errors })
         }
+    }
+
+    /// UpdateRuntimeConfig's pod CIDR (comma-separated for dual stack; empty clears it): passed to
+    /// CNI plugins with the `ipRanges` capability from the next pod on. Kept across restarts.
+    pub fn update_pod_cidr(&self, pod_cidr: &str) -> Result<Vec<String>, Error> {
+        self.cni.set_pod_cidrs(pod_cidr)
+    }
+
+    /// The pod CIDRs last set by [`Runtime::update_pod_cidr`].
+    pub fn pod_cidrs(&self) -> Vec<String> {
+        self.cni.pod_cidrs()
     }
 
     /// The pod with this id (or unique id prefix).
