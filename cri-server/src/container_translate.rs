@@ -24,9 +24,9 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     let resources = linux.resources.unwrap_or_default();
     let mut mounts = Vec::with_capacity(config.mounts.len());
     for mount in config.mounts {
-        if mount.recursive_read_only || !mount.uid_mappings.is_empty() || mount.image.is_some() {
+        if !mount.uid_mappings.is_empty() || mount.image.is_some() {
             return Err(Status::invalid_argument(format!(
-                "mount at {}: recursive read-only, idmapped and image mounts are not supported yet",
+                "mount at {}: idmapped and image mounts are not supported yet",
                 mount.container_path
             )));
         }
@@ -41,6 +41,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
             container_path: mount.container_path,
             host_path: mount.host_path.into(),
             readonly: mount.readonly,
+            recursive_readonly: mount.recursive_read_only,
             propagation,
         });
     }
@@ -58,13 +59,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         labels: config.labels.into_iter().collect(),
         annotations: config.annotations.into_iter().collect(),
         log_path: config.log_path,
-        resources: Resources {
-            cpu_period: resources.cpu_period,
-            cpu_quota: resources.cpu_quota,
-            cpu_shares: resources.cpu_shares,
-            memory_limit_in_bytes: resources.memory_limit_in_bytes,
-            oom_score_adj: resources.oom_score_adj,
-        },
+        resources: resources_of(&resources),
         run_as_user: security.run_as_user.map(|v| v.value),
         run_as_group: security.run_as_group.map(|v| v.value),
         run_as_username: security.run_as_username,
@@ -77,6 +72,17 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         masked_paths: (!security.masked_paths.is_empty()).then_some(security.masked_paths),
         readonly_paths: (!security.readonly_paths.is_empty()).then_some(security.readonly_paths),
     })
+}
+
+/// The limits the runtime applies, from CRI LinuxContainerResources.
+pub fn resources_of(r: &cri::LinuxContainerResources) -> Resources {
+    Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit_in_bytes: r.memory_limit_in_bytes,
+        oom_score_adj: r.oom_score_adj,
+    }
 }
 
 fn container_image(image: &Image, requested: &str) -> ContainerImage {
@@ -149,6 +155,7 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.to_string_lossy().into_owned(),
                 readonly: m.readonly,
+                recursive_read_only: m.recursive_readonly,
                 propagation: match m.propagation {
                     Propagation::Private => cri::MountPropagation::PropagationPrivate as i32,
                     Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer as i32,

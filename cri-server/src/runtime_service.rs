@@ -28,11 +28,66 @@ pub struct RuntimeApi {
     runtime: Arc<Runtime>,
     images: ImageStore,
     logs: Arc<LogWriter>,
+    sampler: runtime::stats::Sampler,
 }
 
 impl RuntimeApi {
+    fn container_stats_of(&self, container: &runtime::Container) -> cri::ContainerStats {
+        let cgroup = runtime::stats::cgroup_path(&container.slice, Some(&container.unit));
+        let usage = if container.state == ContainerState::Running {
+            self.sampler.sample(&cgroup)
+        } else {
+            runtime::stats::Usage { timestamp: now_nanos(), ..Default::default() }
+        };
+        let layer = runtime::stats::disk_usage(&container.rootfs.upperdir);
+        cri::ContainerStats {
+            attributes: Some(cri::ContainerAttributes {
+                id: container.id.clone(),
+                metadata: Some(cri::ContainerMetadata { name: container.spec.name.clone(), attempt: container.spec.attempt }),
+                labels: container.spec.labels.clone().into_iter().collect(),
+                annotations: container.spec.annotations.clone().into_iter().collect(),
+            }),
+            cpu: Some(cpu_usage(&usage)),
+            memory: Some(memory_usage(&usage)),
+            writable_layer: Some(cri::FilesystemUsage {
+                timestamp: usage.timestamp,
+                fs_id: Some(cri::FilesystemIdentifier { mountpoint: self.config.state_root.to_string_lossy().into_owned() }),
+                used_bytes: Some(cri::UInt64Value { value: layer.bytes }),
+                inodes_used: Some(cri::UInt64Value { value: layer.inodes }),
+            }),
+            swap: None,
+        }
+    }
+
+    fn pod_stats_of(&self, pod: &runtime::Pod) -> cri::PodSandboxStats {
+        let usage = self.sampler.sample(&runtime::stats::cgroup_path(&pod.slice, None));
+        let filter = ContainerFilter { pod_id: Some(pod.id.clone()), ..Default::default() };
+        let containers = self.runtime.containers(&filter).iter().map(|c| self.container_stats_of(c)).collect();
+        cri::PodSandboxStats {
+            attributes: Some(cri::PodSandboxAttributes {
+                id: pod.id.clone(),
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: pod.spec.name.clone(),
+                    uid: pod.spec.uid.clone(),
+                    namespace: pod.spec.namespace.clone(),
+                    attempt: pod.spec.attempt,
+                }),
+                labels: pod.spec.labels.clone().into_iter().collect(),
+                annotations: pod.spec.annotations.clone().into_iter().collect(),
+            }),
+            linux: Some(cri::LinuxPodSandboxStats {
+                cpu: Some(cpu_usage(&usage)),
+                memory: Some(memory_usage(&usage)),
+                network: None,
+                process: None,
+                containers,
+            }),
+            windows: None,
+        }
+    }
+
     pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore, logs: Arc<LogWriter>) -> Self {
-        Self { config, systemd: runtime.systemd().clone(), runtime, images, logs }
+        Self { config, systemd: runtime.systemd().clone(), runtime, images, logs, sampler: Default::default() }
     }
 }
 
@@ -92,11 +147,11 @@ impl RuntimeService for RuntimeApi {
                 conditions: vec![condition("RuntimeReady", runtime_ready), condition("NetworkReady", network_ready)],
             }),
             info,
-            // Only features that work end to end are advertised; both come with later issues.
+            // Only features that work end to end are advertised.
             runtime_handlers: vec![cri::RuntimeHandler {
                 name: String::new(),
                 features: Some(cri::RuntimeHandlerFeatures {
-                    recursive_read_only_mounts: false,
+                    recursive_read_only_mounts: true,
                     user_namespaces: false,
                 }),
             }],
@@ -238,6 +293,60 @@ impl RuntimeService for RuntimeApi {
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
+    async fn update_container_resources(
+        &self,
+        request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        let request = request.into_inner();
+        let linux = request.linux.ok_or_else(|| Status::invalid_argument("UpdateContainerResources needs linux resources"))?;
+        let resources = container_translate::resources_of(&linux);
+        self.runtime.update_resources(&request.container_id, resources).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let container = self.runtime.container(&request.into_inner().container_id).map_err(runtime_status)?;
+        Ok(Response::new(cri::ContainerStatsResponse { stats: Some(self.container_stats_of(&container)) }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let mut filter = ContainerFilter::default();
+        if let Some(cri_filter) = request.into_inner().filter {
+            filter.id = Some(cri_filter.id).filter(|id| !id.is_empty());
+            filter.pod_id = Some(cri_filter.pod_sandbox_id).filter(|id| !id.is_empty());
+            filter.labels = cri_filter.label_selector.into_iter().collect();
+        }
+        let stats = self.runtime.containers(&filter).iter().map(|c| self.container_stats_of(c)).collect();
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let pod = self.runtime.pod(&request.into_inner().pod_sandbox_id).map_err(runtime_status)?;
+        Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(self.pod_stats_of(&pod)) }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let mut filter = PodFilter::default();
+        if let Some(cri_filter) = request.into_inner().filter {
+            filter.id = Some(cri_filter.id).filter(|id| !id.is_empty());
+            filter.labels = cri_filter.label_selector.into_iter().collect();
+        }
+        let stats = self.runtime.pods(&filter).iter().map(|p| self.pod_stats_of(p)).collect();
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
     async fn reopen_container_log(
         &self,
         request: Request<cri::ReopenContainerLogRequest>,
@@ -299,9 +408,6 @@ impl RuntimeService for RuntimeApi {
         Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
     }
 
-    async fn update_container_resources(&self, _: Request<cri::UpdateContainerResourcesRequest>) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(not_yet("UpdateContainerResources", "the pod and container lifecycle issue"))
-    }
     async fn exec_sync(&self, request: Request<cri::ExecSyncRequest>) -> Result<Response<cri::ExecSyncResponse>, Status> {
         let request = request.into_inner();
         if request.cmd.is_empty() {
@@ -329,18 +435,6 @@ impl RuntimeService for RuntimeApi {
     async fn port_forward(&self, _: Request<cri::PortForwardRequest>) -> Result<Response<cri::PortForwardResponse>, Status> {
         Err(not_yet("PortForward", "the streaming issue"))
     }
-    async fn container_stats(&self, _: Request<cri::ContainerStatsRequest>) -> Result<Response<cri::ContainerStatsResponse>, Status> {
-        Err(not_yet("ContainerStats", "stats are not implemented yet"))
-    }
-    async fn list_container_stats(&self, _: Request<cri::ListContainerStatsRequest>) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        Err(not_yet("ListContainerStats", "stats are not implemented yet"))
-    }
-    async fn pod_sandbox_stats(&self, _: Request<cri::PodSandboxStatsRequest>) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(not_yet("PodSandboxStats", "stats are not implemented yet"))
-    }
-    async fn list_pod_sandbox_stats(&self, _: Request<cri::ListPodSandboxStatsRequest>) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(not_yet("ListPodSandboxStats", "stats are not implemented yet"))
-    }
     /// Only the pod CIDR is read (the kubelet sends nothing else): it reaches CNI plugins with the
     /// `ipRanges` capability. A request without a network config changes nothing.
     async fn update_runtime_config(
@@ -360,5 +454,33 @@ impl RuntimeService for RuntimeApi {
     }
     async fn list_pod_sandbox_metrics(&self, _: Request<cri::ListPodSandboxMetricsRequest>) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
+    }
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn value(v: Option<u64>) -> Option<cri::UInt64Value> {
+    v.map(|value| cri::UInt64Value { value })
+}
+
+fn cpu_usage(usage: &runtime::stats::Usage) -> cri::CpuUsage {
+    cri::CpuUsage {
+        timestamp: usage.timestamp,
+        usage_core_nano_seconds: value(usage.cpu_total_nanos),
+        usage_nano_cores: value(usage.cpu_nano_cores),
+    }
+}
+
+fn memory_usage(usage: &runtime::stats::Usage) -> cri::MemoryUsage {
+    cri::MemoryUsage {
+        timestamp: usage.timestamp,
+        working_set_bytes: value(usage.memory_working_set_bytes),
+        available_bytes: None,
+        usage_bytes: value(usage.memory_usage_bytes),
+        rss_bytes: value(usage.memory_rss_bytes),
+        page_faults: value(usage.page_faults),
+        major_page_faults: value(usage.major_page_faults),
     }
 }

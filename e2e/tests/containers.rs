@@ -333,3 +333,99 @@ async fn logs_in_the_cri_format_survive_restarts_and_reopen() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn resources_update_live_and_recursive_read_only_mounts() {
+    let node = node("ctr-res");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "res").await;
+
+    // A memory limit set at start, then raised while the container runs.
+    let mut config = container_config("limited", &image, &["/bin/busybox", "sleep", "1000"]);
+    config.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 64 << 20, cpu_shares: 512, ..Default::default() }),
+        ..Default::default()
+    });
+    let id = create(&mut client, &pod, config).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let unit = format!("cri-{id}.service");
+    let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();
+    let limit = || node.sh(&format!("cat /sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes")).trim().to_string();
+    assert_eq!(limit(), (64u64 << 20).to_string());
+    assert_eq!(node.sh(&format!("cat /sys/fs/cgroup/cpu{cgroup}/cpu.shares")).trim(), "512");
+    let update = cri::UpdateContainerResourcesRequest {
+        container_id: id.clone(),
+        linux: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 128 << 20, cpu_shares: 512, ..Default::default() }),
+        ..Default::default()
+    };
+    client.runtime.update_container_resources(update).await.unwrap();
+    assert_eq!(limit(), (128u64 << 20).to_string());
+    let status = status(&mut client, &id).await;
+    assert_eq!(status.resources.unwrap().linux.unwrap().memory_limit_in_bytes, 128 << 20);
+
+    // Recursive read-only: a submount of the volume is read-only too; advertised in Status.
+    let answer = client.runtime.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner();
+    assert!(answer.runtime_handlers[0].features.unwrap().recursive_read_only_mounts);
+    node.sh("mkdir -p /srv/vol/sub /srv/out && chmod 777 /srv/out && mount -t tmpfs tmpfs /srv/vol/sub && chmod 777 /srv/vol/sub");
+    let script = "for d in /rro/sub /rw/sub; do busybox touch $d/x 2>/dev/null && echo $d writable || echo $d read-only; done > /out/rro";
+    let mut config = container_config("rro", &image, &["sh", "-c", script]);
+    config.mounts = vec![
+        cri::Mount { container_path: "/rro".into(), host_path: "/srv/vol".into(), readonly: true, recursive_read_only: true, ..Default::default() },
+        cri::Mount { container_path: "/rw".into(), host_path: "/srv/vol".into(), ..Default::default() },
+        cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() },
+    ];
+    let id = create(&mut client, &pod, config).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    wait_exited(&mut client, &id).await;
+    assert_eq!(node.sh("cat /srv/out/rro"), "/rro/sub read-only\n/rw/sub writable\n");
+
+    // Recursive read-only needs readonly and private propagation.
+    for (readonly, propagation) in [(false, cri::MountPropagation::PropagationPrivate), (true, cri::MountPropagation::PropagationHostToContainer)] {
+        let mut config = container_config("bad-rro", &image, &["true"]);
+        config.mounts = vec![cri::Mount {
+            container_path: "/rro".into(),
+            host_path: "/srv/vol".into(),
+            readonly,
+            recursive_read_only: true,
+            propagation: propagation as i32,
+            ..Default::default()
+        }];
+        assert_eq!(create(&mut client, &pod, config).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}
+
+#[tokio::test]
+async fn stats_come_from_the_container_cgroups() {
+    let node = node("ctr-stats");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "stats").await;
+    // Burns some CPU, writes 1 MiB into its writable layer and keeps 8 MiB in a tmpfs... in memory.
+    let script = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; \
+                  busybox dd if=/dev/urandom of=/written bs=1024 count=1024 2>/dev/null; \
+                  x=0123456789abcdef; while [ ${#x} -lt 8388608 ]; do x=$x$x; done; busybox sleep 1000";
+    let id = create(&mut client, &pod, container_config("busy", &image, &["sh", "-c", script])).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    let stats = eventually(Duration::from_secs(30), "the container's work to show in its stats", || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            let stats = client.runtime.container_stats(cri::ContainerStatsRequest { container_id: id }).await.ok()?.into_inner().stats?;
+            let memory = stats.memory.as_ref()?.working_set_bytes.as_ref()?.value;
+            let layer = stats.writable_layer.as_ref()?.used_bytes.as_ref()?.value;
+            (memory > 16 << 20 && layer >= 1 << 20).then_some(stats)
+        }
+    })
+    .await;
+    assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    assert_eq!(stats.attributes.unwrap().id, id);
+
+    let pods = client.runtime.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None }).await.unwrap().into_inner().stats;
+    assert_eq!(pods.len(), 1);
+    let linux = pods[0].linux.clone().unwrap();
+    assert_eq!(linux.containers.len(), 1);
+    assert!(linux.memory.unwrap().usage_bytes.unwrap().value > 16 << 20, "the pod's slice counts its containers");
+    let listed = client.runtime.list_container_stats(cri::ListContainerStatsRequest { filter: None }).await.unwrap().into_inner().stats;
+    assert_eq!(listed.len(), 1);
+}

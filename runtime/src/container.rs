@@ -51,6 +51,9 @@ pub struct BindMount {
     pub container_path: String,
     pub host_path: PathBuf,
     pub readonly: bool,
+    /// Read-only including every submount (mount_setattr AT_RECURSIVE).
+    #[serde(default)]
+    pub recursive_readonly: bool,
     pub propagation: Propagation,
 }
 
@@ -161,6 +164,12 @@ impl ContainerSpec {
         }
         for mount in &self.mounts {
             check_container_path(&mount.container_path)?;
+            if mount.recursive_readonly && (!mount.readonly || mount.propagation != Propagation::Private) {
+                return Err(Error::InvalidArgument(format!(
+                    "mount at {}: a recursive read-only mount must be read-only with private propagation",
+                    mount.container_path
+                )));
+            }
             if !mount.host_path.is_absolute() {
                 return Err(Error::InvalidArgument(format!(
                     "mount host path {:?} is not absolute",
@@ -316,9 +325,12 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
         let source = std::fs::canonicalize(&mount.host_path).map_err(|e| {
             Error::InvalidArgument(format!("mount host path {}: {e}", mount.host_path.display()))
         })?;
+        let mut options = vec!["rbind", propagation, if mount.readonly { "ro" } else { "rw" }];
+        if mount.recursive_readonly {
+            options.push("rro");
+        }
         mounts.push(serde_json::json!({
-            "destination": mount.container_path, "type": "bind", "source": source,
-            "options": ["rbind", propagation, if mount.readonly { "ro" } else { "rw" }],
+            "destination": mount.container_path, "type": "bind", "source": source, "options": options,
         }));
     }
     let mut namespaces = vec![serde_json::json!({"type": "mount"})];
@@ -382,16 +394,26 @@ pub fn stop_signal(name: &str) -> Result<i32, Error> {
 
 /// The unit properties that express the container's limits and stop behaviour.
 pub(crate) fn resource_properties(spec: &ContainerSpec) -> Result<Vec<(&'static str, Value<'static>)>, Error> {
-    let r = &spec.resources;
     let mut properties: Vec<(&'static str, Value<'static>)> = vec![
         ("KillSignal", Value::from(stop_signal(&spec.image.stop_signal)?)),
         // Containers may run as many tasks as the pod's limits allow; systemd's default
         // (15% of pid_max per service) is not a Kubernetes limit.
         ("TasksMax", Value::from(u64::MAX)),
     ];
-    if r.memory_limit_in_bytes > 0 {
-        properties.push(("MemoryMax", Value::from(r.memory_limit_in_bytes as u64)));
+    properties.extend(limit_properties(&spec.resources));
+    if spec.resources.oom_score_adj != 0 {
+        // Applied when the process starts; the kubelet never changes it later.
+        properties.push(("OOMScoreAdjust", Value::from(spec.resources.oom_score_adj.clamp(-1000, 1000) as i32)));
     }
+    Ok(properties)
+}
+
+/// The unit properties for resource limits; unset limits are `infinity` so that an update can
+/// lift a limit set before.
+pub(crate) fn limit_properties(r: &Resources) -> Vec<(&'static str, Value<'static>)> {
+    let mut properties: Vec<(&'static str, Value<'static>)> = Vec::new();
+    let memory = if r.memory_limit_in_bytes > 0 { r.memory_limit_in_bytes as u64 } else { u64::MAX };
+    properties.push(("MemoryMax", Value::from(memory)));
     if r.cpu_shares > 0 {
         // CPUShares maps 1:1 to cpu.shares on cgroup v1; on v2 systemd converts it to a weight.
         properties.push(("CPUShares", Value::from(r.cpu_shares as u64)));
@@ -400,11 +422,10 @@ pub(crate) fn resource_properties(spec: &ContainerSpec) -> Result<Vec<(&'static 
         let period = if r.cpu_period > 0 { r.cpu_period as u64 } else { 100_000 };
         properties.push(("CPUQuotaPerSecUSec", Value::from(r.cpu_quota as u64 * 1_000_000 / period)));
         properties.push(("CPUQuotaPeriodUSec", Value::from(period)));
+    } else {
+        properties.push(("CPUQuotaPerSecUSec", Value::from(u64::MAX)));
     }
-    if r.oom_score_adj != 0 {
-        properties.push(("OOMScoreAdjust", Value::from(r.oom_score_adj.clamp(-1000, 1000) as i32)));
-    }
-    Ok(properties)
+    properties
 }
 
 #[cfg(test)]

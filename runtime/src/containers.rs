@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use zbus::zvariant::Value;
 
-use crate::container::{self, Container, ContainerSpec, ContainerState, RootfsLayers, SpecContext};
+use crate::container::{self, Container, ContainerSpec, ContainerState, Resources, RootfsLayers, SpecContext};
 use crate::exit_record::{self, ExitRecord};
 use crate::init::{InitSpec, OverlayRootfs};
 use crate::pod::PodState;
@@ -177,6 +177,10 @@ impl Runtime {
             // The exit record holds the status; the unit need not linger once inactive or failed.
             ("CollectMode", Value::from("inactive-or-failed")),
             ("SendSIGKILL", Value::from(true)),
+            // Per-container cgroups in every controller, for limits and for stats.
+            ("CPUAccounting", Value::from(true)),
+            ("MemoryAccounting", Value::from(true)),
+            ("TasksAccounting", Value::from(true)),
             // Container output goes to journald (see crate::logs); it must never be dropped.
             ("LogRateLimitIntervalUSec", Value::from(0u64)),
         ];
@@ -247,6 +251,22 @@ impl Runtime {
             self.mark_exited(entry, None, "the container's unit stopped without an exit record");
         }
         Ok(())
+    }
+
+    /// UpdateContainerResources: new limits for a created or running container, applied by
+    /// systemd to its unit at once and recorded for later starts.
+    pub async fn update_resources(&self, id: &str, resources: container::Resources) -> Result<(), Error> {
+        let entry = self.container_entry(id)?;
+        let _guard = entry.operation.clone().lock_owned().await;
+        let mut record = self.refresh(&entry);
+        if !matches!(record.state, ContainerState::Created | ContainerState::Running) {
+            return Err(Error::FailedPrecondition(format!("container {} is {:?}: nothing to update", record.id, record.state)));
+        }
+        if record.state == ContainerState::Running {
+            self.systemd.set_unit_properties(&record.unit, container::limit_properties(&resources)).await?;
+        }
+        record.spec.resources = Resources { oom_score_adj: record.spec.resources.oom_score_adj, ..resources };
+        self.save_container(&entry, record)
     }
 
     /// RemoveContainer: kills it if running, removes its unit, writable layer and records.

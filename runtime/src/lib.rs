@@ -18,6 +18,7 @@ mod passwd;
 mod pod;
 mod podfiles;
 mod pods;
+pub mod stats;
 mod store;
 mod systemd;
 
