@@ -11,6 +11,7 @@ mod logging;
 mod pod_translate;
 mod runtime_service;
 mod server;
+mod streaming;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

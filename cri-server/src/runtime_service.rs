@@ -11,6 +11,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
+use crate::streaming::{StreamRequest, StreamingServer};
 use crate::errors::runtime_status;
 use crate::container_translate;
 use crate::image_service::image_status;
@@ -29,6 +30,7 @@ pub struct RuntimeApi {
     images: ImageStore,
     logs: Arc<LogWriter>,
     sampler: runtime::stats::Sampler,
+    streaming: Arc<StreamingServer>,
 }
 
 impl RuntimeApi {
@@ -86,8 +88,8 @@ impl RuntimeApi {
         }
     }
 
-    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore, logs: Arc<LogWriter>) -> Self {
-        Self { config, systemd: runtime.systemd().clone(), runtime, images, logs, sampler: Default::default() }
+    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore, logs: Arc<LogWriter>, streaming: Arc<StreamingServer>) -> Self {
+        Self { config, systemd: runtime.systemd().clone(), runtime, images, logs, sampler: Default::default(), streaming }
     }
 }
 
@@ -426,14 +428,68 @@ impl RuntimeService for RuntimeApi {
             .map_err(runtime_status)?;
         Ok(Response::new(cri::ExecSyncResponse { stdout: output.stdout, stderr: output.stderr, exit_code: output.exit_code }))
     }
-    async fn exec(&self, _: Request<cri::ExecRequest>) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(not_yet("Exec", "the streaming issue"))
+    async fn exec(&self, request: Request<cri::ExecRequest>) -> Result<Response<cri::ExecResponse>, Status> {
+        let request = request.into_inner();
+        if request.cmd.is_empty() {
+            return Err(Status::invalid_argument("Exec needs a command"));
+        }
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument("one of stdin, stdout and stderr must be true"));
+        }
+        if request.tty && request.stderr {
+            return Err(Status::invalid_argument("tty and stderr cannot both be true: a tty carries stdout and stderr as one stream"));
+        }
+        let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
+        if container.state != runtime::ContainerState::Running {
+            return Err(Status::failed_precondition(format!("container {} is not running", container.id)));
+        }
+        let url = self.streaming.url_for(StreamRequest::Exec {
+            container_id: container.id,
+            command: request.cmd,
+            tty: request.tty,
+            stdin: request.stdin,
+            stdout: request.stdout,
+            stderr: request.stderr,
+        });
+        Ok(Response::new(cri::ExecResponse { url }))
     }
-    async fn attach(&self, _: Request<cri::AttachRequest>) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(not_yet("Attach", "the streaming issue"))
+    async fn attach(&self, request: Request<cri::AttachRequest>) -> Result<Response<cri::AttachResponse>, Status> {
+        let request = request.into_inner();
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument("one of stdin, stdout and stderr must be true"));
+        }
+        // CreateContainer refuses stdin and tty, so a container never has them to attach to.
+        if request.stdin || request.tty {
+            return Err(Status::invalid_argument("attach gives the container's output only: containers have no stdin or tty"));
+        }
+        let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
+        if container.state != runtime::ContainerState::Running {
+            return Err(Status::failed_precondition(format!("container {} is not running", container.id)));
+        }
+        let url = self.streaming.url_for(StreamRequest::Attach {
+            container_id: container.id,
+            stdin: false,
+            tty: false,
+            stdout: request.stdout,
+            stderr: request.stderr,
+        });
+        Ok(Response::new(cri::AttachResponse { url }))
     }
-    async fn port_forward(&self, _: Request<cri::PortForwardRequest>) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(not_yet("PortForward", "the streaming issue"))
+    async fn port_forward(&self, request: Request<cri::PortForwardRequest>) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let request = request.into_inner();
+        let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        if pod.state != runtime::PodState::Ready {
+            return Err(Status::failed_precondition(format!("pod sandbox {} is not ready", pod.id)));
+        }
+        let mut ports = Vec::with_capacity(request.port.len());
+        for port in request.port {
+            match u16::try_from(port) {
+                Ok(port) if port > 0 => ports.push(port),
+                _ => return Err(Status::invalid_argument(format!("port {port} is not a TCP port"))),
+            }
+        }
+        let url = self.streaming.url_for(StreamRequest::PortForward { pod_id: pod.id, ports });
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
     /// Only the pod CIDR is read (the kubelet sends nothing else): it reaches CNI plugins with the
     /// `ipRanges` capability. A request without a network config changes nothing.

@@ -38,6 +38,8 @@ pub enum StartupError {
     Images(imagestore::Error),
     #[error("cannot recover pods: {0}")]
     Recover(#[from] runtime::Error),
+    #[error("cannot start the streaming server: {0}")]
+    Streaming(#[from] crate::streaming::StreamingError),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -79,6 +81,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     logs.spawn();
     let images = imagestore::ImageStore::open(&config.state_root.join("images"), config.images.clone())
         .map_err(StartupError::Images)?;
+    let streaming = crate::streaming::StreamingServer::start(&config.streaming, runtime.clone()).await?;
     let listener = listen(&config.socket)?;
     let config = Arc::new(config);
     let mut terminate = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
@@ -92,7 +95,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     ]);
     let socket = config.socket.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime.clone(), images.clone(), logs)))
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime.clone(), images.clone(), logs, streaming)))
         .add_service(ImageServiceServer::new(Images::new(images, runtime)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stopped.await;

@@ -33,7 +33,7 @@ pub use containers::ContainerFilter;
 pub use error::Error;
 pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
 pub use namespaces::PodNamespaces;
-pub use logs::{LogPathOf, LogWriter};
+pub use logs::{LogPathOf, LogWriter, STDIO_IDENTIFIER};
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
