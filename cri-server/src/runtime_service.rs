@@ -127,7 +127,7 @@ impl RuntimeService for RuntimeApi {
             Ok(_) => Ok(()),
             Err(e) => Err(("SystemdUnreachable", e.to_string())),
         };
-        let network_ready = match self.config.cni.readiness() {
+        let network_ready = match self.runtime.network_readiness() {
             NetworkReadiness::Ready { .. } => Ok(()),
             NetworkReadiness::NotReady { message } => Err(("NetworkPluginNotReady", message)),
         };

@@ -13,7 +13,7 @@ use crate::cni::{self, Cni, NetworkList};
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState};
 use crate::store::{new_id, read_json, write_json};
-use crate::{Entry, Error, Runtime, RuntimeConfig, Systemd, podfiles};
+use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, Systemd, podfiles};
 
 /// The size of a pod's /dev/shm, the kubelet's default.
 const SHM_SIZE: &str = "size=65536k";
@@ -315,6 +315,12 @@ impl Runtime {
     /// CNI plugins with the `ipRanges` capability from the next pod on. Kept across restarts.
     pub fn update_pod_cidr(&self, pod_cidr: &str) -> Result<Vec<String>, Error> {
         self.cni.set_pod_cidrs(pod_cidr)
+    }
+
+    /// Whether pods can get a network now (the CRI Status NetworkReady condition): a valid CNI
+    /// config, and the pod CIDR if the config takes its ranges from it. Reads the config dir.
+    pub fn network_readiness(&self) -> NetworkReadiness {
+        self.cni.readiness()
     }
 
     /// The pod CIDRs last set by [`Runtime::update_pod_cidr`].

@@ -190,6 +190,18 @@ impl NetworkList {
         self.plugins.iter().map(|p| p.get("type").and_then(|t| t.as_str()).unwrap_or_default())
     }
 
+    /// The type of a plugin that gets its IP ranges only from the runtime: it declares the
+    /// `ipRanges` capability and its `ipam` has no ranges of its own (host-local's `ranges`,
+    /// `range` or `subnet`). Such a network cannot give pods addresses before the pod CIDR is set.
+    pub(crate) fn ranges_only_from_pod_cidr(&self) -> Option<&str> {
+        self.plugins.iter().find_map(|plugin| {
+            let declared = plugin.get("capabilities").and_then(|c| c.get("ipRanges")) == Some(&Value::Bool(true));
+            let ipam = plugin.get("ipam")?;
+            let own_ranges = ["ranges", "range", "subnet"].iter().any(|key| ipam.get(key).is_some_and(|v| !v.is_null()));
+            (declared && !own_ranges).then(|| plugin.get("type").and_then(|t| t.as_str()).unwrap_or_default())
+        })
+    }
+
     /// Whether DEL gets the ADD result as prevResult (spec 0.4.0 and later).
     pub(crate) fn del_gets_prev_result(&self) -> bool {
         !self.cni_version.starts_with("0.3.")
@@ -355,6 +367,19 @@ mod tests {
         let third = list.plugin_input(2, Some(&prev), capability_args);
         assert_eq!(third, json!({"type": "tuning", "name": "pods", "cniVersion": "1.0.0", "prevResult": prev}));
         assert!(list.plugin_input(2, None, capability_args).get("prevResult").is_none());
+    }
+
+    #[test]
+    fn networks_that_need_the_pod_cidr_are_recognised() {
+        let list = |bridge: Value| {
+            NetworkList::from_list(json!({"cniVersion": "1.0.0", "name": "n", "plugins": [bridge, {"type": "portmap"}]})).unwrap()
+        };
+        let needs = list(json!({"type": "bridge", "ipam": {"type": "host-local"}, "capabilities": {"ipRanges": true}}));
+        assert_eq!(needs.ranges_only_from_pod_cidr(), Some("bridge"));
+        let own = list(json!({"type": "bridge", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.0.0/16"}]]}, "capabilities": {"ipRanges": true}}));
+        assert_eq!(own.ranges_only_from_pod_cidr(), None);
+        let undeclared = list(json!({"type": "bridge", "ipam": {"type": "dhcp"}}));
+        assert_eq!(undeclared.ranges_only_from_pod_cidr(), None);
     }
 
     #[test]

@@ -128,11 +128,37 @@ impl Cni {
     /// a network namespace with loopback only (a node without pod networking, as the kubelet
     /// never asks for such pods while Status says NetworkReady=false). Config files none of which
     /// is usable are an error: someone meant to configure a network.
+    /// A network whose IP ranges come only from the pod CIDR is not ready before one is set.
     pub(crate) fn network(&self) -> Result<Option<NetworkList>, CniError> {
         match self.config.find_network() {
-            Ok((network, _)) => Ok(Some(network)),
+            Ok((network, _)) => {
+                self.check_pod_cidr(&network).map_err(CniError::NotReady)?;
+                Ok(Some(network))
+            }
             Err(none) if none.configs_exist => Err(CniError::NotReady(none.message)),
             Err(_) => Ok(None),
+        }
+    }
+
+    /// What Status reports as NetworkReady: a usable config, and a pod CIDR if it needs one.
+    pub(crate) fn readiness(&self) -> NetworkReadiness {
+        match self.config.find_network() {
+            Ok((network, config_file)) => match self.check_pod_cidr(&network) {
+                Ok(()) => NetworkReadiness::Ready { network: network.name, config_file },
+                Err(message) => NetworkReadiness::NotReady { message },
+            },
+            Err(none) => NetworkReadiness::NotReady { message: none.message },
+        }
+    }
+
+    fn check_pod_cidr(&self, network: &NetworkList) -> Result<(), String> {
+        match network.ranges_only_from_pod_cidr() {
+            Some(plugin) if self.pod_cidrs.read().expect("pod CIDR lock").is_empty() => Err(format!(
+                "network {}: plugin {plugin} takes its IP ranges from the node's pod CIDR (capability ipRanges, no ranges \
+                 of its own), and none is set yet (UpdateRuntimeConfig)",
+                network.name
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -445,6 +471,19 @@ mod tests {
         fixture.conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"nosuch"}]}"#);
         let err = fixture.cni.network().unwrap_err();
         assert!(matches!(err, CniError::NotReady(_)) && err.to_string().contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn a_network_ranged_by_the_pod_cidr_waits_for_one() {
+        let fixture = Fixture::new();
+        fixture.plugin("bridge", BRIDGE_RESULT);
+        fixture.conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge","ipam":{"type":"host-local"},"capabilities":{"ipRanges":true}}]}"#);
+        let err = fixture.cni.network().unwrap_err().to_string();
+        assert!(err.contains("pod CIDR") && err.contains("UpdateRuntimeConfig"), "{err}");
+        assert!(matches!(fixture.cni.readiness(), NetworkReadiness::NotReady { message } if message.contains("pod CIDR")));
+        fixture.cni.set_pod_cidrs("10.244.0.0/24").unwrap();
+        assert!(fixture.cni.network().unwrap().is_some());
+        assert!(matches!(fixture.cni.readiness(), NetworkReadiness::Ready { .. }));
     }
 
     #[test]
