@@ -14,6 +14,7 @@ pub use proto::{CriClient, cri};
 pub mod oci;
 pub mod rawgrpc;
 pub mod registry;
+pub mod streaming;
 
 /// The `e2e/node` command.
 pub fn node_command() -> PathBuf {

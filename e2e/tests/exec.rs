@@ -210,3 +210,351 @@ async fn exec_sync_refuses_what_it_cannot_run() {
     let err = exec_sync(&mut client, &id, &["true"], 0).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 }
+
+// ==== streaming: Exec, Attach and PortForward URLs ====
+
+use e2e::streaming::{self, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn exec_url(client: &mut CriClient, id: &str, cmd: &[&str], tty: bool, stdin: bool) -> String {
+    let request = cri::ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin,
+        stdout: true,
+        stderr: !tty,
+    };
+    client.runtime.exec(request).await.expect("Exec").into_inner().url
+}
+
+fn status(error: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(error).unwrap_or_else(|e| panic!("status {:?}: {e}", text(error)))
+}
+
+/// Runs `f` on a blocking thread (the SPDY test client is blocking).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// A WebSocket to `url` in the node offering `protocols`.
+async fn websocket(
+    node: &Node,
+    url: &str,
+    protocols: &str,
+) -> (tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, Option<String>) {
+    let (host, _) = streaming::split_url(url);
+    let socket = e2e::registry::connect_in_node(node, &host).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let socket = tokio::net::TcpStream::from_std(socket).unwrap();
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.replace("http://", "ws://").into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::client_async(request, socket).await.expect("websocket handshake");
+    let protocol = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_string());
+    (ws, protocol)
+}
+
+/// Reads channel-prefixed messages until the server closes: bytes by channel.
+async fn ws_collect(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> HashMap<u8, Vec<u8>> {
+    let mut channels: HashMap<u8, Vec<u8>> = HashMap::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("websocket answers") {
+        match message {
+            Ok(Message::Binary(bytes)) if !bytes.is_empty() => channels.entry(bytes[0]).or_default().extend_from_slice(&bytes[1..]),
+            Ok(Message::Close(_)) | Err(_) => break,
+            _ => {}
+        }
+    }
+    channels
+}
+
+#[tokio::test]
+async fn exec_and_attach_stream_over_spdy_and_websocket() {
+    let node = node("exec-stream", "[streaming]\ntoken_ttl_secs = 3\n");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let (_pod, id) = sleeper(&mut client, &image, "execstream").await;
+    let node = std::sync::Arc::new(node);
+
+    // SPDY v4: stdout and stderr apart, the exit code in the status on the error stream.
+    let url = exec_url(&mut client, &id, &["sh", "-c", "echo out; echo err >&2; exit 3"], false, false).await;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let n = node.clone();
+    let (protocol, got) = blocking(move || {
+        let (protocol, mut writer, mut reader) =
+            streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io", "v3.channel.k8s.io"]).expect("upgrade");
+        let error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        writer.ping(1).unwrap();
+        let got = streaming::collect(&mut reader, error, Some(stdout), Some(stderr));
+        assert_eq!(got.replied, vec![error, stdout, stderr], "a SYN_REPLY for every stream");
+        (protocol, got)
+    })
+    .await;
+    assert_eq!(protocol, "v4.channel.k8s.io");
+    assert_eq!((text(&got.stdout).as_str(), text(&got.stderr).as_str()), ("out\n", "err\n"));
+    let failed = status(&got.error);
+    assert_eq!((failed["status"].as_str(), failed["reason"].as_str()), (Some("Failure"), Some("NonZeroExitCode")), "{failed}");
+    assert_eq!(failed["details"]["causes"][0], serde_json::json!({"reason": "ExitCode", "message": "3"}));
+
+    // SPDY: stdin round trip (FIN on stdin is the command's end of file), success status.
+    let url = exec_url(&mut client, &id, &["busybox", "cat"], false, true).await;
+    let n = node.clone();
+    let got = blocking(move || {
+        let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+        let error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdin = writer.open(&[("streamType", "stdin")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        writer.data(stdin, b"hello over spdy\n", false).unwrap();
+        writer.data(stdin, &vec![b'x'; 300_000], true).unwrap();
+        streaming::collect(&mut reader, error, Some(stdout), Some(stderr))
+    })
+    .await;
+    assert_eq!(got.stdout.len(), 16 + 300_000);
+    assert!(got.stdout.starts_with(b"hello over spdy\n"));
+    assert_eq!(status(&got.error), serde_json::json!({"metadata": {}, "status": "Success"}));
+
+    // SPDY with a tty: terminal size from the resize stream, exit code through the error stream.
+    let url = exec_url(&mut client, &id, &["sh"], true, true).await;
+    let n = node.clone();
+    let got = blocking(move || {
+        let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+        let error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdin = writer.open(&[("streamType", "stdin")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let resize = writer.open(&[("streamType", "resize")]).unwrap();
+        writer.data(resize, br#"{"Width":123,"Height":45}"#, false).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        writer.data(stdin, b"busybox stty size; busybox tty; exit 5\n", false).unwrap();
+        streaming::collect(&mut reader, error, Some(stdout), None)
+    })
+    .await;
+    let screen = text(&got.stdout);
+    assert!(screen.contains("45 123"), "{screen}");
+    assert!(screen.contains("/dev/pts/"), "{screen}");
+    assert_eq!(status(&got.error)["details"]["causes"][0]["message"], "5", "{screen}");
+
+    // SPDY v3: the error stream carries the failure's message only.
+    let url = exec_url(&mut client, &id, &["sh", "-c", "exit 2"], false, false).await;
+    let n = node.clone();
+    let got = blocking(move || {
+        let (protocol, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v3.channel.k8s.io"]).expect("upgrade");
+        assert_eq!(protocol, "v3.channel.k8s.io");
+        let error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        streaming::collect(&mut reader, error, Some(stdout), Some(stderr))
+    })
+    .await;
+    assert!(text(&got.error).starts_with("command terminated with non-zero exit code") && text(&got.error).ends_with("exit code 2"), "{}", text(&got.error));
+
+    // WebSocket v5: stdin closed with the close signal, output and status by channel.
+    let url = exec_url(&mut client, &id, &["sh", "-c", "busybox cat; echo done >&2"], false, true).await;
+    let (mut ws, protocol) = websocket(&node, &url, "v5.channel.k8s.io, v4.channel.k8s.io").await;
+    assert_eq!(protocol.as_deref(), Some("v5.channel.k8s.io"));
+    ws.send(Message::Binary([&[0u8][..], b"hello over websocket\n"].concat().into())).await.unwrap();
+    ws.send(Message::Binary(vec![255u8, 0].into())).await.unwrap();
+    let channels = ws_collect(&mut ws).await;
+    assert_eq!(text(&channels[&1]), "hello over websocket\n");
+    assert_eq!(text(&channels[&2]), "done\n");
+    assert_eq!(status(&channels[&3]), serde_json::json!({"metadata": {}, "status": "Success"}));
+
+    // WebSocket v4 with a tty: resize on channel 4, exit code in the status.
+    let url = exec_url(&mut client, &id, &["sh"], true, true).await;
+    let (mut ws, protocol) = websocket(&node, &url, "v4.channel.k8s.io").await;
+    assert_eq!(protocol.as_deref(), Some("v4.channel.k8s.io"));
+    ws.send(Message::Binary([&[4u8][..], br#"{"Width":77,"Height":22}"#].concat().into())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws.send(Message::Binary([&[0u8][..], b"busybox stty size; exit 4\n"].concat().into())).await.unwrap();
+    let channels = ws_collect(&mut ws).await;
+    assert!(text(&channels[&1]).contains("22 77"), "{}", text(&channels[&1]));
+    assert_eq!(status(&channels[&3])["details"]["causes"][0]["message"], "4");
+
+    // A client that goes away takes its command with it.
+    let url = exec_url(&mut client, &id, &["busybox", "sleep", "777"], false, false).await;
+    let n = node.clone();
+    blocking(move || {
+        let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+        let _error = writer.open(&[("streamType", "error")]).unwrap();
+        let _stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let _stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        while let Ok(Some(ServerFrame::Reply { .. })) = reader.next() {
+            if std::time::Instant::now().elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        writer.drop_connection();
+    })
+    .await;
+    let mut probe = client.clone();
+    let probe_id = id.clone();
+    e2e::eventually(Duration::from_secs(15), "the disconnected exec's sleep to be killed", || {
+        let mut probe = probe.clone();
+        let probe_id = probe_id.clone();
+        async move {
+            let ps = exec_sync(&mut probe, &probe_id, &["busybox", "ps", "-o", "args"], 10).await.ok()?;
+            (!text(&ps.stdout).contains("sleep 777")).then_some(())
+        }
+    })
+    .await;
+
+    // Many sessions at once.
+    let mut sessions = Vec::new();
+    for i in 0..12 {
+        let url = exec_url(&mut probe, &id, &["sh", "-c", &format!("busybox sleep 0.5; echo {i}")], false, false).await;
+        let n = node.clone();
+        sessions.push(tokio::task::spawn_blocking(move || {
+            let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+            let error = writer.open(&[("streamType", "error")]).unwrap();
+            let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+            let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+            let got = streaming::collect(&mut reader, error, Some(stdout), Some(stderr));
+            assert_eq!(text(&got.stdout), format!("{i}\n"));
+        }));
+    }
+    for session in sessions {
+        session.await.unwrap();
+    }
+
+    // Attach: the container's output as it goes to the journal.
+    let pod = run_pod(&mut client, "attach").await;
+    let talker = create(&mut client, &pod, container_config("talker", &image, &["sh", "-c", "busybox sleep 2; for i in 1 2 3; do echo line $i; echo oops $i >&2; busybox sleep 0.3; done"])).await;
+    start(&mut client, &talker).await;
+    let request = cri::AttachRequest { container_id: talker.clone(), stdin: false, tty: false, stdout: true, stderr: true };
+    let url = client.runtime.attach(request).await.expect("Attach").into_inner().url;
+    let n = node.clone();
+    let got = blocking(move || {
+        let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+        let error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        streaming::collect(&mut reader, error, Some(stdout), Some(stderr))
+    })
+    .await;
+    assert_eq!(text(&got.stdout), "line 1\nline 2\nline 3\n");
+    assert_eq!(text(&got.stderr), "oops 1\noops 2\noops 3\n");
+    assert_eq!(status(&got.error)["status"], "Success");
+    let stdin_attach = cri::AttachRequest { container_id: id.clone(), stdin: true, tty: false, stdout: true, stderr: false };
+    assert_eq!(client.runtime.attach(stdin_attach).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn port_forward_and_tokens() {
+    let node = node("portfwd", "[streaming]\ntoken_ttl_secs = 2\n");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "portfwd").await;
+    let echo = create(&mut client, &pod, container_config("echo", &image, &["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/busybox", "cat"])).await;
+    start(&mut client, &echo).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let node = std::sync::Arc::new(node);
+    let payload: Vec<u8> = (0..10_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let payload = std::sync::Arc::new(payload);
+
+    // SPDY: 10 MB to the pod's port and back, intact; the data stream's FIN half-closes.
+    let request = cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![8080] };
+    let url = client.runtime.port_forward(request.clone()).await.expect("PortForward").into_inner().url;
+    let (n, sent) = (node.clone(), payload.clone());
+    let echoed = blocking(move || {
+        let (protocol, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["portforward.k8s.io"]).expect("upgrade");
+        assert_eq!(protocol, "portforward.k8s.io");
+        let error = writer.open(&[("streamType", "error"), ("port", "8080"), ("requestID", "0")]).unwrap();
+        let data = writer.open(&[("streamType", "data"), ("port", "8080"), ("requestID", "0")]).unwrap();
+        let sender = std::thread::spawn(move || {
+            for chunk in sent.chunks(32 * 1024) {
+                writer.data(data, chunk, false).unwrap();
+            }
+            writer.data(data, &[], true).unwrap();
+            writer
+        });
+        let got = streaming::collect(&mut reader, error, Some(data), None);
+        sender.join().unwrap();
+        assert_eq!(text(&got.error), "", "no error");
+        got.stdout
+    })
+    .await;
+    assert!(echoed.len() == payload.len() && echoed == *payload, "echoed {} of {} bytes", echoed.len(), payload.len());
+
+    // SPDY: a port nobody listens on gives a message on the error stream.
+    let url = client.runtime.port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![] }).await.unwrap().into_inner().url;
+    let n = node.clone();
+    let got = blocking(move || {
+        let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["portforward.k8s.io"]).expect("upgrade");
+        let error = writer.open(&[("streamType", "error"), ("port", "9"), ("requestID", "1")]).unwrap();
+        let data = writer.open(&[("streamType", "data"), ("port", "9"), ("requestID", "1")]).unwrap();
+        streaming::collect(&mut reader, error, Some(data), None)
+    })
+    .await;
+    assert!(text(&got.error).contains("error forwarding port 9"), "{}", text(&got.error));
+
+    // WebSocket: the port opens each channel, then 10 MB echoed.
+    let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
+    let (ws, protocol) = websocket(&node, &url, "v4.channel.k8s.io").await;
+    assert_eq!(protocol.as_deref(), Some("v4.channel.k8s.io"));
+    let (mut sink, mut stream) = ws.split();
+    let mut preamble = HashMap::new();
+    while preamble.len() < 2 {
+        let Some(Ok(Message::Binary(bytes))) = stream.next().await else { panic!("no port preamble") };
+        preamble.insert(bytes[0], bytes[1..].to_vec());
+    }
+    assert_eq!(preamble, HashMap::from([(0u8, 8080u16.to_le_bytes().to_vec()), (1u8, 8080u16.to_le_bytes().to_vec())]));
+    let sent = payload.clone();
+    let sender = tokio::spawn(async move {
+        for chunk in sent.chunks(32 * 1024) {
+            sink.send(Message::Binary([&[0u8][..], chunk].concat().into())).await.unwrap();
+        }
+        sink
+    });
+    let mut echoed = Vec::with_capacity(payload.len());
+    while echoed.len() < payload.len() {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("echo keeps coming") {
+            Some(Ok(Message::Binary(bytes))) if bytes.first() == Some(&0) => echoed.extend_from_slice(&bytes[1..]),
+            Some(Ok(Message::Binary(bytes))) => panic!("channel {}: {}", bytes[0], text(&bytes[1..])),
+            Some(Ok(_)) => {}
+            other => panic!("websocket ended after {} bytes: {other:?}", echoed.len()),
+        }
+    }
+    assert!(echoed == *payload, "websocket echo differs");
+    let mut sink = sender.await.unwrap();
+    let _ = sink.close().await;
+
+    // Tokens: unknown, used, expired, and of another kind are all refused.
+    let bad = |upgrade: streaming::Upgrade| (upgrade.status, upgrade.body);
+    let spdy_headers = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "portforward.k8s.io")];
+    let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
+    let (host, path) = streaming::split_url(&url);
+    let forged = format!("http://{host}/portforward/{}", "0".repeat(32));
+    assert_eq!(bad(streaming::upgrade_request(&node, &forged, &spdy_headers).unwrap()).0, 404);
+    let used = streaming::upgrade_request(&node, &url, &spdy_headers).unwrap();
+    assert_eq!(used.status, 101);
+    drop(used);
+    let again = bad(streaming::upgrade_request(&node, &url, &spdy_headers).unwrap());
+    assert_eq!(again.0, 404, "a token works once: {}", again.1);
+    let as_exec = format!("http://{host}{}", path.replace("/portforward/", "/exec/"));
+    let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
+    let (_, fresh) = streaming::split_url(&url);
+    assert_eq!(bad(streaming::upgrade_request(&node, &format!("http://{host}{}", fresh.replace("/portforward/", "/exec/")), &spdy_headers).unwrap()).0, 404);
+    assert_eq!(bad(streaming::upgrade_request(&node, &url, &spdy_headers).unwrap()).0, 404, "the exec attempt spent it");
+    let _ = as_exec;
+    let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(bad(streaming::upgrade_request(&node, &url, &spdy_headers).unwrap()).0, 404, "expired");
+    // No protocol in common: 403 with the server's list.
+    let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
+    let refused = streaming::upgrade_request(&node, &url, &[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "v9.nope")]).unwrap();
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.header("X-Accepted-Stream-Protocol-Versions"), Some("portforward.k8s.io"));
+
+    // Bad requests at the CRI.
+    let code = |r: Result<tonic::Response<cri::PortForwardResponse>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(client.runtime.port_forward(cri::PortForwardRequest { pod_sandbox_id: "nope".into(), port: vec![80] }).await), tonic::Code::NotFound);
+    assert_eq!(code(client.runtime.port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![70000] }).await), tonic::Code::InvalidArgument);
+    let exec = |cmd: Vec<String>, stdout: bool| cri::ExecRequest { container_id: echo.clone(), cmd, stdout, ..Default::default() };
+    assert_eq!(client.runtime.exec(exec(vec![], true)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(client.runtime.exec(exec(vec!["true".into()], false)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}

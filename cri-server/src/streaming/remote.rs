@@ -405,8 +405,11 @@ async fn attach(server: &StreamingServer, container_id: String, channels: Channe
         }
         Err(e) => return channels.finish(&Outcome::Error(e.to_string())).await,
     };
+    // From this moment, not from journalctl's start (it may take a while to reach the tail).
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let mut journal = match tokio::process::Command::new("journalctl")
-        .args(["--follow", "--lines=0", "--output=json", "--all", "--no-pager"])
+        .args(["--follow", "--lines=all", "--output=json", "--all", "--no-pager"])
+        .arg(format!("--since=@{}.{:06}", since.as_secs(), since.subsec_micros()))
         .arg(format!("_SYSTEMD_UNIT={}", container.unit))
         .arg(format!("SYSLOG_IDENTIFIER={}", runtime::STDIO_IDENTIFIER))
         .stdout(std::process::Stdio::piped())
