@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use imagestore::Image;
 use proto::cri;
-use runtime::{BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources};
+use runtime::{BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, Seccomp};
 use tonic::Status;
 
 /// Reads a CRI ContainerConfig, and the image it names, as a runtime ContainerSpec.
@@ -45,6 +45,9 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
             propagation,
         });
     }
+    // Older clients still send the deprecated path form.
+    #[allow(deprecated)]
+    let seccomp = seccomp_of(security.seccomp.as_ref(), &security.seccomp_profile_path)?;
     let capabilities = security.capabilities.unwrap_or_default();
     let image_name = config.image.map(|i| i.image).unwrap_or_default();
     Ok(ContainerSpec {
@@ -71,7 +74,29 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         drop_capabilities: capabilities.drop_capabilities,
         masked_paths: (!security.masked_paths.is_empty()).then_some(security.masked_paths),
         readonly_paths: (!security.readonly_paths.is_empty()).then_some(security.readonly_paths),
+        seccomp,
     })
+}
+
+/// The kubelet's seccomp choice: the `seccomp` profile, or the deprecated path form when that is
+/// absent (crictl may send either; absent both, unconfined, as with containerd).
+fn seccomp_of(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<Seccomp, Status> {
+    use cri::security_profile::ProfileType;
+    let localhost = || Status::invalid_argument("localhost seccomp profiles are not supported yet (RuntimeDefault and Unconfined are)");
+    match profile {
+        Some(profile) => match ProfileType::try_from(profile.profile_type) {
+            Ok(ProfileType::RuntimeDefault) => Ok(Seccomp::RuntimeDefault),
+            Ok(ProfileType::Unconfined) => Ok(Seccomp::Unconfined),
+            Ok(ProfileType::Localhost) => Err(localhost()),
+            Err(_) => Err(Status::invalid_argument(format!("unknown seccomp profile type {}", profile.profile_type))),
+        },
+        None => match path {
+            "" | "unconfined" => Ok(Seccomp::Unconfined),
+            "runtime/default" | "docker/default" => Ok(Seccomp::RuntimeDefault),
+            path if path.starts_with("localhost/") => Err(localhost()),
+            other => Err(Status::invalid_argument(format!("unknown seccomp profile {other:?}"))),
+        },
+    }
 }
 
 /// The limits the runtime applies, from CRI LinuxContainerResources.

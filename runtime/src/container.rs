@@ -57,6 +57,15 @@ pub struct BindMount {
     pub propagation: Propagation,
 }
 
+/// The seccomp filter a container runs under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Seccomp {
+    #[default]
+    Unconfined,
+    /// containerd's and Docker's default profile (crate::seccomp_profile).
+    RuntimeDefault,
+}
+
 /// Resource limits, as LinuxContainerResources gives them (0 = not set).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
@@ -95,6 +104,9 @@ pub struct ContainerSpec {
     /// None: the default masked / read-only /proc paths.
     pub masked_paths: Option<Vec<String>>,
     pub readonly_paths: Option<Vec<String>>,
+    /// Privileged containers run unconfined whatever this says, as with containerd.
+    #[serde(default)]
+    pub seccomp: Seccomp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,6 +362,8 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
             spec.readonly_paths.clone().unwrap_or_else(|| DEFAULT_READONLY_PATHS.iter().map(|s| s.to_string()).collect()),
         )
     };
+    let seccomp = (spec.seccomp == Seccomp::RuntimeDefault && !spec.privileged)
+        .then(|| crate::seccomp_profile::runtime_default(&caps));
     let json = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -369,6 +383,7 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
             // A bidirectional mount needs the rootfs shared, or nothing propagates back.
             "rootfsPropagation": if spec.mounts.iter().any(|m| m.propagation == Propagation::Bidirectional) { "rshared" } else { "rslave" },
             "namespaces": namespaces,
+            "seccomp": seccomp,
             "maskedPaths": masked,
             "readonlyPaths": readonly,
         },

@@ -17,6 +17,7 @@ mod logs;
 mod passwd;
 mod pod;
 mod podfiles;
+mod seccomp_profile;
 mod pods;
 pub mod stats;
 mod store;
@@ -27,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use container::{
-    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, RootfsLayers,
+    BindMount, Seccomp, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, RootfsLayers,
 };
 pub use containers::ContainerFilter;
 pub use error::Error;

@@ -90,8 +90,11 @@ impl Sampler {
             usage.page_faults = stat_field(&dir.join("memory.stat"), "pgfault");
             usage.major_page_faults = stat_field(&dir.join("memory.stat"), "pgmajfault");
         } else {
+            // systemd may not make cpuacct cgroups when cpu and cpuacct are mounted apart; the
+            // hybrid layout's unified hierarchy has cpu.stat in every cgroup regardless.
             usage.cpu_total_nanos = read_u64(&root.join("cpuacct").join(rel).join("cpuacct.usage"))
-                .or_else(|| read_u64(&root.join("cpu,cpuacct").join(rel).join("cpuacct.usage")));
+                .or_else(|| read_u64(&root.join("cpu,cpuacct").join(rel).join("cpuacct.usage")))
+                .or_else(|| stat_field(&root.join("unified").join(rel).join("cpu.stat"), "usage_usec").map(|us| us * 1000));
             let memory = root.join("memory").join(rel);
             usage.memory_usage_bytes = read_u64(&memory.join("memory.usage_in_bytes"));
             let stat = memory.join("memory.stat");

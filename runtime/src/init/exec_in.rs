@@ -176,7 +176,7 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     let child = match unsafe { nix::unistd::fork() }.ctx(|| "fork command process".into())? {
         ForkResult::Child => {
             drop(report_r);
-            child_main(args.tty, &process, &joins, &root, control, report_w, parent)
+            child_main(args.tty, &process, spec.oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()), &joins, &root, control, report_w, parent)
         }
         ForkResult::Parent { child } => child,
     };
@@ -337,9 +337,11 @@ fn join_cgroups(cgroups: &str) -> Result<()> {
 }
 
 /// The forked child: joins the namespaces and root, sets up the process, execs. Never returns.
+#[allow(clippy::too_many_arguments)]
 fn child_main(
     tty: bool,
     process: &oci_spec::runtime::Process,
+    seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
     joins: &[(&str, CloneFlags, OwnedFd)],
     root: &OwnedFd,
     control: &OwnedFd,
@@ -361,7 +363,7 @@ fn child_main(
             send(control, &Report::Tty, Some(master.as_raw_fd()));
         }
         process::prepare_child()?;
-        let exec = process::prepare_exec(process)?;
+        let exec = process::prepare_exec(process, seccomp)?;
         // Set after the change of user, which would clear it: the command dies with exec-in.
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx(|| "set parent death signal".into())?;
         // exec-in is outside the container's PID namespace, so it shows as PID 0 (or as itself

@@ -39,7 +39,9 @@ mod namespaces;
 mod notify;
 mod process;
 mod rootfs;
+mod seccomp;
 mod spec;
+mod syscalls;
 
 use std::ffi::OsStr;
 use std::fmt;

@@ -39,8 +39,9 @@ pub(crate) fn validate(spec: &Spec) -> Result<()> {
         return Err(Error::new(format!("root.path {} is not an absolute path", root.path().display())));
     }
     if let Some(linux) = spec.linux() {
-        if linux.seccomp().is_some() {
-            return Err(Error::new("seccomp is not supported yet"));
+        if let Some(profile) = linux.seccomp() {
+            // Compiled here too, so that a bad profile fails before anything is set up.
+            super::seccomp::compile(profile)?;
         }
         if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(Error::new("user namespaces are not supported yet (uid/gid mappings given)"));
@@ -111,14 +112,15 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan) -> Result<Exec> {
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
         rootfs::remount_root_readonly()?;
     }
-    prepare_exec(process)
+    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()))
 }
 
 /// The process's own setup, shared by init and `exec-in` (which runs in the container's root
 /// already): rlimits, bounding set, user and groups, cwd, capabilities, no_new_privs, umask,
 /// environment, and the lookup of the executable.
-pub(crate) fn prepare_exec(process: &Process) -> Result<Exec> {
+pub(crate) fn prepare_exec(process: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) -> Result<Exec> {
     let cwd = process.cwd();
+    let seccomp = seccomp.map(super::seccomp::compile).transpose()?;
     set_rlimits(process)?;
     let caps = process.capabilities().as_ref();
     let last_cap = last_cap();
@@ -134,6 +136,11 @@ pub(crate) fn prepare_exec(process: &Process) -> Result<Exec> {
         Err(Errno::EACCES | Errno::EPERM) => true,
         Err(_) => return chdir(cwd).map(|_| unreachable!()),
     };
+    // Installed while still privileged (as runc does), so that no no_new_privs is needed; the
+    // filter allows what is left to do: the user and capability changes and the execve.
+    if let Some(programs) = &seccomp {
+        super::seccomp::install(programs)?;
+    }
     set_user(process)?;
     if chdir_later {
         chdir(cwd)?;
