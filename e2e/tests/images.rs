@@ -201,7 +201,7 @@ async fn pull_status_list_remove_and_fs_info() {
     assert_eq!(image.repo_tags, vec![tag.clone()]);
     assert_eq!(image.repo_digests, vec![format!("{}@{}", registry.repo("e2e/busybox"), busybox.manifest.digest)]);
     assert_eq!(image.size, busybox.size());
-    assert_eq!((image.uid.clone(), image.username.as_str()), (None, ""));
+    assert_eq!((image.uid, image.username.as_str()), (None, ""));
     assert_layers_match_source(&node, &busybox);
     // By id, with and without the algorithm, and by repo digest.
     for name in [busybox.id(), busybox.config.hex(), image.repo_digests[0].as_str()] {
