@@ -1,0 +1,263 @@
+//! `bench`: cri-systemd next to containerd, measured in the same run on the same machine, both
+//! inside one throwaway test node (its own network namespace, nothing on the machine's own
+//! interfaces), both driven over CRI by the same Rust client. Each subcommand prints one table.
+//!
+//! ```text
+//! bench lifecycle [--pods N] [--parallel P] [--execs K] [--network host|cni] [--only RUNTIME]
+//! bench pull      [--runs R] [--size-mb M] [--layers L] [--only RUNTIME]
+//! bench all       (lifecycle, then pull, each in its own node, default options)
+//! ```
+//!
+//! Needs root, Debian's containerd, runc and docker-registry, and a release build of the daemon
+//! (`target/release/cri-systemd`, or `CRI_SYSTEMD_BIN`). `scripts/bench` builds and runs it all.
+//! `E2E_KEEP_NODES=1` keeps the node afterwards for inspection (`e2e/node down NAME` removes it).
+
+mod lifecycle;
+mod procs;
+mod pull;
+mod runtimes;
+mod table;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use e2e::oci::{Compression, ConfigOptions, Image, Layer, LayerBuilder, busybox_binary};
+use e2e::registry::{NodeNet, Registry, RegistryOptions};
+use e2e::{Node, NodeOptions, cri};
+
+use runtimes::{Kind, Runtime};
+
+pub const REGISTRY_PORT: u16 = 5000;
+
+const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--network host|cni] [--only cri-systemd|containerd]
+       bench pull [--runs R] [--size-mb M] [--layers L] [--only cri-systemd|containerd]
+       bench all";
+
+/// Which runtimes to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    Both,
+    One(Kind),
+}
+
+impl Only {
+    pub fn wants(self, kind: Kind) -> bool {
+        self == Only::Both || self == Only::One(kind)
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Lifecycle(lifecycle::Options),
+    Pull(pull::Options),
+    All,
+}
+
+fn parse(args: &[String]) -> Result<Command, String> {
+    let Some((verb, rest)) = args.split_first() else { return Err(USAGE.into()) };
+    let mut lifecycle = lifecycle::Options::default();
+    let mut pull = pull::Options::default();
+    let mut i = 0;
+    let value = |i: usize| rest.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value\n{USAGE}", rest[i]));
+    let number = |i: usize| -> Result<usize, String> {
+        let v = value(i)?;
+        v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{}: want a positive number, got {v:?}", rest[i]))
+    };
+    while i < rest.len() {
+        match (verb.as_str(), rest[i].as_str()) {
+            ("lifecycle", "--pods") => lifecycle.pods = number(i)?,
+            ("lifecycle", "--parallel") => lifecycle.parallel = number(i)?,
+            ("lifecycle", "--execs") => lifecycle.execs = number(i)?,
+            ("lifecycle", "--network") => {
+                lifecycle.cni = match value(i)?.as_str() {
+                    "host" => false,
+                    "cni" => true,
+                    other => return Err(format!("--network: want host or cni, got {other:?}")),
+                }
+            }
+            ("pull", "--runs") => pull.runs = number(i)?,
+            ("pull", "--size-mb") => pull.size_mb = number(i)?,
+            ("pull", "--layers") => pull.layers = number(i)?,
+            ("lifecycle" | "pull", "--only") => {
+                let only = match value(i)?.as_str() {
+                    "cri-systemd" => Only::One(Kind::CriSystemd),
+                    "containerd" => Only::One(Kind::Containerd),
+                    other => return Err(format!("--only: want cri-systemd or containerd, got {other:?}")),
+                };
+                lifecycle.only = only;
+                pull.only = only;
+            }
+            ("-h" | "--help", _) | (_, "-h" | "--help") => return Err(USAGE.into()),
+            (_, other) => return Err(format!("unknown argument {other:?} for {verb}\n{USAGE}")),
+        }
+        i += 2;
+    }
+    match verb.as_str() {
+        "lifecycle" => Ok(Command::Lifecycle(lifecycle)),
+        "pull" => Ok(Command::Pull(pull)),
+        "all" => Ok(Command::All),
+        "-h" | "--help" => Err(USAGE.into()),
+        other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match parse(&args) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = daemon_binary() {
+        eprintln!("bench: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match command {
+            Command::Lifecycle(options) => interruptible(lifecycle::run(options)).await,
+            Command::Pull(options) => interruptible(pull::run(options)).await,
+            Command::All => {
+                interruptible(lifecycle::run(lifecycle::Options::default())).await?;
+                interruptible(pull::run(pull::Options::default())).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a benchmark until it ends or Ctrl-C / SIGTERM; either way its node is dropped (and so
+/// removed) before this returns.
+async fn interruptible(work: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+        _ = term.recv() => Err("terminated".into()),
+    }
+}
+
+/// The node takes the daemon from CRI_SYSTEMD_BIN: default to the release build next to this
+/// binary, and refuse to compare a debug build with containerd.
+fn daemon_binary() -> Result<(), String> {
+    let bin = match std::env::var_os("CRI_SYSTEMD_BIN") {
+        Some(bin) => std::path::PathBuf::from(bin),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let bin = exe.with_file_name("cri-systemd");
+            // SAFETY: set before the tokio runtime (or any other thread) starts.
+            unsafe { std::env::set_var("CRI_SYSTEMD_BIN", &bin) };
+            bin
+        }
+    };
+    if !bin.is_file() {
+        return Err(format!("no daemon binary at {}: run `cargo build --release -p cri-server` (or set CRI_SYSTEMD_BIN)", bin.display()));
+    }
+    if bin.components().any(|c| c.as_os_str() == "debug") && std::env::var_os("BENCH_ALLOW_DEBUG").is_none() {
+        return Err(format!("{} looks like a debug build: benchmark a release build (BENCH_ALLOW_DEBUG=1 to insist)", bin.display()));
+    }
+    eprintln!("bench: daemon binary {}", bin.display());
+    Ok(())
+}
+
+/// A node with cri-systemd (pulling plain HTTP from the node's registry), the registry, and
+/// containerd started next to it, for the runtimes `only` selects.
+#[derive(Debug)]
+pub struct Setup {
+    pub node: Node,
+    pub pid1: u32,
+    pub runtimes: Vec<Runtime>,
+}
+
+pub const BUSYBOX_REPO: &str = "bench/busybox";
+pub const PAUSE_REPO: &str = "bench/pause";
+
+/// The image reference of a repo:tag in the node's registry.
+pub fn image_ref(repo_tag: &str) -> String {
+    format!("127.0.0.1:{REGISTRY_PORT}/{repo_tag}")
+}
+
+/// A plain busybox root: bin/busybox with applet symlinks, /etc with root, /tmp. (Not the e2e
+/// tests' busybox layer: its hard link entry carries mode 0644, which containerd applies to the
+/// link's target, leaving busybox not executable there.)
+pub fn busybox_layer() -> Layer {
+    let mut l = LayerBuilder::new();
+    l.dir("bin", 0o755).file("bin/busybox", 0o755, &busybox_binary());
+    for applet in ["sh", "sleep", "true", "ls", "cat"] {
+        l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    l.dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+        .file("etc/group", 0o644, b"root:x:0:\n")
+        .dir("root", 0o700)
+        .dir("tmp", 0o1777);
+    l.build(Compression::Gzip)
+}
+
+/// The containers' image: busybox, `sh` by default (the benchmarks give a command).
+pub fn busybox_image() -> Image {
+    Image::new(vec![busybox_layer()], ConfigOptions::default())
+}
+
+/// containerd's sandbox image: busybox sleeping forever, as PID 1 of the pod (the pause role).
+pub fn pause_image() -> Image {
+    Image::new(
+        vec![busybox_layer()],
+        ConfigOptions { cmd: vec!["/bin/busybox".into(), "sleep".into(), "2147483647".into()], ..Default::default() },
+    )
+}
+
+impl Setup {
+    pub async fn boot(label: &str, only: Only) -> Result<Setup, String> {
+        let config = std::env::temp_dir().join(format!("cri-systemd-bench-{}.toml", std::process::id()));
+        std::fs::write(&config, format!("[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
+            .map_err(|e| format!("write {}: {e}", config.display()))?;
+        eprintln!("bench: booting a node");
+        let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
+        let _ = std::fs::remove_file(&config);
+        let pid1 = NodeNet::of(&node).pid1();
+        let mut runtimes = Vec::new();
+        if only.wants(Kind::CriSystemd) {
+            runtimes.push(runtimes::cri_systemd(&node, pid1).await?);
+        }
+        if only.wants(Kind::Containerd) {
+            eprintln!("bench: starting containerd in node {}", node.name());
+            runtimes.push(runtimes::containerd(&node, pid1, &format!("127.0.0.1:{REGISTRY_PORT}"), &image_ref(&format!("{PAUSE_REPO}:1"))).await?);
+        }
+        Ok(Setup { node, pid1, runtimes })
+    }
+
+    /// Starts the registry and pushes the small images every benchmark uses.
+    pub fn registry(&self) -> Registry<'_> {
+        let registry = Registry::start(&self.node, "bench", REGISTRY_PORT, RegistryOptions::default());
+        registry.push_image(BUSYBOX_REPO, "1", &busybox_image());
+        registry.push_image(PAUSE_REPO, "1", &pause_image());
+        registry
+    }
+}
+
+/// A CRI call with a bound on its duration, and the runtime and call named in its error.
+pub async fn call<T>(
+    rt: &Runtime,
+    what: &str,
+    limit: Duration,
+    future: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(format!("{}: {what}: {:?}: {}", rt.short(), status.code(), status.message())),
+        Err(_) => Err(format!("{}: {what}: no answer within {limit:?}", rt.short())),
+    }
+}
+
+pub fn image_spec(image: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec { image: image.into(), ..Default::default() })
+}
