@@ -59,6 +59,9 @@ impl CacheEntry {
     }
 }
 
+/// A cache file, with its entry or why it cannot be read.
+pub(crate) type Found = (PathBuf, Result<CacheEntry, String>);
+
 #[derive(Debug)]
 pub(crate) struct ResultCache {
     dir: PathBuf,
@@ -80,7 +83,7 @@ impl ResultCache {
     }
 
     /// The entries of `container_id`, each with its file; an unreadable entry comes with why.
-    pub(crate) fn find(&self, container_id: &str) -> Result<Vec<(PathBuf, Result<CacheEntry, String>)>, CniError> {
+    pub(crate) fn find(&self, container_id: &str) -> Result<Vec<Found>, CniError> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

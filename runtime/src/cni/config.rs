@@ -219,10 +219,10 @@ impl NetworkList {
         let mut runtime_config = Map::new();
         if let Some(Value::Object(declared)) = declared {
             for (capability, enabled) in declared {
-                if enabled == Value::Bool(true) {
-                    if let Some(value) = capability_args.get(&capability) {
-                        runtime_config.insert(capability, value.clone());
-                    }
+                if enabled == Value::Bool(true)
+                    && let Some(value) = capability_args.get(&capability)
+                {
+                    runtime_config.insert(capability, value.clone());
                 }
             }
         }

@@ -141,10 +141,10 @@ impl PluginRun {
 /// The error for a plugin that exited unsuccessfully: its JSON error if it printed one, else what
 /// it wrote.
 fn failure(plugin: String, command: CniCommand, status: std::process::ExitStatus, stdout: &[u8], stderr: &[u8]) -> CniError {
-    if let Ok(error) = serde_json::from_slice::<PluginError>(stdout) {
-        if !error.msg.is_empty() || error.code != 0 {
-            return CniError::Plugin { plugin, command, code: error.code, msg: error.msg, details: error.details };
-        }
+    if let Ok(error) = serde_json::from_slice::<PluginError>(stdout)
+        && (!error.msg.is_empty() || error.code != 0)
+    {
+        return CniError::Plugin { plugin, command, code: error.code, msg: error.msg, details: error.details };
     }
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_string();
     let output = match (text(stderr), text(stdout)) {

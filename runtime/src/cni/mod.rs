@@ -465,6 +465,22 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_cache_entry_is_deleted_with_the_current_config() {
+        let fixture = Fixture::new();
+        fixture.plugin("bridge", BRIDGE_RESULT);
+        fixture.conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#);
+        let results = fixture.dir.path().join("state/cni/results");
+        std::fs::create_dir_all(&results).unwrap();
+        std::fs::write(results.join("pods-pod1-eth0.json"), "{").unwrap();
+        runtime().block_on(fixture.cni.del("pod1", None)).unwrap();
+        let logged = fixture.logged();
+        assert_eq!(logged.len(), 1);
+        assert_eq!((logged[0].1.as_str(), &logged[0].3["name"]), ("DEL", &json!("pods")));
+        assert!(logged[0].3.get("prevResult").is_none());
+        assert!(fixture.cni.cache.find("pod1").unwrap().is_empty());
+    }
+
+    #[test]
     fn no_config_at_all_is_no_network_but_broken_configs_are_an_error() {
         let fixture = Fixture::new();
         assert!(fixture.cni.network().unwrap().is_none());
