@@ -5,7 +5,7 @@
 //! ```text
 //! bench lifecycle [--pods N] [--parallel P] [--execs K] [--network host|cni] [--only RUNTIME]
 //! bench pull      [--runs R] [--size-mb M] [--layers L] [--only RUNTIME]
-//! bench all       (lifecycle, then pull, each in its own node, default options)
+//! bench all       (lifecycle, lifecycle --network cni, pull: each in its own node, default options)
 //! ```
 //!
 //! Needs root, Debian's containerd, runc and docker-registry, and a release build of the daemon
@@ -121,6 +121,7 @@ fn main() -> ExitCode {
             Command::Pull(options) => interruptible(pull::run(options)).await,
             Command::All => {
                 interruptible(lifecycle::run(lifecycle::Options::default())).await?;
+                interruptible(lifecycle::run(lifecycle::Options { cni: true, ..Default::default() })).await?;
                 interruptible(pull::run(pull::Options::default())).await
             }
         }
