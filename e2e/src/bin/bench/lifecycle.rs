@@ -66,6 +66,7 @@ struct Measured {
 }
 
 pub async fn run(options: Options) -> Result<(), String> {
+    let load = crate::load_average();
     let setup = Setup::boot("bench-life", options.only).await?;
     let registry = setup.registry();
     let busybox = image_ref(&format!("{BUSYBOX_REPO}:1"));
@@ -90,7 +91,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         results.push((rt.clone(), measured));
     }
     drop(registry);
-    print!("{}", render(&options, &results));
+    print!("{}", render(&options, &results, &load));
     Ok(())
 }
 
@@ -353,7 +354,7 @@ const CNI_CONFLIST: &str = r#"{
 }
 "#;
 
-fn render(options: &Options, results: &[(Runtime, Measured)]) -> String {
+fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> String {
     let n = options.pods;
     let mode = if options.cni { "pod network (bridge CNI, same config for both)" } else { "hostNetwork pods (namespace_options.network = NODE)" };
     let mut header = vec!["".to_owned()];
@@ -400,5 +401,6 @@ fn render(options: &Options, results: &[(Runtime, Measured)]) -> String {
         t.note("network: the node's for both (hostNetwork: no CNI call, no network namespace); `--network cni` gives each pod its own");
     }
     t.note(format!("{} ExecSync calls per runtime, round robin over the containers", options.execs));
+    t.note(crate::machine_note(load));
     t.render()
 }

@@ -245,6 +245,21 @@ impl Setup {
     }
 }
 
+/// The 1-minute load average now.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_owned)).unwrap_or_else(|| "?".into())
+}
+
+/// A table note on the machine: CPUs, model, and how busy it was (other work skews numbers).
+pub fn machine_note(load_at_start: &str) -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned())))
+        .unwrap_or_default();
+    format!("machine: {cpus} CPUs ({model}); load average {load_at_start} at the start, {} at the end", load_average())
+}
+
 /// A CRI call with a bound on its duration, and the runtime and call named in its error.
 pub async fn call<T>(
     rt: &Runtime,

@@ -85,6 +85,7 @@ struct Big {
 }
 
 pub async fn run(options: Options) -> Result<(), String> {
+    let load = crate::load_average();
     eprintln!("bench: building a {} MB test image of {} data layers", options.size_mb, options.layers);
     let t = Instant::now();
     let big = big_image(options.size_mb, options.layers);
@@ -131,7 +132,7 @@ pub async fn run(options: Options) -> Result<(), String> {
             big.compressed_bytes as f64 / 1e6,
             options.runs
         ),
-        &["", "pull+unpack", "MB/s compr.", "MB/s unpacked", "daemon peak RSS", "daemon CPU", "re-pull (present)", "store on disk"],
+        &["", "pull+unpack (min-max)", "MB/s compr.", "MB/s unpacked", "daemon peak RSS", "daemon CPU", "re-pull (present)", "store on disk"],
     );
     for (method, s) in &samples {
         let med = |f: &dyn Fn(&Sample) -> f64| median_f64(&s.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0);
@@ -145,7 +146,11 @@ pub async fn run(options: Options) -> Result<(), String> {
         let disk = store_kib.iter().find(|(m, _)| m == method).map(|(_, k)| format!("{:.1} MB", *k as f64 * 1024.0 / 1e6)).unwrap_or_default();
         t.row(vec![
             method.label().to_owned(),
-            format!("{seconds:.2} s"),
+            {
+                let all: Vec<f64> = s.iter().map(|x| x.seconds).collect();
+                let (lo, hi) = all.iter().fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+                if all.len() > 1 { format!("{seconds:.2} s ({lo:.2}-{hi:.2})") } else { format!("{seconds:.2} s") }
+            },
             format!("{:.1}", big.compressed_bytes as f64 / 1e6 / seconds),
             format!("{:.1}", big.unpacked_bytes as f64 / 1e6 / seconds),
             peak,
@@ -162,6 +167,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     t.note("ctr: the client downloads and streams content to the daemon, which unpacks; its own peak RSS and CPU are shown after the +");
     t.note("re-pull: the same pull again with the image present; store on disk: blobs + unpacked layers/snapshots after the first pull");
     t.note(format!("per run, the methods take turns (starting one later each run); `sync` before each pull; runs: {}", options.runs));
+    t.note(crate::machine_note(&load));
     print!("{}", t.render());
     Ok(())
 }
@@ -297,10 +303,10 @@ fn disk_kib(dir: &Path) -> u64 {
             continue;
         }
         total += meta.blocks() * 512 / 1024;
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
         }
     }
     total
@@ -338,7 +344,7 @@ fn file_data(rng: &mut Rng, words: &[Vec<u8>], size: usize) -> Vec<u8> {
         while data.len() < size {
             let r = rng.next();
             data.extend_from_slice(&words[(r & 1023) as usize]);
-            data.push(if (r >> 10) % 12 == 0 { b'\n' } else { b' ' });
+            data.push(if (r >> 10).is_multiple_of(12) { b'\n' } else { b' ' });
         }
     }
     data.truncate(size);
@@ -367,7 +373,7 @@ fn data_layer(index: usize, bytes: usize) -> (e2e::oci::Layer, u64, usize) {
     layer.dir("usr", 0o755).dir("usr/share", 0o755).dir(&top, 0o755);
     let (mut total, mut files, mut dir) = (0usize, 0usize, 0usize);
     while total < bytes {
-        if files % 100 == 0 {
+        if files.is_multiple_of(100) {
             dir = files / 100;
             layer.dir(&format!("{top}/d{dir:03}"), 0o755);
         }
