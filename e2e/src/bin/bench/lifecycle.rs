@@ -20,7 +20,7 @@ use e2e::{CriClient, cri};
 
 use crate::procs::{self, NodeCpu};
 use crate::runtimes::{CNI_CONF_DIR, Kind, Runtime};
-use crate::table::{Table, mib, p50_p99, secs};
+use crate::table::{Table, median_f64, mib, p50_p99, secs};
 use crate::{BUSYBOX_REPO, Only, PAUSE_REPO, Setup, call, image_ref, image_spec};
 
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct Options {
     pub pods: usize,
     pub parallel: usize,
     pub execs: usize,
+    /// Times the whole measurement is repeated per runtime (latencies pooled, the rest medians).
+    pub rounds: usize,
     /// Pods in their own network namespace with a bridge CNI network (both runtimes), instead of
     /// the node's network.
     pub cni: bool,
@@ -36,7 +38,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { pods: 100, parallel: 10, execs: 100, cni: false, only: Only::Both }
+        Options { pods: 100, parallel: 10, execs: 100, rounds: 3, cni: false, only: Only::Both }
     }
 }
 
@@ -74,7 +76,6 @@ pub async fn run(options: Options) -> Result<(), String> {
     if options.cni {
         setup.node.write_file(&format!("{CNI_CONF_DIR}/10-bench.conflist"), CNI_CONFLIST);
     }
-    let mut results = Vec::new();
     for rt in &setup.runtimes {
         let mut client = rt.client().await?;
         // Images first, untimed: the pause image only matters to containerd (cri-systemd has no
@@ -86,24 +87,37 @@ pub async fn run(options: Options) -> Result<(), String> {
             let request = cri::PullImageRequest { image: image_spec(image), ..Default::default() };
             call(rt, &format!("PullImage {image}"), CALL, client.image.pull_image(request)).await?;
         }
-        eprintln!("bench: {}: {} pods", rt.label, options.pods);
-        let measured = measure(&setup, rt, &busybox, &options).await?;
-        results.push((rt.clone(), measured));
+    }
+    // Rounds alternate which runtime goes first, so that neither always runs on a fresher node
+    // or in a quieter minute of the machine.
+    let mut rounds: Vec<(Runtime, Vec<Measured>)> = setup.runtimes.iter().map(|rt| (rt.clone(), Vec::new())).collect();
+    for round in 0..options.rounds {
+        let mut order: Vec<usize> = (0..rounds.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let rt = rounds[i].0.clone();
+            eprintln!("bench: round {}/{}: {}: {} pods", round + 1, options.rounds, rt.label, options.pods);
+            let measured = measure(&setup, &rt, &busybox, &options, round).await?;
+            rounds[i].1.push(measured);
+        }
     }
     drop(registry);
+    let results: Vec<(Runtime, Measured)> = rounds.into_iter().map(|(rt, all)| (rt, merge(all))).collect();
     print!("{}", render(&options, &results, &load));
     Ok(())
 }
 
 /// Brings the N pods up and down, sequentially then in parallel, measuring as it goes.
-async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) -> Result<Measured, String> {
+async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, round: usize) -> Result<Measured, String> {
     let n = options.pods;
     let mut m = Measured::default();
     let mut client = rt.client().await?;
     let node_cpu = NodeCpu::of(&setup.node.dir());
     let tag = match rt.kind {
-        Kind::CriSystemd => "cs",
-        Kind::Containerd => "ctd",
+        Kind::CriSystemd => format!("cs{round}"),
+        Kind::Containerd => format!("ctd{round}"),
     };
 
     let node_procs = procs::NodeProcs::of(&setup.node.dir(), setup.pid1)?;
@@ -190,7 +204,7 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for mut c in clients.clone() {
-        let (rt, next, image, cni, tag) = (rt.clone(), next.clone(), image.to_owned(), options.cni, tag.to_owned());
+        let (rt, next, image, cni, tag) = (rt.clone(), next.clone(), image.to_owned(), options.cni, tag.clone());
         tasks.spawn(async move {
             let mut ids = Vec::new();
             loop {
@@ -232,6 +246,35 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
     m.daemon_hwm_kib = procs::status_kib(rt.daemon_pid, "VmHWM").unwrap_or(0);
     m.daemon_cpu = procs::cpu_seconds(rt.daemon_pid).unwrap_or(0.0) - daemon_cpu0;
     Ok(m)
+}
+
+/// One runtime's rounds as one: latency samples pooled, peaks as the maximum, the other numbers
+/// as the median round's.
+fn merge(all: Vec<Measured>) -> Measured {
+    let median = |f: &dyn Fn(&Measured) -> f64| median_f64(&all.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0);
+    let mut m = Measured {
+        parallel_up: Duration::from_secs_f64(median(&|m| m.parallel_up.as_secs_f64())),
+        parallel_down: Duration::from_secs_f64(median(&|m| m.parallel_down.as_secs_f64())),
+        node_cpu_up: median(&|m| m.node_cpu_up),
+        node_cpu_down: median(&|m| m.node_cpu_down),
+        daemon_rss_kib: median(&|m| m.daemon_rss_kib as f64) as u64,
+        daemon_hwm_kib: all.iter().map(|m| m.daemon_hwm_kib).max().unwrap_or(0),
+        daemon_cpu: median(&|m| m.daemon_cpu),
+        extra_count: median(&|m| m.extra_count as f64).round() as usize,
+        extra_rss_kib: median(&|m| m.extra_rss_kib as f64) as u64,
+        extra_pss_kib: median(&|m| m.extra_pss_kib as f64) as u64,
+        pid1_growth_kib: median(&|m| m.pid1_growth_kib as f64) as i64,
+        ..Default::default()
+    };
+    for round in all {
+        m.run_pod.extend(round.run_pod);
+        m.create_start.extend(round.create_start);
+        m.stop_remove.extend(round.stop_remove);
+        m.exec.extend(round.exec);
+        m.exec_unavailable = m.exec_unavailable.or(round.exec_unavailable);
+        m.extra_summary = round.extra_summary;
+    }
+    m
 }
 
 /// A pod as the kubelet would ask for it: its own slice under kubepods, logs, a hostname, the
@@ -360,7 +403,8 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
     let mut header = vec!["".to_owned()];
     header.extend(results.iter().map(|(rt, _)| rt.label.clone()));
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    let mut t = Table::new(format!("Pod lifecycle: {n} pods x 1 container (busybox sleep), {mode}"), &header);
+    let rounds = options.rounds;
+    let mut t = Table::new(format!("Pod lifecycle: {n} pods x 1 container (busybox sleep), {mode}; {rounds} round(s)"), &header);
     let row = |label: &str, f: &dyn Fn(&Measured) -> String| {
         let mut cells = vec![label.to_owned()];
         cells.extend(results.iter().map(|(_, m)| f(m)));
@@ -391,7 +435,11 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
             t.note(format!("{}: ExecSync {e}", rt.short()));
         }
     }
-    t.note("p50/p99: nearest rank over the pods, one call after the other from one client; the two runtimes run one after the other in the same node");
+    t.note(format!(
+        "p50/p99: nearest rank over all {} calls ({n} pods x {rounds} rounds), one after the other from one client; other rows: the median round (VmHWM: the highest)",
+        n * rounds
+    ));
+    t.note("the runtimes take turns in the same node, round by round (the first one alternates)");
     t.note("node CPU: user+sys of everything in the node's cgroup (daemon, systemd, shims, runc, containers), not the benchmark client");
     t.note("processes per pod: those that appeared in the node while the pods ran, outside the containers' own cgroups; PSS shares common pages among them");
     if results.iter().any(|(rt, _)| rt.kind == Kind::Containerd) {
@@ -400,7 +448,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
     if !options.cni {
         t.note("network: the node's for both (hostNetwork: no CNI call, no network namespace); `--network cni` gives each pod its own");
     }
-    t.note(format!("{} ExecSync calls per runtime, round robin over the containers", options.execs));
+    t.note(format!("{} ExecSync calls per runtime and round, round robin over the containers", options.execs));
     t.note(crate::machine_note(load));
     t.render()
 }

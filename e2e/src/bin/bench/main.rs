@@ -3,7 +3,7 @@
 //! interfaces), both driven over CRI by the same Rust client. Each subcommand prints one table.
 //!
 //! ```text
-//! bench lifecycle [--pods N] [--parallel P] [--execs K] [--network host|cni] [--only RUNTIME]
+//! bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only RUNTIME]
 //! bench pull      [--runs R] [--size-mb M] [--layers L] [--only RUNTIME]
 //! bench all       (lifecycle, lifecycle --network cni, pull: each in its own node, default options)
 //! ```
@@ -29,7 +29,7 @@ use runtimes::{Kind, Runtime};
 
 pub const REGISTRY_PORT: u16 = 5000;
 
-const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--network host|cni] [--only cri-systemd|containerd]
+const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only cri-systemd|containerd]
        bench pull [--runs R] [--size-mb M] [--layers L] [--only cri-systemd|containerd]
        bench all";
 
@@ -68,6 +68,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
             ("lifecycle", "--pods") => lifecycle.pods = number(i)?,
             ("lifecycle", "--parallel") => lifecycle.parallel = number(i)?,
             ("lifecycle", "--execs") => lifecycle.execs = number(i)?,
+            ("lifecycle", "--rounds") => lifecycle.rounds = number(i)?,
             ("lifecycle", "--network") => {
                 lifecycle.cni = match value(i)?.as_str() {
                     "host" => false,
