@@ -29,9 +29,12 @@ pub struct StoreConfig {
     /// Images that garbage collection never removes, e.g. the pause image. Any reference form
     /// (`registry.k8s.io/pause:3.9`, `busybox`, `repo@sha256:...`). Default: none.
     pub pinned_images: Vec<String>,
-    /// Owner shift for unpacked layer files: a file owned by uid `n` in the layer is stored as
-    /// `first_layer_uid + n` (same for gids). `0` keeps ownership as in the image; `2147352576`
-    /// (0x7FFE0000) stores layers in systemd's foreign UID range. Default: 0.
+    /// Owner shift for unpacked layer files: a file owned by uid `n` (0..65535) in the layer is
+    /// stored as `layer_uid_shift + n` (same for gids). The default, 2147352576 (0x7FFE0000),
+    /// stores layers in systemd's foreign UID range, so that no file of an image is owned by a
+    /// user of the node; containers see the original ids through idmapped mounts. `0` keeps
+    /// ownership as in the image (and allows ids above 65535). The store records the shift its
+    /// layers were unpacked with and refuses to open under another one.
     pub layer_uid_shift: u32,
     /// Per-registry settings keyed by host (`docker.io`, `localhost:5000`), like containerd's
     /// hosts.toml. A registry without an entry is reached over https with the system roots.
@@ -48,11 +51,15 @@ impl Default for StoreConfig {
             read_timeout_secs: 60,
             keep_layer_blobs: true,
             pinned_images: Vec::new(),
-            layer_uid_shift: 0,
+            layer_uid_shift: FOREIGN_UID_BASE,
             registries: BTreeMap::new(),
         }
     }
 }
+
+/// The first id of systemd's foreign UID/GID range (0x7FFE0000..=0x7FFEFFFF), where container
+/// trees on disk are owned (systemd's docs/UIDS-GIDS.md).
+pub const FOREIGN_UID_BASE: u32 = 0x7FFE_0000;
 
 /// How to reach one registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +124,11 @@ impl IdShift {
         IdShift { base }
     }
 
+    /// The id layer files owned by `0` (root) are stored with.
+    pub fn root(self) -> u32 {
+        self.base
+    }
+
     /// The stored id for an id from a layer, or `None` if it does not fit the target range.
     pub fn map(self, id: u64) -> Option<u32> {
         if self.base == 0 {
@@ -137,6 +149,7 @@ mod tests {
     fn defaults_and_toml_round_trip() {
         let config: StoreConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(config, StoreConfig::default());
+        assert_eq!(config.layer_uid_shift, 0x7FFE_0000, "layers live in the foreign range by default");
         config.validate().unwrap();
         let config: StoreConfig = serde_json::from_str(
             r#"{"max_concurrent_downloads": 2, "pinned_images": ["registry.k8s.io/pause:3.9"],

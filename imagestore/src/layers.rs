@@ -184,6 +184,32 @@ impl LayerStore {
         }
     }
 
+    /// The id shift the unpacked layers' owners reveal, for a store that did not record it:
+    /// owners all within one 64K range above 65535 give that range's base, any other owners
+    /// give 0 (ids as in the images). `None` if there is no unpacked file to look at.
+    pub fn detect_owner_shift(&self) -> Result<Option<u32>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let (mut lowest, mut highest) = (u32::MAX, 0u32);
+        let mut stack: Vec<PathBuf> = self.list()?.iter().map(|c| self.diff_path(c)).collect();
+        while let Some(path) = stack.pop() {
+            let md = fs::symlink_metadata(&path).ctx(|| format!("stat {}", path.display()))?;
+            for id in [md.uid(), md.gid()] {
+                lowest = lowest.min(id);
+                highest = highest.max(id);
+            }
+            if md.is_dir() {
+                for entry in fs::read_dir(&path).ctx(|| format!("list {}", path.display()))? {
+                    stack.push(entry.ctx(|| format!("list {}", path.display()))?.path());
+                }
+            }
+        }
+        if lowest > highest {
+            return Ok(None);
+        }
+        let base = lowest & !0xFFFF;
+        Ok(Some(if lowest >= 0x1_0000 && highest - base <= 0xFFFF { base } else { 0 }))
+    }
+
     /// Every unpacked layer's chain id.
     pub fn list(&self) -> Result<Vec<Digest>, Error> {
         let mut out = Vec::new();
@@ -223,6 +249,12 @@ impl LayerStore {
             .ctx(|| format!("create temporary layer directory in {}", self.tmp.display()))?;
         let diff = staging.path().join("diff");
         fs::create_dir(&diff).ctx(|| format!("create {}", diff.display()))?;
+        // The layer's root belongs to the layer's root user like everything in it (a `./` entry
+        // may set it otherwise): nothing in a layer is owned by a user of the node.
+        if shift != IdShift::IDENTITY {
+            let root = Some(shift.root());
+            std::os::unix::fs::chown(&diff, root, root).ctx(|| format!("chown {}", diff.display()))?;
+        }
         let name = layer.digest.to_string();
 
         let mut source = CompressedSource {

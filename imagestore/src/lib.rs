@@ -30,7 +30,7 @@ mod unpack;
 #[cfg(test)]
 mod unpack_tests;
 
-pub use config::{IdShift, RegistryConfig, StoreConfig};
+pub use config::{FOREIGN_UID_BASE, IdShift, RegistryConfig, StoreConfig};
 pub use digest::{Algorithm, Digest};
 pub use error::{Error, ErrorKind};
 pub use layers::Layer;

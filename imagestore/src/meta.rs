@@ -68,6 +68,10 @@ impl ImageRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Document {
     version: u32,
+    /// The `layer_uid_shift` every unpacked layer was stored with; absent in stores written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layer_uid_shift: Option<u32>,
     images: BTreeMap<String, ImageRecord>,
 }
 
@@ -76,10 +80,12 @@ struct Document {
 pub(crate) struct Metadata {
     path: PathBuf,
     images: BTreeMap<Digest, ImageRecord>,
+    layer_uid_shift: Option<u32>,
 }
 
 impl Metadata {
     pub fn open(path: PathBuf) -> Result<Self, Error> {
+        let mut layer_uid_shift = None;
         let images = match fs::read(&path) {
             Ok(data) => {
                 let doc: Document =
@@ -96,6 +102,7 @@ impl Metadata {
                         ),
                     });
                 }
+                layer_uid_shift = doc.layer_uid_shift;
                 doc.images
                     .into_values()
                     .map(|record| (record.id.clone(), record))
@@ -104,7 +111,25 @@ impl Metadata {
             Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        Ok(Metadata { path, images })
+        Ok(Metadata {
+            path,
+            images,
+            layer_uid_shift,
+        })
+    }
+
+    /// The shift the store's layers were unpacked with, if recorded.
+    pub fn layer_uid_shift(&self) -> Option<u32> {
+        self.layer_uid_shift
+    }
+
+    /// Records the shift the store's layers are unpacked with.
+    pub fn record_layer_uid_shift(&mut self, shift: u32) -> Result<(), Error> {
+        if self.layer_uid_shift != Some(shift) {
+            write_atomic(&self.path, &self.images, Some(shift))?;
+            self.layer_uid_shift = Some(shift);
+        }
+        Ok(())
     }
 
     pub fn records(&self) -> impl Iterator<Item = &ImageRecord> {
@@ -123,16 +148,21 @@ impl Metadata {
         let mut next = self.images.clone();
         let out = change(&mut next);
         if next != self.images {
-            write_atomic(&self.path, &next)?;
+            write_atomic(&self.path, &next, self.layer_uid_shift)?;
             self.images = next;
         }
         Ok(out)
     }
 }
 
-fn write_atomic(path: &Path, images: &BTreeMap<Digest, ImageRecord>) -> Result<(), Error> {
+fn write_atomic(
+    path: &Path,
+    images: &BTreeMap<Digest, ImageRecord>,
+    layer_uid_shift: Option<u32>,
+) -> Result<(), Error> {
     let doc = Document {
         version: FORMAT_VERSION,
+        layer_uid_shift,
         images: images
             .iter()
             .map(|(id, record)| (id.to_string(), record.clone()))

@@ -179,6 +179,33 @@ const CONFIG_TYPES: &[&str] = &[
     "application/vnd.docker.container.image.v1+json",
 ];
 
+/// Makes sure every unpacked layer was stored with `configured` as its owner shift, recording it
+/// for an empty or unrecorded store. Layers of another shift would show wrong owners in every
+/// container (files of a node user, or unmapped ids): the store then refuses to open.
+fn check_layer_uid_shift(
+    root: &Path,
+    meta: &mut Metadata,
+    layers: &LayerStore,
+    configured: u32,
+) -> Result<(), Error> {
+    let stored = match meta.layer_uid_shift() {
+        Some(recorded) => Some(recorded),
+        // Stores written before the shift was recorded: their owners tell.
+        None => layers.detect_owner_shift()?,
+    };
+    match stored {
+        Some(stored) if stored != configured && !layers.list()?.is_empty() => {
+            Err(Error::InvalidConfig(format!(
+                "the layers in {} were unpacked with images.layer_uid_shift = {stored}, but the config says {configured}: \
+                 set images.layer_uid_shift = {stored} again, or remove every container, delete {} and pull the images again",
+                root.display(),
+                root.display()
+            )))
+        }
+        _ => meta.record_layer_uid_shift(configured),
+    }
+}
+
 impl ImageStore {
     /// Opens (creating if needed) the store at `root`. Leftovers of interrupted pulls are
     /// discarded here.
@@ -196,7 +223,9 @@ impl ImageStore {
             _ => {}
         }
         fs::create_dir_all(&tmp).ctx(|| format!("create {}", tmp.display()))?;
-        let meta = Metadata::open(root.join("metadata.json"))?;
+        let mut meta = Metadata::open(root.join("metadata.json"))?;
+        let layers = LayerStore::new(root.join("layers"), tmp.clone());
+        check_layer_uid_shift(root, &mut meta, &layers, config.layer_uid_shift)?;
         let pinned = config
             .pinned_images
             .iter()
@@ -210,7 +239,7 @@ impl ImageStore {
         let inner = Inner {
             root: root.to_path_buf(),
             blobs: BlobStore::new(root.join("blobs"), tmp.clone()),
-            layers: Arc::new(LayerStore::new(root.join("layers"), tmp)),
+            layers: Arc::new(layers),
             meta: Mutex::new(meta),
             in_flight: InFlight::default(),
             downloads: Arc::new(Semaphore::new(config.max_concurrent_downloads)),

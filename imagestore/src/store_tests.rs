@@ -726,3 +726,61 @@ async fn registry_settings_errors_are_clear() {
     let err = ImageStore::open(dir.path(), bad).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
 }
+
+#[tokio::test]
+async fn layers_stay_in_the_recorded_uid_shift() {
+    use std::os::unix::fs::MetadataExt;
+    let reg = FakeRegistry::start().await;
+    push_image(&reg, "app", Some("1"), &two_layers(), "", "amd64");
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), config_for(&reg));
+    let image = store.pull(&format!("{}/app:1", reg.host()), None).await.unwrap();
+    drop(store);
+    // Foreign range by default, recorded in the metadata; the layer root included.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["layer_uid_shift"], 0x7FFE_0000u32);
+    let layer_dir = fs::read_dir(dir.path().join("layers/sha256")).unwrap().next().unwrap().unwrap().path();
+    for path in [layer_dir.join("diff"), layer_dir.join("diff/app/run")] {
+        if path.exists() {
+            let md = fs::symlink_metadata(&path).unwrap();
+            assert_eq!((md.uid(), md.gid()), (0x7FFE_0000, 0x7FFE_0000), "{}", path.display());
+        }
+    }
+
+    // Another shift with layers on disk: refused with a message saying what to do, nothing changed.
+    let before = fs::read(dir.path().join("metadata.json")).unwrap();
+    let identity = StoreConfig { layer_uid_shift: 0, ..config_for(&reg) };
+    let err = ImageStore::open(dir.path(), identity.clone()).unwrap_err().to_string();
+    assert!(
+        err.contains("unpacked with images.layer_uid_shift = 2147352576, but the config says 0"),
+        "{err}"
+    );
+    assert_eq!(fs::read(dir.path().join("metadata.json")).unwrap(), before);
+
+    // A store from before the shift was recorded: its owners tell (here: the foreign range).
+    let mut unrecorded = meta.clone();
+    unrecorded.as_object_mut().unwrap().remove("layer_uid_shift");
+    fs::write(dir.path().join("metadata.json"), serde_json::to_vec(&unrecorded).unwrap()).unwrap();
+    assert!(ImageStore::open(dir.path(), identity.clone()).is_err());
+    let store = open(dir.path(), config_for(&reg));
+    assert!(store.image(&image.id.to_string()).unwrap().is_some());
+    drop(store);
+    // Unrecorded and unshifted (what the daemon wrote before): refused under the new default.
+    fs::write(dir.path().join("metadata.json"), serde_json::to_vec(&unrecorded).unwrap()).unwrap();
+    let mut stack = vec![dir.path().join("layers")];
+    while let Some(path) = stack.pop() {
+        std::os::unix::fs::lchown(&path, Some(0), Some(0)).unwrap();
+        if path.is_dir() && !path.is_symlink() {
+            stack.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    let err = ImageStore::open(dir.path(), config_for(&reg)).unwrap_err().to_string();
+    assert!(err.contains("layer_uid_shift = 0, but the config says 2147352576"), "{err}");
+    open(dir.path(), identity);
+
+    // Without layers any shift is fine, and recorded.
+    let empty = tempfile::tempdir().unwrap();
+    open(empty.path(), StoreConfig { layer_uid_shift: 0, ..config_for(&reg) });
+    open(empty.path(), config_for(&reg));
+}

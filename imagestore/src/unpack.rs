@@ -573,10 +573,15 @@ impl Unpacker<'_> {
     ) -> Result<(rustix::fs::Uid, rustix::fs::Gid), Error> {
         let map = |id: u64, what: &str| {
             self.shift.map(id).ok_or_else(|| {
-                self.hostile(
-                    raw,
-                    format!("{what} {id} is outside the supported id range"),
-                )
+                let reason = if self.shift == IdShift::IDENTITY {
+                    format!("{what} {id} is outside the supported id range")
+                } else {
+                    format!(
+                        "{what} {id} is outside 0..65535, the ids a layer may use when layers are stored shifted to {} (images.layer_uid_shift)",
+                        self.shift.root()
+                    )
+                };
+                self.hostile(raw, reason)
             })
         };
         Ok((

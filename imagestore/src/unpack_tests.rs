@@ -690,6 +690,9 @@ fn shifts_ownership_in_one_place() {
         .unwrap();
     let md = fs::symlink_metadata(fx.store.diff_path(&layer.chain_id).join("f")).unwrap();
     assert_eq!((md.uid(), md.gid()), (0x7FFE_0005, 0x7FFE_0006));
+    // The layer root too: a tar without a `./` entry leaves nothing owned by a node user.
+    let md = fs::symlink_metadata(fx.store.diff_path(&layer.chain_id)).unwrap();
+    assert_eq!((md.uid(), md.gid()), (0x7FFE_0000, 0x7FFE_0000));
     // Ids that do not fit the foreign range are refused rather than wrapped.
     let fx = Fixture::new();
     let mut b = tar::Builder::new(Vec::new());
@@ -702,6 +705,6 @@ fn shifts_ownership_in_one_place() {
         .store
         .unpack_verified(&layer, &tar[..], None, limits(), IdShift::new(0x7FFE_0000))
         .unwrap_err();
-    assert!(err.to_string().contains("uid 70000"), "{err}");
+    assert!(err.to_string().contains("uid 70000 is outside 0..65535"), "{err}");
     fx.assert_untouched();
 }
