@@ -28,6 +28,8 @@ pub struct Config {
     pub exec: ExecConfig,
     /// The streaming server of Exec, Attach and PortForward (the `[streaming]` table).
     pub streaming: StreamingConfig,
+    /// The pool of host id ranges for pods in user namespaces (the `[userns]` table).
+    pub userns: runtime::UsernsConfig,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             images: imagestore::StoreConfig::default(),
             exec: ExecConfig::default(),
             streaming: StreamingConfig::default(),
+            userns: runtime::UsernsConfig::default(),
         }
     }
 }
@@ -218,6 +221,7 @@ impl Config {
         if self.streaming.stream_creation_timeout_secs == 0 {
             return Err(bad("streaming.stream_creation_timeout_secs", "must be more than 0".into()));
         }
+        self.userns.validate(self.images.layer_uid_shift).map_err(|(key, message)| bad(key, message))?;
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
                 "systemd.bus_address",
@@ -287,6 +291,20 @@ mod tests {
         assert!(err.contains("`cni.plugin_timeout_secs`"), "{err}");
         let err = Config::parse("[systemd]\nbus_address = 3\n", "c").unwrap_err().to_string();
         assert!(err.contains("`systemd.bus_address`"), "{err}");
+    }
+
+    #[test]
+    fn userns_pool_is_checked_against_the_image_layers() {
+        let config = Config::parse("[userns]\npool_start = 524288\npool_ranges = 2\n", "c").unwrap();
+        assert_eq!((config.userns.pool_start, config.userns.pool_ranges), (524288, 2));
+        let err = Config::parse("[userns]\npool_start = 1000\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`userns.pool_start`"), "{err}");
+        let err = Config::parse("[images]\nlayer_uid_shift = 655360\n[userns]\npool_start = 589824\npool_ranges = 2\n", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`userns.pool_ranges`") && err.contains("layer_uid_shift"), "{err}");
+        let err = Config::parse("[userns]\npool_size = 2\n", "c").unwrap_err().to_string();
+        assert!(err.contains("pool_size"), "{err}");
     }
 
     #[test]

@@ -24,9 +24,9 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     let resources = linux.resources.unwrap_or_default();
     let mut mounts = Vec::with_capacity(config.mounts.len());
     for mount in config.mounts {
-        if !mount.uid_mappings.is_empty() || mount.image.is_some() {
+        if mount.image.is_some() {
             return Err(Status::invalid_argument(format!(
-                "mount at {}: idmapped and image mounts are not supported yet",
+                "mount at {}: image mounts are not supported yet",
                 mount.container_path
             )));
         }
@@ -43,6 +43,8 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
             readonly: mount.readonly,
             recursive_readonly: mount.recursive_read_only,
             propagation,
+            uid_mappings: crate::pod_translate::id_mappings(&mount.uid_mappings),
+            gid_mappings: crate::pod_translate::id_mappings(&mount.gid_mappings),
         });
     }
     // Older clients still send the deprecated path form.
@@ -186,6 +188,8 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
                     Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer as i32,
                     Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional as i32,
                 },
+                uid_mappings: crate::pod_translate::cri_id_mappings(&m.uid_mappings),
+                gid_mappings: crate::pod_translate::cri_id_mappings(&m.gid_mappings),
                 ..Default::default()
             })
             .collect(),

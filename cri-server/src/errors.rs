@@ -10,6 +10,7 @@ pub fn runtime_status(error: runtime::Error) -> Status {
         E::NotFound(_) => Status::not_found(message),
         E::AlreadyExists(_) => Status::already_exists(message),
         E::FailedPrecondition(_) => Status::failed_precondition(message),
+        E::ResourceExhausted(_) => Status::resource_exhausted(message),
         E::SystemdUnreachable { .. } => Status::unavailable(message),
         E::Network(cni) => cni_status(cni, message),
         // The kubelet reads DeadlineExceeded from ExecSync as a timed-out probe.

@@ -403,6 +403,8 @@ mod tests {
                 state_root: runtime_dir.join("state"),
                 run_root: runtime_dir.join("run"),
                 cni: Default::default(),
+                userns: Default::default(),
+                layer_uid_shift: config.layer_uid_shift,
             },
             Arc::new(runtime::Systemd::new("unix:path=/nonexistent")),
         )

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use proto::cri;
-use runtime::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
+use runtime::{DnsConfig, IdMapping, NamespaceMode, Pod, PodSpec, PodState, PortMapping, UsernsMode};
 use tonic::Status;
 
 /// Reads a CRI RunPodSandboxRequest as a runtime PodSpec.
@@ -18,11 +18,7 @@ pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     let metadata = config.metadata.unwrap_or_default();
     let linux = config.linux.unwrap_or_default();
     let namespace_options = linux.security_context.as_ref().and_then(|s| s.namespace_options.clone());
-    if let Some(userns) = namespace_options.as_ref().and_then(|o| o.userns_options.as_ref()) {
-        if userns.mode == cri::NamespaceMode::Pod as i32 {
-            return Err(Status::invalid_argument("pods in user namespaces are not supported yet"));
-        }
-    }
+    let userns = userns_mode(namespace_options.as_ref().and_then(|o| o.userns_options.as_ref()))?;
     let (network, pid, ipc) = match &namespace_options {
         Some(options) => (mode(options.network)?, mode(options.pid)?, mode(options.ipc)?),
         // No namespace options at all (crictl's minimal configs): the kubelet's defaults, which
@@ -54,8 +50,48 @@ pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         network,
         pid,
         ipc,
+        userns,
         runtime_handler: request.runtime_handler,
     })
+}
+
+/// `userns_options`: none or mode NODE, the node's ids; mode POD, a user namespace of the pod's
+/// own, with the kubelet's mappings if it gives any (the runtime checks them).
+fn userns_mode(options: Option<&cri::UserNamespace>) -> Result<UsernsMode, Status> {
+    let Some(options) = options else { return Ok(UsernsMode::Node) };
+    match cri::NamespaceMode::try_from(options.mode) {
+        Ok(cri::NamespaceMode::Node) => {
+            if !options.uids.is_empty() || !options.gids.is_empty() {
+                return Err(Status::invalid_argument("user namespace mode NODE takes no id mappings"));
+            }
+            Ok(UsernsMode::Node)
+        }
+        Ok(cri::NamespaceMode::Pod) => Ok(UsernsMode::Pod { uid_mappings: id_mappings(&options.uids), gid_mappings: id_mappings(&options.gids) }),
+        _ => Err(Status::invalid_argument(format!(
+            "user namespace mode {} is not supported: only POD and NODE are",
+            options.mode
+        ))),
+    }
+}
+
+pub fn id_mappings(mappings: &[cri::IdMapping]) -> Vec<IdMapping> {
+    mappings.iter().map(|m| IdMapping { container_id: m.container_id, host_id: m.host_id, size: m.length }).collect()
+}
+
+pub fn cri_id_mappings(mappings: &[IdMapping]) -> Vec<cri::IdMapping> {
+    mappings.iter().map(|m| cri::IdMapping { host_id: m.host_id, container_id: m.container_id, length: m.size }).collect()
+}
+
+/// The pod's user namespace as the CRI reports it.
+pub fn cri_userns(pod: &Pod) -> cri::UserNamespace {
+    match &pod.userns {
+        Some(userns) => cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: cri_id_mappings(&[userns.range.mapping()]),
+            gids: cri_id_mappings(&[userns.range.mapping()]),
+        },
+        None => cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() },
+    }
 }
 
 fn mode(value: i32) -> Result<NamespaceMode, Status> {
@@ -116,6 +152,7 @@ pub fn pod_status(pod: &Pod) -> cri::PodSandboxStatus {
                     network: cri_mode(pod.spec.network),
                     pid: cri_mode(pod.spec.pid),
                     ipc: cri_mode(pod.spec.ipc),
+                    userns_options: Some(cri_userns(pod)),
                     ..Default::default()
                 }),
             }),

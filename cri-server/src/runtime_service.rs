@@ -154,7 +154,8 @@ impl RuntimeService for RuntimeApi {
                 name: String::new(),
                 features: Some(cri::RuntimeHandlerFeatures {
                     recursive_read_only_mounts: true,
-                    user_namespaces: false,
+                    // Pods in user namespaces, and idmapped volume mounts (KEP-127).
+                    user_namespaces: true,
                 }),
             }],
             features: Some(cri::RuntimeFeatures { supplemental_groups_policy: false }),
@@ -389,10 +390,16 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
         let request = request.into_inner();
         let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
-        let log_directory = self.runtime.pod(&container.pod_id).map(|p| p.spec.log_directory).unwrap_or_default();
+        let pod = self.runtime.pod(&container.pod_id).ok();
+        let log_directory = pod.as_ref().map(|p| p.spec.log_directory.clone()).unwrap_or_default();
         let mut info = HashMap::new();
         if request.verbose {
             info.insert("info".into(), serde_json::to_string(&container).unwrap_or_default());
+            // The user namespace the container runs in: its pod's (uid and gid mappings), or none.
+            let userns = pod.as_ref().and_then(|p| p.userns).map(|u| {
+                serde_json::json!({"uidMappings": [u.range.mapping()], "gidMappings": [u.range.mapping()], "fromPool": u.from_pool})
+            });
+            info.insert("userns".into(), userns.map(|u| u.to_string()).unwrap_or_else(|| "null".into()));
         }
         Ok(Response::new(cri::ContainerStatusResponse {
             status: Some(container_translate::container_status(&container, &log_directory)),

@@ -69,6 +69,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         state_root: config.state_root.clone(),
         run_root: config.run_root.clone(),
         cni: config.cni.clone(),
+        userns: config.userns.clone(),
+        layer_uid_shift: config.images.layer_uid_shift,
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
     let logs = {

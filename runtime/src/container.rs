@@ -11,6 +11,7 @@ use zbus::zvariant::Value;
 use crate::Error;
 use crate::passwd;
 use crate::pod::{NamespaceMode, Pod};
+use crate::userns::{IdMapping, RANGE_SIZE};
 
 /// What the runtime needs of an image (the daemon reads it from the image store).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +56,13 @@ pub struct BindMount {
     #[serde(default)]
     pub recursive_readonly: bool,
     pub propagation: Propagation,
+    /// An idmapped mount when given (both): a file owned by `container_id + n` on the host
+    /// appears owned by `host_id + n`, as the kubelet asks for the volumes of a pod in a user
+    /// namespace (its files, owned by the node's root, are then the pod root's).
+    #[serde(default)]
+    pub uid_mappings: Vec<IdMapping>,
+    #[serde(default)]
+    pub gid_mappings: Vec<IdMapping>,
 }
 
 /// The seccomp filter a container runs under.
@@ -189,6 +197,9 @@ impl ContainerSpec {
                 )));
             }
         }
+        for mount in &self.mounts {
+            check_mount_mappings(mount)?;
+        }
         for cap in self.add_capabilities.iter().chain(&self.drop_capabilities) {
             let name = capability_name(cap);
             if name != "CAP_ALL" && !ALL_CAPABILITIES.contains(&name.as_str()) {
@@ -293,6 +304,46 @@ fn check_container_path(path: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Id mappings of an idmapped mount: uids and gids together, lines that fit 32 bits.
+fn check_mount_mappings(mount: &BindMount) -> Result<(), Error> {
+    let bad = |why: String| Err(Error::InvalidArgument(format!("mount at {}: {why}", mount.container_path)));
+    match (mount.uid_mappings.is_empty(), mount.gid_mappings.is_empty()) {
+        (true, true) => return Ok(()),
+        (false, false) => {}
+        _ => return bad("uid and gid mappings go together".into()),
+    }
+    for (kind, map) in [("uid", &mount.uid_mappings), ("gid", &mount.gid_mappings)] {
+        if map.len() > 340 {
+            return bad(format!("more than 340 {kind} mappings"));
+        }
+        for m in map {
+            let fits = |start: u32| u64::from(start) + u64::from(m.size) <= u64::from(u32::MAX);
+            if m.size == 0 || !fits(m.container_id) || !fits(m.host_id) {
+                return bad(format!("{kind} mapping {m:?} is empty or goes beyond 4294967294"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The id mapping of the image layers' idmapped mounts: the store keeps them shifted by
+/// `layer_uid_shift`; the container sees them from 0 (no user namespace) or from its pod's first
+/// host id. Empty when no mapping is needed (unshifted layers, no user namespace).
+pub(crate) fn lower_mappings(pod: &Pod, layer_uid_shift: u32) -> Vec<IdMapping> {
+    let (host_id, pod_size) = pod.userns.map(|u| (u.range.host_id, u.range.size)).unwrap_or((0, RANGE_SIZE));
+    if host_id == layer_uid_shift {
+        return Vec::new();
+    }
+    // Shifted layers hold ids 0..65535 only; unshifted ones any id the pod maps.
+    let size = if layer_uid_shift == 0 { pod_size } else { RANGE_SIZE };
+    vec![IdMapping { container_id: layer_uid_shift, host_id, size }]
+}
+
+/// OCI's form of id mappings (linux.uidMappings, mounts[].uidMappings).
+pub(crate) fn oci_mappings(mappings: &[IdMapping]) -> serde_json::Value {
+    mappings.iter().map(|m| serde_json::json!({"containerID": m.container_id, "hostID": m.host_id, "size": m.size})).collect()
+}
+
 /// Everything the OCI spec needs besides the container spec itself.
 pub(crate) struct SpecContext<'a> {
     pub pod: &'a Pod,
@@ -341,19 +392,32 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
         if mount.recursive_readonly {
             options.push("rro");
         }
-        mounts.push(serde_json::json!({
+        if !mount.uid_mappings.is_empty() {
+            options.push("idmap");
+        }
+        let mut oci_mount = serde_json::json!({
             "destination": mount.container_path, "type": "bind", "source": source, "options": options,
-        }));
+        });
+        if !mount.uid_mappings.is_empty() {
+            oci_mount["uidMappings"] = oci_mappings(&mount.uid_mappings);
+            oci_mount["gidMappings"] = oci_mappings(&mount.gid_mappings);
+        }
+        mounts.push(oci_mount);
     }
     let mut namespaces = vec![serde_json::json!({"type": "mount"})];
     if pod.spec.pid != NamespaceMode::Node {
         namespaces.push(serde_json::json!({"type": "pid"}));
     }
-    for (kind, pin) in [("network", &pod.namespaces.network), ("ipc", &pod.namespaces.ipc), ("uts", &pod.namespaces.uts)] {
+    for (kind, pin) in [("network", &pod.namespaces.network), ("ipc", &pod.namespaces.ipc), ("uts", &pod.namespaces.uts), ("user", &pod.namespaces.user)] {
         if let Some(pin) = pin {
             namespaces.push(serde_json::json!({"type": kind, "path": pin}));
         }
     }
+    let userns_mappings = match (&pod.userns, &pod.namespaces.user) {
+        (Some(userns), Some(_)) => oci_mappings(&[userns.range.mapping()]),
+        (Some(_), None) => return Err(Error::FailedPrecondition(format!("pod {} has a user namespace range but no user namespace", pod.id))),
+        _ => serde_json::json!([]),
+    };
     let (masked, readonly): (Vec<String>, Vec<String>) = if spec.privileged {
         (Vec::new(), Vec::new())
     } else {
@@ -384,6 +448,8 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
             "rootfsPropagation": if spec.mounts.iter().any(|m| m.propagation == Propagation::Bidirectional) { "rshared" } else { "rslave" },
             "namespaces": namespaces,
             "seccomp": seccomp,
+            "uidMappings": userns_mappings,
+            "gidMappings": userns_mappings,
             "maskedPaths": masked,
             "readonlyPaths": readonly,
         },

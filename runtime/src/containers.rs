@@ -126,12 +126,24 @@ impl Runtime {
         std::fs::create_dir_all(dir.join("rootfs")).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let context = SpecContext { pod: &pod, rootfs_mountpoint: &dir.join("rootfs") };
         let oci = container::oci_spec(&record.spec, &record.rootfs, &context)?;
+        let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> =
+            serde_json::from_value(container::oci_mappings(&container::lower_mappings(&pod, self.config.layer_uid_shift)))
+                .map_err(|e| Error::InvalidArgument(format!("cannot build the layers' id mapping: {e}")))?;
+        if let Some(userns) = &pod.userns {
+            // The writable layer's root is the container's "/": its root user owns it. Only the
+            // directory itself: the image layers below are idmapped, never chowned.
+            let root = Some(userns.range.host_id);
+            std::os::unix::fs::chown(&record.rootfs.upperdir, root, root)
+                .map_err(Error::io(format!("cannot give {} to the pod's root", record.rootfs.upperdir.display())))?;
+        }
         let init = InitSpec {
             oci,
             rootfs: Some(OverlayRootfs {
                 lowerdirs: record.rootfs.lowerdirs.clone(),
                 upperdir: record.rootfs.upperdir.clone(),
                 workdir: record.rootfs.workdir.clone(),
+                uid_mappings: lower_mappings.clone(),
+                gid_mappings: lower_mappings,
             }),
             error_file: dir.join("start-error"),
             journal_stdio: true,

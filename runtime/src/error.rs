@@ -21,6 +21,9 @@ pub enum Error {
     /// A command could not be run in a container for a reason other than the request's.
     #[error("{0}")]
     Exec(String),
+    /// A pool (of user namespace id ranges) has nothing left.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     /// Attaching a pod to its network or detaching it (a CNI plugin's own message included).

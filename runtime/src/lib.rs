@@ -22,6 +22,7 @@ mod pods;
 pub mod stats;
 mod store;
 mod systemd;
+mod userns;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use systemd::{ManagerInfo, Systemd};
+pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
 /// Where the runtime keeps its state.
 #[derive(Debug, Clone)]
@@ -48,6 +50,12 @@ pub struct RuntimeConfig {
     /// Volatile pod files and namespace pins (`pods/<id>/`).
     pub run_root: PathBuf,
     pub cni: CniConfig,
+    /// The pool of host id ranges for pods in user namespaces.
+    pub userns: UsernsConfig,
+    /// The image store's `layer_uid_shift`: layer files owned by id `n` are stored as
+    /// `layer_uid_shift + n`. Containers see them unshifted (or in their pod's range) through
+    /// idmapped mounts of the layers.
+    pub layer_uid_shift: u32,
 }
 
 /// The pods and containers of this node.
@@ -59,6 +67,8 @@ pub struct Runtime {
     cni: cni::Cni,
     pods: Mutex<BTreeMap<String, Arc<Entry<Pod>>>>,
     containers: Mutex<BTreeMap<String, Arc<Entry<Container>>>>,
+    /// The user namespace id ranges of all pods (rebuilt from the pod records on open).
+    userns_ranges: Arc<Mutex<userns::IdRanges>>,
 }
 
 /// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any

@@ -1,12 +1,21 @@
 //! Pod namespaces without a pause process: each namespace is created once, on a short-lived
 //! thread, and pinned by bind-mounting its `/proc/thread-self/ns/<kind>` file under the pod's run
 //! dir (as CRI-O's pinns does). Containers join the pinned files; unmounting the pins frees them.
+//!
+//! A pod with a user namespace gets it from a short-lived forked child instead (unshare of a user
+//! namespace needs a single-threaded process), which then creates the pod's network, IPC and UTS
+//! namespaces from inside it, so that they belong to it: root in the pod administers its own
+//! network, and nothing of the node's.
 
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
+
+use crate::userns::IdRange;
 
 /// The namespaces a pod shares among its containers, each pinned at a path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,11 +23,14 @@ pub struct PodNamespaces {
     pub network: Option<PathBuf>,
     pub ipc: Option<PathBuf>,
     pub uts: Option<PathBuf>,
+    /// The pod's user namespace, owner of the three others (absent in older records).
+    #[serde(default)]
+    pub user: Option<PathBuf>,
 }
 
 impl PodNamespaces {
     pub fn pins(&self) -> impl Iterator<Item = &PathBuf> {
-        [&self.network, &self.ipc, &self.uts].into_iter().flatten()
+        [&self.network, &self.ipc, &self.uts, &self.user].into_iter().flatten()
     }
 }
 
@@ -30,11 +42,15 @@ pub struct NewNamespaces {
     pub uts: bool,
 }
 
-/// Creates the requested namespaces and pins them in `dir` as files `net`, `ipc`, `uts`.
-/// `hostname` is set in the new UTS namespace, and loopback is brought up in the new network
-/// namespace. On error nothing stays pinned.
-pub fn create_pinned(dir: &Path, wanted: NewNamespaces, hostname: &str) -> std::io::Result<PodNamespaces> {
+/// Creates the requested namespaces and pins them in `dir` as files `net`, `ipc`, `uts` (and
+/// `user`, owner of the others, when `userns` gives the pod's host id range). `hostname` is set
+/// in the new UTS namespace, and loopback is brought up in the new network namespace. On error
+/// nothing stays pinned.
+pub fn create_pinned(dir: &Path, wanted: NewNamespaces, hostname: &str, userns: Option<IdRange>) -> std::io::Result<PodNamespaces> {
     std::fs::create_dir_all(dir)?;
+    if let Some(range) = userns {
+        return create_in_user_namespace(dir, wanted, hostname, range);
+    }
     let mut flags = CloneFlags::empty();
     let mut pins = PodNamespaces::default();
     if wanted.network {
@@ -81,6 +97,154 @@ pub fn create_pinned(dir: &Path, wanted: NewNamespaces, hostname: &str) -> std::
         return Err(e);
     }
     Ok(pins)
+}
+
+/// The steps of the namespace child, in the order it takes them; a failure reports its step.
+const STEP_USERNS: u8 = 1;
+const STEP_NAMESPACES: u8 = 2;
+const STEP_HOSTNAME: u8 = 3;
+const STEP_LOOPBACK: u8 = 4;
+
+fn step_name(step: u8) -> &'static str {
+    match step {
+        STEP_USERNS => "unshare the user namespace",
+        STEP_NAMESPACES => "unshare the pod's namespaces in its user namespace",
+        STEP_HOSTNAME => "set the hostname",
+        STEP_LOOPBACK => "bring up loopback",
+        _ => "set up namespaces",
+    }
+}
+
+/// The pod's user namespace, mapping ids 0.. to `range`, with the wanted namespaces created
+/// inside it: a forked child unshares the user namespace, this thread writes its id maps (the
+/// child cannot map ids of the node), the child creates the other namespaces, and this thread
+/// pins all of them from /proc/<child>/ns before letting the child exit.
+fn create_in_user_namespace(dir: &Path, wanted: NewNamespaces, hostname: &str, range: IdRange) -> std::io::Result<PodNamespaces> {
+    let mut flags = 0;
+    let mut pins = PodNamespaces { user: Some(dir.join("user")), ..Default::default() };
+    if wanted.network {
+        flags |= libc::CLONE_NEWNET;
+        pins.network = Some(dir.join("net"));
+    }
+    if wanted.ipc {
+        flags |= libc::CLONE_NEWIPC;
+        pins.ipc = Some(dir.join("ipc"));
+    }
+    if wanted.uts {
+        flags |= libc::CLONE_NEWUTS;
+        pins.uts = Some(dir.join("uts"));
+    }
+    // Everything the child needs is made before the fork: the child of a multi-threaded process
+    // may not allocate.
+    let hostname = CString::new(hostname).map_err(|_| std::io::Error::other("hostname contains a NUL byte"))?;
+    let (to_child_r, to_child_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (from_child_r, from_child_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the child runs only async-signal-safe system calls (see namespace_child) on memory
+    // prepared before the fork, and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(to_child_w);
+        drop(from_child_r);
+        namespace_child(&to_child_r, &from_child_w, flags, wanted, &hostname);
+    }
+    drop(to_child_r);
+    drop(from_child_w);
+    let result = (|| -> std::io::Result<()> {
+        expect_child(&from_child_r, STEP_USERNS)?;
+        let line = format!("0 {} {}\n", range.host_id, range.size);
+        for map in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{pid}/{map}"), &line)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("write {map} of the pod's user namespace ({}): {e}", line.trim())))?;
+        }
+        nix::unistd::write(&to_child_w, &[STEP_NAMESPACES])?;
+        expect_child(&from_child_r, STEP_LOOPBACK)?;
+        for (kind, pin) in [("user", &pins.user), ("net", &pins.network), ("ipc", &pins.ipc), ("uts", &pins.uts)] {
+            if let Some(pin) = pin {
+                std::fs::File::create(pin)?;
+                let source = format!("/proc/{pid}/ns/{kind}");
+                nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                    .map_err(|e| std::io::Error::other(format!("pin {kind} namespace at {}: {e}", pin.display())))?;
+            }
+        }
+        Ok(())
+    })();
+    // Closing the pipe ends the child, whatever state it is in.
+    drop(to_child_w);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    if let Err(e) = result {
+        let _ = release(&pins);
+        return Err(e);
+    }
+    Ok(pins)
+}
+
+/// Waits for the child to report `step` done; its failure comes as the step and an errno.
+fn expect_child(from_child: &OwnedFd, step: u8) -> std::io::Result<()> {
+    let mut message = [0u8; 6];
+    let mut got = 0;
+    while got < 1 || (message[0] == 0 && got < message.len()) {
+        match nix::unistd::read(from_child, &mut message[got..]) {
+            Ok(0) => return Err(std::io::Error::other(format!("the namespace child died before it could {}", step_name(step)))),
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match message[0] {
+        0 => {
+            let errno = i32::from_ne_bytes([message[2], message[3], message[4], message[5]]);
+            let e = std::io::Error::from_raw_os_error(errno);
+            Err(std::io::Error::new(e.kind(), format!("{}: {e}", step_name(message[1]))))
+        }
+        done if done == step => Ok(()),
+        other => Err(std::io::Error::other(format!("the namespace child reported step {other}, not {step}"))),
+    }
+}
+
+/// The forked child: unshare the user namespace, wait for its maps, create the other namespaces
+/// inside it, report, and stay alive (so its namespaces can be pinned) until the pipe closes.
+/// Only system calls from here on: no allocation, no locks.
+fn namespace_child(to_child: &OwnedFd, from_child: &OwnedFd, flags: libc::c_int, wanted: NewNamespaces, hostname: &CString) -> ! {
+    let report = |message: &[u8]| {
+        // SAFETY: write on an open descriptor from a live buffer.
+        unsafe { libc::write(from_child.as_raw_fd(), message.as_ptr().cast(), message.len()) };
+    };
+    let fail = |step: u8| -> ! {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO).to_ne_bytes();
+        report(&[0, step, errno[0], errno[1], errno[2], errno[3]]);
+        // SAFETY: _exit is async-signal-safe and always allowed.
+        unsafe { libc::_exit(1) }
+    };
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+        fail(STEP_USERNS);
+    }
+    report(&[STEP_USERNS]);
+    let mut go = [0u8; 1];
+    // SAFETY: read into a live one-byte buffer.
+    if unsafe { libc::read(to_child.as_raw_fd(), go.as_mut_ptr().cast(), 1) } != 1 {
+        // SAFETY: as above.
+        unsafe { libc::_exit(1) }
+    }
+    // SAFETY: unshare takes flags only; the child is root of its new user namespace now.
+    if flags != 0 && unsafe { libc::unshare(flags) } != 0 {
+        fail(STEP_NAMESPACES);
+    }
+    // SAFETY: a pointer and length of a live NUL-terminated string, read only.
+    if wanted.uts && unsafe { libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) } != 0 {
+        fail(STEP_HOSTNAME);
+    }
+    if wanted.network && bring_loopback_up().is_err() {
+        fail(STEP_LOOPBACK);
+    }
+    report(&[STEP_LOOPBACK]);
+    // SAFETY: as above; returns once the parent closes its end.
+    unsafe { libc::read(to_child.as_raw_fd(), go.as_mut_ptr().cast(), 1) };
+    // SAFETY: as above.
+    unsafe { libc::_exit(0) }
 }
 
 /// Unpins the namespaces (they die with their last user) and removes the pin files. Missing pins

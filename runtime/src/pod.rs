@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::namespaces::PodNamespaces;
+use crate::userns::{PodUserns, UsernsMode};
 
 /// Where a namespace comes from: the pod's own, the node's, or (PID only) the container's own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +53,9 @@ pub struct PodSpec {
     pub network: NamespaceMode,
     pub pid: NamespaceMode,
     pub ipc: NamespaceMode,
+    /// A user namespace of the pod's own, or the node's ids.
+    #[serde(default)]
+    pub userns: UsernsMode,
     pub runtime_handler: String,
 }
 
@@ -83,6 +87,10 @@ pub struct Pod {
     /// pods, pods on a node without a CNI config, and stopped pods.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// The host ids of the pod's user namespace, when it has one; recorded before the namespace
+    /// is made, so that a restart knows every range in use.
+    #[serde(default)]
+    pub userns: Option<PodUserns>,
 }
 
 impl PodSpec {
@@ -107,6 +115,18 @@ impl PodSpec {
                 crate::cni::check_cni_arg(field, value).map_err(Error::InvalidArgument)?;
             }
             crate::cni::capability_args(&self.port_mappings, &self.annotations, &[]).map_err(Error::InvalidArgument)?;
+        }
+        if self.userns != UsernsMode::Node {
+            // The node's namespaces belong to the node's user namespace: a pod in a user
+            // namespace of its own cannot administer them (Kubernetes refuses these too).
+            for (kind, mode) in [("network", self.network), ("IPC", self.ipc), ("PID", self.pid)] {
+                if mode == NamespaceMode::Node {
+                    return Err(Error::InvalidArgument(format!(
+                        "a pod in a user namespace cannot use the node's {kind} namespace"
+                    )));
+                }
+            }
+            self.userns.requested_range()?;
         }
         Ok(())
     }
@@ -218,12 +238,21 @@ mod tests {
             files_dir: "/run/x".into(),
             shm: None,
             ips: vec!["10.88.0.5".parse().unwrap()],
+            userns: None,
         };
         let mut json = serde_json::to_value(&pod).unwrap();
         assert_eq!(json["ips"], serde_json::json!(["10.88.0.5"]));
         json.as_object_mut().unwrap().remove("ips");
         let old: Pod = serde_json::from_value(json).unwrap();
         assert!(old.ips.is_empty());
+    }
+
+    #[test]
+    fn user_namespaces_need_pod_namespaces() {
+        let userns = UsernsMode::Pod { uid_mappings: vec![], gid_mappings: vec![] };
+        PodSpec { userns: userns.clone(), ..spec() }.validate().unwrap();
+        let host_network = PodSpec { userns, network: NamespaceMode::Node, ..spec() };
+        assert!(matches!(host_network.validate(), Err(Error::InvalidArgument(m)) if m.contains("network")));
     }
 
     #[test]

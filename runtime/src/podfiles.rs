@@ -9,8 +9,9 @@ use crate::pod::DnsConfig;
 const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Writes the pod's files; `ips` (the pod's addresses from CNI, if any) name the pod's hostname
-/// in /etc/hosts, as the kubelet's managed hosts file does.
-pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_network: bool, ips: &[IpAddr]) -> std::io::Result<()> {
+/// in /etc/hosts, as the kubelet's managed hosts file does. The files are owned by `owner` (a
+/// host id, as uid and gid: the root of the pod's user namespace) if given, else by the daemon.
+pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_network: bool, ips: &[IpAddr], owner: Option<u32>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
     let hosts = if host_network {
@@ -24,7 +25,13 @@ pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_ne
         Some(dns) if !(dns.servers.is_empty() && dns.searches.is_empty() && dns.options.is_empty()) => resolv_conf(dns),
         _ => std::fs::read_to_string(NODE_RESOLV_CONF).unwrap_or_default(),
     };
-    std::fs::write(dir.join("resolv.conf"), resolv)
+    std::fs::write(dir.join("resolv.conf"), resolv)?;
+    if let Some(owner) = owner {
+        for file in ["hostname", "hosts", "resolv.conf"] {
+            std::os::unix::fs::chown(dir.join(file), Some(owner), Some(owner))?;
+        }
+    }
+    Ok(())
 }
 
 fn default_hosts(hostname: &str, ips: &[IpAddr]) -> String {
@@ -76,17 +83,21 @@ mod tests {
     #[test]
     fn files_are_written() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "web-0", None, false, &[]).unwrap();
+        write(dir.path(), "web-0", None, false, &[], None).unwrap();
         assert_eq!(std::fs::read_to_string(dir.path().join("hostname")).unwrap(), "web-0\n");
         assert!(std::fs::read_to_string(dir.path().join("hosts")).unwrap().contains("127.0.1.1\tweb-0"));
         assert!(dir.path().join("resolv.conf").exists());
+        write(dir.path(), "web-0", None, false, &[], Some(0x9_0000)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(dir.path().join("hosts")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (0x9_0000, 0x9_0000));
     }
 
     #[test]
     fn hosts_names_the_pod_ips() {
         let dir = tempfile::tempdir().unwrap();
         let ips = ["10.88.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
-        write(dir.path(), "web-0", None, false, &ips).unwrap();
+        write(dir.path(), "web-0", None, false, &ips, None).unwrap();
         let hosts = std::fs::read_to_string(dir.path().join("hosts")).unwrap();
         assert!(hosts.starts_with("127.0.0.1\tlocalhost\n"), "{hosts}");
         assert!(hosts.ends_with("\n10.88.0.5\tweb-0\nfd00::5\tweb-0\n"), "{hosts}");

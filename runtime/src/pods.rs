@@ -13,6 +13,7 @@ use crate::cni::{self, Cni, NetworkList};
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState};
 use crate::store::{new_id, read_json, write_json};
+use crate::userns::{self, IdRange, IdRanges, PodUserns, UsernsMode};
 use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, Systemd, podfiles};
 
 /// The size of a pod's /dev/shm, the kubelet's default.
@@ -34,6 +35,7 @@ impl Runtime {
     pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
         let runtime = Runtime {
             cni: Cni::open(config.cni.clone(), &config.state_root),
+            userns_ranges: Arc::new(Mutex::new(IdRanges::new(config.userns.clone()))),
             config,
             systemd,
             pods: Mutex::new(BTreeMap::new()),
@@ -72,6 +74,13 @@ impl Runtime {
                     write_json(&record_path, &pod).map_err(Error::io("cannot update pod record"))?;
                 }
                 _ => {}
+            }
+            if let Some(userns) = &pod.userns {
+                // Two records claiming one range would be a bug; keep both pods and say so.
+                let mut ranges = runtime.userns_ranges.lock().expect("userns range lock");
+                if let Err(e) = ranges.reserve(&pod.id, userns.range) {
+                    warn!(pod = %pod.id, "recorded user namespace range: {e}");
+                }
             }
             runtime.insert_entry(pod);
         }
@@ -160,6 +169,7 @@ impl Runtime {
                 files_dir: run_dir,
                 shm: None,
                 ips: Vec::new(),
+                userns: None,
             };
             let entry = Entry::new(pod.clone());
             // Locked before it is visible, so that no other call on this pod runs before it exists.
@@ -168,7 +178,18 @@ impl Runtime {
             (entry, guard, network)
         };
         let _guard = guard;
-        let pod = entry.record.read().expect("pod record lock").clone();
+        let mut pod = entry.record.read().expect("pod record lock").clone();
+        // The range is taken before anything else: a pod that cannot have one leaves nothing.
+        match self.assign_userns(&pod.id, &pod.spec.userns).await {
+            Ok(userns) => {
+                pod.userns = userns;
+                entry.set(pod.clone());
+            }
+            Err(e) => {
+                self.pods.lock().expect("pod table lock").remove(&pod.id);
+                return Err(e);
+            }
+        }
         match self.create_pod(&entry, pod.clone(), network).await {
             Ok(()) => {
                 info!(pod = %pod.id, name = %pod.spec.name, namespace = %pod.spec.namespace, slice = %pod.slice, "pod ready");
@@ -203,7 +224,8 @@ impl Runtime {
         };
         let ns_dir = pod.files_dir.join("ns");
         let hostname = pod.spec.hostname().to_string();
-        pod.namespaces = tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname))
+        let range = pod.userns.map(|u| u.range);
+        pod.namespaces = tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname, range))
             .await
             .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
             .map_err(Error::io("cannot create pod namespaces"))?;
@@ -228,15 +250,57 @@ impl Runtime {
             _ => {}
         }
         let host_network = pod.spec.network == NamespaceMode::Node;
-        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network, &pod.ips)
+        // In a user namespace the pod's root is the first id of its range: it owns the pod's
+        // files (a chown of three small files) and its /dev/shm, as root owns them elsewhere.
+        let root = range.map(|r| r.host_id);
+        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network, &pod.ips, root)
             .map_err(Error::io("cannot write pod files"))?;
         if wanted.ipc {
             let shm = pod.files_dir.join("shm");
-            mount_shm(&shm).map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
+            mount_shm(&shm, root).map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
             pod.shm = Some(shm);
         }
         pod.state = PodState::Ready;
         self.save(entry, pod)
+    }
+
+    /// The user namespace range of a new pod: the kubelet's, checked against every range in use,
+    /// or a free one of the pool. None for a pod without a user namespace.
+    async fn assign_userns(&self, pod_id: &str, mode: &UsernsMode) -> Result<Option<PodUserns>, Error> {
+        if *mode == UsernsMode::Node {
+            return Ok(None);
+        }
+        let requested = mode.requested_range()?;
+        if let Some(range) = requested {
+            let layers = IdRange { host_id: self.config.layer_uid_shift, size: userns::RANGE_SIZE };
+            if self.config.layer_uid_shift != 0 && range.host_id <= layers.host_id && layers.host_id - range.host_id < range.size {
+                return Err(Error::InvalidArgument(format!(
+                    "user namespace mappings: host ids {}..+{} include the image layers' ids ({})",
+                    range.host_id, range.size, layers.host_id
+                )));
+            }
+        }
+        let ranges = self.userns_ranges.clone();
+        let pool = self.config.userns.clone();
+        let owner = pod_id.to_string();
+        let assigned = tokio::task::spawn_blocking(move || {
+            let pod_id = owner;
+            let mut ranges = ranges.lock().expect("userns range lock");
+            match requested {
+                Some(range) => ranges.reserve(&pod_id, range).map(|()| PodUserns { range, from_pool: false }),
+                // NSS lookups may block (LDAP and such): hence the blocking thread.
+                None => ranges.allocate(&pod_id, userns::known_to_nss).map(|range| PodUserns { range, from_pool: true }).ok_or_else(|| {
+                    Error::ResourceExhausted(format!(
+                        "no free user namespace id range: all {} ranges of the pool from host id {} are in use (or taken by users the node knows); remove pods or raise userns.pool_ranges",
+                        pool.pool_ranges, pool.pool_start
+                    ))
+                }),
+            }
+        })
+        .await
+        .map_err(|e| Error::Io { what: "user namespace range task".into(), source: std::io::Error::other(e) })??;
+        info!(pod = %pod_id, host_id = assigned.range.host_id, size = assigned.range.size, from_pool = assigned.from_pool, "user namespace range assigned");
+        Ok(Some(assigned))
     }
 
     /// StopPodSandbox: stops every container (the slice's units), detaches the pod from its
@@ -303,6 +367,11 @@ impl Runtime {
                     Err(e) => errors.push(format!("remove {}: {e}", dir.display())),
                 }
             }
+            // The range goes back to the pool only once nothing of the pod is left, its record
+            // included: until then a restart would find it in use again.
+            if errors.is_empty() && let Some(userns) = &pod.userns {
+                self.userns_ranges.lock().expect("userns range lock").release(&pod.id, &userns.range);
+            }
         }
         if errors.is_empty() {
             Ok(())
@@ -352,10 +421,16 @@ impl Runtime {
     }
 }
 
-fn mount_shm(path: &Path) -> std::io::Result<()> {
+/// The pod's /dev/shm: a tmpfs, its root owned by `root` (the pod's root user's host id; the
+/// node's root without a user namespace).
+fn mount_shm(path: &Path, root: Option<u32>) -> std::io::Result<()> {
     std::fs::create_dir_all(path)?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    nix::mount::mount(Some("shm"), path, Some("tmpfs"), flags, Some(format!("mode=1777,{SHM_SIZE}").as_str()))?;
+    let mut options = format!("mode=1777,{SHM_SIZE}");
+    if let Some(root) = root {
+        options += &format!(",uid={root},gid={root}");
+    }
+    nix::mount::mount(Some("shm"), path, Some("tmpfs"), flags, Some(options.as_str()))?;
     Ok(())
 }
 

@@ -12,6 +12,8 @@
 //!                                                      │                          │ chroot to <main>'s root
 //!                                                      │                          │ setsid; pty (tty only, master
 //!   ◀── {"tty"} + master fd ──────────────────────────────────────────────────────┤ sent to the daemon)
+//!                                                      │                          │ user namespace (if the
+//!                                                      │                          │ container has its own),
 //!                                                      │                          │ user, caps, no_new_privs,
 //!                                                      │                          │ cwd, env (init.json's process)
 //!                                                      │ ◀── EOF (exec'd) / error ┘ execve(command)
@@ -43,7 +45,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Error, InitSpec, Result, errno_desc, process};
+use super::{Context, Error, InitSpec, Result, errno_desc, namespaces, process};
 
 /// The hidden subcommand's name.
 pub const SUBCOMMAND: &str = "exec-in";
@@ -158,6 +160,15 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     let joins = NAMESPACES.iter().map(|(kind, flag)| Ok((*kind, *flag, open(&format!("ns/{kind}"))?))).collect::<Result<Vec<_>>>()?;
     let root = nix::fcntl::open(format!("/proc/{main}/root").as_str(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .ctx(|| format!("open the root of process {main}"))?;
+    // A container in a user namespace of its own (a pod's): the command joins it too, last,
+    // so that it is root of that namespace at most, never the node's root.
+    let user_ns = open("ns/user")?;
+    let own_user_ns = std::fs::metadata("/proc/self/ns/user").ctx(|| "stat /proc/self/ns/user".into())?;
+    let theirs = nix::sys::stat::fstat(&user_ns).ctx(|| format!("stat /proc/{main}/ns/user"))?;
+    let user_ns = {
+        use std::os::unix::fs::MetadataExt;
+        (theirs.st_ino != own_user_ns.ino() || theirs.st_dev != own_user_ns.dev()).then_some(user_ns)
+    };
     // The descriptors above belong to the container only if <main> is still its process (a
     // reused PID is not): checked after opening them.
     let cgroups = std::fs::read_to_string(format!("/proc/{main}/cgroup")).ctx(|| format!("read /proc/{main}/cgroup (has the container stopped?)"))?;
@@ -176,7 +187,7 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     let child = match unsafe { nix::unistd::fork() }.ctx(|| "fork command process".into())? {
         ForkResult::Child => {
             drop(report_r);
-            child_main(args.tty, &process, spec.oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()), &joins, &root, control, report_w, parent)
+            child_main(args.tty, &process, spec.oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()), &joins, user_ns.as_ref(), &root, control, report_w, parent)
         }
         ForkResult::Parent { child } => child,
     };
@@ -343,6 +354,7 @@ fn child_main(
     process: &oci_spec::runtime::Process,
     seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
     joins: &[(&str, CloneFlags, OwnedFd)],
+    user_ns: Option<&OwnedFd>,
     root: &OwnedFd,
     control: &OwnedFd,
     report: OwnedFd,
@@ -363,7 +375,10 @@ fn child_main(
             send(control, &Report::Tty, Some(master.as_raw_fd()));
         }
         process::prepare_child()?;
-        let exec = process::prepare_exec(process, seccomp)?;
+        let exec = process::prepare_exec(process, seccomp, || match user_ns {
+            Some(fd) => namespaces::join_user(fd, "of the container"),
+            None => Ok(()),
+        })?;
         // Set after the change of user, which would clear it: the command dies with exec-in.
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx(|| "set parent death signal".into())?;
         // exec-in is outside the container's PID namespace, so it shows as PID 0 (or as itself

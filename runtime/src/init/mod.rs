@@ -8,12 +8,13 @@
 //!
 //! ```text
 //! systemd ──starts──▶ init (main PID, Type=notify)
-//!                      │ read spec, setns/unshare all but mnt (pid, net, ... per spec)
+//!                      │ read spec, open namespaces, make the user namespaces of idmapped
+//!                      │ mounts, setns/unshare all but mnt and user (pid, net, ... per spec)
 //!                      │ fork ─────────────▶ child (PID 1 of a new PID namespace)
 //!                      │                      │ new mnt namespace (always; a copy of a
 //!                      │                      │ joined one), mounts, pivot_root, hostname, sysctls,
-//!                      │                      │ masked/readonly paths, user, caps, rlimits,
-//!                      │                      │ PATH lookup
+//!                      │                      │ masked/readonly paths, rlimits, join the user
+//!                      │                      │ namespace (if any), user, caps, PATH lookup
 //!                      │ ◀──── "ready" ───────┤
 //!                      │ sd_notify MAINPID=child (+ barrier)
 //!                      ├────── "go" ─────────▶│ execve(entrypoint): the CLOEXEC pipe closes
@@ -35,6 +36,7 @@
 //! init is single-threaded and starts no async runtime: the child of `fork` may use the allocator.
 
 pub mod exec_in;
+mod idmap;
 mod namespaces;
 mod notify;
 mod process;
@@ -207,7 +209,11 @@ const MSG_GO: u8 = b'G';
 fn supervise(spec: &InitSpec) -> Result<()> {
     process::validate(&spec.oci)?;
     let notifier = notify::Notifier::open()?;
-    let plan = namespaces::enter(&spec.oci)?;
+    let mut plan = namespaces::open(&spec.oci)?;
+    // Before any namespace is entered: the helpers of the idmaps must be seen in init's /proc
+    // and must not be the first process of the container's PID namespace.
+    plan.idmaps = idmap::IdmapNamespaces::prepare(spec)?;
+    namespaces::enter(&mut plan)?;
 
     let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create report pipe".into())?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create go pipe".into())?;

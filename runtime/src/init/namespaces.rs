@@ -1,8 +1,13 @@
 //! Entering the container's namespaces: joined ones (a `path`) with setns, new ones with
-//! unshare. The parent enters all but the mount namespace before the fork (a new PID namespace
-//! applies to the forked child only); the child enters the mount namespace, so that its
-//! pivot_root never moves the parent's root (the parent must still reach $NOTIFY_SOCKET and
+//! unshare. The parent enters all but the mount and user namespaces before the fork (a new PID
+//! namespace applies to the forked child only); the child enters the mount namespace, so that
+//! its pivot_root never moves the parent's root (the parent must still reach $NOTIFY_SOCKET and
 //! the error file).
+//!
+//! A user namespace is joined last, by the child, once its mounts are made: the child mounts as
+//! the node's root in a mount namespace of the node's user namespace (overlayfs with idmapped
+//! layers, proc, sysfs, devpts need that), then becomes root of the pod's user namespace, where
+//! its capabilities count for nothing outside.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -12,17 +17,47 @@ use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use super::idmap::{IdmapNamespaces, Mappings};
 use super::{Context, Error, Result};
 
 /// What the child needs to know about the namespaces it lives in.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Plan {
     /// The mount namespace to join (then copy), opened before anything else.
     mount: Option<(PathBuf, OwnedFd)>,
+    /// The user namespace to join once set up, and its id mappings.
+    user: Option<(PathBuf, OwnedFd, Mappings)>,
+    /// Namespaces joined in the parent, and the flags of those it unshares.
+    joins: Vec<(LinuxNamespaceType, PathBuf, OwnedFd)>,
+    unshare: CloneFlags,
     /// The container has a UTS namespace of its own (new or joined): the hostname may be set.
     pub uts: bool,
     /// A new cgroup namespace was created (the cgroup2 file system may be mounted as is).
     pub new_cgroup: bool,
+    /// The user namespaces idmapped mounts take their mappings from.
+    pub idmaps: IdmapNamespaces,
+}
+
+impl Default for Plan {
+    fn default() -> Plan {
+        Plan {
+            mount: None,
+            user: None,
+            joins: Vec::new(),
+            unshare: CloneFlags::empty(),
+            uts: false,
+            new_cgroup: false,
+            idmaps: IdmapNamespaces::default(),
+        }
+    }
+}
+
+impl Plan {
+    /// The id mappings of the user namespace the container will be in, if any: ids init uses on
+    /// its behalf (owners, mount options) are translated through them.
+    pub(crate) fn userns(&self) -> Option<&Mappings> {
+        self.user.as_ref().map(|(_, _, mappings)| mappings)
+    }
 }
 
 fn clone_flag(typ: LinuxNamespaceType) -> CloneFlags {
@@ -39,9 +74,9 @@ fn clone_flag(typ: LinuxNamespaceType) -> CloneFlags {
     }
 }
 
-/// In the parent: joins the namespaces that have a path, then unshares the new ones, all but the
-/// mount namespace (see [`enter_mount`]).
-pub(crate) fn enter(spec: &Spec) -> Result<Plan> {
+/// In the parent, before anything changes: opens every namespace to join and works out which to
+/// create (see [`enter`]).
+pub(crate) fn open(spec: &Spec) -> Result<Plan> {
     let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
     let mut plan = Plan::default();
     let mut joins: Vec<(LinuxNamespaceType, PathBuf, OwnedFd)> = Vec::new();
@@ -49,8 +84,8 @@ pub(crate) fn enter(spec: &Spec) -> Result<Plan> {
     let mut seen = Vec::new();
     for ns in &namespaces {
         let typ = ns.typ();
-        if typ == LinuxNamespaceType::User {
-            return Err(Error::new("user namespaces are not supported yet"));
+        if typ == LinuxNamespaceType::User && ns.path().is_none() {
+            return Err(Error::new("new user namespaces are not supported: join a prepared one (a user namespace with a path)"));
         }
         if seen.contains(&typ) {
             return Err(Error::new(format!("namespace {typ} is listed twice")));
@@ -76,13 +111,63 @@ pub(crate) fn enter(spec: &Spec) -> Result<Plan> {
         let (_, path, fd) = joins.remove(i);
         plan.mount = Some((path, fd));
     }
-    for (typ, path, fd) in &joins {
+    if let Some(i) = joins.iter().position(|(typ, _, _)| *typ == LinuxNamespaceType::User) {
+        let (_, path, fd) = joins.remove(i);
+        let mappings = Mappings::of_spec(spec).ok_or_else(|| {
+            Error::new(format!("user namespace {}: linux.uidMappings and gidMappings must say what it maps", path.display()))
+        })?;
+        mappings.check("linux.uidMappings/gidMappings")?;
+        plan.user = Some((path, fd, mappings));
+    } else if Mappings::of_spec(spec).is_some() {
+        return Err(Error::new("linux.uidMappings/gidMappings are given but no user namespace is joined"));
+    }
+    plan.joins = joins;
+    plan.unshare = unshare;
+    Ok(plan)
+}
+
+/// In the parent: joins the namespaces that have a path, then unshares the new ones, all but the
+/// mount and user namespaces (see [`enter_mount`] and [`enter_user`]).
+pub(crate) fn enter(plan: &mut Plan) -> Result<()> {
+    for (typ, path, fd) in &plan.joins {
         nix::sched::setns(fd, clone_flag(*typ)).ctx(|| format!("join {typ} namespace {}", path.display()))?;
     }
-    if !unshare.is_empty() {
-        nix::sched::unshare(unshare).ctx(|| format!("unshare namespaces ({})", names(unshare)))?;
+    plan.joins.clear();
+    if !plan.unshare.is_empty() {
+        nix::sched::unshare(plan.unshare).ctx(|| format!("unshare namespaces ({})", names(plan.unshare)))?;
     }
-    Ok(plan)
+    Ok(())
+}
+
+/// In the child, once everything that needs the node's root is done: joins the user namespace
+/// and becomes its root (setns keeps the node's uid, which the namespace does not map), then
+/// checks the namespace maps what the spec says.
+pub(crate) fn enter_user(plan: &Plan) -> Result<()> {
+    let Some((path, fd, mappings)) = &plan.user else { return Ok(()) };
+    join_user(fd, &path.display().to_string())?;
+    for (file, expected) in [("uid_map", &mappings.uids), ("gid_map", &mappings.gids)] {
+        let text = match std::fs::read_to_string(format!("/proc/self/{file}")) {
+            Ok(text) => text,
+            // A container without /proc: nothing to compare with.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).ctx(|| format!("read /proc/self/{file}")),
+        };
+        let actual: Vec<(u32, u32, u32)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace().map(|f| f.parse::<u32>().ok());
+                Some((fields.next()??, fields.next()??, fields.next()??))
+            })
+            .collect();
+        let wanted: Vec<(u32, u32, u32)> = expected.iter().map(|m| (m.container_id(), m.host_id(), m.size())).collect();
+        if actual != wanted {
+            return Err(Error::new(format!(
+                "user namespace {} maps {file} {actual:?}, not {wanted:?} as the spec says",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// In the forked child: the container's own mount namespace, always new (a private copy of the
@@ -105,4 +190,14 @@ fn names(flags: CloneFlags) -> String {
         (CloneFlags::from_bits_retain(0x80), "time"),
     ];
     all.iter().filter(|(f, _)| flags.contains(*f)).map(|(_, n)| *n).collect::<Vec<_>>().join(" ")
+}
+
+/// Joins the user namespace `fd` and becomes its root: setns keeps the node's uid, which the
+/// namespace does not map (init, and exec-in for a command in a container in a user namespace).
+pub(crate) fn join_user(fd: &OwnedFd, shown: &str) -> Result<()> {
+    nix::sched::setns(fd, CloneFlags::CLONE_NEWUSER).ctx(|| format!("join user namespace {shown}"))?;
+    let root = nix::unistd::Gid::from_raw(0);
+    nix::unistd::setresgid(root, root, root).ctx(|| "become root of the user namespace (setgid 0)".into())?;
+    let root = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setresuid(root, root, root).ctx(|| "become root of the user namespace (setuid 0)".into())
 }

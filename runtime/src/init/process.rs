@@ -10,7 +10,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{Capability, LinuxCapabilities, PosixRlimitType, Process, Spec};
 
-use super::namespaces::Plan;
+use super::namespaces::{self, Plan};
 use super::{Context, Error, Result, errno_desc, rootfs};
 
 /// The PATH used to find the entrypoint when the spec's env has none.
@@ -42,9 +42,6 @@ pub(crate) fn validate(spec: &Spec) -> Result<()> {
         if let Some(profile) = linux.seccomp() {
             // Compiled here too, so that a bad profile fails before anything is set up.
             super::seccomp::compile(profile)?;
-        }
-        if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(Error::new("user namespaces are not supported yet (uid/gid mappings given)"));
         }
         if linux.mount_label().as_deref().is_some_and(|l| !l.is_empty()) {
             return Err(Error::new("selinux mount labels are not supported"));
@@ -106,22 +103,32 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan) -> Result<Exec> {
     for path in linux.and_then(|l| l.masked_paths().as_deref()).unwrap_or_default() {
         rootfs::mask_path(path)?;
     }
-    // As runc: a missing working directory is created (while the root is still writable).
+    // As runc: a missing working directory is created (while the root is still writable),
+    // owned by the container's root.
     let cwd = process.cwd();
-    let _ = std::fs::create_dir_all(cwd);
+    rootfs::create_dirs(cwd);
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
         rootfs::remount_root_readonly()?;
     }
-    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()))
+    // Everything that needs the node's root is done once the rlimits are set: from there on,
+    // root of the pod's user namespace at most (its capabilities are set like anyone's).
+    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()), || namespaces::enter_user(plan))
 }
 
 /// The process's own setup, shared by init and `exec-in` (which runs in the container's root
-/// already): rlimits, bounding set, user and groups, cwd, capabilities, no_new_privs, umask,
+/// already): rlimits, then `enter_user` (joining the container's user namespace, if any: raising
+/// a hard limit takes the node's CAP_SYS_RESOURCE, everything after runs as root of that
+/// namespace at most), bounding set, user and groups, cwd, capabilities, no_new_privs, umask,
 /// environment, and the lookup of the executable.
-pub(crate) fn prepare_exec(process: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) -> Result<Exec> {
+pub(crate) fn prepare_exec(
+    process: &Process,
+    seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+    enter_user: impl FnOnce() -> Result<()>,
+) -> Result<Exec> {
     let cwd = process.cwd();
     let seccomp = seccomp.map(super::seccomp::compile).transpose()?;
     set_rlimits(process)?;
+    enter_user()?;
     let caps = process.capabilities().as_ref();
     let last_cap = last_cap();
     if let Some(caps) = caps {

@@ -21,8 +21,11 @@ pub struct InitSpec {
     /// `linux.resources` is ignored here: systemd applies limits through unit properties. So are
     /// `hooks`, `process.oomScoreAdj` (use `OOMScoreAdjust=`), `process.ioPriority`,
     /// `process.scheduler`, `linux.personality`. Refused (the start fails with a message):
-    /// `process.terminal`, `linux.seccomp`, AppArmor/SELinux labels, user namespaces and ID
-    /// mappings, which are not implemented yet.
+    /// `process.terminal`, `linux.seccomp`, AppArmor/SELinux labels, and new user namespaces:
+    /// a user namespace must be joined (a `path`), and `linux.uidMappings`/`gidMappings` must
+    /// then say what it maps (init mounts as the node's root, then joins it; ids in mount options
+    /// and of what it creates are translated with them). Bind mounts with `uidMappings` and
+    /// `gidMappings` (options `idmap`, `ridmap`) are idmapped mounts.
     pub oci: oci_spec::runtime::Spec,
     /// The image layers + per-container upper/work dirs, mounted by init as an overlay at
     /// `root.path` inside the container's own mount namespace (so nothing leaks into the host's
@@ -49,6 +52,13 @@ pub struct OverlayRootfs {
     pub upperdir: PathBuf,
     /// overlayfs's work dir: an empty directory on the same file system as `upperdir`.
     pub workdir: PathBuf,
+    /// When set, each lower dir is an idmapped mount: a file owned by `containerID + n` on disk
+    /// appears owned by `hostID + n` (e.g. layers stored in the foreign range, shown as 0..65535
+    /// or as the pod's range). Files created in `upperdir` keep the ids they appear with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uid_mappings: Vec<oci_spec::runtime::LinuxIdMapping>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gid_mappings: Vec<oci_spec::runtime::LinuxIdMapping>,
 }
 
 impl InitSpec {
