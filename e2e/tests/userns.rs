@@ -1,0 +1,481 @@
+//! Pods in user namespaces (KEP-127 `hostUsers: false`): per-pod host id ranges from the daemon's
+//! pool or the kubelet, kept across daemon kills; root inside, an unprivileged range outside;
+//! images stored in the foreign range and seen through idmapped mounts; volumes plain or idmapped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use e2e::oci::{Compression, ConfigOptions, Image, LayerBuilder, busybox_layer};
+use e2e::registry::{Registry, RegistryOptions};
+use e2e::{CriClient, Node, NodeOptions, cri, eventually};
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+const REGISTRY_PORT: u16 = 5000;
+const RANGE: u32 = 65536;
+const FOREIGN: u32 = 0x7FFE_0000;
+/// systemd's container range, the default pool.
+const POOL: std::ops::Range<u64> = 0x0008_0000..0x7000_0000;
+
+/// A node whose daemon pulls from the plain-HTTP registry on the node's loopback; `extra` is
+/// appended to its config.
+fn node(label: &str, extra: &str) -> Node {
+    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
+    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n")).unwrap();
+    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
+    let _ = std::fs::remove_file(config);
+    node
+}
+
+/// A static x86-64 program that exits with its effective uid (low 8 bits): 0 when a setuid-root
+/// copy runs as someone else and setuid works. geteuid(); exit(euid).
+fn euid_program() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let code: [u8; 16] = [
+        0xB8, 0x6B, 0x00, 0x00, 0x00, // mov eax, 107 (geteuid)
+        0x0F, 0x05, // syscall
+        0x89, 0xC7, // mov edi, eax
+        0xB8, 0x3C, 0x00, 0x00, 0x00, // mov eax, 60 (exit)
+        0x0F, 0x05, // syscall
+    ];
+    let entry = BASE + 64 + 56;
+    let size = (64 + 56 + code.len()) as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7F, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3Eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&entry.to_le_bytes());
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after this header
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [0, BASE, BASE, size, size, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(&code);
+    elf
+}
+
+/// busybox, plus a layer with files of user 1000 and a setuid-root program.
+fn owners_image() -> Image {
+    let mut extra = LayerBuilder::new();
+    extra
+        .dir("data", 0o755)
+        .file_owned("data/owned", 0o640, 1000, 1000, b"owned-by-1000\n")
+        .dir_owned("data/dir", 0o700, 1000, 1000)
+        .file_owned("data/dir/inner", 0o600, 1000, 1000, b"inner\n")
+        .file("bin/euid", 0o4755, &euid_program());
+    Image::new(vec![busybox_layer(Compression::Gzip), extra.build(Compression::Gzip)], ConfigOptions::default())
+}
+
+/// Pushes busybox (and the owners image) to a registry in the node and pulls both.
+async fn pull_images(node: &Node, client: &mut CriClient) -> (String, String) {
+    let registry = Registry::start(node, "userns", REGISTRY_PORT, RegistryOptions::default());
+    registry.push_image("busybox", "1", &e2e::oci::busybox_image(""));
+    registry.push_image("owners", "1", &owners_image());
+    let mut names = Vec::new();
+    for repo in ["busybox:1", "owners:1"] {
+        let image = registry.repo(repo);
+        let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+        client.image.pull_image(request).await.expect("PullImage");
+        names.push(image);
+    }
+    (names[0].clone(), names[1].clone())
+}
+
+/// A pod like the kubelet's: its own network, IPC, per-container PID; `userns`: None for mode
+/// NODE, Some(None) for mode POD without mappings, Some(Some((host, length))) with them.
+fn pod_config(name: &str, userns: Option<Option<(u32, u32)>>) -> cri::PodSandboxConfig {
+    let userns_options = match userns {
+        None => cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() },
+        Some(mapping) => {
+            let ids: Vec<cri::IdMapping> =
+                mapping.into_iter().map(|(host_id, length)| cri::IdMapping { host_id, container_id: 0, length }).collect();
+            cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, uids: ids.clone(), gids: ids }
+        }
+    };
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-0000-1111-2222-333344445555"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    userns_options: Some(userns_options),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.map(|r| r.into_inner().pod_sandbox_id)
+}
+
+async fn remove_pod(client: &mut CriClient, id: &str) {
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() }).await.expect("RemovePodSandbox");
+}
+
+/// The pod's user namespace as PodSandboxStatus reports it: (mode, uid mappings), after checking
+/// that the gid mappings are the same and that the verbose info has it too.
+async fn pod_userns(client: &mut CriClient, id: &str) -> (i32, Vec<(u32, u32, u32)>) {
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: id.into(), verbose: true };
+    let response = client.runtime.pod_sandbox_status(request).await.expect("PodSandboxStatus").into_inner();
+    let options = response.status.unwrap().linux.unwrap().namespaces.unwrap().options.unwrap();
+    let userns = options.userns_options.expect("userns_options in the status");
+    let list = |m: &[cri::IdMapping]| m.iter().map(|m| (m.container_id, m.host_id, m.length)).collect::<Vec<_>>();
+    assert_eq!(list(&userns.uids), list(&userns.gids));
+    let info: serde_json::Value = serde_json::from_str(&response.info["info"]).unwrap();
+    match userns.uids.first() {
+        Some(m) => assert_eq!(info["userns"]["range"]["host_id"], m.host_id, "{info}"),
+        None => assert!(info["userns"].is_null(), "{info}"),
+    }
+    (userns.mode, list(&userns.uids))
+}
+
+/// The first host id of a pod in a user namespace of the pool, checked to be a whole aligned
+/// 64K range in systemd's container range.
+async fn pool_range(client: &mut CriClient, id: &str) -> u32 {
+    let (mode, uids) = pod_userns(client, id).await;
+    assert_eq!(mode, cri::NamespaceMode::Pod as i32);
+    let [(0, host, length)] = uids[..] else { panic!("one mapping from container id 0 expected: {uids:?}") };
+    assert_eq!(length, RANGE);
+    assert_eq!(host % RANGE, 0);
+    assert!(POOL.contains(&u64::from(host)), "{host:#x} outside the pool");
+    host
+}
+
+fn volume(container_path: &str, host_path: &str) -> cri::Mount {
+    cri::Mount { container_path: container_path.into(), host_path: host_path.into(), ..Default::default() }
+}
+
+/// Creates and starts a container; `user` None runs the image's user (root).
+async fn start_container(
+    client: &mut CriClient,
+    pod: &str,
+    name: &str,
+    image: &str,
+    script: &str,
+    mounts: Vec<cri::Mount>,
+    user: Option<i64>,
+) -> String {
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        mounts,
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: user.map(|value| cri::Int64Value { value }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let request = cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: None };
+    let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
+    client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    id
+}
+
+/// Waits until the file `path` in the node exists; returns its content.
+async fn wait_file(node: &Node, path: &str) -> String {
+    eventually(Duration::from_secs(30), path, || {
+        let run = node.exec(&["cat", path]);
+        async move { run.success().then_some(run.stdout) }
+    })
+    .await
+}
+
+/// The host uids (real, effective, saved, fs) of the container's main process.
+fn host_uids(node: &Node, container: &str) -> Vec<u32> {
+    let pid = node.sh(&format!("systemctl show -p MainPID --value cri-{container}.service"));
+    let status = node.sh(&format!("cat /proc/{}/status", pid.trim()));
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().skip(1).map(|f| f.parse().unwrap()).collect()
+}
+
+/// What the node has of pods: records, run dirs, slices.
+fn pod_traces(node: &Node) -> String {
+    node.sh("ls /var/lib/cri-systemd/pods; ls /run/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'")
+}
+
+#[tokio::test]
+async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
+    let node = node("userns-ranges", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let status = client.runtime.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner();
+    assert!(status.runtime_handlers[0].features.as_ref().unwrap().user_namespaces, "user namespaces are advertised");
+    let (busybox, _) = pull_images(&node, &mut client).await;
+    node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
+
+    // Image files are stored in the foreign range, the layer root included.
+    let stored = node.sh("stat -c %u:%g /var/lib/cri-systemd/images/layers/sha256/*/diff/bin/busybox /var/lib/cri-systemd/images/layers/sha256/*/diff | sort -u");
+    assert_eq!(stored.trim(), format!("{FOREIGN}:{FOREIGN}"));
+
+    let a = run_pod(&mut client, pod_config("a", Some(None))).await.unwrap();
+    let b = run_pod(&mut client, pod_config("b", Some(None))).await.unwrap();
+    let (ra, rb) = (pool_range(&mut client, &a).await, pool_range(&mut client, &b).await);
+    assert_ne!(ra, rb, "two pods share a range");
+    let node_pod = run_pod(&mut client, pod_config("n", None)).await.unwrap();
+    assert_eq!(pod_userns(&mut client, &node_pod).await, (cri::NamespaceMode::Node as i32, vec![]));
+
+    let script = "busybox id > /out/$P.id; busybox stat -c %u:%g /bin/busybox /etc/passwd / /dev/null /dev/shm /dev /etc/hostname > /out/$P.owners; \
+                  busybox cat /proc/self/uid_map /proc/self/gid_map > /out/$P.map; \
+                  busybox touch /etc/hostname /dev/shm/x /tmp/x /new /dev/x && echo ok > /out/$P.writable; \
+                  exec busybox sleep 1000";
+    for (pod, host, name) in [(&a, Some(ra), "a"), (&b, Some(rb), "b"), (&node_pod, None, "n")] {
+        let container = start_container(&mut client, pod, name, &busybox, &script.replace("$P", name), vec![volume("/out", "/srv/out")], None).await;
+        assert_eq!(wait_file(&node, &format!("/srv/out/{name}.writable")).await, "ok\n", "{name}: root can write its files");
+        let id = node.sh(&format!("cat /srv/out/{name}.id"));
+        assert!(id.starts_with("uid=0(root) gid=0(root)"), "{name}: {id}");
+        assert_eq!(node.sh(&format!("cat /srv/out/{name}.owners")), "0:0\n".repeat(7), "{name}: image and pod files are root's");
+        let host = host.unwrap_or(0);
+        // From the node: the pod's root is the first id of its range, and owns what it writes.
+        assert_eq!(host_uids(&node, &container), vec![host; 4], "{name}");
+        assert_eq!(node.sh(&format!("stat -c %u:%g /srv/out/{name}.id")).trim(), format!("{host}:{host}"));
+        let map: Vec<String> = node.sh(&format!("cat /srv/out/{name}.map")).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+        let expected = if name == "n" { "0 0 4294967295".to_string() } else { format!("0 {host} 65536") };
+        assert_eq!(map, vec![expected.clone(), expected], "{name}");
+        // ContainerStatus tells the mapping too.
+        let request = cri::ContainerStatusRequest { container_id: container.clone(), verbose: true };
+        let info = client.runtime.container_status(request).await.unwrap().into_inner().info;
+        if name == "n" {
+            assert_eq!(info["userns"], "null");
+        } else {
+            let userns: serde_json::Value = serde_json::from_str(&info["userns"]).unwrap();
+            assert_eq!(userns["uidMappings"][0]["host_id"], host, "{userns}");
+        }
+        // The user namespace is the pod's pinned one, and owns the pod's network namespace.
+        let pid = node.sh(&format!("systemctl show -p MainPID --value cri-{container}.service")).trim().to_string();
+        if name != "n" {
+            let pins = format!("/run/cri-systemd/pods/{pod}/ns");
+            assert_eq!(node.sh(&format!("stat -L -c %i /proc/{pid}/ns/user")), node.sh(&format!("stat -L -c %i {pins}/user")));
+            // Root of the pod's user namespace administers the pod's network (its namespace
+            // belongs to the pod's user namespace), and nothing of the node's.
+            let as_pod_root = |args: &[&str]| {
+                let mut command = vec!["nsenter", "-t", pid.as_str(), "-U", "-n"];
+                command.extend_from_slice(args);
+                node.exec(&command)
+            };
+            assert!(as_pod_root(&["ip", "link", "set", "lo", "mtu", "1400"]).success());
+            assert!(node.sh(&format!("nsenter --net={pins}/net ip -o link show lo")).contains("mtu 1400"));
+            assert!(!as_pod_root(&["nsenter", "--net=/proc/1/ns/net", "true"]).success(), "pod root joined the node's network");
+        }
+    }
+    // Root of pod a is nobody to the node: it cannot read root's files there.
+    assert!(!node.exec(&["setpriv", &format!("--reuid={ra}"), &format!("--regid={ra}"), "--clear-groups", "cat", "/etc/shadow"]).success());
+
+    // Removing a pod frees its pins.
+    remove_pod(&mut client, &a).await;
+    node.sh(&format!("test ! -e /run/cri-systemd/pods/{a}"));
+}
+
+#[tokio::test]
+async fn kubelet_mappings_are_used_verbatim_and_bad_or_overlapping_ones_refused() {
+    // A small pool starting where the kubelet's range is: the pool must go around it.
+    let node = node("userns-kubelet", "[userns]\npool_start = 2097152\npool_ranges = 2\n");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (busybox, _) = pull_images(&node, &mut client).await;
+
+    let kubelet = run_pod(&mut client, pod_config("k", Some(Some((0x20_0000, RANGE))))).await.unwrap();
+    assert_eq!(pod_userns(&mut client, &kubelet).await, (cri::NamespaceMode::Pod as i32, vec![(0, 0x20_0000, RANGE)]));
+    let container = start_container(&mut client, &kubelet, "k", &busybox, "exec busybox sleep 1000", vec![], None).await;
+    assert_eq!(host_uids(&node, &container), vec![0x20_0000; 4]);
+    // Bigger kubelet ranges (idsPerPod a multiple of 65536) are taken as they are.
+    let wide = run_pod(&mut client, pod_config("w", Some(Some((0x40_0000, 2 * RANGE))))).await.unwrap();
+    assert_eq!(pod_userns(&mut client, &wide).await.1, vec![(0, 0x40_0000, 2 * RANGE)]);
+
+    let before = pod_traces(&node);
+    // Overlaps with ranges in use: refused.
+    for (name, host, length) in [("o1", 0x20_0000, RANGE), ("o2", 0x1F_0000, 2 * RANGE), ("o3", 0x41_0000, RANGE)] {
+        let err = run_pod(&mut client, pod_config(name, Some(Some((host, length))))).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{name}: {err:?}");
+        assert!(err.message().contains("overlap"), "{err:?}");
+    }
+    // Malformed mappings and modes: refused as invalid.
+    let mut bad = Vec::new();
+    for (host, length) in [(0, RANGE), (0x50_8000, RANGE), (0x50_0000, 1000), (FOREIGN, RANGE)] {
+        bad.push(pod_config("bad", Some(Some((host, length)))));
+    }
+    let mut not_root = pod_config("bad", Some(Some((0x50_0000, RANGE))));
+    let options = not_root.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    options.userns_options.as_mut().unwrap().uids[0].container_id = 1;
+    bad.push(not_root.clone());
+    let mut differing = pod_config("bad", Some(Some((0x50_0000, RANGE))));
+    let options = differing.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    options.userns_options.as_mut().unwrap().gids[0].host_id = 0x60_0000;
+    bad.push(differing);
+    let mut container_mode = pod_config("bad", Some(None));
+    let options = container_mode.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    options.userns_options.as_mut().unwrap().mode = cri::NamespaceMode::Container as i32;
+    bad.push(container_mode);
+    let mut host_network = pod_config("bad", Some(None));
+    let options = host_network.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    options.network = cri::NamespaceMode::Node as i32;
+    bad.push(host_network);
+    for config in bad {
+        let err = run_pod(&mut client, config.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{config:?}: {err:?}");
+    }
+    assert_eq!(pod_traces(&node), before, "refused pods leave nothing");
+
+    // The pool skips the kubelet's range at its start: one pool range is left, then none.
+    let pooled = run_pod(&mut client, pod_config("p", Some(None))).await.unwrap();
+    assert_eq!(pool_range(&mut client, &pooled).await, 0x21_0000);
+    let err = run_pod(&mut client, pod_config("q", Some(None))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+}
+
+#[tokio::test]
+async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owned() {
+    let node = node("userns-volumes", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (busybox, _) = pull_images(&node, &mut client).await;
+    node.sh("mkdir -p /srv/shared /srv/out && chmod 1777 /srv/shared && chmod 777 /srv/out");
+    // An idmapped volume must be on a file system that supports them (ext4 here, not the node's
+    // overlay root): a directory and a file of the node's root.
+    node.sh("mkdir -p /var/lib/cri-systemd/e2e-vol && echo from-the-node > /var/lib/cri-systemd/e2e-vol/hostfile && chmod 755 /var/lib/cri-systemd/e2e-vol");
+
+    let a = run_pod(&mut client, pod_config("a", Some(None))).await.unwrap();
+    let b = run_pod(&mut client, pod_config("b", Some(None))).await.unwrap();
+    let (ra, rb) = (pool_range(&mut client, &a).await, pool_range(&mut client, &b).await);
+
+    // Pod a writes a private and a public file into the shared (plain) volume.
+    let script = "echo secret > /shared/private && busybox chmod 600 /shared/private && echo hello > /shared/public && busybox chmod 644 /shared/public && touch /out/a.done; exec busybox sleep 1000";
+    start_container(&mut client, &a, "a", &busybox, script, vec![volume("/shared", "/srv/shared"), volume("/out", "/srv/out")], None).await;
+    wait_file(&node, "/srv/out/a.done").await;
+    assert_eq!(node.sh("stat -c %u:%g /srv/shared/private").trim(), format!("{ra}:{ra}"));
+
+    // Root of pod b: the public file is readable (permissions say so), the private one neither
+    // readable nor writable, nor can b take it over.
+    let script = "{ busybox cat /shared/public || echo no-read-public; busybox cat /shared/private 2>/dev/null || echo no-read; \
+                  { echo x >> /shared/private; } 2>/dev/null || echo no-write; busybox chmod 666 /shared/private 2>/dev/null || echo no-chmod; \
+                  busybox chown 0 /shared/private 2>/dev/null || echo no-chown; } > /out/b.result; touch /out/b.done";
+    start_container(&mut client, &b, "b", &busybox, script, vec![volume("/shared", "/srv/shared"), volume("/out", "/srv/out")], None).await;
+    wait_file(&node, "/srv/out/b.done").await;
+    assert_eq!(node.sh("cat /srv/out/b.result"), "hello\nno-read\nno-write\nno-chmod\nno-chown\n");
+    assert_eq!(node.sh("cat /srv/shared/private"), "secret\n");
+
+    // Kubelet-style idmapped volume for pod b (the pod's own mapping): the node root's files are
+    // the pod root's, and what the pod writes lands as the node's root.
+    let mapping = vec![cri::IdMapping { host_id: rb, container_id: 0, length: RANGE }];
+    let mut idmapped = volume("/vol", "/var/lib/cri-systemd/e2e-vol");
+    idmapped.uid_mappings = mapping.clone();
+    idmapped.gid_mappings = mapping;
+    let plain = volume("/plain", "/var/lib/cri-systemd/e2e-vol");
+    let script = "{ busybox stat -c %u:%g /vol /vol/hostfile /plain/hostfile; echo more >> /vol/hostfile && echo appended; \
+                  touch /vol/from-pod && echo created; { echo x >> /plain/hostfile; } 2>/dev/null || echo plain-read-only; } > /out/v.result; touch /out/v.done";
+    let id = start_container(&mut client, &b, "v", &busybox, script, vec![idmapped, plain, volume("/out", "/srv/out")], None).await;
+    wait_file(&node, "/srv/out/v.done").await;
+    assert_eq!(node.sh("cat /srv/out/v.result"), "0:0\n0:0\n65534:65534\nappended\ncreated\nplain-read-only\n");
+    assert_eq!(node.sh("stat -c %u:%g /var/lib/cri-systemd/e2e-vol/from-pod").trim(), "0:0");
+    assert_eq!(node.sh("cat /var/lib/cri-systemd/e2e-vol/hostfile"), "from-the-node\nmore\n");
+    let request = cri::ContainerStatusRequest { container_id: id, verbose: false };
+    let status = client.runtime.container_status(request).await.unwrap().into_inner().status.unwrap();
+    let reported = status.mounts.iter().find(|m| m.container_path == "/vol").unwrap();
+    assert_eq!(reported.uid_mappings.iter().map(|m| (m.container_id, m.host_id, m.length)).collect::<Vec<_>>(), vec![(0, rb, RANGE)]);
+
+    // Half a mapping is refused.
+    let mut half = volume("/vol", "/var/lib/cri-systemd/e2e-vol");
+    half.uid_mappings = vec![cri::IdMapping { host_id: rb, container_id: 0, length: RANGE }];
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: "half".into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: busybox.clone(), ..Default::default() }),
+        command: vec!["true".into()],
+        mounts: vec![half],
+        ..Default::default()
+    };
+    let request = cri::CreateContainerRequest { pod_sandbox_id: b.clone(), config: Some(config), sandbox_config: None };
+    assert_eq!(client.runtime.create_container(request).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn ranges_survive_a_daemon_kill_and_an_exhausted_pool_leaves_nothing() {
+    let node = node("userns-restart", "[userns]\npool_ranges = 3\n");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (busybox, _) = pull_images(&node, &mut client).await;
+
+    let a = run_pod(&mut client, pod_config("a", Some(None))).await.unwrap();
+    let b = run_pod(&mut client, pod_config("b", Some(None))).await.unwrap();
+    let (ra, rb) = (pool_range(&mut client, &a).await, pool_range(&mut client, &b).await);
+    let container = start_container(&mut client, &b, "b", &busybox, "exec busybox sleep 1000", vec![], None).await;
+
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    assert_eq!(pool_range(&mut client, &a).await, ra, "ranges are kept");
+    assert_eq!(pool_range(&mut client, &b).await, rb);
+    assert_eq!(host_uids(&node, &container), vec![rb; 4], "the container kept running in its range");
+
+    // A new pod gets the one range nobody uses, then the pool is empty.
+    let c = run_pod(&mut client, pod_config("c", Some(None))).await.unwrap();
+    let rc = pool_range(&mut client, &c).await;
+    assert!(rc != ra && rc != rb, "{rc:#x} is in use");
+    let before = pod_traces(&node);
+    for _ in 0..2 {
+        let err = run_pod(&mut client, pod_config("d", Some(None))).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("userns.pool_ranges"), "{err:?}");
+    }
+    assert_eq!(pod_traces(&node), before, "an exhausted pool leaves nothing behind");
+    // Pods without a user namespace need no range.
+    run_pod(&mut client, pod_config("n", None)).await.unwrap();
+
+    // Still full after another kill; removing a pod gives its range back.
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    assert_eq!(run_pod(&mut client, pod_config("d", Some(None))).await.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    remove_pod(&mut client, &a).await;
+    let d = run_pod(&mut client, pod_config("d", Some(None))).await.unwrap();
+    assert_eq!(pool_range(&mut client, &d).await, ra);
+}
+
+#[tokio::test]
+async fn image_owners_and_setuid_behave_the_same_in_node_and_pod_mode() {
+    let node = node("userns-owners", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (_, owners) = pull_images(&node, &mut client).await;
+    node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
+
+    let script = "{ busybox stat -c '%u:%g %a' /data/owned /data/dir /bin/euid; busybox cat /data/owned /data/dir/inner; \
+                  echo appended >> /data/owned && echo append-ok; /bin/euid; echo euid-exit $?; busybox id -u; \
+                  busybox cat /etc/shadow 2>/dev/null || echo no-shadow; } > /out/$P.result; touch /out/$P.done";
+    let mut results = HashMap::new();
+    let mut uppers = HashMap::new();
+    for (name, userns) in [("node", None), ("pod", Some(None))] {
+        let pod = run_pod(&mut client, pod_config(name, userns)).await.unwrap();
+        let id = start_container(&mut client, &pod, name, &owners, &script.replace("$P", name), vec![volume("/out", "/srv/out")], Some(1000)).await;
+        wait_file(&node, &format!("/srv/out/{name}.done")).await;
+        results.insert(name, node.sh(&format!("cat /srv/out/{name}.result")));
+        let host = if name == "pod" { pool_range(&mut client, &pod).await } else { 0 };
+        uppers.insert(name, (node.sh(&format!("stat -c %u:%g /var/lib/cri-systemd/containers/{id}/upper/data/owned")), host));
+    }
+    assert_eq!(
+        results["node"],
+        "1000:1000 640\n1000:1000 700\n0:0 4755\nowned-by-1000\ninner\nappend-ok\neuid-exit 0\n1000\nno-shadow\n"
+    );
+    assert_eq!(results["pod"], results["node"], "the same in a user namespace");
+    // Copied up as the ids the container saw, in the pod's range; the layer itself untouched.
+    for (name, (owner, host)) in uppers {
+        assert_eq!(owner.trim(), format!("{}:{}", host + 1000, host + 1000), "{name}");
+    }
+    let layer = node.sh("stat -c %u:%g /var/lib/cri-systemd/images/layers/sha256/*/diff/data/owned");
+    assert_eq!(layer.trim(), format!("{}:{}", FOREIGN + 1000, FOREIGN + 1000));
+}
