@@ -654,6 +654,23 @@ pub fn listing_of_dir(root: &Path) -> Listing {
     listing
 }
 
+/// `listing` (of a directory in the image store) with owners as the layers' tars give them: the
+/// store keeps layer files shifted by its `layer_uid_shift` (the daemon's default is systemd's
+/// foreign range, 0x7FFE0000); ids below `base` are left as they are.
+pub fn unshifted(listing: Listing, base: u32) -> Listing {
+    let unshift = |word: &str| -> String {
+        for key in ["uid=", "gid="] {
+            if let Some(id) = word.strip_prefix(key).and_then(|n| n.parse::<u64>().ok())
+                && id >= u64::from(base)
+            {
+                return format!("{key}{}", id - u64::from(base));
+            }
+        }
+        word.to_string()
+    };
+    listing.into_iter().map(|(path, line)| (path, line.split(' ').map(unshift).collect::<Vec<_>>().join(" "))).collect()
+}
+
 /// What an overlay mount of `layers` (bottom first, each a [`listing_of_tar`]) shows: later
 /// layers replace entries, whiteouts delete (with everything below), opaque directories hide
 /// what the layers below had in them. Whiteouts and opaque marks themselves are not shown.

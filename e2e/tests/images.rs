@@ -84,13 +84,21 @@ fn layer_diff(node: &Node, chain_id: &str) -> PathBuf {
     store(node).join("layers/sha256").join(chain_id.strip_prefix("sha256:").unwrap()).join("diff")
 }
 
+/// The daemon's default `images.layer_uid_shift`: layer files live in systemd's foreign range.
+const LAYER_UID_SHIFT: u32 = 0x7FFE_0000;
+
+/// The listing of a layer directory (or a stack of them) of the store, owners as in the images.
+fn stored_listing(dir: &Path) -> oci::Listing {
+    oci::unshifted(listing_of_dir(dir), LAYER_UID_SHIFT)
+}
+
 /// Every layer of `image` is unpacked exactly as its source tar says (content, modes, owners,
 /// mtimes, link targets, hard link groups, whiteouts, opaque directories).
 fn assert_layers_match_source(node: &Node, image: &Image) {
     for (i, (layer, chain_id)) in image.layers.iter().zip(image.chain_ids()).enumerate() {
         let dir = layer_diff(node, &chain_id);
         assert!(dir.is_dir(), "layer {i} ({}) is not unpacked at {}", layer.blob.digest, dir.display());
-        assert_eq!(listing_of_dir(&dir), listing_of_tar(&layer.tar), "layer {i} ({}) differs from its source", layer.blob.digest);
+        assert_eq!(stored_listing(&dir), listing_of_tar(&layer.tar), "layer {i} ({}) differs from its source", layer.blob.digest);
     }
 }
 
@@ -315,7 +323,7 @@ async fn unpacked_layers_match_their_source_byte_for_byte() {
     let sources: Vec<_> = layered.layers.iter().map(|l| listing_of_tar(&l.tar)).collect();
     let expected = oci::merged_listing(&sources);
     assert!(!expected.contains_key("etc/remove-me") && !expected.contains_key("var/cache/old/a") && !expected.contains_key("opt/keep"));
-    assert_eq!(listing_of_dir(&host), expected, "the stacked layers differ from the source");
+    assert_eq!(stored_listing(&host), expected, "the stacked layers differ from the source");
     assert_eq!(node.sh(&format!("cat {merged}/etc/passwd | wc -l")).trim(), "2");
     assert_eq!(node.sh(&format!("{merged}/bin/busybox echo runs")).trim(), "runs");
     node.sh(&format!("umount {merged}"));
@@ -367,7 +375,7 @@ async fn a_128_layer_image_pulls_and_runs() {
 
     let (merged, host) = mount_layers(&node, "deep", &image.chain_ids());
     let sources: Vec<_> = image.layers.iter().map(|l| listing_of_tar(&l.tar)).collect();
-    assert_eq!(listing_of_dir(&host), oci::merged_listing(&sources));
+    assert_eq!(stored_listing(&host), oci::merged_listing(&sources));
     assert_eq!(std::fs::read_to_string(host.join("top")).unwrap(), "127\n");
     node.sh(&format!("umount {merged}"));
 
