@@ -261,6 +261,14 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
             let userns: serde_json::Value = serde_json::from_str(&info["userns"]).unwrap();
             assert_eq!(userns["uidMappings"][0]["host_id"], host, "{userns}");
         }
+        // A command run in the container (ExecSync) is in its user namespace too: root there,
+        // the pod's first id on the node.
+        let cmd = ["/bin/busybox", "sh", "-c", "busybox id -u; busybox touch /exec-probe"].map(String::from).to_vec();
+        let request = cri::ExecSyncRequest { container_id: container.clone(), cmd, timeout: 10 };
+        let exec = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+        assert_eq!((exec.exit_code, String::from_utf8_lossy(&exec.stdout).as_ref()), (0, "0\n"), "{name}: {exec:?}");
+        let probe = node.sh(&format!("stat -c %u:%g /var/lib/cri-systemd/containers/{container}/upper/exec-probe"));
+        assert_eq!(probe.trim(), format!("{host}:{host}"), "{name}: the exec'd command's files");
         // The user namespace is the pod's pinned one, and owns the pod's network namespace.
         let pid = node.sh(&format!("systemctl show -p MainPID --value cri-{container}.service")).trim().to_string();
         if name != "n" {
