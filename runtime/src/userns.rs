@@ -52,7 +52,7 @@ impl UsernsConfig {
     /// the foreign range and of the image store's layer range (`layer_uid_shift`, 0 for none).
     /// The error names the key at fault.
     pub fn validate(&self, layer_uid_shift: u32) -> Result<(), (&'static str, String)> {
-        if self.pool_start % RANGE_SIZE != 0 || self.pool_start < RANGE_SIZE {
+        if !self.pool_start.is_multiple_of(RANGE_SIZE) || self.pool_start < RANGE_SIZE {
             return Err(("userns.pool_start", format!("{} is not a multiple of 65536 above 0", self.pool_start)));
         }
         if self.pool_ranges == 0 {
@@ -139,10 +139,10 @@ impl UsernsMode {
                 if uid.container_id != 0 {
                     return bad(format!("the mapping must start at container id 0, not {}", uid.container_id));
                 }
-                if uid.size == 0 || uid.size % RANGE_SIZE != 0 {
+                if uid.size == 0 || !uid.size.is_multiple_of(RANGE_SIZE) {
                     return bad(format!("length {} is not a positive multiple of 65536", uid.size));
                 }
-                if uid.host_id % RANGE_SIZE != 0 || uid.host_id < RANGE_SIZE {
+                if !uid.host_id.is_multiple_of(RANGE_SIZE) || uid.host_id < RANGE_SIZE {
                     return bad(format!("host id {} is not a multiple of 65536 above 0..65535", uid.host_id));
                 }
                 let range = IdRange { host_id: uid.host_id, size: uid.size };
