@@ -545,3 +545,29 @@ async fn bench_pod_and_container_start_with_and_without_userns() {
     );
     println!("for comparison, the 20k-file layer: {}", chown.trim());
 }
+
+#[tokio::test]
+async fn a_userns_pod_on_the_bridge_network() {
+    let node = node("userns-network", "");
+    node.write_file("/etc/cni/net.d/10-cri-systemd.conflist", include_str!("../../deploy/cni/10-cri-systemd.conflist"));
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (busybox, _) = pull_images(&node, &mut client).await;
+    node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
+
+    // CNI (run as the node's root) wires up a network namespace that belongs to the pod's user
+    // namespace; inside, sysfs shows the pod's interfaces and root may use raw sockets (ping).
+    let pod = run_pod(&mut client, pod_config("net", Some(None))).await.unwrap();
+    pool_range(&mut client, &pod).await;
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
+    let ip = client.runtime.pod_sandbox_status(request).await.unwrap().into_inner().status.unwrap().network.unwrap().ip;
+    assert!(ip.starts_with("10.88."), "pod ip {ip:?}");
+    let script = "{ busybox ls /sys/class/net; busybox ip -o -4 addr show eth0 | busybox awk '{print $4}'; \
+                  busybox ping -c 1 -W 5 10.88.0.1 >/dev/null && echo reached-the-node; } > /out/net; touch /out/net.done";
+    start_container(&mut client, &pod, "net", &busybox, script, vec![volume("/out", "/srv/out")], None).await;
+    wait_file(&node, "/srv/out/net.done").await;
+    let report = node.sh("cat /srv/out/net");
+    assert!(report.contains("eth0\n") && report.contains("lo\n"), "{report}");
+    assert!(report.contains(&format!("{ip}/")), "{report}");
+    assert!(report.ends_with("reached-the-node\n"), "{report}");
+    remove_pod(&mut client, &pod).await;
+}
