@@ -257,6 +257,12 @@ impl Runtime {
             self.systemd.kill_unit(&record.unit, "all", libc::SIGKILL).await?;
         }
         self.systemd.stop_unit(&record.unit).await?;
+        // ExecStopPost writes the exit record as the unit stops; on a loaded node the stop job
+        // can be reported done a moment before the file is in place.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !exit_file.exists() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         let record = self.refresh(entry);
         if record.state == ContainerState::Running {
             // The unit is gone but no exit record was written (ExecStopPost could not run).
