@@ -245,8 +245,10 @@ impl Runtime {
         // The stop signal to the main process, then SIGKILL to all after the grace period.
         // (systemd's own TimeoutStopSec cannot be changed on a running unit.)
         let exit_file = self.container_dir(&record.id).join("exit.json");
+        let mut last_signal = libc::SIGKILL;
         if timeout_seconds > 0 {
             let signal = container::stop_signal(&record.spec.image.stop_signal)?;
+            last_signal = signal;
             self.systemd.kill_unit(&record.unit, "main", signal).await?;
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_seconds as u64);
             while tokio::time::Instant::now() < deadline && !exit_file.exists() {
@@ -254,6 +256,7 @@ impl Runtime {
             }
         }
         if !exit_file.exists() {
+            last_signal = libc::SIGKILL;
             self.systemd.kill_unit(&record.unit, "all", libc::SIGKILL).await?;
         }
         self.systemd.stop_unit(&record.unit).await?;
@@ -262,6 +265,17 @@ impl Runtime {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while !exit_file.exists() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // systemd learns the exit of the entrypoint (handed to it with MAINPID=, not its own
+        // child at the time) from SIGCHLD once the process is reparented to it; when the cgroup
+        // empties first, ExecStopPost runs without $EXIT_CODE. The signal we sent last is then
+        // what ended the container.
+        if let Some(mut exit) = exit_record::read(&exit_file).filter(|e| !e.main_status_known) {
+            exit.exit_code = 128 + last_signal;
+            exit.main_status_known = true;
+            if let Err(e) = write_json(&exit_file, &exit) {
+                warn!(container = %record.id, "cannot complete the exit record: {e}");
+            }
         }
         let record = self.refresh(entry);
         if record.state == ContainerState::Running {

@@ -19,14 +19,23 @@ pub struct ExitRecord {
     pub oom_killed: bool,
     /// Nanoseconds since the epoch.
     pub finished_at: i64,
+    /// Whether systemd passed the main process's exit ($EXIT_CODE); see exit_code().
+    #[serde(default = "known")]
+    pub main_status_known: bool,
+}
+
+fn known() -> bool {
+    true
 }
 
 /// The body of `cri-systemd record-exit <file>`; returns the process exit code.
 pub fn record(path: &Path) -> i32 {
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let result = var("SERVICE_RESULT");
-    let exit_code = exit_code(&var("EXIT_CODE"), &var("EXIT_STATUS"));
+    let exit_code = exit_code(&result, &var("EXIT_CODE"), &var("EXIT_STATUS"));
+    let main_status_known = !var("EXIT_CODE").is_empty();
     let record = ExitRecord {
+        main_status_known,
         oom_killed: result == "oom-kill" || cgroup_saw_oom_kill(),
         result,
         exit_code,
@@ -49,13 +58,20 @@ pub fn read(path: &Path) -> Option<ExitRecord> {
 }
 
 /// `EXIT_CODE=exited EXIT_STATUS=3` -> 3; `EXIT_CODE=killed EXIT_STATUS=KILL` -> 137.
-fn exit_code(kind: &str, status: &str) -> i32 {
+///
+/// `SERVICE_RESULT=oom-kill` without `EXIT_CODE` -> 137 (SIGKILL, the OOM killer's signal). On
+/// cgroup v2 systemd watches memory.events itself: the OOM kill of a container's main process
+/// reaches it first, the cgroup is already empty, and since systemd did not fork that process (init
+/// hands it over with MAINPID=, so systemd does not wait for it) ExecStopPost runs before the main
+/// process's exit status is collected.
+fn exit_code(result: &str, kind: &str, status: &str) -> i32 {
     match kind {
         "exited" => status.parse().unwrap_or(255),
         "killed" | "dumped" => {
             let signal: Option<nix::sys::signal::Signal> = format!("SIG{status}").parse().ok();
             signal.map(|s| 128 + s as i32).or_else(|| status.parse::<i32>().ok().map(|n| 128 + n)).unwrap_or(255)
         }
+        "" if result == "oom-kill" => 128 + libc::SIGKILL,
         // No main process exit seen (e.g. the start failed before one existed).
         _ => 255,
     }
@@ -90,11 +106,20 @@ mod tests {
 
     #[test]
     fn exit_codes_like_a_shell() {
-        assert_eq!(exit_code("exited", "0"), 0);
-        assert_eq!(exit_code("exited", "3"), 3);
-        assert_eq!(exit_code("killed", "KILL"), 137);
-        assert_eq!(exit_code("killed", "TERM"), 143);
-        assert_eq!(exit_code("dumped", "SEGV"), 139);
-        assert_eq!(exit_code("", ""), 255);
+        assert_eq!(exit_code("success", "exited", "0"), 0);
+        assert_eq!(exit_code("exit-code", "exited", "3"), 3);
+        assert_eq!(exit_code("signal", "killed", "KILL"), 137);
+        assert_eq!(exit_code("signal", "killed", "TERM"), 143);
+        assert_eq!(exit_code("core-dump", "dumped", "SEGV"), 139);
+        assert_eq!(exit_code("resources", "", ""), 255);
+    }
+
+    #[test]
+    fn an_oom_kill_without_a_main_process_status_is_sigkill() {
+        // cgroup v2: systemd ran ExecStopPost on the OOM event, before reaping the main process.
+        assert_eq!(exit_code("oom-kill", "", ""), 137);
+        // With the status (cgroup v1, or systemd reaped it first), the status counts.
+        assert_eq!(exit_code("oom-kill", "killed", "KILL"), 137);
+        assert_eq!(exit_code("oom-kill", "exited", "1"), 1);
     }
 }
