@@ -64,7 +64,8 @@ struct Measured {
     extra_summary: String,
     extra_rss_kib: u64,
     extra_pss_kib: u64,
-    pid1_growth_kib: i64,
+    /// CPU time of the node's systemd (PID 1) while the pods came up one by one.
+    pid1_cpu_up: f64,
 }
 
 pub async fn run(options: Options) -> Result<(), String> {
@@ -122,12 +123,12 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, ro
 
     let node_procs = procs::NodeProcs::of(&setup.node.dir(), setup.pid1)?;
     let baseline: HashSet<u32> = node_procs.list().iter().map(|p| p.pid).collect();
-    let pid1_rss0 = procs::status_kib(setup.pid1, "VmRSS").unwrap_or(0);
     procs::reset_peak(rt.daemon_pid)?;
     let daemon_cpu0 = procs::cpu_seconds(rt.daemon_pid).unwrap_or(0.0);
 
     // 1. Sequential.
     let cpu0 = node_cpu.seconds().unwrap_or(0.0);
+    let pid1_cpu0 = procs::cpu_seconds(setup.pid1).unwrap_or(0.0);
     let mut pods = Vec::with_capacity(n);
     for i in 0..n {
         let config = pod_config(&format!("{tag}s"), i, options.cni);
@@ -143,6 +144,7 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, ro
         pods.push((pod, container));
     }
     m.node_cpu_up = node_cpu.seconds().unwrap_or(0.0) - cpu0;
+    m.pid1_cpu_up = procs::cpu_seconds(setup.pid1).unwrap_or(0.0) - pid1_cpu0;
     expect_running(rt, &mut client, n).await?;
 
     // All N running: who is there besides the containers?
@@ -162,7 +164,6 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, ro
         eprintln!("bench: {}: warning: {in_containers} processes found in the {n} containers' cgroups", rt.short());
     }
     m.daemon_rss_kib = procs::status_kib(rt.daemon_pid, "VmRSS").unwrap_or(0);
-    m.pid1_growth_kib = procs::status_kib(setup.pid1, "VmRSS").unwrap_or(0) as i64 - pid1_rss0 as i64;
 
     // ExecSync `true` in the running containers, round robin.
     for k in 0..options.execs {
@@ -263,7 +264,7 @@ fn merge(all: Vec<Measured>) -> Measured {
         extra_count: median(&|m| m.extra_count as f64).round() as usize,
         extra_rss_kib: median(&|m| m.extra_rss_kib as f64) as u64,
         extra_pss_kib: median(&|m| m.extra_pss_kib as f64) as u64,
-        pid1_growth_kib: median(&|m| m.pid1_growth_kib as f64) as i64,
+        pid1_cpu_up: median(&|m| m.pid1_cpu_up),
         ..Default::default()
     };
     for round in all {
@@ -421,6 +422,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
     t.row(row("  = pods/s", &|m| format!("{:.1}", n as f64 / m.parallel_up.as_secs_f64())));
     t.row(row(&format!("{n} pods removed, {} parallel clients", options.parallel), &|m| secs(m.parallel_down.as_secs_f64())));
     t.row(row(&format!("node CPU, {n} pods up one by one"), &|m| secs(m.node_cpu_up)));
+    t.row(row("  of which systemd (PID 1)", &|m| secs(m.pid1_cpu_up)));
     t.row(row(&format!("node CPU, {n} pods down one by one"), &|m| secs(m.node_cpu_down)));
     t.row(row(&format!("daemon VmRSS, {n} pods running"), &|m| mib(m.daemon_rss_kib)));
     t.row(row("daemon VmHWM (peak, whole run)", &|m| mib(m.daemon_hwm_kib)));
@@ -428,7 +430,6 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
     t.row(row("processes per pod besides the container", &|m| format!("{:.2}", m.extra_count as f64 / n as f64)));
     t.row(row("  their RSS per pod", &|m| mib(m.extra_rss_kib / n as u64)));
     t.row(row("  their PSS per pod", &|m| mib(m.extra_pss_kib / n as u64)));
-    t.row(row("systemd (PID 1) RSS growth per pod", &|m| format!("{:.0} KiB", m.pid1_growth_kib as f64 / n as f64)));
     for (rt, m) in results {
         t.note(format!("{}: processes besides the containers while {n} pods ran: {}", rt.short(), m.extra_summary));
         if let Some(e) = &m.exec_unavailable {
