@@ -67,21 +67,26 @@ impl NodeNet {
 
     /// One HTTP/1.1 request (`Connection: close`) to `addr` in the node.
     pub fn http(&self, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
-        let mut stream = self.connect(addr)?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {TEST_USER_AGENT}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        parse_response(&raw)
+        http_on(self.connect(addr)?, addr, method, path, headers, body)
     }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) over `stream`, a connection to `addr` (wherever it
+/// was opened: in a node, or in the current network namespace, as inside the cgroup v2 VM).
+pub fn http_on(mut stream: TcpStream, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {TEST_USER_AGENT}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
 }
 
 /// Opens a TCP connection to `addr` inside the node's network namespace.

@@ -10,6 +10,7 @@ const USAGE: &str = "usage: cri [--socket PATH] COMMAND
   version | status | runtime-config | images | image-fs-info | pull IMAGE
   runp POD.json | pods | inspectp POD | stopp POD | rmp POD
   create POD CONTAINER.json | start ID | stop ID [TIMEOUT] | rm ID | ps | inspect ID
+  exec [--timeout SECS] ID CMD... (ExecSync: {exit_code, stdout, stderr}) | stats ID | statsp POD
 (POD.json is a PodSandboxConfig, CONTAINER.json a ContainerConfig, as JSON with snake_case keys)";
 
 #[tokio::main(flavor = "current_thread")]
@@ -80,6 +81,48 @@ async fn main() -> ExitCode {
             .container_status(cri::ContainerStatusRequest { container_id: id.to_string(), verbose: true })
             .await
             .map(json),
+        ["stats", id] => client
+            .runtime
+            .container_stats(cri::ContainerStatsRequest { container_id: id.to_string() })
+            .await
+            .map(json),
+        ["statsp", id] => client
+            .runtime
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest { pod_sandbox_id: id.to_string() })
+            .await
+            .map(json),
+        ["exec", rest @ ..] => {
+            let (timeout, rest) = match rest {
+                ["--timeout", secs, rest @ ..] => match secs.parse::<i64>() {
+                    Ok(secs) => (secs, rest),
+                    Err(_) => return fail(format!("bad timeout {secs:?}")),
+                },
+                _ => (0, rest),
+            };
+            let [id, cmd @ ..] = rest else {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            };
+            if cmd.is_empty() {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+            let request = cri::ExecSyncRequest {
+                container_id: id.to_string(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            };
+            // stdout and stderr are bytes: printed as (lossy) text rather than number arrays.
+            client.runtime.exec_sync(request).await.map(|response| {
+                let response = response.into_inner();
+                let text = serde_json::json!({
+                    "exit_code": response.exit_code,
+                    "stdout": String::from_utf8_lossy(&response.stdout),
+                    "stderr": String::from_utf8_lossy(&response.stderr),
+                });
+                serde_json::to_string_pretty(&text).unwrap_or_default()
+            })
+        }
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

@@ -1,0 +1,309 @@
+//! cgroup v2 smoke test. The nspawn nodes of the other tests only have the host's hybrid cgroups
+//! (v1 controllers); most production nodes are v2 (unified). This test boots one VM with systemd
+//! on the unified hierarchy (`e2e/vm`: QEMU, the host root shared read-only over 9p under a tmpfs
+//! overlay), and runs `cgroup_v2.sh` in it: cri-systemd installed and started as
+//! deploy/cri-systemd.service, Debian's docker-registry on 127.0.0.1:5000 with the e2e busybox
+//! image (built here, pushed there by `push`), and the daemon driven with the `cri` tool. The script reports what it saw in
+//! sections; the assertions are here.
+//!
+//! Needs root, qemu-system-x86, a Debian kernel in /boot and busybox-static (scripts/setup), and
+//! the daemon built first (`cargo build -p cri-server`), like the other e2e tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use e2e::cri;
+use e2e::oci::{Image, busybox_image};
+use serde::de::DeserializeOwned;
+
+const SCRIPT: &str = include_str!("cgroup_v2.sh");
+/// The busybox image's OCI layout, in the VM's share.
+const LAYOUT: &str = "busybox-layout";
+const REGISTRY: &str = "127.0.0.1:5000";
+const BUSY_MEMORY: i64 = 64 << 20;
+const HOG_MEMORY: i64 = 32 << 20;
+
+/// What the script printed: section name -> text (without the trailing newline).
+struct Report {
+    sections: BTreeMap<String, String>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Report {
+    fn parse(stdout: String, stderr: String) -> Report {
+        let mut sections = BTreeMap::new();
+        let mut current: Option<(String, Vec<&str>)> = None;
+        for line in stdout.lines() {
+            if let Some(name) = line.strip_prefix("@@ ") {
+                if let Some((name, lines)) = current.take() {
+                    sections.insert(name, lines.join("\n"));
+                }
+                current = Some((name.to_string(), Vec::new()));
+            } else if let Some((_, lines)) = current.as_mut() {
+                lines.push(line);
+            }
+        }
+        if let Some((name, lines)) = current {
+            sections.insert(name, lines.join("\n"));
+        }
+        Report { sections, stdout, stderr }
+    }
+
+    fn dump(&self) -> String {
+        format!("--- stdout of the VM script:\n{}\n--- stderr:\n{}", self.stdout, self.stderr)
+    }
+
+    fn get(&self, name: &str) -> &str {
+        self.sections.get(name).unwrap_or_else(|| panic!("the VM script reported no section {name:?}\n{}", self.dump()))
+    }
+
+    fn json<T: DeserializeOwned>(&self, name: &str) -> T {
+        serde_json::from_str(self.get(name)).unwrap_or_else(|e| panic!("section {name:?} is not the JSON expected: {e}\n{}", self.dump()))
+    }
+}
+
+fn pod_config() -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "v2".into(),
+            uid: "c9200000-0000-4000-8000-000000000002".into(),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: "v2".into(),
+        log_directory: "/var/log/pods/e2e_v2".into(),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, script: &str, resources: cri::LinuxContainerResources) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: format!("{REGISTRY}/busybox:v2"), ..Default::default() }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}/0.log"),
+        linux: Some(cri::LinuxContainerConfig { resources: Some(resources), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The daemon binary the nodes use too: ${CARGO_TARGET_DIR:-target}/debug/cri-systemd.
+fn daemon_binary(repo: &Path) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+    let target = if target.is_absolute() { target } else { repo.join(target) };
+    let daemon = target.join("debug/cri-systemd");
+    assert!(daemon.is_file(), "no daemon binary at {}: run `cargo build -p cri-server` first", daemon.display());
+    daemon
+}
+
+/// The VM's script: variables, the JSON configs (complete, as the cri tool reads them), the body.
+fn vm_script(repo: &Path) -> String {
+    let busy = container_config(
+        "busy",
+        // Burns some CPU, then holds an 8 MiB string; leaves promptly on SIGTERM (as PID 1 of its
+        // PID namespace, the shell would ignore it without a trap).
+        "trap 'exit 0' TERM; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+         x=0123456789abcdef; while [ ${#x} -lt 8388608 ]; do x=$x$x; done; \
+         while :; do busybox sleep 1; done",
+        cri::LinuxContainerResources {
+            memory_limit_in_bytes: BUSY_MEMORY,
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            cpu_shares: 512,
+            ..Default::default()
+        },
+    );
+    let hog = container_config(
+        "hog",
+        "x=0123456789abcdef; while :; do x=$x$x; done",
+        cri::LinuxContainerResources { memory_limit_in_bytes: HOG_MEMORY, ..Default::default() },
+    );
+    let mut script = String::from("#!/bin/bash\n");
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    script += &format!("REPO={}\n", quote(repo));
+    script += &format!("DAEMON={}\n", quote(&daemon_binary(repo)));
+    script += &format!("CRI={}\n", quote(Path::new(env!("CARGO_BIN_EXE_cri"))));
+    script += &format!("PUSH={}\n", quote(Path::new(env!("CARGO_BIN_EXE_push"))));
+    script += &format!("LAYOUT=/cri-vm/share/{LAYOUT}\n");
+    script += "WORK=$(mktemp -d)\n";
+    for (file, json) in [
+        ("pod.json", serde_json::to_string_pretty(&pod_config()).unwrap()),
+        ("busy.json", serde_json::to_string_pretty(&busy).unwrap()),
+        ("hog.json", serde_json::to_string_pretty(&hog).unwrap()),
+    ] {
+        script += &format!("cat >\"$WORK/{file}\" <<'END_OF_JSON'\n{json}\nEND_OF_JSON\n");
+    }
+    script + SCRIPT
+}
+
+/// Writes `image` as an OCI image layout (index.json, blobs/sha256/<hex>) at `dir`: built here,
+/// at native speed, and pushed from inside the VM by `push`.
+fn write_layout(dir: &Path, image: &Image) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for blob in image.layers.iter().map(|l| &l.blob).chain([&image.config, &image.manifest]) {
+        std::fs::write(blobs.join(blob.hex()), &blob.data).unwrap();
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [image.manifest.descriptor()]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+fn run_in_vm(script: &str) -> Report {
+    let dir = tempfile_dir();
+    let path = dir.join("cgroup_v2.sh");
+    std::fs::write(&path, script).unwrap();
+    write_layout(&dir.join(LAYOUT), &busybox_image(""));
+    let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm");
+    let output = Command::new(&vm)
+        .arg("run")
+        .arg(&path)
+        .arg(dir.join(LAYOUT))
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run e2e/vm");
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = Report::parse(
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(
+        output.status.success() && report.sections.get("done").map(String::as_str) == Some("ok"),
+        "the VM script failed ({}): {}\n{}",
+        output.status,
+        report.sections.get("error").map_or("no error section", String::as_str),
+        report.dump()
+    );
+    report
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cri-e2e-cgroup-v2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn value(v: &Option<cri::UInt64Value>) -> u64 {
+    v.as_ref().map_or(0, |v| v.value)
+}
+
+#[test]
+fn cgroup_v2_smoke() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let begin = Instant::now();
+    let r = run_in_vm(&vm_script(&repo));
+    let marks: Vec<String> = r.sections.iter().filter_map(|(k, v)| Some(format!("{}={v}", k.strip_prefix("time.")?))).collect();
+    eprintln!(
+        "cgroup v2 VM run took {:.1} s; {}\nuptime in the VM at each step: {}",
+        begin.elapsed().as_secs_f64(),
+        r.stderr.lines().last().unwrap_or(""),
+        marks.join(" ")
+    );
+    let dump = r.dump();
+
+    // Really v2: a cgroup2 file system at /sys/fs/cgroup with the controllers, no v1 hierarchy.
+    assert_eq!(r.get("cgroup.fstype"), "cgroup2fs", "{dump}");
+    let controllers: Vec<&str> = r.get("cgroup.controllers").split_whitespace().collect();
+    for c in ["cpu", "memory", "pids", "io"] {
+        assert!(controllers.contains(&c), "no {c} controller: {controllers:?}");
+    }
+    assert_eq!(r.get("cgroup.v1_mounts"), "0");
+
+    // The daemon runs as its production unit, and is ready.
+    assert_eq!(r.get("daemon.active"), "active");
+    assert_eq!(r.get("daemon.cgroup"), "/system.slice/cri-systemd.service");
+    let status: cri::StatusResponse = r.json("status");
+    let conditions = status.status.unwrap().conditions;
+    assert!(conditions.iter().any(|c| c.r#type == "RuntimeReady" && c.status), "{conditions:?}");
+    let pulled: cri::PullImageResponse = r.json("pull");
+    assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
+
+    // The container's unit: in the pod's slice, limits as cgroup v2 files.
+    let cgroup = r.get("busy.unit.cgroup");
+    let busy = r.get("busy.id");
+    let slice_cgroup = r.get("pod.slice.cgroup");
+    assert!(r.get("busy.unit.slice").ends_with(".slice"));
+    assert_eq!(cgroup, format!("{slice_cgroup}/cri-{busy}.service"));
+    let unit_controllers: Vec<&str> = r.get("busy.cgroup.controllers").split_whitespace().collect();
+    for c in ["cpu", "memory", "pids"] {
+        assert!(unit_controllers.contains(&c), "no {c} in the unit's cgroup.controllers: {unit_controllers:?}");
+    }
+    assert_eq!(r.get("busy.memory.max"), BUSY_MEMORY.to_string(), "memory.max");
+    assert_eq!(r.get("busy.cpu.max"), "50000 100000", "cpu.max from cpu_quota/cpu_period");
+    // CPUShares=512 becomes a weight on v2: 512 * 100 / 1024.
+    assert_eq!(r.get("busy.cpu.weight"), "50", "cpu.weight from cpu_shares");
+    assert_eq!(r.get("busy.pids.max"), "max", "TasksMax=infinity");
+
+    // ContainerStats from cpu.stat, memory.current and memory.stat.
+    let current: u64 = r.get("busy.memory.current").parse().unwrap();
+    assert!(current > 8 << 20, "the container never held 8 MiB: memory.current {current}\n{dump}");
+    for name in ["busy.stats1", "busy.stats2"] {
+        let stats = r.json::<cri::ContainerStatsResponse>(name).stats.unwrap();
+        assert_eq!(stats.attributes.as_ref().unwrap().id, busy);
+        let cpu = stats.cpu.as_ref().unwrap();
+        let memory = stats.memory.as_ref().unwrap();
+        assert!(value(&cpu.usage_core_nano_seconds) > 0, "{name}: no CPU usage: {stats:?}");
+        assert!(value(&memory.usage_bytes) > 8 << 20, "{name}: memory usage: {stats:?}");
+        assert!(value(&memory.working_set_bytes) > 8 << 20, "{name}: working set: {stats:?}");
+        assert!(value(&memory.working_set_bytes) <= value(&memory.usage_bytes), "{name}: {stats:?}");
+        assert!(value(&memory.rss_bytes) > 8 << 20, "{name}: rss (anon): {stats:?}");
+        assert!(value(&memory.page_faults) > 0, "{name}: page faults: {stats:?}");
+        assert!(stats.writable_layer.is_some(), "{name}: {stats:?}");
+    }
+    let second = r.json::<cri::ContainerStatsResponse>("busy.stats2").stats.unwrap();
+    assert!(second.cpu.unwrap().usage_nano_cores.is_some(), "the second sample has a CPU rate");
+    let pod_stats = r.json::<cri::PodSandboxStatsResponse>("pod.stats").stats.unwrap().linux.unwrap();
+    assert_eq!(pod_stats.containers.len(), 1);
+    assert!(value(&pod_stats.memory.unwrap().usage_bytes) > 8 << 20, "the pod's slice counts its container");
+    assert!(value(&pod_stats.cpu.unwrap().usage_core_nano_seconds) > 0);
+
+    // ExecSync: output, exit code, and the command ran in the container's own cgroup.
+    let exec: serde_json::Value = r.json("busy.exec");
+    assert_eq!(exec["exit_code"], 7, "{exec}");
+    assert_eq!(exec["stdout"], format!("0::{cgroup}\n"), "{exec}");
+    assert_eq!(exec["stderr"], "to-stderr\n", "{exec}");
+
+    let running = r.json::<cri::ContainerStatusResponse>("busy.inspect").status.unwrap();
+    assert_eq!(running.state, cri::ContainerState::ContainerRunning as i32);
+    let listed: cri::ListContainersResponse = r.json("ps");
+    assert!(listed.containers.iter().any(|c| c.id == busy));
+
+    // Stop and remove: exit status from the TERM trap, then no unit and no cgroup.
+    let stopped = r.json::<cri::ContainerStatusResponse>("busy.stopped").status.unwrap();
+    assert_eq!(
+        (stopped.state, stopped.exit_code, stopped.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, 0, "Completed"),
+        "{stopped:?}"
+    );
+    assert_eq!(r.get("busy.cgroup.after_stop"), "gone");
+    assert_eq!(r.get("busy.cgroup.after_rm"), "gone");
+    assert_eq!(r.get("busy.unit.after_rm"), "not-found");
+
+    // OOM kill, seen by the exit recorder in memory.events.
+    let hog = r.json::<cri::ContainerStatusResponse>("hog.inspect").status.unwrap();
+    assert_eq!(
+        (hog.state, hog.exit_code, hog.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, 137, "OOMKilled"),
+        "{hog:?}\nexit record: {}\nkernel: {}",
+        r.get("hog.exit_record"),
+        r.get("hog.kernel")
+    );
+    let record: serde_json::Value = r.json("hog.exit_record");
+    assert_eq!(record["oom_killed"], true, "{record}");
+    assert_eq!(record["exit_code"], 137, "{record}");
+    assert_eq!(r.get("hog.unit.after_rm"), "not-found");
+
+    // Nothing left of the pod: units, cgroups, records.
+    assert!(r.json::<cri::ListPodSandboxResponse>("pods").items.is_empty(), "{dump}");
+    assert!(r.json::<cri::ListContainersResponse>("containers").containers.is_empty(), "{dump}");
+    for leftover in ["leftover.units", "leftover.cgroups", "leftover.containers", "leftover.pods"] {
+        assert_eq!(r.get(leftover), "", "{leftover}\n{dump}");
+    }
+    let warnings = r.get("daemon.errors");
+    if !warnings.is_empty() {
+        eprintln!("daemon warnings and errors in the VM:\n{warnings}");
+    }
+}
