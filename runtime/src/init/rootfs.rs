@@ -576,12 +576,18 @@ fn mount_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -> Result<
     if !overlay.uid_mappings.is_empty() || !overlay.gid_mappings.is_empty() {
         return mount_idmapped_overlay(overlay, target, plan);
     }
-    let lower = overlay.lowerdirs.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+    mount_overlay_from(overlay, &overlay.lowerdirs, target)
+}
+
+/// Mounts the overlay with `lowers` as its lower layers: mount(2) when the options fit one page
+/// (every kernel with overlayfs; idmapped lowers since 5.19), else the new mount API's
+/// `lowerdir+` (Linux >= 6.8), which has no such limit.
+fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path) -> Result<()> {
+    let lower = lowers.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
     let data = format!("lowerdir={lower},upperdir={},workdir={}", overlay.upperdir.display(), overlay.workdir.display());
     // Characters that the mount(2) option syntax cannot carry as is (the new API takes each
     // path as a whole).
-    let awkward = overlay
-        .lowerdirs
+    let awkward = lowers
         .iter()
         .chain([&overlay.upperdir, &overlay.workdir])
         .any(|d| d.as_os_str().as_bytes().iter().any(|b| matches!(b, b',' | b':' | b'\\')));
@@ -589,12 +595,12 @@ fn mount_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -> Result<
         match mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
             Ok(()) => Ok(()),
             // mount(2) says only "invalid argument": the new API gets the kernel's reason.
-            Err(e) => mount_overlay_fsconfig(overlay, &overlay.lowerdirs, target).map_err(|detail| {
+            Err(e) => mount_overlay_fsconfig(overlay, lowers, target).map_err(|detail| {
                 Error::new(format!("mount overlay rootfs on {}: {} ({detail})", target.display(), errno_desc(e)))
             }),
         }
     } else {
-        mount_overlay_fsconfig(overlay, &overlay.lowerdirs, target)
+        mount_overlay_fsconfig(overlay, lowers, target)
     }
 }
 
@@ -618,7 +624,9 @@ fn mount_idmapped_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -
     }
     // The detached idmapped mounts, named through this process's fd table.
     let sources: Vec<PathBuf> = trees.iter().map(|t| PathBuf::from(format!("/proc/self/fd/{}", t.as_raw_fd()))).collect();
-    mount_overlay_fsconfig(overlay, &sources, target)
+    // mount(2) first: kernels before 6.8 take `lowerdir+` at fsconfig time but refuse it when
+    // the overlay is created.
+    mount_overlay_from(overlay, &sources, target)
 }
 
 /// The new mount API: one `lowerdir+` per layer (Linux >= 6.8), no page limit on the options.
