@@ -48,7 +48,8 @@ mkdir -p /etc/cri-systemd
 # deploy/config.toml, but with layer_uid_shift = 0. With the default shift every container's
 # layers are idmapped, and init mounts idmapped overlays with fsconfig "lowerdir+" (Linux >= 6.8):
 # on this VM's kernel, Debian 12's 6.1, overlayfs rejects that option at FSCONFIG_CMD_CREATE and
-# every container fails to start. Drop this override once init falls back to mount(2) there.
+# every container fails to start (mount(2) with the detached idmapped lowers as /proc/self/fd/N
+# paths is refused there too). Drop this override once init attaches the lowers first.
 {
 	sed 's/^layer_uid_shift = .*/layer_uid_shift = 0/' "$REPO/deploy/config.toml"
 	printf '\n[images.registries."127.0.0.1:5000"]\nplain_http = true\n'
