@@ -189,6 +189,9 @@ impl Runtime {
             // The exit record holds the status; the unit need not linger once inactive or failed.
             ("CollectMode", Value::from("inactive-or-failed")),
             ("SendSIGKILL", Value::from(true)),
+            // An OOM kill ends the whole container, as the kubelet asks on cgroup v2
+            // (memory.oom.group); systemd's default would SIGTERM the rest and wait.
+            ("OOMPolicy", Value::from("kill")),
             // Per-container cgroups in every controller, for limits and for stats.
             ("CPUAccounting", Value::from(true)),
             ("MemoryAccounting", Value::from(true)),
