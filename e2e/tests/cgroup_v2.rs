@@ -123,10 +123,10 @@ fn vm_script(repo: &Path) -> String {
     );
     let mut script = String::from("#!/bin/bash\n");
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    // The files the VM needs come through its share: the repository may live under /tmp (CI's
+    // clones may), which the VM does not see (its /tmp is its own tmpfs).
     script += &format!("REPO={}\n", quote(repo));
-    script += &format!("DAEMON={}\n", quote(&daemon_binary(repo)));
-    script += &format!("CRI={}\n", quote(Path::new(env!("CARGO_BIN_EXE_cri"))));
-    script += &format!("PUSH={}\n", quote(Path::new(env!("CARGO_BIN_EXE_push"))));
+    script += "DAEMON=/cri-vm/share/cri-systemd\nCRI=/cri-vm/share/cri\nPUSH=/cri-vm/share/push\nDEPLOY=/cri-vm/share\n";
     script += &format!("LAYOUT=/cri-vm/share/{LAYOUT}\n");
     script += "WORK=$(mktemp -d)\n";
     for (file, json) in [
@@ -158,10 +158,16 @@ fn run_in_vm(script: &str) -> Report {
     std::fs::write(&path, script).unwrap();
     write_layout(&dir.join(LAYOUT), &busybox_image(""));
     let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let output = Command::new(&vm)
         .arg("run")
         .arg(&path)
         .arg(dir.join(LAYOUT))
+        .arg(daemon_binary(&repo))
+        .arg(env!("CARGO_BIN_EXE_cri"))
+        .arg(env!("CARGO_BIN_EXE_push"))
+        .arg(repo.join("deploy/cri-systemd.service"))
+        .arg(repo.join("deploy/config.toml"))
         .stdin(Stdio::null())
         .output()
         .expect("cannot run e2e/vm");

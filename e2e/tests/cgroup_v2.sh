@@ -6,7 +6,7 @@
 # prints: sections "@@ NAME" each followed by its text. The script only stops early when going on makes no sense (section "error", then the
 # daemon's journal).
 set -uo pipefail
-: "${REPO:?}" "${DAEMON:?}" "${CRI:?}" "${PUSH:?}" "${LAYOUT:?}" "${WORK:?}"
+: "${REPO:?}" "${DEPLOY:?}" "${DAEMON:?}" "${CRI:?}" "${PUSH:?}" "${LAYOUT:?}" "${WORK:?}"
 
 emit() {
 	printf '@@ %s\n' "$1"
@@ -43,7 +43,7 @@ emit cgroup.v1_mounts "$(awk '/ - cgroup / { n++ } END { print n + 0 }' /proc/se
 # Bind-mounted rather than copied: 250 MB of debug binary through 9p take seconds under TCG.
 install -D -m 0755 /dev/null /usr/local/bin/cri-systemd
 mount --bind "$DAEMON" /usr/local/bin/cri-systemd || die "cannot install the daemon"
-install -D -m 0644 "$REPO/deploy/cri-systemd.service" /etc/systemd/system/cri-systemd.service
+install -D -m 0644 "$DEPLOY/cri-systemd.service" /etc/systemd/system/cri-systemd.service
 mkdir -p /etc/cri-systemd
 # deploy/config.toml, but with layer_uid_shift = 0. With the default shift every container's
 # layers are idmapped, and init mounts idmapped overlays with fsconfig "lowerdir+" (Linux >= 6.8):
@@ -51,7 +51,7 @@ mkdir -p /etc/cri-systemd
 # every container fails to start (mount(2) with the detached idmapped lowers as /proc/self/fd/N
 # paths is refused there too). Drop this override once init attaches the lowers first.
 {
-	sed 's/^layer_uid_shift = .*/layer_uid_shift = 0/' "$REPO/deploy/config.toml"
+	sed 's/^layer_uid_shift = .*/layer_uid_shift = 0/' "$DEPLOY/config.toml"
 	printf '\n[images.registries."127.0.0.1:5000"]\nplain_http = true\n'
 } >/etc/cri-systemd/config.toml
 grep -q '^layer_uid_shift = 0$' /etc/cri-systemd/config.toml || die "no layer_uid_shift in deploy/config.toml to override"
