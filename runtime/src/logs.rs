@@ -82,6 +82,17 @@ impl LogWriter {
         }
         command.arg(format!("SYSLOG_IDENTIFIER={STDIO_IDENTIFIER}"));
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).kill_on_drop(true);
+        // The unit's KillMode=process spares the daemon's children when it is killed: journalctl
+        // must die with the daemon, or every restart would leave one behind.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command.spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
