@@ -198,7 +198,10 @@ impl Config {
         }
         for (index, dir) in self.cni.plugin_dirs.iter().enumerate() {
             if !dir.is_absolute() {
-                return Err(bad(&format!("cni.plugin_dirs[{index}]"), format!("{} is not an absolute path", dir.display())));
+                return Err(bad(
+                    &format!("cni.plugin_dirs[{index}]"),
+                    format!("{} is not an absolute path", dir.display()),
+                ));
             }
         }
         if self.cni.plugin_timeout_secs == 0 {
@@ -213,7 +216,10 @@ impl Config {
             return Err(bad("exec.sync_max_output_bytes", "must be more than 0".into()));
         }
         if self.streaming.tls_cert_file.is_some() != self.streaming.tls_key_file.is_some() {
-            return Err(bad("streaming.tls_cert_file", "tls_cert_file and tls_key_file go together: set both or neither".into()));
+            return Err(bad(
+                "streaming.tls_cert_file",
+                "tls_cert_file and tls_key_file go together: set both or neither".into(),
+            ));
         }
         if self.streaming.token_ttl_secs == 0 {
             return Err(bad("streaming.token_ttl_secs", "must be more than 0".into()));
@@ -225,7 +231,10 @@ impl Config {
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
                 "systemd.bus_address",
-                format!("{:?} is not a D-Bus address (e.g. unix:path=/run/dbus/system_bus_socket)", self.systemd.bus_address),
+                format!(
+                    "{:?} is not a D-Bus address (e.g. unix:path=/run/dbus/system_bus_socket)",
+                    self.systemd.bus_address
+                ),
             ));
         }
         Ok(())
@@ -299,9 +308,10 @@ mod tests {
         assert_eq!((config.userns.pool_start, config.userns.pool_ranges), (524288, 2));
         let err = Config::parse("[userns]\npool_start = 1000\n", "c").unwrap_err().to_string();
         assert!(err.contains("`userns.pool_start`"), "{err}");
-        let err = Config::parse("[images]\nlayer_uid_shift = 655360\n[userns]\npool_start = 589824\npool_ranges = 2\n", "c")
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::parse("[images]\nlayer_uid_shift = 655360\n[userns]\npool_start = 589824\npool_ranges = 2\n", "c")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("`userns.pool_ranges`") && err.contains("layer_uid_shift"), "{err}");
         let err = Config::parse("[userns]\npool_size = 2\n", "c").unwrap_err().to_string();
         assert!(err.contains("pool_size"), "{err}");

@@ -10,7 +10,9 @@ use tonic::Status;
 /// Reads a CRI ContainerConfig, and the image it names, as a runtime ContainerSpec.
 pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<ContainerSpec, Status> {
     if config.tty || config.stdin {
-        return Err(Status::invalid_argument("containers with stdin or a tty are not supported yet (attach comes with the streaming server)"));
+        return Err(Status::invalid_argument(
+            "containers with stdin or a tty are not supported yet (attach comes with the streaming server)",
+        ));
     }
     if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
         return Err(Status::invalid_argument("container devices are not supported yet"));
@@ -84,7 +86,9 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
 /// absent (crictl may send either; absent both, unconfined, as with containerd).
 fn seccomp_of(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<Seccomp, Status> {
     use cri::security_profile::ProfileType;
-    let localhost = || Status::invalid_argument("localhost seccomp profiles are not supported yet (RuntimeDefault and Unconfined are)");
+    let localhost = || {
+        Status::invalid_argument("localhost seccomp profiles are not supported yet (RuntimeDefault and Unconfined are)")
+    };
     match profile {
         Some(profile) => match ProfileType::try_from(profile.profile_type) {
             Ok(ProfileType::RuntimeDefault) => Ok(Seccomp::RuntimeDefault),
@@ -115,7 +119,11 @@ pub fn resources_of(r: &cri::LinuxContainerResources) -> Resources {
 fn container_image(image: &Image, requested: &str) -> ContainerImage {
     ContainerImage {
         id: image.id.to_string(),
-        name: if requested.is_empty() { image.repo_tags.first().cloned().unwrap_or_default() } else { requested.to_string() },
+        name: if requested.is_empty() {
+            image.repo_tags.first().cloned().unwrap_or_default()
+        } else {
+            requested.to_string()
+        },
         repo_digest: image.repo_digests.first().cloned().unwrap_or_else(|| image.id.to_string()),
         entrypoint: image.config.entrypoint.clone(),
         cmd: image.config.cmd.clone(),

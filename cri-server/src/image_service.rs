@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use imagestore::{ImageId, Credentials, ErrorKind, Image, ImageStore};
+use imagestore::{Credentials, ErrorKind, Image, ImageId, ImageStore};
 use proto::cri::{self, image_service_server::ImageService};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -52,9 +52,7 @@ pub fn image_status(error: imagestore::Error) -> Status {
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.trim()) {
         Some(name) if !name.is_empty() => Ok(name),
-        _ => Err(Status::invalid_argument(
-            "image spec is missing or has an empty image",
-        )),
+        _ => Err(Status::invalid_argument("image spec is missing or has an empty image")),
     }
 }
 
@@ -80,10 +78,7 @@ fn to_cri(image: &Image) -> cri::Image {
         size: image.size,
         uid,
         username,
-        spec: Some(cri::ImageSpec {
-            image: image.id.to_string(),
-            ..Default::default()
-        }),
+        spec: Some(cri::ImageSpec { image: image.id.to_string(), ..Default::default() }),
         pinned: image.pinned,
     }
 }
@@ -95,10 +90,7 @@ fn credentials(auth: Option<&cri::AuthConfig>) -> Result<Option<Credentials>, St
     Ok(if !auth.registry_token.is_empty() {
         Some(Credentials::RegistryToken(auth.registry_token.clone()))
     } else if !auth.username.is_empty() {
-        Some(Credentials::Basic {
-            username: auth.username.clone(),
-            password: auth.password.clone(),
-        })
+        Some(Credentials::Basic { username: auth.username.clone(), password: auth.password.clone() })
     } else if !auth.identity_token.is_empty() {
         Some(Credentials::IdentityToken(auth.identity_token.clone()))
     } else if !auth.auth.is_empty() {
@@ -143,23 +135,12 @@ impl ImageService for Images {
         request: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
         let store = &self.store;
-        let filter = request
-            .get_ref()
-            .filter
-            .as_ref()
-            .and_then(|f| f.image.as_ref())
-            .map(|s| s.image.trim());
+        let filter = request.get_ref().filter.as_ref().and_then(|f| f.image.as_ref()).map(|s| s.image.trim());
         let images = match filter {
-            Some(name) if !name.is_empty() => store
-                .image(name)
-                .map_err(image_status)?
-                .into_iter()
-                .collect(),
+            Some(name) if !name.is_empty() => store.image(name).map_err(image_status)?.into_iter().collect(),
             _ => store.images().map_err(image_status)?,
         };
-        Ok(Response::new(cri::ListImagesResponse {
-            images: images.iter().map(to_cri).collect(),
-        }))
+        Ok(Response::new(cri::ListImagesResponse { images: images.iter().map(to_cri).collect() }))
     }
 
     async fn image_status(
@@ -176,9 +157,8 @@ impl ImageService for Images {
         let mut info = HashMap::new();
         if request.verbose {
             let config = store.config_json(&image.id).map_err(image_status)?;
-            let config: serde_json::Value = config
-                .and_then(|c| serde_json::from_slice(&c).ok())
-                .unwrap_or(serde_json::Value::Null);
+            let config: serde_json::Value =
+                config.and_then(|c| serde_json::from_slice(&c).ok()).unwrap_or(serde_json::Value::Null);
             let verbose = serde_json::json!({
                 "imageSpec": config,
                 "manifestDigest": image.manifest_digest.to_string(),
@@ -190,10 +170,7 @@ impl ImageService for Images {
             });
             info.insert("info".to_owned(), verbose.to_string());
         }
-        Ok(Response::new(cri::ImageStatusResponse {
-            image: Some(to_cri(&image)),
-            info,
-        }))
+        Ok(Response::new(cri::ImageStatusResponse { image: Some(to_cri(&image)), info }))
     }
 
     async fn pull_image(
@@ -231,9 +208,7 @@ impl ImageService for Images {
             }
         }
         .map_err(image_status)?;
-        Ok(Response::new(cri::PullImageResponse {
-            image_ref: image.id.to_string(),
-        }))
+        Ok(Response::new(cri::PullImageResponse { image_ref: image.id.to_string() }))
     }
 
     async fn remove_image(
@@ -253,21 +228,12 @@ impl ImageService for Images {
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
         let store = self.store.clone();
         let usage = blocking(move || store.usage()).await?;
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         let filesystem = cri::FilesystemUsage {
             timestamp,
-            fs_id: Some(cri::FilesystemIdentifier {
-                mountpoint: usage.mountpoint.display().to_string(),
-            }),
-            used_bytes: Some(cri::UInt64Value {
-                value: usage.used_bytes,
-            }),
-            inodes_used: Some(cri::UInt64Value {
-                value: usage.inodes_used,
-            }),
+            fs_id: Some(cri::FilesystemIdentifier { mountpoint: usage.mountpoint.display().to_string() }),
+            used_bytes: Some(cri::UInt64Value { value: usage.used_bytes }),
+            inodes_used: Some(cri::UInt64Value { value: usage.inodes_used }),
         };
         Ok(Response::new(cri::ImageFsInfoResponse {
             image_filesystems: vec![filesystem],
@@ -281,28 +247,16 @@ mod tests {
     use super::*;
 
     fn spec(image: &str) -> Option<cri::ImageSpec> {
-        Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        })
+        Some(cri::ImageSpec { image: image.into(), ..Default::default() })
     }
 
     #[test]
     fn user_maps_as_kubelet_reads_it() {
-        assert_eq!(
-            user_fields("1002"),
-            (Some(cri::Int64Value { value: 1002 }), String::new())
-        );
+        assert_eq!(user_fields("1002"), (Some(cri::Int64Value { value: 1002 }), String::new()));
         assert_eq!(user_fields("www-data"), (None, "www-data".to_owned()));
-        assert_eq!(
-            user_fields("1003:1004"),
-            (Some(cri::Int64Value { value: 1003 }), String::new())
-        );
+        assert_eq!(user_fields("1003:1004"), (Some(cri::Int64Value { value: 1003 }), String::new()));
         assert_eq!(user_fields("www-data:1004"), (None, "www-data".to_owned()));
-        assert_eq!(
-            user_fields("0"),
-            (Some(cri::Int64Value { value: 0 }), String::new())
-        );
+        assert_eq!(user_fields("0"), (Some(cri::Int64Value { value: 0 }), String::new()));
         assert_eq!(user_fields(""), (None, String::new()));
     }
 
@@ -314,56 +268,32 @@ mod tests {
             f(&mut a);
             credentials(Some(&a)).unwrap()
         };
-        assert_eq!(
-            auth(|a| a.registry_token = "t".into()),
-            Some(Credentials::RegistryToken("t".into()))
-        );
-        assert_eq!(
-            auth(|a| a.identity_token = "i".into()),
-            Some(Credentials::IdentityToken("i".into()))
-        );
+        assert_eq!(auth(|a| a.registry_token = "t".into()), Some(Credentials::RegistryToken("t".into())));
+        assert_eq!(auth(|a| a.identity_token = "i".into()), Some(Credentials::IdentityToken("i".into())));
         assert_eq!(
             auth(|a| {
                 a.username = "u".into();
                 a.password = "p".into()
             }),
-            Some(Credentials::Basic {
-                username: "u".into(),
-                password: "p".into()
-            })
+            Some(Credentials::Basic { username: "u".into(), password: "p".into() })
         );
         assert_eq!(
             auth(|a| a.auth = "dTpw".into()),
-            Some(Credentials::Basic {
-                username: "u".into(),
-                password: "p".into()
-            })
+            Some(Credentials::Basic { username: "u".into(), password: "p".into() })
         );
         assert_eq!(auth(|_| {}), None);
-        let bad = cri::AuthConfig {
-            auth: "%%".into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            credentials(Some(&bad)).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        let bad = cri::AuthConfig { auth: "%%".into(), ..Default::default() };
+        assert_eq!(credentials(Some(&bad)).unwrap_err().code(), tonic::Code::InvalidArgument);
 
         let mut request = Request::new(());
         assert_eq!(grpc_timeout(&request), None);
-        for (header, expected) in [
-            ("1m", Duration::from_millis(1)),
-            ("30S", Duration::from_secs(30)),
-            ("2M", Duration::from_secs(120)),
-        ] {
-            request
-                .metadata_mut()
-                .insert("grpc-timeout", header.parse().unwrap());
+        for (header, expected) in
+            [("1m", Duration::from_millis(1)), ("30S", Duration::from_secs(30)), ("2M", Duration::from_secs(120))]
+        {
+            request.metadata_mut().insert("grpc-timeout", header.parse().unwrap());
             assert_eq!(grpc_timeout(&request), Some(expected));
         }
-        request
-            .metadata_mut()
-            .insert("grpc-timeout", "5x".parse().unwrap());
+        request.metadata_mut().insert("grpc-timeout", "5x".parse().unwrap());
         assert_eq!(grpc_timeout(&request), None);
     }
 
@@ -371,29 +301,18 @@ mod tests {
     fn errors_map_to_codes() {
         let e = imagestore::ImageReference::parse("Bad").unwrap_err();
         assert_eq!(image_status(e).code(), tonic::Code::InvalidArgument);
-        let e = imagestore::Error::Unauthenticated {
-            registry: "r".into(),
-            detail: "d".into(),
-        };
+        let e = imagestore::Error::Unauthenticated { registry: "r".into(), detail: "d".into() };
         assert_eq!(image_status(e).code(), tonic::Code::Unauthenticated);
-        let e = imagestore::Error::HostileLayer {
-            layer: "l".into(),
-            entry: "e".into(),
-            reason: "r".into(),
-        };
+        let e = imagestore::Error::HostileLayer { layer: "l".into(), entry: "e".into(), reason: "r".into() };
         assert_eq!(image_status(e).code(), tonic::Code::FailedPrecondition);
     }
 
     async fn service(dir: &std::path::Path, registry: Option<&str>) -> Images {
         let mut config = imagestore::StoreConfig::default();
         if let Some(host) = registry {
-            config.registries.insert(
-                host.into(),
-                imagestore::RegistryConfig {
-                    plain_http: true,
-                    ..Default::default()
-                },
-            );
+            config
+                .registries
+                .insert(host.into(), imagestore::RegistryConfig { plain_http: true, ..Default::default() });
         }
         // No records and no containers: opening the runtime touches neither systemd nor the bus.
         // Its state lives apart from the store, whose root the tests inspect.
@@ -418,53 +337,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let images = service(dir.path(), None).await;
         let status = images
-            .image_status(Request::new(cri::ImageStatusRequest {
-                image: spec("busybox"),
-                verbose: true,
-            }))
+            .image_status(Request::new(cri::ImageStatusRequest { image: spec("busybox"), verbose: true }))
             .await
             .unwrap()
             .into_inner();
-        assert!(
-            status.image.is_none(),
-            "absent image must be nil, not an error"
-        );
-        let list = images
-            .list_images(Request::new(cri::ListImagesRequest::default()))
-            .await
-            .unwrap()
-            .into_inner();
+        assert!(status.image.is_none(), "absent image must be nil, not an error");
+        let list = images.list_images(Request::new(cri::ListImagesRequest::default())).await.unwrap().into_inner();
         assert!(list.images.is_empty());
-        images
-            .remove_image(Request::new(cri::RemoveImageRequest {
-                image: spec("busybox:1"),
-            }))
-            .await
-            .unwrap();
+        images.remove_image(Request::new(cri::RemoveImageRequest { image: spec("busybox:1") })).await.unwrap();
+        let err = images.remove_image(Request::new(cri::RemoveImageRequest { image: spec("") })).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
         let err = images
-            .remove_image(Request::new(cri::RemoveImageRequest { image: spec("") }))
+            .image_status(Request::new(cri::ImageStatusRequest { image: spec("Not Valid"), verbose: false }))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        let err = images
-            .image_status(Request::new(cri::ImageStatusRequest {
-                image: spec("Not Valid"),
-                verbose: false,
-            }))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        let fs = images
-            .image_fs_info(Request::new(cri::ImageFsInfoRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
+        let fs = images.image_fs_info(Request::new(cri::ImageFsInfoRequest {})).await.unwrap().into_inner();
         assert_eq!(fs.image_filesystems.len(), 1);
         let usage = &fs.image_filesystems[0];
-        assert_eq!(
-            usage.fs_id.as_ref().unwrap().mountpoint,
-            dir.path().display().to_string()
-        );
+        assert_eq!(usage.fs_id.as_ref().unwrap().mountpoint, dir.path().display().to_string());
         assert!(usage.inodes_used.unwrap().value >= 3);
         assert!(usage.timestamp > 0);
     }
@@ -484,26 +375,14 @@ mod tests {
         let images = service(dir.path(), Some(&host)).await;
         let name = format!("{host}/app:1");
         for timeout in ["1m", "100m"] {
-            let mut request = Request::new(cri::PullImageRequest {
-                image: spec(&name),
-                ..Default::default()
-            });
-            request
-                .metadata_mut()
-                .insert("grpc-timeout", timeout.parse().unwrap());
+            let mut request = Request::new(cri::PullImageRequest { image: spec(&name), ..Default::default() });
+            request.metadata_mut().insert("grpc-timeout", timeout.parse().unwrap());
             let err = images.pull_image(request).await.unwrap_err();
             assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
         }
-        let list = images
-            .list_images(Request::new(cri::ListImagesRequest::default()))
-            .await
-            .unwrap()
-            .into_inner();
+        let list = images.list_images(Request::new(cri::ListImagesRequest::default())).await.unwrap().into_inner();
         assert!(list.images.is_empty());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     /// Through a real gRPC server and client. tonic's client enforces the deadline too and reports
@@ -531,41 +410,22 @@ mod tests {
         );
         let mut client = proto::CriClient::connect(&socket).await.unwrap().image;
         for timeout in [Duration::from_millis(1), Duration::from_millis(300)] {
-            let mut request = Request::new(cri::PullImageRequest {
-                image: spec(&format!("{host}/app:1")),
-                ..Default::default()
-            });
+            let mut request =
+                Request::new(cri::PullImageRequest { image: spec(&format!("{host}/app:1")), ..Default::default() });
             request.set_timeout(timeout);
             let err = client.pull_image(request).await.unwrap_err();
-            let client_side =
-                err.code() == tonic::Code::Cancelled && err.message() == "Timeout expired";
-            assert!(
-                err.code() == tonic::Code::DeadlineExceeded || client_side,
-                "{timeout:?}: {err:?}"
-            );
+            let client_side = err.code() == tonic::Code::Cancelled && err.message() == "Timeout expired";
+            assert!(err.code() == tonic::Code::DeadlineExceeded || client_side, "{timeout:?}: {err:?}");
         }
-        let list = client
-            .list_images(cri::ListImagesRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let list = client.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner();
         assert!(list.images.is_empty());
         // The pulls' temporary files go once their blocking unpackers notice the cancellation.
         for _ in 0..100 {
-            if std::fs::read_dir(dir.path().join("images/tmp"))
-                .unwrap()
-                .count()
-                == 0
-            {
+            if std::fs::read_dir(dir.path().join("images/tmp")).unwrap().count() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("images/tmp"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("images/tmp")).unwrap().count(), 0);
     }
 }

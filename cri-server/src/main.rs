@@ -94,7 +94,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Init { .. } | Command::RecordExit { .. } | Command::ExecIn { .. }) => unreachable!("handled above"),
+        Some(Command::Init { .. } | Command::RecordExit { .. } | Command::ExecIn { .. }) => {
+            unreachable!("handled above")
+        }
         Some(Command::Config { .. }) => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

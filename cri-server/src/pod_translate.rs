@@ -66,7 +66,9 @@ fn userns_mode(options: Option<&cri::UserNamespace>) -> Result<UsernsMode, Statu
             }
             Ok(UsernsMode::Node)
         }
-        Ok(cri::NamespaceMode::Pod) => Ok(UsernsMode::Pod { uid_mappings: id_mappings(&options.uids), gid_mappings: id_mappings(&options.gids) }),
+        Ok(cri::NamespaceMode::Pod) => {
+            Ok(UsernsMode::Pod { uid_mappings: id_mappings(&options.uids), gid_mappings: id_mappings(&options.gids) })
+        }
         _ => Err(Status::invalid_argument(format!(
             "user namespace mode {} is not supported: only POD and NODE are",
             options.mode
@@ -79,7 +81,10 @@ pub fn id_mappings(mappings: &[cri::IdMapping]) -> Vec<IdMapping> {
 }
 
 pub fn cri_id_mappings(mappings: &[IdMapping]) -> Vec<cri::IdMapping> {
-    mappings.iter().map(|m| cri::IdMapping { host_id: m.host_id, container_id: m.container_id, length: m.size }).collect()
+    mappings
+        .iter()
+        .map(|m| cri::IdMapping { host_id: m.host_id, container_id: m.container_id, length: m.size })
+        .collect()
 }
 
 /// The pod's user namespace as the CRI reports it.

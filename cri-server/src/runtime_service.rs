@@ -4,18 +4,20 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use proto::cri::{self, runtime_service_server::RuntimeService};
 use imagestore::ImageStore;
-use runtime::{ContainerFilter, ContainerState, LogWriter, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd};
+use proto::cri::{self, runtime_service_server::RuntimeService};
+use runtime::{
+    ContainerFilter, ContainerState, LogWriter, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd,
+};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
-use crate::streaming::{StreamRequest, StreamingServer};
-use crate::errors::runtime_status;
 use crate::container_translate;
+use crate::errors::runtime_status;
 use crate::image_service::image_status;
 use crate::pod_translate;
+use crate::streaming::{StreamRequest, StreamingServer};
 
 /// The runtime API version this daemon speaks.
 const RUNTIME_API_VERSION: &str = "v1";
@@ -45,7 +47,10 @@ impl RuntimeApi {
         cri::ContainerStats {
             attributes: Some(cri::ContainerAttributes {
                 id: container.id.clone(),
-                metadata: Some(cri::ContainerMetadata { name: container.spec.name.clone(), attempt: container.spec.attempt }),
+                metadata: Some(cri::ContainerMetadata {
+                    name: container.spec.name.clone(),
+                    attempt: container.spec.attempt,
+                }),
                 labels: container.spec.labels.clone().into_iter().collect(),
                 annotations: container.spec.annotations.clone().into_iter().collect(),
             }),
@@ -53,7 +58,9 @@ impl RuntimeApi {
             memory: Some(memory_usage(&usage)),
             writable_layer: Some(cri::FilesystemUsage {
                 timestamp: usage.timestamp,
-                fs_id: Some(cri::FilesystemIdentifier { mountpoint: self.config.state_root.to_string_lossy().into_owned() }),
+                fs_id: Some(cri::FilesystemIdentifier {
+                    mountpoint: self.config.state_root.to_string_lossy().into_owned(),
+                }),
                 used_bytes: Some(cri::UInt64Value { value: layer.bytes }),
                 inodes_used: Some(cri::UInt64Value { value: layer.inodes }),
             }),
@@ -88,8 +95,22 @@ impl RuntimeApi {
         }
     }
 
-    pub fn new(config: Arc<Config>, runtime: Arc<Runtime>, images: ImageStore, logs: Arc<LogWriter>, streaming: Arc<StreamingServer>) -> Self {
-        Self { config, systemd: runtime.systemd().clone(), runtime, images, logs, sampler: Default::default(), streaming }
+    pub fn new(
+        config: Arc<Config>,
+        runtime: Arc<Runtime>,
+        images: ImageStore,
+        logs: Arc<LogWriter>,
+        streaming: Arc<StreamingServer>,
+    ) -> Self {
+        Self {
+            config,
+            systemd: runtime.systemd().clone(),
+            runtime,
+            images,
+            logs,
+            sampler: Default::default(),
+            streaming,
+        }
     }
 }
 
@@ -100,12 +121,9 @@ fn not_yet(rpc: &str, why: &str) -> Status {
 fn condition(kind: &str, outcome: Result<(), (&str, String)>) -> cri::RuntimeCondition {
     match outcome {
         Ok(()) => cri::RuntimeCondition { r#type: kind.into(), status: true, ..Default::default() },
-        Err((reason, message)) => cri::RuntimeCondition {
-            r#type: kind.into(),
-            status: false,
-            reason: reason.into(),
-            message,
-        },
+        Err((reason, message)) => {
+            cri::RuntimeCondition { r#type: kind.into(), status: false, reason: reason.into(), message }
+        }
     }
 }
 
@@ -260,11 +278,8 @@ impl RuntimeService for RuntimeApi {
             return Err(Status::internal("the image store prepared no writable layer"));
         };
         let layers = RootfsLayers { lowerdirs: rootfs.lowerdirs.clone(), upperdir, workdir };
-        let container_id = self
-            .runtime
-            .create_container(id, &request.pod_sandbox_id, spec, layers)
-            .await
-            .map_err(runtime_status)?;
+        let container_id =
+            self.runtime.create_container(id, &request.pod_sandbox_id, spec, layers).await.map_err(runtime_status)?;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
 
@@ -301,7 +316,8 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
         let request = request.into_inner();
-        let linux = request.linux.ok_or_else(|| Status::invalid_argument("UpdateContainerResources needs linux resources"))?;
+        let linux =
+            request.linux.ok_or_else(|| Status::invalid_argument("UpdateContainerResources needs linux resources"))?;
         let resources = container_translate::resources_of(&linux);
         self.runtime.update_resources(&request.container_id, resources).await.map_err(runtime_status)?;
         Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
@@ -417,7 +433,10 @@ impl RuntimeService for RuntimeApi {
         Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
     }
 
-    async fn exec_sync(&self, request: Request<cri::ExecSyncRequest>) -> Result<Response<cri::ExecSyncResponse>, Status> {
+    async fn exec_sync(
+        &self,
+        request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
         let request = request.into_inner();
         if request.cmd.is_empty() {
             return Err(Status::invalid_argument("ExecSync needs a command"));
@@ -433,7 +452,11 @@ impl RuntimeService for RuntimeApi {
             .exec_sync(&request.container_id, request.cmd, timeout, max_output)
             .await
             .map_err(runtime_status)?;
-        Ok(Response::new(cri::ExecSyncResponse { stdout: output.stdout, stderr: output.stderr, exit_code: output.exit_code }))
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: output.stdout,
+            stderr: output.stderr,
+            exit_code: output.exit_code,
+        }))
     }
     async fn exec(&self, request: Request<cri::ExecRequest>) -> Result<Response<cri::ExecResponse>, Status> {
         let request = request.into_inner();
@@ -444,7 +467,9 @@ impl RuntimeService for RuntimeApi {
             return Err(Status::invalid_argument("one of stdin, stdout and stderr must be true"));
         }
         if request.tty && request.stderr {
-            return Err(Status::invalid_argument("tty and stderr cannot both be true: a tty carries stdout and stderr as one stream"));
+            return Err(Status::invalid_argument(
+                "tty and stderr cannot both be true: a tty carries stdout and stderr as one stream",
+            ));
         }
         let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
         if container.state != runtime::ContainerState::Running {
@@ -467,7 +492,9 @@ impl RuntimeService for RuntimeApi {
         }
         // CreateContainer refuses stdin and tty, so a container never has them to attach to.
         if request.stdin || request.tty {
-            return Err(Status::invalid_argument("attach gives the container's output only: containers have no stdin or tty"));
+            return Err(Status::invalid_argument(
+                "attach gives the container's output only: containers have no stdin or tty",
+            ));
         }
         let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
         if container.state != runtime::ContainerState::Running {
@@ -482,7 +509,10 @@ impl RuntimeService for RuntimeApi {
         });
         Ok(Response::new(cri::AttachResponse { url }))
     }
-    async fn port_forward(&self, request: Request<cri::PortForwardRequest>) -> Result<Response<cri::PortForwardResponse>, Status> {
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
         let request = request.into_inner();
         let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
         if pod.state != runtime::PodState::Ready {
@@ -509,13 +539,22 @@ impl RuntimeService for RuntimeApi {
         }
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
-    async fn checkpoint_container(&self, _: Request<cri::CheckpointContainerRequest>) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+    async fn checkpoint_container(
+        &self,
+        _: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
         Err(not_yet("CheckpointContainer", "checkpointing is not supported"))
     }
-    async fn list_metric_descriptors(&self, _: Request<cri::ListMetricDescriptorsRequest>) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+    async fn list_metric_descriptors(
+        &self,
+        _: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
         Err(not_yet("ListMetricDescriptors", "stats are not implemented yet"))
     }
-    async fn list_pod_sandbox_metrics(&self, _: Request<cri::ListPodSandboxMetricsRequest>) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
     }
 }

@@ -97,7 +97,13 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     ]);
     let socket = config.socket.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), runtime.clone(), images.clone(), logs, streaming)))
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(
+            config.clone(),
+            runtime.clone(),
+            images.clone(),
+            logs,
+            streaming,
+        )))
         .add_service(ImageServiceServer::new(Images::new(images, runtime)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stopped.await;
@@ -122,8 +128,11 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Stops accepting, lets requests under way finish for a while, then gives up on them.
-async fn stop<F>(server: &mut std::pin::Pin<&mut F>, stop_serving: tokio::sync::oneshot::Sender<()>, signal: &str)
-    -> Result<(), tonic::transport::Error>
+async fn stop<F>(
+    server: &mut std::pin::Pin<&mut F>,
+    stop_serving: tokio::sync::oneshot::Sender<()>,
+    signal: &str,
+) -> Result<(), tonic::transport::Error>
 where
     F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
 {
@@ -148,11 +157,12 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 /// Creates `path` if missing and checks that it is writable.
 fn prepare_dir(path: &Path, what: &'static str, key: &'static str, mode: u32) -> Result<(), StartupError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(|source| StartupError::CreateDir { what, key, path: path.into(), source })?;
+    std::fs::DirBuilder::new().recursive(true).mode(mode).create(path).map_err(|source| StartupError::CreateDir {
+        what,
+        key,
+        path: path.into(),
+        source,
+    })?;
     // A read-only mount or a foreign owner shows only on write: try one.
     let probe = path.join(format!(".write-probe-{}", std::process::id()));
     std::fs::write(&probe, b"")

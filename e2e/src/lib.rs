@@ -129,7 +129,14 @@ impl Node {
     /// Runs a shell snippet inside the node and asserts that it succeeds.
     pub fn sh(&self, script: &str) -> String {
         let run = self.exec(&["sh", "-c", script]);
-        assert!(run.success(), "in node {}: `{script}` failed ({}):\n{}{}", self.name, run.status, run.stdout, run.stderr);
+        assert!(
+            run.success(),
+            "in node {}: `{script}` failed ({}):\n{}{}",
+            self.name,
+            run.status,
+            run.stdout,
+            run.stderr
+        );
         run.stdout
     }
 
@@ -206,8 +213,8 @@ where
 
 /// The busybox applets [`busybox_rootfs`] links by default.
 pub const BUSYBOX_APPLETS: &[&str] = &[
-    "sh", "ls", "id", "cat", "echo", "sleep", "hostname", "mount", "touch", "grep", "ps", "readlink", "stat", "mkdir", "true",
-    "false", "wc", "head", "env", "sed", "seq",
+    "sh", "ls", "id", "cat", "echo", "sleep", "hostname", "mount", "touch", "grep", "ps", "readlink", "stat", "mkdir",
+    "true", "false", "wc", "head", "env", "sed", "seq",
 ];
 
 /// Builds, inside `node`, a minimal image tree at `dir` from the host's static busybox

@@ -111,7 +111,11 @@ impl LayerBuilder {
         gid: u64,
         data: &[u8],
     ) -> &mut Self {
-        assert!(name.len() < 100 && link.len() < 100, "name too long for a ustar header: {}", String::from_utf8_lossy(name));
+        assert!(
+            name.len() < 100 && link.len() < 100,
+            "name too long for a ustar header: {}",
+            String::from_utf8_lossy(name)
+        );
         let mut header = tar::Header::new_ustar();
         {
             let old = header.as_old_mut();
@@ -447,7 +451,10 @@ pub fn platform_index() -> Index {
         .map(|arch| {
             let mut l = LayerBuilder::new();
             l.file("platform", 0o644, format!("{arch}\n").as_bytes());
-            Image::new(vec![l.build(Compression::Gzip)], ConfigOptions { architecture: arch.into(), ..Default::default() })
+            Image::new(
+                vec![l.build(Compression::Gzip)],
+                ConfigOptions { architecture: arch.into(), ..Default::default() },
+            )
         })
         .collect();
     Index::new(images)
@@ -459,9 +466,11 @@ pub fn many_layers_image(count: usize) -> Image {
     let mut layers = vec![busybox_layer(Compression::Gzip)];
     layers.extend((1..count).map(|i| {
         let mut l = LayerBuilder::new();
-        l.dir("layers", 0o755)
-            .file(&format!("layers/{i}"), 0o644, format!("{i}\n").as_bytes())
-            .file("top", 0o644, format!("{i}\n").as_bytes());
+        l.dir("layers", 0o755).file(&format!("layers/{i}"), 0o644, format!("{i}\n").as_bytes()).file(
+            "top",
+            0o644,
+            format!("{i}\n").as_bytes(),
+        );
         l.build(if i % 2 == 0 { Compression::Gzip } else { Compression::None })
     }));
     Image::new(layers, ConfigOptions::default())

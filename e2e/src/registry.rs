@@ -66,14 +66,28 @@ impl NodeNet {
     }
 
     /// One HTTP/1.1 request (`Connection: close`) to `addr` in the node.
-    pub fn http(&self, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+    pub fn http(
+        &self,
+        addr: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Response> {
         http_on(self.connect(addr)?, addr, method, path, headers, body)
     }
 }
 
 /// One HTTP/1.1 request (`Connection: close`) over `stream`, a connection to `addr` (wherever it
 /// was opened: in a node, or in the current network namespace, as inside the cgroup v2 VM).
-pub fn http_on(mut stream: TcpStream, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+pub fn http_on(
+    mut stream: TcpStream,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {TEST_USER_AGENT}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -95,7 +109,14 @@ pub fn connect_in_node(node: &Node, addr: &str) -> io::Result<TcpStream> {
 }
 
 /// One HTTP/1.1 request to `addr` inside the node's network namespace.
-pub fn http(node: &Node, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+pub fn http(
+    node: &Node,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
     NodeNet::of(node).http(addr, method, path, headers, body)
 }
 
@@ -147,7 +168,8 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let Some(end) = data.windows(2).position(|w| w == b"\r\n") else { return out };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..end]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..end]).split(';').next().unwrap().trim(), 16)
+            .unwrap_or(0);
         if size == 0 {
             return out;
         }
@@ -196,7 +218,9 @@ impl<'n> Registry<'n> {
         );
         node.write_file(&format!("{dir}/config.yml"), &config);
         let unit = format!("e2e-registry-{name}");
-        node.sh(&format!("systemd-run --quiet --unit={unit} -p Type=exec /usr/bin/docker-registry serve {dir}/config.yml"));
+        node.sh(&format!(
+            "systemd-run --quiet --unit={unit} -p Type=exec /usr/bin/docker-registry serve {dir}/config.yml"
+        ));
         let registry = Registry { node, net: NodeNet::of(node), name: name.to_owned(), port, dir, auth };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -251,7 +275,9 @@ impl<'n> Registry<'n> {
     }
 
     fn expect(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], want: u16) -> Response {
-        let response = self.request(method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.name));
+        let response = self
+            .request(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.name));
         assert_eq!(response.status, want, "{method} {path} on registry {}: {}", self.name, response.text());
         response
     }

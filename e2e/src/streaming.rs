@@ -139,7 +139,11 @@ pub fn spdy_connect(node: &Node, url: &str, protocols: &[&str]) -> Result<(Strin
     let socket = reader.get_ref().try_clone().expect("clone socket");
     let mut zlib = Compress::new(Compression::best(), true);
     zlib.set_dictionary(&spdy3_dictionary()).expect("dictionary");
-    Ok((protocol, SpdyWriter { socket, zlib, next_stream: 1 }, SpdyReader { socket: reader, zlib: Decompress::new(true) }))
+    Ok((
+        protocol,
+        SpdyWriter { socket, zlib, next_stream: 1 },
+        SpdyReader { socket: reader, zlib: Decompress::new(true) },
+    ))
 }
 
 impl SpdyWriter {

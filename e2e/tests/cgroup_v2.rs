@@ -61,7 +61,8 @@ impl Report {
     }
 
     fn json<T: DeserializeOwned>(&self, name: &str) -> T {
-        serde_json::from_str(self.get(name)).unwrap_or_else(|e| panic!("section {name:?} is not the JSON expected: {e}\n{}", self.dump()))
+        serde_json::from_str(self.get(name))
+            .unwrap_or_else(|e| panic!("section {name:?} is not the JSON expected: {e}\n{}", self.dump()))
     }
 }
 
@@ -126,7 +127,8 @@ fn vm_script(repo: &Path) -> String {
     // The files the VM needs come through its share: the repository may live under /tmp (CI's
     // clones may), which the VM does not see (its /tmp is its own tmpfs).
     script += &format!("REPO={}\n", quote(repo));
-    script += "DAEMON=/cri-vm/share/cri-systemd\nCRI=/cri-vm/share/cri\nPUSH=/cri-vm/share/push\nDEPLOY=/cri-vm/share\n";
+    script +=
+        "DAEMON=/cri-vm/share/cri-systemd\nCRI=/cri-vm/share/cri\nPUSH=/cri-vm/share/push\nDEPLOY=/cri-vm/share\n";
     script += &format!("LAYOUT=/cri-vm/share/{LAYOUT}\n");
     script += "WORK=$(mktemp -d)\n";
     for (file, json) in [
@@ -201,7 +203,8 @@ fn cgroup_v2_smoke() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let begin = Instant::now();
     let r = run_in_vm(&vm_script(&repo));
-    let marks: Vec<String> = r.sections.iter().filter_map(|(k, v)| Some(format!("{}={v}", k.strip_prefix("time.")?))).collect();
+    let marks: Vec<String> =
+        r.sections.iter().filter_map(|(k, v)| Some(format!("{}={v}", k.strip_prefix("time.")?))).collect();
     eprintln!(
         "cgroup v2 VM run took {:.1} s; {}\nuptime in the VM at each step: {}",
         begin.elapsed().as_secs_f64(),

@@ -125,7 +125,15 @@ impl<'a> Container<'a> {
 
     fn start_ok(&self, properties: &[&str]) {
         let run = self.start(properties);
-        assert!(run.success(), "starting {} failed: {}{}\nerror file: {}\n{}", self.unit(), run.stdout, run.stderr, self.error(), self.journal());
+        assert!(
+            run.success(),
+            "starting {} failed: {}{}\nerror file: {}\n{}",
+            self.unit(),
+            run.stdout,
+            run.stderr,
+            self.error(),
+            self.journal()
+        );
     }
 
     fn error(&self) -> String {
@@ -149,7 +157,12 @@ impl<'a> Container<'a> {
             if text.lines().any(|l| l == "END") {
                 return text;
             }
-            assert!(Instant::now() < deadline, "no complete report from {} in {REPORT_TIMEOUT:?}: {text:?}\n{}", self.unit(), self.journal());
+            assert!(
+                Instant::now() < deadline,
+                "no complete report from {} in {REPORT_TIMEOUT:?}: {text:?}\n{}",
+                self.unit(),
+                self.journal()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -162,7 +175,12 @@ impl<'a> Container<'a> {
             if current == value {
                 return;
             }
-            assert!(Instant::now() < deadline, "{} {property}={current}, want {value}\n{}", self.unit(), self.journal());
+            assert!(
+                Instant::now() < deadline,
+                "{} {property}={current}, want {value}\n{}",
+                self.unit(),
+                self.journal()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -185,12 +203,17 @@ impl<'a> Container<'a> {
 /// The value of `key=` in a report.
 fn field<'r>(report: &'r str, key: &str) -> &'r str {
     let prefix = format!("{key}=");
-    report.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {key}= in report:\n{report}")).trim()
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {key}= in report:\n{report}"))
+        .trim()
 }
 
 /// The node's own mount points (PID 1's view), sorted.
 fn node_mounts(node: &Node) -> Vec<String> {
-    let mut mounts: Vec<String> = node.sh("cat /proc/1/mountinfo").lines().map(|l| l.split(' ').nth(4).unwrap_or("").to_string()).collect();
+    let mut mounts: Vec<String> =
+        node.sh("cat /proc/1/mountinfo").lines().map(|l| l.split(' ').nth(4).unwrap_or("").to_string()).collect();
     mounts.sort();
     mounts
 }
@@ -238,7 +261,9 @@ fn container_runs_as_the_units_main_process() {
     node.sh(&format!(
         "mkdir -p {dir}/vol && echo hello > {dir}/vol/file && echo '127.0.0.1 localhost' > {dir}/hosts && ln -sfn {dir}/hosts {dir}/hosts-link"
     ));
-    c.add_mount(json!({ "destination": "/data", "type": "bind", "source": format!("{dir}/vol"), "options": ["rbind", "ro"] }));
+    c.add_mount(
+        json!({ "destination": "/data", "type": "bind", "source": format!("{dir}/vol"), "options": ["rbind", "ro"] }),
+    );
     c.add_mount(json!({ "destination": "/etc/hosts", "type": "bind", "source": format!("{dir}/hosts-link"), "options": ["bind", "ro"] }));
     c.oci()["linux"]["sysctl"] = json!({ "kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "80" });
     c.oci()["domainname"] = json!("example.test");
@@ -276,7 +301,11 @@ fn container_runs_as_the_units_main_process() {
     assert_eq!(c.pids(), vec![main_pid.clone()], "only the entrypoint in the unit's cgroup");
     assert_eq!(init_processes(&node), "", "an init process stayed");
     assert_eq!(c.show("ActiveState"), "active");
-    assert!(c.show("ControlGroup").starts_with("/kubepods.slice/kubepods-besteffort.slice/"), "{}", c.show("ControlGroup"));
+    assert!(
+        c.show("ControlGroup").starts_with("/kubepods.slice/kubepods-besteffort.slice/"),
+        "{}",
+        c.show("ControlGroup")
+    );
     // Its own PID namespace; the node's mount table untouched; the rootfs mounted only inside.
     assert_ne!(node.sh(&format!("readlink /proc/{main_pid}/ns/pid")), node.sh("readlink /proc/1/ns/pid"));
     assert_eq!(node_mounts(&node), before, "the node's mount table changed");
@@ -333,7 +362,10 @@ fn start_failures_are_reported_in_the_error_file() {
 
     check(&Container::new(&node, "nosuch", &["nosuch"]), r#"exec: "nosuch": executable file not found in $PATH"#);
     check(&Container::new(&node, "notexec", &["/etc/passwd"]), r#"exec: "/etc/passwd": permission denied"#);
-    check(&Container::new(&node, "nofile", &["/no/such/file"]), r#"exec: "/no/such/file": stat /no/such/file: no such file or directory"#);
+    check(
+        &Container::new(&node, "nofile", &["/no/such/file"]),
+        r#"exec: "/no/such/file": stat /no/such/file: no such file or directory"#,
+    );
 
     // Found and executable, but execve fails: reported after systemd was given the child's PID.
     let c = Container::new(&node, "noexec", &["/garbage"]);
@@ -385,7 +417,8 @@ echo END
     let mut c = Container::new(&node, "user", &["sh", "-c", script]);
     let cap = json!(["CAP_NET_BIND_SERVICE"]);
     c.oci()["process"]["user"] = json!({ "uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 0o027 });
-    c.oci()["process"]["capabilities"] = json!({ "bounding": cap, "effective": cap, "permitted": cap, "inheritable": cap, "ambient": cap });
+    c.oci()["process"]["capabilities"] =
+        json!({ "bounding": cap, "effective": cap, "permitted": cap, "inheritable": cap, "ambient": cap });
     c.oci()["process"]["rlimits"] = json!([{ "type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096 }]);
     c.oci()["process"]["cwd"] = json!("/home/user");
     c.oci()["root"]["readonly"] = json!(true);
@@ -448,7 +481,9 @@ exec sleep 1000"#;
     c.start_ok(&[]);
 
     // A mount made on the node after the start reaches the container (rslave).
-    node.sh(&format!("mkdir -p {dir}/prop/sub && mount -t tmpfs tmpfs {dir}/prop/sub && echo yes > {dir}/prop/sub/marker"));
+    node.sh(&format!(
+        "mkdir -p {dir}/prop/sub && mount -t tmpfs tmpfs {dir}/prop/sub && echo yes > {dir}/prop/sub/marker"
+    ));
     let report = c.report();
     node.sh(&format!("umount {dir}/prop/sub"));
     assert_eq!(field(&report, "pid"), "1", "{report}");

@@ -14,11 +14,7 @@ const REGISTRY_PORT: u16 = 5000;
 /// A node whose daemon pulls from the plain-HTTP registry on the node's loopback.
 fn node(label: &str) -> Node {
     let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!("[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n")).unwrap();
     let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
     let _ = std::fs::remove_file(config);
     node
@@ -28,7 +24,10 @@ async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     let registry = Registry::start(node, "containers", REGISTRY_PORT, RegistryOptions::default());
     registry.push_image("busybox", "1", &busybox_image(""));
     let image = registry.repo("busybox:1");
-    let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
     client.image.pull_image(request).await.expect("PullImage");
     image
 }
@@ -62,7 +61,11 @@ async fn run_pod(client: &mut CriClient, name: &str) -> String {
 }
 
 async fn create(client: &mut CriClient, pod: &str, config: cri::ContainerConfig) -> Result<String, tonic::Status> {
-    let request = cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: Some(pod_config("x")) };
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(pod_config("x")),
+    };
     client.runtime.create_container(request).await.map(|r| r.into_inner().container_id)
 }
 
@@ -97,7 +100,9 @@ async fn container_lifecycle_as_a_systemd_service() {
 
     // Created, then Running: the entrypoint is the service's main process, in the pod's slice,
     // and it is the only process there is for this container.
-    let id = create(&mut client, &pod, container_config("sleeper", &image, &["/bin/busybox", "sleep", "1000"])).await.unwrap();
+    let id = create(&mut client, &pod, container_config("sleeper", &image, &["/bin/busybox", "sleep", "1000"]))
+        .await
+        .unwrap();
     let created = status(&mut client, &id).await;
     assert_eq!(created.state, cri::ContainerState::ContainerCreated as i32);
     assert_eq!(created.image.unwrap().image, image);
@@ -116,10 +121,17 @@ async fn container_lifecycle_as_a_systemd_service() {
     // Its own PID namespace (it is PID 1 there), the pod's network and UTS namespaces.
     assert_eq!(node.sh(&format!("grep NSpid /proc/{main_pid}/status")).split_whitespace().last(), Some("1"));
     let pins = format!("/run/cri-systemd/pods/{pod}/ns");
-    assert_eq!(node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/net")), node.sh(&format!("stat -L -c %i {pins}/net")));
-    assert_eq!(node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/uts")), node.sh(&format!("stat -L -c %i {pins}/uts")));
+    assert_eq!(
+        node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/net")),
+        node.sh(&format!("stat -L -c %i {pins}/net"))
+    );
+    assert_eq!(
+        node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/uts")),
+        node.sh(&format!("stat -L -c %i {pins}/uts"))
+    );
 
-    let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
+    let listed =
+        client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
     assert_eq!(listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
 
     // Stop: SIGTERM ends sleep (PID 1 of its namespace has no default handlers, so SIGKILL after the grace).
@@ -135,7 +147,8 @@ async fn container_lifecycle_as_a_systemd_service() {
     }
     node.sh(&format!("test ! -e /var/lib/cri-systemd/containers/{id}"));
     assert_ne!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
-    let gone = client.runtime.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await;
+    let gone =
+        client.runtime.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await;
     assert_eq!(gone.unwrap_err().code(), tonic::Code::NotFound);
 }
 
@@ -151,9 +164,16 @@ async fn process_rules_exit_codes_mounts_and_oom() {
     let mut config = container_config(
         "report",
         &image,
-        &["sh", "-c", "{ echo \"$A $B\"; pwd; busybox id -u; busybox id -g; busybox cat /ro/file; busybox touch /ro/x 2>/dev/null && echo writable || echo readonly; busybox hostname; } > /out/report"],
+        &[
+            "sh",
+            "-c",
+            "{ echo \"$A $B\"; pwd; busybox id -u; busybox id -g; busybox cat /ro/file; busybox touch /ro/x 2>/dev/null && echo writable || echo readonly; busybox hostname; } > /out/report",
+        ],
     );
-    config.envs = vec![cri::KeyValue { key: "A".into(), value: "alpha".into() }, cri::KeyValue { key: "B".into(), value: "beta".into() }];
+    config.envs = vec![
+        cri::KeyValue { key: "A".into(), value: "alpha".into() },
+        cri::KeyValue { key: "B".into(), value: "beta".into() },
+    ];
     config.working_dir = "/tmp".into();
     config.mounts = vec![
         cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() },
@@ -198,7 +218,8 @@ async fn process_rules_exit_codes_mounts_and_oom() {
     assert_eq!((done.exit_code, done.reason.as_str()), (137, "OOMKilled"), "{done:?}");
 
     // A container that ignores SIGTERM is killed after the grace period.
-    let stubborn = container_config("stubborn", &image, &["sh", "-c", "trap '' TERM; while :; do busybox sleep 1; done"]);
+    let stubborn =
+        container_config("stubborn", &image, &["sh", "-c", "trap '' TERM; while :; do busybox sleep 1; done"]);
     let id = create(&mut client, &pod, stubborn).await.unwrap();
     start(&mut client, &id).await.unwrap();
     let begin = Instant::now();
@@ -215,17 +236,27 @@ async fn bad_requests_change_nothing_and_containers_outlive_the_daemon() {
     let pod = run_pod(&mut client, "bad").await;
 
     let code = |r: Result<String, tonic::Status>| r.unwrap_err().code();
-    assert_eq!(code(create(&mut client, &"f".repeat(64), container_config("a", &image, &["true"])).await), tonic::Code::NotFound);
-    assert_eq!(code(create(&mut client, &pod, container_config("a", "127.0.0.1:5000/nope:1", &["true"])).await), tonic::Code::NotFound);
+    assert_eq!(
+        code(create(&mut client, &"f".repeat(64), container_config("a", &image, &["true"])).await),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(create(&mut client, &pod, container_config("a", "127.0.0.1:5000/nope:1", &["true"])).await),
+        tonic::Code::NotFound
+    );
     let mut nameless = container_config("a", &image, &["true"]);
     nameless.metadata = None;
     assert_eq!(code(create(&mut client, &pod, nameless).await), tonic::Code::InvalidArgument);
     let mut escaping = container_config("a", &image, &["true"]);
-    escaping.mounts = vec![cri::Mount { container_path: "/../../etc".into(), host_path: "/tmp".into(), ..Default::default() }];
+    escaping.mounts =
+        vec![cri::Mount { container_path: "/../../etc".into(), host_path: "/tmp".into(), ..Default::default() }];
     assert_eq!(code(create(&mut client, &pod, escaping).await), tonic::Code::InvalidArgument);
     let mut unknown_user = container_config("a", &image, &["true"]);
     unknown_user.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext { run_as_username: "nobody-here".into(), ..Default::default() }),
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: "nobody-here".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     });
     assert_eq!(code(create(&mut client, &pod, unknown_user).await), tonic::Code::InvalidArgument);
@@ -233,7 +264,9 @@ async fn bad_requests_change_nothing_and_containers_outlive_the_daemon() {
 
     // The daemon is killed while a container runs; the container does not notice, and its exit,
     // while the daemon is down, is still recorded.
-    let id = create(&mut client, &pod, container_config("survivor", &image, &["sh", "-c", "busybox sleep 4; exit 7"])).await.unwrap();
+    let id = create(&mut client, &pod, container_config("survivor", &image, &["sh", "-c", "busybox sleep 4; exit 7"]))
+        .await
+        .unwrap();
     start(&mut client, &id).await.unwrap();
     let unit = format!("cri-{id}.service");
     let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
@@ -247,7 +280,8 @@ async fn bad_requests_change_nothing_and_containers_outlive_the_daemon() {
 
     // Removing the pod removes its containers.
     client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
-    let left = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
+    let left =
+        client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(node.sh("ls -A /var/lib/cri-systemd/containers"), "");
 }
@@ -299,16 +333,27 @@ async fn logs_in_the_cri_format_survive_restarts_and_reopen() {
     assert!(lines.contains(&("stderr".into(), "F".into(), "err-1".into())), "{lines:?}");
     let long: String = stdout.iter().skip(1).take_while(|(_, tag, _)| tag == "P").map(|(_, _, t)| t.as_str()).collect();
     let long_end = stdout.iter().skip(1).find(|(_, tag, _)| tag == "F").unwrap();
-    assert_eq!(long.len() + long_end.2.len(), 20000, "the long line, reassembled from P parts and its F end: {:?}", lines.iter().map(|(s, t, x)| format!("{s} {t} {}", &x[..x.len().min(40)])).collect::<Vec<_>>());
+    assert_eq!(
+        long.len() + long_end.2.len(),
+        20000,
+        "the long line, reassembled from P parts and its F end: {:?}",
+        lines.iter().map(|(s, t, x)| format!("{s} {t} {}", &x[..x.len().min(40)])).collect::<Vec<_>>()
+    );
     assert!(long.len() >= 16 * 1024 && long.chars().chain(long_end.2.chars()).all(|c| c == 'x'));
 
     // While the daemon is down, output is kept (by journald), and written once it is back;
     // ReopenContainerLog then moves writing to a new file after the kubelet rotated the old one.
-    let mut config = container_config("ticker", &image, &["sh", "-c", "i=0; while :; do echo tick-$i; i=$((i+1)); busybox sleep 0.2; done"]);
+    let mut config = container_config(
+        "ticker",
+        &image,
+        &["sh", "-c", "i=0; while :; do echo tick-$i; i=$((i+1)); busybox sleep 0.2; done"],
+    );
     config.log_path = "ticker/0.log".into();
     let id = create(&mut client, &pod, config).await.unwrap();
     start(&mut client, &id).await.unwrap();
-    node.sh("systemctl kill -s KILL cri-systemd && systemctl stop cri-systemd && sleep 2 && systemctl start cri-systemd");
+    node.sh(
+        "systemctl kill -s KILL cri-systemd && systemctl stop cri-systemd && sleep 2 && systemctl start cri-systemd",
+    );
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let log = "/var/log/pods/e2e_logs/ticker/0.log";
     let ticks = eventually(Duration::from_secs(20), "ticks from before, during and after the restart", || {
@@ -345,7 +390,11 @@ async fn resources_update_live_and_recursive_read_only_mounts() {
     // A memory limit set at start, then raised while the container runs.
     let mut config = container_config("limited", &image, &["/bin/busybox", "sleep", "1000"]);
     config.linux = Some(cri::LinuxContainerConfig {
-        resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 64 << 20, cpu_shares: 512, ..Default::default() }),
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_shares: 512,
+            ..Default::default()
+        }),
         ..Default::default()
     });
     let id = create(&mut client, &pod, config).await.unwrap();
@@ -357,7 +406,11 @@ async fn resources_update_live_and_recursive_read_only_mounts() {
     assert_eq!(node.sh(&format!("cat /sys/fs/cgroup/cpu{cgroup}/cpu.shares")).trim(), "512");
     let update = cri::UpdateContainerResourcesRequest {
         container_id: id.clone(),
-        linux: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 128 << 20, cpu_shares: 512, ..Default::default() }),
+        linux: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 128 << 20,
+            cpu_shares: 512,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     client.runtime.update_container_resources(update).await.unwrap();
@@ -372,7 +425,13 @@ async fn resources_update_live_and_recursive_read_only_mounts() {
     let script = "for d in /rro/sub /rw/sub; do busybox touch $d/x 2>/dev/null && echo $d writable || echo $d read-only; done > /out/rro";
     let mut config = container_config("rro", &image, &["sh", "-c", script]);
     config.mounts = vec![
-        cri::Mount { container_path: "/rro".into(), host_path: "/srv/vol".into(), readonly: true, recursive_read_only: true, ..Default::default() },
+        cri::Mount {
+            container_path: "/rro".into(),
+            host_path: "/srv/vol".into(),
+            readonly: true,
+            recursive_read_only: true,
+            ..Default::default()
+        },
         cri::Mount { container_path: "/rw".into(), host_path: "/srv/vol".into(), ..Default::default() },
         cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() },
     ];
@@ -382,7 +441,9 @@ async fn resources_update_live_and_recursive_read_only_mounts() {
     assert_eq!(node.sh("cat /srv/out/rro"), "/rro/sub read-only\n/rw/sub writable\n");
 
     // Recursive read-only needs readonly and private propagation.
-    for (readonly, propagation) in [(false, cri::MountPropagation::PropagationPrivate), (true, cri::MountPropagation::PropagationHostToContainer)] {
+    for (readonly, propagation) in
+        [(false, cri::MountPropagation::PropagationPrivate), (true, cri::MountPropagation::PropagationHostToContainer)]
+    {
         let mut config = container_config("bad-rro", &image, &["true"]);
         config.mounts = vec![cri::Mount {
             container_path: "/rro".into(),
@@ -411,7 +472,14 @@ async fn stats_come_from_the_container_cgroups() {
     start(&mut client, &id).await.unwrap();
     let mut stats = None;
     for _ in 0..100 {
-        let sample = client.runtime.container_stats(cri::ContainerStatsRequest { container_id: id.clone() }).await.unwrap().into_inner().stats.unwrap();
+        let sample = client
+            .runtime
+            .container_stats(cri::ContainerStatsRequest { container_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap();
         let memory = sample.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value);
         let layer = sample.writable_layer.as_ref().and_then(|l| l.used_bytes.as_ref()).map_or(0, |v| v.value);
         let done = memory > 8 << 20 && layer >= 1 << 20;
@@ -428,12 +496,24 @@ async fn stats_come_from_the_container_cgroups() {
     assert!(stats.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
     assert_eq!(stats.attributes.unwrap().id, id);
 
-    let pods = client.runtime.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None }).await.unwrap().into_inner().stats;
+    let pods = client
+        .runtime
+        .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
     assert_eq!(pods.len(), 1);
     let linux = pods[0].linux.clone().unwrap();
     assert_eq!(linux.containers.len(), 1);
     assert!(linux.memory.unwrap().usage_bytes.unwrap().value > 8 << 20, "the pod's slice counts its containers");
-    let listed = client.runtime.list_container_stats(cri::ListContainerStatsRequest { filter: None }).await.unwrap().into_inner().stats;
+    let listed = client
+        .runtime
+        .list_container_stats(cri::ListContainerStatsRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
     assert_eq!(listed.len(), 1);
 }
 
@@ -451,10 +531,12 @@ async fn runtime_default_seccomp_blocks_what_containerd_blocks() {
                   echo ok > /tmp/f && busybox cat /tmp/f; busybox grep Seccomp: /proc/self/status";
     for (name, profile) in [("confined", Some(0)), ("unconfined", Some(1)), ("default", None)] {
         let mut config = container_config(name, &image, &["sh", "-c", &format!("{{ {script}; }} > /out/{name}")]);
-        config.mounts = vec![cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() }];
+        config.mounts =
+            vec![cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() }];
         config.linux = Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
-                seccomp: profile.map(|profile_type| cri::SecurityProfile { profile_type, localhost_ref: String::new() }),
+                seccomp: profile
+                    .map(|profile_type| cri::SecurityProfile { profile_type, localhost_ref: String::new() }),
                 ..Default::default()
             }),
             ..Default::default()

@@ -16,7 +16,8 @@ const REGISTRY_PORT: u16 = 5000;
 /// more config TOML.
 fn node(label: &str, extra: &str) -> Node {
     let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n")).unwrap();
+    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
+        .unwrap();
     let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
     let _ = std::fs::remove_file(config);
     node
@@ -26,7 +27,10 @@ async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     let registry = Registry::start(node, "exec", REGISTRY_PORT, RegistryOptions::default());
     registry.push_image("busybox", "1", &busybox_image(""));
     let image = registry.repo("busybox:1");
-    let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
     client.image.pull_image(request).await.expect("PullImage");
     image
 }
@@ -60,16 +64,30 @@ async fn run_pod(client: &mut CriClient, name: &str) -> String {
 }
 
 async fn create(client: &mut CriClient, pod: &str, config: cri::ContainerConfig) -> String {
-    let request = cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: Some(pod_config("x")) };
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(pod_config("x")),
+    };
     client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id
 }
 
 async fn start(client: &mut CriClient, id: &str) {
-    client.runtime.start_container(cri::StartContainerRequest { container_id: id.into() }).await.expect("StartContainer");
+    client
+        .runtime
+        .start_container(cri::StartContainerRequest { container_id: id.into() })
+        .await
+        .expect("StartContainer");
 }
 
-async fn exec_sync(client: &mut CriClient, id: &str, cmd: &[&str], timeout: i64) -> Result<cri::ExecSyncResponse, tonic::Status> {
-    let request = cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout };
+async fn exec_sync(
+    client: &mut CriClient,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    let request =
+        cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout };
     client.runtime.exec_sync(request).await.map(|r| r.into_inner())
 }
 
@@ -112,15 +130,29 @@ async fn exec_sync_runs_in_the_container() {
     // A command that is not in the image: 127 and a message, as a shell would.
     let missing = exec_sync(&mut client, &id, &["no-such-tool", "x"], 0).await.unwrap();
     assert_eq!(missing.exit_code, 127);
-    assert!(text(&missing.stderr).contains("no-such-tool") && text(&missing.stderr).contains("not found"), "{missing:?}");
+    assert!(
+        text(&missing.stderr).contains("no-such-tool") && text(&missing.stderr).contains("not found"),
+        "{missing:?}"
+    );
     // A command killed by a signal: 128 + the signal.
     assert_eq!(exec_sync(&mut client, &id, &["sh", "-c", "kill -9 $$"], 0).await.unwrap().exit_code, 137);
 
     // The container's user, environment, working dir, no_new_privs and capabilities.
-    let who = exec_sync(&mut client, &id, &["sh", "-c", "busybox id -u; pwd; echo \"$GREETING\"; busybox grep -E '^(NoNewPrivs|CapEff)' /proc/self/status"], 10)
+    let who = exec_sync(
+        &mut client,
+        &id,
+        &[
+            "sh",
+            "-c",
+            "busybox id -u; pwd; echo \"$GREETING\"; busybox grep -E '^(NoNewPrivs|CapEff)' /proc/self/status",
+        ],
+        10,
+    )
+    .await
+    .unwrap();
+    let main = exec_sync(&mut client, &id, &["busybox", "grep", "-E", "^(NoNewPrivs|CapEff)", "/proc/1/status"], 10)
         .await
         .unwrap();
-    let main = exec_sync(&mut client, &id, &["busybox", "grep", "-E", "^(NoNewPrivs|CapEff)", "/proc/1/status"], 10).await.unwrap();
     assert_eq!(text(&who.stdout), format!("33\n/tmp\nhello from the container\n{}", text(&main.stdout)), "{who:?}");
     assert!(text(&main.stdout).contains("NoNewPrivs:\t1"), "{main:?}");
 
@@ -133,14 +165,16 @@ async fn exec_sync_runs_in_the_container() {
     let root = exec_sync(&mut client, &id, &["ls", "/bin/busybox", "/etc/passwd"], 10).await.unwrap();
     assert_eq!(root.exit_code, 0, "{root:?}");
     let cgroup = exec_sync(&mut client, &id, &["busybox", "cat", "/proc/self/cgroup"], 10).await.unwrap();
-    let systemd_line = text(&cgroup.stdout).lines().find(|l| l.contains(":name=systemd:")).unwrap_or_default().to_string();
+    let systemd_line =
+        text(&cgroup.stdout).lines().find(|l| l.contains(":name=systemd:")).unwrap_or_default().to_string();
     assert!(systemd_line.ends_with(&format!("/{unit}")), "{}", text(&cgroup.stdout));
     let unit_cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();
     // While it runs, the exec'd process is one of the unit's processes in every hierarchy
     // systemd manages for it (name=systemd and the unified one on this hybrid node).
     let mut waiting = client.clone();
     let waiting_id = id.clone();
-    let background = tokio::spawn(async move { exec_sync(&mut waiting, &waiting_id, &["busybox", "sleep", "3"], 10).await });
+    let background =
+        tokio::spawn(async move { exec_sync(&mut waiting, &waiting_id, &["busybox", "sleep", "3"], 10).await });
     let found = e2e::eventually(Duration::from_secs(10), "the exec'd sleep in the unit's cgroup", || {
         let script = format!(
             "for p in $(cat /sys/fs/cgroup/systemd{unit_cgroup}/cgroup.procs); do tr '\\0' ' ' < /proc/$p/cmdline; echo; done"
@@ -164,10 +198,16 @@ async fn exec_sync_runs_in_the_container() {
     assert!(!text(&left.stdout).contains("sleep 100\n"), "{}", text(&left.stdout));
 
     // Output beyond 16 MiB per stream is read and dropped; the command goes on to the end.
-    let mut big = CriClient { runtime: client.runtime.clone().max_decoding_message_size(64 << 20), image: client.image.clone() };
-    let flood = exec_sync(&mut big, &id, &["sh", "-c", "busybox head -c 20000000 /dev/zero; busybox head -c 17000000 /dev/zero >&2; echo done >&2"], 60)
-        .await
-        .unwrap();
+    let mut big =
+        CriClient { runtime: client.runtime.clone().max_decoding_message_size(64 << 20), image: client.image.clone() };
+    let flood = exec_sync(
+        &mut big,
+        &id,
+        &["sh", "-c", "busybox head -c 20000000 /dev/zero; busybox head -c 17000000 /dev/zero >&2; echo done >&2"],
+        60,
+    )
+    .await
+    .unwrap();
     assert_eq!((flood.stdout.len(), flood.stderr.len(), flood.exit_code), (16 << 20, 16 << 20, 0));
 
     // Many at once, each with its own output.
@@ -175,7 +215,10 @@ async fn exec_sync_runs_in_the_container() {
         let mut client = client.clone();
         let id = id.clone();
         tokio::spawn(async move {
-            let out = exec_sync(&mut client, &id, &["sh", "-c", &format!("echo {i}; busybox sleep 0.2; echo {i} >&2")], 30).await.unwrap();
+            let out =
+                exec_sync(&mut client, &id, &["sh", "-c", &format!("echo {i}; busybox sleep 0.2; echo {i} >&2")], 30)
+                    .await
+                    .unwrap();
             assert_eq!((text(&out.stdout), text(&out.stderr)), (format!("{i}\n"), format!("{i}\n")));
         })
     });
@@ -259,9 +302,12 @@ async fn websocket(
 /// Reads channel-prefixed messages until the server closes: bytes by channel.
 async fn ws_collect(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> HashMap<u8, Vec<u8>> {
     let mut channels: HashMap<u8, Vec<u8>> = HashMap::new();
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("websocket answers") {
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("websocket answers")
+    {
         match message {
-            Ok(Message::Binary(bytes)) if !bytes.is_empty() => channels.entry(bytes[0]).or_default().extend_from_slice(&bytes[1..]),
+            Ok(Message::Binary(bytes)) if !bytes.is_empty() => {
+                channels.entry(bytes[0]).or_default().extend_from_slice(&bytes[1..])
+            }
             Ok(Message::Close(_)) | Err(_) => break,
             _ => {}
         }
@@ -296,7 +342,11 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
     assert_eq!(protocol, "v4.channel.k8s.io");
     assert_eq!((text(&got.stdout).as_str(), text(&got.stderr).as_str()), ("out\n", "err\n"));
     let failed = status(&got.error);
-    assert_eq!((failed["status"].as_str(), failed["reason"].as_str()), (Some("Failure"), Some("NonZeroExitCode")), "{failed}");
+    assert_eq!(
+        (failed["status"].as_str(), failed["reason"].as_str()),
+        (Some("Failure"), Some("NonZeroExitCode")),
+        "{failed}"
+    );
     assert_eq!(failed["details"]["causes"][0], serde_json::json!({"reason": "ExitCode", "message": "3"}));
 
     // SPDY: stdin round trip (FIN on stdin is the command's end of file), success status.
@@ -341,7 +391,8 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
     let url = exec_url(&mut client, &id, &["sh", "-c", "exit 2"], false, false).await;
     let n = node.clone();
     let got = blocking(move || {
-        let (protocol, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v3.channel.k8s.io"]).expect("upgrade");
+        let (protocol, mut writer, mut reader) =
+            streaming::spdy_connect(&n, &url, &["v3.channel.k8s.io"]).expect("upgrade");
         assert_eq!(protocol, "v3.channel.k8s.io");
         let error = writer.open(&[("streamType", "error")]).unwrap();
         let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
@@ -349,7 +400,12 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
         streaming::collect(&mut reader, error, Some(stdout), Some(stderr))
     })
     .await;
-    assert!(text(&got.error).starts_with("command terminated with non-zero exit code") && text(&got.error).ends_with("exit code 2"), "{}", text(&got.error));
+    assert!(
+        text(&got.error).starts_with("command terminated with non-zero exit code")
+            && text(&got.error).ends_with("exit code 2"),
+        "{}",
+        text(&got.error)
+    );
 
     // WebSocket v5: stdin closed with the close signal, output and status by channel.
     let url = exec_url(&mut client, &id, &["sh", "-c", "busybox cat; echo done >&2"], false, true).await;
@@ -409,7 +465,8 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
         let url = exec_url(&mut probe, &id, &["sh", "-c", &format!("busybox sleep 0.5; echo {i}")], false, false).await;
         let n = node.clone();
         sessions.push(tokio::task::spawn_blocking(move || {
-            let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+            let (_, mut writer, mut reader) =
+                streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
             let error = writer.open(&[("streamType", "error")]).unwrap();
             let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
             let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
@@ -423,9 +480,23 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
 
     // Attach: the container's output as it goes to the journal.
     let pod = run_pod(&mut client, "attach").await;
-    let talker = create(&mut client, &pod, container_config("talker", &image, &["sh", "-c", "busybox sleep 2; for i in 1 2 3; do echo line $i; echo oops $i >&2; busybox sleep 0.3; done"])).await;
+    let talker = create(
+        &mut client,
+        &pod,
+        container_config(
+            "talker",
+            &image,
+            &[
+                "sh",
+                "-c",
+                "busybox sleep 2; for i in 1 2 3; do echo line $i; echo oops $i >&2; busybox sleep 0.3; done",
+            ],
+        ),
+    )
+    .await;
     start(&mut client, &talker).await;
-    let request = cri::AttachRequest { container_id: talker.clone(), stdin: false, tty: false, stdout: true, stderr: true };
+    let request =
+        cri::AttachRequest { container_id: talker.clone(), stdin: false, tty: false, stdout: true, stderr: true };
     let url = client.runtime.attach(request).await.expect("Attach").into_inner().url;
     let n = node.clone();
     let got = blocking(move || {
@@ -439,7 +510,8 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
     assert_eq!(text(&got.stdout), "line 1\nline 2\nline 3\n");
     assert_eq!(text(&got.stderr), "oops 1\noops 2\noops 3\n");
     assert_eq!(status(&got.error)["status"], "Success");
-    let stdin_attach = cri::AttachRequest { container_id: id.clone(), stdin: true, tty: false, stdout: true, stderr: false };
+    let stdin_attach =
+        cri::AttachRequest { container_id: id.clone(), stdin: true, tty: false, stdout: true, stderr: false };
     assert_eq!(client.runtime.attach(stdin_attach).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 }
 
@@ -449,7 +521,12 @@ async fn port_forward_and_tokens() {
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = pull_busybox(&node, &mut client).await;
     let pod = run_pod(&mut client, "portfwd").await;
-    let echo = create(&mut client, &pod, container_config("echo", &image, &["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/busybox", "cat"])).await;
+    let echo = create(
+        &mut client,
+        &pod,
+        container_config("echo", &image, &["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/busybox", "cat"]),
+    )
+    .await;
     start(&mut client, &echo).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let node = std::sync::Arc::new(node);
@@ -461,7 +538,8 @@ async fn port_forward_and_tokens() {
     let url = client.runtime.port_forward(request.clone()).await.expect("PortForward").into_inner().url;
     let (n, sent) = (node.clone(), payload.clone());
     let echoed = blocking(move || {
-        let (protocol, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["portforward.k8s.io"]).expect("upgrade");
+        let (protocol, mut writer, mut reader) =
+            streaming::spdy_connect(&n, &url, &["portforward.k8s.io"]).expect("upgrade");
         assert_eq!(protocol, "portforward.k8s.io");
         let error = writer.open(&[("streamType", "error"), ("port", "8080"), ("requestID", "0")]).unwrap();
         let data = writer.open(&[("streamType", "data"), ("port", "8080"), ("requestID", "0")]).unwrap();
@@ -481,7 +559,13 @@ async fn port_forward_and_tokens() {
     assert!(echoed.len() == payload.len() && echoed == *payload, "echoed {} of {} bytes", echoed.len(), payload.len());
 
     // SPDY: a port nobody listens on gives a message on the error stream.
-    let url = client.runtime.port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![] }).await.unwrap().into_inner().url;
+    let url = client
+        .runtime
+        .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
     let n = node.clone();
     let got = blocking(move || {
         let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["portforward.k8s.io"]).expect("upgrade");
@@ -525,7 +609,8 @@ async fn port_forward_and_tokens() {
 
     // Tokens: unknown, used, expired, and of another kind are all refused.
     let bad = |upgrade: streaming::Upgrade| (upgrade.status, upgrade.body);
-    let spdy_headers = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "portforward.k8s.io")];
+    let spdy_headers =
+        [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "portforward.k8s.io")];
     let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
     let (host, path) = streaming::split_url(&url);
     let forged = format!("http://{host}/portforward/{}", "0".repeat(32));
@@ -538,23 +623,65 @@ async fn port_forward_and_tokens() {
     let as_exec = format!("http://{host}{}", path.replace("/portforward/", "/exec/"));
     let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
     let (_, fresh) = streaming::split_url(&url);
-    assert_eq!(bad(streaming::upgrade_request(&node, &format!("http://{host}{}", fresh.replace("/portforward/", "/exec/")), &spdy_headers).unwrap()).0, 404);
-    assert_eq!(bad(streaming::upgrade_request(&node, &url, &spdy_headers).unwrap()).0, 404, "the exec attempt spent it");
+    assert_eq!(
+        bad(streaming::upgrade_request(
+            &node,
+            &format!("http://{host}{}", fresh.replace("/portforward/", "/exec/")),
+            &spdy_headers
+        )
+        .unwrap())
+        .0,
+        404
+    );
+    assert_eq!(
+        bad(streaming::upgrade_request(&node, &url, &spdy_headers).unwrap()).0,
+        404,
+        "the exec attempt spent it"
+    );
     let _ = as_exec;
     let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(bad(streaming::upgrade_request(&node, &url, &spdy_headers).unwrap()).0, 404, "expired");
     // No protocol in common: 403 with the server's list.
     let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
-    let refused = streaming::upgrade_request(&node, &url, &[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "v9.nope")]).unwrap();
+    let refused = streaming::upgrade_request(
+        &node,
+        &url,
+        &[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "v9.nope")],
+    )
+    .unwrap();
     assert_eq!(refused.status, 403);
     assert_eq!(refused.header("X-Accepted-Stream-Protocol-Versions"), Some("portforward.k8s.io"));
 
     // Bad requests at the CRI.
     let code = |r: Result<tonic::Response<cri::PortForwardResponse>, tonic::Status>| r.unwrap_err().code();
-    assert_eq!(code(client.runtime.port_forward(cri::PortForwardRequest { pod_sandbox_id: "nope".into(), port: vec![80] }).await), tonic::Code::NotFound);
-    assert_eq!(code(client.runtime.port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![70000] }).await), tonic::Code::InvalidArgument);
-    let exec = |cmd: Vec<String>, stdout: bool| cri::ExecRequest { container_id: echo.clone(), cmd, stdout, ..Default::default() };
+    assert_eq!(
+        code(
+            client
+                .runtime
+                .port_forward(cri::PortForwardRequest { pod_sandbox_id: "nope".into(), port: vec![80] })
+                .await
+        ),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(
+            client
+                .runtime
+                .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![70000] })
+                .await
+        ),
+        tonic::Code::InvalidArgument
+    );
+    let exec = |cmd: Vec<String>, stdout: bool| cri::ExecRequest {
+        container_id: echo.clone(),
+        cmd,
+        stdout,
+        ..Default::default()
+    };
     assert_eq!(client.runtime.exec(exec(vec![], true)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    assert_eq!(client.runtime.exec(exec(vec!["true".into()], false)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        client.runtime.exec(exec(vec!["true".into()], false)).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
 }

@@ -144,7 +144,11 @@ async fn start_up_errors_say_what_is_wrong() {
     node.write_file("/etc/cri-systemd/ro.toml", "socket = \"/run/ro.sock\"\nstate_root = \"/srv/ro/state\"\n");
     let run = node.exec(&["cri-systemd", "--config", "/etc/cri-systemd/ro.toml"]);
     assert!(!run.success());
-    assert!(run.stderr.contains("cannot create state root /srv/ro/state") && run.stderr.contains("state_root"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot create state root /srv/ro/state") && run.stderr.contains("state_root"),
+        "{}",
+        run.stderr
+    );
     node.sh("mount -o remount,rw /srv/ro && mkdir /srv/ro/state && mount -o remount,ro /srv/ro");
     let run = node.exec(&["cri-systemd", "--config", "/etc/cri-systemd/ro.toml"]);
     assert!(!run.success());
@@ -155,7 +159,9 @@ async fn start_up_errors_say_what_is_wrong() {
         "/etc/cri-systemd/other.toml",
         "socket = \"/run/cri-systemd/other.sock\"\nstate_root = \"/srv/new/state\"\nrun_root = \"/run/other\"\n",
     );
-    node.sh("systemd-run --unit=other-cri -p Type=notify /usr/local/bin/cri-systemd --config /etc/cri-systemd/other.toml");
+    node.sh(
+        "systemd-run --unit=other-cri -p Type=notify /usr/local/bin/cri-systemd --config /etc/cri-systemd/other.toml",
+    );
     node.sh("test -d /srv/new/state && test -S /run/cri-systemd/other.sock");
     let other_socket = node.socket().with_file_name("other.sock");
     let mut other = e2e::CriClient::connect(&other_socket).await.unwrap();

@@ -98,7 +98,12 @@ fn assert_layers_match_source(node: &Node, image: &Image) {
     for (i, (layer, chain_id)) in image.layers.iter().zip(image.chain_ids()).enumerate() {
         let dir = layer_diff(node, &chain_id);
         assert!(dir.is_dir(), "layer {i} ({}) is not unpacked at {}", layer.blob.digest, dir.display());
-        assert_eq!(stored_listing(&dir), listing_of_tar(&layer.tar), "layer {i} ({}) differs from its source", layer.blob.digest);
+        assert_eq!(
+            stored_listing(&dir),
+            listing_of_tar(&layer.tar),
+            "layer {i} ({}) differs from its source",
+            layer.blob.digest
+        );
     }
 }
 
@@ -108,7 +113,10 @@ fn mount_layers(node: &Node, tag: &str, chain_ids: &[String]) -> (String, PathBu
     let dir = format!("/tmp/e2e-ovl-{tag}");
     let mut script = format!("set -e; mkdir -p {dir}/l {dir}/merged {dir}/empty; cd {dir}\n");
     for (i, chain_id) in chain_ids.iter().enumerate() {
-        script.push_str(&format!("ln -s {STORE}/layers/sha256/{}/diff l/{i}\n", chain_id.strip_prefix("sha256:").unwrap()));
+        script.push_str(&format!(
+            "ln -s {STORE}/layers/sha256/{}/diff l/{i}\n",
+            chain_id.strip_prefix("sha256:").unwrap()
+        ));
     }
     // Short relative lowerdirs (top first) keep 128 layers well inside a page of options.
     let mut lowers: Vec<String> = (0..chain_ids.len()).rev().map(|i| format!("l/{i}")).collect();
@@ -181,7 +189,12 @@ async fn pull_status_list_remove_and_fs_info() {
     let busybox = oci::busybox_image("");
     let tag = registry.push_image("e2e/busybox", "1", &busybox);
     let copy = registry.push_image("e2e/copy", "latest", &busybox);
-    let users = [("1002", Some(1002), ""), ("www-data", None, "www-data"), ("1003:1004", Some(1003), ""), ("www-data:1004", None, "www-data")];
+    let users = [
+        ("1002", Some(1002), ""),
+        ("www-data", None, "www-data"),
+        ("1003:1004", Some(1003), ""),
+        ("www-data:1004", None, "www-data"),
+    ];
     let user_images: Vec<(String, Image)> = users
         .iter()
         .enumerate()
@@ -250,8 +263,14 @@ async fn pull_status_list_remove_and_fs_info() {
     // The store grew by at least the unpacked busybox and its blob.
     let fs_after = fs_info(&mut client).await;
     let busybox_len = oci::busybox_binary().len() as u64;
-    assert!(fs_after.used_bytes.unwrap().value >= fs_before.used_bytes.unwrap().value + busybox_len, "{fs_before:?} -> {fs_after:?}");
-    assert!(fs_after.inodes_used.unwrap().value > fs_before.inodes_used.unwrap().value + 10, "{fs_before:?} -> {fs_after:?}");
+    assert!(
+        fs_after.used_bytes.unwrap().value >= fs_before.used_bytes.unwrap().value + busybox_len,
+        "{fs_before:?} -> {fs_after:?}"
+    );
+    assert!(
+        fs_after.inodes_used.unwrap().value > fs_before.inodes_used.unwrap().value + 10,
+        "{fs_before:?} -> {fs_after:?}"
+    );
     assert!(fs_after.timestamp > 0);
 
     // Removing by one tag removes the image with all its names.
@@ -290,7 +309,10 @@ async fn pull_status_list_remove_and_fs_info() {
     assert!(list(&mut client, None).await.is_empty());
     assert_eq!((blobs(&node), layer_dirs(&node)), Default::default());
     let fs_empty = fs_info(&mut client).await;
-    assert!(fs_empty.used_bytes.unwrap().value + busybox_len <= fs_after.used_bytes.unwrap().value, "{fs_after:?} -> {fs_empty:?}");
+    assert!(
+        fs_empty.used_bytes.unwrap().value + busybox_len <= fs_after.used_bytes.unwrap().value,
+        "{fs_after:?} -> {fs_empty:?}"
+    );
     assert_store_sound(&node);
 }
 
@@ -314,7 +336,10 @@ async fn unpacked_layers_match_their_source_byte_for_byte() {
     assert_layers_match_source(&node, &layered);
     // Blobs are kept: the config, the manifest and each compressed layer.
     let stored = blobs(&node);
-    for digest in [layered.id(), &layered.manifest.digest].into_iter().chain(layered.layers.iter().map(|l| l.blob.digest.as_str())) {
+    for digest in [layered.id(), &layered.manifest.digest]
+        .into_iter()
+        .chain(layered.layers.iter().map(|l| l.blob.digest.as_str()))
+    {
         assert!(stored.contains(digest), "blob {digest} not in the store: {stored:?}");
     }
 
@@ -322,7 +347,11 @@ async fn unpacked_layers_match_their_source_byte_for_byte() {
     let (merged, host) = mount_layers(&node, "layered", &layered.chain_ids());
     let sources: Vec<_> = layered.layers.iter().map(|l| listing_of_tar(&l.tar)).collect();
     let expected = oci::merged_listing(&sources);
-    assert!(!expected.contains_key("etc/remove-me") && !expected.contains_key("var/cache/old/a") && !expected.contains_key("opt/keep"));
+    assert!(
+        !expected.contains_key("etc/remove-me")
+            && !expected.contains_key("var/cache/old/a")
+            && !expected.contains_key("opt/keep")
+    );
     assert_eq!(stored_listing(&host), expected, "the stacked layers differ from the source");
     assert_eq!(node.sh(&format!("cat {merged}/etc/passwd | wc -l")).trim(), "2");
     assert_eq!(node.sh(&format!("{merged}/bin/busybox echo runs")).trim(), "runs");
@@ -337,7 +366,10 @@ async fn unpacked_layers_match_their_source_byte_for_byte() {
     assert_eq!(image.repo_digests, vec![format!("{}@{}", registry.repo("e2e/multiarch"), index.manifest.digest)]);
     assert_layers_match_source(&node, native);
     let native_chain = &native.chain_ids()[0];
-    assert_eq!(std::fs::read_to_string(layer_diff(&node, native_chain).join("platform")).unwrap(), format!("{host_arch}\n"));
+    assert_eq!(
+        std::fs::read_to_string(layer_diff(&node, native_chain).join("platform")).unwrap(),
+        format!("{host_arch}\n")
+    );
     for other in index.images.iter().filter(|i| i.architecture != host_arch) {
         for digest in [other.id(), &other.layers[0].blob.digest, &other.manifest.digest] {
             let fetched = registry.access_lines(digest);
@@ -407,15 +439,21 @@ async fn run_container(client: &mut CriClient, name: &str, image: &str, command:
         command: command.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    let request = cri::CreateContainerRequest { pod_sandbox_id: pod, config: Some(config), sandbox_config: Some(pod_config) };
+    let request =
+        cri::CreateContainerRequest { pod_sandbox_id: pod, config: Some(config), sandbox_config: Some(pod_config) };
     let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
-    client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    client
+        .runtime
+        .start_container(cri::StartContainerRequest { container_id: id.clone() })
+        .await
+        .expect("StartContainer");
     eventually(Duration::from_secs(30), "the container to exit", || {
         let mut client = client.clone();
         let id = id.clone();
         async move {
             let request = cri::ContainerStatusRequest { container_id: id, verbose: false };
-            let status = client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.unwrap();
+            let status =
+                client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.unwrap();
             (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
         }
     })
@@ -439,7 +477,8 @@ async fn credentials_mirrors_and_unreachable_registries() {
         ],
     );
     let (user, password) = ("e2e-user", "e2e-Passw0rd");
-    let private = Registry::start(&node, "auth", 5001, RegistryOptions { basic_auth: Some((user.into(), password.into())) });
+    let private =
+        Registry::start(&node, "auth", 5001, RegistryOptions { basic_auth: Some((user.into(), password.into())) });
     let mirror = Registry::start(&node, "mirror", 5002, RegistryOptions::default());
     let origin = Registry::start(&node, "origin", 5000, RegistryOptions::default());
     let secret = oci::busybox_image("1002");
@@ -450,16 +489,31 @@ async fn credentials_mirrors_and_unreachable_registries() {
     let anonymous = e2e::registry::http(&node, &private.host(), "GET", "/v2/", &[], b"").unwrap();
     assert_eq!(anonymous.status, 401);
 
-    let basic = |user: &str, password: &str| cri::AuthConfig { username: user.into(), password: password.into(), ..Default::default() };
-    assert_error(pull(&mut client, &reference, None).await, &[Code::Unauthenticated, Code::PermissionDenied], &["127.0.0.1:5001"]);
+    let basic = |user: &str, password: &str| cri::AuthConfig {
+        username: user.into(),
+        password: password.into(),
+        ..Default::default()
+    };
+    assert_error(
+        pull(&mut client, &reference, None).await,
+        &[Code::Unauthenticated, Code::PermissionDenied],
+        &["127.0.0.1:5001"],
+    );
     assert_error(
         pull(&mut client, &reference, Some(basic(user, "wrong"))).await,
         &[Code::Unauthenticated, Code::PermissionDenied],
         &["127.0.0.1:5001"],
     );
-    assert_error(pull(&mut client, &reference, Some(basic("nobody", password))).await, &[Code::Unauthenticated, Code::PermissionDenied], &[]);
+    assert_error(
+        pull(&mut client, &reference, Some(basic("nobody", password))).await,
+        &[Code::Unauthenticated, Code::PermissionDenied],
+        &[],
+    );
     assert!(list(&mut client, None).await.is_empty());
-    assert_eq!(pull(&mut client, &reference, Some(basic(user, password))).await.expect("pull with credentials"), secret.id());
+    assert_eq!(
+        pull(&mut client, &reference, Some(basic(user, password))).await.expect("pull with credentials"),
+        secret.id()
+    );
     remove(&mut client, &reference).await.unwrap();
     use base64::Engine as _;
     let docker_auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
@@ -476,7 +530,10 @@ async fn credentials_mirrors_and_unreachable_registries() {
     assert_eq!(image.repo_digests, vec![format!("127.0.0.1:5003/e2e/mirrored@{}", mirrored.manifest.digest)]);
     let asked = mirror.access_lines("/v2/e2e/mirrored/manifests/1");
     assert!(!asked.is_empty(), "the mirror was not asked:\n{}", mirror.logs());
-    assert!(asked.iter().all(|l| l.contains("ns=127.0.0.1:5003") || l.contains("ns=127.0.0.1%3A5003")), "no ns= parameter: {asked:?}");
+    assert!(
+        asked.iter().all(|l| l.contains("ns=127.0.0.1:5003") || l.contains("ns=127.0.0.1%3A5003")),
+        "no ns= parameter: {asked:?}"
+    );
 
     // The mirror is preferred; what it lacks comes from the registry itself.
     let (on_mirror, on_origin) = (oci::busybox_image("1003:1004"), oci::busybox_image("www-data:1004"));
@@ -497,7 +554,11 @@ async fn credentials_mirrors_and_unreachable_registries() {
     // A registry that goes away.
     origin.stop();
     mirror.stop();
-    assert_error(pull(&mut client, &origin.repo("e2e/origin-only:2"), None).await, &[Code::Unavailable], &["127.0.0.1:5000"]);
+    assert_error(
+        pull(&mut client, &origin.repo("e2e/origin-only:2"), None).await,
+        &[Code::Unavailable],
+        &["127.0.0.1:5000"],
+    );
     assert_eq!((list_ids(&mut client).await, blobs(&node), layer_dirs(&node)), before);
     assert_store_sound(&node);
 }
@@ -508,39 +569,87 @@ async fn credentials_mirrors_and_unreachable_registries() {
 #[tokio::test]
 async fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     const LIMIT: u64 = 16 << 20;
-    let node = node_with("img-hostile", &format!("max_layer_bytes = {LIMIT}"), &[plain_registry("127.0.0.1:5000", &[])]);
+    let node =
+        node_with("img-hostile", &format!("max_layer_bytes = {LIMIT}"), &[plain_registry("127.0.0.1:5000", &[])]);
     let registry = Registry::start(&node, "main", 5000, RegistryOptions::default());
     let passwd_before = node.sh("stat -c '%h %s %Y' /etc/passwd; sha256sum /etc/passwd");
 
     type Build = fn(&mut LayerBuilder);
     let cases: Vec<(&str, Build, &str, Code)> = vec![
-        ("dotdot", |l| {
-            l.file("../../../../../../../../../../../../tmp/e2e-escape-dotdot", 0o644, b"x");
-        }, "../../../../../../../../../../../../tmp/e2e-escape-dotdot", Code::FailedPrecondition),
-        ("dotdot-inner", |l| {
-            l.dir("a", 0o755).file("a/../../e2e-escape-dotdot-inner", 0o644, b"x");
-        }, "a/../../e2e-escape-dotdot-inner", Code::FailedPrecondition),
-        ("symlink-abs", |l| {
-            l.symlink("evil", "/tmp").file("evil/e2e-escape-symlink", 0o644, b"x");
-        }, "evil/e2e-escape-symlink", Code::FailedPrecondition),
-        ("symlink-rel", |l| {
-            l.symlink("evil", "../../../../../../../../tmp").file("evil/e2e-escape-symlink-rel", 0o644, b"x");
-        }, "evil/e2e-escape-symlink-rel", Code::FailedPrecondition),
-        ("symlink-deep", |l| {
-            l.dir("d", 0o755).symlink("d/up", "../../../../../../../../etc").dir("d/up/e2e-escape-symlink-dir", 0o755);
-        }, "d/up/e2e-escape-symlink-dir", Code::FailedPrecondition),
-        ("hardlink-dotdot", |l| {
-            l.hardlink("e2e-escape-hardlink", "../../../../../../../../etc/passwd");
-        }, "e2e-escape-hardlink", Code::FailedPrecondition),
-        ("hardlink-abs", |l| {
-            l.hardlink("e2e-escape-hardlink-abs", "/etc/passwd");
-        }, "e2e-escape-hardlink-abs", Code::FailedPrecondition),
-        ("hardlink-via-symlink", |l| {
-            l.symlink("etc-link", "/etc").hardlink("e2e-escape-hardlink-sym", "etc-link/passwd");
-        }, "e2e-escape-hardlink-sym", Code::FailedPrecondition),
-        ("bomb", |l| {
-            l.file("e2e-bomb", 0o644, &vec![0; (LIMIT + (4 << 20)) as usize]);
-        }, "e2e-bomb", Code::ResourceExhausted),
+        (
+            "dotdot",
+            |l| {
+                l.file("../../../../../../../../../../../../tmp/e2e-escape-dotdot", 0o644, b"x");
+            },
+            "../../../../../../../../../../../../tmp/e2e-escape-dotdot",
+            Code::FailedPrecondition,
+        ),
+        (
+            "dotdot-inner",
+            |l| {
+                l.dir("a", 0o755).file("a/../../e2e-escape-dotdot-inner", 0o644, b"x");
+            },
+            "a/../../e2e-escape-dotdot-inner",
+            Code::FailedPrecondition,
+        ),
+        (
+            "symlink-abs",
+            |l| {
+                l.symlink("evil", "/tmp").file("evil/e2e-escape-symlink", 0o644, b"x");
+            },
+            "evil/e2e-escape-symlink",
+            Code::FailedPrecondition,
+        ),
+        (
+            "symlink-rel",
+            |l| {
+                l.symlink("evil", "../../../../../../../../tmp").file("evil/e2e-escape-symlink-rel", 0o644, b"x");
+            },
+            "evil/e2e-escape-symlink-rel",
+            Code::FailedPrecondition,
+        ),
+        (
+            "symlink-deep",
+            |l| {
+                l.dir("d", 0o755)
+                    .symlink("d/up", "../../../../../../../../etc")
+                    .dir("d/up/e2e-escape-symlink-dir", 0o755);
+            },
+            "d/up/e2e-escape-symlink-dir",
+            Code::FailedPrecondition,
+        ),
+        (
+            "hardlink-dotdot",
+            |l| {
+                l.hardlink("e2e-escape-hardlink", "../../../../../../../../etc/passwd");
+            },
+            "e2e-escape-hardlink",
+            Code::FailedPrecondition,
+        ),
+        (
+            "hardlink-abs",
+            |l| {
+                l.hardlink("e2e-escape-hardlink-abs", "/etc/passwd");
+            },
+            "e2e-escape-hardlink-abs",
+            Code::FailedPrecondition,
+        ),
+        (
+            "hardlink-via-symlink",
+            |l| {
+                l.symlink("etc-link", "/etc").hardlink("e2e-escape-hardlink-sym", "etc-link/passwd");
+            },
+            "e2e-escape-hardlink-sym",
+            Code::FailedPrecondition,
+        ),
+        (
+            "bomb",
+            |l| {
+                l.file("e2e-bomb", 0o644, &vec![0; (LIMIT + (4 << 20)) as usize]);
+            },
+            "e2e-bomb",
+            Code::ResourceExhausted,
+        ),
     ];
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     for (name, build, entry, code) in cases {
@@ -580,9 +689,13 @@ async fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     lower.symlink("evil", "/tmp");
     let mut upper = LayerBuilder::new();
     upper.dir("evil", 0o755).file("evil/e2e-escape-crosslayer", 0o644, b"inside\n");
-    let cross = Image::new(vec![lower.build(Compression::Gzip), upper.build(Compression::Gzip)], ConfigOptions::default());
+    let cross =
+        Image::new(vec![lower.build(Compression::Gzip), upper.build(Compression::Gzip)], ConfigOptions::default());
     let reference = registry.push_image("e2e/hostile", "crosslayer", &cross);
-    assert_eq!(pull(&mut client, &reference, None).await.expect("a later layer's directory replaces the symlink"), cross.id());
+    assert_eq!(
+        pull(&mut client, &reference, None).await.expect("a later layer's directory replaces the symlink"),
+        cross.id()
+    );
     assert_layers_match_source(&node, &cross);
 
     // Corrupt: the registry serves other bytes than the digest says (same size).
@@ -593,7 +706,11 @@ async fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     let mut bytes = tampered.layers[0].blob.data.clone();
     bytes[1024] ^= 0xff; // inside the file's content: still a valid tar
     registry.tamper_blob(&tampered.layers[0].blob.digest, &bytes);
-    let status = assert_error(pull(&mut client, &reference, None).await, &[Code::FailedPrecondition], &[&tampered.layers[0].blob.digest]);
+    let status = assert_error(
+        pull(&mut client, &reference, None).await,
+        &[Code::FailedPrecondition],
+        &[&tampered.layers[0].blob.digest],
+    );
     assert!(status.message().contains("digest"), "{}", status.message());
     assert!(!layer_dirs(&node).contains(&tampered.chain_ids()[0]));
     assert!(!blobs(&node).contains(&tampered.layers[0].blob.digest));
@@ -604,7 +721,11 @@ async fn hostile_and_corrupt_layers_are_refused_and_leave_nothing() {
     let wrong = ConfigOptions { diff_ids: Some(vec![oci::sha256(b"another tar")]), ..Default::default() };
     let mismatched = Image::new(vec![builder.build(Compression::Gzip)], wrong);
     let reference = registry.push_image("e2e/corrupt", "diffid", &mismatched);
-    let status = assert_error(pull(&mut client, &reference, None).await, &[Code::FailedPrecondition], &[&mismatched.layers[0].blob.digest]);
+    let status = assert_error(
+        pull(&mut client, &reference, None).await,
+        &[Code::FailedPrecondition],
+        &[&mismatched.layers[0].blob.digest],
+    );
     assert!(status.message().contains("diff_id"), "{}", status.message());
     assert!(!layer_dirs(&node).contains(&mismatched.chain_ids()[0]));
     assert_eq!(list_ids(&mut client).await, BTreeSet::from([absolute.id().to_owned(), cross.id().to_owned()]));
@@ -663,7 +784,10 @@ async fn interrupted_pulls_leave_nothing_behind() {
     })
     .await;
     assert_eq!(status_of(&mut client, &reference).await, None);
-    assert!(!layer_dirs(&node).is_superset(&big.chain_ids().into_iter().collect()), "the whole image arrived within the deadline");
+    assert!(
+        !layer_dirs(&node).is_superset(&big.chain_ids().into_iter().collect()),
+        "the whole image arrived within the deadline"
+    );
     assert_store_sound(&node);
     let kept_after_deadline = layer_dirs(&node);
 
@@ -735,7 +859,13 @@ async fn concurrent_pulls_download_each_blob_once() {
     let manifests = registry.access_lines("\"GET /v2/e2e/shared/manifests/1");
     assert_eq!(manifests.len(), 2, "{manifests:?}");
     for blob in image.layers.iter().map(|l| &l.blob).chain([&image.config]) {
-        assert_eq!(registry.blob_downloads("e2e/shared", &blob.digest), 1, "downloads of {}:\n{}", blob.digest, registry.logs());
+        assert_eq!(
+            registry.blob_downloads("e2e/shared", &blob.digest),
+            1,
+            "downloads of {}:\n{}",
+            blob.digest,
+            registry.logs()
+        );
     }
     assert_eq!(list(&mut a, None).await.len(), 1);
     assert_store_sound(&node);

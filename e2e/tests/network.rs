@@ -28,7 +28,8 @@ const NODE_IP: &str = "192.168.123.1";
 /// more daemon config.
 fn node(label: &str, extra: &str) -> Node {
     let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n")).unwrap();
+    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
+        .unwrap();
     let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
     let _ = std::fs::remove_file(config);
     node
@@ -55,7 +56,10 @@ async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     let registry = Registry::start(node, "network", REGISTRY_PORT, RegistryOptions::default());
     registry.push_image("busybox", "1", &busybox_image(""));
     let image = registry.repo("busybox:1");
-    let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
     client.image.pull_image(request).await.expect("PullImage");
     image
 }
@@ -94,20 +98,36 @@ async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Resul
 }
 
 async fn remove_pod(client: &mut CriClient, id: &str) {
-    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.into() }).await.expect("StopPodSandbox");
-    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() }).await.expect("RemovePodSandbox");
+    client
+        .runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.into() })
+        .await
+        .expect("StopPodSandbox");
+    client
+        .runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
+        .await
+        .expect("RemovePodSandbox");
 }
 
 /// The pod IP and the additional IPs of PodSandboxStatus.
 async fn pod_ips(client: &mut CriClient, id: &str) -> (String, Vec<String>) {
     let request = cri::PodSandboxStatusRequest { pod_sandbox_id: id.into(), verbose: false };
-    let status = client.runtime.pod_sandbox_status(request).await.expect("PodSandboxStatus").into_inner().status.unwrap();
+    let status =
+        client.runtime.pod_sandbox_status(request).await.expect("PodSandboxStatus").into_inner().status.unwrap();
     let network = status.network.unwrap_or_default();
     (network.ip, network.additional_ips.into_iter().map(|ip| ip.ip).collect())
 }
 
 /// Creates and starts a container running `script` with the node's /srv/out as /out.
-async fn start_container(client: &mut CriClient, pod: &str, pod_name: &str, name: &str, image: &str, script: &str) -> String {
+async fn start_container(
+    client: &mut CriClient,
+    pod: &str,
+    pod_name: &str,
+    name: &str,
+    image: &str,
+    script: &str,
+) -> String {
     let config = cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
         image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
@@ -121,7 +141,11 @@ async fn start_container(client: &mut CriClient, pod: &str, pod_name: &str, name
         sandbox_config: Some(pod_config(pod_name, false)),
     };
     let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
-    client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    client
+        .runtime
+        .start_container(cri::StartContainerRequest { container_id: id.clone() })
+        .await
+        .expect("StartContainer");
     id
 }
 
@@ -154,7 +178,8 @@ fn node_get(node: &Node, url: &str) -> Option<String> {
 fn assert_no_network_leftovers(node: &Node, pod_ids: &[&str]) {
     let links = node.sh("ip -o link");
     assert!(!links.contains("veth"), "veths left:\n{links}");
-    let allocations = node.sh(&format!("ls {IPAM_DIR} 2>/dev/null | grep -v -e '^lock$' -e '^last_reserved_ip' || true"));
+    let allocations =
+        node.sh(&format!("ls {IPAM_DIR} 2>/dev/null | grep -v -e '^lock$' -e '^last_reserved_ip' || true"));
     assert_eq!(allocations.trim(), "", "IPAM allocations left");
     let rules = node.sh("iptables-save");
     for id in pod_ids {
@@ -203,7 +228,9 @@ async fn bridge_network_pods_node_port_mappings_and_host_network() {
         "busybox mkdir -p /www && echo hello-from-the-server-pod > /www/index.html && exec busybox httpd -f -p 80 -h /www").await;
 
     // A server on the node, on the bridge's address (which exists once a pod is attached).
-    node.sh(&format!("systemd-run --quiet --unit=e2e-node-httpd -p Type=exec busybox httpd -f -p {GATEWAY}:8081 -h /srv/www"));
+    node.sh(&format!(
+        "systemd-run --quiet --unit=e2e-node-httpd -p Type=exec busybox httpd -f -p {GATEWAY}:8081 -h /srv/www"
+    ));
 
     // A client pod: to the other pod by IP (HTTP and ping), and to the node.
     let client_pod = run_pod(&mut client, pod_config("client", false)).await.expect("RunPodSandbox");
@@ -225,7 +252,9 @@ async fn bridge_network_pods_node_port_mappings_and_host_network() {
 
     // Port mappings, from the node: its own address and loopback, and the host-IP-bound one only
     // on its address.
-    for url in [format!("http://{NODE_IP}:8080/"), "http://127.0.0.1:8080/".to_string(), format!("http://{NODE_IP}:9443/")] {
+    for url in
+        [format!("http://{NODE_IP}:8080/"), "http://127.0.0.1:8080/".to_string(), format!("http://{NODE_IP}:9443/")]
+    {
         assert_eq!(node_get(&node, &url).as_deref(), Some("hello-from-the-server-pod\n"), "{url}");
     }
     assert_eq!(node_get(&node, "http://127.0.0.1:9443/"), None);
@@ -299,7 +328,8 @@ async fn a_daemon_killed_during_add_rolls_the_pod_back_with_del() {
     assert_eq!(del["name"], "cri-systemd");
     assert_eq!(del["prevResult"]["ips"][0]["address"].as_str().unwrap(), format!("{address}/16"));
     assert!(node.logs().contains("pod network detached"), "{}", node.logs());
-    let listed = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
+    let listed =
+        client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
     assert!(listed.is_empty(), "{listed:?}");
     // Removing it is a no-op now: it is gone already.
     client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
@@ -403,7 +433,10 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
     assert_eq!(additional.len(), 1, "{additional:?}");
     assert!(additional[0].starts_with("fd00:99:7::"), "{additional:?}");
     let hosts = node.sh(&format!("cat /run/cri-systemd/pods/{pod}/hosts"));
-    assert!(hosts.contains(&format!("{ip}\tranged\n")) && hosts.contains(&format!("{}\tranged\n", additional[0])), "{hosts}");
+    assert!(
+        hosts.contains(&format!("{ip}\tranged\n")) && hosts.contains(&format!("{}\tranged\n", additional[0])),
+        "{hosts}"
+    );
 
     // The pod CIDR outlives a daemon restart (the kubelet does not send it again).
     node.sh("systemctl restart cri-systemd");

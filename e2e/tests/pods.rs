@@ -49,7 +49,8 @@ async fn pod_status(client: &mut CriClient, id: &str) -> Result<cri::PodSandboxS
 }
 
 async fn list_pods(client: &mut CriClient, filter: Option<cri::PodSandboxFilter>) -> Vec<String> {
-    let items = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter }).await.unwrap().into_inner().items;
+    let items =
+        client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter }).await.unwrap().into_inner().items;
     items.into_iter().map(|p| p.id).collect()
 }
 
@@ -78,8 +79,16 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     assert_eq!(links.lines().count(), 1, "{links}");
     assert!(links.contains("lo:") && links.contains("UP"), "{links}");
     assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), "web-host");
-    assert_ne!(node.sh(&format!("readlink /proc/self/ns/ipc; nsenter --ipc={pins}/ipc readlink /proc/self/ns/ipc")).lines().collect::<std::collections::HashSet<_>>().len(), 1);
-    let procs = node.sh(&format!("find /sys/fs/cgroup/systemd/kubepods.slice -path '*{slice}*' -name cgroup.procs -exec cat {{}} +"));
+    assert_ne!(
+        node.sh(&format!("readlink /proc/self/ns/ipc; nsenter --ipc={pins}/ipc readlink /proc/self/ns/ipc"))
+            .lines()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        1
+    );
+    let procs = node.sh(&format!(
+        "find /sys/fs/cgroup/systemd/kubepods.slice -path '*{slice}*' -name cgroup.procs -exec cat {{}} +"
+    ));
     assert_eq!(procs.trim(), "", "processes in the pod's slice: {procs}");
 
     // Pod files.
@@ -98,7 +107,8 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     // Listing, with filters.
     let other = run_pod(&mut client, pod_config("db", "9a9a9a9a-2222-4c2d-9e8f-0123456789ab")).await.unwrap();
     assert_eq!(list_pods(&mut client, None).await, vec![id.clone(), other.clone()]);
-    let by_label = cri::PodSandboxFilter { label_selector: HashMap::from([("app".into(), "db".into())]), ..Default::default() };
+    let by_label =
+        cri::PodSandboxFilter { label_selector: HashMap::from([("app".into(), "db".into())]), ..Default::default() };
     assert_eq!(list_pods(&mut client, Some(by_label)).await, vec![other.clone()]);
     let by_prefix = cri::PodSandboxFilter { id: id[..12].into(), ..Default::default() };
     assert_eq!(list_pods(&mut client, Some(by_prefix)).await, vec![id.clone()]);
@@ -119,7 +129,11 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
 
     // Remove: gone everywhere; removing again, or an unknown pod, succeeds.
     for pod in [&id, &id, &"f".repeat(64)] {
-        client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.to_string() }).await.unwrap();
+        client
+            .runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.to_string() })
+            .await
+            .unwrap();
     }
     assert_eq!(pod_status(&mut client, &id).await.unwrap_err().code(), tonic::Code::NotFound);
     node.sh(&format!("test ! -e {files} && test ! -e /var/lib/cri-systemd/pods/{id}"));
@@ -172,5 +186,8 @@ async fn pods_survive_a_daemon_kill_and_bad_requests_change_nothing() {
     let status = pod_status(&mut client, &id).await.unwrap().status.unwrap();
     assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
     client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
-    assert_ne!(node.exec(&["systemctl", "is-active", "kubepods-burstable-pod0000aaaa_3333.slice"]).stdout.trim(), "active");
+    assert_ne!(
+        node.exec(&["systemctl", "is-active", "kubepods-burstable-pod0000aaaa_3333.slice"]).stdout.trim(),
+        "active"
+    );
 }

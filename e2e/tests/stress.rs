@@ -21,7 +21,10 @@ async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     let registry = Registry::start(node, "stress", 5000, RegistryOptions::default());
     registry.push_image("busybox", "1", &busybox_image(""));
     let image = registry.repo("busybox:1");
-    let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
     client.image.pull_image(request).await.expect("PullImage");
     image
 }
@@ -96,7 +99,9 @@ async fn hundred_pods_with_two_containers_from_ten_clients() {
         let image = image.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..10 {
-                pod_with_two_containers(&mut client, &image, &format!("p{worker}-{i}")).await.expect("pod with two containers");
+                pod_with_two_containers(&mut client, &image, &format!("p{worker}-{i}"))
+                    .await
+                    .expect("pod with two containers");
             }
         }));
     }
@@ -109,7 +114,13 @@ async fn hundred_pods_with_two_containers_from_ten_clients() {
         state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 }),
         ..Default::default()
     };
-    let containers = client.runtime.list_containers(cri::ListContainersRequest { filter: Some(running) }).await.unwrap().into_inner().containers;
+    let containers = client
+        .runtime
+        .list_containers(cri::ListContainersRequest { filter: Some(running) })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
     assert_eq!(containers.len(), 200);
 
     // Removed by ten clients too.
@@ -119,7 +130,11 @@ async fn hundred_pods_with_two_containers_from_ten_clients() {
         let ids: Vec<String> = chunk.iter().map(|p| p.id.clone()).collect();
         tasks.push(tokio::spawn(async move {
             for id in ids {
-                client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
+                client
+                    .runtime
+                    .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() })
+                    .await
+                    .unwrap();
                 client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
             }
         }));
@@ -148,7 +163,10 @@ async fn daemon_killed_during_lifecycle_calls_recovers_without_leaks() {
                 for i in 0..5 {
                     match pod_with_two_containers(&mut client, &image, &format!("r{round}-w{worker}-{i}")).await {
                         Ok(pod) if i % 2 == 0 => {
-                            let _ = client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await;
+                            let _ = client
+                                .runtime
+                                .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod })
+                                .await;
                         }
                         Ok(_) => {}
                         Err(_) => return, // the daemon is gone
@@ -176,7 +194,13 @@ async fn daemon_killed_during_lifecycle_calls_recovers_without_leaks() {
             .unwrap();
         assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
         let filter = cri::ContainerFilter { pod_sandbox_id: survivor.clone(), ..Default::default() };
-        let containers = client_after.runtime.list_containers(cri::ListContainersRequest { filter: Some(filter) }).await.unwrap().into_inner().containers;
+        let containers = client_after
+            .runtime
+            .list_containers(cri::ListContainersRequest { filter: Some(filter) })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
         assert_eq!(containers.len(), 2);
         assert!(containers.iter().all(|c| c.state == cri::ContainerState::ContainerRunning as i32), "{containers:?}");
 

@@ -20,7 +20,8 @@ const POOL: std::ops::Range<u64> = 0x0008_0000..0x7000_0000;
 /// appended to its config.
 fn node(label: &str, extra: &str) -> Node {
     let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n")).unwrap();
+    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
+        .unwrap();
     let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
     let _ = std::fs::remove_file(config);
     node
@@ -80,7 +81,10 @@ async fn pull_images(node: &Node, client: &mut CriClient) -> (String, String) {
     let mut names = Vec::new();
     for repo in ["busybox:1", "owners:1"] {
         let image = registry.repo(repo);
-        let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() };
+        let request = cri::PullImageRequest {
+            image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+            ..Default::default()
+        };
         client.image.pull_image(request).await.expect("PullImage");
         names.push(image);
     }
@@ -93,8 +97,10 @@ fn pod_config(name: &str, userns: Option<Option<(u32, u32)>>) -> cri::PodSandbox
     let userns_options = match userns {
         None => cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() },
         Some(mapping) => {
-            let ids: Vec<cri::IdMapping> =
-                mapping.into_iter().map(|(host_id, length)| cri::IdMapping { host_id, container_id: 0, length }).collect();
+            let ids: Vec<cri::IdMapping> = mapping
+                .into_iter()
+                .map(|(host_id, length)| cri::IdMapping { host_id, container_id: 0, length })
+                .collect();
             cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, uids: ids.clone(), gids: ids }
         }
     };
@@ -127,7 +133,11 @@ async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Resul
 }
 
 async fn remove_pod(client: &mut CriClient, id: &str) {
-    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() }).await.expect("RemovePodSandbox");
+    client
+        .runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
+        .await
+        .expect("RemovePodSandbox");
 }
 
 /// The pod's user namespace as PodSandboxStatus reports it: (mode, uid mappings), after checking
@@ -187,9 +197,14 @@ async fn start_container(
         }),
         ..Default::default()
     };
-    let request = cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: None };
+    let request =
+        cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: None };
     let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
-    client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("StartContainer");
+    client
+        .runtime
+        .start_container(cri::StartContainerRequest { container_id: id.clone() })
+        .await
+        .expect("StartContainer");
     id
 }
 
@@ -240,16 +255,37 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
                   busybox touch /etc/hostname /dev/shm/x /tmp/x /new /dev/x && echo ok > /out/$P.writable; \
                   exec busybox sleep 1000";
     for (pod, host, name) in [(&a, Some(ra), "a"), (&b, Some(rb), "b"), (&node_pod, None, "n")] {
-        let container = start_container(&mut client, pod, name, &busybox, &script.replace("$P", name), vec![volume("/out", "/srv/out")], None).await;
-        assert_eq!(wait_file(&node, &format!("/srv/out/{name}.writable")).await, "ok\n", "{name}: root can write its files");
+        let container = start_container(
+            &mut client,
+            pod,
+            name,
+            &busybox,
+            &script.replace("$P", name),
+            vec![volume("/out", "/srv/out")],
+            None,
+        )
+        .await;
+        assert_eq!(
+            wait_file(&node, &format!("/srv/out/{name}.writable")).await,
+            "ok\n",
+            "{name}: root can write its files"
+        );
         let id = node.sh(&format!("cat /srv/out/{name}.id"));
         assert!(id.starts_with("uid=0(root) gid=0(root)"), "{name}: {id}");
-        assert_eq!(node.sh(&format!("cat /srv/out/{name}.owners")), "0:0\n".repeat(7), "{name}: image and pod files are root's");
+        assert_eq!(
+            node.sh(&format!("cat /srv/out/{name}.owners")),
+            "0:0\n".repeat(7),
+            "{name}: image and pod files are root's"
+        );
         let host = host.unwrap_or(0);
         // From the node: the pod's root is the first id of its range, and owns what it writes.
         assert_eq!(host_uids(&node, &container), vec![host; 4], "{name}");
         assert_eq!(node.sh(&format!("stat -c %u:%g /srv/out/{name}.id")).trim(), format!("{host}:{host}"));
-        let map: Vec<String> = node.sh(&format!("cat /srv/out/{name}.map")).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+        let map: Vec<String> = node
+            .sh(&format!("cat /srv/out/{name}.map"))
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
         let expected = if name == "n" { "0 0 4294967295".to_string() } else { format!("0 {host} 65536") };
         assert_eq!(map, vec![expected.clone(), expected], "{name}");
         // ContainerStatus tells the mapping too.
@@ -273,7 +309,10 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
         let pid = node.sh(&format!("systemctl show -p MainPID --value cri-{container}.service")).trim().to_string();
         if name != "n" {
             let pins = format!("/run/cri-systemd/pods/{pod}/ns");
-            assert_eq!(node.sh(&format!("stat -L -c %i /proc/{pid}/ns/user")), node.sh(&format!("stat -L -c %i {pins}/user")));
+            assert_eq!(
+                node.sh(&format!("stat -L -c %i /proc/{pid}/ns/user")),
+                node.sh(&format!("stat -L -c %i {pins}/user"))
+            );
             // Root of the pod's user namespace administers the pod's network (its namespace
             // belongs to the pod's user namespace), and nothing of the node's.
             let as_pod_root = |args: &[&str]| {
@@ -283,11 +322,25 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
             };
             assert!(as_pod_root(&["ip", "link", "set", "lo", "mtu", "1400"]).success());
             assert!(node.sh(&format!("nsenter --net={pins}/net ip -o link show lo")).contains("mtu 1400"));
-            assert!(!as_pod_root(&["nsenter", "--net=/proc/1/ns/net", "true"]).success(), "pod root joined the node's network");
+            assert!(
+                !as_pod_root(&["nsenter", "--net=/proc/1/ns/net", "true"]).success(),
+                "pod root joined the node's network"
+            );
         }
     }
     // Root of pod a is nobody to the node: it cannot read root's files there.
-    assert!(!node.exec(&["setpriv", &format!("--reuid={ra}"), &format!("--regid={ra}"), "--clear-groups", "cat", "/etc/shadow"]).success());
+    assert!(
+        !node
+            .exec(&[
+                "setpriv",
+                &format!("--reuid={ra}"),
+                &format!("--regid={ra}"),
+                "--clear-groups",
+                "cat",
+                "/etc/shadow"
+            ])
+            .success()
+    );
 
     // Removing a pod frees its pins.
     remove_pod(&mut client, &a).await;
@@ -303,7 +356,8 @@ async fn kubelet_mappings_are_used_verbatim_and_bad_or_overlapping_ones_refused(
 
     let kubelet = run_pod(&mut client, pod_config("k", Some(Some((0x20_0000, RANGE))))).await.unwrap();
     assert_eq!(pod_userns(&mut client, &kubelet).await, (cri::NamespaceMode::Pod as i32, vec![(0, 0x20_0000, RANGE)]));
-    let container = start_container(&mut client, &kubelet, "k", &busybox, "exec busybox sleep 1000", vec![], None).await;
+    let container =
+        start_container(&mut client, &kubelet, "k", &busybox, "exec busybox sleep 1000", vec![], None).await;
     assert_eq!(host_uids(&node, &container), vec![0x20_0000; 4]);
     // Bigger kubelet ranges (idsPerPod a multiple of 65536) are taken as they are.
     let wide = run_pod(&mut client, pod_config("w", Some(Some((0x40_0000, 2 * RANGE))))).await.unwrap();
@@ -322,19 +376,23 @@ async fn kubelet_mappings_are_used_verbatim_and_bad_or_overlapping_ones_refused(
         bad.push(pod_config("bad", Some(Some((host, length)))));
     }
     let mut not_root = pod_config("bad", Some(Some((0x50_0000, RANGE))));
-    let options = not_root.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    let options =
+        not_root.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
     options.userns_options.as_mut().unwrap().uids[0].container_id = 1;
     bad.push(not_root.clone());
     let mut differing = pod_config("bad", Some(Some((0x50_0000, RANGE))));
-    let options = differing.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    let options =
+        differing.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
     options.userns_options.as_mut().unwrap().gids[0].host_id = 0x60_0000;
     bad.push(differing);
     let mut container_mode = pod_config("bad", Some(None));
-    let options = container_mode.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    let options =
+        container_mode.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
     options.userns_options.as_mut().unwrap().mode = cri::NamespaceMode::Container as i32;
     bad.push(container_mode);
     let mut host_network = pod_config("bad", Some(None));
-    let options = host_network.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    let options =
+        host_network.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
     options.network = cri::NamespaceMode::Node as i32;
     bad.push(host_network);
     for config in bad {
@@ -366,7 +424,16 @@ async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owne
 
     // Pod a writes a private and a public file into the shared (plain) volume.
     let script = "echo secret > /shared/private && busybox chmod 600 /shared/private && echo hello > /shared/public && busybox chmod 644 /shared/public && touch /out/a.done; exec busybox sleep 1000";
-    start_container(&mut client, &a, "a", &busybox, script, vec![volume("/shared", "/srv/shared"), volume("/out", "/srv/out")], None).await;
+    start_container(
+        &mut client,
+        &a,
+        "a",
+        &busybox,
+        script,
+        vec![volume("/shared", "/srv/shared"), volume("/out", "/srv/out")],
+        None,
+    )
+    .await;
     wait_file(&node, "/srv/out/a.done").await;
     assert_eq!(node.sh("stat -c %u:%g /srv/shared/private").trim(), format!("{ra}:{ra}"));
 
@@ -375,7 +442,16 @@ async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owne
     let script = "{ busybox cat /shared/public || echo no-read-public; busybox cat /shared/private 2>/dev/null || echo no-read; \
                   { echo x >> /shared/private; } 2>/dev/null || echo no-write; busybox chmod 666 /shared/private 2>/dev/null || echo no-chmod; \
                   busybox chown 0 /shared/private 2>/dev/null || echo no-chown; } > /out/b.result; touch /out/b.done";
-    start_container(&mut client, &b, "b", &busybox, script, vec![volume("/shared", "/srv/shared"), volume("/out", "/srv/out")], None).await;
+    start_container(
+        &mut client,
+        &b,
+        "b",
+        &busybox,
+        script,
+        vec![volume("/shared", "/srv/shared"), volume("/out", "/srv/out")],
+        None,
+    )
+    .await;
     wait_file(&node, "/srv/out/b.done").await;
     assert_eq!(node.sh("cat /srv/out/b.result"), "hello\nno-read\nno-write\nno-chmod\nno-chown\n");
     assert_eq!(node.sh("cat /srv/shared/private"), "secret\n");
@@ -389,7 +465,16 @@ async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owne
     let plain = volume("/plain", "/var/lib/cri-systemd/e2e-vol");
     let script = "{ busybox stat -c %u:%g /vol /vol/hostfile /plain/hostfile; echo more >> /vol/hostfile && echo appended; \
                   touch /vol/from-pod && echo created; { echo x >> /plain/hostfile; } 2>/dev/null || echo plain-read-only; } > /out/v.result; touch /out/v.done";
-    let id = start_container(&mut client, &b, "v", &busybox, script, vec![idmapped, plain, volume("/out", "/srv/out")], None).await;
+    let id = start_container(
+        &mut client,
+        &b,
+        "v",
+        &busybox,
+        script,
+        vec![idmapped, plain, volume("/out", "/srv/out")],
+        None,
+    )
+    .await;
     wait_file(&node, "/srv/out/v.done").await;
     assert_eq!(node.sh("cat /srv/out/v.result"), "0:0\n0:0\n65534:65534\nappended\ncreated\nplain-read-only\n");
     assert_eq!(node.sh("stat -c %u:%g /var/lib/cri-systemd/e2e-vol/from-pod").trim(), "0:0");
@@ -397,7 +482,10 @@ async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owne
     let request = cri::ContainerStatusRequest { container_id: id, verbose: false };
     let status = client.runtime.container_status(request).await.unwrap().into_inner().status.unwrap();
     let reported = status.mounts.iter().find(|m| m.container_path == "/vol").unwrap();
-    assert_eq!(reported.uid_mappings.iter().map(|m| (m.container_id, m.host_id, m.length)).collect::<Vec<_>>(), vec![(0, rb, RANGE)]);
+    assert_eq!(
+        reported.uid_mappings.iter().map(|m| (m.container_id, m.host_id, m.length)).collect::<Vec<_>>(),
+        vec![(0, rb, RANGE)]
+    );
 
     // Half a mapping is refused.
     let mut half = volume("/vol", "/var/lib/cri-systemd/e2e-vol");
@@ -449,7 +537,10 @@ async fn ranges_survive_a_daemon_kill_and_an_exhausted_pool_leaves_nothing() {
     node.sh("systemctl kill -s KILL cri-systemd");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut client = node.cri(ANSWER_TIMEOUT).await;
-    assert_eq!(run_pod(&mut client, pod_config("d", Some(None))).await.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        run_pod(&mut client, pod_config("d", Some(None))).await.unwrap_err().code(),
+        tonic::Code::ResourceExhausted
+    );
     remove_pod(&mut client, &a).await;
     let d = run_pod(&mut client, pod_config("d", Some(None))).await.unwrap();
     assert_eq!(pool_range(&mut client, &d).await, ra);
@@ -469,11 +560,23 @@ async fn image_owners_and_setuid_behave_the_same_in_node_and_pod_mode() {
     let mut uppers = HashMap::new();
     for (name, userns) in [("node", None), ("pod", Some(None))] {
         let pod = run_pod(&mut client, pod_config(name, userns)).await.unwrap();
-        let id = start_container(&mut client, &pod, name, &owners, &script.replace("$P", name), vec![volume("/out", "/srv/out")], Some(1000)).await;
+        let id = start_container(
+            &mut client,
+            &pod,
+            name,
+            &owners,
+            &script.replace("$P", name),
+            vec![volume("/out", "/srv/out")],
+            Some(1000),
+        )
+        .await;
         wait_file(&node, &format!("/srv/out/{name}.done")).await;
         results.insert(name, node.sh(&format!("cat /srv/out/{name}.result")));
         let host = if name == "pod" { pool_range(&mut client, &pod).await } else { 0 };
-        uppers.insert(name, (node.sh(&format!("stat -c %u:%g /var/lib/cri-systemd/containers/{id}/upper/data/owned")), host));
+        uppers.insert(
+            name,
+            (node.sh(&format!("stat -c %u:%g /var/lib/cri-systemd/containers/{id}/upper/data/owned")), host),
+        );
     }
     // User 1000 (run_as_user): its own files, the setuid program runs as root, another user's
     // home stays closed, and no capabilities.
@@ -510,7 +613,11 @@ async fn bench_pod_and_container_start_with_and_without_userns() {
         }
     }
     let mut big = LayerBuilder::new();
-    big.file("big-a", 0o644, &e2e::oci::pseudo_random(1, 64 << 20)).file("big-b", 0o644, &e2e::oci::pseudo_random(2, 64 << 20));
+    big.file("big-a", 0o644, &e2e::oci::pseudo_random(1, 64 << 20)).file(
+        "big-b",
+        0o644,
+        &e2e::oci::pseudo_random(2, 64 << 20),
+    );
     let large = Image::new(
         vec![busybox_layer(Compression::Gzip), files.build(Compression::None), big.build(Compression::None)],
         ConfigOptions::default(),
@@ -518,24 +625,35 @@ async fn bench_pod_and_container_start_with_and_without_userns() {
     registry.push_image("busybox", "1", &e2e::oci::busybox_image(""));
     registry.push_image("large", "1", &large);
     for repo in ["busybox:1", "large:1"] {
-        let request = cri::PullImageRequest { image: Some(cri::ImageSpec { image: registry.repo(repo), ..Default::default() }), ..Default::default() };
+        let request = cri::PullImageRequest {
+            image: Some(cri::ImageSpec { image: registry.repo(repo), ..Default::default() }),
+            ..Default::default()
+        };
         client.image.pull_image(request).await.expect("PullImage");
     }
     const RUNS: usize = 7;
     let mut n = 0;
-    for (image, label) in [("busybox:1", "busybox (2 MB, 1 layer)"), ("large:1", "large (128 MiB + 20k files, 3 layers)")] {
+    for (image, label) in
+        [("busybox:1", "busybox (2 MB, 1 layer)"), ("large:1", "large (128 MiB + 20k files, 3 layers)")]
+    {
         for (mode, userns) in [("NODE", None), ("POD ", Some(None))] {
             let mut times = Vec::new();
             for _ in 0..RUNS {
                 n += 1;
                 let begin = Instant::now();
                 let pod = run_pod(&mut client, pod_config(&format!("b{n}"), userns)).await.unwrap();
-                start_container(&mut client, &pod, "c", &registry.repo(image), "exec busybox sleep 1000", vec![], None).await;
+                start_container(&mut client, &pod, "c", &registry.repo(image), "exec busybox sleep 1000", vec![], None)
+                    .await;
                 times.push(begin.elapsed());
                 remove_pod(&mut client, &pod).await;
             }
             times.sort();
-            println!("{label:40} userns {mode}: median {:>6.1} ms (min {:.1}, max {:.1}) over {RUNS}", times[RUNS / 2].as_secs_f64() * 1e3, times[0].as_secs_f64() * 1e3, times[RUNS - 1].as_secs_f64() * 1e3);
+            println!(
+                "{label:40} userns {mode}: median {:>6.1} ms (min {:.1}, max {:.1}) over {RUNS}",
+                times[RUNS / 2].as_secs_f64() * 1e3,
+                times[0].as_secs_f64() * 1e3,
+                times[RUNS - 1].as_secs_f64() * 1e3
+            );
         }
     }
     let chown = node.sh(

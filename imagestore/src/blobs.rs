@@ -63,19 +63,12 @@ impl BlobStore {
             .prefix("blob-")
             .tempfile_in(&self.tmp)
             .ctx(|| format!("create temporary blob in {}", self.tmp.display()))?;
-        Ok(BlobWriter {
-            file,
-            store_dir: self.dir.clone(),
-            hasher: None,
-            written: 0,
-        })
+        Ok(BlobWriter { file, store_dir: self.dir.clone(), hasher: None, written: 0 })
     }
 
     pub fn remove(&self, digest: &Digest) -> Result<(), Error> {
         match fs::remove_file(self.path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(Error::io(format!("remove blob {digest}"), e))
-            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("remove blob {digest}"), e)),
             _ => Ok(()),
         }
     }
@@ -115,8 +108,7 @@ pub(crate) struct BlobWriter {
 
 impl BlobWriter {
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
-        self.hasher
-            .get_or_insert_with(|| Hasher::new(crate::digest::Algorithm::Sha256));
+        self.hasher.get_or_insert_with(|| Hasher::new(crate::digest::Algorithm::Sha256));
         self.write_unhashed(data)?;
         Ok(())
     }
@@ -131,11 +123,7 @@ impl BlobWriter {
     /// fsyncs, and renames the blob into place.
     pub fn commit(self, digest: &Digest, size: u64, what: &str) -> Result<(), Error> {
         if self.written != size {
-            return Err(Error::SizeMismatch {
-                what: what.to_owned(),
-                expected: size,
-                actual: self.written,
-            });
+            return Err(Error::SizeMismatch { what: what.to_owned(), expected: size, actual: self.written });
         }
         if self.hasher.is_some() {
             // Re-hash with the digest's own algorithm (it may be sha512).
@@ -156,24 +144,17 @@ impl BlobWriter {
 
     /// For callers that verified the digest of exactly the bytes written.
     pub fn commit_verified(self, digest: &Digest) -> Result<(), Error> {
-        self.file
-            .as_file()
-            .sync_all()
-            .ctx(|| "fsync temporary blob")?;
+        self.file.as_file().sync_all().ctx(|| "fsync temporary blob")?;
         let dir = self.store_dir.join(digest.algorithm().name());
         fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let target = dir.join(digest.hex());
-        self.file
-            .persist(&target)
-            .map_err(|e| Error::io(format!("store blob {digest}"), e.error))?;
+        self.file.persist(&target).map_err(|e| Error::io(format!("store blob {digest}"), e.error))?;
         sync_dir(&dir)
     }
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx(|| format!("fsync {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).ctx(|| format!("fsync {}", dir.display()))
 }
 
 /// Serialises work on one key (a blob digest, a layer chain id) across concurrent pulls: the
@@ -197,12 +178,7 @@ impl InFlight {
             keys.entry(key.to_owned()).or_default().clone()
         };
         let lock = entry.clone().lock_owned().await;
-        InFlightGuard {
-            owner: self,
-            key: key.to_owned(),
-            lock: Some(lock),
-            entry,
-        }
+        InFlightGuard { owner: self, key: key.to_owned(), lock: Some(lock), entry }
     }
 }
 
@@ -230,11 +206,7 @@ mod tests {
         let err = store.put(&good, b"hellO", "blob").unwrap_err();
         assert!(err.to_string().contains("digest mismatch"), "{err}");
         assert!(!store.exists(&good));
-        assert_eq!(
-            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0,
-            "temporary file left"
-        );
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "temporary file left");
         store.put(&good, b"hello", "blob").unwrap();
         assert_eq!(store.read(&good).unwrap().unwrap(), b"hello");
         assert_eq!(store.list().unwrap(), vec![good.clone()]);

@@ -87,10 +87,7 @@ impl StoreConfig {
             return bad("max_layer_bytes and max_layer_entries must be at least 1".into());
         }
         if self.layer_uid_shift != 0 && self.layer_uid_shift.checked_add(0xFFFF).is_none() {
-            return bad(format!(
-                "layer_uid_shift {} leaves no room for 65536 ids",
-                self.layer_uid_shift
-            ));
+            return bad(format!("layer_uid_shift {} leaves no room for 65536 ids", self.layer_uid_shift));
         }
         for (host, registry) in &self.registries {
             if host.is_empty() || host.contains('/') {
@@ -134,9 +131,7 @@ impl IdShift {
         if self.base == 0 {
             return u32::try_from(id).ok().filter(|&id| id != u32::MAX);
         }
-        let id = u32::try_from(id)
-            .ok()
-            .filter(|&id| id < Self::SHIFTED_RANGE)?;
+        let id = u32::try_from(id).ok().filter(|&id| id < Self::SHIFTED_RANGE)?;
         self.base.checked_add(id)
     }
 }
@@ -159,15 +154,9 @@ mod tests {
         config.validate().unwrap();
         assert!(config.registries["localhost:5000"].plain_http);
         assert!(serde_json::from_str::<StoreConfig>(r#"{"max_layer_byte": 1}"#).is_err());
-        let bad = StoreConfig {
-            max_concurrent_downloads: 0,
-            ..Default::default()
-        };
+        let bad = StoreConfig { max_concurrent_downloads: 0, ..Default::default() };
         assert!(bad.validate().is_err());
-        let bad = StoreConfig {
-            pinned_images: vec!["Bad".into()],
-            ..Default::default()
-        };
+        let bad = StoreConfig { pinned_images: vec!["Bad".into()], ..Default::default() };
         assert!(bad.validate().is_err());
     }
 
@@ -198,22 +187,14 @@ mod tests {
         let images = daemon.images;
         images.validate().unwrap();
         assert_eq!(images.max_layer_bytes, 1 << 30);
-        assert_eq!(
-            images.max_concurrent_downloads, 4,
-            "unset fields keep their defaults"
-        );
+        assert_eq!(images.max_concurrent_downloads, 4, "unset fields keep their defaults");
         assert_eq!(images.registries["docker.io"].mirrors.len(), 2);
         assert_eq!(
             images.registries["localhost:5000"].ca_file.as_deref(),
             Some(std::path::Path::new("/etc/cri-systemd/ca.pem"))
         );
-        let typo = toml::from_str::<Daemon>("[images]\nmax_layer_byte = 1\n")
-            .err()
-            .unwrap();
-        assert!(
-            typo.to_string().contains("unknown field `max_layer_byte`"),
-            "{typo}"
-        );
+        let typo = toml::from_str::<Daemon>("[images]\nmax_layer_byte = 1\n").err().unwrap();
+        assert!(typo.to_string().contains("unknown field `max_layer_byte`"), "{typo}");
         let empty: Daemon = toml::from_str("").unwrap();
         assert_eq!(empty.images, StoreConfig::default());
         // And back: the daemon can print its effective configuration.

@@ -65,30 +65,22 @@ impl fmt::Display for DigestParseError {
 impl FromStr for Digest {
     type Err = DigestParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (algorithm, hex) = s
-            .split_once(':')
-            .ok_or_else(|| DigestParseError(format!("digest {s:?} has no algorithm prefix")))?;
+        let (algorithm, hex) =
+            s.split_once(':').ok_or_else(|| DigestParseError(format!("digest {s:?} has no algorithm prefix")))?;
         let algorithm = match algorithm {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             other => {
-                return Err(DigestParseError(format!(
-                    "unsupported digest algorithm {other:?}"
-                )));
+                return Err(DigestParseError(format!("unsupported digest algorithm {other:?}")));
             }
         };
-        if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(DigestParseError(format!(
                 "digest {s:?} needs {} lowercase hex characters",
                 algorithm.hex_len()
             )));
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_owned(),
-        })
+        Ok(Digest { algorithm, hex: hex.to_owned() })
     }
 }
 
@@ -148,14 +140,8 @@ impl Hasher {
     }
     pub fn finish(self) -> Digest {
         match self {
-            Hasher::Sha256(h) => Digest {
-                algorithm: Algorithm::Sha256,
-                hex: hex::encode(h.finalize()),
-            },
-            Hasher::Sha512(h) => Digest {
-                algorithm: Algorithm::Sha512,
-                hex: hex::encode(h.finalize()),
-            },
+            Hasher::Sha256(h) => Digest { algorithm: Algorithm::Sha256, hex: hex::encode(h.finalize()) },
+            Hasher::Sha512(h) => Digest { algorithm: Algorithm::Sha512, hex: hex::encode(h.finalize()) },
         }
     }
 }
@@ -182,11 +168,7 @@ mod tests {
     fn parses_and_rejects() {
         let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
         assert_eq!(d.hex().len(), 64);
-        assert!(
-            format!("sha512:{}", "0".repeat(128))
-                .parse::<Digest>()
-                .is_ok()
-        );
+        assert!(format!("sha512:{}", "0".repeat(128)).parse::<Digest>().is_ok());
         for bad in [
             "sha256:abc".to_string(),
             format!("sha256:{}", "A".repeat(64)),

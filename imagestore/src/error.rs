@@ -52,18 +52,10 @@ pub enum Error {
     Registry { registry: String, detail: String },
 
     #[error("{what} digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch {
-        what: String,
-        expected: String,
-        actual: String,
-    },
+    DigestMismatch { what: String, expected: String, actual: String },
 
     #[error("{what} size mismatch: expected {expected} bytes, got {actual}")]
-    SizeMismatch {
-        what: String,
-        expected: u64,
-        actual: u64,
-    },
+    SizeMismatch { what: String, expected: u64, actual: u64 },
 
     #[error("unsupported {what}: {detail}")]
     Unsupported { what: String, detail: String },
@@ -73,11 +65,7 @@ pub enum Error {
 
     /// A layer tries something no legitimate layer does (escape, bomb, bad header).
     #[error("refusing layer {layer}: entry {entry:?}: {reason}")]
-    HostileLayer {
-        layer: String,
-        entry: String,
-        reason: String,
-    },
+    HostileLayer { layer: String, entry: String, reason: String },
 
     /// A configured limit was exceeded while unpacking.
     #[error("refusing layer {layer}: {reason}")]
@@ -115,10 +103,7 @@ impl Error {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 }
 

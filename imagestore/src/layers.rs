@@ -61,9 +61,7 @@ impl std::fmt::Display for StreamFailure {
             StreamFailure::TooLong { expected } => {
                 write!(f, "blob is longer than its declared {expected} bytes")
             }
-            StreamFailure::TrailingData => {
-                f.write_str("more than 1 MiB of data after the end of the tar archive")
-            }
+            StreamFailure::TrailingData => f.write_str("more than 1 MiB of data after the end of the tar archive"),
         }
     }
 }
@@ -77,35 +75,24 @@ pub(crate) fn stream_io_error(failure: StreamFailure) -> io::Error {
 /// Turns an io error from the layer stream back into the store error it carries.
 pub(crate) fn stream_error_into(e: io::Error, layer: &str) -> Error {
     if e.get_ref().is_some_and(|inner| inner.is::<StreamFailure>()) {
-        let inner = e
-            .into_inner()
-            .and_then(|b| b.downcast::<StreamFailure>().ok());
+        let inner = e.into_inner().and_then(|b| b.downcast::<StreamFailure>().ok());
         return match inner.map(|b| *b) {
             Some(StreamFailure::Download(err)) => err,
-            Some(StreamFailure::Cancelled) => Error::Unavailable {
-                registry: String::new(),
-                detail: format!("pull of layer {layer} cancelled"),
-            },
-            Some(StreamFailure::TooLong { expected }) => Error::SizeMismatch {
-                what: format!("layer {layer}"),
-                expected,
-                actual: expected + 1,
-            },
+            Some(StreamFailure::Cancelled) => {
+                Error::Unavailable { registry: String::new(), detail: format!("pull of layer {layer} cancelled") }
+            }
+            Some(StreamFailure::TooLong { expected }) => {
+                Error::SizeMismatch { what: format!("layer {layer}"), expected, actual: expected + 1 }
+            }
             Some(StreamFailure::TrailingData) => Error::HostileLayer {
                 layer: layer.to_owned(),
                 entry: String::new(),
                 reason: "more than 1 MiB of data after the end of the tar archive".into(),
             },
-            None => Error::InvalidContent {
-                what: format!("layer {layer}"),
-                detail: "stream failed".into(),
-            },
+            None => Error::InvalidContent { what: format!("layer {layer}"), detail: "stream failed".into() },
         };
     }
-    Error::InvalidContent {
-        what: format!("layer {layer}"),
-        detail: format!("cannot decompress or read: {e}"),
-    }
+    Error::InvalidContent { what: format!("layer {layer}"), detail: format!("cannot decompress or read: {e}") }
 }
 
 /// Hashes and counts the compressed bytes, tees them into the blob store, and refuses more bytes
@@ -123,9 +110,7 @@ impl<R: Read> Read for CompressedSource<R> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
         if self.count > self.expected {
-            return Err(stream_io_error(StreamFailure::TooLong {
-                expected: self.expected,
-            }));
+            return Err(stream_io_error(StreamFailure::TooLong { expected: self.expected }));
         }
         self.hasher.update(&buf[..n]);
         if let Some(blob) = &mut self.blob {
@@ -161,9 +146,7 @@ impl LayerStore {
     }
 
     fn layer_dir(&self, chain_id: &Digest) -> PathBuf {
-        self.dir
-            .join(chain_id.algorithm().name())
-            .join(chain_id.hex())
+        self.dir.join(chain_id.algorithm().name()).join(chain_id.hex())
     }
 
     /// The directory to use as an overlayfs lower directory.
@@ -177,9 +160,7 @@ impl LayerStore {
 
     pub fn remove(&self, chain_id: &Digest) -> Result<(), Error> {
         match fs::remove_dir_all(self.layer_dir(chain_id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(Error::io(format!("remove layer {chain_id}"), e))
-            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("remove layer {chain_id}"), e)),
             _ => Ok(()),
         }
     }
@@ -266,43 +247,24 @@ impl LayerStore {
         };
         let (stats, diff_id) = {
             let mut buffered = BufReader::with_capacity(READ_BUFFER, &mut source);
-            let magic = buffered
-                .fill_buf()
-                .map_err(|e| stream_error_into(e, &name))?
-                .to_vec();
-            let decompressed: Box<dyn Read + '_> =
-                match Compression::detect(&magic, &layer.media_type) {
-                    Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-                    Compression::Zstd => {
-                        Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(
-                            |e| Error::io(format!("layer {name}: start zstd decoder"), e),
-                        )?)
-                    }
-                    Compression::None => Box::new(buffered),
-                };
-            let hashed = DiffHasher {
-                inner: decompressed,
-                hasher: Hasher::new(layer.diff_id.algorithm()),
+            let magic = buffered.fill_buf().map_err(|e| stream_error_into(e, &name))?.to_vec();
+            let decompressed: Box<dyn Read + '_> = match Compression::detect(&magic, &layer.media_type) {
+                Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+                Compression::Zstd => Box::new(
+                    zstd::stream::read::Decoder::with_buffer(buffered)
+                        .map_err(|e| Error::io(format!("layer {name}: start zstd decoder"), e))?,
+                ),
+                Compression::None => Box::new(buffered),
             };
-            let (stats, rest) = unpack::unpack(
-                BufReader::with_capacity(READ_BUFFER, hashed),
-                &diff,
-                &name,
-                limits,
-                shift,
-            )?;
+            let hashed = DiffHasher { inner: decompressed, hasher: Hasher::new(layer.diff_id.algorithm()) };
+            let (stats, rest) =
+                unpack::unpack(BufReader::with_capacity(READ_BUFFER, hashed), &diff, &name, limits, shift)?;
             // Everything after the end-of-archive marker still counts for the diff id.
             let mut rest = rest.into_inner();
-            let trailing = io::copy(
-                &mut (&mut rest).take(MAX_TRAILING_BYTES + 1),
-                &mut io::sink(),
-            )
-            .map_err(|e| stream_error_into(e, &name))?;
+            let trailing = io::copy(&mut (&mut rest).take(MAX_TRAILING_BYTES + 1), &mut io::sink())
+                .map_err(|e| stream_error_into(e, &name))?;
             if trailing > MAX_TRAILING_BYTES {
-                return Err(stream_error_into(
-                    stream_io_error(StreamFailure::TrailingData),
-                    &name,
-                ));
+                return Err(stream_error_into(stream_io_error(StreamFailure::TrailingData), &name));
             }
             (stats, rest.hasher.finish())
         };
@@ -317,11 +279,7 @@ impl LayerStore {
         }
         let actual = source.hasher.clone().finish();
         if actual != layer.digest {
-            return Err(Error::DigestMismatch {
-                what: "layer".into(),
-                expected: name,
-                actual: actual.to_string(),
-            });
+            return Err(Error::DigestMismatch { what: "layer".into(), expected: name, actual: actual.to_string() });
         }
         if diff_id != layer.diff_id {
             return Err(Error::DigestMismatch {
@@ -334,12 +292,7 @@ impl LayerStore {
         Ok(stats)
     }
 
-    fn commit(
-        &self,
-        staging: tempfile::TempDir,
-        layer: &Layer,
-        blob: Option<BlobWriter>,
-    ) -> Result<(), Error> {
+    fn commit(&self, staging: tempfile::TempDir, layer: &Layer, blob: Option<BlobWriter>) -> Result<(), Error> {
         // One syncfs instead of an fsync per file: the layer must be on disk before its name is.
         let dir = fs::File::open(staging.path()).ctx(|| "open staged layer")?;
         rustix::fs::syncfs(&dir).ctx(|| "syncfs staged layer")?;

@@ -88,34 +88,21 @@ impl Metadata {
         let mut layer_uid_shift = None;
         let images = match fs::read(&path) {
             Ok(data) => {
-                let doc: Document =
-                    serde_json::from_slice(&data).map_err(|e| Error::CorruptMetadata {
-                        path: path.clone(),
-                        detail: e.to_string(),
-                    })?;
+                let doc: Document = serde_json::from_slice(&data)
+                    .map_err(|e| Error::CorruptMetadata { path: path.clone(), detail: e.to_string() })?;
                 if doc.version != FORMAT_VERSION {
                     return Err(Error::CorruptMetadata {
                         path,
-                        detail: format!(
-                            "format version {} is not the supported {FORMAT_VERSION}",
-                            doc.version
-                        ),
+                        detail: format!("format version {} is not the supported {FORMAT_VERSION}", doc.version),
                     });
                 }
                 layer_uid_shift = doc.layer_uid_shift;
-                doc.images
-                    .into_values()
-                    .map(|record| (record.id.clone(), record))
-                    .collect()
+                doc.images.into_values().map(|record| (record.id.clone(), record)).collect()
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        Ok(Metadata {
-            path,
-            images,
-            layer_uid_shift,
-        })
+        Ok(Metadata { path, images, layer_uid_shift })
     }
 
     /// The shift the store's layers were unpacked with, if recorded.
@@ -141,10 +128,7 @@ impl Metadata {
     }
 
     /// Applies `change` to a copy and persists it; memory changes only if the disk write worked.
-    pub fn update<T>(
-        &mut self,
-        change: impl FnOnce(&mut BTreeMap<Digest, ImageRecord>) -> T,
-    ) -> Result<T, Error> {
+    pub fn update<T>(&mut self, change: impl FnOnce(&mut BTreeMap<Digest, ImageRecord>) -> T) -> Result<T, Error> {
         let mut next = self.images.clone();
         let out = change(&mut next);
         if next != self.images {
@@ -163,13 +147,9 @@ fn write_atomic(
     let doc = Document {
         version: FORMAT_VERSION,
         layer_uid_shift,
-        images: images
-            .iter()
-            .map(|(id, record)| (id.to_string(), record.clone()))
-            .collect(),
+        images: images.iter().map(|(id, record)| (id.to_string(), record.clone())).collect(),
     };
-    let data = serde_json::to_vec_pretty(&doc)
-        .map_err(|e| Error::io("serialise metadata", io::Error::other(e)))?;
+    let data = serde_json::to_vec_pretty(&doc).map_err(|e| Error::io("serialise metadata", io::Error::other(e)))?;
     let dir = path.parent().expect("metadata path has a parent");
     let mut tmp = tempfile::Builder::new()
         .prefix(".metadata-")
@@ -177,8 +157,7 @@ fn write_atomic(
         .ctx(|| format!("create temporary metadata in {}", dir.display()))?;
     tmp.write_all(&data).ctx(|| "write metadata")?;
     tmp.as_file().sync_all().ctx(|| "fsync metadata")?;
-    tmp.persist(path)
-        .map_err(|e| Error::io(format!("replace {}", path.display()), e.error))?;
+    tmp.persist(path).map_err(|e| Error::io(format!("replace {}", path.display()), e.error))?;
     crate::blobs::sync_dir(dir)
 }
 
@@ -211,8 +190,7 @@ pub(crate) fn parse_image_config(data: &[u8]) -> Result<(ImageConfig, Vec<Digest
         kind: String,
         diff_ids: Vec<String>,
     }
-    let raw: Raw =
-        serde_json::from_slice(data).map_err(|e| format!("image config is not valid json: {e}"))?;
+    let raw: Raw = serde_json::from_slice(data).map_err(|e| format!("image config is not valid json: {e}"))?;
     if let Some(os) = &raw.os
         && os != "linux"
         && !os.is_empty()
@@ -221,18 +199,12 @@ pub(crate) fn parse_image_config(data: &[u8]) -> Result<(ImageConfig, Vec<Digest
     }
     let rootfs = raw.rootfs.ok_or("image config has no rootfs")?;
     if rootfs.kind != "layers" {
-        return Err(format!(
-            "image config rootfs type {:?} is not \"layers\"",
-            rootfs.kind
-        ));
+        return Err(format!("image config rootfs type {:?} is not \"layers\"", rootfs.kind));
     }
     let diff_ids = rootfs
         .diff_ids
         .iter()
-        .map(|d| {
-            d.parse::<Digest>()
-                .map_err(|e| format!("rootfs.diff_ids: {e}"))
-        })
+        .map(|d| d.parse::<Digest>().map_err(|e| format!("rootfs.diff_ids: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let c = raw.config.unwrap_or_default();
     let config = ImageConfig {
@@ -260,10 +232,7 @@ mod tests {
             repo_digests: BTreeSet::new(),
             manifest: Digest::sha256_of(b"m"),
             index: None,
-            config: ImageConfig {
-                user: "1000".into(),
-                ..Default::default()
-            },
+            config: ImageConfig { user: "1000".into(), ..Default::default() },
             config_size: 10,
             layers: vec![],
             removed: false,
@@ -277,20 +246,13 @@ mod tests {
         let path = dir.path().join("metadata.json");
         let id = Digest::sha256_of(b"config");
         let mut meta = Metadata::open(path.clone()).unwrap();
-        meta.update(|images| images.insert(id.clone(), record(&id, "docker.io/library/a:1")))
-            .unwrap();
+        meta.update(|images| images.insert(id.clone(), record(&id, "docker.io/library/a:1"))).unwrap();
         drop(meta);
         let meta = Metadata::open(path.clone()).unwrap();
-        assert_eq!(
-            meta.get(&id).unwrap().repo_tags.iter().next().unwrap(),
-            "docker.io/library/a:1"
-        );
+        assert_eq!(meta.get(&id).unwrap().repo_tags.iter().next().unwrap(), "docker.io/library/a:1");
         assert_eq!(meta.get(&id).unwrap().config.user, "1000");
         // No temporary files are left next to the document.
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["metadata.json"]);
 
         // A write that fails (directory gone read-only is hard as root; remove it instead) keeps memory as it was.
@@ -318,12 +280,7 @@ mod tests {
         assert_eq!(config.volumes, ["/data"]);
         assert_eq!(config.exposed_ports, ["80/tcp"]);
         assert_eq!(diff_ids.len(), 1);
-        assert!(
-            parse_image_config(br#"{"os":"windows","rootfs":{"type":"layers","diff_ids":[]}}"#)
-                .is_err()
-        );
-        assert!(
-            parse_image_config(br#"{"rootfs":{"type":"layers","diff_ids":["sha256:x"]}}"#).is_err()
-        );
+        assert!(parse_image_config(br#"{"os":"windows","rootfs":{"type":"layers","diff_ids":[]}}"#).is_err());
+        assert!(parse_image_config(br#"{"rootfs":{"type":"layers","diff_ids":["sha256:x"]}}"#).is_err());
     }
 }

@@ -39,18 +39,12 @@ impl Platform {
             "loongarch64" => ("loong64", None),
             other => (other, None),
         };
-        Platform {
-            os: "linux".into(),
-            architecture: architecture.into(),
-            variant: variant.map(Into::into),
-        }
+        Platform { os: "linux".into(), architecture: architecture.into(), variant: variant.map(Into::into) }
     }
 
     /// How well an image built for `candidate` runs here: `None` if it cannot, lower is better.
     pub fn rank(&self, candidate: &Platform) -> Option<usize> {
-        if candidate.os != self.os
-            || normalise_arch(&candidate.architecture) != normalise_arch(&self.architecture)
-        {
+        if candidate.os != self.os || normalise_arch(&candidate.architecture) != normalise_arch(&self.architecture) {
             return None;
         }
         let wanted = self.variant.as_deref().unwrap_or("");
@@ -85,10 +79,7 @@ fn normalise_arch(arch: &str) -> &str {
 }
 
 /// The index of the best entry for `host`, the first of equally good ones.
-pub(crate) fn select<'a>(
-    host: &Platform,
-    entries: impl IntoIterator<Item = Option<&'a Platform>>,
-) -> Option<usize> {
+pub(crate) fn select<'a>(host: &Platform, entries: impl IntoIterator<Item = Option<&'a Platform>>) -> Option<usize> {
     entries
         .into_iter()
         .enumerate()
@@ -127,26 +118,11 @@ mod tests {
         assert_eq!(select(&p("linux/arm/v6"), entries()), Some(0));
         assert_eq!(select(&p("linux/s390x"), entries()), None);
         // arm64 without variant counts as v8; amd64/v3 is not chosen over the baseline.
-        assert_eq!(
-            select(&p("linux/arm64/v8"), [Some(&p("linux/arm64"))]),
-            Some(0)
-        );
-        assert_eq!(
-            select(
-                &p("linux/amd64"),
-                [Some(&p("linux/amd64/v3")), Some(&p("linux/amd64"))]
-            ),
-            Some(1)
-        );
-        assert_eq!(
-            select(&p("linux/amd64"), [None, Some(&p("linux/amd64"))]),
-            Some(1)
-        );
+        assert_eq!(select(&p("linux/arm64/v8"), [Some(&p("linux/arm64"))]), Some(0));
+        assert_eq!(select(&p("linux/amd64"), [Some(&p("linux/amd64/v3")), Some(&p("linux/amd64"))]), Some(1));
+        assert_eq!(select(&p("linux/amd64"), [None, Some(&p("linux/amd64"))]), Some(1));
         // An arm/v7 node runs v6 images when nothing better is offered, not the reverse.
-        assert_eq!(
-            select(&p("linux/arm/v7"), [Some(&p("linux/arm/v6"))]),
-            Some(0)
-        );
+        assert_eq!(select(&p("linux/arm/v7"), [Some(&p("linux/arm/v6"))]), Some(0));
         assert_eq!(select(&p("linux/arm/v6"), [Some(&p("linux/arm/v7"))]), None);
         let host = Platform::host();
         assert_eq!(host.os, "linux");

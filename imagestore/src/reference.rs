@@ -24,10 +24,7 @@ pub struct ImageReference {
 impl ImageReference {
     /// Parses and normalises a reference the way containerd's CRI does.
     pub fn parse(input: &str) -> Result<Self, Error> {
-        let invalid = |reason: &str| Error::InvalidReference {
-            reference: input.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let invalid = |reason: &str| Error::InvalidReference { reference: input.to_owned(), reason: reason.to_owned() };
         if input.is_empty() {
             return Err(invalid("empty reference"));
         }
@@ -36,9 +33,7 @@ impl ImageReference {
         }
         let (rest, digest) = match input.split_once('@') {
             Some((rest, digest)) => {
-                let digest: Digest = digest
-                    .parse()
-                    .map_err(|e: crate::digest::DigestParseError| invalid(&e.0))?;
+                let digest: Digest = digest.parse().map_err(|e: crate::digest::DigestParseError| invalid(&e.0))?;
                 (rest, Some(digest))
             }
             None => (input, None),
@@ -55,11 +50,7 @@ impl ImageReference {
             return Err(invalid("tag must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"));
         }
         let (registry, repository) = split_registry(name);
-        let registry = if registry == "index.docker.io" {
-            DEFAULT_REGISTRY.to_owned()
-        } else {
-            registry
-        };
+        let registry = if registry == "index.docker.io" { DEFAULT_REGISTRY.to_owned() } else { registry };
         if !valid_registry(&registry) {
             return Err(invalid("invalid registry host"));
         }
@@ -75,9 +66,7 @@ impl ImageReference {
             return Err(invalid("repository name must be lowercase"));
         }
         if !repository.split('/').all(valid_path_component) {
-            return Err(invalid(
-                "repository path components must match [a-z0-9]+(?:[._-][a-z0-9]+)*",
-            ));
+            return Err(invalid("repository path components must match [a-z0-9]+(?:[._-][a-z0-9]+)*"));
         }
         if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
             return Err(invalid("repository name longer than 255 characters"));
@@ -87,12 +76,7 @@ impl ImageReference {
             (None, None) => Some("latest".to_owned()),
             (None, Some(_)) => None,
         };
-        Ok(ImageReference {
-            registry,
-            repository,
-            tag,
-            digest,
-        })
+        Ok(ImageReference { registry, repository, tag, digest })
     }
 
     /// `registry/repository`, the name that repo tags and repo digests start with.
@@ -102,9 +86,7 @@ impl ImageReference {
 
     /// `registry/repository:tag`, if the reference has a tag.
     pub fn repo_tag(&self) -> Option<String> {
-        self.tag
-            .as_ref()
-            .map(|tag| format!("{}:{tag}", self.name()))
+        self.tag.as_ref().map(|tag| format!("{}:{tag}", self.name()))
     }
 
     /// `registry/repository@digest` for a manifest digest.
@@ -151,20 +133,10 @@ fn valid_registry(host: &str) -> bool {
     let (host_part, port) = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
             Some((v6, after)) => {
-                if !v6
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-                    || v6.is_empty()
-                {
+                if !v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') || v6.is_empty() {
                     return false;
                 }
-                (
-                    None,
-                    after
-                        .strip_prefix(':')
-                        .map(Some)
-                        .unwrap_or(if after.is_empty() { None } else { Some("x") }),
-                )
+                (None, after.strip_prefix(':').map(Some).unwrap_or(if after.is_empty() { None } else { Some("x") }))
             }
             None => return false,
         }
@@ -185,9 +157,7 @@ fn valid_registry(host: &str) -> bool {
             !h.is_empty()
                 && h.split('.').all(|label| {
                     !label.is_empty()
-                        && label
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                         && !label.starts_with('-')
                         && !label.ends_with('-')
                 })
@@ -229,9 +199,7 @@ fn valid_tag(tag: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 128
         && (bytes[0].is_ascii_alphanumeric() || bytes[0] == b'_')
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+        && bytes.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
 #[cfg(test)]
@@ -247,41 +215,20 @@ mod tests {
         assert_eq!(norm("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(norm("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(norm("library/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(
-            norm("index.docker.io/library/busybox"),
-            "docker.io/library/busybox:latest"
-        );
-        assert_eq!(
-            norm("docker.io/busybox"),
-            "docker.io/library/busybox:latest"
-        );
+        assert_eq!(norm("index.docker.io/library/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(norm("docker.io/busybox"), "docker.io/library/busybox:latest");
         assert_eq!(norm("someone/app:v1"), "docker.io/someone/app:v1");
-        assert_eq!(
-            norm("registry.k8s.io/pause:3.9"),
-            "registry.k8s.io/pause:3.9"
-        );
+        assert_eq!(norm("registry.k8s.io/pause:3.9"), "registry.k8s.io/pause:3.9");
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
-        assert_eq!(
-            norm("localhost:5000/a/b/c:x_1.2-3"),
-            "localhost:5000/a/b/c:x_1.2-3"
-        );
+        assert_eq!(norm("localhost:5000/a/b/c:x_1.2-3"), "localhost:5000/a/b/c:x_1.2-3");
         assert_eq!(norm("127.0.0.1:5000/app"), "127.0.0.1:5000/app:latest");
         assert_eq!(norm("[::1]:5000/app:1"), "[::1]:5000/app:1");
         let d = format!("sha256:{}", "b".repeat(64));
-        assert_eq!(
-            norm(&format!("busybox@{d}")),
-            format!("docker.io/library/busybox@{d}")
-        );
-        assert_eq!(
-            norm(&format!("busybox:1@{d}")),
-            format!("docker.io/library/busybox:1@{d}")
-        );
+        assert_eq!(norm(&format!("busybox@{d}")), format!("docker.io/library/busybox@{d}"));
+        assert_eq!(norm(&format!("busybox:1@{d}")), format!("docker.io/library/busybox:1@{d}"));
         let r = ImageReference::parse(&format!("busybox@{d}")).unwrap();
         assert_eq!(r.tag, None);
-        assert_eq!(
-            r.repo_digest(r.digest.as_ref().unwrap()),
-            format!("docker.io/library/busybox@{d}")
-        );
+        assert_eq!(r.repo_digest(r.digest.as_ref().unwrap()), format!("docker.io/library/busybox@{d}"));
     }
 
     #[test]
@@ -303,10 +250,7 @@ mod tests {
         ] {
             let err = ImageReference::parse(bad).expect_err(bad);
             assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
-            assert!(
-                err.to_string().starts_with("invalid image reference"),
-                "{err}"
-            );
+            assert!(err.to_string().starts_with("invalid image reference"), "{err}");
         }
         assert!(ImageReference::parse(&format!("a:{}", "t".repeat(129))).is_err());
         assert!(ImageReference::parse(&format!("x.io/{}", "a".repeat(260))).is_err());

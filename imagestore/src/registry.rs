@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use oci_client::client::{
-    Certificate, CertificateEncoding, ClientConfig, ClientProtocol, SizedStream,
-};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol, SizedStream};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -55,17 +53,10 @@ impl Credentials {
     pub fn from_docker_auth(auth: &str) -> Result<Credentials, Error> {
         use base64::Engine as _;
         let bad = |reason: &str| Error::InvalidConfig(format!("auth field: {reason}"));
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|_| bad("not base64"))?;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).map_err(|_| bad("not base64"))?;
         let decoded = String::from_utf8(decoded).map_err(|_| bad("not utf-8"))?;
-        let (username, password) = decoded
-            .split_once(':')
-            .ok_or_else(|| bad("not username:password"))?;
-        Ok(Credentials::Basic {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        })
+        let (username, password) = decoded.split_once(':').ok_or_else(|| bad("not username:password"))?;
+        Ok(Credentials::Basic { username: username.to_owned(), password: password.to_owned() })
     }
 }
 
@@ -90,41 +81,19 @@ impl Endpoint {
         };
         let host = rest.trim_end_matches('/');
         let host = host.strip_suffix("/v2").unwrap_or(host);
-        if host.is_empty()
-            || host.contains('/')
-            || host.contains('@')
-            || host.contains(char::is_whitespace)
-        {
-            return Err(format!(
-                "mirror {url:?} must be [http[s]://]host[:port] (no path)"
-            ));
+        if host.is_empty() || host.contains('/') || host.contains('@') || host.contains(char::is_whitespace) {
+            return Err(format!("mirror {url:?} must be [http[s]://]host[:port] (no path)"));
         }
-        Ok(Endpoint {
-            host: host.to_owned(),
-            plain_http,
-            is_mirror: true,
-        })
+        Ok(Endpoint { host: host.to_owned(), plain_http, is_mirror: true })
     }
 }
 
 /// Endpoints for a registry: its mirrors in order, then the registry itself.
 pub(crate) fn endpoints(registry: &str, config: &RegistryConfig) -> Vec<Endpoint> {
-    let mut out: Vec<Endpoint> = config
-        .mirrors
-        .iter()
-        .filter_map(|m| Endpoint::parse_mirror(m).ok())
-        .collect();
+    let mut out: Vec<Endpoint> = config.mirrors.iter().filter_map(|m| Endpoint::parse_mirror(m).ok()).collect();
     // oci-client's own name for Docker Hub's API host.
-    let host = if registry == crate::reference::DEFAULT_REGISTRY {
-        "index.docker.io"
-    } else {
-        registry
-    };
-    out.push(Endpoint {
-        host: host.to_owned(),
-        plain_http: config.plain_http,
-        is_mirror: false,
-    });
+    let host = if registry == crate::reference::DEFAULT_REGISTRY { "index.docker.io" } else { registry };
+    out.push(Endpoint { host: host.to_owned(), plain_http: config.plain_http, is_mirror: false });
     out
 }
 
@@ -140,9 +109,7 @@ pub(crate) struct EndpointClient {
 
 impl std::fmt::Debug for EndpointClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointClient")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
+        f.debug_struct("EndpointClient").field("endpoint", &self.endpoint).finish_non_exhaustive()
     }
 }
 
@@ -156,23 +123,12 @@ impl EndpointClient {
         let registry_config = config.registries.get(registry).cloned().unwrap_or_default();
         let mut extra_roots = Vec::new();
         if let Some(ca_file) = &registry_config.ca_file {
-            let data = std::fs::read(ca_file).map_err(|e| {
-                Error::io(
-                    format!("read ca_file {} of registry {registry}", ca_file.display()),
-                    e,
-                )
-            })?;
-            extra_roots.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
+            let data = std::fs::read(ca_file)
+                .map_err(|e| Error::io(format!("read ca_file {} of registry {registry}", ca_file.display()), e))?;
+            extra_roots.push(Certificate { encoding: CertificateEncoding::Pem, data });
         }
         let client_config = ClientConfig {
-            protocol: if endpoint.plain_http {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
+            protocol: if endpoint.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
             accept_invalid_certificates: registry_config.insecure,
             extra_root_certificates: extra_roots.clone(),
             platform_resolver: None,
@@ -181,52 +137,29 @@ impl EndpointClient {
             user_agent: USER_AGENT,
             ..ClientConfig::default()
         };
-        let client = Client::try_from(client_config).map_err(|e| {
-            Error::InvalidConfig(format!("registry {registry}: {}", lower(&e.to_string())))
-        })?;
+        let client = Client::try_from(client_config)
+            .map_err(|e| Error::InvalidConfig(format!("registry {registry}: {}", lower(&e.to_string()))))?;
         let auth = match credentials {
             None => RegistryAuth::Anonymous,
-            Some(Credentials::Basic { username, password }) => {
-                RegistryAuth::Basic(username.clone(), password.clone())
-            }
+            Some(Credentials::Basic { username, password }) => RegistryAuth::Basic(username.clone(), password.clone()),
             Some(Credentials::RegistryToken(token)) => RegistryAuth::Bearer(token.clone()),
             Some(Credentials::IdentityToken(token)) => {
-                let tls = TlsSettings {
-                    insecure: registry_config.insecure,
-                    extra_roots,
-                };
+                let tls = TlsSettings { insecure: registry_config.insecure, extra_roots };
                 RegistryAuth::Bearer(
-                    crate::token::exchange_identity_token(&endpoint, registry, token, &tls, config)
-                        .await?,
+                    crate::token::exchange_identity_token(&endpoint, registry, token, &tls, config).await?,
                 )
             }
         };
-        Ok(EndpointClient {
-            endpoint,
-            client,
-            auth,
-            registry: registry.to_owned(),
-            retries: config.retries,
-        })
+        Ok(EndpointClient { endpoint, client, auth, registry: registry.to_owned(), retries: config.retries })
     }
 
     fn reference(&self, image: &ImageReference, digest: Option<&Digest>) -> Reference {
         let mut reference = match (digest.or(image.digest.as_ref()), &image.tag) {
-            (Some(digest), _) => Reference::with_digest(
-                image.registry.clone(),
-                image.repository.clone(),
-                digest.to_string(),
-            ),
-            (None, Some(tag)) => Reference::with_tag(
-                image.registry.clone(),
-                image.repository.clone(),
-                tag.clone(),
-            ),
-            (None, None) => Reference::with_tag(
-                image.registry.clone(),
-                image.repository.clone(),
-                "latest".into(),
-            ),
+            (Some(digest), _) => {
+                Reference::with_digest(image.registry.clone(), image.repository.clone(), digest.to_string())
+            }
+            (None, Some(tag)) => Reference::with_tag(image.registry.clone(), image.repository.clone(), tag.clone()),
+            (None, None) => Reference::with_tag(image.registry.clone(), image.repository.clone(), "latest".into()),
         };
         if self.endpoint.is_mirror {
             reference.set_mirror_registry(self.endpoint.host.clone());
@@ -236,11 +169,7 @@ impl EndpointClient {
 
     /// Fetches a manifest (or index) by the image's tag/digest, or by `digest`. Returns the raw
     /// bytes; the caller verifies them against the digest it expects.
-    pub async fn manifest(
-        &self,
-        image: &ImageReference,
-        digest: Option<&Digest>,
-    ) -> Result<bytes::Bytes, Error> {
+    pub async fn manifest(&self, image: &ImageReference, digest: Option<&Digest>) -> Result<bytes::Bytes, Error> {
         let reference = self.reference(image, digest);
         self.retry("fetch manifest", || async {
             self.client
@@ -253,19 +182,13 @@ impl EndpointClient {
     }
 
     /// Fetches a small blob (config) fully into memory, bounded by its declared size.
-    pub async fn small_blob(
-        &self,
-        image: &ImageReference,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<Vec<u8>, Error> {
+    pub async fn small_blob(&self, image: &ImageReference, digest: &Digest, size: u64) -> Result<Vec<u8>, Error> {
         use futures_util::StreamExt;
         self.retry("fetch blob", || async {
             let mut stream = self.blob_stream(image, digest, size).await?;
             let mut out = Vec::with_capacity(size.min(1 << 20) as usize);
             while let Some(chunk) = stream.next().await {
-                let chunk =
-                    chunk.map_err(|e| self.unavailable(format!("read blob {digest}: {e}")))?;
+                let chunk = chunk.map_err(|e| self.unavailable(format!("read blob {digest}: {e}")))?;
                 if out.len() as u64 + chunk.len() as u64 > size {
                     return Err(Error::SizeMismatch {
                         what: format!("blob {digest}"),
@@ -281,18 +204,9 @@ impl EndpointClient {
     }
 
     /// Starts streaming a blob (retrying the request, not the body).
-    pub async fn blob_stream(
-        &self,
-        image: &ImageReference,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<SizedStream, Error> {
+    pub async fn blob_stream(&self, image: &ImageReference, digest: &Digest, size: u64) -> Result<SizedStream, Error> {
         let reference = self.reference(image, None);
-        let descriptor = OciDescriptor {
-            digest: digest.to_string(),
-            size: size as i64,
-            ..Default::default()
-        };
+        let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..Default::default() };
         self.retry("fetch blob", || async {
             self.client
                 .pull_blob_stream(&reference, &descriptor)
@@ -303,10 +217,7 @@ impl EndpointClient {
     }
 
     pub fn unavailable(&self, detail: String) -> Error {
-        Error::Unavailable {
-            registry: self.endpoint.host.clone(),
-            detail,
-        }
+        Error::Unavailable { registry: self.endpoint.host.clone(), detail }
     }
 
     /// Runs `op`, retrying transient failures with exponential backoff.
@@ -357,21 +268,14 @@ fn map_oci_error(e: OciDistributionError, host: &str, registry: &str, what: &str
     debug!(host, error = ?e, "registry error");
     let host = host.to_owned();
     match e {
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Error::Unauthenticated {
-            registry: host,
-            detail: format!("{what}: {}", lower(&e.to_string())),
-        },
+        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+            Error::Unauthenticated { registry: host, detail: format!("{what}: {}", lower(&e.to_string())) }
+        }
         OciDistributionError::RegistryError { ref envelope, .. } => {
             let code = envelope.errors.first().map(|err| &err.code);
             let detail = format!(
                 "{what}: {}",
-                envelope
-                    .errors
-                    .iter()
-                    .map(|err| lower(&err.message))
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                envelope.errors.iter().map(|err| lower(&err.message)).collect::<Vec<_>>().join("; ")
             );
             match code {
                 Some(
@@ -383,49 +287,23 @@ fn map_oci_error(e: OciDistributionError, host: &str, registry: &str, what: &str
                     reference: what.to_owned(),
                     detail: format!("registry {registry} does not have it"),
                 },
-                Some(OciErrorCode::Unauthorized) => Error::Unauthenticated {
-                    registry: host,
-                    detail,
-                },
-                Some(OciErrorCode::Denied) => Error::PermissionDenied {
-                    registry: host,
-                    detail,
-                },
-                Some(OciErrorCode::Toomanyrequests) => Error::Unavailable {
-                    registry: host,
-                    detail,
-                },
-                _ => Error::Registry {
-                    registry: host,
-                    detail,
-                },
+                Some(OciErrorCode::Unauthorized) => Error::Unauthenticated { registry: host, detail },
+                Some(OciErrorCode::Denied) => Error::PermissionDenied { registry: host, detail },
+                Some(OciErrorCode::Toomanyrequests) => Error::Unavailable { registry: host, detail },
+                _ => Error::Registry { registry: host, detail },
             }
         }
-        OciDistributionError::ServerError {
-            code, ref message, ..
-        } => {
+        OciDistributionError::ServerError { code, ref message, .. } => {
             let detail = format!("{what}: http {code}: {}", lower(message.trim()));
             match code {
                 404 => Error::NotFound {
                     reference: what.to_owned(),
                     detail: format!("registry {registry} does not have it"),
                 },
-                401 => Error::Unauthenticated {
-                    registry: host,
-                    detail,
-                },
-                403 => Error::PermissionDenied {
-                    registry: host,
-                    detail,
-                },
-                408 | 429 | 500..=599 => Error::Unavailable {
-                    registry: host,
-                    detail,
-                },
-                _ => Error::Registry {
-                    registry: host,
-                    detail,
-                },
+                401 => Error::Unauthenticated { registry: host, detail },
+                403 => Error::PermissionDenied { registry: host, detail },
+                408 | 429 | 500..=599 => Error::Unavailable { registry: host, detail },
+                _ => Error::Registry { registry: host, detail },
             }
         }
         OciDistributionError::RequestError(ref inner) => {
@@ -436,24 +314,15 @@ fn map_oci_error(e: OciDistributionError, host: &str, registry: &str, what: &str
                 detail.push_str(&lower(&s.to_string()));
                 source = s.source();
             }
-            Error::Unavailable {
-                registry: host,
-                detail: format!("{what}: {detail}"),
-            }
+            Error::Unavailable { registry: host, detail: format!("{what}: {detail}") }
         }
-        OciDistributionError::IoError(ref inner) => Error::Unavailable {
-            registry: host,
-            detail: format!("{what}: {inner}"),
-        },
-        OciDistributionError::DigestError(ref inner) => Error::DigestMismatch {
-            what: what.to_owned(),
-            expected: String::new(),
-            actual: lower(&inner.to_string()),
-        },
-        other => Error::Registry {
-            registry: host,
-            detail: format!("{what}: {}", lower(&other.to_string())),
-        },
+        OciDistributionError::IoError(ref inner) => {
+            Error::Unavailable { registry: host, detail: format!("{what}: {inner}") }
+        }
+        OciDistributionError::DigestError(ref inner) => {
+            Error::DigestMismatch { what: what.to_owned(), expected: String::new(), actual: lower(&inner.to_string()) }
+        }
+        other => Error::Registry { registry: host, detail: format!("{what}: {}", lower(&other.to_string())) },
     }
 }
 
@@ -465,22 +334,12 @@ mod tests {
     fn mirrors_and_endpoints() {
         assert_eq!(
             Endpoint::parse_mirror("http://127.0.0.1:5001/").unwrap(),
-            Endpoint {
-                host: "127.0.0.1:5001".into(),
-                plain_http: true,
-                is_mirror: true
-            }
+            Endpoint { host: "127.0.0.1:5001".into(), plain_http: true, is_mirror: true }
         );
         assert!(!Endpoint::parse_mirror("mirror.example").unwrap().plain_http);
         assert!(Endpoint::parse_mirror("https://m.example/some/path").is_err());
-        let config = RegistryConfig {
-            mirrors: vec!["http://m1:1".into(), "m2".into()],
-            ..Default::default()
-        };
-        let hosts: Vec<_> = endpoints("docker.io", &config)
-            .into_iter()
-            .map(|e| e.host)
-            .collect();
+        let config = RegistryConfig { mirrors: vec!["http://m1:1".into(), "m2".into()], ..Default::default() };
+        let hosts: Vec<_> = endpoints("docker.io", &config).into_iter().map(|e| e.host).collect();
         assert_eq!(hosts, ["m1:1", "m2", "index.docker.io"]);
     }
 
@@ -488,10 +347,7 @@ mod tests {
     fn docker_auth_field() {
         assert_eq!(
             Credentials::from_docker_auth("dXNlcjpwYTpzcw==").unwrap(),
-            Credentials::Basic {
-                username: "user".into(),
-                password: "pa:ss".into()
-            }
+            Credentials::Basic { username: "user".into(), password: "pa:ss".into() }
         );
         assert!(Credentials::from_docker_auth("!!").is_err());
         assert!(!format!("{:?}", Credentials::RegistryToken("secret".into())).contains("secret"));

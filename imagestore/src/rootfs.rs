@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
-};
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags};
 use tracing::debug;
 
 use crate::error::{Error, IoContext};
@@ -37,11 +35,7 @@ pub struct Rootfs {
 
 impl Rootfs {
     /// Prepares `container_dir` (`upper/`, `work/`, `empty/`) for `lowerdirs` (top first).
-    pub(crate) fn prepare(
-        mut lowerdirs: Vec<PathBuf>,
-        container_dir: &Path,
-        readonly: bool,
-    ) -> Result<Rootfs, Error> {
+    pub(crate) fn prepare(mut lowerdirs: Vec<PathBuf>, container_dir: &Path, readonly: bool) -> Result<Rootfs, Error> {
         fs::create_dir_all(container_dir).ctx(|| format!("create {}", container_dir.display()))?;
         let (upperdir, workdir) = if readonly {
             (None, None)
@@ -63,12 +57,7 @@ impl Rootfs {
                 lowerdirs.push(empty.clone());
             }
         }
-        Ok(Rootfs {
-            lowerdirs,
-            upperdir,
-            workdir,
-            container_dir: container_dir.to_path_buf(),
-        })
+        Ok(Rootfs { lowerdirs, upperdir, workdir, container_dir: container_dir.to_path_buf() })
     }
 
     pub fn readonly(&self) -> bool {
@@ -97,10 +86,7 @@ impl Rootfs {
 
     fn mount_with_fsconfig(&self, target: &Path) -> Result<(), MountError> {
         let failed = |what: &str, e: Errno| {
-            MountError::Failed(Error::io(
-                format!("mount overlay on {}: {what}", target.display()),
-                e.into(),
-            ))
+            MountError::Failed(Error::io(format!("mount overlay on {}: {what}", target.display()), e.into()))
         };
         let fs = match rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
             Ok(fd) => fd,
@@ -120,27 +106,15 @@ impl Rootfs {
             }
         }
         if let (Some(upper), Some(work)) = (&self.upperdir, &self.workdir) {
-            rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper)
-                .map_err(|e| failed("upperdir", e))?;
-            rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work)
-                .map_err(|e| failed("workdir", e))?;
+            rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper).map_err(|e| failed("upperdir", e))?;
+            rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work).map_err(|e| failed("workdir", e))?;
         }
         rustix::mount::fsconfig_create(fs.as_fd()).map_err(|e| failed("create", e))?;
-        let attrs = if self.readonly() {
-            MountAttrFlags::MOUNT_ATTR_RDONLY
-        } else {
-            MountAttrFlags::empty()
-        };
+        let attrs = if self.readonly() { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
         let mnt = rustix::mount::fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs)
             .map_err(|e| failed("fsmount", e))?;
-        rustix::mount::move_mount(
-            mnt.as_fd(),
-            "",
-            rustix::fs::CWD,
-            target,
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-        .map_err(|e| failed("move_mount", e))?;
+        rustix::mount::move_mount(mnt.as_fd(), "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+            .map_err(|e| failed("move_mount", e))?;
         Ok(())
     }
 
@@ -155,43 +129,21 @@ impl Rootfs {
         }
         fs::create_dir(&links).ctx(|| format!("create {}", links.display()))?;
         for (i, lower) in self.lowerdirs.iter().enumerate() {
-            symlink(lower, links.join(i.to_string()))
-                .ctx(|| format!("link lower directory {}", lower.display()))?;
+            symlink(lower, links.join(i.to_string())).ctx(|| format!("link lower directory {}", lower.display()))?;
         }
-        let dir = rustix::fs::open(
-            &links,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx(|| format!("open {}", links.display()))?;
+        let dir = rustix::fs::open(&links, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .ctx(|| format!("open {}", links.display()))?;
         let prefix = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
-        let lowers: Vec<String> = (0..self.lowerdirs.len())
-            .map(|i| format!("{prefix}/{i}"))
-            .collect();
+        let lowers: Vec<String> = (0..self.lowerdirs.len()).map(|i| format!("{prefix}/{i}")).collect();
         let mut options = format!("lowerdir={}", lowers.join(":"));
         if let (Some(upper), Some(work)) = (&self.upperdir, &self.workdir) {
-            options.push_str(&format!(
-                ",upperdir={},workdir={}",
-                upper.display(),
-                work.display()
-            ));
+            options.push_str(&format!(",upperdir={},workdir={}", upper.display(), work.display()));
         }
-        let flags = if self.readonly() {
-            MountFlags::RDONLY
-        } else {
-            MountFlags::empty()
-        };
+        let flags = if self.readonly() { MountFlags::RDONLY } else { MountFlags::empty() };
         let data = std::ffi::CString::new(options.clone())
             .map_err(|_| Error::io("mount options", io::Error::other("nul byte in a path")))?;
         rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str()).map_err(|e| {
-            Error::io(
-                format!(
-                    "mount overlay on {} ({} bytes of options)",
-                    target.display(),
-                    options.len()
-                ),
-                e.into(),
-            )
+            Error::io(format!("mount overlay on {} ({} bytes of options)", target.display(), options.len()), e.into())
         })
     }
 }

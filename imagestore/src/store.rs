@@ -44,14 +44,10 @@ impl fmt::Display for ImageId {
 impl FromStr for ImageId {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        s.parse()
-            .map(ImageId)
-            .map_err(
-                |e: crate::digest::DigestParseError| Error::InvalidReference {
-                    reference: s.to_owned(),
-                    reason: e.0,
-                },
-            )
+        s.parse().map(ImageId).map_err(|e: crate::digest::DigestParseError| Error::InvalidReference {
+            reference: s.to_owned(),
+            reason: e.0,
+        })
     }
 }
 
@@ -99,9 +95,7 @@ pub struct ImageStore {
 
 impl fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ImageStore")
-            .field("root", &self.inner.root)
-            .finish_non_exhaustive()
+        f.debug_struct("ImageStore").field("root", &self.inner.root).finish_non_exhaustive()
     }
 }
 
@@ -170,38 +164,27 @@ struct RawDescriptor {
     platform: Option<Platform>,
 }
 
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-const CONFIG_TYPES: &[&str] = &[
-    "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.container.image.v1+json",
-];
+const INDEX_TYPES: &[&str] =
+    &["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+const CONFIG_TYPES: &[&str] =
+    &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
 
 /// Makes sure every unpacked layer was stored with `configured` as its owner shift, recording it
 /// for an empty or unrecorded store. Layers of another shift would show wrong owners in every
 /// container (files of a node user, or unmapped ids): the store then refuses to open.
-fn check_layer_uid_shift(
-    root: &Path,
-    meta: &mut Metadata,
-    layers: &LayerStore,
-    configured: u32,
-) -> Result<(), Error> {
+fn check_layer_uid_shift(root: &Path, meta: &mut Metadata, layers: &LayerStore, configured: u32) -> Result<(), Error> {
     let stored = match meta.layer_uid_shift() {
         Some(recorded) => Some(recorded),
         // Stores written before the shift was recorded: their owners tell.
         None => layers.detect_owner_shift()?,
     };
     match stored {
-        Some(stored) if stored != configured && !layers.list()?.is_empty() => {
-            Err(Error::InvalidConfig(format!(
-                "the layers in {} were unpacked with images.layer_uid_shift = {stored}, but the config says {configured}: \
+        Some(stored) if stored != configured && !layers.list()?.is_empty() => Err(Error::InvalidConfig(format!(
+            "the layers in {} were unpacked with images.layer_uid_shift = {stored}, but the config says {configured}: \
                  set images.layer_uid_shift = {stored} again, or remove every container, delete {} and pull the images again",
-                root.display(),
-                root.display()
-            )))
-        }
+            root.display(),
+            root.display()
+        ))),
         _ => meta.record_layer_uid_shift(configured),
     }
 }
@@ -212,8 +195,7 @@ impl ImageStore {
     pub fn open(root: &Path, config: StoreConfig) -> Result<ImageStore, Error> {
         config.validate()?;
         for dir in ["blobs", "layers"] {
-            fs::create_dir_all(root.join(dir))
-                .ctx(|| format!("create {}", root.join(dir).display()))?;
+            fs::create_dir_all(root.join(dir)).ctx(|| format!("create {}", root.join(dir).display()))?;
         }
         let tmp = root.join("tmp");
         match fs::remove_dir_all(&tmp) {
@@ -248,9 +230,7 @@ impl ImageStore {
             platform: Platform::host(),
             config,
         };
-        Ok(ImageStore {
-            inner: Arc::new(inner),
-        })
+        Ok(ImageStore { inner: Arc::new(inner) })
     }
 
     /// The directory the store lives in.
@@ -263,25 +243,14 @@ impl ImageStore {
     pub async fn pull(&self, reference: &str, auth: Option<Credentials>) -> Result<Image, Error> {
         let image_ref = ImageReference::parse(reference)?;
         let started = Instant::now();
-        let registry_config = self
-            .inner
-            .config
-            .registries
-            .get(&image_ref.registry)
-            .cloned()
-            .unwrap_or_default();
+        let registry_config = self.inner.config.registries.get(&image_ref.registry).cloned().unwrap_or_default();
         let mut last_error = None;
         for endpoint in registry::endpoints(&image_ref.registry, &registry_config) {
             let is_mirror = endpoint.is_mirror;
             let host = endpoint.host.clone();
             let attempt = async {
-                let client = EndpointClient::new(
-                    endpoint,
-                    &image_ref.registry,
-                    &self.inner.config,
-                    auth.as_ref(),
-                )
-                .await?;
+                let client =
+                    EndpointClient::new(endpoint, &image_ref.registry, &self.inner.config, auth.as_ref()).await?;
                 self.pull_from(&client, &image_ref).await
             };
             match attempt.await {
@@ -298,38 +267,24 @@ impl ImageStore {
                 Err(e) => return Err(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| Error::NotFound {
-            reference: reference.to_owned(),
-            detail: "no endpoint".into(),
-        }))
+        Err(last_error
+            .unwrap_or_else(|| Error::NotFound { reference: reference.to_owned(), detail: "no endpoint".into() }))
     }
 
-    async fn pull_from(
-        &self,
-        client: &EndpointClient,
-        image_ref: &ImageReference,
-    ) -> Result<Image, Error> {
+    async fn pull_from(&self, client: &EndpointClient, image_ref: &ImageReference) -> Result<Image, Error> {
         let body = client.manifest(image_ref, None).await?;
-        let top_digest =
-            verify_manifest_digest(&body, image_ref.digest.as_ref(), &image_ref.to_string())?;
+        let top_digest = verify_manifest_digest(&body, image_ref.digest.as_ref(), &image_ref.to_string())?;
         let top = parse_manifest(&body, &image_ref.to_string())?;
         let (manifest_body, manifest_digest, manifest, index) = if top.is_index {
             let entries = top.raw.manifests.clone().unwrap_or_default();
-            let chosen = platform::select(
-                &self.inner.platform,
-                entries.iter().map(|e| e.platform.as_ref()),
-            )
-            .ok_or_else(|| Error::NoMatchingPlatform {
-                reference: image_ref.to_string(),
-                platform: self.inner.platform.to_string(),
-            })?;
+            let chosen = platform::select(&self.inner.platform, entries.iter().map(|e| e.platform.as_ref()))
+                .ok_or_else(|| Error::NoMatchingPlatform {
+                    reference: image_ref.to_string(),
+                    platform: self.inner.platform.to_string(),
+                })?;
             let digest: Digest = parse_digest(&entries[chosen].digest, "manifest list entry")?;
             let body = client.manifest(image_ref, Some(&digest)).await?;
-            verify_manifest_digest(
-                &body,
-                Some(&digest),
-                &format!("{}@{digest}", image_ref.name()),
-            )?;
+            verify_manifest_digest(&body, Some(&digest), &format!("{}@{digest}", image_ref.name()))?;
             let manifest = parse_manifest(&body, &format!("{}@{digest}", image_ref.name()))?;
             if manifest.is_index {
                 return Err(Error::Unsupported {
@@ -337,21 +292,12 @@ impl ImageStore {
                     detail: format!("{digest} is an index inside an index"),
                 });
             }
-            (
-                body,
-                digest,
-                manifest,
-                Some((body_clone(&top.body), top_digest)),
-            )
+            (body, digest, manifest, Some((body_clone(&top.body), top_digest)))
         } else {
             (body.clone(), top_digest, top, None)
         };
 
-        let config_desc = manifest
-            .raw
-            .config
-            .clone()
-            .ok_or_else(|| invalid("manifest", "no config descriptor"))?;
+        let config_desc = manifest.raw.config.clone().ok_or_else(|| invalid("manifest", "no config descriptor"))?;
         if !CONFIG_TYPES.contains(&config_desc.media_type.as_str()) {
             return Err(Error::Unsupported {
                 what: "config media type".into(),
@@ -361,21 +307,14 @@ impl ImageStore {
         let config_digest = parse_digest(&config_desc.digest, "config descriptor")?;
         let config_size = descriptor_size(&config_desc, MAX_SMALL_BLOB)?;
         let _config_active = self.activate(vec![config_digest.clone(), manifest_digest.clone()]);
-        let config_bytes = self
-            .small_blob(client, image_ref, &config_digest, config_size, "config")
-            .await?;
-        let (config, diff_ids) =
-            parse_image_config(&config_bytes).map_err(|e| invalid("image config", &e))?;
+        let config_bytes = self.small_blob(client, image_ref, &config_digest, config_size, "config").await?;
+        let (config, diff_ids) = parse_image_config(&config_bytes).map_err(|e| invalid("image config", &e))?;
 
         let raw_layers = manifest.raw.layers.clone().unwrap_or_default();
         if raw_layers.len() != diff_ids.len() {
             return Err(invalid(
                 "image",
-                &format!(
-                    "manifest lists {} layers but the config has {} diff_ids",
-                    raw_layers.len(),
-                    diff_ids.len()
-                ),
+                &format!("manifest lists {} layers but the config has {} diff_ids", raw_layers.len(), diff_ids.len()),
             ));
         }
         let chains = chain_ids(&diff_ids);
@@ -395,29 +334,18 @@ impl ImageStore {
                 chain_id,
             });
         }
-        let mut keys: Vec<Digest> = layers
-            .iter()
-            .flat_map(|l| [l.chain_id.clone(), l.digest.clone()])
-            .collect();
+        let mut keys: Vec<Digest> = layers.iter().flat_map(|l| [l.chain_id.clone(), l.digest.clone()]).collect();
         keys.extend(index.as_ref().map(|(_, d)| d.clone()));
         let _layers_active = self.activate(keys);
 
         // All layers at once, bounded by the download semaphore; the first failure drops (and so
         // cancels) the others.
-        futures_util::future::try_join_all(
-            layers
-                .iter()
-                .map(|layer| self.ensure_layer(client, image_ref, layer)),
-        )
-        .await?;
+        futures_util::future::try_join_all(layers.iter().map(|layer| self.ensure_layer(client, image_ref, layer)))
+            .await?;
 
-        self.inner
-            .blobs
-            .put(&manifest_digest, &manifest_body, "manifest")?;
+        self.inner.blobs.put(&manifest_digest, &manifest_body, "manifest")?;
         if let Some((index_body, index_digest)) = &index {
-            self.inner
-                .blobs
-                .put(index_digest, index_body, "image index")?;
+            self.inner.blobs.put(index_digest, index_body, "image index")?;
         }
         let record = ImageRecord {
             id: config_digest.clone(),
@@ -429,23 +357,12 @@ impl ImageStore {
             config_size,
             layers,
             removed: false,
-            pulled_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            pulled_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
         // A digest reference names the manifest list if there is one, as containerd records it.
-        let repo_digest = image_ref.repo_digest(
-            image_ref
-                .digest
-                .as_ref()
-                .unwrap_or(&record.index.clone().unwrap_or(manifest_digest)),
-        );
-        let repo_tag = if image_ref.digest.is_none() {
-            image_ref.repo_tag()
-        } else {
-            None
-        };
+        let repo_digest = image_ref
+            .repo_digest(image_ref.digest.as_ref().unwrap_or(&record.index.clone().unwrap_or(manifest_digest)));
+        let repo_tag = if image_ref.digest.is_none() { image_ref.repo_tag() } else { None };
         let mut meta = lock(&self.inner.meta);
         meta.update(|images| {
             if let Some(tag) = &repo_tag {
@@ -453,9 +370,7 @@ impl ImageStore {
                     other.repo_tags.remove(tag);
                 }
             }
-            let entry = images
-                .entry(config_digest.clone())
-                .or_insert_with(|| record.clone());
+            let entry = images.entry(config_digest.clone()).or_insert_with(|| record.clone());
             if entry.removed {
                 *entry = record.clone();
             }
@@ -477,10 +392,7 @@ impl ImageStore {
         for key in &keys {
             *active.entry(key.clone()).or_default() += 1;
         }
-        ActiveGuard {
-            inner: &self.inner,
-            keys,
-        }
+        ActiveGuard { inner: &self.inner, keys }
     }
 
     /// Returns a small blob from the store, downloading it once if missing.
@@ -500,9 +412,7 @@ impl ImageStore {
             return Ok(data);
         }
         let data = client.small_blob(image_ref, digest, size).await?;
-        self.inner
-            .blobs
-            .put(digest, &data, &format!("{what} {digest}"))?;
+        self.inner.blobs.put(digest, &data, &format!("{what} {digest}"))?;
         Ok(data)
     }
 
@@ -517,32 +427,17 @@ impl ImageStore {
         if layers.exists(&layer.chain_id) {
             return Ok(());
         }
-        let _guard = self
-            .inner
-            .in_flight
-            .lock(&format!("layer {}", layer.chain_id))
-            .await;
+        let _guard = self.inner.in_flight.lock(&format!("layer {}", layer.chain_id)).await;
         if layers.exists(&layer.chain_id) {
             return Ok(());
         }
-        let _permit = self
-            .inner
-            .downloads
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let _permit = self.inner.downloads.clone().acquire_owned().await.expect("semaphore never closed");
         let started = Instant::now();
         if self.inner.blobs.exists(&layer.digest) {
-            let (store, blob_path, layer_c) = (
-                layers.clone(),
-                self.inner.blobs.path(&layer.digest),
-                layer.clone(),
-            );
+            let (store, blob_path, layer_c) = (layers.clone(), self.inner.blobs.path(&layer.digest), layer.clone());
             let (limits, shift) = (self.limits(), self.shift());
             let result = tokio::task::spawn_blocking(move || {
-                let file =
-                    fs::File::open(&blob_path).ctx(|| format!("open {}", blob_path.display()))?;
+                let file = fs::File::open(&blob_path).ctx(|| format!("open {}", blob_path.display()))?;
                 store.unpack_verified(&layer_c, file, None, limits, shift)
             })
             .await
@@ -585,29 +480,14 @@ impl ImageStore {
         image_ref: &ImageReference,
         layer: &Layer,
     ) -> Result<crate::unpack::UnpackStats, Error> {
-        let mut stream = client
-            .blob_stream(image_ref, &layer.digest, layer.size)
-            .await?;
-        let blob = if self.inner.config.keep_layer_blobs {
-            Some(self.inner.blobs.writer()?)
-        } else {
-            None
-        };
+        let mut stream = client.blob_stream(image_ref, &layer.digest, layer.size).await?;
+        let blob = if self.inner.config.keep_layer_blobs { Some(self.inner.blobs.writer()?) } else { None };
         let (tx, rx) = mpsc::channel::<Chunk>(64);
-        let (store, layer_c, limits, shift) = (
-            self.inner.layers.clone(),
-            layer.clone(),
-            self.limits(),
-            self.shift(),
-        );
+        let (store, layer_c, limits, shift) = (self.inner.layers.clone(), layer.clone(), self.limits(), self.shift());
         let unpacker = tokio::task::spawn_blocking(move || {
             store.unpack_verified(
                 &layer_c,
-                ChannelReader {
-                    rx,
-                    current: Bytes::new(),
-                    ended: false,
-                },
+                ChannelReader { rx, current: Bytes::new(), ended: false },
                 blob,
                 limits,
                 shift,
@@ -643,16 +523,11 @@ impl ImageStore {
         }
         let _ = tx.send(Chunk::End).await;
         drop(tx);
-        unpacker
-            .await
-            .map_err(|e| Error::io("unpack task", io::Error::other(e)))?
+        unpacker.await.map_err(|e| Error::io("unpack task", io::Error::other(e)))?
     }
 
     fn limits(&self) -> Limits {
-        Limits {
-            max_bytes: self.inner.config.max_layer_bytes,
-            max_entries: self.inner.config.max_layer_entries,
-        }
+        Limits { max_bytes: self.inner.config.max_layer_bytes, max_entries: self.inner.config.max_layer_entries }
     }
 
     fn shift(&self) -> IdShift {
@@ -660,11 +535,7 @@ impl ImageStore {
     }
 
     fn is_pinned(&self, record: &ImageRecord) -> bool {
-        record
-            .repo_tags
-            .iter()
-            .chain(&record.repo_digests)
-            .any(|r| self.inner.pinned.contains(r))
+        record.repo_tags.iter().chain(&record.repo_digests).any(|r| self.inner.pinned.contains(r))
     }
 
     fn to_image(&self, record: &ImageRecord) -> Image {
@@ -698,9 +569,7 @@ impl ImageStore {
                 visible().find(|r| r.repo_digests.contains(&wanted))
             }
             None => {
-                let tag = reference
-                    .repo_tag()
-                    .expect("a reference without digest has a tag");
+                let tag = reference.repo_tag().expect("a reference without digest has a tag");
                 visible().find(|r| r.repo_tags.contains(&tag))
             }
         })
@@ -715,11 +584,7 @@ impl ImageStore {
     /// All images.
     pub fn images(&self) -> Result<Vec<Image>, Error> {
         let meta = lock(&self.inner.meta);
-        Ok(meta
-            .records()
-            .filter(|r| !r.removed)
-            .map(|r| self.to_image(r))
-            .collect())
+        Ok(meta.records().filter(|r| !r.removed).map(|r| self.to_image(r)).collect())
     }
 
     /// The image's config JSON as pulled (for verbose status).
@@ -774,10 +639,7 @@ impl ImageStore {
                 live.insert(layer.chain_id.clone());
             }
         }
-        let mut report = GcReport {
-            images_removed: doomed.into_iter().map(ImageId).collect(),
-            ..Default::default()
-        };
+        let mut report = GcReport { images_removed: doomed.into_iter().map(ImageId).collect(), ..Default::default() };
         for chain_id in self.inner.layers.list()? {
             if !live.contains(&chain_id) {
                 self.inner.layers.remove(&chain_id)?;
@@ -827,39 +689,24 @@ impl ImageStore {
                 }
             }
         }
-        Ok(Usage {
-            used_bytes,
-            inodes_used: seen.len() as u64,
-            mountpoint: self.inner.root.clone(),
-        })
+        Ok(Usage { used_bytes, inodes_used: seen.len() as u64, mountpoint: self.inner.root.clone() })
     }
 
     /// Prepares a container's root filesystem from an image: returns the overlay to mount
     /// (layers plus, unless `readonly`, upper and work directories made in `container_dir`).
-    pub fn rootfs(
-        &self,
-        image: &ImageId,
-        container_dir: &Path,
-        readonly: bool,
-    ) -> Result<Rootfs, Error> {
+    pub fn rootfs(&self, image: &ImageId, container_dir: &Path, readonly: bool) -> Result<Rootfs, Error> {
         let record = {
             let meta = lock(&self.inner.meta);
             meta.get(&image.0).cloned()
         }
-        .ok_or_else(|| Error::NotFound {
-            reference: image.to_string(),
-            detail: "no such image in the store".into(),
-        })?;
+        .ok_or_else(|| Error::NotFound { reference: image.to_string(), detail: "no such image in the store".into() })?;
         let mut lowers = Vec::with_capacity(record.layers.len());
         for layer in record.layers.iter().rev() {
             let path = self.inner.layers.diff_path(&layer.chain_id);
             if !path.is_dir() {
                 return Err(Error::NotFound {
                     reference: image.to_string(),
-                    detail: format!(
-                        "layer {} is missing from the store; pull the image again",
-                        layer.digest
-                    ),
+                    detail: format!("layer {} is missing from the store; pull the image again", layer.digest),
                 });
             }
             lowers.push(path);
@@ -874,34 +721,25 @@ fn body_clone(b: &Bytes) -> Bytes {
 
 fn mirror_may_fall_back(e: &Error) -> bool {
     use crate::error::ErrorKind as K;
-    matches!(
-        e.kind(),
-        K::NotFound | K::Unavailable | K::Unauthenticated | K::PermissionDenied
-    ) || matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch { .. })
+    matches!(e.kind(), K::NotFound | K::Unavailable | K::Unauthenticated | K::PermissionDenied)
+        || matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch { .. })
 }
 
 fn invalid(what: &str, detail: &str) -> Error {
-    Error::InvalidContent {
-        what: what.to_owned(),
-        detail: detail.to_owned(),
-    }
+    Error::InvalidContent { what: what.to_owned(), detail: detail.to_owned() }
 }
 
 fn parse_digest(s: &str, what: &str) -> Result<Digest, Error> {
-    s.parse()
-        .map_err(|e: crate::digest::DigestParseError| invalid(what, &e.0))
+    s.parse().map_err(|e: crate::digest::DigestParseError| invalid(what, &e.0))
 }
 
 fn descriptor_size(desc: &RawDescriptor, max: u64) -> Result<u64, Error> {
-    let size = u64::try_from(desc.size)
-        .map_err(|_| invalid("descriptor", &format!("negative size for {}", desc.digest)))?;
+    let size =
+        u64::try_from(desc.size).map_err(|_| invalid("descriptor", &format!("negative size for {}", desc.digest)))?;
     if size > max {
         return Err(invalid(
             "descriptor",
-            &format!(
-                "{} declares {size} bytes, more than the {max} allowed",
-                desc.digest
-            ),
+            &format!("{} declares {size} bytes, more than the {max} allowed", desc.digest),
         ));
     }
     Ok(size)
@@ -915,28 +753,20 @@ struct ParsedManifest {
 
 fn parse_manifest(body: &Bytes, what: &str) -> Result<ParsedManifest, Error> {
     if body.len() as u64 > MAX_SMALL_BLOB {
-        return Err(invalid(
-            "manifest",
-            &format!("{what} is larger than {MAX_SMALL_BLOB} bytes"),
-        ));
+        return Err(invalid("manifest", &format!("{what} is larger than {MAX_SMALL_BLOB} bytes")));
     }
-    let raw: RawManifest =
-        serde_json::from_slice(body).map_err(|e| invalid("manifest", &format!("{what}: {e}")))?;
+    let raw: RawManifest = serde_json::from_slice(body).map_err(|e| invalid("manifest", &format!("{what}: {e}")))?;
     if raw.schema_version != 2 {
         return Err(Error::Unsupported {
             what: "manifest".into(),
-            detail: format!(
-                "schema version {} of {what} (docker schema 1 is not supported)",
-                raw.schema_version
-            ),
+            detail: format!("schema version {} of {what} (docker schema 1 is not supported)", raw.schema_version),
         });
     }
     let is_index = match raw.media_type.as_deref() {
         Some(t) if INDEX_TYPES.contains(&t) => true,
-        Some(
-            "application/vnd.oci.image.manifest.v1+json"
-            | "application/vnd.docker.distribution.manifest.v2+json",
-        ) => false,
+        Some("application/vnd.oci.image.manifest.v1+json" | "application/vnd.docker.distribution.manifest.v2+json") => {
+            false
+        }
         Some(other) => {
             return Err(Error::Unsupported {
                 what: "manifest media type".into(),
@@ -946,23 +776,12 @@ fn parse_manifest(body: &Bytes, what: &str) -> Result<ParsedManifest, Error> {
         None => raw.manifests.is_some() && raw.config.is_none(),
     };
     if !is_index && (raw.config.is_none() || raw.layers.is_none()) {
-        return Err(invalid(
-            "manifest",
-            &format!("{what} has no config or layers"),
-        ));
+        return Err(invalid("manifest", &format!("{what} has no config or layers")));
     }
-    Ok(ParsedManifest {
-        raw,
-        is_index,
-        body: body.clone(),
-    })
+    Ok(ParsedManifest { raw, is_index, body: body.clone() })
 }
 
-fn verify_manifest_digest(
-    body: &[u8],
-    expected: Option<&Digest>,
-    what: &str,
-) -> Result<Digest, Error> {
+fn verify_manifest_digest(body: &[u8], expected: Option<&Digest>, what: &str) -> Result<Digest, Error> {
     let algorithm = expected.map_or(crate::digest::Algorithm::Sha256, |d| d.algorithm());
     let mut hasher = Hasher::new(algorithm);
     hasher.update(body);

@@ -13,17 +13,8 @@ use crate::store::{ImageId, ImageStore};
 use crate::test_registry::{Auth, FakeRegistry, push_image, push_index, tar_with};
 
 fn config_for(reg: &FakeRegistry) -> StoreConfig {
-    let mut config = StoreConfig {
-        retries: 2,
-        ..StoreConfig::default()
-    };
-    config.registries.insert(
-        reg.host(),
-        RegistryConfig {
-            plain_http: true,
-            ..Default::default()
-        },
-    );
+    let mut config = StoreConfig { retries: 2, ..StoreConfig::default() };
+    config.registries.insert(reg.host(), RegistryConfig { plain_http: true, ..Default::default() });
     config
 }
 
@@ -32,45 +23,27 @@ fn open(root: &Path, config: StoreConfig) -> ImageStore {
 }
 
 fn tmp_is_empty(root: &Path) -> bool {
-    fs::read_dir(root.join("tmp"))
-        .map(|d| d.count() == 0)
-        .unwrap_or(true)
+    fs::read_dir(root.join("tmp")).map(|d| d.count() == 0).unwrap_or(true)
 }
 
 fn layer_count(root: &Path) -> usize {
-    fs::read_dir(root.join("layers/sha256"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    fs::read_dir(root.join("layers/sha256")).map(|d| d.count()).unwrap_or(0)
 }
 
 fn two_layers() -> Vec<Vec<u8>> {
-    vec![
-        tar_with(&[("bin/sh", b"shell"), ("etc/passwd", b"root:x:0:0")]),
-        tar_with(&[("app/run", b"run")]),
-    ]
+    vec![tar_with(&[("bin/sh", b"shell"), ("etc/passwd", b"root:x:0:0")]), tar_with(&[("app/run", b"run")])]
 }
 
 #[tokio::test]
 async fn pulls_by_tag_and_digest_and_keeps_one_image_for_two_names() {
     let reg = FakeRegistry::start().await;
-    let (manifest, config) =
-        push_image(&reg, "pause", Some("3.9"), &two_layers(), "65535", "amd64");
-    push_image(
-        &reg,
-        "k8s/pause",
-        Some("3.9"),
-        &two_layers(),
-        "65535",
-        "amd64",
-    );
+    let (manifest, config) = push_image(&reg, "pause", Some("3.9"), &two_layers(), "65535", "amd64");
+    push_image(&reg, "k8s/pause", Some("3.9"), &two_layers(), "65535", "amd64");
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
     let host = reg.host();
 
-    let image = store
-        .pull(&format!("{host}/pause:3.9"), None)
-        .await
-        .unwrap();
+    let image = store.pull(&format!("{host}/pause:3.9"), None).await.unwrap();
     assert_eq!(image.id.to_string(), config.to_string());
     assert_eq!(image.repo_tags, [format!("{host}/pause:3.9")]);
     assert_eq!(image.repo_digests, [format!("{host}/pause@{manifest}")]);
@@ -79,45 +52,22 @@ async fn pulls_by_tag_and_digest_and_keeps_one_image_for_two_names() {
     assert_eq!(image.layers.len(), 2);
     assert!(image.size > 0);
     assert_eq!(layer_count(dir.path()), 2);
-    let top = store
-        .rootfs(&image.id, &dir.path().join("c1"), true)
-        .unwrap();
+    let top = store.rootfs(&image.id, &dir.path().join("c1"), true).unwrap();
     assert_eq!(fs::read(top.lowerdirs[0].join("app/run")).unwrap(), b"run");
     assert_eq!(fs::read(top.lowerdirs[1].join("bin/sh")).unwrap(), b"shell");
 
-    let again = store
-        .pull(&format!("{host}/k8s/pause:3.9"), None)
-        .await
-        .unwrap();
+    let again = store.pull(&format!("{host}/k8s/pause:3.9"), None).await.unwrap();
     assert_eq!(again.id, image.id);
-    assert_eq!(
-        again.repo_tags,
-        [format!("{host}/k8s/pause:3.9"), format!("{host}/pause:3.9")]
-    );
+    assert_eq!(again.repo_tags, [format!("{host}/k8s/pause:3.9"), format!("{host}/pause:3.9")]);
     assert_eq!(store.images().unwrap().len(), 1);
     assert_eq!(layer_count(dir.path()), 2, "a layer was unpacked twice");
-    for name in [
-        format!("{host}/pause:3.9"),
-        image.id.to_string(),
-        config.hex().to_owned(),
-        format!("{host}/pause@{manifest}"),
-    ] {
-        assert_eq!(
-            store.image(&name).unwrap().map(|i| i.id),
-            Some(image.id.clone()),
-            "{name}"
-        );
+    for name in
+        [format!("{host}/pause:3.9"), image.id.to_string(), config.hex().to_owned(), format!("{host}/pause@{manifest}")]
+    {
+        assert_eq!(store.image(&name).unwrap().map(|i| i.id), Some(image.id.clone()), "{name}");
     }
-    assert!(
-        store
-            .image(&format!("{host}/pause:3.10"))
-            .unwrap()
-            .is_none()
-    );
-    assert_eq!(
-        store.image("Not A Reference").unwrap_err().kind(),
-        ErrorKind::InvalidArgument
-    );
+    assert!(store.image(&format!("{host}/pause:3.10")).unwrap().is_none());
+    assert_eq!(store.image("Not A Reference").unwrap_err().kind(), ErrorKind::InvalidArgument);
 
     // Removing by one tag removes the image with all its names; absent is fine.
     store.remove(&format!("{host}/k8s/pause:3.9")).unwrap();
@@ -127,10 +77,7 @@ async fn pulls_by_tag_and_digest_and_keeps_one_image_for_two_names() {
     store.remove(&image.id.to_string()).unwrap();
 
     // By digest: no tag, exactly that repo digest.
-    let by_digest = store
-        .pull(&format!("{host}/pause@{manifest}"), None)
-        .await
-        .unwrap();
+    let by_digest = store.pull(&format!("{host}/pause@{manifest}"), None).await.unwrap();
     assert!(by_digest.repo_tags.is_empty());
     assert_eq!(by_digest.repo_digests, [format!("{host}/pause@{manifest}")]);
     assert!(tmp_is_empty(dir.path()));
@@ -141,31 +88,14 @@ async fn can_drop_layer_blobs_after_unpacking() {
     let reg = FakeRegistry::start().await;
     push_image(&reg, "lean", Some("1"), &two_layers(), "", "amd64");
     let dir = tempfile::tempdir().unwrap();
-    let store = open(
-        dir.path(),
-        StoreConfig {
-            keep_layer_blobs: false,
-            ..config_for(&reg)
-        },
-    );
-    let image = store
-        .pull(&format!("{}/lean:1", reg.host()), None)
-        .await
-        .unwrap();
-    let blobs: Vec<_> = fs::read_dir(dir.path().join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        blobs.len(),
-        2,
-        "only the manifest and the config: {blobs:?}"
-    );
+    let store = open(dir.path(), StoreConfig { keep_layer_blobs: false, ..config_for(&reg) });
+    let image = store.pull(&format!("{}/lean:1", reg.host()), None).await.unwrap();
+    let blobs: Vec<_> =
+        fs::read_dir(dir.path().join("blobs/sha256")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(blobs.len(), 2, "only the manifest and the config: {blobs:?}");
     assert_eq!(layer_count(dir.path()), 2);
     assert!(tmp_is_empty(dir.path()));
-    store
-        .rootfs(&image.id, &dir.path().join("c"), true)
-        .unwrap();
+    store.rootfs(&image.id, &dir.path().join("c"), true).unwrap();
 }
 
 #[tokio::test]
@@ -174,57 +104,25 @@ async fn metadata_and_layers_survive_reopen() {
     push_image(&reg, "app", Some("1"), &two_layers(), "1000:1000", "amd64");
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
-    let image = store
-        .pull(&format!("{}/app:1", reg.host()), None)
-        .await
-        .unwrap();
+    let image = store.pull(&format!("{}/app:1", reg.host()), None).await.unwrap();
     drop(store);
     // A leftover of an interrupted pull is discarded on open.
     fs::create_dir_all(dir.path().join("tmp/layer-crashed/diff")).unwrap();
     let store = open(dir.path(), config_for(&reg));
     assert!(tmp_is_empty(dir.path()));
-    let found = store
-        .image(&format!("{}/app:1", reg.host()))
-        .unwrap()
-        .unwrap();
+    let found = store.image(&format!("{}/app:1", reg.host())).unwrap().unwrap();
     assert_eq!(found, image);
-    store
-        .rootfs(&image.id, &dir.path().join("c"), false)
-        .unwrap();
-    assert!(
-        store
-            .config_json(&image.id)
-            .unwrap()
-            .unwrap()
-            .starts_with(b"{")
-    );
+    store.rootfs(&image.id, &dir.path().join("c"), false).unwrap();
+    assert!(store.config_json(&image.id).unwrap().unwrap().starts_with(b"{"));
 }
 
 #[tokio::test]
 async fn selects_this_nodes_platform_from_an_index() {
     let reg = FakeRegistry::start().await;
     let host_arch = crate::platform::Platform::host().architecture;
-    let other = if host_arch == "amd64" {
-        "arm64"
-    } else {
-        "amd64"
-    };
-    let (m_other, _) = push_image(
-        &reg,
-        "multi",
-        None,
-        &[tar_with(&[("other", b"1")])],
-        "",
-        other,
-    );
-    let (m_host, c_host) = push_image(
-        &reg,
-        "multi",
-        None,
-        &[tar_with(&[("host", b"1")])],
-        "",
-        &host_arch,
-    );
+    let other = if host_arch == "amd64" { "arm64" } else { "amd64" };
+    let (m_other, _) = push_image(&reg, "multi", None, &[tar_with(&[("other", b"1")])], "", other);
+    let (m_host, c_host) = push_image(&reg, "multi", None, &[tar_with(&[("host", b"1")])], "", &host_arch);
     let index = push_index(
         &reg,
         "multi",
@@ -237,38 +135,23 @@ async fn selects_this_nodes_platform_from_an_index() {
     );
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
-    let image = store
-        .pull(&format!("{}/multi", reg.host()), None)
-        .await
-        .unwrap();
+    let image = store.pull(&format!("{}/multi", reg.host()), None).await.unwrap();
     assert_eq!(image.id.0, c_host);
     assert_eq!(image.repo_tags, [format!("{}/multi:latest", reg.host())]);
     // As containerd does, the repo digest is the index digest the name resolved to.
-    assert_eq!(
-        image.repo_digests,
-        [format!("{}/multi@{index}", reg.host())]
-    );
+    assert_eq!(image.repo_digests, [format!("{}/multi@{index}", reg.host())]);
 
     let none = push_index(&reg, "multi", "s390", &[("linux/s390x", c_host.clone())]);
     let _ = none;
-    let err = store
-        .pull(&format!("{}/multi:s390", reg.host()), None)
-        .await
-        .unwrap_err();
+    let err = store.pull(&format!("{}/multi:s390", reg.host()), None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
-    assert!(
-        err.to_string().contains("no image for platform linux/"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("no image for platform linux/"), "{err}");
 }
 
 #[tokio::test]
 async fn concurrent_pulls_download_each_blob_once() {
     let reg = FakeRegistry::start().await;
-    let big = vec![
-        tar_with(&[("a", &vec![1u8; 400 << 10])]),
-        tar_with(&[("b", &vec![2u8; 400 << 10])]),
-    ];
+    let big = vec![tar_with(&[("a", &vec![1u8; 400 << 10])]), tar_with(&[("b", &vec![2u8; 400 << 10])])];
     push_image(&reg, "one", Some("1"), &big, "", "amd64");
     push_image(&reg, "two", Some("1"), &big, "", "amd64");
     reg.state().blob_delay = Some(Duration::from_millis(2));
@@ -278,13 +161,7 @@ async fn concurrent_pulls_download_each_blob_once() {
     let (one, two) = (format!("{host}/one:1"), format!("{host}/two:1"));
     let (a, b) = tokio::join!(store.pull(&one, None), store.pull(&two, None));
     assert_eq!(a.unwrap().id, b.unwrap().id);
-    let layer_gets: usize = reg
-        .state()
-        .hits
-        .iter()
-        .filter(|(p, _)| p.contains("/blobs/"))
-        .map(|(_, n)| *n)
-        .sum();
+    let layer_gets: usize = reg.state().hits.iter().filter(|(p, _)| p.contains("/blobs/")).map(|(_, n)| *n).sum();
     // Two layer blobs and one config blob, each fetched by exactly one of the two pulls.
     assert_eq!(layer_gets, 3, "{:?}", reg.state().hits);
 }
@@ -301,18 +178,12 @@ async fn refuses_content_that_does_not_match_its_digest() {
     reg.tamper_blob(&digest, &tampered);
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
-    let err = store
-        .pull(&format!("{}/evil:1", reg.host()), None)
-        .await
-        .unwrap_err();
+    let err = store.pull(&format!("{}/evil:1", reg.host()), None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
     assert!(store.images().unwrap().is_empty());
     assert!(tmp_is_empty(dir.path()));
-    assert!(
-        !dir.path().join("blobs/sha256").join(digest.hex()).exists(),
-        "unverified blob stored"
-    );
+    assert!(!dir.path().join("blobs/sha256").join(digest.hex()).exists(), "unverified blob stored");
 
     // A config whose diff_ids do not describe the layers.
     let reg2 = FakeRegistry::start().await;
@@ -330,17 +201,9 @@ async fn refuses_content_that_does_not_match_its_digest() {
         config.len(),
         gz.len()
     );
-    reg2.put_manifest(
-        "liar",
-        Some("2"),
-        crate::test_registry::OCI_MANIFEST,
-        manifest.as_bytes(),
-    );
+    reg2.put_manifest("liar", Some("2"), crate::test_registry::OCI_MANIFEST, manifest.as_bytes());
     let store2 = open(&dir.path().join("s2"), config_for(&reg2));
-    let err = store2
-        .pull(&format!("{}/liar:2", reg2.host()), None)
-        .await
-        .unwrap_err();
+    let err = store2.pull(&format!("{}/liar:2", reg2.host()), None).await.unwrap_err();
     assert!(err.to_string().contains("diff_id"), "{err}");
     assert!(store2.images().unwrap().is_empty());
 }
@@ -356,23 +219,12 @@ async fn a_cancelled_pull_leaves_nothing_visible() {
             (x >> 16) as u8
         })
         .collect();
-    push_image(
-        &reg,
-        "slow",
-        Some("1"),
-        &[tar_with(&[("big", &noise)])],
-        "",
-        "amd64",
-    );
+    push_image(&reg, "slow", Some("1"), &[tar_with(&[("big", &noise)])], "", "amd64");
     reg.state().blob_delay = Some(Duration::from_millis(20));
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
     let name = format!("{}/slow:1", reg.host());
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), store.pull(&name, None))
-            .await
-            .is_err()
-    );
+    assert!(tokio::time::timeout(Duration::from_millis(300), store.pull(&name, None)).await.is_err());
     // The blocking unpacker notices the closed channel and cleans up.
     for _ in 0..100 {
         if tmp_is_empty(dir.path()) {
@@ -399,37 +251,19 @@ async fn authenticates_with_each_kind_of_credentials() {
     let store = open(dir.path(), config_for(&reg));
     let err = store.pull(&name, None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unauthenticated, "{err}");
-    let wrong = Credentials::Basic {
-        username: "alice".into(),
-        password: "wrong".into(),
-    };
-    assert_eq!(
-        store.pull(&name, Some(wrong)).await.unwrap_err().kind(),
-        ErrorKind::Unauthenticated
-    );
+    let wrong = Credentials::Basic { username: "alice".into(), password: "wrong".into() };
+    assert_eq!(store.pull(&name, Some(wrong)).await.unwrap_err().kind(), ErrorKind::Unauthenticated);
     let right = Credentials::from_docker_auth("YWxpY2U6czNjcmV0").unwrap();
     store.pull(&name, Some(right)).await.unwrap();
 
-    reg.state().auth = Auth::Bearer {
-        token: "access-1".into(),
-        refresh: "refresh-1".into(),
-    };
+    reg.state().auth = Auth::Bearer { token: "access-1".into(), refresh: "refresh-1".into() };
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
-    store
-        .pull(&name, Some(Credentials::RegistryToken("access-1".into())))
-        .await
-        .unwrap();
+    store.pull(&name, Some(Credentials::RegistryToken("access-1".into()))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
-    store
-        .pull(&name, Some(Credentials::IdentityToken("refresh-1".into())))
-        .await
-        .unwrap();
-    let err = store
-        .pull(&name, Some(Credentials::IdentityToken("stolen".into())))
-        .await
-        .unwrap_err();
+    store.pull(&name, Some(Credentials::IdentityToken("refresh-1".into()))).await.unwrap();
+    let err = store.pull(&name, Some(Credentials::IdentityToken("stolen".into()))).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unauthenticated, "{err}");
 }
 
@@ -438,18 +272,12 @@ async fn tries_mirrors_in_order_and_retries_transient_failures() {
     let reg = FakeRegistry::start().await;
     push_image(&reg, "library/app", Some("1"), &two_layers(), "", "amd64");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig {
-        retries: 3,
-        ..StoreConfig::default()
-    };
+    let mut config = StoreConfig { retries: 3, ..StoreConfig::default() };
     // docker.io is reached through the mirrors; the first one is down.
     config.registries.insert(
         "docker.io".into(),
         RegistryConfig {
-            mirrors: vec![
-                "http://127.0.0.1:1".into(),
-                format!("http://{}", reg.host()),
-            ],
+            mirrors: vec!["http://127.0.0.1:1".into(), format!("http://{}", reg.host())],
             ..Default::default()
         },
     );
@@ -459,39 +287,18 @@ async fn tries_mirrors_in_order_and_retries_transient_failures() {
     let image = store.pull("app:1", None).await.unwrap();
     assert_eq!(image.repo_tags, ["docker.io/library/app:1"]);
     let requests = reg.state().requests.clone();
-    assert!(
-        requests
-            .iter()
-            .any(|r| r.contains("/v2/library/app/manifests/1?ns=docker.io")),
-        "{requests:?}"
-    );
-    assert!(
-        reg.hits("/blobs/") >= 5,
-        "503s were not retried: {:?}",
-        reg.state().hits
-    );
+    assert!(requests.iter().any(|r| r.contains("/v2/library/app/manifests/1?ns=docker.io")), "{requests:?}");
+    assert!(reg.hits("/blobs/") >= 5, "503s were not retried: {:?}", reg.state().hits);
 
     // An unreachable registry without mirrors is Unavailable.
-    let mut config = StoreConfig {
-        retries: 0,
-        ..StoreConfig::default()
-    };
-    config.registries.insert(
-        "127.0.0.1:1".into(),
-        RegistryConfig {
-            plain_http: true,
-            ..Default::default()
-        },
-    );
+    let mut config = StoreConfig { retries: 0, ..StoreConfig::default() };
+    config.registries.insert("127.0.0.1:1".into(), RegistryConfig { plain_http: true, ..Default::default() });
     let store = open(&dir.path().join("s2"), config);
     let err = store.pull("127.0.0.1:1/app:1", None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     // A missing image is NotFound.
     let store = open(&dir.path().join("s3"), config_for(&reg));
-    let err = store
-        .pull(&format!("{}/nothing:1", reg.host()), None)
-        .await
-        .unwrap_err();
+    let err = store.pull(&format!("{}/nothing:1", reg.host()), None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     crate::unpack_tests::assert_lowercase(&err.to_string());
 }
@@ -500,30 +307,15 @@ async fn tries_mirrors_in_order_and_retries_transient_failures() {
 async fn gc_keeps_what_is_used_or_pinned_and_deletes_the_rest() {
     let reg = FakeRegistry::start().await;
     push_image(&reg, "used", Some("1"), &two_layers(), "", "amd64");
-    push_image(
-        &reg,
-        "pause",
-        Some("3.9"),
-        &[tar_with(&[("pause", b"p")])],
-        "",
-        "amd64",
-    );
+    push_image(&reg, "pause", Some("3.9"), &[tar_with(&[("pause", b"p")])], "", "amd64");
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_for(&reg);
     config.pinned_images = vec![format!("{}/pause:3.9", reg.host())];
     let store = open(dir.path(), config);
-    let used = store
-        .pull(&format!("{}/used:1", reg.host()), None)
-        .await
-        .unwrap();
-    let pause = store
-        .pull(&format!("{}/pause:3.9", reg.host()), None)
-        .await
-        .unwrap();
+    let used = store.pull(&format!("{}/used:1", reg.host()), None).await.unwrap();
+    let pause = store.pull(&format!("{}/pause:3.9", reg.host()), None).await.unwrap();
     assert!(pause.pinned && !used.pinned);
-    let blobs_before = fs::read_dir(dir.path().join("blobs/sha256"))
-        .unwrap()
-        .count();
+    let blobs_before = fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
 
     // Nothing is garbage while every image is visible.
     assert_eq!(store.gc(&HashSet::new()).unwrap(), Default::default());
@@ -531,28 +323,16 @@ async fn gc_keeps_what_is_used_or_pinned_and_deletes_the_rest() {
     store.remove(&used.id.to_string()).unwrap();
     let in_use: HashSet<ImageId> = [used.id.clone()].into();
     let report = store.gc(&in_use).unwrap();
-    assert!(
-        report.images_removed.is_empty() && report.layers_removed == 0,
-        "{report:?}"
-    );
-    store
-        .rootfs(&used.id, &dir.path().join("c"), false)
-        .unwrap();
+    assert!(report.images_removed.is_empty() && report.layers_removed == 0, "{report:?}");
+    store.rootfs(&used.id, &dir.path().join("c"), false).unwrap();
     // Once unused it goes, with its layers and blobs; the pinned image stays.
     let report = store.gc(&HashSet::new()).unwrap();
     assert_eq!(report.images_removed, std::slice::from_ref(&used.id));
     assert_eq!(report.layers_removed, 2);
     assert_eq!(report.blobs_removed, 4, "{report:?}"); // config, manifest, two layer blobs
-    assert_eq!(
-        fs::read_dir(dir.path().join("blobs/sha256"))
-            .unwrap()
-            .count(),
-        blobs_before - 4
-    );
+    assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), blobs_before - 4);
     assert_eq!(store.images().unwrap().len(), 1);
-    store
-        .rootfs(&pause.id, &dir.path().join("p"), true)
-        .unwrap();
+    store.rootfs(&pause.id, &dir.path().join("p"), true).unwrap();
     let usage = store.usage().unwrap();
     assert!(usage.used_bytes > 0 && usage.inodes_used > 5, "{usage:?}");
     assert_eq!(usage.mountpoint, dir.path());
@@ -562,29 +342,16 @@ async fn gc_keeps_what_is_used_or_pinned_and_deletes_the_rest() {
 async fn refuses_what_it_cannot_run() {
     let reg = FakeRegistry::start().await;
     let schema1 = br#"{"schemaVersion":1,"name":"old","tag":"1","fsLayers":[]}"#;
-    reg.put_manifest(
-        "old",
-        Some("1"),
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        schema1,
-    );
+    reg.put_manifest("old", Some("1"), "application/vnd.docker.distribution.manifest.v1+prettyjws", schema1);
     let helm = reg.put_blob(b"{}");
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.cncf.helm.config.v1+json","digest":"{helm}","size":2}},"layers":[]}}"#
     );
-    reg.put_manifest(
-        "chart",
-        Some("1"),
-        crate::test_registry::OCI_MANIFEST,
-        manifest.as_bytes(),
-    );
+    reg.put_manifest("chart", Some("1"), crate::test_registry::OCI_MANIFEST, manifest.as_bytes());
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
     for name in ["old:1", "chart:1"] {
-        let err = store
-            .pull(&format!("{}/{name}", reg.host()), None)
-            .await
-            .unwrap_err();
+        let err = store.pull(&format!("{}/{name}", reg.host()), None).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{name}: {err}");
     }
     let err = store.pull("Upper:1", None).await.unwrap_err();
@@ -603,17 +370,8 @@ async fn mounts_an_image_of_128_layers() {
         .collect();
     push_image(&reg, "tall", Some("1"), &layers, "", "amd64");
     let dir = tempfile::tempdir().unwrap();
-    let store = open(
-        dir.path(),
-        StoreConfig {
-            max_concurrent_downloads: 8,
-            ..config_for(&reg)
-        },
-    );
-    let image = store
-        .pull(&format!("{}/tall:1", reg.host()), None)
-        .await
-        .unwrap();
+    let store = open(dir.path(), StoreConfig { max_concurrent_downloads: 8, ..config_for(&reg) });
+    let image = store.pull(&format!("{}/tall:1", reg.host()), None).await.unwrap();
     let full_options: usize = store
         .rootfs(&image.id, &dir.path().join("x"), false)
         .unwrap()
@@ -621,10 +379,7 @@ async fn mounts_an_image_of_128_layers() {
         .iter()
         .map(|p| p.as_os_str().len() + 1)
         .sum();
-    assert!(
-        full_options > 4096,
-        "the test must exceed a page of options ({full_options})"
-    );
+    assert!(full_options > 4096, "the test must exceed a page of options ({full_options})");
     for (readonly, legacy) in [(false, false), (true, false), (false, true), (true, true)] {
         let container = dir.path().join(format!("c-{readonly}-{legacy}"));
         let rootfs = store.rootfs(&image.id, &container, readonly).unwrap();
@@ -675,28 +430,15 @@ async fn pulls_docker_schema2_manifests_and_lists() {
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[{{"mediaType":"{docker_v2}","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}]}}"#,
         manifest.len()
     );
-    reg.put_manifest(
-        "d",
-        Some("1"),
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        list.as_bytes(),
-    );
+    reg.put_manifest("d", Some("1"), "application/vnd.docker.distribution.manifest.list.v2+json", list.as_bytes());
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), config_for(&reg));
-    let image = store
-        .pull(&format!("{}/d:1", reg.host()), None)
-        .await
-        .unwrap();
+    let image = store.pull(&format!("{}/d:1", reg.host()), None).await.unwrap();
     assert_eq!(image.id.0, config_digest);
     assert_eq!(image.manifest_digest, manifest_digest);
     assert_eq!(image.config.user, "www-data");
-    let rootfs = store
-        .rootfs(&image.id, &dir.path().join("c"), true)
-        .unwrap();
-    assert_eq!(
-        fs::read(rootfs.lowerdirs[0].join("hello")).unwrap(),
-        b"docker"
-    );
+    let rootfs = store.rootfs(&image.id, &dir.path().join("c"), true).unwrap();
+    assert_eq!(fs::read(rootfs.lowerdirs[0].join("hello")).unwrap(), b"docker");
 }
 
 #[tokio::test]
@@ -704,21 +446,14 @@ async fn registry_settings_errors_are_clear() {
     let reg = FakeRegistry::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_for(&reg);
-    config.registries.get_mut(&reg.host()).unwrap().ca_file =
-        Some(dir.path().join("missing-ca.pem"));
+    config.registries.get_mut(&reg.host()).unwrap().ca_file = Some(dir.path().join("missing-ca.pem"));
     let store = open(dir.path(), config);
-    let err = store
-        .pull(&format!("{}/x:1", reg.host()), None)
-        .await
-        .unwrap_err();
+    let err = store.pull(&format!("{}/x:1", reg.host()), None).await.unwrap_err();
     assert!(err.to_string().contains("missing-ca.pem"), "{err}");
     let bad = StoreConfig {
         registries: [(
             "r".to_string(),
-            RegistryConfig {
-                mirrors: vec!["https://m/with/path".into()],
-                ..Default::default()
-            },
+            RegistryConfig { mirrors: vec!["https://m/with/path".into()], ..Default::default() },
         )]
         .into(),
         ..StoreConfig::default()
@@ -737,8 +472,7 @@ async fn layers_stay_in_the_recorded_uid_shift() {
     let image = store.pull(&format!("{}/app:1", reg.host()), None).await.unwrap();
     drop(store);
     // Foreign range by default, recorded in the metadata; the layer root included.
-    let meta: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.path().join("metadata.json")).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&fs::read(dir.path().join("metadata.json")).unwrap()).unwrap();
     assert_eq!(meta["layer_uid_shift"], 0x7FFE_0000u32);
     let layer_dir = fs::read_dir(dir.path().join("layers/sha256")).unwrap().next().unwrap().unwrap().path();
     for path in [layer_dir.join("diff"), layer_dir.join("diff/app/run")] {
@@ -752,10 +486,7 @@ async fn layers_stay_in_the_recorded_uid_shift() {
     let before = fs::read(dir.path().join("metadata.json")).unwrap();
     let identity = StoreConfig { layer_uid_shift: 0, ..config_for(&reg) };
     let err = ImageStore::open(dir.path(), identity.clone()).unwrap_err().to_string();
-    assert!(
-        err.contains("unpacked with images.layer_uid_shift = 2147352576, but the config says 0"),
-        "{err}"
-    );
+    assert!(err.contains("unpacked with images.layer_uid_shift = 2147352576, but the config says 0"), "{err}");
     assert_eq!(fs::read(dir.path().join("metadata.json")).unwrap(), before);
 
     // A store from before the shift was recorded: its owners tell (here: the foreign range).

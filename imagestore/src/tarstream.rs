@@ -73,10 +73,7 @@ impl From<io::Error> for TarError {
 }
 
 fn malformed(entry: &[u8], reason: impl Into<String>) -> TarError {
-    TarError::Malformed {
-        entry: String::from_utf8_lossy(entry).into_owned(),
-        reason: reason.into(),
-    }
+    TarError::Malformed { entry: String::from_utf8_lossy(entry).into_owned(), reason: reason.into() }
 }
 
 /// Reads entries one at a time; the caller reads each entry's data with [`TarReader::data`]
@@ -91,12 +88,7 @@ pub struct TarReader<R: Read> {
 
 impl<R: Read> TarReader<R> {
     pub fn new(inner: R) -> Self {
-        TarReader {
-            inner,
-            remaining: 0,
-            padding: 0,
-            finished: false,
-        }
+        TarReader { inner, remaining: 0, padding: 0, finished: false }
     }
 
     /// The underlying reader, e.g. to drain what follows the end-of-archive marker.
@@ -114,10 +106,7 @@ impl<R: Read> TarReader<R> {
         if n > 0 {
             let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
             if copied != n {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "tar stream ends inside an entry",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar stream ends inside an entry"));
             }
         }
         self.remaining = 0;
@@ -141,10 +130,7 @@ impl<R: Read> TarReader<R> {
 
     fn read_metadata(&mut self, size: u64, what: &str) -> Result<Vec<u8>, TarError> {
         if size > MAX_METADATA {
-            return Err(malformed(
-                b"",
-                format!("{what} record of {size} bytes exceeds the {MAX_METADATA} byte limit"),
-            ));
+            return Err(malformed(b"", format!("{what} record of {size} bytes exceeds the {MAX_METADATA} byte limit")));
         }
         let mut buf = vec![0; size as usize];
         self.inner.read_exact(&mut buf).map_err(|e| {
@@ -189,8 +175,7 @@ impl<R: Read> TarReader<R> {
             let name_field = cstr(&block[0..100]);
             verify_checksum(&block).map_err(|r| malformed(name_field, r))?;
             let typeflag = block[156];
-            let size = parse_number(&block[124..136])
-                .map_err(|r| malformed(name_field, format!("size: {r}")))?;
+            let size = parse_number(&block[124..136]).map_err(|r| malformed(name_field, format!("size: {r}")))?;
             match typeflag {
                 b'L' => {
                     long_name = Some(trim_nul(self.read_metadata(size, "gnu long name")?));
@@ -224,9 +209,7 @@ impl<R: Read> TarReader<R> {
                 }
                 None => name_field.to_vec(),
             };
-            let mut link = long_link
-                .take()
-                .unwrap_or_else(|| cstr(&block[157..257]).to_vec());
+            let mut link = long_link.take().unwrap_or_else(|| cstr(&block[157..257]).to_vec());
             let entry = path.clone();
             let num = |range: std::ops::Range<usize>, what: &str| {
                 parse_number(&block[range]).map_err(|r| malformed(&entry, format!("{what}: {r}")))
@@ -234,10 +217,7 @@ impl<R: Read> TarReader<R> {
             let mode = num(100..108, "mode")?;
             let mut uid = num(108..116, "uid")?;
             let mut gid = num(116..124, "gid")?;
-            let mut mtime = (
-                i64::try_from(num(136..148, "mtime")?).unwrap_or(i64::MAX),
-                0u32,
-            );
+            let mut mtime = (i64::try_from(num(136..148, "mtime")?).unwrap_or(i64::MAX), 0u32);
             let mut size = size;
             let (dev_major, dev_minor) = if matches!(typeflag, b'3' | b'4') {
                 let major = num(329..337, "devmajor")?;
@@ -254,9 +234,9 @@ impl<R: Read> TarReader<R> {
                 for (key, value) in records {
                     let text = || String::from_utf8_lossy(&value).into_owned();
                     let number = |what: &str| {
-                        text().parse::<u64>().map_err(|_| {
-                            malformed(&entry, format!("pax {what} {:?} is not a number", text()))
-                        })
+                        text()
+                            .parse::<u64>()
+                            .map_err(|_| malformed(&entry, format!("pax {what} {:?} is not a number", text())))
                     };
                     match key.as_str() {
                         "path" => path = value,
@@ -264,9 +244,7 @@ impl<R: Read> TarReader<R> {
                         "size" => size = number("size")?,
                         "uid" => uid = number("uid")?,
                         "gid" => gid = number("gid")?,
-                        "mtime" => {
-                            mtime = parse_pax_time(&text()).map_err(|r| malformed(&entry, r))?
-                        }
+                        "mtime" => mtime = parse_pax_time(&text()).map_err(|r| malformed(&entry, r))?,
                         k if k.starts_with("SCHILY.xattr.") => {
                             xattrs.push((k.as_bytes()["SCHILY.xattr.".len()..].to_vec(), value));
                         }
@@ -289,19 +267,13 @@ impl<R: Read> TarReader<R> {
                 b'6' => Kind::Fifo,
                 b'S' => return Err(malformed(&path, "sparse files are not supported")),
                 other => {
-                    return Err(malformed(
-                        &path,
-                        format!("unsupported tar entry type {:?}", other as char),
-                    ));
+                    return Err(malformed(&path, format!("unsupported tar entry type {:?}", other as char)));
                 }
             };
             // Only regular files carry data; a size on anything else would desynchronise readers
             // that disagree about it (the classic tar-confusion trick), so it is refused.
             if kind != Kind::Regular && size != 0 && kind != Kind::HardLink {
-                return Err(malformed(
-                    &path,
-                    format!("{} entry declares {size} data bytes", kind.name()),
-                ));
+                return Err(malformed(&path, format!("{} entry declares {size} data bytes", kind.name())));
             }
             if kind == Kind::HardLink && size != 0 {
                 return Err(malformed(&path, "hard link entry declares data bytes"));
@@ -309,23 +281,10 @@ impl<R: Read> TarReader<R> {
             if path.contains(&0) || link.contains(&0) {
                 return Err(malformed(&path, "name contains a nul byte"));
             }
-            let mode =
-                u32::try_from(mode).map_err(|_| malformed(&path, "mode out of range"))? & 0o7777;
+            let mode = u32::try_from(mode).map_err(|_| malformed(&path, "mode out of range"))? & 0o7777;
             self.remaining = size;
             self.padding = padding(size);
-            return Ok(Some(Header {
-                kind,
-                path,
-                link,
-                mode,
-                uid,
-                gid,
-                size,
-                mtime,
-                dev_major,
-                dev_minor,
-                xattrs,
-            }));
+            return Ok(Some(Header { kind, path, link, mode, uid, gid, size, mtime, dev_major, dev_minor, xattrs }));
         }
     }
 }
@@ -340,15 +299,10 @@ impl<R: Read> Read for EntryData<'_, R> {
         if self.reader.remaining == 0 {
             return Ok(0);
         }
-        let want = buf
-            .len()
-            .min(usize::try_from(self.reader.remaining).unwrap_or(usize::MAX));
+        let want = buf.len().min(usize::try_from(self.reader.remaining).unwrap_or(usize::MAX));
         let n = self.reader.inner.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "tar stream ends inside an entry's data",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar stream ends inside an entry's data"));
         }
         self.reader.remaining -= n as u64;
         Ok(n)
@@ -375,29 +329,11 @@ fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
 
 fn verify_checksum(block: &[u8; BLOCK]) -> Result<(), String> {
     let stored = parse_number(&block[148..156]).map_err(|r| format!("header checksum: {r}"))?;
-    let unsigned: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u64::from(b)
-            }
-        })
-        .sum();
+    let unsigned: u64 =
+        block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
     // Some old writers summed signed bytes; accept both like GNU tar does.
-    let signed: i64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                i64::from(b as i8)
-            }
-        })
-        .sum();
+    let signed: i64 =
+        block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b as i8) }).sum();
     if stored == unsigned || i64::try_from(stored).ok() == Some(signed) {
         Ok(())
     } else {
@@ -415,20 +351,13 @@ fn parse_number(field: &[u8]) -> Result<u64, String> {
         }
         let mut value: u64 = u64::from(first & 0x7f);
         for &b in &field[1..] {
-            value = value
-                .checked_mul(256)
-                .and_then(|v| v.checked_add(u64::from(b)))
-                .ok_or("base-256 number overflows")?;
+            value =
+                value.checked_mul(256).and_then(|v| v.checked_add(u64::from(b))).ok_or("base-256 number overflows")?;
         }
         return Ok(value);
     }
     let text = cstr(field);
-    let trimmed: Vec<u8> = text
-        .iter()
-        .copied()
-        .skip_while(|&b| b == b' ')
-        .take_while(|&b| b != b' ')
-        .collect();
+    let trimmed: Vec<u8> = text.iter().copied().skip_while(|&b| b == b' ').take_while(|&b| b != b' ').collect();
     if trimmed.is_empty() {
         return Ok(0);
     }
@@ -437,10 +366,8 @@ fn parse_number(field: &[u8]) -> Result<u64, String> {
         if !(b'0'..=b'7').contains(&b) {
             return Err(format!("invalid octal digit {:?}", b as char));
         }
-        value = value
-            .checked_mul(8)
-            .and_then(|v| v.checked_add(u64::from(b - b'0')))
-            .ok_or("octal number overflows")?;
+        value =
+            value.checked_mul(8).and_then(|v| v.checked_add(u64::from(b - b'0'))).ok_or("octal number overflows")?;
     }
     Ok(value)
 }
@@ -449,10 +376,7 @@ fn parse_number(field: &[u8]) -> Result<u64, String> {
 fn parse_pax(mut data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let mut out = BTreeMap::new();
     while !data.is_empty() {
-        let space = data
-            .iter()
-            .position(|&b| b == b' ')
-            .ok_or("pax record without length")?;
+        let space = data.iter().position(|&b| b == b' ').ok_or("pax record without length")?;
         let len: usize = std::str::from_utf8(&data[..space])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -461,10 +385,7 @@ fn parse_pax(mut data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, String> {
             return Err("pax record length is inconsistent".into());
         }
         let record = &data[space + 1..len - 1];
-        let eq = record
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or("pax record without '='")?;
+        let eq = record.iter().position(|&b| b == b'=').ok_or("pax record without '='")?;
         let key = String::from_utf8(record[..eq].to_vec()).map_err(|_| "pax key is not utf-8")?;
         out.insert(key, record[eq + 1..].to_vec());
         data = &data[len..];
@@ -501,12 +422,7 @@ mod tests {
         assert_eq!(parse_number(&[0x80, 0, 0, 0, 0, 0, 1, 0]), Ok(256));
         assert!(parse_number(&[0xff; 8]).is_err());
         assert!(parse_number(b"0000949\0").is_err());
-        assert!(
-            parse_number(&[
-                0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
-            ])
-            .is_err()
-        );
+        assert!(parse_number(&[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]
@@ -516,9 +432,6 @@ mod tests {
         assert_eq!(m["SCHILY.xattr.user.k"], b"v=1");
         assert!(parse_pax(b"99 path=x\n").is_err());
         assert!(parse_pax(b"x path=x\n").is_err());
-        assert_eq!(
-            parse_pax_time("1700000000.5").unwrap(),
-            (1_700_000_000, 500_000_000)
-        );
+        assert_eq!(parse_pax_time("1700000000.5").unwrap(), (1_700_000_000, 500_000_000));
     }
 }

@@ -90,35 +90,18 @@ impl FakeRegistry {
         self.state().blobs.insert(digest.to_string(), data.to_vec());
     }
 
-    pub fn put_manifest(
-        &self,
-        repo: &str,
-        tag: Option<&str>,
-        media_type: &str,
-        body: &[u8],
-    ) -> Digest {
+    pub fn put_manifest(&self, repo: &str, tag: Option<&str>, media_type: &str, body: &[u8]) -> Digest {
         let digest = Digest::sha256_of(body);
         let mut st = self.state();
-        st.manifests.insert(
-            (repo.into(), digest.to_string()),
-            (media_type.into(), body.to_vec()),
-        );
+        st.manifests.insert((repo.into(), digest.to_string()), (media_type.into(), body.to_vec()));
         if let Some(tag) = tag {
-            st.manifests.insert(
-                (repo.into(), tag.into()),
-                (media_type.into(), body.to_vec()),
-            );
+            st.manifests.insert((repo.into(), tag.into()), (media_type.into(), body.to_vec()));
         }
         digest
     }
 
     pub fn hits(&self, path_part: &str) -> usize {
-        self.state()
-            .hits
-            .iter()
-            .filter(|(k, _)| k.contains(path_part))
-            .map(|(_, v)| v)
-            .sum()
+        self.state().hits.iter().filter(|(k, _)| k.contains(path_part)).map(|(_, v)| v).sum()
     }
 }
 
@@ -145,13 +128,7 @@ async fn serve(conn: TcpStream, state: Arc<Mutex<State>>, addr: SocketAddr) -> s
                 headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
             }
         }
-        let mut body = vec![
-            0;
-            headers
-                .get("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        ];
+        let mut body = vec![0; headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0)];
         read.read_exact(&mut body).await?;
         let path = target.split('?').next().unwrap_or("").to_owned();
         let response = {
@@ -183,12 +160,7 @@ async fn serve(conn: TcpStream, state: Arc<Mutex<State>>, addr: SocketAddr) -> s
     }
 }
 
-type Response = (
-    &'static str,
-    Vec<(String, String)>,
-    Vec<u8>,
-    Option<Duration>,
-);
+type Response = (&'static str, Vec<(String, String)>, Vec<u8>, Option<Duration>);
 
 fn route(
     st: &mut State,
@@ -210,44 +182,26 @@ fn route(
         let form = String::from_utf8_lossy(body);
         return match &st.auth {
             Auth::Bearer { token, refresh }
-                if form.contains("grant_type=refresh_token")
-                    && form.contains(&format!("refresh_token={refresh}")) =>
+                if form.contains("grant_type=refresh_token") && form.contains(&format!("refresh_token={refresh}")) =>
             {
-                (
-                    "200 OK",
-                    vec![],
-                    format!(r#"{{"access_token":"{token}"}}"#).into_bytes(),
-                    None,
-                )
+                ("200 OK", vec![], format!(r#"{{"access_token":"{token}"}}"#).into_bytes(), None)
             }
             _ => ("401 Unauthorized", vec![], b"{}".to_vec(), None),
         };
     }
-    if let Some((fragment, n)) = st
-        .fail
-        .iter_mut()
-        .find(|(k, n)| path.contains(k.as_str()) && **n > 0)
-    {
+    if let Some((fragment, n)) = st.fail.iter_mut().find(|(k, n)| path.contains(k.as_str()) && **n > 0) {
         let _ = fragment;
         *n -= 1;
-        return (
-            "503 Service Unavailable",
-            vec![],
-            b"try later".to_vec(),
-            None,
-        );
+        return ("503 Service Unavailable", vec![], b"try later".to_vec(), None);
     }
     let authorised = match &st.auth {
         Auth::None => true,
         Auth::Basic(user, pass) => {
             use base64::Engine as _;
-            let expected =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            let expected = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
             headers.get("authorization") == Some(&format!("Basic {expected}"))
         }
-        Auth::Bearer { token, .. } => {
-            headers.get("authorization") == Some(&format!("Bearer {token}"))
-        }
+        Auth::Bearer { token, .. } => headers.get("authorization") == Some(&format!("Bearer {token}")),
     };
     if !authorised {
         let challenge = match &st.auth {
@@ -256,10 +210,7 @@ fn route(
         };
         return (
             "401 Unauthorized",
-            vec![
-                ("WWW-Authenticate".into(), challenge),
-                ("Content-Type".into(), "application/json".into()),
-            ],
+            vec![("WWW-Authenticate".into(), challenge), ("Content-Type".into(), "application/json".into())],
             br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#.to_vec(),
             None,
         );
@@ -276,10 +227,7 @@ fn route(
                 "200 OK",
                 vec![
                     ("Content-Type".into(), media_type.clone()),
-                    (
-                        "Docker-Content-Digest".into(),
-                        Digest::sha256_of(data).to_string(),
-                    ),
+                    ("Docker-Content-Digest".into(), Digest::sha256_of(data).to_string()),
                 ],
                 data.clone(),
                 None,
@@ -337,12 +285,7 @@ pub(crate) fn push_image(
 }
 
 /// Pushes an index of `(os/arch[/variant], manifest digest, manifest size)` entries.
-pub(crate) fn push_index(
-    reg: &FakeRegistry,
-    repo: &str,
-    tag: &str,
-    entries: &[(&str, Digest)],
-) -> Digest {
+pub(crate) fn push_index(reg: &FakeRegistry, repo: &str, tag: &str, entries: &[(&str, Digest)]) -> Digest {
     let manifests: Vec<String> = entries
         .iter()
         .map(|(platform, digest)| {
@@ -353,10 +296,7 @@ pub(crate) fn push_index(
             format!(r#"{{"mediaType":"{OCI_MANIFEST}","digest":"{digest}","size":{size},"platform":{{"os":"{os}","architecture":"{arch}"{variant}}}}}"#)
         })
         .collect();
-    let index = format!(
-        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{}]}}"#,
-        manifests.join(",")
-    );
+    let index = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{}]}}"#, manifests.join(","));
     reg.put_manifest(repo, Some(tag), OCI_INDEX, index.as_bytes())
 }
 

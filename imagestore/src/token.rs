@@ -31,14 +31,8 @@ pub(crate) async fn exchange(
     config: &StoreConfig,
     scope: Option<&str>,
 ) -> Result<String, Error> {
-    let unavailable = |detail: String| Error::Unavailable {
-        registry: endpoint.host.clone(),
-        detail,
-    };
-    let unauthenticated = |detail: String| Error::Unauthenticated {
-        registry: endpoint.host.clone(),
-        detail,
-    };
+    let unavailable = |detail: String| Error::Unavailable { registry: endpoint.host.clone(), detail };
+    let unauthenticated = |detail: String| Error::Unauthenticated { registry: endpoint.host.clone(), detail };
     let mut builder = reqwest::Client::builder()
         .danger_accept_invalid_certs(tls.insecure)
         .connect_timeout(Duration::from_secs(10))
@@ -46,15 +40,12 @@ pub(crate) async fn exchange(
     let mut roots = Vec::new();
     for cert in &tls.extra_roots {
         roots.push(
-            reqwest::Certificate::from_pem(&cert.data).map_err(|e| {
-                Error::InvalidConfig(format!("ca_file of registry {registry}: {e}"))
-            })?,
+            reqwest::Certificate::from_pem(&cert.data)
+                .map_err(|e| Error::InvalidConfig(format!("ca_file of registry {registry}: {e}")))?,
         );
     }
     builder = builder.tls_certs_merge(roots);
-    let client = builder
-        .build()
-        .map_err(|e| Error::InvalidConfig(format!("registry {registry}: {e}")))?;
+    let client = builder.build().map_err(|e| Error::InvalidConfig(format!("registry {registry}: {e}")))?;
     let scheme = if endpoint.plain_http { "http" } else { "https" };
     let ping = client
         .get(format!("{scheme}://{}/v2/", endpoint.host))
@@ -67,55 +58,33 @@ pub(crate) async fn exchange(
         .and_then(|v| v.to_str().ok())
         .and_then(parse_bearer_challenge)
         .ok_or_else(|| {
-            unauthenticated(
-                "identity token given but the registry offers no bearer token endpoint".into(),
-            )
+            unauthenticated("identity token given but the registry offers no bearer token endpoint".into())
         })?;
-    let mut form = vec![
-        ("grant_type", "refresh_token"),
-        ("refresh_token", refresh_token),
-        ("client_id", CLIENT_ID),
-    ];
+    let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token), ("client_id", CLIENT_ID)];
     if let Some(service) = challenge.service.as_deref() {
         form.push(("service", service));
     }
     if let Some(scope) = scope {
         form.push(("scope", scope));
     }
-    let body = form
-        .iter()
-        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
-        .collect::<Vec<_>>()
-        .join("&");
+    let body = form.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect::<Vec<_>>().join("&");
     let response = client
         .post(&challenge.realm)
-        .header(
-            reqwest::header::CONTENT_TYPE,
-            "application/x-www-form-urlencoded",
-        )
+        .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(body)
         .send()
         .await
         .map_err(|e| unavailable(format!("token endpoint {}: {e}", challenge.realm)))?;
     let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| unavailable(format!("token endpoint: {e}")))?;
+    let bytes = response.bytes().await.map_err(|e| unavailable(format!("token endpoint: {e}")))?;
     if status == reqwest::StatusCode::UNAUTHORIZED
         || status == reqwest::StatusCode::FORBIDDEN
         || status == reqwest::StatusCode::BAD_REQUEST
     {
-        return Err(unauthenticated(format!(
-            "token endpoint rejected the identity token (http {})",
-            status.as_u16()
-        )));
+        return Err(unauthenticated(format!("token endpoint rejected the identity token (http {})", status.as_u16())));
     }
     if !status.is_success() {
-        return Err(unavailable(format!(
-            "token endpoint answered http {}",
-            status.as_u16()
-        )));
+        return Err(unavailable(format!("token endpoint answered http {}", status.as_u16())));
     }
     #[derive(Deserialize)]
     struct TokenResponse {
@@ -153,12 +122,7 @@ pub(crate) fn parse_bearer_challenge(header: &str) -> Option<BearerChallenge> {
         while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
             chars.next();
         }
-        let key: String = chars
-            .by_ref()
-            .take_while(|c| *c != '=')
-            .collect::<String>()
-            .trim()
-            .to_ascii_lowercase();
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_ascii_lowercase();
         if key.is_empty() {
             break;
         }
@@ -174,12 +138,7 @@ pub(crate) fn parse_bearer_challenge(header: &str) -> Option<BearerChallenge> {
             }
             v
         } else {
-            chars
-                .by_ref()
-                .take_while(|c| *c != ',')
-                .collect::<String>()
-                .trim()
-                .to_owned()
+            chars.by_ref().take_while(|c| *c != ',').collect::<String>().trim().to_owned()
         };
         match key.as_str() {
             "realm" => realm = Some(value),
@@ -187,10 +146,7 @@ pub(crate) fn parse_bearer_challenge(header: &str) -> Option<BearerChallenge> {
             _ => {}
         }
     }
-    Some(BearerChallenge {
-        realm: realm?,
-        service,
-    })
+    Some(BearerChallenge { realm: realm?, service })
 }
 
 fn urlencode(s: &str) -> String {

@@ -56,12 +56,8 @@ pub(crate) fn unpack<R: Read>(
     limits: Limits,
     shift: IdShift,
 ) -> Result<(UnpackStats, R), Error> {
-    let root = rustix::fs::open(
-        dest,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(format!("open layer directory {}", dest.display()), e.into()))?;
+    let root = rustix::fs::open(dest, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io(format!("open layer directory {}", dest.display()), e.into()))?;
     let mut unpacker = Unpacker {
         root,
         layer,
@@ -78,11 +74,7 @@ pub(crate) fn unpack<R: Read>(
             Ok(Some(header)) => header,
             Ok(None) => break,
             Err(TarError::Malformed { entry, reason }) => {
-                return Err(Error::HostileLayer {
-                    layer: layer.to_owned(),
-                    entry,
-                    reason,
-                });
+                return Err(Error::HostileLayer { layer: layer.to_owned(), entry, reason });
             }
             Err(TarError::Io(e)) => return Err(unpacker.stream_error(e)),
         };
@@ -90,10 +82,7 @@ pub(crate) fn unpack<R: Read>(
         if unpacker.stats.entries > limits.max_entries {
             return Err(Error::LayerLimit {
                 layer: layer.to_owned(),
-                reason: format!(
-                    "more than {} entries (max_layer_entries)",
-                    limits.max_entries
-                ),
+                reason: format!("more than {} entries (max_layer_entries)", limits.max_entries),
             });
         }
         unpacker.entry(&header, &mut tar)?;
@@ -142,10 +131,7 @@ fn clean(raw: &[u8]) -> Result<Option<CleanPath>, &'static str> {
     let Some(name) = parts.pop() else {
         return Ok(None);
     };
-    Ok(Some(CleanPath {
-        parent: parts.join(&b'/'),
-        name: name.to_vec(),
-    }))
+    Ok(Some(CleanPath { parent: parts.join(&b'/'), name: name.to_vec() }))
 }
 
 fn os(bytes: &[u8]) -> &OsStr {
@@ -153,21 +139,12 @@ fn os(bytes: &[u8]) -> &OsStr {
 }
 
 fn resolve_flags() -> ResolveFlags {
-    ResolveFlags::BENEATH
-        | ResolveFlags::NO_SYMLINKS
-        | ResolveFlags::NO_MAGICLINKS
-        | ResolveFlags::NO_XDEV
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV
 }
 
 fn timestamps((secs, nanos): (i64, u32)) -> Timestamps {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: i64::from(nanos),
-    };
-    Timestamps {
-        last_access: t,
-        last_modification: t,
-    }
+    let t = rustix::fs::Timespec { tv_sec: secs, tv_nsec: i64::from(nanos) };
+    Timestamps { last_access: t, last_modification: t }
 }
 
 impl Unpacker<'_> {
@@ -181,14 +158,7 @@ impl Unpacker<'_> {
 
     fn fs_error(&self, entry: &[u8], what: &str, e: impl Into<io::Error>) -> Error {
         let e: io::Error = e.into();
-        Error::io(
-            format!(
-                "layer {}: entry {:?}: {what}",
-                self.layer,
-                String::from_utf8_lossy(entry)
-            ),
-            e,
-        )
+        Error::io(format!("layer {}: entry {:?}: {what}", self.layer, String::from_utf8_lossy(entry)), e)
     }
 
     /// Errors from the decompressing/verifying reader keep their own kind (limits, digests).
@@ -230,11 +200,7 @@ impl Unpacker<'_> {
             self.dir_times.push((Vec::new(), header.mtime));
             return Ok(());
         };
-        let charge = header
-            .xattrs
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum::<u64>();
+        let charge = header.xattrs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
         self.charge(raw, charge)?;
 
         if path.name.starts_with(WHITEOUT_PREFIX) {
@@ -254,13 +220,11 @@ impl Unpacker<'_> {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                            return Err(self
-                                .hostile(raw, "tar stream ends before the entry's declared size"));
+                            return Err(self.hostile(raw, "tar stream ends before the entry's declared size"));
                         }
                         Err(e) => return Err(self.stream_error(e)),
                     };
-                    file.write_all(&self.buffer[..n])
-                        .map_err(|e| self.fs_error(raw, "write", e))?;
+                    file.write_all(&self.buffer[..n]).map_err(|e| self.fs_error(raw, "write", e))?;
                 }
                 self.apply_metadata_fd(raw, file.as_fd(), header)?;
             }
@@ -306,13 +270,9 @@ impl Unpacker<'_> {
         let parent = self.open_parent(raw, &path.parent)?;
         if path.name == OPAQUE_MARKER {
             // The directory hides everything below it in lower layers.
-            let dir = rustix::fs::openat(
-                &parent,
-                ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| self.fs_error(raw, "open opaque directory", e))?;
+            let dir =
+                rustix::fs::openat(&parent, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| self.fs_error(raw, "open opaque directory", e))?;
             rustix::fs::fsetxattr(&dir, OVERLAY_OPAQUE_XATTR, b"y", XattrFlags::empty())
                 .map_err(|e| self.fs_error(raw, "set trusted.overlay.opaque", e))?;
             return Ok(());
@@ -331,32 +291,15 @@ impl Unpacker<'_> {
         // overlayfs' whiteout is a 0:0 character device with the hidden file's name.
         let hidden = hidden.to_vec();
         self.retry_if_exists(raw, parent.as_fd(), &hidden, |p, n| {
-            rustix::fs::mknodat(
-                p,
-                os(n),
-                FileType::CharacterDevice,
-                Mode::empty(),
-                rustix::fs::makedev(0, 0),
-            )
+            rustix::fs::mknodat(p, os(n), FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
         })?;
         let (uid, gid) = self.owner(raw, header)?;
-        rustix::fs::chownat(
-            &parent,
-            os(&hidden),
-            Some(uid),
-            Some(gid),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| self.fs_error(raw, "chown whiteout", e))?;
+        rustix::fs::chownat(&parent, os(&hidden), Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.fs_error(raw, "chown whiteout", e))?;
         Ok(())
     }
 
-    fn hard_link(
-        &mut self,
-        header: &Header,
-        parent: BorrowedFd<'_>,
-        path: &CleanPath,
-    ) -> Result<(), Error> {
+    fn hard_link(&mut self, header: &Header, parent: BorrowedFd<'_>, path: &CleanPath) -> Result<(), Error> {
         let raw = &header.path;
         let target = match clean(&header.link) {
             Ok(Some(target)) => target,
@@ -376,14 +319,13 @@ impl Unpacker<'_> {
             }
             Err(e) => return Err(self.fs_error(raw, "open hard link target directory", e)),
         };
-        let target_stat =
-            match rustix::fs::statat(&target_parent, os(&target.name), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(stat) => stat,
-                Err(Errno::NOENT) => {
-                    return Err(self.hostile(raw, "hard link target is not in this layer"));
-                }
-                Err(e) => return Err(self.fs_error(raw, "stat hard link target", e)),
-            };
+        let target_stat = match rustix::fs::statat(&target_parent, os(&target.name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(Errno::NOENT) => {
+                return Err(self.hostile(raw, "hard link target is not in this layer"));
+            }
+            Err(e) => return Err(self.fs_error(raw, "stat hard link target", e)),
+        };
         if FileType::from_raw_mode(target_stat.st_mode) == FileType::Directory {
             return Err(self.hostile(raw, "hard link to a directory"));
         }
@@ -412,57 +354,36 @@ impl Unpacker<'_> {
         }
     }
 
-    fn remove_existing(
-        &mut self,
-        raw: &[u8],
-        parent: BorrowedFd<'_>,
-        name: &[u8],
-    ) -> Result<(), Error> {
+    fn remove_existing(&mut self, raw: &[u8], parent: BorrowedFd<'_>, name: &[u8]) -> Result<(), Error> {
         let stat = rustix::fs::statat(parent, os(name), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| self.fs_error(raw, "stat existing", e))?;
         if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
             // std's remove_dir_all never follows symlinks (it works with openat/unlinkat); the
             // /proc/self/fd path names our own, already confined parent directory.
-            let path = Path::new("/proc/self/fd")
-                .join(parent.as_raw_fd().to_string())
-                .join(os(name));
-            std::fs::remove_dir_all(&path)
-                .map_err(|e| self.fs_error(raw, "replace directory", e))?;
+            let path = Path::new("/proc/self/fd").join(parent.as_raw_fd().to_string()).join(os(name));
+            std::fs::remove_dir_all(&path).map_err(|e| self.fs_error(raw, "replace directory", e))?;
             self.cached_parent = None;
         } else {
-            rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
-                .map_err(|e| self.fs_error(raw, "replace", e))?;
+            rustix::fs::unlinkat(parent, os(name), AtFlags::empty()).map_err(|e| self.fs_error(raw, "replace", e))?;
         }
         Ok(())
     }
 
-    fn create_file(
-        &mut self,
-        raw: &[u8],
-        parent: BorrowedFd<'_>,
-        name: &[u8],
-    ) -> Result<OwnedFd, Error> {
-        let flags =
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    fn create_file(&mut self, raw: &[u8], parent: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd, Error> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mode = Mode::from_raw_mode(0o600);
         match rustix::fs::openat(parent, os(name), flags, mode) {
             Ok(fd) => Ok(fd),
             Err(Errno::EXIST) => {
                 self.remove_existing(raw, parent, name)?;
-                rustix::fs::openat(parent, os(name), flags, mode)
-                    .map_err(|e| self.fs_error(raw, "create", e))
+                rustix::fs::openat(parent, os(name), flags, mode).map_err(|e| self.fs_error(raw, "create", e))
             }
             Err(e) => Err(self.fs_error(raw, "create", e)),
         }
     }
 
     /// Creates a directory, or reuses an existing one (keeping its contents, as tar does).
-    fn create_dir(
-        &mut self,
-        raw: &[u8],
-        parent: BorrowedFd<'_>,
-        name: &[u8],
-    ) -> Result<OwnedFd, Error> {
+    fn create_dir(&mut self, raw: &[u8], parent: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd, Error> {
         match rustix::fs::mkdirat(parent, os(name), Mode::from_raw_mode(0o700)) {
             Ok(()) => {}
             Err(Errno::EXIST) => {
@@ -523,17 +444,12 @@ impl Unpacker<'_> {
             }
             Err(e) => return Err(self.fs_error(raw, "open parent directory", e)),
         };
-        self.cached_parent = Some((
-            rel.to_vec(),
-            fd.try_clone().map_err(|e| self.fs_error(raw, "dup", e))?,
-        ));
+        self.cached_parent = Some((rel.to_vec(), fd.try_clone().map_err(|e| self.fs_error(raw, "dup", e))?));
         Ok(fd)
     }
 
     fn create_parents(&mut self, raw: &[u8], rel: &[u8]) -> Result<OwnedFd, Error> {
-        let mut dir = self
-            .lookup_dir(b"")
-            .map_err(|e| self.fs_error(raw, "open root", e))?;
+        let mut dir = self.lookup_dir(b"").map_err(|e| self.fs_error(raw, "open root", e))?;
         for part in rel.split(|&b| b == b'/') {
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             dir = match rustix::fs::openat(&dir, os(part), flags, Mode::empty()) {
@@ -542,22 +458,14 @@ impl Unpacker<'_> {
                     rustix::fs::mkdirat(&dir, os(part), Mode::from_raw_mode(0o755))
                         .map_err(|e| self.fs_error(raw, "create parent directory", e))?;
                     let (uid, gid) = self.ids(raw, 0, 0)?;
-                    rustix::fs::chownat(
-                        &dir,
-                        os(part),
-                        Some(uid),
-                        Some(gid),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| self.fs_error(raw, "chown parent directory", e))?;
+                    rustix::fs::chownat(&dir, os(part), Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| self.fs_error(raw, "chown parent directory", e))?;
                     rustix::fs::openat(&dir, os(part), flags, Mode::empty())
                         .map_err(|e| self.fs_error(raw, "open parent directory", e))?
                 }
                 // O_NOFOLLOW|O_PATH on a symlink opens the link, so O_DIRECTORY reports ENOTDIR.
                 Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
-                    return Err(
-                        self.hostile(raw, "a parent of the entry is a symlink or not a directory")
-                    );
+                    return Err(self.hostile(raw, "a parent of the entry is a symlink or not a directory"));
                 }
                 Err(e) => return Err(self.fs_error(raw, "open parent directory", e)),
             };
@@ -565,12 +473,7 @@ impl Unpacker<'_> {
         Ok(dir)
     }
 
-    fn ids(
-        &self,
-        raw: &[u8],
-        uid: u64,
-        gid: u64,
-    ) -> Result<(rustix::fs::Uid, rustix::fs::Gid), Error> {
+    fn ids(&self, raw: &[u8], uid: u64, gid: u64) -> Result<(rustix::fs::Uid, rustix::fs::Gid), Error> {
         let map = |id: u64, what: &str| {
             self.shift.map(id).ok_or_else(|| {
                 let reason = if self.shift == IdShift::IDENTITY {
@@ -584,47 +487,28 @@ impl Unpacker<'_> {
                 self.hostile(raw, reason)
             })
         };
-        Ok((
-            rustix::fs::Uid::from_raw(map(uid, "uid")?),
-            rustix::fs::Gid::from_raw(map(gid, "gid")?),
-        ))
+        Ok((rustix::fs::Uid::from_raw(map(uid, "uid")?), rustix::fs::Gid::from_raw(map(gid, "gid")?)))
     }
 
-    fn owner(
-        &self,
-        raw: &[u8],
-        header: &Header,
-    ) -> Result<(rustix::fs::Uid, rustix::fs::Gid), Error> {
+    fn owner(&self, raw: &[u8], header: &Header) -> Result<(rustix::fs::Uid, rustix::fs::Gid), Error> {
         self.ids(raw, header.uid, header.gid)
     }
 
     /// Owner, then mode (chown clears set-id bits), then xattrs (chown clears
     /// security.capability), then times.
-    fn apply_metadata_fd(
-        &self,
-        raw: &[u8],
-        fd: BorrowedFd<'_>,
-        header: &Header,
-    ) -> Result<(), Error> {
+    fn apply_metadata_fd(&self, raw: &[u8], fd: BorrowedFd<'_>, header: &Header) -> Result<(), Error> {
         let (uid, gid) = self.owner(raw, header)?;
         rustix::fs::fchown(fd, Some(uid), Some(gid)).map_err(|e| self.fs_error(raw, "chown", e))?;
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(header.mode))
-            .map_err(|e| self.fs_error(raw, "chmod", e))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(header.mode)).map_err(|e| self.fs_error(raw, "chmod", e))?;
         for (name, value) in &header.xattrs {
             if self.skip_xattr(raw, name) {
                 continue;
             }
-            rustix::fs::fsetxattr(fd, os(name), value, XattrFlags::empty()).map_err(|e| {
-                self.fs_error(
-                    raw,
-                    &format!("set xattr {}", String::from_utf8_lossy(name)),
-                    e,
-                )
-            })?;
+            rustix::fs::fsetxattr(fd, os(name), value, XattrFlags::empty())
+                .map_err(|e| self.fs_error(raw, &format!("set xattr {}", String::from_utf8_lossy(name)), e))?;
         }
         if header.kind != Kind::Directory {
-            rustix::fs::futimens(fd, &timestamps(header.mtime))
-                .map_err(|e| self.fs_error(raw, "set times", e))?;
+            rustix::fs::futimens(fd, &timestamps(header.mtime)).map_err(|e| self.fs_error(raw, "set times", e))?;
         }
         Ok(())
     }
@@ -639,24 +523,13 @@ impl Unpacker<'_> {
         chmod: bool,
     ) -> Result<(), Error> {
         let (uid, gid) = self.owner(raw, header)?;
-        rustix::fs::chownat(
-            parent,
-            os(name),
-            Some(uid),
-            Some(gid),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| self.fs_error(raw, "chown", e))?;
+        rustix::fs::chownat(parent, os(name), Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.fs_error(raw, "chown", e))?;
         if chmod {
             // fchmodat cannot refuse symlinks; it is only used on the device or fifo we just
             // created in our private temporary directory, which nothing else writes to.
-            rustix::fs::chmodat(
-                parent,
-                os(name),
-                Mode::from_raw_mode(header.mode),
-                AtFlags::empty(),
-            )
-            .map_err(|e| self.fs_error(raw, "chmod", e))?;
+            rustix::fs::chmodat(parent, os(name), Mode::from_raw_mode(header.mode), AtFlags::empty())
+                .map_err(|e| self.fs_error(raw, "chmod", e))?;
         }
         for (xname, value) in &header.xattrs {
             if self.skip_xattr(raw, xname) {
@@ -664,24 +537,12 @@ impl Unpacker<'_> {
             }
             // The l-variant does not follow the last component; /proc/self/fd/N is our own
             // confined parent directory.
-            let path = Path::new("/proc/self/fd")
-                .join(parent.as_raw_fd().to_string())
-                .join(os(name));
-            rustix::fs::lsetxattr(&path, os(xname), value, XattrFlags::empty()).map_err(|e| {
-                self.fs_error(
-                    raw,
-                    &format!("set xattr {}", String::from_utf8_lossy(xname)),
-                    e,
-                )
-            })?;
+            let path = Path::new("/proc/self/fd").join(parent.as_raw_fd().to_string()).join(os(name));
+            rustix::fs::lsetxattr(&path, os(xname), value, XattrFlags::empty())
+                .map_err(|e| self.fs_error(raw, &format!("set xattr {}", String::from_utf8_lossy(xname)), e))?;
         }
-        rustix::fs::utimensat(
-            parent,
-            os(name),
-            &timestamps(header.mtime),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| self.fs_error(raw, "set times", e))?;
+        rustix::fs::utimensat(parent, os(name), &timestamps(header.mtime), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.fs_error(raw, "set times", e))?;
         Ok(())
     }
 
@@ -699,12 +560,7 @@ impl Unpacker<'_> {
         // In tar order, so that a directory listed twice gets its last entry's time.
         for (rel, mtime) in &self.dir_times {
             let dir = if rel.is_empty() {
-                rustix::fs::openat(
-                    &self.root,
-                    ".",
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
+                rustix::fs::openat(&self.root, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             } else {
                 rustix::fs::openat2(
                     &self.root,
@@ -729,14 +585,8 @@ mod tests {
     #[test]
     fn cleaning() {
         let c = |s: &str| {
-            clean(s.as_bytes()).map(|p| {
-                p.map(|p| {
-                    (
-                        String::from_utf8(p.parent).unwrap(),
-                        String::from_utf8(p.name).unwrap(),
-                    )
-                })
-            })
+            clean(s.as_bytes())
+                .map(|p| p.map(|p| (String::from_utf8(p.parent).unwrap(), String::from_utf8(p.name).unwrap())))
         };
         assert_eq!(c("./a/b"), Ok(Some(("a".into(), "b".into()))));
         assert_eq!(c("/etc/passwd"), Ok(Some(("etc".into(), "passwd".into()))));

@@ -55,14 +55,8 @@ impl Fixture {
     pub fn outside(&self) -> PathBuf {
         self.dir.path().join("outside")
     }
-    pub fn unpack_with(
-        &self,
-        layer: &Layer,
-        compressed: &[u8],
-        limits: Limits,
-    ) -> Result<PathBuf, Error> {
-        self.store
-            .unpack_verified(layer, compressed, None, limits, IdShift::IDENTITY)?;
+    pub fn unpack_with(&self, layer: &Layer, compressed: &[u8], limits: Limits) -> Result<PathBuf, Error> {
+        self.store.unpack_verified(layer, compressed, None, limits, IdShift::IDENTITY)?;
         Ok(self.store.diff_path(&layer.chain_id))
     }
     pub fn unpack(&self, tar: &[u8]) -> Result<PathBuf, Error> {
@@ -71,38 +65,16 @@ impl Fixture {
     }
     /// Nothing outside the layers dir changed, no staging dir is left, and no layer was committed.
     pub fn assert_untouched(&self) {
-        let outside: Vec<_> = fs::read_dir(self.outside())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            outside,
-            ["passwd"],
-            "something was written outside the layer"
-        );
-        assert_eq!(
-            fs::read(self.outside().join("passwd")).unwrap(),
-            b"original"
-        );
-        assert_eq!(
-            fs::read_dir(self.dir.path().join("root/tmp"))
-                .unwrap()
-                .count(),
-            0,
-            "staging directory left behind"
-        );
-        assert!(
-            self.store.list().unwrap().is_empty(),
-            "a refused layer was committed"
-        );
+        let outside: Vec<_> = fs::read_dir(self.outside()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(outside, ["passwd"], "something was written outside the layer");
+        assert_eq!(fs::read(self.outside().join("passwd")).unwrap(), b"original");
+        assert_eq!(fs::read_dir(self.dir.path().join("root/tmp")).unwrap().count(), 0, "staging directory left behind");
+        assert!(self.store.list().unwrap().is_empty(), "a refused layer was committed");
     }
 }
 
 fn limits() -> Limits {
-    Limits {
-        max_bytes: 1 << 30,
-        max_entries: 100_000,
-    }
+    Limits { max_bytes: 1 << 30, max_entries: 100_000 }
 }
 
 fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
@@ -129,13 +101,7 @@ fn raw_header(kind: tar::EntryType, name: &[u8], link: &[u8], size: u64) -> tar:
     h
 }
 
-fn append_raw(
-    b: &mut tar::Builder<Vec<u8>>,
-    kind: tar::EntryType,
-    name: &str,
-    link: &str,
-    data: &[u8],
-) {
+fn append_raw(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, link: &str, data: &[u8]) {
     let h = raw_header(kind, name.as_bytes(), link.as_bytes(), data.len() as u64);
     b.append(&h, data).unwrap();
 }
@@ -153,21 +119,9 @@ fn dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
 
 fn expect_hostile(err: Error, layer: &Layer, entry: &str, reason: &str) {
     let msg = err.to_string();
-    assert!(
-        matches!(
-            err.kind(),
-            ErrorKind::FailedPrecondition | ErrorKind::ResourceExhausted
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains(&layer.digest.to_string()),
-        "error does not name the layer: {msg}"
-    );
-    assert!(
-        msg.contains(entry),
-        "error does not name the entry {entry:?}: {msg}"
-    );
+    assert!(matches!(err.kind(), ErrorKind::FailedPrecondition | ErrorKind::ResourceExhausted), "{msg}");
+    assert!(msg.contains(&layer.digest.to_string()), "error does not name the layer: {msg}");
+    assert!(msg.contains(entry), "error does not name the entry {entry:?}: {msg}");
     assert!(msg.contains(reason), "error does not say {reason:?}: {msg}");
     assert_lowercase(&msg);
 }
@@ -193,9 +147,7 @@ fn hostile(build: impl FnOnce(&mut tar::Builder<Vec<u8>>), entry: &str, reason: 
     build(&mut b);
     let tar = b.into_inner().unwrap();
     let layer = layer_of(&tar, &tar, OCI_TAR);
-    let err = fx
-        .unpack_with(&layer, &tar, limits())
-        .expect_err("hostile layer accepted");
+    let err = fx.unpack_with(&layer, &tar, limits()).expect_err("hostile layer accepted");
     expect_hostile(err, &layer, entry, reason);
     fx.assert_untouched();
 }
@@ -212,9 +164,7 @@ fn all_entry_types() -> Vec<u8> {
     h.set_size(data.len() as u64);
     b.append_data(&mut h, "bin/tool", &data[..]).unwrap();
     // xattrs, as Go's archive/tar writes them: PAX SCHILY.xattr records.
-    let cap = [
-        1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ]; // cap_net_bind_service, v2
+    let cap = [1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]; // cap_net_bind_service, v2
     b.append_pax_extensions([
         ("SCHILY.xattr.user.note", &b"hello"[..]),
         ("SCHILY.xattr.security.capability", &cap[..]),
@@ -224,8 +174,7 @@ fn all_entry_types() -> Vec<u8> {
     dir(&mut b, "tmp", 0o1777);
     let mut h = header(tar::EntryType::Symlink, 0o777);
     h.set_uid(1000);
-    b.append_pax_extensions([("SCHILY.xattr.trusted.label", &b"link"[..])])
-        .unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.trusted.label", &b"link"[..])]).unwrap();
     b.append_link(&mut h, "bin/sh", "tool").unwrap();
     let mut h = header(tar::EntryType::Link, 0o644);
     b.append_link(&mut h, "bin/tool-again", "bin/tool").unwrap();
@@ -244,83 +193,40 @@ fn all_entry_types() -> Vec<u8> {
     let long = format!("deep/{}/file", "d".repeat(150));
     file(&mut b, &long, 0o640, b"long");
     // An absolute name lands inside the layer, as containerd does it.
-    append_raw(
-        &mut b,
-        tar::EntryType::Regular,
-        "/etc/hostname",
-        "",
-        b"node\n",
-    );
+    append_raw(&mut b, tar::EntryType::Regular, "/etc/hostname", "", b"node\n");
     b.into_inner().unwrap()
 }
 
 fn check_all_entry_types(root: &Path) {
     let tool = fs::symlink_metadata(root.join("bin/tool")).unwrap();
-    assert_eq!(
-        fs::read(root.join("bin/tool")).unwrap(),
-        b"#!/bin/sh\necho hi\n"
-    );
-    assert_eq!(
-        tool.mode() & 0o7777,
-        0o4755,
-        "setuid bit lost (chown after chmod?)"
-    );
+    assert_eq!(fs::read(root.join("bin/tool")).unwrap(), b"#!/bin/sh\necho hi\n");
+    assert_eq!(tool.mode() & 0o7777, 0o4755, "setuid bit lost (chown after chmod?)");
     assert_eq!((tool.uid(), tool.gid()), (1000, 2000));
     assert_eq!(tool.mtime(), 1_500_000_000);
     assert_eq!(tool.nlink(), 2);
-    assert_eq!(
-        fs::symlink_metadata(root.join("bin/tool-again"))
-            .unwrap()
-            .ino(),
-        tool.ino()
-    );
-    let cap =
-        rustix::fs::getxattr(root.join("bin/ping"), "security.capability", &mut [0u8; 64]).unwrap();
+    assert_eq!(fs::symlink_metadata(root.join("bin/tool-again")).unwrap().ino(), tool.ino());
+    let cap = rustix::fs::getxattr(root.join("bin/ping"), "security.capability", &mut [0u8; 64]).unwrap();
     assert_eq!(cap, 20, "security.capability missing (set before chown?)");
     let mut note = [0u8; 16];
     let n = rustix::fs::getxattr(root.join("bin/ping"), "user.note", &mut note).unwrap();
     assert_eq!(&note[..n], b"hello");
-    assert_eq!(
-        fs::symlink_metadata(root.join("tmp")).unwrap().mode() & 0o7777,
-        0o1777
-    );
-    assert_eq!(
-        fs::symlink_metadata(root.join("tmp")).unwrap().mtime(),
-        1_600_000_000,
-        "directory mtime not restored"
-    );
+    assert_eq!(fs::symlink_metadata(root.join("tmp")).unwrap().mode() & 0o7777, 0o1777);
+    assert_eq!(fs::symlink_metadata(root.join("tmp")).unwrap().mtime(), 1_600_000_000, "directory mtime not restored");
     let sh = fs::symlink_metadata(root.join("bin/sh")).unwrap();
     assert!(sh.file_type().is_symlink());
     assert_eq!(sh.uid(), 1000);
-    assert_eq!(
-        fs::read_link(root.join("bin/sh")).unwrap(),
-        Path::new("tool")
-    );
+    assert_eq!(fs::read_link(root.join("bin/sh")).unwrap(), Path::new("tool"));
     let null = fs::symlink_metadata(root.join("dev/null")).unwrap();
     assert!(null.file_type().is_char_device());
-    assert_eq!(
-        (
-            rustix::fs::major(null.rdev()),
-            rustix::fs::minor(null.rdev())
-        ),
-        (1, 3)
-    );
+    assert_eq!((rustix::fs::major(null.rdev()), rustix::fs::minor(null.rdev())), (1, 3));
     assert_eq!(null.mode() & 0o7777, 0o666);
     let loop0 = fs::symlink_metadata(root.join("dev/loop0")).unwrap();
     assert!(loop0.file_type().is_block_device());
     assert_eq!(rustix::fs::major(loop0.rdev()), 7);
-    assert!(
-        fs::symlink_metadata(root.join("dev/fifo"))
-            .unwrap()
-            .file_type()
-            .is_fifo()
-    );
+    assert!(fs::symlink_metadata(root.join("dev/fifo")).unwrap().file_type().is_fifo());
     let long = root.join(format!("deep/{}/file", "d".repeat(150)));
     assert_eq!(fs::read(&long).unwrap(), b"long");
-    assert_eq!(
-        fs::symlink_metadata(&long).unwrap().permissions().mode() & 0o777,
-        0o640
-    );
+    assert_eq!(fs::symlink_metadata(&long).unwrap().permissions().mode() & 0o777, 0o640);
     assert_eq!(fs::read(root.join("etc/hostname")).unwrap(), b"node\n");
     assert_eq!(fs::symlink_metadata(root).unwrap().mode() & 0o7777, 0o755);
 }
@@ -328,30 +234,17 @@ fn check_all_entry_types(root: &Path) {
 #[test]
 fn unpacks_every_entry_type_in_every_compression() {
     let tar = all_entry_types();
-    for (compressed, media_type) in [
-        (tar.clone(), OCI_TAR),
-        (gzip(&tar), OCI_GZIP),
-        (zstd(&tar), OCI_ZSTD),
-    ] {
+    for (compressed, media_type) in [(tar.clone(), OCI_TAR), (gzip(&tar), OCI_GZIP), (zstd(&tar), OCI_ZSTD)] {
         let fx = Fixture::new();
         let layer = layer_of(&tar, &compressed, media_type);
         let root = fx.unpack_with(&layer, &compressed, limits()).unwrap();
         check_all_entry_types(&root);
-        assert_eq!(
-            fs::read_dir(fx.dir.path().join("root/tmp"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(fs::read_dir(fx.dir.path().join("root/tmp")).unwrap().count(), 0);
     }
     // Compression is recognised by magic bytes, whatever the media type claims.
     let fx = Fixture::new();
     let compressed = gzip(&tar);
-    let layer = layer_of(
-        &tar,
-        &compressed,
-        "application/vnd.docker.image.rootfs.diff.tar",
-    );
+    let layer = layer_of(&tar, &compressed, "application/vnd.docker.image.rootfs.diff.tar");
     check_all_entry_types(&fx.unpack_with(&layer, &compressed, limits()).unwrap());
 }
 
@@ -371,8 +264,7 @@ fn whiteouts_become_overlay_whiteouts_and_opaque_dirs() {
     assert_eq!(motd.rdev(), 0);
     assert!(!root.join("etc/.wh.motd").exists());
     let mut value = [0u8; 4];
-    let n =
-        rustix::fs::getxattr(root.join("var/cache"), "trusted.overlay.opaque", &mut value).unwrap();
+    let n = rustix::fs::getxattr(root.join("var/cache"), "trusted.overlay.opaque", &mut value).unwrap();
     assert_eq!(&value[..n], b"y");
     assert!(!root.join("var/cache/.wh..wh..opq").exists());
     assert_eq!(fs::read(root.join("var/cache/new")).unwrap(), b"n");
@@ -403,23 +295,11 @@ fn refuses_dotdot_escapes() {
         "escapes the layer root",
     );
     hostile(
-        |b| {
-            append_raw(
-                b,
-                tar::EntryType::Regular,
-                "a/../../../outside/passwd",
-                "",
-                b"x",
-            )
-        },
+        |b| append_raw(b, tar::EntryType::Regular, "a/../../../outside/passwd", "", b"x"),
         "a/../../../outside/passwd",
         "escapes",
     );
-    hostile(
-        |b| append_raw(b, tar::EntryType::Directory, "/../x", "", b""),
-        "/../x",
-        "escapes",
-    );
+    hostile(|b| append_raw(b, tar::EntryType::Directory, "/../x", "", b""), "/../x", "escapes");
 }
 
 #[test]
@@ -441,13 +321,7 @@ fn never_follows_a_symlink_planted_in_the_layer() {
     // A file entry with the symlink's own name replaces the link; it never writes through it.
     let fx2 = Fixture::new();
     let mut b = tar::Builder::new(Vec::new());
-    append_raw(
-        &mut b,
-        tar::EntryType::Symlink,
-        "passwd",
-        &fx2.outside().join("passwd").display().to_string(),
-        b"",
-    );
+    append_raw(&mut b, tar::EntryType::Symlink, "passwd", &fx2.outside().join("passwd").display().to_string(), b"");
     append_raw(&mut b, tar::EntryType::Regular, "passwd", "", b"pwned");
     let root = fx2.unpack(&b.into_inner().unwrap()).unwrap();
     assert_eq!(fs::read(fx2.outside().join("passwd")).unwrap(), b"original");
@@ -467,18 +341,10 @@ fn never_follows_a_symlink_planted_in_the_layer() {
 fn refuses_hard_links_out_of_the_layer() {
     let fx = Fixture::new();
     let outside = fx.outside().join("passwd").display().to_string();
-    hostile(
-        |b| append_raw(b, tar::EntryType::Link, "hl", "../../outside/passwd", b""),
-        "hl",
-        "hard link target",
-    );
+    hostile(|b| append_raw(b, tar::EntryType::Link, "hl", "../../outside/passwd", b""), "hl", "hard link target");
     // An absolute target is taken inside the layer, where it does not exist.
     let o = outside.clone();
-    hostile(
-        move |b| append_raw(b, tar::EntryType::Link, "hl", &o, b""),
-        "hl",
-        "not in this layer",
-    );
+    hostile(move |b| append_raw(b, tar::EntryType::Link, "hl", &o, b""), "hl", "not in this layer");
     // Through a symlink planted earlier.
     let o = fx.outside().display().to_string();
     hostile(
@@ -495,18 +361,8 @@ fn refuses_hard_links_out_of_the_layer() {
     append_raw(&mut b, tar::EntryType::Symlink, "s", &outside, b"");
     append_raw(&mut b, tar::EntryType::Link, "hl", "s", b"");
     let root = fx2.unpack(&b.into_inner().unwrap()).unwrap();
-    assert!(
-        fs::symlink_metadata(root.join("hl"))
-            .unwrap()
-            .file_type()
-            .is_symlink()
-    );
-    assert_eq!(
-        fs::symlink_metadata(fx2.outside().join("passwd"))
-            .unwrap()
-            .nlink(),
-        1
-    );
+    assert!(fs::symlink_metadata(root.join("hl")).unwrap().file_type().is_symlink());
+    assert_eq!(fs::symlink_metadata(fx2.outside().join("passwd")).unwrap().nlink(), 1);
 }
 
 #[test]
@@ -533,11 +389,7 @@ fn refuses_deceptive_headers() {
         "checksum",
     );
     // A device that claims data, to desynchronise parsers that disagree about it.
-    hostile(
-        |b| append_raw(b, tar::EntryType::Char, "dev", "", b"hidden entry"),
-        "dev",
-        "declares",
-    );
+    hostile(|b| append_raw(b, tar::EntryType::Char, "dev", "", b"hidden entry"), "dev", "declares");
     // A GNU long name record of 2 MiB: a memory bomb for naive readers.
     hostile(
         |b| {
@@ -549,11 +401,7 @@ fn refuses_deceptive_headers() {
         "exceeds",
     );
     // Unknown entry types are not guessed at.
-    hostile(
-        |b| append_raw(b, tar::EntryType::new(b'V'), "vol", "", b""),
-        "vol",
-        "unsupported tar entry type",
-    );
+    hostile(|b| append_raw(b, tar::EntryType::new(b'V'), "vol", "", b""), "vol", "unsupported tar entry type");
     // Names the kernel cannot hold are refused as such, not as a local failure.
     let long = format!("{}/x", "n".repeat(300));
     let l2 = long.clone();
@@ -566,11 +414,7 @@ fn refuses_deceptive_headers() {
         "longer than 255 bytes",
     );
     // Whiteout of nothing.
-    hostile(
-        |b| append_raw(b, tar::EntryType::Regular, "d/.wh.", "", b""),
-        "d/.wh.",
-        "whiteout names no file",
-    );
+    hostile(|b| append_raw(b, tar::EntryType::Regular, "d/.wh.", "", b""), "d/.wh.", "whiteout names no file");
 }
 
 #[test]
@@ -582,16 +426,7 @@ fn enforces_bomb_limits() {
     let compressed = gzip(&tar);
     assert!(compressed.len() < 64 << 10, "the bomb should compress well");
     let layer = layer_of(&tar, &compressed, OCI_GZIP);
-    let err = fx
-        .unpack_with(
-            &layer,
-            &compressed,
-            Limits {
-                max_bytes: 1 << 20,
-                max_entries: 10,
-            },
-        )
-        .unwrap_err();
+    let err = fx.unpack_with(&layer, &compressed, Limits { max_bytes: 1 << 20, max_entries: 10 }).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
     expect_hostile(err, &layer, "zeros", "max_layer_bytes");
     fx.assert_untouched();
@@ -603,16 +438,7 @@ fn enforces_bomb_limits() {
     }
     let tar = b.into_inner().unwrap();
     let layer = layer_of(&tar, &tar, OCI_TAR);
-    let err = fx
-        .unpack_with(
-            &layer,
-            &tar,
-            Limits {
-                max_bytes: 1 << 20,
-                max_entries: 10,
-            },
-        )
-        .unwrap_err();
+    let err = fx.unpack_with(&layer, &tar, Limits { max_bytes: 1 << 20, max_entries: 10 }).unwrap_err();
     assert!(err.to_string().contains("max_layer_entries"), "{err}");
     fx.assert_untouched();
 
@@ -622,10 +448,7 @@ fn enforces_bomb_limits() {
     tar.extend(std::iter::repeat_n(1u8, 2 << 20));
     let layer = layer_of(&tar, &tar, OCI_TAR);
     let err = fx.unpack_with(&layer, &tar, limits()).unwrap_err();
-    assert!(
-        err.to_string().contains("after the end of the tar archive"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("after the end of the tar archive"), "{err}");
     fx.assert_untouched();
 }
 
@@ -656,10 +479,7 @@ fn refuses_digest_and_size_mismatches() {
     let mut layer = layer_of(&tar, &compressed, OCI_GZIP);
     layer.size -= 1;
     let err = fx.unpack_with(&layer, &compressed, limits()).unwrap_err();
-    assert!(
-        err.to_string().contains("size mismatch") || err.to_string().contains("longer"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("size mismatch") || err.to_string().contains("longer"), "{err}");
     fx.assert_untouched();
 
     // Corrupt compressed data is reported as such, with the layer digest.
@@ -685,9 +505,7 @@ fn shifts_ownership_in_one_place() {
     b.append_data(&mut h, "f", &[][..]).unwrap();
     let tar = b.into_inner().unwrap();
     let layer = layer_of(&tar, &tar, OCI_TAR);
-    fx.store
-        .unpack_verified(&layer, &tar[..], None, limits(), IdShift::new(0x7FFE_0000))
-        .unwrap();
+    fx.store.unpack_verified(&layer, &tar[..], None, limits(), IdShift::new(0x7FFE_0000)).unwrap();
     let md = fs::symlink_metadata(fx.store.diff_path(&layer.chain_id).join("f")).unwrap();
     assert_eq!((md.uid(), md.gid()), (0x7FFE_0005, 0x7FFE_0006));
     // The layer root too: a tar without a `./` entry leaves nothing owned by a node user.
@@ -701,10 +519,7 @@ fn shifts_ownership_in_one_place() {
     b.append_data(&mut h, "f", &[][..]).unwrap();
     let tar = b.into_inner().unwrap();
     let layer = layer_of(&tar, &tar, OCI_TAR);
-    let err = fx
-        .store
-        .unpack_verified(&layer, &tar[..], None, limits(), IdShift::new(0x7FFE_0000))
-        .unwrap_err();
+    let err = fx.store.unpack_verified(&layer, &tar[..], None, limits(), IdShift::new(0x7FFE_0000)).unwrap_err();
     assert!(err.to_string().contains("uid 70000 is outside 0..65535"), "{err}");
     fx.assert_untouched();
 }

@@ -38,9 +38,6 @@ pub struct CriClient {
 impl CriClient {
     pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, tonic::transport::Error> {
         let channel = connect(socket).await?;
-        Ok(Self {
-            runtime: RuntimeServiceClient::new(channel.clone()),
-            image: ImageServiceClient::new(channel),
-        })
+        Ok(Self { runtime: RuntimeServiceClient::new(channel.clone()), image: ImageServiceClient::new(channel) })
     }
 }

@@ -151,29 +151,82 @@ pub struct Container {
 
 /// The capabilities containerd and Docker grant by default.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
 
 /// Every capability, for privileged containers.
 const ALL_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
 
 /// containerd's defaults: /proc and /sys files that leak host information or allow harm.
 pub const DEFAULT_MASKED_PATHS: &[&str] = &[
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
-pub const DEFAULT_READONLY_PATHS: &[&str] =
-    &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+pub const DEFAULT_READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -263,7 +316,8 @@ impl ContainerSpec {
             return passwd::resolve(lowerdirs, &self.run_as_username, group.as_deref(), &extra);
         }
         if let Some(uid) = self.run_as_user {
-            let uid = u32::try_from(uid).map_err(|_| Error::InvalidArgument(format!("run_as_user {uid} is out of range")))?;
+            let uid =
+                u32::try_from(uid).map_err(|_| Error::InvalidArgument(format!("run_as_user {uid} is out of range")))?;
             return passwd::resolve(lowerdirs, &uid.to_string(), group.as_deref(), &extra);
         }
         let (user, image_group) = passwd::split_user(&self.image.user);
@@ -277,7 +331,8 @@ impl ContainerSpec {
         let adds: Vec<String> = self.add_capabilities.iter().map(|c| capability_name(c)).collect();
         let drops: Vec<String> = self.drop_capabilities.iter().map(|c| capability_name(c)).collect();
         let base: &[&str] = if adds.iter().any(|c| c == "CAP_ALL") { ALL_CAPABILITIES } else { DEFAULT_CAPABILITIES };
-        let mut caps: Vec<String> = base.iter().map(|c| c.to_string()).chain(adds.into_iter().filter(|c| c != "CAP_ALL")).collect();
+        let mut caps: Vec<String> =
+            base.iter().map(|c| c.to_string()).chain(adds.into_iter().filter(|c| c != "CAP_ALL")).collect();
         if drops.iter().any(|c| c == "CAP_ALL") {
             caps.clear();
         }
@@ -341,7 +396,10 @@ pub(crate) fn lower_mappings(pod: &Pod, layer_uid_shift: u32) -> Vec<IdMapping> 
 
 /// OCI's form of id mappings (linux.uidMappings, mounts[].uidMappings).
 pub(crate) fn oci_mappings(mappings: &[IdMapping]) -> serde_json::Value {
-    mappings.iter().map(|m| serde_json::json!({"containerID": m.container_id, "hostID": m.host_id, "size": m.size})).collect()
+    mappings
+        .iter()
+        .map(|m| serde_json::json!({"containerID": m.container_id, "hostID": m.host_id, "size": m.size}))
+        .collect()
 }
 
 /// Everything the OCI spec needs besides the container spec itself.
@@ -351,7 +409,11 @@ pub(crate) struct SpecContext<'a> {
 }
 
 /// Builds the OCI runtime spec `cri-systemd init` applies.
-pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &SpecContext<'_>) -> Result<oci_spec::runtime::Spec, Error> {
+pub(crate) fn oci_spec(
+    spec: &ContainerSpec,
+    rootfs: &RootfsLayers,
+    context: &SpecContext<'_>,
+) -> Result<oci_spec::runtime::Spec, Error> {
     let pod = context.pod;
     let identity = spec.identity(&rootfs.lowerdirs)?;
     let caps = spec.capabilities();
@@ -363,8 +425,12 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
         serde_json::json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
     ];
     let shm = match &pod.shm {
-        Some(shm) => serde_json::json!({"destination": "/dev/shm", "type": "bind", "source": shm, "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev"]}),
-        None => serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        Some(shm) => {
+            serde_json::json!({"destination": "/dev/shm", "type": "bind", "source": shm, "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev"]})
+        }
+        None => {
+            serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+        }
     };
     mounts.push(shm);
     // The pod's files, unless the kubelet mounts its own (it manages /etc/hosts itself).
@@ -385,9 +451,8 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
         };
         // A host path given as a symlink is resolved before it is mounted (here, as root on the
         // host, so that the container cannot swap it later).
-        let source = std::fs::canonicalize(&mount.host_path).map_err(|e| {
-            Error::InvalidArgument(format!("mount host path {}: {e}", mount.host_path.display()))
-        })?;
+        let source = std::fs::canonicalize(&mount.host_path)
+            .map_err(|e| Error::InvalidArgument(format!("mount host path {}: {e}", mount.host_path.display())))?;
         let mut options = vec!["rbind", propagation, if mount.readonly { "ro" } else { "rw" }];
         if mount.recursive_readonly {
             options.push("rro");
@@ -408,14 +473,24 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
     if pod.spec.pid != NamespaceMode::Node {
         namespaces.push(serde_json::json!({"type": "pid"}));
     }
-    for (kind, pin) in [("network", &pod.namespaces.network), ("ipc", &pod.namespaces.ipc), ("uts", &pod.namespaces.uts), ("user", &pod.namespaces.user)] {
+    for (kind, pin) in [
+        ("network", &pod.namespaces.network),
+        ("ipc", &pod.namespaces.ipc),
+        ("uts", &pod.namespaces.uts),
+        ("user", &pod.namespaces.user),
+    ] {
         if let Some(pin) = pin {
             namespaces.push(serde_json::json!({"type": kind, "path": pin}));
         }
     }
     let userns_mappings = match (&pod.userns, &pod.namespaces.user) {
         (Some(userns), Some(_)) => oci_mappings(&[userns.range.mapping()]),
-        (Some(_), None) => return Err(Error::FailedPrecondition(format!("pod {} has a user namespace range but no user namespace", pod.id))),
+        (Some(_), None) => {
+            return Err(Error::FailedPrecondition(format!(
+                "pod {} has a user namespace range but no user namespace",
+                pod.id
+            )));
+        }
         _ => serde_json::json!([]),
     };
     let (masked, readonly): (Vec<String>, Vec<String>) = if spec.privileged {
@@ -423,7 +498,9 @@ pub(crate) fn oci_spec(spec: &ContainerSpec, rootfs: &RootfsLayers, context: &Sp
     } else {
         (
             spec.masked_paths.clone().unwrap_or_else(|| DEFAULT_MASKED_PATHS.iter().map(|s| s.to_string()).collect()),
-            spec.readonly_paths.clone().unwrap_or_else(|| DEFAULT_READONLY_PATHS.iter().map(|s| s.to_string()).collect()),
+            spec.readonly_paths
+                .clone()
+                .unwrap_or_else(|| DEFAULT_READONLY_PATHS.iter().map(|s| s.to_string()).collect()),
         )
     };
     let seccomp = (spec.seccomp == Seccomp::RuntimeDefault && !spec.privileged)
@@ -553,11 +630,16 @@ mod tests {
 
     #[test]
     fn capabilities_add_and_drop() {
-        let s = ContainerSpec { add_capabilities: vec!["NET_ADMIN".into()], drop_capabilities: vec!["CAP_CHOWN".into(), "mknod".into()], ..spec() };
+        let s = ContainerSpec {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            drop_capabilities: vec!["CAP_CHOWN".into(), "mknod".into()],
+            ..spec()
+        };
         let caps = s.capabilities();
         assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
         assert!(!caps.contains(&"CAP_CHOWN".to_string()) && !caps.contains(&"CAP_MKNOD".to_string()));
-        let none = ContainerSpec { drop_capabilities: vec!["ALL".into()], add_capabilities: vec!["KILL".into()], ..spec() };
+        let none =
+            ContainerSpec { drop_capabilities: vec!["ALL".into()], add_capabilities: vec!["KILL".into()], ..spec() };
         assert_eq!(none.capabilities(), Vec::<String>::new());
         let bad = ContainerSpec { add_capabilities: vec!["CAP_FLY".into()], ..spec() };
         assert!(bad.validate().is_err());
@@ -566,7 +648,11 @@ mod tests {
     #[test]
     fn mounts_and_signals_are_checked() {
         let bad = ContainerSpec {
-            mounts: vec![BindMount { container_path: "/a/../../etc".into(), host_path: "/tmp".into(), ..Default::default() }],
+            mounts: vec![BindMount {
+                container_path: "/a/../../etc".into(),
+                host_path: "/tmp".into(),
+                ..Default::default()
+            }],
             ..spec()
         };
         assert!(bad.validate().is_err());

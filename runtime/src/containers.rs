@@ -59,7 +59,8 @@ impl Runtime {
         if let Some(entry) = containers.get(id) {
             return Ok(entry.clone());
         }
-        let mut matches = containers.range(id.to_string()..).take_while(|(key, _)| !id.is_empty() && key.starts_with(id));
+        let mut matches =
+            containers.range(id.to_string()..).take_while(|(key, _)| !id.is_empty() && key.starts_with(id));
         match (matches.next(), matches.next()) {
             (Some((_, entry)), None) => Ok(entry.clone()),
             (Some(_), Some(_)) => Err(Error::InvalidArgument(format!("container id prefix {id:?} is ambiguous"))),
@@ -84,7 +85,13 @@ impl Runtime {
         result.map(|()| id)
     }
 
-    async fn create_container_inner(&self, id: &str, pod_id: &str, spec: ContainerSpec, rootfs: RootfsLayers) -> Result<(), Error> {
+    async fn create_container_inner(
+        &self,
+        id: &str,
+        pod_id: &str,
+        spec: ContainerSpec,
+        rootfs: RootfsLayers,
+    ) -> Result<(), Error> {
         spec.validate()?;
         let pod = self.pod(pod_id)?;
         if pod.state != PodState::Ready {
@@ -92,9 +99,10 @@ impl Runtime {
         }
         let entry = {
             let mut containers = self.containers.lock().expect("container table lock");
-            let taken = containers.values().map(|e| e.get()).find(|c| {
-                c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt
-            });
+            let taken = containers
+                .values()
+                .map(|e| e.get())
+                .find(|c| c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt);
             if let Some(existing) = taken {
                 return Err(Error::AlreadyExists(format!(
                     "container {:?} attempt {} already exists in pod {} as {}",
@@ -126,9 +134,10 @@ impl Runtime {
         std::fs::create_dir_all(dir.join("rootfs")).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let context = SpecContext { pod: &pod, rootfs_mountpoint: &dir.join("rootfs") };
         let oci = container::oci_spec(&record.spec, &record.rootfs, &context)?;
-        let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> =
-            serde_json::from_value(container::oci_mappings(&container::lower_mappings(&pod, self.config.layer_uid_shift)))
-                .map_err(|e| Error::InvalidArgument(format!("cannot build the layers' id mapping: {e}")))?;
+        let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> = serde_json::from_value(container::oci_mappings(
+            &container::lower_mappings(&pod, self.config.layer_uid_shift),
+        ))
+        .map_err(|e| Error::InvalidArgument(format!("cannot build the layers' id mapping: {e}")))?;
         if let Some(userns) = &pod.userns {
             // The writable layer's root is the container's "/": its root user owns it. Only the
             // directory itself: the image layers below are idmapped, never chowned.
@@ -175,11 +184,21 @@ impl Runtime {
         let dir = self.container_dir(&record.id);
         let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
         let exe = exe.to_string_lossy().into_owned();
-        let init_args = vec![exe.clone(), crate::init::SUBCOMMAND.to_string(), dir.join("init.json").to_string_lossy().into_owned()];
-        let record_args =
-            vec![exe.clone(), exit_record::SUBCOMMAND.to_string(), dir.join("exit.json").to_string_lossy().into_owned()];
+        let init_args = vec![
+            exe.clone(),
+            crate::init::SUBCOMMAND.to_string(),
+            dir.join("init.json").to_string_lossy().into_owned(),
+        ];
+        let record_args = vec![
+            exe.clone(),
+            exit_record::SUBCOMMAND.to_string(),
+            dir.join("exit.json").to_string_lossy().into_owned(),
+        ];
         let mut properties: Vec<(&'static str, Value<'static>)> = vec![
-            ("Description", Value::from(format!("container {} of pod {}/{}", record.spec.name, pod.spec.namespace, pod.spec.name))),
+            (
+                "Description",
+                Value::from(format!("container {} of pod {}/{}", record.spec.name, pod.spec.namespace, pod.spec.name)),
+            ),
             ("Slice", Value::from(record.slice.clone())),
             ("Type", Value::from("notify")),
             // The READY and MAINPID messages come from init's forked child as well.
@@ -202,9 +221,10 @@ impl Runtime {
         properties.extend(container::resource_properties(&record.spec)?);
         // The kubelet reads the log file from the start; create it before the first line.
         if let Some(log) = self.log_path(&record.id) {
-            let created = log.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
-                std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop)
-            });
+            let created = log
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop));
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
         }
         let started = self.systemd.start_transient_unit(&record.unit, properties).await;
@@ -295,7 +315,10 @@ impl Runtime {
         let _guard = entry.operation.clone().lock_owned().await;
         let mut record = self.refresh(&entry);
         if !matches!(record.state, ContainerState::Created | ContainerState::Running) {
-            return Err(Error::FailedPrecondition(format!("container {} is {:?}: nothing to update", record.id, record.state)));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {:?}: nothing to update",
+                record.id, record.state
+            )));
         }
         if record.state == ContainerState::Running {
             self.systemd.set_unit_properties(&record.unit, container::limit_properties(&resources)).await?;
@@ -440,7 +463,11 @@ impl Runtime {
                 errors.push(e.to_string());
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(Error::Teardown { what: format!("cannot remove the containers of pod {pod_id}"), errors }) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Teardown { what: format!("cannot remove the containers of pod {pod_id}"), errors })
+        }
     }
 
     /// Reads every container record: finishes removals and rolls back creations that a dead
@@ -469,7 +496,8 @@ impl Runtime {
                 continue;
             }
             let record = self.refresh(&entry);
-            if record.state == ContainerState::Running && !self.systemd.unit_exists(&record.unit).await.unwrap_or(true) {
+            if record.state == ContainerState::Running && !self.systemd.unit_exists(&record.unit).await.unwrap_or(true)
+            {
                 self.mark_exited(&entry, None, "the container's unit is gone (node rebooted?)");
             }
         }

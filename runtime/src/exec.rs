@@ -122,7 +122,10 @@ impl Runtime {
         }
         let main_pid = self.systemd.main_pid(&container.unit).await?;
         if main_pid == 0 {
-            return Err(Error::FailedPrecondition(format!("container {} is not running: its unit has no main process", container.id)));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running: its unit has no main process",
+                container.id
+            )));
         }
         let init_spec = self.container_dir(&container.id).join("init.json");
 
@@ -135,7 +138,9 @@ impl Runtime {
             command.arg("--tty");
         }
         command.arg(&init_spec).arg(&container.unit).arg(main_pid.to_string()).arg("--").args(&request.command);
-        let piped = |wanted: bool| if wanted && !request.tty { std::process::Stdio::piped() } else { std::process::Stdio::null() };
+        let piped = |wanted: bool| {
+            if wanted && !request.tty { std::process::Stdio::piped() } else { std::process::Stdio::null() }
+        };
         command.stdin(piped(request.stdin)).stdout(piped(request.stdout)).stderr(piped(request.stderr));
         let control_fd: RawFd = theirs.as_raw_fd();
         // SAFETY: the closure runs between fork and exec in the child and calls only dup2, which
@@ -148,9 +153,8 @@ impl Runtime {
                 Ok(())
             });
         }
-        let mut helper = tokio::process::Command::from(command)
-            .spawn()
-            .map_err(Error::io("cannot start cri-systemd exec-in"))?;
+        let mut helper =
+            tokio::process::Command::from(command).spawn().map_err(Error::io("cannot start cri-systemd exec-in"))?;
         drop(theirs);
         let control = Control::new(ours)?;
         let mut session = ExecSession {
@@ -184,7 +188,9 @@ impl Runtime {
                         _ => Error::Exec(format!("cannot exec in container {}: {message}", container.id)),
                     });
                 }
-                Some((other, _)) => return Err(Error::Exec(format!("exec-in reported {other:?} before the command started"))),
+                Some((other, _)) => {
+                    return Err(Error::Exec(format!("exec-in reported {other:?} before the command started")));
+                }
                 None => {
                     let status = session.helper.wait().await.map(|s| s.to_string()).unwrap_or_default();
                     return Err(Error::Exec(format!("exec-in ended ({status}) before the command started")));
@@ -196,7 +202,13 @@ impl Runtime {
     /// ExecSync: runs `command` and returns its output, each stream capped at `max_output`
     /// bytes (the rest is read and discarded, so the command never blocks on a full pipe). On
     /// `timeout` the command's process group is killed and the call fails with DeadlineExceeded.
-    pub async fn exec_sync(&self, id: &str, command: Vec<String>, timeout: Option<Duration>, max_output: usize) -> Result<ExecSyncOutput, Error> {
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        command: Vec<String>,
+        timeout: Option<Duration>,
+        max_output: usize,
+    ) -> Result<ExecSyncOutput, Error> {
         let request = ExecRequest { command: command.clone(), stdout: true, stderr: true, ..Default::default() };
         let mut session = self.exec(id, request).await?;
         if let Some(message) = session.start_error.clone() {
@@ -221,7 +233,11 @@ impl Runtime {
             )));
         };
         let exit_code = ended?;
-        Ok(ExecSyncOutput { stdout: stdout.finish(OUTPUT_DRAIN).await, stderr: stderr.finish(OUTPUT_DRAIN).await, exit_code })
+        Ok(ExecSyncOutput {
+            stdout: stdout.finish(OUTPUT_DRAIN).await,
+            stderr: stderr.finish(OUTPUT_DRAIN).await,
+            exit_code,
+        })
     }
 }
 
@@ -290,14 +306,19 @@ impl Control {
 
     /// One byte to exec-in. The socket's buffer holds far more than the two bytes ever sent.
     fn send(&self, byte: u8) {
-        let _ = nix::sys::socket::send(self.socket.get_ref().as_raw_fd(), &[byte], MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
+        let _ = nix::sys::socket::send(
+            self.socket.get_ref().as_raw_fd(),
+            &[byte],
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        );
     }
 
     /// The next report, with the descriptor it carried; `None` once exec-in is gone.
     async fn receive(&self) -> Result<Option<(Report, Option<OwnedFd>)>, Error> {
         let mut buffer = vec![0u8; MAX_REPORT];
         loop {
-            let mut guard = self.socket.readable().await.map_err(Error::io("cannot wait on the exec control socket"))?;
+            let mut guard =
+                self.socket.readable().await.map_err(Error::io("cannot wait on the exec control socket"))?;
             let result = guard.try_io(|socket| {
                 let mut space = nix::cmsg_space!([RawFd; 1]);
                 let mut iov = [IoSliceMut::new(&mut buffer)];
@@ -353,7 +374,8 @@ impl Pty {
         set_nonblocking(&master)?;
         // SAFETY: the master came to us over SCM_RIGHTS and nothing else holds it; AsyncFd owns
         // it and deregisters before closing it.
-        let fd = unsafe { AsyncFd::register(master) }.map_err(|e| Error::Io { what: "cannot watch the pty".into(), source: e.into_parts().1 })?;
+        let fd = unsafe { AsyncFd::register(master) }
+            .map_err(|e| Error::Io { what: "cannot watch the pty".into(), source: e.into_parts().1 })?;
         Ok(Pty { fd })
     }
 

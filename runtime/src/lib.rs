@@ -12,13 +12,13 @@ mod error;
 mod exec;
 pub mod exit_record;
 pub mod init;
-mod namespaces;
 mod logs;
+mod namespaces;
 mod passwd;
 mod pod;
 mod podfiles;
-mod seccomp_profile;
 mod pods;
+mod seccomp_profile;
 pub mod stats;
 mod store;
 mod systemd;
@@ -28,15 +28,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
-    BindMount, Seccomp, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, RootfsLayers,
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, RootfsLayers, Seccomp,
 };
 pub use containers::ContainerFilter;
 pub use error::Error;
 pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
-pub use namespaces::PodNamespaces;
 pub use logs::{LogPathOf, LogWriter, STDIO_IDENTIFIER};
-pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
+pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use systemd::{ManagerInfo, Systemd};

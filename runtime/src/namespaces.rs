@@ -46,7 +46,12 @@ pub struct NewNamespaces {
 /// `user`, owner of the others, when `userns` gives the pod's host id range). `hostname` is set
 /// in the new UTS namespace, and loopback is brought up in the new network namespace. On error
 /// nothing stays pinned.
-pub fn create_pinned(dir: &Path, wanted: NewNamespaces, hostname: &str, userns: Option<IdRange>) -> std::io::Result<PodNamespaces> {
+pub fn create_pinned(
+    dir: &Path,
+    wanted: NewNamespaces,
+    hostname: &str,
+    userns: Option<IdRange>,
+) -> std::io::Result<PodNamespaces> {
     std::fs::create_dir_all(dir)?;
     if let Some(range) = userns {
         return create_in_user_namespace(dir, wanted, hostname, range);
@@ -119,7 +124,12 @@ fn step_name(step: u8) -> &'static str {
 /// inside it: a forked child unshares the user namespace, this thread writes its id maps (the
 /// child cannot map ids of the node), the child creates the other namespaces, and this thread
 /// pins all of them from /proc/<child>/ns before letting the child exit.
-fn create_in_user_namespace(dir: &Path, wanted: NewNamespaces, hostname: &str, range: IdRange) -> std::io::Result<PodNamespaces> {
+fn create_in_user_namespace(
+    dir: &Path,
+    wanted: NewNamespaces,
+    hostname: &str,
+    range: IdRange,
+) -> std::io::Result<PodNamespaces> {
     let mut flags = 0;
     let mut pins = PodNamespaces { user: Some(dir.join("user")), ..Default::default() };
     if wanted.network {
@@ -156,8 +166,9 @@ fn create_in_user_namespace(dir: &Path, wanted: NewNamespaces, hostname: &str, r
         expect_child(&from_child_r, STEP_USERNS)?;
         let line = format!("0 {} {}\n", range.host_id, range.size);
         for map in ["uid_map", "gid_map"] {
-            std::fs::write(format!("/proc/{pid}/{map}"), &line)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("write {map} of the pod's user namespace ({}): {e}", line.trim())))?;
+            std::fs::write(format!("/proc/{pid}/{map}"), &line).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("write {map} of the pod's user namespace ({}): {e}", line.trim()))
+            })?;
         }
         nix::unistd::write(&to_child_w, &[STEP_NAMESPACES])?;
         expect_child(&from_child_r, STEP_LOOPBACK)?;
@@ -187,7 +198,12 @@ fn expect_child(from_child: &OwnedFd, step: u8) -> std::io::Result<()> {
     let mut got = 0;
     while got < 1 || (message[0] == 0 && got < message.len()) {
         match nix::unistd::read(from_child, &mut message[got..]) {
-            Ok(0) => return Err(std::io::Error::other(format!("the namespace child died before it could {}", step_name(step)))),
+            Ok(0) => {
+                return Err(std::io::Error::other(format!(
+                    "the namespace child died before it could {}",
+                    step_name(step)
+                )));
+            }
             Ok(n) => got += n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -207,7 +223,13 @@ fn expect_child(from_child: &OwnedFd, step: u8) -> std::io::Result<()> {
 /// The forked child: unshare the user namespace, wait for its maps, create the other namespaces
 /// inside it, report, and stay alive (so its namespaces can be pinned) until the pipe closes.
 /// Only system calls from here on: no allocation, no locks.
-fn namespace_child(to_child: &OwnedFd, from_child: &OwnedFd, flags: libc::c_int, wanted: NewNamespaces, hostname: &CString) -> ! {
+fn namespace_child(
+    to_child: &OwnedFd,
+    from_child: &OwnedFd,
+    flags: libc::c_int,
+    wanted: NewNamespaces,
+    hostname: &CString,
+) -> ! {
     let report = |message: &[u8]| {
         // SAFETY: write on an open descriptor from a live buffer.
         unsafe { libc::write(from_child.as_raw_fd(), message.as_ptr().cast(), message.len()) };

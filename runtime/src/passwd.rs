@@ -43,7 +43,11 @@ fn passwd(lowerdirs: &[PathBuf]) -> Vec<PasswdEntry> {
             if fields.len() < 4 {
                 return None;
             }
-            Some(PasswdEntry { name: fields[0].to_string(), uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()? })
+            Some(PasswdEntry {
+                name: fields[0].to_string(),
+                uid: fields[2].parse().ok()?,
+                gid: fields[3].parse().ok()?,
+            })
         })
         .collect()
 }
@@ -93,7 +97,9 @@ pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gid
         };
     }
     let mut additional_gids: Vec<u32> = match &name {
-        Some(name) => all_groups.iter().filter(|(_, _, members)| members.contains(name)).map(|(_, gid, _)| *gid).collect(),
+        Some(name) => {
+            all_groups.iter().filter(|(_, _, members)| members.contains(name)).map(|(_, gid, _)| *gid).collect()
+        }
         None => Vec::new(),
     };
     additional_gids.extend_from_slice(extra_gids);
@@ -125,7 +131,8 @@ mod tests {
             "root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/var/www:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n",
         )
         .unwrap();
-        std::fs::write(top.join("etc/group"), "root:x:0:\nwww-data:x:33:\nstaff:x:50:app,www-data\napp:x:1001:\n").unwrap();
+        std::fs::write(top.join("etc/group"), "root:x:0:\nwww-data:x:33:\nstaff:x:50:app,www-data\napp:x:1001:\n")
+            .unwrap();
         (dir, vec![top, bottom])
     }
 
@@ -133,9 +140,18 @@ mod tests {
     fn names_numbers_and_groups() {
         let (_dir, layers) = image();
         assert_eq!(resolve(&layers, "", None, &[]).unwrap(), Identity { uid: 0, gid: 0, additional_gids: vec![] });
-        assert_eq!(resolve(&layers, "www-data", None, &[]).unwrap(), Identity { uid: 33, gid: 33, additional_gids: vec![50] });
-        assert_eq!(resolve(&layers, "1000", None, &[7]).unwrap(), Identity { uid: 1000, gid: 1001, additional_gids: vec![7, 50] });
-        assert_eq!(resolve(&layers, "4242", Some("4343"), &[]).unwrap(), Identity { uid: 4242, gid: 4343, additional_gids: vec![] });
+        assert_eq!(
+            resolve(&layers, "www-data", None, &[]).unwrap(),
+            Identity { uid: 33, gid: 33, additional_gids: vec![50] }
+        );
+        assert_eq!(
+            resolve(&layers, "1000", None, &[7]).unwrap(),
+            Identity { uid: 1000, gid: 1001, additional_gids: vec![7, 50] }
+        );
+        assert_eq!(
+            resolve(&layers, "4242", Some("4343"), &[]).unwrap(),
+            Identity { uid: 4242, gid: 4343, additional_gids: vec![] }
+        );
         assert_eq!(resolve(&layers, "app", Some("staff"), &[]).unwrap().gid, 50);
         assert!(resolve(&layers, "nobody-here", None, &[]).is_err());
         assert!(resolve(&layers, "app", Some("nogroup"), &[]).is_err());

@@ -96,7 +96,9 @@ pub struct Pod {
 impl PodSpec {
     /// Checks what the CRI requires of a pod config.
     pub fn validate(&self) -> Result<(), Error> {
-        for (field, value) in [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)] {
+        for (field, value) in
+            [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)]
+        {
             if value.is_empty() {
                 return Err(Error::InvalidArgument(format!("pod sandbox config has no {field}")));
             }
@@ -111,7 +113,9 @@ impl PodSpec {
             check_slice_name(&self.cgroup_parent)?;
         }
         if self.network != NamespaceMode::Node {
-            for (field, value) in [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)] {
+            for (field, value) in
+                [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)]
+            {
                 crate::cni::check_cni_arg(field, value).map_err(Error::InvalidArgument)?;
             }
             crate::cni::capability_args(&self.port_mappings, &self.annotations, &[]).map_err(Error::InvalidArgument)?;
@@ -163,7 +167,8 @@ pub fn escape_unit_name_part(text: &str) -> String {
 
 /// Checks that `name` is a valid systemd slice name, as the kubelet's systemd driver produces.
 fn check_slice_name(name: &str) -> Result<(), Error> {
-    let bad = |why: &str| Err(Error::InvalidArgument(format!("cgroup_parent {name:?} is not a systemd slice name: {why}")));
+    let bad =
+        |why: &str| Err(Error::InvalidArgument(format!("cgroup_parent {name:?} is not a systemd slice name: {why}")));
     let Some(stem) = name.strip_suffix(".slice") else { return bad("it does not end in .slice") };
     if name.len() > 255 {
         return bad("longer than 255 characters");
@@ -216,7 +221,12 @@ mod tests {
         let err = bad_bandwidth.validate().unwrap_err().to_string();
         assert!(err.contains("kubernetes.io/egress-bandwidth") && err.contains("lots"), "{err}");
         let bad_mapping = PodSpec {
-            port_mappings: vec![PortMapping { protocol: "TCP".into(), container_port: 80, host_port: 99999, host_ip: String::new() }],
+            port_mappings: vec![PortMapping {
+                protocol: "TCP".into(),
+                container_port: 80,
+                host_port: 99999,
+                host_ip: String::new(),
+            }],
             ..spec()
         };
         assert!(matches!(bad_mapping.validate(), Err(Error::InvalidArgument(_))));
@@ -257,7 +267,11 @@ mod tests {
 
     #[test]
     fn metadata_is_required() {
-        for spec in [PodSpec { name: "".into(), ..spec() }, PodSpec { uid: "".into(), ..spec() }, PodSpec { namespace: "".into(), ..spec() }] {
+        for spec in [
+            PodSpec { name: "".into(), ..spec() },
+            PodSpec { uid: "".into(), ..spec() },
+            PodSpec { namespace: "".into(), ..spec() },
+        ] {
             assert!(matches!(spec.validate(), Err(Error::InvalidArgument(_))));
         }
     }

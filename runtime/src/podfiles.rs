@@ -11,7 +11,14 @@ const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Writes the pod's files; `ips` (the pod's addresses from CNI, if any) name the pod's hostname
 /// in /etc/hosts, as the kubelet's managed hosts file does. The files are owned by `owner` (a
 /// host id, as uid and gid: the root of the pod's user namespace) if given, else by the daemon.
-pub(crate) fn write(dir: &Path, hostname: &str, dns: Option<&DnsConfig>, host_network: bool, ips: &[IpAddr], owner: Option<u32>) -> std::io::Result<()> {
+pub(crate) fn write(
+    dir: &Path,
+    hostname: &str,
+    dns: Option<&DnsConfig>,
+    host_network: bool,
+    ips: &[IpAddr],
+    owner: Option<u32>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
     let hosts = if host_network {

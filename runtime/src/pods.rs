@@ -107,7 +107,8 @@ impl Runtime {
     }
 
     fn save(&self, entry: &Entry<Pod>, pod: Pod) -> Result<(), Error> {
-        write_json(&self.pod_state_dir(&pod.id).join("pod.json"), &pod).map_err(Error::io("cannot write pod record"))?;
+        write_json(&self.pod_state_dir(&pod.id).join("pod.json"), &pod)
+            .map_err(Error::io("cannot write pod record"))?;
         entry.set(pod);
         Ok(())
     }
@@ -212,9 +213,13 @@ impl Runtime {
         // The intent goes to disk first: a daemon killed from here on finds it and rolls back.
         self.save(entry, pod.clone())?;
         self.systemd
-            .start_transient_unit(&pod.slice, vec![
-                ("Description", Value::from(format!("pod {}/{} ({})", pod.spec.namespace, pod.spec.name, pod.id))),
-            ])
+            .start_transient_unit(
+                &pod.slice,
+                vec![(
+                    "Description",
+                    Value::from(format!("pod {}/{} ({})", pod.spec.namespace, pod.spec.name, pod.id)),
+                )],
+            )
             .await?;
         let wanted = NewNamespaces {
             network: pod.spec.network != NamespaceMode::Node,
@@ -225,10 +230,11 @@ impl Runtime {
         let ns_dir = pod.files_dir.join("ns");
         let hostname = pod.spec.hostname().to_string();
         let range = pod.userns.map(|u| u.range);
-        pod.namespaces = tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname, range))
-            .await
-            .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
-            .map_err(Error::io("cannot create pod namespaces"))?;
+        pod.namespaces =
+            tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname, range))
+                .await
+                .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
+                .map_err(Error::io("cannot create pod namespaces"))?;
         self.save(entry, pod.clone())?;
         match (&network, &pod.namespaces.network) {
             (Some(network), Some(netns)) => {
@@ -238,8 +244,12 @@ impl Runtime {
                     container_id: pod.id.clone(),
                     netns: netns.clone(),
                     cni_args: cni::k8s_args(&pod.spec.namespace, &pod.spec.name, &pod.id, &pod.spec.uid),
-                    capability_args: cni::capability_args(&pod.spec.port_mappings, &pod.spec.annotations, &self.cni.pod_cidrs())
-                        .map_err(Error::InvalidArgument)?,
+                    capability_args: cni::capability_args(
+                        &pod.spec.port_mappings,
+                        &pod.spec.annotations,
+                        &self.cni.pod_cidrs(),
+                    )
+                    .map_err(Error::InvalidArgument)?,
                 };
                 pod.ips = self.cni.add(network, &attachment).await?;
                 self.save(entry, pod.clone())?;
@@ -257,7 +267,8 @@ impl Runtime {
             .map_err(Error::io("cannot write pod files"))?;
         if wanted.ipc {
             let shm = pod.files_dir.join("shm");
-            mount_shm(&shm, root).map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
+            mount_shm(&shm, root)
+                .map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
             pod.shm = Some(shm);
         }
         pod.state = PodState::Ready;
@@ -273,7 +284,10 @@ impl Runtime {
         let requested = mode.requested_range()?;
         if let Some(range) = requested {
             let layers = IdRange { host_id: self.config.layer_uid_shift, size: userns::RANGE_SIZE };
-            if self.config.layer_uid_shift != 0 && range.host_id <= layers.host_id && layers.host_id - range.host_id < range.size {
+            if self.config.layer_uid_shift != 0
+                && range.host_id <= layers.host_id
+                && layers.host_id - range.host_id < range.size
+            {
                 return Err(Error::InvalidArgument(format!(
                     "user namespace mappings: host ids {}..+{} include the image layers' ids ({})",
                     range.host_id, range.size, layers.host_id
@@ -369,7 +383,9 @@ impl Runtime {
             }
             // The range goes back to the pool only once nothing of the pod is left, its record
             // included: until then a restart would find it in use again.
-            if errors.is_empty() && let Some(userns) = &pod.userns {
+            if errors.is_empty()
+                && let Some(userns) = &pod.userns
+            {
                 self.userns_ranges.lock().expect("userns range lock").release(&pod.id, &userns.range);
             }
         }
@@ -437,4 +453,3 @@ fn mount_shm(path: &Path, root: Option<u32>) -> std::io::Result<()> {
 fn now_nanos() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
-

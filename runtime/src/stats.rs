@@ -94,7 +94,9 @@ impl Sampler {
             // hybrid layout's unified hierarchy has cpu.stat in every cgroup regardless.
             usage.cpu_total_nanos = read_u64(&root.join("cpuacct").join(rel).join("cpuacct.usage"))
                 .or_else(|| read_u64(&root.join("cpu,cpuacct").join(rel).join("cpuacct.usage")))
-                .or_else(|| stat_field(&root.join("unified").join(rel).join("cpu.stat"), "usage_usec").map(|us| us * 1000));
+                .or_else(|| {
+                    stat_field(&root.join("unified").join(rel).join("cpu.stat"), "usage_usec").map(|us| us * 1000)
+                });
             let memory = root.join("memory").join(rel);
             usage.memory_usage_bytes = read_u64(&memory.join("memory.usage_in_bytes"));
             let stat = memory.join("memory.stat");
@@ -108,7 +110,8 @@ impl Sampler {
             let mut previous = self.previous.lock().expect("sampler lock");
             if let Some((then, before)) = previous.insert(path.to_string(), (now, total)) {
                 let elapsed = (now - then).max(1) as u128;
-                usage.cpu_nano_cores = Some((u128::from(total.saturating_sub(before)) * 1_000_000_000 / elapsed) as u64);
+                usage.cpu_nano_cores =
+                    Some((u128::from(total.saturating_sub(before)) * 1_000_000_000 / elapsed) as u64);
             }
         }
         usage

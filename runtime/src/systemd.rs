@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::sync::Mutex;
 use tracing::debug;
-use futures_util::StreamExt;
 use zbus::Connection;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
@@ -88,12 +88,9 @@ impl Systemd {
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let unreachable = |reason: String| Error::SystemdUnreachable {
-            address: self.bus_address.clone(),
-            reason,
-        };
-        let builder = zbus::connection::Builder::address(self.bus_address.as_str())
-            .map_err(|e| unreachable(e.to_string()))?;
+        let unreachable = |reason: String| Error::SystemdUnreachable { address: self.bus_address.clone(), reason };
+        let builder =
+            zbus::connection::Builder::address(self.bus_address.as_str()).map_err(|e| unreachable(e.to_string()))?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.build())
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
@@ -169,10 +166,8 @@ impl Systemd {
         let manager = ManagerProxy::new(&connection).await.map_err(|e| job_error(e.to_string()))?;
         // Subscribe before queueing the job so that its JobRemoved signal cannot be missed.
         let mut removed = manager.receive_job_removed().await.map_err(|e| job_error(e.to_string()))?;
-        let job = manager
-            .start_transient_unit(name, "fail", &properties, &[])
-            .await
-            .map_err(|e| job_error(e.to_string()))?;
+        let job =
+            manager.start_transient_unit(name, "fail", &properties, &[]).await.map_err(|e| job_error(e.to_string()))?;
         self.wait_for_job(&mut removed, &job, name, "start").await
     }
 
@@ -245,12 +240,13 @@ impl Systemd {
             Err(e) if is_no_such_unit(&e) => return Ok(0),
             Err(e) => return Err(Error::Unit { unit: name.to_string(), action: "look up", reason: e.to_string() }),
         };
-        let service = zbus::Proxy::new(&connection, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Service")
-            .await?;
-        service
-            .get_property::<u32>("MainPID")
-            .await
-            .map_err(|e| Error::Unit { unit: name.to_string(), action: "read MainPID of", reason: e.to_string() })
+        let service =
+            zbus::Proxy::new(&connection, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Service").await?;
+        service.get_property::<u32>("MainPID").await.map_err(|e| Error::Unit {
+            unit: name.to_string(),
+            action: "read MainPID of",
+            reason: e.to_string(),
+        })
     }
 
     async fn wait_for_job(

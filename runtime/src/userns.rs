@@ -61,7 +61,10 @@ impl UsernsConfig {
         let end = self.end();
         // The last 64K of the id space hold (uid_t)-1 and the overflow ids' neighbours.
         if end > u64::from(u32::MAX) + 1 - u64::from(RANGE_SIZE) {
-            return Err(("userns.pool_ranges", format!("the pool from {} with {} ranges goes beyond 4294901760", self.pool_start, self.pool_ranges)));
+            return Err((
+                "userns.pool_ranges",
+                format!("the pool from {} with {} ranges goes beyond 4294901760", self.pool_start, self.pool_ranges),
+            ));
         }
         let mut reserved = vec![(FOREIGN_BASE, "the foreign id range of container images")];
         if layer_uid_shift != 0 && layer_uid_shift != FOREIGN_BASE {
@@ -69,7 +72,10 @@ impl UsernsConfig {
         }
         for (base, what) in reserved {
             if u64::from(base) < end && u64::from(base) + u64::from(RANGE_SIZE) > u64::from(self.pool_start) {
-                return Err(("userns.pool_ranges", format!("the pool {}..{} overlaps {what} at {base}", self.pool_start, end - 1)));
+                return Err((
+                    "userns.pool_ranges",
+                    format!("the pool {}..{} overlaps {what} at {base}", self.pool_start, end - 1),
+                ));
             }
         }
         Ok(())
@@ -150,15 +156,16 @@ impl UsernsMode {
                     return bad(format!("host ids {}..+{} go beyond 4294967294", uid.host_id, uid.size));
                 }
                 if range.overlaps(&IdRange { host_id: FOREIGN_BASE, size: RANGE_SIZE }) {
-                    return bad(format!("host ids {}..+{} include the foreign range of container images ({FOREIGN_BASE})", uid.host_id, uid.size));
+                    return bad(format!(
+                        "host ids {}..+{} include the foreign range of container images ({FOREIGN_BASE})",
+                        uid.host_id, uid.size
+                    ));
                 }
                 Ok(Some(range))
             }
-            (uids, gids) => bad(format!(
-                "exactly one uid and one gid mapping are supported, got {} and {}",
-                uids.len(),
-                gids.len()
-            )),
+            (uids, gids) => {
+                bad(format!("exactly one uid and one gid mapping are supported, got {} and {}", uids.len(), gids.len()))
+            }
         }
     }
 }

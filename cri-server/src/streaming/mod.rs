@@ -86,7 +86,10 @@ const MAX_TOKENS: usize = 10_000;
 
 impl StreamingServer {
     /// Binds the listener and serves in the background.
-    pub async fn start(config: &StreamingConfig, runtime: Arc<Runtime>) -> Result<Arc<StreamingServer>, StreamingError> {
+    pub async fn start(
+        config: &StreamingConfig,
+        runtime: Arc<Runtime>,
+    ) -> Result<Arc<StreamingServer>, StreamingError> {
         let address = SocketAddr::new(config.address, config.port);
         let listener = TcpListener::bind(address).await.map_err(|source| StreamingError::Listen { address, source })?;
         let local = listener.local_addr().map_err(|source| StreamingError::Listen { address, source })?;
@@ -150,7 +153,8 @@ impl StreamingServer {
             let server = self.clone();
             async move { Ok::<_, Infallible>(server.handle(request)) }
         });
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades();
+        let connection =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades();
         if let Err(e) = connection.await {
             debug!("streaming connection: {e}");
         }
@@ -194,7 +198,10 @@ impl StreamingServer {
                 match offered.iter().find(|p| supported.contains(&p.as_str())) {
                     Some(p) => p.clone(),
                     None => {
-                        return plain(StatusCode::BAD_REQUEST, &format!("no supported websocket protocol offered; supported: {}\n", supported.join(", ")))
+                        return plain(
+                            StatusCode::BAD_REQUEST,
+                            &format!("no supported websocket protocol offered; supported: {}\n", supported.join(", ")),
+                        );
                     }
                 }
             };
@@ -203,9 +210,13 @@ impl StreamingServer {
             };
             let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let mut response = switching("websocket");
-            response.headers_mut().insert("sec-websocket-accept", HeaderValue::from_str(&accept).expect("base64 is a header value"));
+            response
+                .headers_mut()
+                .insert("sec-websocket-accept", HeaderValue::from_str(&accept).expect("base64 is a header value"));
             if !protocol.is_empty() {
-                response.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(&protocol).expect("a known protocol"));
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", HeaderValue::from_str(&protocol).expect("a known protocol"));
             }
             tokio::spawn(async move {
                 match on_upgrade.await {
@@ -224,11 +235,15 @@ impl StreamingServer {
             let protocol = match offered.iter().find(|p| supported.contains(&p.as_str())) {
                 Some(p) => p.clone(),
                 // A client that offers nothing is a 1.0-era one: channel.k8s.io (as the kubelet).
-                None if offered.is_empty() && !matches!(stream_request, StreamRequest::PortForward { .. }) => "channel.k8s.io".into(),
+                None if offered.is_empty() && !matches!(stream_request, StreamRequest::PortForward { .. }) => {
+                    "channel.k8s.io".into()
+                }
                 None => {
                     let mut response = plain(
                         StatusCode::FORBIDDEN,
-                        &format!("unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {supported:?}\n"),
+                        &format!(
+                            "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {supported:?}\n"
+                        ),
                     );
                     response.headers_mut().insert(
                         "x-accepted-stream-protocol-versions",
@@ -238,7 +253,10 @@ impl StreamingServer {
                 }
             };
             let mut response = switching("SPDY/3.1");
-            response.headers_mut().insert(transport::HEADER_PROTOCOL_VERSION, HeaderValue::from_str(&protocol).expect("a known protocol"));
+            response.headers_mut().insert(
+                transport::HEADER_PROTOCOL_VERSION,
+                HeaderValue::from_str(&protocol).expect("a known protocol"),
+            );
             tokio::spawn(async move {
                 match on_upgrade.await {
                     Ok(upgraded) => server.run_spdy(stream_request, &protocol, TokioIo::new(upgraded)).await,
@@ -317,7 +335,9 @@ fn switching(protocol: &'static str) -> Response<Full<Bytes>> {
 fn new_token() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).expect("the kernel's random source is readable");
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("the kernel's random source is readable");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

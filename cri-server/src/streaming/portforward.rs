@@ -31,8 +31,12 @@ async fn connect(netns: Option<PathBuf>, port: u16) -> std::io::Result<TcpStream
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
             }
             let v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-            std::net::TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT)
-                .or_else(|_| std::net::TcpStream::connect_timeout(&SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port), CONNECT_TIMEOUT))
+            std::net::TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT).or_else(|_| {
+                std::net::TcpStream::connect_timeout(
+                    &SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+                    CONNECT_TIMEOUT,
+                )
+            })
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
@@ -88,7 +92,9 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
             }
         }
         if let (Some(_), Some(_)) = (&entry.0, &entry.1) {
-            let (Some(error_id), Some((data_id, data))) = pending.remove(&request_id).unwrap_or_default() else { continue };
+            let (Some(error_id), Some((data_id, data))) = pending.remove(&request_id).unwrap_or_default() else {
+                continue;
+            };
             let writer = connection.writer.clone();
             let netns = netns.clone();
             let pod_id = pod_id.clone();
@@ -99,7 +105,9 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
             };
             forwards.spawn(async move {
                 let result = match port {
-                    Ok(port) => forward_spdy(netns, port, data_id, data, &writer).await.map_err(|e| forward_error(port, &pod_id, e)),
+                    Ok(port) => forward_spdy(netns, port, data_id, data, &writer)
+                        .await
+                        .map_err(|e| forward_error(port, &pod_id, e)),
                     Err(e) => Err(e),
                 };
                 if let Err(message) = result {
@@ -115,7 +123,13 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
     connection.finish().await;
 }
 
-async fn forward_spdy(netns: Option<PathBuf>, port: u16, data_id: u32, mut data: mpsc::Receiver<Vec<u8>>, writer: &SpdyWriter) -> std::io::Result<()> {
+async fn forward_spdy(
+    netns: Option<PathBuf>,
+    port: u16,
+    data_id: u32,
+    mut data: mpsc::Receiver<Vec<u8>>,
+    writer: &SpdyWriter,
+) -> std::io::Result<()> {
     let tcp = connect(netns, port).await?;
     let (mut from_pod, mut to_pod) = tcp.into_split();
     let upstream = async {

@@ -65,9 +65,10 @@ impl Outcome {
     fn message(&self) -> Option<String> {
         match self {
             Outcome::Success => None,
-            Outcome::ExitCode { command, code } => {
-                Some(format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")))
-            }
+            Outcome::ExitCode { command, code } => Some(format!(
+                "command terminated with non-zero exit code: error executing command [{}], exit code {code}",
+                command.join(" ")
+            )),
             Outcome::Error(message) => Some(message.clone()),
         }
     }
@@ -101,19 +102,24 @@ impl Channels {
 /// The streams exec and attach want, from the request.
 fn wanted(request: &StreamRequest) -> (bool, bool, bool, bool) {
     match request {
-        StreamRequest::Exec { stdin, stdout, stderr, tty, .. } | StreamRequest::Attach { stdin, stdout, stderr, tty, .. } => {
-            (*stdin, *stdout, *stderr && !*tty, *tty)
-        }
+        StreamRequest::Exec { stdin, stdout, stderr, tty, .. }
+        | StreamRequest::Attach { stdin, stdout, stderr, tty, .. } => (*stdin, *stdout, *stderr && !*tty, *tty),
         StreamRequest::PortForward { .. } => (false, false, false, false),
     }
 }
 
 /// Over SPDY: waits for the client's streams (error, and stdin, stdout, stderr, resize as the
 /// request has them), then runs the session.
-pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequest, protocol: &str, mut connection: SpdyConnection) {
+pub(super) async fn serve_spdy(
+    server: Arc<StreamingServer>,
+    request: StreamRequest,
+    protocol: &str,
+    mut connection: SpdyConnection,
+) {
     let (stdin, stdout, stderr, tty) = wanted(&request);
     let resize_supported = matches!(protocol, "v4.channel.k8s.io" | "v3.channel.k8s.io");
-    let expected = 1 + usize::from(stdin) + usize::from(stdout) + usize::from(stderr) + usize::from(tty && resize_supported);
+    let expected =
+        1 + usize::from(stdin) + usize::from(stdout) + usize::from(stderr) + usize::from(tty && resize_supported);
     let mut ids = [None::<u32>; 5];
     let mut stdin_rx = None;
     let mut resize_rx = None;
@@ -182,7 +188,12 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
 }
 
 /// Over WebSocket: the channels the request has; v5 lets the client close stdin.
-pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: StreamRequest, protocol: &str, ws: WsChannels) {
+pub(super) async fn serve_websocket(
+    server: Arc<StreamingServer>,
+    request: StreamRequest,
+    protocol: &str,
+    ws: WsChannels,
+) {
     let (stdin, stdout, stderr, tty) = wanted(&request);
     let mut ws = ws;
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
@@ -219,7 +230,13 @@ pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: Strea
         }
     });
     // As the kubelet: an empty message on the lowest writable channel says the session is up.
-    let first = if stdout { STDOUT } else if stderr { STDERR } else { ERROR };
+    let first = if stdout {
+        STDOUT
+    } else if stderr {
+        STDERR
+    } else {
+        ERROR
+    };
     let _ = ws.outgoing.send((first, Vec::new())).await;
     let channels = Channels {
         stdin: stdin.then_some(stdin_rx),
@@ -228,7 +245,11 @@ pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: Strea
         stderr,
         out,
         closed: ws.closed.clone(),
-        format: if protocol == "channel.k8s.io" || protocol.is_empty() { StatusFormat::Message } else { StatusFormat::Status },
+        format: if protocol == "channel.k8s.io" || protocol.is_empty() {
+            StatusFormat::Message
+        } else {
+            StatusFormat::Status
+        },
     };
     run(&server, request, channels).await;
     let _ = pump.await;
@@ -238,7 +259,9 @@ pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: Strea
 
 async fn run(server: &StreamingServer, request: StreamRequest, channels: Channels) {
     match request {
-        StreamRequest::Exec { container_id, command, tty, .. } => exec(server, container_id, command, tty, channels).await,
+        StreamRequest::Exec { container_id, command, tty, .. } => {
+            exec(server, container_id, command, tty, channels).await
+        }
         StreamRequest::Attach { container_id, .. } => attach(server, container_id, channels).await,
         StreamRequest::PortForward { .. } => {}
     }
@@ -436,7 +459,9 @@ async fn attach(server: &StreamingServer, container_id: String, channels: Channe
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             let mut message: Vec<u8> = match entry.get("MESSAGE") {
                 Some(serde_json::Value::String(text)) => text.as_bytes().to_vec(),
-                Some(serde_json::Value::Array(bytes)) => bytes.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect(),
+                Some(serde_json::Value::Array(bytes)) => {
+                    bytes.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect()
+                }
                 _ => continue,
             };
             message.push(b'\n');
@@ -484,13 +509,18 @@ mod tests {
     #[test]
     fn statuses_are_what_client_go_parses() {
         assert_eq!(Outcome::Success.status_json(), r#"{"metadata":{},"status":"Success"}"#);
-        let failed: serde_json::Value =
-            serde_json::from_str(&Outcome::ExitCode { command: vec!["sh".into(), "-c".into(), "exit 3".into()], code: 3 }.status_json()).unwrap();
+        let failed: serde_json::Value = serde_json::from_str(
+            &Outcome::ExitCode { command: vec!["sh".into(), "-c".into(), "exit 3".into()], code: 3 }.status_json(),
+        )
+        .unwrap();
         assert_eq!(failed["status"], "Failure");
         assert_eq!(failed["reason"], "NonZeroExitCode");
         assert_eq!(failed["details"]["causes"][0]["reason"], "ExitCode");
         assert_eq!(failed["details"]["causes"][0]["message"], "3");
-        assert_eq!(failed["message"], "command terminated with non-zero exit code: error executing command [sh -c exit 3], exit code 3");
+        assert_eq!(
+            failed["message"],
+            "command terminated with non-zero exit code: error executing command [sh -c exit 3], exit code 3"
+        );
         assert_eq!(Outcome::Success.message(), None);
     }
 }

@@ -41,17 +41,48 @@ pub type Headers = Vec<(String, String)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    SynStream { stream_id: u32, associated_to: u32, priority: u8, flags: u8, headers: Headers },
-    SynReply { stream_id: u32, flags: u8, headers: Headers },
-    RstStream { stream_id: u32, status: u32 },
+    SynStream {
+        stream_id: u32,
+        associated_to: u32,
+        priority: u8,
+        flags: u8,
+        headers: Headers,
+    },
+    SynReply {
+        stream_id: u32,
+        flags: u8,
+        headers: Headers,
+    },
+    RstStream {
+        stream_id: u32,
+        status: u32,
+    },
     Settings,
-    Ping { id: u32 },
-    GoAway { last_good_stream_id: u32, status: u32 },
-    Headers { stream_id: u32, flags: u8, headers: Headers },
-    WindowUpdate { stream_id: u32, delta: u32 },
-    Data { stream_id: u32, flags: u8, data: Vec<u8> },
+    Ping {
+        id: u32,
+    },
+    GoAway {
+        last_good_stream_id: u32,
+        status: u32,
+    },
+    Headers {
+        stream_id: u32,
+        flags: u8,
+        headers: Headers,
+    },
+    WindowUpdate {
+        stream_id: u32,
+        delta: u32,
+    },
+    Data {
+        stream_id: u32,
+        flags: u8,
+        data: Vec<u8>,
+    },
     /// A control frame of another type or version, skipped.
-    Unknown { kind: u16 },
+    Unknown {
+        kind: u16,
+    },
 }
 
 /// The value of header `name` (case-insensitive), if present.
@@ -63,15 +94,71 @@ pub fn header<'h>(headers: &'h Headers, name: &str) -> Option<&'h str> {
 /// length-prefixed common header names and values, then a run of common text.
 pub fn dictionary() -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset", "accept-encoding",
-        "accept-language", "accept-ranges", "age", "allow", "authorization", "cache-control", "connection",
-        "content-base", "content-encoding", "content-language", "content-length", "content-location", "content-md5",
-        "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host", "if-match",
-        "if-modified-since", "if-none-match", "if-range", "if-unmodified-since", "last-modified", "location",
-        "max-forwards", "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer", "retry-after",
-        "server", "te", "trailer", "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning",
-        "www-authenticate", "method", "get", "status", "200 OK", "version", "HTTP/1.1", "url", "public",
-        "set-cookie", "keep-alive", "origin",
+        "options",
+        "head",
+        "post",
+        "put",
+        "delete",
+        "trace",
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "accept-ranges",
+        "age",
+        "allow",
+        "authorization",
+        "cache-control",
+        "connection",
+        "content-base",
+        "content-encoding",
+        "content-language",
+        "content-length",
+        "content-location",
+        "content-md5",
+        "content-range",
+        "content-type",
+        "date",
+        "etag",
+        "expect",
+        "expires",
+        "from",
+        "host",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "if-unmodified-since",
+        "last-modified",
+        "location",
+        "max-forwards",
+        "pragma",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "range",
+        "referer",
+        "retry-after",
+        "server",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "vary",
+        "via",
+        "warning",
+        "www-authenticate",
+        "method",
+        "get",
+        "status",
+        "200 OK",
+        "version",
+        "HTTP/1.1",
+        "url",
+        "public",
+        "set-cookie",
+        "keep-alive",
+        "origin",
     ];
     const TAIL: &str = concat!(
         "100101201202205206300302303304305306307402405406407408409410411412413414415416417502504505",
@@ -123,7 +210,9 @@ impl HeaderEncoder {
         loop {
             out.reserve(256);
             let before = self.zlib.total_in();
-            self.zlib.compress_vec(input, &mut out, FlushCompress::Sync).expect("zlib compression does not fail on memory");
+            self.zlib
+                .compress_vec(input, &mut out, FlushCompress::Sync)
+                .expect("zlib compression does not fail on memory");
             input = &input[(self.zlib.total_in() - before) as usize..];
             // Done once all input is in and the sync flush fit (zlib leaves spare room then).
             if input.is_empty() && out.len() < out.capacity() {
@@ -206,7 +295,10 @@ fn parse_header_block(block: &[u8]) -> io::Result<Headers> {
 }
 
 /// Reads one frame; `None` at a clean EOF between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut HeaderDecoder) -> io::Result<Option<Frame>> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    decoder: &mut HeaderDecoder,
+) -> io::Result<Option<Frame>> {
     let mut head = [0u8; 8];
     match reader.read_exact(&mut head[..1]).await {
         Ok(_) => {}
@@ -222,7 +314,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut Head
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).await?;
     let word = |at: usize| -> io::Result<u32> {
-        body.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes"))).ok_or_else(|| invalid("short control frame"))
+        body.get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+            .ok_or_else(|| invalid("short control frame"))
     };
     if head[0] & 0x80 == 0 {
         let stream_id = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) & 0x7fff_ffff;
@@ -246,8 +340,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut Head
                 headers: decoder.decode(&body[10..])?,
             }
         }
-        TYPE_SYN_REPLY => Frame::SynReply { stream_id: word(0)? & 0x7fff_ffff, flags, headers: decoder.decode(body.get(4..).unwrap_or_default())? },
-        TYPE_HEADERS => Frame::Headers { stream_id: word(0)? & 0x7fff_ffff, flags, headers: decoder.decode(body.get(4..).unwrap_or_default())? },
+        TYPE_SYN_REPLY => Frame::SynReply {
+            stream_id: word(0)? & 0x7fff_ffff,
+            flags,
+            headers: decoder.decode(body.get(4..).unwrap_or_default())?,
+        },
+        TYPE_HEADERS => Frame::Headers {
+            stream_id: word(0)? & 0x7fff_ffff,
+            flags,
+            headers: decoder.decode(body.get(4..).unwrap_or_default())?,
+        },
         TYPE_RST_STREAM => Frame::RstStream { stream_id: word(0)? & 0x7fff_ffff, status: word(4)? },
         TYPE_SETTINGS => Frame::Settings,
         TYPE_PING => Frame::Ping { id: word(0)? },

@@ -21,7 +21,8 @@ use super::spdy::{self, Frame, Headers};
 
 pub const HEADER_PROTOCOL_VERSION: &str = "x-stream-protocol-version";
 /// Server preference order, as the kubelet's.
-pub const SPDY_REMOTE_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"];
+pub const SPDY_REMOTE_PROTOCOLS: &[&str] =
+    &["v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"];
 pub const SPDY_PORTFORWARD_PROTOCOLS: &[&str] = &["portforward.k8s.io"];
 pub const WS_REMOTE_PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"];
 pub const WS_PORTFORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "portforward.k8s.io"];
@@ -156,7 +157,10 @@ impl SpdyConnection {
                         if flags & spdy::FLAG_FIN == 0 {
                             open.insert(stream_id, tx);
                         }
-                        let _ = reader_writer.frames.send(Frame::SynReply { stream_id, flags: 0, headers: Vec::new() }).await;
+                        let _ = reader_writer
+                            .frames
+                            .send(Frame::SynReply { stream_id, flags: 0, headers: Vec::new() })
+                            .await;
                         if streams_tx.send(IncomingStream { id: stream_id, headers, data: rx }).await.is_err() {
                             open.remove(&stream_id);
                             reader_writer.reset(stream_id, spdy::RST_REFUSED_STREAM).await;
@@ -180,7 +184,11 @@ impl SpdyConnection {
                         let _ = reader_writer.frames.send(Frame::Ping { id }).await;
                     }
                     Frame::GoAway { .. } => break,
-                    Frame::SynReply { .. } | Frame::Headers { .. } | Frame::Settings | Frame::WindowUpdate { .. } | Frame::Unknown { .. } => {}
+                    Frame::SynReply { .. }
+                    | Frame::Headers { .. }
+                    | Frame::Settings
+                    | Frame::WindowUpdate { .. }
+                    | Frame::Unknown { .. } => {}
                 }
             }
             let _ = closed_tx.send(true);
@@ -341,7 +349,8 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor
     if certs.is_empty() {
         return Err(format!("{} holds no certificate", cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

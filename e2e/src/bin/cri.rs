@@ -55,8 +55,16 @@ async fn main() -> ExitCode {
             .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.to_string(), verbose: true })
             .await
             .map(json),
-        ["stopp", id] => client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.map(json),
-        ["rmp", id] => client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.map(json),
+        ["stopp", id] => client
+            .runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() })
+            .await
+            .map(json),
+        ["rmp", id] => client
+            .runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() })
+            .await
+            .map(json),
         ["create", pod, file] => match read_json::<cri::ContainerConfig>(file) {
             Ok(config) => client
                 .runtime
@@ -69,23 +77,31 @@ async fn main() -> ExitCode {
                 .map(json),
             Err(e) => return fail(e),
         },
-        ["start", id] => client.runtime.start_container(cri::StartContainerRequest { container_id: id.to_string() }).await.map(json),
+        ["start", id] => {
+            client.runtime.start_container(cri::StartContainerRequest { container_id: id.to_string() }).await.map(json)
+        }
         ["stop", id, rest @ ..] => {
             let timeout = rest.first().and_then(|t| t.parse().ok()).unwrap_or(10);
-            client.runtime.stop_container(cri::StopContainerRequest { container_id: id.to_string(), timeout }).await.map(json)
+            client
+                .runtime
+                .stop_container(cri::StopContainerRequest { container_id: id.to_string(), timeout })
+                .await
+                .map(json)
         }
-        ["rm", id] => client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.to_string() }).await.map(json),
+        ["rm", id] => client
+            .runtime
+            .remove_container(cri::RemoveContainerRequest { container_id: id.to_string() })
+            .await
+            .map(json),
         ["ps"] => client.runtime.list_containers(cri::ListContainersRequest::default()).await.map(json),
         ["inspect", id] => client
             .runtime
             .container_status(cri::ContainerStatusRequest { container_id: id.to_string(), verbose: true })
             .await
             .map(json),
-        ["stats", id] => client
-            .runtime
-            .container_stats(cri::ContainerStatsRequest { container_id: id.to_string() })
-            .await
-            .map(json),
+        ["stats", id] => {
+            client.runtime.container_stats(cri::ContainerStatsRequest { container_id: id.to_string() }).await.map(json)
+        }
         ["statsp", id] => client
             .runtime
             .pod_sandbox_stats(cri::PodSandboxStatsRequest { pod_sandbox_id: id.to_string() })

@@ -30,7 +30,14 @@ impl Target {
         http_on(stream, &self.host, method, path, headers, body).map_err(|e| format!("{method} {path}: {e}"))
     }
 
-    fn expect(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], want: u16) -> Result<Response, String> {
+    fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        want: u16,
+    ) -> Result<Response, String> {
         let response = self.request(method, path, headers, body)?;
         if response.status != want {
             return Err(format!(
@@ -107,7 +114,13 @@ fn push(host: &str, reference: &str, layout: Option<&Path>) -> Result<String, St
     for blob in &blobs {
         target.push_blob(blob)?;
     }
-    target.expect("PUT", &format!("/v2/{repo}/manifests/{tag}"), &[("Content-Type", &manifest.media_type)], &manifest.data, 201)?;
+    target.expect(
+        "PUT",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[("Content-Type", &manifest.media_type)],
+        &manifest.data,
+        201,
+    )?;
     Ok(format!("{host}/{repo}:{tag}"))
 }
 

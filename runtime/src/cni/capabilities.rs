@@ -261,12 +261,17 @@ mod tests {
 
     #[test]
     fn bandwidth_bounds_are_the_kubelets() {
-        let of = |ingress: &str| bandwidth_arg(&BTreeMap::from([(INGRESS_BANDWIDTH_ANNOTATION.to_string(), ingress.to_string())]));
+        let of = |ingress: &str| {
+            bandwidth_arg(&BTreeMap::from([(INGRESS_BANDWIDTH_ANNOTATION.to_string(), ingress.to_string())]))
+        };
         assert!(of("999").unwrap_err().contains("unreasonably small"));
         assert!(of("2P").unwrap_err().contains("unreasonably large"));
         assert!(of("fast").unwrap_err().contains("kubernetes.io/ingress-bandwidth"));
         let egress = BTreeMap::from([(EGRESS_BANDWIDTH_ANNOTATION.to_string(), "1Mi".to_string())]);
-        assert_eq!(bandwidth_arg(&egress).unwrap(), Some(json!({"egressRate": 1_048_576, "egressBurst": 4294967295u64})));
+        assert_eq!(
+            bandwidth_arg(&egress).unwrap(),
+            Some(json!({"egressRate": 1_048_576, "egressBurst": 4294967295u64}))
+        );
         assert_eq!(bandwidth_arg(&BTreeMap::new()).unwrap(), None);
     }
 

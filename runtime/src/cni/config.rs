@@ -197,7 +197,8 @@ impl NetworkList {
         self.plugins.iter().find_map(|plugin| {
             let declared = plugin.get("capabilities").and_then(|c| c.get("ipRanges")) == Some(&Value::Bool(true));
             let ipam = plugin.get("ipam")?;
-            let own_ranges = ["ranges", "range", "subnet"].iter().any(|key| ipam.get(key).is_some_and(|v| !v.is_null()));
+            let own_ranges =
+                ["ranges", "range", "subnet"].iter().any(|key| ipam.get(key).is_some_and(|v| !v.is_null()));
             (declared && !own_ranges).then(|| plugin.get("type").and_then(|t| t.as_str()).unwrap_or_default())
         })
     }
@@ -211,7 +212,12 @@ impl NetworkList {
     /// configuration"): the plugin's object with the list's name and cniVersion, the previous
     /// result, and a runtimeConfig holding exactly the runtime values for the capabilities the
     /// plugin declares. `capabilities` itself is removed, as the spec asks.
-    pub(crate) fn plugin_input(&self, index: usize, prev_result: Option<&Value>, capability_args: &Map<String, Value>) -> Value {
+    pub(crate) fn plugin_input(
+        &self,
+        index: usize,
+        prev_result: Option<&Value>,
+        capability_args: &Map<String, Value>,
+    ) -> Value {
         let mut config = self.plugins[index].clone();
         let declared = config.remove("capabilities");
         config.insert("name".into(), Value::String(self.name.clone()));
@@ -288,13 +294,23 @@ mod tests {
         let config = config_in(dir.path());
         std::fs::create_dir_all(&config.conf_dir).unwrap();
         std::fs::write(config.conf_dir.join("05-broken.conflist"), "{").unwrap();
-        std::fs::write(config.conf_dir.join("10-missing-plugin.conflist"),
-            r#"{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"nosuch"}]}"#).unwrap();
-        std::fs::write(config.conf_dir.join("11-old.conflist"),
-            r#"{"cniVersion":"0.2.0","name":"a","plugins":[{"type":"bridge"}]}"#).unwrap();
-        std::fs::write(config.conf_dir.join("12-bad-name.conflist"),
-            r#"{"cniVersion":"1.0.0","name":"../x","plugins":[{"type":"bridge"}]}"#).unwrap();
-        std::fs::write(config.conf_dir.join("13-empty.conflist"), r#"{"cniVersion":"1.0.0","name":"a","plugins":[]}"#).unwrap();
+        std::fs::write(
+            config.conf_dir.join("10-missing-plugin.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"nosuch"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            config.conf_dir.join("11-old.conflist"),
+            r#"{"cniVersion":"0.2.0","name":"a","plugins":[{"type":"bridge"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            config.conf_dir.join("12-bad-name.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"../x","plugins":[{"type":"bridge"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(config.conf_dir.join("13-empty.conflist"), r#"{"cniVersion":"1.0.0","name":"a","plugins":[]}"#)
+            .unwrap();
         std::fs::write(config.conf_dir.join("README.md"), "not a config").unwrap();
         let NetworkReadiness::NotReady { message } = config.readiness() else { panic!("ready") };
         for expected in ["05-broken", "nosuch", "\"0.2.0\" is not supported", "\"../x\"", "\"plugins\" is empty"] {
@@ -302,8 +318,11 @@ mod tests {
         }
         assert!(config.find_network().unwrap_err().configs_exist);
 
-        std::fs::write(config.conf_dir.join("20-pods.conflist"),
-            r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#).unwrap();
+        std::fs::write(
+            config.conf_dir.join("20-pods.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#,
+        )
+        .unwrap();
         assert_eq!(
             config.readiness(),
             NetworkReadiness::Ready { network: "pods".into(), config_file: config.conf_dir.join("20-pods.conflist") }
@@ -317,14 +336,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = config_in(dir.path());
         std::fs::create_dir_all(&config.conf_dir).unwrap();
-        std::fs::write(config.conf_dir.join("10-one.conf"),
-            r#"{"cniVersion":"0.4.0","name":"one","type":"bridge","bridge":"br9"}"#).unwrap();
+        std::fs::write(
+            config.conf_dir.join("10-one.conf"),
+            r#"{"cniVersion":"0.4.0","name":"one","type":"bridge","bridge":"br9"}"#,
+        )
+        .unwrap();
         let (network, file) = config.find_network().unwrap();
         assert_eq!(file, config.conf_dir.join("10-one.conf"));
         assert_eq!((network.name.as_str(), network.cni_version.as_str()), ("one", "0.4.0"));
         assert_eq!(network.raw["plugins"][0]["bridge"], "br9");
         // A list in a .conf file is a mistake libcni refuses too.
-        std::fs::write(config.conf_dir.join("05-list.conf"), r#"{"cniVersion":"1.0.0","name":"l","plugins":[{"type":"bridge"}]}"#).unwrap();
+        std::fs::write(
+            config.conf_dir.join("05-list.conf"),
+            r#"{"cniVersion":"1.0.0","name":"l","plugins":[{"type":"bridge"}]}"#,
+        )
+        .unwrap();
         let (network, _) = config.find_network().unwrap();
         assert_eq!(network.name, "one");
     }
@@ -349,19 +375,25 @@ mod tests {
         let capability_args = capability_args.as_object().unwrap();
 
         let first = list.plugin_input(0, None, capability_args);
-        assert_eq!(first, json!({
-            "type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"},
-            "name": "pods", "cniVersion": "1.0.0",
-            "runtimeConfig": {"ipRanges": [[{"subnet": "10.244.1.0/24"}]]},
-        }));
+        assert_eq!(
+            first,
+            json!({
+                "type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"},
+                "name": "pods", "cniVersion": "1.0.0",
+                "runtimeConfig": {"ipRanges": [[{"subnet": "10.244.1.0/24"}]]},
+            })
+        );
 
         let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.2/24"}]});
         let second = list.plugin_input(1, Some(&prev), capability_args);
-        assert_eq!(second, json!({
-            "type": "portmap", "name": "pods", "cniVersion": "1.0.0",
-            "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]},
-            "prevResult": prev,
-        }));
+        assert_eq!(
+            second,
+            json!({
+                "type": "portmap", "name": "pods", "cniVersion": "1.0.0",
+                "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]},
+                "prevResult": prev,
+            })
+        );
 
         // No capabilities: no runtimeConfig; the runtime's prevResult replaces one in the file.
         let third = list.plugin_input(2, Some(&prev), capability_args);
@@ -372,11 +404,16 @@ mod tests {
     #[test]
     fn networks_that_need_the_pod_cidr_are_recognised() {
         let list = |bridge: Value| {
-            NetworkList::from_list(json!({"cniVersion": "1.0.0", "name": "n", "plugins": [bridge, {"type": "portmap"}]})).unwrap()
+            NetworkList::from_list(
+                json!({"cniVersion": "1.0.0", "name": "n", "plugins": [bridge, {"type": "portmap"}]}),
+            )
+            .unwrap()
         };
         let needs = list(json!({"type": "bridge", "ipam": {"type": "host-local"}, "capabilities": {"ipRanges": true}}));
         assert_eq!(needs.ranges_only_from_pod_cidr(), Some("bridge"));
-        let own = list(json!({"type": "bridge", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.0.0/16"}]]}, "capabilities": {"ipRanges": true}}));
+        let own = list(
+            json!({"type": "bridge", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.0.0/16"}]]}, "capabilities": {"ipRanges": true}}),
+        );
         assert_eq!(own.ranges_only_from_pod_cidr(), None);
         let undeclared = list(json!({"type": "bridge", "ipam": {"type": "dhcp"}}));
         assert_eq!(undeclared.ranges_only_from_pod_cidr(), None);
@@ -385,7 +422,8 @@ mod tests {
     #[test]
     fn del_prev_result_from_0_4_0_on() {
         let list = |version: &str| {
-            NetworkList::from_list(json!({"cniVersion": version, "name": "n", "plugins": [{"type": "bridge"}]})).unwrap()
+            NetworkList::from_list(json!({"cniVersion": version, "name": "n", "plugins": [{"type": "bridge"}]}))
+                .unwrap()
         };
         assert!(!list("0.3.1").del_gets_prev_result());
         assert!(list("0.4.0").del_gets_prev_result());

@@ -110,7 +110,11 @@ impl PluginRun {
         let timed_out = watchdog.join().unwrap_or(false);
         let _ = writer.join();
         if timed_out {
-            return Err(CniError::Timeout { plugin: self.plugin, command: self.command, seconds: self.timeout.as_secs() });
+            return Err(CniError::Timeout {
+                plugin: self.plugin,
+                command: self.command,
+                seconds: self.timeout.as_secs(),
+            });
         }
         let status = status.map_err(spawn_error)?;
 
@@ -140,7 +144,13 @@ impl PluginRun {
 
 /// The error for a plugin that exited unsuccessfully: its JSON error if it printed one, else what
 /// it wrote.
-fn failure(plugin: String, command: CniCommand, status: std::process::ExitStatus, stdout: &[u8], stderr: &[u8]) -> CniError {
+fn failure(
+    plugin: String,
+    command: CniCommand,
+    status: std::process::ExitStatus,
+    stdout: &[u8],
+    stderr: &[u8],
+) -> CniError {
     if let Ok(error) = serde_json::from_slice::<PluginError>(stdout)
         && (!error.msg.is_empty() || error.code != 0)
     {
@@ -227,7 +237,14 @@ mod tests {
     }
 
     fn run(path: PathBuf, stdin: &str, timeout: Duration) -> Result<Vec<u8>, CniError> {
-        let env = cni_env(CniCommand::Add, "c1", None, "eth0", &[("K".into(), "V".into()), ("A".into(), "B".into())], "/x:/y");
+        let env = cni_env(
+            CniCommand::Add,
+            "c1",
+            None,
+            "eth0",
+            &[("K".into(), "V".into()), ("A".into(), "B".into())],
+            "/x:/y",
+        );
         let run = PluginRun {
             plugin: "test".into(),
             path,
@@ -242,7 +259,11 @@ mod tests {
     #[test]
     fn environment_and_stdin_reach_the_plugin() {
         let dir = tempfile::tempdir().unwrap();
-        let path = script(dir.path(), "echo", r#"printf '%s|%s|%s|%s|%s|%s|' "$CNI_COMMAND" "$CNI_CONTAINERID" "$CNI_NETNS" "$CNI_IFNAME" "$CNI_ARGS" "$CNI_PATH"; cat"#);
+        let path = script(
+            dir.path(),
+            "echo",
+            r#"printf '%s|%s|%s|%s|%s|%s|' "$CNI_COMMAND" "$CNI_CONTAINERID" "$CNI_NETNS" "$CNI_IFNAME" "$CNI_ARGS" "$CNI_PATH"; cat"#,
+        );
         let out = run(path, "{\"in\":1}", Duration::from_secs(10)).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "ADD|c1||eth0|K=V;A=B|/x:/y|{\"in\":1}");
     }
@@ -250,7 +271,11 @@ mod tests {
     #[test]
     fn a_json_error_is_the_plugins_own_message() {
         let dir = tempfile::tempdir().unwrap();
-        let path = script(dir.path(), "fail", r#"cat >/dev/null; echo '{"cniVersion":"1.0.0","code":7,"msg":"bad subnet","details":"10.0.0.0/33"}'; exit 1"#);
+        let path = script(
+            dir.path(),
+            "fail",
+            r#"cat >/dev/null; echo '{"cniVersion":"1.0.0","code":7,"msg":"bad subnet","details":"10.0.0.0/33"}'; exit 1"#,
+        );
         let err = run(path, "{}", Duration::from_secs(10)).unwrap_err();
         assert!(matches!(err, CniError::Plugin { code: 7, .. }), "{err:?}");
         assert_eq!(err.to_string(), "cni plugin test ADD failed: bad subnet: 10.0.0.0/33 (cni error code 7)");
@@ -284,7 +309,11 @@ mod tests {
         while alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!alive(), "the plugin's child {child} still runs: {:?}", std::fs::read_to_string(format!("/proc/{child}/stat")));
+        assert!(
+            !alive(),
+            "the plugin's child {child} still runs: {:?}",
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+        );
     }
 
     #[test]

@@ -215,8 +215,11 @@ impl Cni {
         }
         let final_result = entry.result.as_ref().expect("a network has plugins");
         let last = network.plugin_types().last().unwrap_or_default().to_string();
-        let ips = result::pod_ips(final_result, POD_INTERFACE)
-            .map_err(|reason| CniError::BadResult { plugin: last, command: CniCommand::Add, reason })?;
+        let ips = result::pod_ips(final_result, POD_INTERFACE).map_err(|reason| CniError::BadResult {
+            plugin: last,
+            command: CniCommand::Add,
+            reason,
+        })?;
         if ips.is_empty() {
             warn!(pod = %attachment.container_id, network = %network.name, "the network gave the pod no IP address");
         }
@@ -254,10 +257,21 @@ impl Cni {
     /// than a pod that can never be removed.
     fn fallback_entry(&self, container_id: &str, path: &Path, reason: String) -> Result<CacheEntry, CniError> {
         let Ok((network, _)) = self.config.find_network() else {
-            return Err(CniError::BadCacheEntry { path: path.into(), reason: format!("{reason}, and there is no network config to DEL with") });
+            return Err(CniError::BadCacheEntry {
+                path: path.into(),
+                reason: format!("{reason}, and there is no network config to DEL with"),
+            });
         };
         warn!(pod = %container_id, "cni result cache {} is unusable ({reason}): DEL with the current config of {}", path.display(), network.name);
-        Ok(CacheEntry::new(container_id, POD_INTERFACE, &network.name, network.raw, Path::new(""), Vec::new(), Map::new()))
+        Ok(CacheEntry::new(
+            container_id,
+            POD_INTERFACE,
+            &network.name,
+            network.raw,
+            Path::new(""),
+            Vec::new(),
+            Map::new(),
+        ))
     }
 
     fn plugin_path(&self, kind: &str) -> Result<PathBuf, CniError> {
@@ -280,7 +294,14 @@ impl Cni {
         let kind = network.plugin_types().nth(index).unwrap_or_default().to_string();
         let path = self.plugin_path(&kind)?;
         let input = network.plugin_input(index, prev_result, &entry.capability_args);
-        let env = exec::cni_env(command, &entry.container_id, netns, &entry.if_name, &entry.cni_args, &self.config.cni_path());
+        let env = exec::cni_env(
+            command,
+            &entry.container_id,
+            netns,
+            &entry.if_name,
+            &entry.cni_args,
+            &self.config.cni_path(),
+        );
         debug!(pod = %entry.container_id, plugin = %kind, %command, "running cni plugin");
         let run = PluginRun {
             plugin: kind,
@@ -314,11 +335,8 @@ mod tests {
             let bin = dir.path().join("bin");
             std::fs::create_dir_all(&bin).unwrap();
             std::fs::create_dir_all(dir.path().join("net.d")).unwrap();
-            let config = CniConfig {
-                conf_dir: dir.path().join("net.d"),
-                plugin_dirs: vec![bin],
-                plugin_timeout_secs: 10,
-            };
+            let config =
+                CniConfig { conf_dir: dir.path().join("net.d"), plugin_dirs: vec![bin], plugin_timeout_secs: 10 };
             let cni = Cni::open(config, &dir.path().join("state"));
             Fixture { dir, cni }
         }
@@ -389,7 +407,10 @@ mod tests {
         let logged = fixture.logged();
         assert_eq!(logged.len(), 2);
         let netns = attachment.netns.display().to_string();
-        assert_eq!((logged[0].0.as_str(), logged[0].1.as_str(), logged[0].2.as_str()), ("bridge", "ADD", netns.as_str()));
+        assert_eq!(
+            (logged[0].0.as_str(), logged[0].1.as_str(), logged[0].2.as_str()),
+            ("bridge", "ADD", netns.as_str())
+        );
         assert!(logged[0].3.get("prevResult").is_none() && logged[0].3.get("runtimeConfig").is_none());
         assert_eq!(logged[1].3["prevResult"], serde_json::from_str::<Value>(BRIDGE_RESULT).unwrap());
         assert_eq!(logged[1].3["runtimeConfig"]["portMappings"][0]["hostPort"], 8080);
@@ -419,8 +440,12 @@ mod tests {
         let fixture = Fixture::new();
         fixture.plugin("bridge", BRIDGE_RESULT);
         let broken = fixture.dir.path().join("bin/broken");
-        std::fs::write(&broken, "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = DEL ] && exit 0\n\
-            echo '{\"cniVersion\":\"0.4.0\",\"code\":11,\"msg\":\"no leases\",\"details\":\"pool empty\"}'\nexit 1\n").unwrap();
+        std::fs::write(
+            &broken,
+            "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = DEL ] && exit 0\n\
+            echo '{\"cniVersion\":\"0.4.0\",\"code\":11,\"msg\":\"no leases\",\"details\":\"pool empty\"}'\nexit 1\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
         fixture.conflist(r#"{"cniVersion":"0.4.0","name":"pods","plugins":[{"type":"bridge"},{"type":"broken"}]}"#);
         let network = fixture.cni.network().unwrap().unwrap();
@@ -496,7 +521,9 @@ mod tests {
         fixture.conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge","ipam":{"type":"host-local"},"capabilities":{"ipRanges":true}}]}"#);
         let err = fixture.cni.network().unwrap_err().to_string();
         assert!(err.contains("pod CIDR") && err.contains("UpdateRuntimeConfig"), "{err}");
-        assert!(matches!(fixture.cni.readiness(), NetworkReadiness::NotReady { message } if message.contains("pod CIDR")));
+        assert!(
+            matches!(fixture.cni.readiness(), NetworkReadiness::NotReady { message } if message.contains("pod CIDR"))
+        );
         fixture.cni.set_pod_cidrs("10.244.0.0/24").unwrap();
         assert!(fixture.cni.network().unwrap().is_some());
         assert!(matches!(fixture.cni.readiness(), NetworkReadiness::Ready { .. }));

@@ -22,14 +22,15 @@ pub(crate) fn pod_ips(result: &Value, ifname: &str) -> Result<Vec<IpAddr>, Strin
     let mut found = Vec::new();
     for ip in ips {
         let address = ip.get("address").and_then(|a| a.as_str()).ok_or("an ips entry has no \"address\"")?;
-        let (addr, prefix) = address.split_once('/').ok_or_else(|| format!("address {address:?} is not in CIDR notation"))?;
+        let (addr, prefix) =
+            address.split_once('/').ok_or_else(|| format!("address {address:?} is not in CIDR notation"))?;
         let addr: IpAddr = addr.parse().map_err(|_| format!("address {address:?} is not an IP address"))?;
         prefix.parse::<u8>().map_err(|_| format!("address {address:?} has a bad prefix length"))?;
         if let Some(index) = ip.get("interface").filter(|i| !i.is_null()) {
             let index = index.as_u64().ok_or("an ips entry's \"interface\" is not an index")?;
-            let interface = interfaces
-                .get(index as usize)
-                .ok_or_else(|| format!("ips entry {address} names interface {index}, which is not in \"interfaces\""))?;
+            let interface = interfaces.get(index as usize).ok_or_else(|| {
+                format!("ips entry {address} names interface {index}, which is not in \"interfaces\"")
+            })?;
             let in_sandbox = interface.get("sandbox").and_then(|s| s.as_str()).is_some_and(|s| !s.is_empty());
             let name = interface.get("name").and_then(|n| n.as_str()).unwrap_or_default();
             if !in_sandbox || name != ifname {

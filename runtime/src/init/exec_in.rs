@@ -61,12 +61,21 @@ pub(crate) enum Report {
     /// Sent with the pty master as SCM_RIGHTS, before `Started`.
     Tty,
     /// The command runs (execve succeeded); `pid` in the host's PID namespace.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// The command could not be started. `exit_code`: 127 (not found) or 126 (not executable)
     /// when the command itself is at fault, as a shell reports it; `None` for a setup failure.
-    Failed { message: String, exit_code: Option<i32> },
-    Exited { code: i32 },
-    Killed { signal: i32 },
+    Failed {
+        message: String,
+        exit_code: Option<i32>,
+    },
+    Exited {
+        code: i32,
+    },
+    Killed {
+        signal: i32,
+    },
 }
 
 /// The parsed command line.
@@ -102,7 +111,8 @@ pub fn run(args: &ExecInArgs) -> ! {
 fn send(control: &OwnedFd, report: &Report, fd: Option<RawFd>) {
     let text = serde_json::to_vec(report).expect("reports serialize");
     let fds = fd.map(|fd| [fd]);
-    let cmsgs: Vec<ControlMessage<'_>> = fds.as_ref().map(|fds| vec![ControlMessage::ScmRights(fds)]).unwrap_or_default();
+    let cmsgs: Vec<ControlMessage<'_>> =
+        fds.as_ref().map(|fds| vec![ControlMessage::ScmRights(fds)]).unwrap_or_default();
     loop {
         match sendmsg::<()>(control.as_raw_fd(), &[IoSlice::new(&text)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Err(Errno::EINTR) => continue,
@@ -134,7 +144,8 @@ const NAMESPACES: [(&str, CloneFlags); 4] = [
 ];
 
 fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
-    nix::fcntl::fcntl(control, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ctx(|| "mark control socket close-on-exec".into())?;
+    nix::fcntl::fcntl(control, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .ctx(|| "mark control socket close-on-exec".into())?;
     // Blocked before the fork, read through a signalfd after; the child unblocks them before execve.
     let mut signals = SigSet::empty();
     for signal in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -157,9 +168,16 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
             .ctx(|| format!("open {path} (has the container stopped?)"))
     };
     let pid_ns = open("ns/pid")?;
-    let joins = NAMESPACES.iter().map(|(kind, flag)| Ok((*kind, *flag, open(&format!("ns/{kind}"))?))).collect::<Result<Vec<_>>>()?;
-    let root = nix::fcntl::open(format!("/proc/{main}/root").as_str(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .ctx(|| format!("open the root of process {main}"))?;
+    let joins = NAMESPACES
+        .iter()
+        .map(|(kind, flag)| Ok((*kind, *flag, open(&format!("ns/{kind}"))?)))
+        .collect::<Result<Vec<_>>>()?;
+    let root = nix::fcntl::open(
+        format!("/proc/{main}/root").as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx(|| format!("open the root of process {main}"))?;
     // A container in a user namespace of its own (a pod's): the command joins it too, last,
     // so that it is root of that namespace at most, never the node's root.
     let user_ns = open("ns/user")?;
@@ -171,10 +189,15 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     };
     // The descriptors above belong to the container only if <main> is still its process (a
     // reused PID is not): checked after opening them.
-    let cgroups = std::fs::read_to_string(format!("/proc/{main}/cgroup")).ctx(|| format!("read /proc/{main}/cgroup (has the container stopped?)"))?;
-    let unit_cgroup = systemd_cgroup(&cgroups).ok_or_else(|| Error::new(format!("/proc/{main}/cgroup names no systemd cgroup")))?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{main}/cgroup"))
+        .ctx(|| format!("read /proc/{main}/cgroup (has the container stopped?)"))?;
+    let unit_cgroup =
+        systemd_cgroup(&cgroups).ok_or_else(|| Error::new(format!("/proc/{main}/cgroup names no systemd cgroup")))?;
     if unit_cgroup.rsplit('/').next() != Some(args.unit.as_str()) {
-        return Err(Error::new(format!("process {main} is not the main process of {} (its cgroup is {unit_cgroup}): the container stopped", args.unit)));
+        return Err(Error::new(format!(
+            "process {main} is not the main process of {} (its cgroup is {unit_cgroup}): the container stopped",
+            args.unit
+        )));
     }
     join_cgroups(&cgroups)?;
     nix::sched::setns(&pid_ns, CloneFlags::CLONE_NEWPID).ctx(|| "join pid namespace".into())?;
@@ -187,7 +210,17 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     let child = match unsafe { nix::unistd::fork() }.ctx(|| "fork command process".into())? {
         ForkResult::Child => {
             drop(report_r);
-            child_main(args.tty, &process, spec.oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()), &joins, user_ns.as_ref(), &root, control, report_w, parent)
+            child_main(
+                args.tty,
+                &process,
+                spec.oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()),
+                &joins,
+                user_ns.as_ref(),
+                &root,
+                control,
+                report_w,
+                parent,
+            )
         }
         ForkResult::Parent { child } => child,
     };
@@ -195,7 +228,8 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     drop(joins);
     drop(root);
     // Keep no stdio of the session: its pipes must reach EOF when the command's side closes.
-    let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).ctx(|| "open /dev/null".into())?;
+    let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .ctx(|| "open /dev/null".into())?;
     for fd in 0..=2 {
         // SAFETY: dup2 onto a standard descriptor number; both are valid.
         unsafe { libc::dup2(null.as_raw_fd(), fd) };
@@ -218,7 +252,9 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
 /// A failure of the command itself (as opposed to the setup) gets a shell's exit code: the
 /// messages are init's own (`process::lookup`, `Exec::exec`).
 fn command_fault(message: &str) -> Option<i32> {
-    if message.contains("executable file not found in $PATH") || (message.starts_with("exec: ") && message.contains("no such file or directory")) {
+    if message.contains("executable file not found in $PATH")
+        || (message.starts_with("exec: ") && message.contains("no such file or directory"))
+    {
         Some(127)
     } else if message.starts_with("exec ") || message.starts_with("exec: ") {
         Some(126)
@@ -315,7 +351,11 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
         let unescape = |s: &str| s.replace("\\040", " ");
         let controllers = match rest[0] {
             "cgroup2" => Vec::new(),
-            "cgroup" => rest[2].split(',').filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent")).map(str::to_string).collect(),
+            "cgroup" => rest[2]
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent"))
+                .map(str::to_string)
+                .collect(),
             _ => continue,
         };
         mounts.push(CgroupMount { controllers, root: unescape(fields[3]), mount_point: unescape(fields[4]) });
@@ -334,7 +374,11 @@ fn join_cgroups(cgroups: &str) -> Result<()> {
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
         let wanted: Vec<&str> = controllers.split(',').filter(|c| !c.is_empty()).collect();
         let mount = mounts.iter().find(|m| {
-            if wanted.is_empty() { m.controllers.is_empty() } else { !m.controllers.is_empty() && wanted.iter().all(|w| m.controllers.iter().any(|c| c == w)) }
+            if wanted.is_empty() {
+                m.controllers.is_empty()
+            } else {
+                !m.controllers.is_empty() && wanted.iter().all(|w| m.controllers.iter().any(|c| c == w))
+            }
         });
         // A hierarchy not mounted here (some v1 controllers in a node) cannot be joined; nor
         // does it hold the unit.
@@ -410,14 +454,18 @@ fn open_pty() -> Result<OwnedFd> {
         .ctx(|| "open /dev/ptmx".into())?;
     let mut unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int we own.
-    Errno::result(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &mut unlock) }).ctx(|| "unlock pty".into())?;
+    Errno::result(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &mut unlock) })
+        .ctx(|| "unlock pty".into())?;
     let mut number: libc::c_uint = 0;
     // SAFETY: TIOCGPTN writes an unsigned int we own.
-    Errno::result(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) }).ctx(|| "get pty number".into())?;
+    Errno::result(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) })
+        .ctx(|| "get pty number".into())?;
     let path = format!("/dev/pts/{number}");
-    let slave = nix::fcntl::open(path.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY, Mode::empty()).ctx(|| format!("open {path}"))?;
+    let slave = nix::fcntl::open(path.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY, Mode::empty())
+        .ctx(|| format!("open {path}"))?;
     // SAFETY: TIOCSCTTY takes an int argument (0: do not steal); we lead a new session.
-    Errno::result(unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) }).ctx(|| "set controlling terminal".into())?;
+    Errno::result(unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) })
+        .ctx(|| "set controlling terminal".into())?;
     for fd in 0..=2 {
         // SAFETY: dup2 of a valid descriptor onto a standard one.
         Errno::result(unsafe { libc::dup2(slave.as_raw_fd(), fd) }).ctx(|| format!("dup pty onto fd {fd}"))?;
@@ -455,9 +503,15 @@ mod tests {
 ";
         let mounts = cgroup_mounts(mountinfo);
         assert_eq!(mounts.len(), 3);
-        assert_eq!(mounts[0], CgroupMount { controllers: vec![], root: "/".into(), mount_point: "/sys/fs/cgroup/unified".into() });
+        assert_eq!(
+            mounts[0],
+            CgroupMount { controllers: vec![], root: "/".into(), mount_point: "/sys/fs/cgroup/unified".into() }
+        );
         assert_eq!(mounts[1].controllers, ["xattr", "name=systemd"]);
-        assert_eq!((mounts[2].controllers.clone(), mounts[2].root.as_str()), (vec!["cpu".to_string(), "cpuacct".to_string()], "/sub"));
+        assert_eq!(
+            (mounts[2].controllers.clone(), mounts[2].root.as_str()),
+            (vec!["cpu".to_string(), "cpuacct".to_string()], "/sub")
+        );
     }
 
     #[test]

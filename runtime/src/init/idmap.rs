@@ -46,7 +46,9 @@ impl Mappings {
     pub(crate) fn check(&self, what: &str) -> Result<()> {
         for (kind, map) in [("uid", &self.uids), ("gid", &self.gids)] {
             if map.is_empty() {
-                return Err(Error::new(format!("{what}: {kind} mappings are missing (uid and gid mappings go together)")));
+                return Err(Error::new(format!(
+                    "{what}: {kind} mappings are missing (uid and gid mappings go together)"
+                )));
             }
             if map.len() > 340 {
                 return Err(Error::new(format!("{what}: more than 340 {kind} mappings")));
@@ -111,7 +113,8 @@ impl IdmapNamespaces {
         for (what, mappings) in wanted {
             mappings.check(&what)?;
             if made.get(&mappings).is_none() {
-                let fd = user_namespace(&mappings).map_err(|e| Error::new(format!("{what}: user namespace for the id mapping: {e}")))?;
+                let fd = user_namespace(&mappings)
+                    .map_err(|e| Error::new(format!("{what}: user namespace for the id mapping: {e}")))?;
                 made.namespaces.push((mappings, fd));
             }
         }
@@ -178,7 +181,8 @@ fn user_namespace(mappings: &Mappings) -> std::result::Result<OwnedFd, String> {
             _ => return Err("the helper process died".into()),
         }
         for (file, map) in [("uid_map", &mappings.uids), ("gid_map", &mappings.gids)] {
-            std::fs::write(format!("/proc/{child}/{file}"), Mappings::text(map)).map_err(|e| format!("write {file}: {e}"))?;
+            std::fs::write(format!("/proc/{child}/{file}"), Mappings::text(map))
+                .map_err(|e| format!("write {file}: {e}"))?;
         }
         nix::fcntl::open(format!("/proc/{child}/ns/user").as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|e| format!("open the namespace: {}", errno_desc(e)))
@@ -212,12 +216,20 @@ pub(crate) fn idmap_tree(tree: &OwnedFd, userns: &OwnedFd, recursive: bool) -> R
         userns_fd: u64,
     }
     const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-    let attr = MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
+    let attr =
+        MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
     let flags = libc::AT_EMPTY_PATH as libc::c_uint | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
     // SAFETY: a valid fd, an empty NUL-terminated path (AT_EMPTY_PATH) and a mount_attr of the
     // size passed, all alive for the duration of the call; the kernel only reads them.
     let rc = unsafe {
-        libc::syscall(libc::SYS_mount_setattr, tree.as_raw_fd(), c"".as_ptr(), flags, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
     };
     Errno::result(rc).map(drop).ctx(|| "set the id mapping (mount_setattr MOUNT_ATTR_IDMAP)".into())
 }

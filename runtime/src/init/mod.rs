@@ -171,14 +171,19 @@ impl ErrorFile {
     fn open(path: &Path) -> ErrorFile {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
-        let dir = nix::fcntl::open(dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty());
+        let dir =
+            nix::fcntl::open(dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty());
         match &dir {
-            Ok(fd) if !name.is_empty() => match nix::unistd::unlinkat(fd, OsStr::from_bytes(&name), nix::unistd::UnlinkatFlags::NoRemoveDir) {
-                Ok(()) | Err(Errno::ENOENT) => {}
-                Err(e) => eprintln!("cri-systemd init: remove stale {}: {}", path.display(), errno_desc(e)),
-            },
+            Ok(fd) if !name.is_empty() => {
+                match nix::unistd::unlinkat(fd, OsStr::from_bytes(&name), nix::unistd::UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(e) => eprintln!("cri-systemd init: remove stale {}: {}", path.display(), errno_desc(e)),
+                }
+            }
             Ok(_) => eprintln!("cri-systemd init: error file {} has no file name", path.display()),
-            Err(e) => eprintln!("cri-systemd init: open directory of error file {}: {}", path.display(), errno_desc(*e)),
+            Err(e) => {
+                eprintln!("cri-systemd init: open directory of error file {}: {}", path.display(), errno_desc(*e))
+            }
         }
         ErrorFile { dir: dir.ok(), name }
     }
@@ -190,9 +195,16 @@ impl ErrorFile {
         }
         let line = format!("{}\n", message.replace('\n', " "));
         let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-        let result = nix::fcntl::openat(dir, OsStr::from_bytes(&self.name), flags, nix::sys::stat::Mode::from_bits_truncate(0o644))
-            .map(std::fs::File::from)
-            .and_then(|mut file| file.write_all(line.as_bytes()).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))));
+        let result = nix::fcntl::openat(
+            dir,
+            OsStr::from_bytes(&self.name),
+            flags,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .map(std::fs::File::from)
+        .and_then(|mut file| {
+            file.write_all(line.as_bytes()).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+        });
         if let Err(e) = result {
             eprintln!("cri-systemd init: write error file: {}", errno_desc(e));
         }

@@ -85,7 +85,9 @@ pub(crate) fn open(spec: &Spec) -> Result<Plan> {
     for ns in &namespaces {
         let typ = ns.typ();
         if typ == LinuxNamespaceType::User && ns.path().is_none() {
-            return Err(Error::new("new user namespaces are not supported: join a prepared one (a user namespace with a path)"));
+            return Err(Error::new(
+                "new user namespaces are not supported: join a prepared one (a user namespace with a path)",
+            ));
         }
         if seen.contains(&typ) {
             return Err(Error::new(format!("namespace {typ} is listed twice")));
@@ -114,7 +116,10 @@ pub(crate) fn open(spec: &Spec) -> Result<Plan> {
     if let Some(i) = joins.iter().position(|(typ, _, _)| *typ == LinuxNamespaceType::User) {
         let (_, path, fd) = joins.remove(i);
         let mappings = Mappings::of_spec(spec).ok_or_else(|| {
-            Error::new(format!("user namespace {}: linux.uidMappings and gidMappings must say what it maps", path.display()))
+            Error::new(format!(
+                "user namespace {}: linux.uidMappings and gidMappings must say what it maps",
+                path.display()
+            ))
         })?;
         mappings.check("linux.uidMappings/gidMappings")?;
         plan.user = Some((path, fd, mappings));

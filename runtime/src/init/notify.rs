@@ -1,8 +1,8 @@
 //! sd_notify to `$NOTIFY_SOCKET`, written with a plain unix datagram socket, each message
 //! followed by a barrier so that systemd has processed it before init goes on.
 
-use std::io::IoSlice;
 use std::ffi::OsString;
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
@@ -54,8 +54,14 @@ fn send(sock: &OwnedFd, addr: &UnixAddr, path: &OsString, message: &str) -> Resu
     // every message before it.
     let (barrier_r, barrier_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "create barrier pipe".into())?;
     let fds = [barrier_w.as_raw_fd()];
-    sendmsg(sock.as_raw_fd(), &[IoSlice::new(b"BARRIER=1")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), addr)
-        .ctx(|| format!("send BARRIER=1 to systemd at {path:?}"))?;
+    sendmsg(
+        sock.as_raw_fd(),
+        &[IoSlice::new(b"BARRIER=1")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        addr,
+    )
+    .ctx(|| format!("send BARRIER=1 to systemd at {path:?}"))?;
     drop(barrier_w);
     let mut pollfd = libc::pollfd { fd: barrier_r.as_fd().as_raw_fd(), events: 0, revents: 0 };
     let timeout = BARRIER_TIMEOUT.as_millis() as libc::c_int;

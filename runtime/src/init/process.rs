@@ -135,7 +135,8 @@ pub(crate) fn prepare_exec(
         drop_bounding(caps, last_cap)?;
     }
     let chdir = |cwd: &std::path::Path| {
-        nix::unistd::chdir(cwd).map_err(|e| Error::new(format!("chdir to cwd ({:?}) set in config.json failed: {}", cwd, errno_desc(e))))
+        nix::unistd::chdir(cwd)
+            .map_err(|e| Error::new(format!("chdir to cwd ({:?}) set in config.json failed: {}", cwd, errno_desc(e))))
     };
     // As runc: chdir as root first (a dir the user cannot reach), again as the user on EACCES/EPERM.
     let chdir_later = match nix::unistd::chdir(cwd) {
@@ -167,7 +168,8 @@ pub(crate) fn prepare_exec(
     }
     let args = process.args().as_deref().unwrap_or_default();
     let path = lookup(&args[0], &env)?;
-    let cstring = |s: &str, what: &str| CString::new(s).map_err(|_| Error::new(format!("{what} {s:?} contains a NUL byte")));
+    let cstring =
+        |s: &str, what: &str| CString::new(s).map_err(|_| Error::new(format!("{what} {s:?} contains a NUL byte")));
     Ok(Exec {
         path: cstring(&path, "executable")?,
         args: args.iter().map(|a| cstring(a, "argument")).collect::<Result<_>>()?,
@@ -216,7 +218,9 @@ fn lookup(arg0: &str, env: &[String]) -> Result<String> {
     if arg0.contains('/') {
         return match check(arg0) {
             Ok(()) => Ok(arg0.to_string()),
-            Err(e @ (Errno::ENOENT | Errno::ENOTDIR)) => Err(Error::new(format!("exec: {arg0:?}: stat {arg0}: {}", errno_desc(e)))),
+            Err(e @ (Errno::ENOENT | Errno::ENOTDIR)) => {
+                Err(Error::new(format!("exec: {arg0:?}: stat {arg0}: {}", errno_desc(e))))
+            }
             Err(e) => Err(Error::new(format!("exec: {arg0:?}: {}", errno_desc(e)))),
         };
     }
@@ -267,7 +271,8 @@ fn set_rlimits(process: &Process) -> Result<()> {
         let limit = libc::rlimit { rlim_cur: rlimit.soft(), rlim_max: rlimit.hard() };
         // SAFETY: pid 0 (this process), a valid rlimit to read, no old limit requested.
         let rc = unsafe { libc::prlimit(0, resource, &limit, std::ptr::null_mut()) };
-        Errno::result(rc).ctx(|| format!("set rlimit {} to soft {} hard {}", rlimit.typ(), rlimit.soft(), rlimit.hard()))?;
+        Errno::result(rc)
+            .ctx(|| format!("set rlimit {} to soft {} hard {}", rlimit.typ(), rlimit.soft(), rlimit.hard()))?;
     }
     Ok(())
 }
@@ -276,8 +281,10 @@ fn set_user(process: &Process) -> Result<()> {
     let user = process.user();
     // Capabilities survive the change of uid; set_caps then sets them exactly.
     nix::sys::prctl::set_keepcaps(true).ctx(|| "set keepcaps".into())?;
-    let groups: Vec<Gid> = user.additional_gids().as_deref().unwrap_or_default().iter().map(|g| Gid::from_raw(*g)).collect();
-    nix::unistd::setgroups(&groups).ctx(|| format!("setgroups {:?}", user.additional_gids().as_deref().unwrap_or_default()))?;
+    let groups: Vec<Gid> =
+        user.additional_gids().as_deref().unwrap_or_default().iter().map(|g| Gid::from_raw(*g)).collect();
+    nix::unistd::setgroups(&groups)
+        .ctx(|| format!("setgroups {:?}", user.additional_gids().as_deref().unwrap_or_default()))?;
     let gid = Gid::from_raw(user.gid());
     nix::unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {gid}"))?;
     let uid = Uid::from_raw(user.uid());
@@ -357,7 +364,8 @@ fn drop_bounding(caps: &LinuxCapabilities, last_cap: u32) -> Result<()> {
     let keep = numbers(caps.bounding().as_ref(), last_cap);
     for cap in 0..=last_cap {
         if !keep.contains(&cap) {
-            prctl(libc::PR_CAPBSET_DROP, cap.into(), 0).ctx(|| format!("drop capability {cap} from the bounding set"))?;
+            prctl(libc::PR_CAPBSET_DROP, cap.into(), 0)
+                .ctx(|| format!("drop capability {cap} from the bounding set"))?;
         }
     }
     Ok(())
@@ -394,7 +402,8 @@ fn set_caps(caps: &LinuxCapabilities, last_cap: u32) -> Result<()> {
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
     Errno::result(rc).ctx(|| "set capabilities (capset)".into())?;
 
-    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0).ctx(|| "clear ambient capabilities".into())?;
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0)
+        .ctx(|| "clear ambient capabilities".into())?;
     for cap in numbers(caps.ambient().as_ref(), last_cap) {
         prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, cap.into())
             .ctx(|| format!("raise ambient capability {cap} (it must be permitted and inheritable)"))?;
@@ -422,7 +431,13 @@ mod tests {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let env = vec![format!("PATH=/nonexistent:{}", dir.path().display())];
         assert_eq!(lookup("tool", &env).unwrap(), exe.display().to_string());
-        assert_eq!(lookup("nosuch", &env).unwrap_err().to_string(), "exec: \"nosuch\": executable file not found in $PATH");
-        assert_eq!(lookup("/nope", &env).unwrap_err().to_string(), "exec: \"/nope\": stat /nope: no such file or directory");
+        assert_eq!(
+            lookup("nosuch", &env).unwrap_err().to_string(),
+            "exec: \"nosuch\": executable file not found in $PATH"
+        );
+        assert_eq!(
+            lookup("/nope", &env).unwrap_err().to_string(),
+            "exec: \"/nope\": stat /nope: no such file or directory"
+        );
     }
 }

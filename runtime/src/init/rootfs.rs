@@ -48,7 +48,10 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
     let root = std::fs::canonicalize(&root).ctx(|| format!("rootfs {}", root.display()))?;
     let linux = oci.linux().as_ref();
     if let Some(userns) = plan.userns() {
-        let owner = userns.host_uid(0).zip(userns.host_gid(0)).ok_or_else(|| Error::new("the user namespace does not map root (id 0)"))?;
+        let owner = userns
+            .host_uid(0)
+            .zip(userns.host_gid(0))
+            .ok_or_else(|| Error::new("the user namespace does not map root (id 0)"))?;
         let _ = CREATED_OWNER.set(owner);
     }
 
@@ -135,7 +138,8 @@ fn mkdir_all(rootfd: &OwnedFd, rel: &Path) -> Result<OwnedFd> {
 fn mkdir_all_at_depth(rootfd: &OwnedFd, rel: &Path, links: usize) -> Result<OwnedFd> {
     const MAX_LINKS: usize = 40;
     let dir = OFlag::O_PATH | OFlag::O_DIRECTORY;
-    let names: Vec<&OsStr> = rel.components().filter_map(|c| if let Component::Normal(n) = c { Some(n) } else { None }).collect();
+    let names: Vec<&OsStr> =
+        rel.components().filter_map(|c| if let Component::Normal(n) = c { Some(n) } else { None }).collect();
     let mut current = PathBuf::new();
     let mut fd = open_in_root(rootfd, &current, dir, Mode::empty()).ctx(|| "open rootfs".into())?;
     for (i, name) in names.iter().enumerate() {
@@ -152,7 +156,10 @@ fn mkdir_all_at_depth(rootfd: &OwnedFd, rel: &Path, links: usize) -> Result<Owne
                 // Something is there but does not resolve: a dangling symlink. Go on from its target.
                 Err(Errno::EEXIST) => {
                     if links >= MAX_LINKS {
-                        return Err(Error::new(format!("mkdir {} in rootfs: too many levels of symbolic links", shown())));
+                        return Err(Error::new(format!(
+                            "mkdir {} in rootfs: too many levels of symbolic links",
+                            shown()
+                        )));
                     }
                     let target = nix::fcntl::readlinkat(&fd, *name).ctx(|| format!("mkdir {} in rootfs", shown()))?;
                     let mut next = parent.join(target);
@@ -255,8 +262,8 @@ fn parse_option(option: &str) -> MountOption {
         "tmpcopyup" => Ignored,
         // Applied when the source is cloned (clone_bind_source).
         "idmap" | "ridmap" => Ignored,
-        "rrw" | "rnosuid" | "rsuid" | "rnodev" | "rdev" | "rnoexec" | "rexec" | "rnoatime" | "ratime"
-        | "rrelatime" | "rnorelatime" | "rstrictatime" | "rnostrictatime" | "rnodiratime" | "rdiratime" => Unsupported,
+        "rrw" | "rnosuid" | "rsuid" | "rnodev" | "rdev" | "rnoexec" | "rexec" | "rnoatime" | "ratime" | "rrelatime"
+        | "rnorelatime" | "rstrictatime" | "rnostrictatime" | "rnodiratime" | "rdiratime" => Unsupported,
         _ => Data,
     }
 }
@@ -270,7 +277,8 @@ struct MountOptions {
 }
 
 fn parse_options(options: &[String], dest: &Path) -> Result<MountOptions> {
-    let mut parsed = MountOptions { flags: MsFlags::empty(), propagation: Vec::new(), recursive_readonly: false, data: Vec::new() };
+    let mut parsed =
+        MountOptions { flags: MsFlags::empty(), propagation: Vec::new(), recursive_readonly: false, data: Vec::new() };
     for option in options {
         match parse_option(option) {
             MountOption::Set(f) => parsed.flags |= f,
@@ -298,7 +306,8 @@ struct BindSource {
 }
 
 fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind") || m.options().as_deref().unwrap_or_default().iter().any(|o| o == "bind" || o == "rbind")
+    m.typ().as_deref() == Some("bind")
+        || m.options().as_deref().unwrap_or_default().iter().any(|o| o == "bind" || o == "rbind")
 }
 
 /// open_tree(OPEN_TREE_CLONE) of a bind mount's source (recursive for rbind), idmapped if the
@@ -314,17 +323,24 @@ fn clone_bind_source(spec: &oci_spec::runtime::Spec, m: &Mount, plan: &Plan) -> 
     let is_dir = std::fs::metadata(&path).ctx(|| format!("bind mount source {}", path.display()))?.is_dir();
     let recursive = m.options().as_deref().unwrap_or_default().iter().any(|o| o == "rbind");
     const OPEN_TREE_CLONE: libc::c_uint = 1;
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::new(format!("bind mount source for {dest} contains NUL")))?;
+    let flags = OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::new(format!("bind mount source for {dest} contains NUL")))?;
     // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
     let fd = Errno::result(fd).ctx(|| format!("clone bind mount source {} for {dest}", path.display()))?;
     // SAFETY: open_tree returned a new fd that nothing else owns.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     if let Some(mappings) = idmap::mount_mappings(spec, m)? {
-        let userns = plan.idmaps.get(&mappings).ok_or_else(|| Error::new(format!("bind mount on {dest}: no user namespace for its id mapping")))?;
+        let userns = plan
+            .idmaps
+            .get(&mappings)
+            .ok_or_else(|| Error::new(format!("bind mount on {dest}: no user namespace for its id mapping")))?;
         let all = m.options().as_deref().unwrap_or_default().iter().any(|o| o == "ridmap");
-        idmap::idmap_tree(&tree, userns, all).map_err(|e| Error::new(format!("idmapped bind mount {} on {dest}: {e}", path.display())))?;
+        idmap::idmap_tree(&tree, userns, all)
+            .map_err(|e| Error::new(format!("idmapped bind mount {} on {dest}: {e}", path.display())))?;
     }
     Ok(Some(BindSource { path, is_dir, tree }))
 }
@@ -351,7 +367,10 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Pla
     let dest = m.destination();
     let rel = clean(dest);
     if rel.as_os_str().is_empty() {
-        return Err(Error::new(format!("mount on {}: mounts on the container's root are not supported", dest.display())));
+        return Err(Error::new(format!(
+            "mount on {}: mounts on the container's root are not supported",
+            dest.display()
+        )));
     }
     let typ = m.typ().as_deref().unwrap_or("");
     let opts = parse_options(m.options().as_deref().unwrap_or_default(), dest)?;
@@ -369,9 +388,11 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Pla
             .ctx(|| format!("bind mount {} on {shown}", source.path.display()))?;
         // Flags other than bind (ro, nosuid, ...) need a remount of the new mount.
         let extra = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
-        let recursive_ro = opts.recursive_readonly || (extra.contains(MsFlags::MS_RDONLY) && bind.contains(MsFlags::MS_REC));
+        let recursive_ro =
+            opts.recursive_readonly || (extra.contains(MsFlags::MS_RDONLY) && bind.contains(MsFlags::MS_REC));
         if !extra.is_empty() {
-            at(rootfd, &rel, |target| remount(target, extra)).ctx(|| format!("remount {shown} ({})", flag_names(extra)))?;
+            at(rootfd, &rel, |target| remount(target, extra))
+                .ctx(|| format!("remount {shown} ({})", flag_names(extra)))?;
         }
         if recursive_ro {
             at(rootfd, &rel, set_readonly_recursive).ctx(|| format!("make {shown} read-only recursively"))?;
@@ -386,12 +407,15 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Pla
         mkdir_all(rootfd, &rel)?;
         let source = m.source().as_ref().map(|s| s.as_os_str()).unwrap_or(OsStr::new(typ));
         let data = match plan.userns() {
-            Some(userns) => data_in_userns(typ, &opts.data, userns).map_err(|e| Error::new(format!("mount {typ} on {shown}: {e}")))?,
+            Some(userns) => data_in_userns(typ, &opts.data, userns)
+                .map_err(|e| Error::new(format!("mount {typ} on {shown}: {e}")))?,
             None => opts.data.join(","),
         };
         let flags = opts.flags & !MsFlags::MS_REMOUNT;
-        at(rootfd, &rel, |target| mount(Some(source), target, Some(typ), flags, Some(data.as_str()).filter(|d| !d.is_empty())))
-            .ctx(|| format!("mount {typ} on {shown}"))?;
+        at(rootfd, &rel, |target| {
+            mount(Some(source), target, Some(typ), flags, Some(data.as_str()).filter(|d| !d.is_empty()))
+        })
+        .ctx(|| format!("mount {typ} on {shown}"))?;
         if opts.recursive_readonly {
             at(rootfd, &rel, set_readonly_recursive).ctx(|| format!("make {shown} read-only recursively"))?;
         }
@@ -414,8 +438,13 @@ fn data_in_userns(typ: &str, data: &[String], userns: &Mappings) -> std::result:
             Some((key @ ("uid" | "gid"), value)) => {
                 let id: u32 = value.parse().map_err(|_| format!("option {option}: not an id"))?;
                 let host = if key == "uid" { userns.host_uid(id) } else { userns.host_gid(id) };
-                let host = host.ok_or_else(|| format!("option {option}: id {id} is not mapped in the user namespace"))?;
-                if key == "uid" { uid_given = true } else { gid_given = true }
+                let host =
+                    host.ok_or_else(|| format!("option {option}: id {id} is not mapped in the user namespace"))?;
+                if key == "uid" {
+                    uid_given = true
+                } else {
+                    gid_given = true
+                }
                 format!("{key}={host}")
             }
             _ => option.clone(),
@@ -584,7 +613,8 @@ fn mount_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -> Result<
 /// `lowerdir+` (Linux >= 6.8), which has no such limit.
 fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path) -> Result<()> {
     let lower = lowers.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
-    let data = format!("lowerdir={lower},upperdir={},workdir={}", overlay.upperdir.display(), overlay.workdir.display());
+    let data =
+        format!("lowerdir={lower},upperdir={},workdir={}", overlay.upperdir.display(), overlay.workdir.display());
     // Characters that the mount(2) option syntax cannot carry as is (the new API takes each
     // path as a whole).
     let awkward = lowers
@@ -609,21 +639,34 @@ fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path
 /// since Linux 5.19). O(1) in the size of the image: nothing is copied or chowned.
 fn mount_idmapped_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -> Result<()> {
     let mappings = Mappings { uids: overlay.uid_mappings.clone(), gids: overlay.gid_mappings.clone() };
-    let userns = plan.idmaps.get(&mappings).ok_or_else(|| Error::new("overlay rootfs: no user namespace for the lower dirs' id mapping"))?;
+    let userns = plan
+        .idmaps
+        .get(&mappings)
+        .ok_or_else(|| Error::new("overlay rootfs: no user namespace for the lower dirs' id mapping"))?;
     let mut trees = Vec::with_capacity(overlay.lowerdirs.len());
     for dir in &overlay.lowerdirs {
         const OPEN_TREE_CLONE: libc::c_uint = 1;
-        let c_path = CString::new(dir.as_os_str().as_bytes()).map_err(|_| Error::new(format!("overlay rootfs: {} contains NUL", dir.display())))?;
+        let c_path = CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| Error::new(format!("overlay rootfs: {} contains NUL", dir.display())))?;
         // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) };
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        };
         let fd = Errno::result(fd).ctx(|| format!("overlay rootfs: clone lower dir {}", dir.display()))?;
         // SAFETY: open_tree returned a new fd that nothing else owns.
         let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-        idmap::idmap_tree(&tree, userns, false).map_err(|e| Error::new(format!("overlay rootfs: idmap lower dir {}: {e}", dir.display())))?;
+        idmap::idmap_tree(&tree, userns, false)
+            .map_err(|e| Error::new(format!("overlay rootfs: idmap lower dir {}: {e}", dir.display())))?;
         trees.push(tree);
     }
     // The detached idmapped mounts, named through this process's fd table.
-    let sources: Vec<PathBuf> = trees.iter().map(|t| PathBuf::from(format!("/proc/self/fd/{}", t.as_raw_fd()))).collect();
+    let sources: Vec<PathBuf> =
+        trees.iter().map(|t| PathBuf::from(format!("/proc/self/fd/{}", t.as_raw_fd()))).collect();
     // mount(2) first: kernels before 6.8 take `lowerdir+` at fsconfig time but refuse it when
     // the overlay is created.
     mount_overlay_from(overlay, &sources, target)
@@ -651,7 +694,14 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &
         let value = CString::new(value.as_bytes()).map_err(|_| Errno::EINVAL)?;
         // SAFETY: a valid fs context fd and two NUL-terminated strings alive during the call.
         let rc = unsafe {
-            libc::syscall(libc::SYS_fsconfig, fsfd.as_raw_fd(), FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0 as libc::c_int)
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fsfd.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0 as libc::c_int,
+            )
         };
         Errno::result(rc).map(drop)
     };
@@ -670,13 +720,26 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &
             });
         }
     }
-    set("upperdir", overlay.upperdir.as_os_str()).map_err(|e| Error::new(format!("overlay rootfs: upperdir {}: {}{}", overlay.upperdir.display(), errno_desc(e), log(&fsfd))))?;
-    set("workdir", overlay.workdir.as_os_str()).map_err(|e| Error::new(format!("overlay rootfs: workdir {}: {}{}", overlay.workdir.display(), errno_desc(e), log(&fsfd))))?;
+    set("upperdir", overlay.upperdir.as_os_str()).map_err(|e| {
+        Error::new(format!("overlay rootfs: upperdir {}: {}{}", overlay.upperdir.display(), errno_desc(e), log(&fsfd)))
+    })?;
+    set("workdir", overlay.workdir.as_os_str()).map_err(|e| {
+        Error::new(format!("overlay rootfs: workdir {}: {}{}", overlay.workdir.display(), errno_desc(e), log(&fsfd)))
+    })?;
     // SAFETY: a valid fs context fd; no key or value for FSCONFIG_CMD_CREATE.
     let rc = unsafe {
-        libc::syscall(libc::SYS_fsconfig, fsfd.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0 as libc::c_int)
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fsfd.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0 as libc::c_int,
+        )
     };
-    Errno::result(rc).map_err(|e| Error::new(format!("create overlay rootfs ({layers} lower dirs): {}{}", errno_desc(e), log(&fsfd))))?;
+    Errno::result(rc).map_err(|e| {
+        Error::new(format!("create overlay rootfs ({layers} lower dirs): {}{}", errno_desc(e), log(&fsfd)))
+    })?;
     // SAFETY: a valid, created fs context fd; returns a new mount fd or -1.
     let rc = unsafe { libc::syscall(libc::SYS_fsmount, fsfd.as_raw_fd(), FSMOUNT_CLOEXEC, 0 as libc::c_uint) };
     let mfd = Errno::result(rc).ctx(|| "fsmount overlay rootfs".into())?;
@@ -686,7 +749,14 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &
     // SAFETY: a valid mount fd with an empty path (MOVE_MOUNT_F_EMPTY_PATH) and a NUL-terminated
     // target path, alive during the call.
     let rc = unsafe {
-        libc::syscall(libc::SYS_move_mount, mfd.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH)
+        libc::syscall(
+            libc::SYS_move_mount,
+            mfd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
     };
     Errno::result(rc).ctx(|| format!("move overlay rootfs to {}", target.display()))?;
     Ok(())
@@ -720,7 +790,8 @@ fn mount_cgroup(rootfd: &OwnedFd, rel: &Path, opts: &MountOptions, plan: &Plan) 
     let statfs = nix::sys::statfs::statfs(host).ctx(|| "statfs /sys/fs/cgroup".into())?;
     let own = own_cgroups()?;
     if statfs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
-        return mount_hierarchy(rootfd, rel, host, "cgroup2", "", flags, plan, &own).map_err(|e| Error::new(format!("cgroup on {shown}: {e}")));
+        return mount_hierarchy(rootfd, rel, host, "cgroup2", "", flags, plan, &own)
+            .map_err(|e| Error::new(format!("cgroup on {shown}: {e}")));
     }
     at(rootfd, rel, |t| mount(Some("tmpfs"), t, Some("tmpfs"), flags & !MsFlags::MS_RDONLY, Some("mode=755")))
         .ctx(|| format!("mount tmpfs for cgroups on {shown}"))?;
@@ -728,7 +799,9 @@ fn mount_cgroup(rootfd: &OwnedFd, rel: &Path, opts: &MountOptions, plan: &Plan) 
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        let (Some(mount_point), Some(fstype), Some(super_opts)) = (fields.get(4), fields.get(sep + 1), fields.get(sep + 3)) else {
+        let (Some(mount_point), Some(fstype), Some(super_opts)) =
+            (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
+        else {
             continue;
         };
         if *fstype != "cgroup" && *fstype != "cgroup2" {
@@ -748,7 +821,8 @@ fn mount_cgroup(rootfd: &OwnedFd, rel: &Path, opts: &MountOptions, plan: &Plan) 
     for entry in entries.flatten() {
         let Ok(target) = std::fs::read_link(entry.path()) else { continue };
         let link = rel.join(entry.file_name());
-        let dir = open_in_root(rootfd, rel, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty()).ctx(|| format!("open {shown}"))?;
+        let dir = open_in_root(rootfd, rel, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+            .ctx(|| format!("open {shown}"))?;
         match nix::unistd::symlinkat(&target, &dir, entry.file_name().as_os_str()) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(Error::new(format!("symlink /{}: {}", link.display(), errno_desc(e)))),
@@ -775,11 +849,13 @@ fn mount_hierarchy(
 ) -> std::result::Result<(), String> {
     if plan.new_cgroup {
         let data = Some(options).filter(|o| !o.is_empty());
-        return at(rootfd, rel, |t| mount(Some("cgroup"), t, Some(fstype), flags, data)).map_err(|e| format!("mount {fstype}: {}", errno_desc(e)));
+        return at(rootfd, rel, |t| mount(Some("cgroup"), t, Some(fstype), flags, data))
+            .map_err(|e| format!("mount {fstype}: {}", errno_desc(e)));
     }
     // The hierarchy's line in /proc/self/cgroup: "0::/path" for cgroup2, else the controllers
     // (or name=...) listed in the mount's super options.
-    let wanted: Vec<&str> = options.split(',').filter(|o| !o.is_empty() && *o != "xattr" && !o.starts_with("release_agent")).collect();
+    let wanted: Vec<&str> =
+        options.split(',').filter(|o| !o.is_empty() && *o != "xattr" && !o.starts_with("release_agent")).collect();
     let path = own
         .iter()
         .find(|(controllers, _)| {
@@ -842,7 +918,9 @@ fn setup_dev(rootfd: &OwnedFd, devices: &[oci_spec::runtime::LinuxDevice], usern
             LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
             LinuxDeviceType::B => SFlag::S_IFBLK,
             LinuxDeviceType::P => SFlag::S_IFIFO,
-            LinuxDeviceType::A => return Err(Error::new(format!("device {}: type \"a\" is not a device", device.path().display()))),
+            LinuxDeviceType::A => {
+                return Err(Error::new(format!("device {}: type \"a\" is not a device", device.path().display())));
+            }
         };
         let mode = device.file_mode().unwrap_or(0o666) & 0o7777;
         let (major, minor) = (u64::try_from(device.major()).unwrap_or(0), u64::try_from(device.minor()).unwrap_or(0));
@@ -879,7 +957,16 @@ fn setup_dev(rootfd: &OwnedFd, devices: &[oci_spec::runtime::LinuxDevice], usern
 
 /// mknod, or (where mknod is not permitted) a bind mount of the host's node of the same path.
 #[allow(clippy::too_many_arguments)]
-fn create_device(rootfd: &OwnedFd, rel: &Path, kind: SFlag, major: u64, minor: u64, mode: u32, uid: u32, gid: u32) -> Result<()> {
+fn create_device(
+    rootfd: &OwnedFd,
+    rel: &Path,
+    kind: SFlag,
+    major: u64,
+    minor: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<()> {
     let shown = format!("/{}", rel.display());
     let parent = mkdir_all(rootfd, rel.parent().unwrap_or(Path::new("dev")))?;
     let name = rel.file_name().ok_or_else(|| Error::new(format!("device {shown}: no file name")))?;
@@ -890,17 +977,33 @@ fn create_device(rootfd: &OwnedFd, rel: &Path, kind: SFlag, major: u64, minor: u
     let dev = nix::sys::stat::makedev(major, minor);
     match nix::sys::stat::mknodat(&parent, name, kind, Mode::from_bits_truncate(mode), dev) {
         Ok(()) => {
-            nix::unistd::fchownat(&parent, name, Some(uid.into()), Some(gid.into()), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-                .ctx(|| format!("chown {shown}"))?;
+            nix::unistd::fchownat(
+                &parent,
+                name,
+                Some(uid.into()),
+                Some(gid.into()),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .ctx(|| format!("chown {shown}"))?;
             // mknod applies the umask; the mode must be exact.
-            nix::sys::stat::fchmodat(&parent, name, Mode::from_bits_truncate(mode), nix::sys::stat::FchmodatFlags::FollowSymlink)
-                .ctx(|| format!("chmod {shown}"))?;
+            nix::sys::stat::fchmodat(
+                &parent,
+                name,
+                Mode::from_bits_truncate(mode),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .ctx(|| format!("chmod {shown}"))?;
             Ok(())
         }
         Err(Errno::EPERM) => {
             let host = Path::new("/").join(rel);
-            nix::fcntl::openat(&parent, name, OFlag::O_CREAT | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o644))
-                .ctx(|| format!("create {shown}"))?;
+            nix::fcntl::openat(
+                &parent,
+                name,
+                OFlag::O_CREAT | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .ctx(|| format!("create {shown}"))?;
             at(rootfd, rel, |t| mount(Some(&host), t, None::<&str>, MsFlags::MS_BIND, None::<&str>))
                 .ctx(|| format!("bind mount {} on {shown} (mknod not permitted)", host.display()))
         }
@@ -919,7 +1022,8 @@ fn pivot_root(root: &Path) -> Result<()> {
     nix::unistd::pivot_root(".", ".").ctx(|| format!("pivot_root into {}", root.display()))?;
     nix::unistd::fchdir(&old).ctx(|| "chdir to the old root".into())?;
     // The old root's unmount must not propagate anywhere.
-    mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>).ctx(|| "make the old root a slave".into())?;
+    mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
+        .ctx(|| "make the old root a slave".into())?;
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detach the old root".into())?;
     nix::unistd::chdir("/").ctx(|| "chdir to /".into())
 }
@@ -942,7 +1046,8 @@ pub(crate) fn readonly_path(path: &str) -> Result<()> {
 pub(crate) fn mask_path(path: &str) -> Result<()> {
     match mount(Some("/dev/null"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),
-        Err(Errno::ENOTDIR) => mount(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>).ctx(|| format!("mask {path} with a tmpfs")),
+        Err(Errno::ENOTDIR) => mount(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>)
+            .ctx(|| format!("mask {path} with a tmpfs")),
         Err(e) => Err(Error::new(format!("mask {path}: {}", errno_desc(e)))),
     }
 }
@@ -964,7 +1069,8 @@ pub(crate) fn create_dirs(path: &Path) {
             return;
         }
         if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name())
-            && let Ok(parent) = nix::fcntl::open(parent, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            && let Ok(parent) =
+                nix::fcntl::open(parent, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         {
             let _ = own_created(&parent, name);
         }
@@ -991,7 +1097,8 @@ mod tests {
 
     #[test]
     fn options_split_into_flags_propagation_and_data() {
-        let options: Vec<String> = ["rbind", "ro", "nosuid", "rslave", "mode=755", "size=64k", "rw"].iter().map(|s| s.to_string()).collect();
+        let options: Vec<String> =
+            ["rbind", "ro", "nosuid", "rslave", "mode=755", "size=64k", "rw"].iter().map(|s| s.to_string()).collect();
         let parsed = parse_options(&options, Path::new("/x")).unwrap();
         assert_eq!(parsed.flags, MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_NOSUID);
         assert_eq!(parsed.propagation, vec![MsFlags::MS_SLAVE | MsFlags::MS_REC]);
@@ -1006,7 +1113,9 @@ mod tests {
             serde_json::from_value(serde_json::json!({"containerID": c, "hostID": h, "size": n})).unwrap()
         };
         let userns = Mappings { uids: vec![line(0, 0x9_0000, 65536)], gids: vec![line(0, 0x9_0000, 65536)] };
-        let data = |typ: &str, options: &[&str]| data_in_userns(typ, &options.iter().map(|o| o.to_string()).collect::<Vec<_>>(), &userns);
+        let data = |typ: &str, options: &[&str]| {
+            data_in_userns(typ, &options.iter().map(|o| o.to_string()).collect::<Vec<_>>(), &userns)
+        };
         assert_eq!(data("tmpfs", &["mode=755"]).unwrap(), "mode=755,uid=589824,gid=589824");
         assert_eq!(data("tmpfs", &["uid=1000", "mode=1777"]).unwrap(), "uid=590824,mode=1777,gid=589824");
         assert_eq!(data("devpts", &["newinstance", "gid=5"]).unwrap(), "newinstance,gid=589829");

@@ -31,7 +31,8 @@ fn action(action: LinuxSeccompAction, errno: Option<u32>, default_errno: u32) ->
 }
 
 fn condition(arg: &oci_spec::runtime::LinuxSeccompArg) -> Result<SeccompCondition> {
-    let index = u8::try_from(arg.index()).map_err(|_| Error::new(format!("seccomp argument index {} is out of range", arg.index())))?;
+    let index = u8::try_from(arg.index())
+        .map_err(|_| Error::new(format!("seccomp argument index {} is out of range", arg.index())))?;
     let (op, value) = match arg.op() {
         LinuxSeccompOperator::ScmpCmpNe => (SeccompCmpOp::Ne, arg.value()),
         LinuxSeccompOperator::ScmpCmpLt => (SeccompCmpOp::Lt, arg.value()),
@@ -42,7 +43,8 @@ fn condition(arg: &oci_spec::runtime::LinuxSeccompArg) -> Result<SeccompConditio
         // OCI: `value` is the mask, `valueTwo` what the masked argument must equal.
         LinuxSeccompOperator::ScmpCmpMaskedEq => (SeccompCmpOp::MaskedEq(arg.value()), arg.value_two().unwrap_or(0)),
     };
-    SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value).map_err(|e| Error::new(format!("seccomp argument: {e}")))
+    SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value)
+        .map_err(|e| Error::new(format!("seccomp argument: {e}")))
 }
 
 /// The rules of one action: per syscall, alternatives (conditions ANDed within each); an empty
@@ -55,7 +57,8 @@ struct Rules {
 
 impl Rules {
     fn add(&mut self, rule: &LinuxSyscall) -> Result<()> {
-        let conditions = rule.args().as_deref().unwrap_or_default().iter().map(condition).collect::<Result<Vec<_>>>()?;
+        let conditions =
+            rule.args().as_deref().unwrap_or_default().iter().map(condition).collect::<Result<Vec<_>>>()?;
         for name in rule.names() {
             // As libseccomp: a name this architecture does not have is no error.
             let Some(number) = syscalls::number(name) else { continue };
@@ -63,7 +66,8 @@ impl Rules {
                 self.unconditional.insert(number);
                 self.by_syscall.insert(number, Vec::new());
             } else if !self.unconditional.contains(&number) {
-                let rule = SeccompRule::new(conditions.clone()).map_err(|e| Error::new(format!("seccomp rule for {name}: {e}")))?;
+                let rule = SeccompRule::new(conditions.clone())
+                    .map_err(|e| Error::new(format!("seccomp rule for {name}: {e}")))?;
                 self.by_syscall.entry(number).or_default().push(rule);
             }
         }
@@ -136,7 +140,9 @@ mod tests {
             ]
         }));
         assert_eq!(compile(&p).unwrap().len(), 2);
-        let allow_all = profile(serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mount"], "action": "SCMP_ACT_ERRNO"}]}));
+        let allow_all = profile(
+            serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mount"], "action": "SCMP_ACT_ERRNO"}]}),
+        );
         assert_eq!(compile(&allow_all).unwrap().len(), 1);
     }
 

@@ -64,7 +64,8 @@ pub struct OverlayRootfs {
 impl InitSpec {
     /// Reads and parses the spec file.
     pub fn load(path: &Path) -> Result<InitSpec, String> {
-        let text = std::fs::read(path).map_err(|e| format!("read init spec {}: {}", path.display(), super::io_desc(&e)))?;
+        let text =
+            std::fs::read(path).map_err(|e| format!("read init spec {}: {}", path.display(), super::io_desc(&e)))?;
         serde_json::from_slice(&text).map_err(|e| format!("parse init spec {}: {e}", path.display()))
     }
 

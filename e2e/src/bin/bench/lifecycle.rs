@@ -111,7 +111,13 @@ pub async fn run(options: Options) -> Result<(), String> {
 }
 
 /// Brings the N pods up and down, sequentially then in parallel, measuring as it goes.
-async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, round: usize) -> Result<Measured, String> {
+async fn measure(
+    setup: &Setup,
+    rt: &Runtime,
+    image: &str,
+    options: &Options,
+    round: usize,
+) -> Result<Measured, String> {
     let n = options.pods;
     let mut m = Measured::default();
     let mut client = rt.client().await?;
@@ -167,7 +173,8 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, ro
 
     // ExecSync `true` in the running containers, round robin.
     for k in 0..options.execs {
-        let request = cri::ExecSyncRequest { container_id: pods[k % n].1.clone(), cmd: vec!["/bin/true".into()], timeout: 10 };
+        let request =
+            cri::ExecSyncRequest { container_id: pods[k % n].1.clone(), cmd: vec!["/bin/true".into()], timeout: 10 };
         let t = Instant::now();
         match tokio::time::timeout(CALL, client.runtime.exec_sync(request)).await {
             Ok(Ok(response)) => {
@@ -182,7 +189,9 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options, ro
                 m.exec_unavailable = Some(format!("not implemented ({})", status.message()));
                 break;
             }
-            Ok(Err(status)) => return Err(format!("{}: ExecSync: {:?}: {}", rt.short(), status.code(), status.message())),
+            Ok(Err(status)) => {
+                return Err(format!("{}: ExecSync: {:?}: {}", rt.short(), status.code(), status.message()));
+            }
             Err(_) => return Err(format!("{}: ExecSync: no answer within {CALL:?}", rt.short())),
         }
     }
@@ -284,7 +293,12 @@ fn pod_config(tag: &str, i: usize, cni: bool) -> cri::PodSandboxConfig {
     let uid = format!("bench-{tag}-{i:05}");
     let name = format!("bench-{tag}-{i}");
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata { name: name.clone(), uid: uid.clone(), namespace: "bench".into(), attempt: 0 }),
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.clone(),
+            uid: uid.clone(),
+            namespace: "bench".into(),
+            attempt: 0,
+        }),
         // As the kubelet: host-network pods keep the node's hostname (runc refuses to set one
         // without a UTS namespace of the pod's own).
         hostname: if cni { name.clone() } else { String::new() },
@@ -330,21 +344,45 @@ async fn create_start(
         command: vec!["/bin/busybox".into(), "sleep".into(), "2147483647".into()],
         log_path: "sleep/0.log".into(),
         linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext { namespace_options: Some(namespaces(cni)), ..Default::default() }),
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(namespaces(cni)),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
     };
-    let request = cri::CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: Some(pod_config.clone()) };
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(pod_config.clone()),
+    };
     let id = call(rt, "CreateContainer", CALL, client.runtime.create_container(request)).await?.container_id;
-    call(rt, "StartContainer", CALL, client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() })).await?;
+    call(
+        rt,
+        "StartContainer",
+        CALL,
+        client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }),
+    )
+    .await?;
     Ok(id)
 }
 
 async fn stop_remove(rt: &Runtime, client: &mut CriClient, pod: &str) -> Result<(), String> {
-    call(rt, "StopPodSandbox", CALL, client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.into() })).await?;
-    call(rt, "RemovePodSandbox", CALL, client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.into() }))
-        .await?;
+    call(
+        rt,
+        "StopPodSandbox",
+        CALL,
+        client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.into() }),
+    )
+    .await?;
+    call(
+        rt,
+        "RemovePodSandbox",
+        CALL,
+        client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.into() }),
+    )
+    .await?;
     Ok(())
 }
 
@@ -362,7 +400,9 @@ async fn expect_running(rt: &Runtime, client: &mut CriClient, n: usize) -> Resul
 }
 
 async fn expect_no_pods(rt: &Runtime, client: &mut CriClient) -> Result<(), String> {
-    let left = call(rt, "ListPodSandbox", CALL, client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default())).await?.items;
+    let left = call(rt, "ListPodSandbox", CALL, client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()))
+        .await?
+        .items;
     if !left.is_empty() {
         return Err(format!("{}: {} pods left after removing them all", rt.short(), left.len()));
     }
@@ -374,7 +414,10 @@ async fn check_pod_ip(rt: &Runtime, client: &mut CriClient, pod: &str) -> Result
     let status = call(rt, "PodSandboxStatus", CALL, client.runtime.pod_sandbox_status(request)).await?.status;
     let ip = status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
     if ip.is_empty() {
-        return Err(format!("{}: a pod in CNI mode got no IP address (is CNI implemented in this build? use --network host)", rt.short()));
+        return Err(format!(
+            "{}: a pod in CNI mode got no IP address (is CNI implemented in this build? use --network host)",
+            rt.short()
+        ));
     }
     Ok(())
 }
@@ -400,12 +443,19 @@ const CNI_CONFLIST: &str = r#"{
 
 fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> String {
     let n = options.pods;
-    let mode = if options.cni { "pod network (bridge CNI, same config for both)" } else { "hostNetwork pods (namespace_options.network = NODE)" };
+    let mode = if options.cni {
+        "pod network (bridge CNI, same config for both)"
+    } else {
+        "hostNetwork pods (namespace_options.network = NODE)"
+    };
     let mut header = vec!["".to_owned()];
     header.extend(results.iter().map(|(rt, _)| rt.label.clone()));
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
     let rounds = options.rounds;
-    let mut t = Table::new(format!("Pod lifecycle: {n} pods x 1 container (busybox sleep), {mode}; {rounds} round(s)"), &header);
+    let mut t = Table::new(
+        format!("Pod lifecycle: {n} pods x 1 container (busybox sleep), {mode}; {rounds} round(s)"),
+        &header,
+    );
     let row = |label: &str, f: &dyn Fn(&Measured) -> String| {
         let mut cells = vec![label.to_owned()];
         cells.extend(results.iter().map(|(_, m)| f(m)));
@@ -418,9 +468,13 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
         None => p50_p99(&m.exec),
         Some(_) => "not implemented".into(),
     }));
-    t.row(row(&format!("{n} pods running, {} parallel clients", options.parallel), &|m| secs(m.parallel_up.as_secs_f64())));
+    t.row(row(&format!("{n} pods running, {} parallel clients", options.parallel), &|m| {
+        secs(m.parallel_up.as_secs_f64())
+    }));
     t.row(row("  = pods/s", &|m| format!("{:.1}", n as f64 / m.parallel_up.as_secs_f64())));
-    t.row(row(&format!("{n} pods removed, {} parallel clients", options.parallel), &|m| secs(m.parallel_down.as_secs_f64())));
+    t.row(row(&format!("{n} pods removed, {} parallel clients", options.parallel), &|m| {
+        secs(m.parallel_down.as_secs_f64())
+    }));
     t.row(row(&format!("node CPU, {n} pods up one by one"), &|m| secs(m.node_cpu_up)));
     t.row(row("  of which systemd (PID 1)", &|m| secs(m.pid1_cpu_up)));
     t.row(row(&format!("node CPU, {n} pods down one by one"), &|m| secs(m.node_cpu_down)));

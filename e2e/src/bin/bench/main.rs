@@ -61,7 +61,10 @@ fn parse(args: &[String]) -> Result<Command, String> {
     let value = |i: usize| rest.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value\n{USAGE}", rest[i]));
     let number = |i: usize| -> Result<usize, String> {
         let v = value(i)?;
-        v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{}: want a positive number, got {v:?}", rest[i]))
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{}: want a positive number, got {v:?}", rest[i]))
     };
     while i < rest.len() {
         match (verb.as_str(), rest[i].as_str()) {
@@ -139,7 +142,8 @@ fn main() -> ExitCode {
 /// Runs a benchmark until it ends or Ctrl-C / SIGTERM; either way its node is dropped (and so
 /// removed) before this returns.
 async fn interruptible(work: impl Future<Output = Result<(), String>>) -> Result<(), String> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     tokio::select! {
         result = work => result,
         _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
@@ -161,10 +165,16 @@ fn daemon_binary() -> Result<(), String> {
         }
     };
     if !bin.is_file() {
-        return Err(format!("no daemon binary at {}: run `cargo build --release -p cri-server` (or set CRI_SYSTEMD_BIN)", bin.display()));
+        return Err(format!(
+            "no daemon binary at {}: run `cargo build --release -p cri-server` (or set CRI_SYSTEMD_BIN)",
+            bin.display()
+        ));
     }
     if bin.components().any(|c| c.as_os_str() == "debug") && std::env::var_os("BENCH_ALLOW_DEBUG").is_none() {
-        return Err(format!("{} looks like a debug build: benchmark a release build (BENCH_ALLOW_DEBUG=1 to insist)", bin.display()));
+        return Err(format!(
+            "{} looks like a debug build: benchmark a release build (BENCH_ALLOW_DEBUG=1 to insist)",
+            bin.display()
+        ));
     }
     eprintln!("bench: daemon binary {}", bin.display());
     Ok(())
@@ -232,7 +242,15 @@ impl Setup {
         }
         if only.wants(Kind::Containerd) {
             eprintln!("bench: starting containerd in node {}", node.name());
-            runtimes.push(runtimes::containerd(&node, pid1, &format!("127.0.0.1:{REGISTRY_PORT}"), &image_ref(&format!("{PAUSE_REPO}:1"))).await?);
+            runtimes.push(
+                runtimes::containerd(
+                    &node,
+                    pid1,
+                    &format!("127.0.0.1:{REGISTRY_PORT}"),
+                    &image_ref(&format!("{PAUSE_REPO}:1")),
+                )
+                .await?,
+            );
         }
         Ok(Setup { node, pid1, runtimes })
     }
@@ -248,7 +266,10 @@ impl Setup {
 
 /// The 1-minute load average now.
 pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_owned)).unwrap_or_else(|| "?".into())
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// A table note on the machine: CPUs, model, and how busy it was (other work skews numbers).
@@ -256,7 +277,9 @@ pub fn machine_note(load_at_start: &str) -> String {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned())))
+        .and_then(|c| {
+            c.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned()))
+        })
         .unwrap_or_default();
     format!("machine: {cpus} CPUs ({model}); load average {load_at_start} at the start, {} at the end", load_average())
 }

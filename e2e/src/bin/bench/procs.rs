@@ -67,7 +67,11 @@ impl NodeProcs {
         let dir = node_cgroup(node_dir, "systemd")
             .or_else(|| node_cgroup(node_dir, "unified"))
             .ok_or_else(|| format!("no systemd cgroup of the node in {}/cgroups", node_dir.display()))?;
-        let root = if dir.starts_with("/sys/fs/cgroup/systemd/") { "/sys/fs/cgroup/systemd" } else { "/sys/fs/cgroup/unified" };
+        let root = if dir.starts_with("/sys/fs/cgroup/systemd/") {
+            "/sys/fs/cgroup/systemd"
+        } else {
+            "/sys/fs/cgroup/unified"
+        };
         let cgroup = dir.strip_prefix(root).unwrap_or(&dir).to_owned();
         Ok(NodeProcs { pid1, cgroup })
     }
@@ -147,8 +151,10 @@ pub fn summarize(procs: &[&Proc]) -> String {
         g.0 += 1;
         g.1 += p.rss_kib;
     }
-    let mut parts: Vec<String> =
-        groups.into_iter().map(|(c, (n, rss))| format!("{c} x{n} (RSS {:.1} MiB each)", rss as f64 / n as f64 / 1024.0)).collect();
+    let mut parts: Vec<String> = groups
+        .into_iter()
+        .map(|(c, (n, rss))| format!("{c} x{n} (RSS {:.1} MiB each)", rss as f64 / n as f64 / 1024.0))
+        .collect();
     parts.sort();
     if parts.is_empty() { "none".into() } else { parts.join(", ") }
 }

@@ -103,8 +103,10 @@ pub async fn run(options: Options) -> Result<(), String> {
     drop(big.image.layers);
     let node_dir = setup.node.dir();
 
-    let methods: Vec<Method> =
-        [Method::CriSystemd, Method::ContainerdCri, Method::Ctr].into_iter().filter(|m| options.only.wants(m.kind())).collect();
+    let methods: Vec<Method> = [Method::CriSystemd, Method::ContainerdCri, Method::Ctr]
+        .into_iter()
+        .filter(|m| options.only.wants(m.kind()))
+        .collect();
     let mut samples: Vec<(Method, Vec<Sample>)> = methods.iter().map(|m| (*m, Vec::new())).collect();
     let mut store_kib: Vec<(Method, u64)> = Vec::new();
     for run in 0..options.runs {
@@ -132,7 +134,16 @@ pub async fn run(options: Options) -> Result<(), String> {
             big.compressed_bytes as f64 / 1e6,
             options.runs
         ),
-        &["", "pull+unpack (min-max)", "MB/s compr.", "MB/s unpacked", "daemon peak RSS", "daemon CPU", "re-pull (present)", "store on disk"],
+        &[
+            "",
+            "pull+unpack (min-max)",
+            "MB/s compr.",
+            "MB/s unpacked",
+            "daemon peak RSS",
+            "daemon CPU",
+            "re-pull (present)",
+            "store on disk",
+        ],
     );
     for (method, s) in &samples {
         let med = |f: &dyn Fn(&Sample) -> f64| median_f64(&s.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0);
@@ -143,7 +154,11 @@ pub async fn run(options: Options) -> Result<(), String> {
             peak = format!("{peak} + ctr {}", mib(med(&|x| x.client_peak_kib as f64) as u64));
             cpu = format!("{cpu} + ctr {:.2} s", med(&|x| x.client_cpu));
         }
-        let disk = store_kib.iter().find(|(m, _)| m == method).map(|(_, k)| format!("{:.1} MB", *k as f64 * 1024.0 / 1e6)).unwrap_or_default();
+        let disk = store_kib
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, k)| format!("{:.1} MB", *k as f64 * 1024.0 / 1e6))
+            .unwrap_or_default();
         t.row(vec![
             method.label().to_owned(),
             {
@@ -166,7 +181,10 @@ pub async fn run(options: Options) -> Result<(), String> {
     t.note("daemon peak RSS: VmHWM of the daemon process during the pull (reset before each pull); CPU: user+sys of the daemon during the pull");
     t.note("ctr: the client downloads and streams content to the daemon, which unpacks; its own peak RSS and CPU are shown after the +");
     t.note("re-pull: the same pull again with the image present; store on disk: blobs + unpacked layers/snapshots after the first pull");
-    t.note(format!("per run, the methods take turns (starting one later each run); `sync` before each pull; runs: {}", options.runs));
+    t.note(format!(
+        "per run, the methods take turns (starting one later each run); `sync` before each pull; runs: {}",
+        options.runs
+    ));
     t.note(crate::machine_note(&load));
     print!("{}", t.render());
     Ok(())
@@ -222,9 +240,17 @@ fn ctr_pull(pid1: u32, reference: &str) -> Result<(u64, f64), String> {
         .map_err(|e| format!("cannot run nsenter ... ctr: {e} (is /usr/bin/time installed? Debian package `time`)"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        return Err(format!("ctr images pull {reference} failed ({}):\n{}{stderr}", output.status, String::from_utf8_lossy(&output.stdout)));
+        return Err(format!(
+            "ctr images pull {reference} failed ({}):\n{}{stderr}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout)
+        ));
     }
-    let line = stderr.lines().rev().find_map(|l| l.strip_prefix("BENCH-TIME ")).ok_or_else(|| format!("no /usr/bin/time output: {stderr}"))?;
+    let line = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("BENCH-TIME "))
+        .ok_or_else(|| format!("no /usr/bin/time output: {stderr}"))?;
     let fields: Vec<f64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
     match fields[..] {
         [peak, user, sys] => Ok((peak as u64, user + sys)),
@@ -258,7 +284,10 @@ fn content_dirs(method: Method, node_dir: &Path) -> Vec<PathBuf> {
         Kind::CriSystemd => vec![state.join("images/blobs/sha256"), state.join("images/layers/sha256")],
         Kind::Containerd => {
             let root = state.join(CONTAINERD_ROOT.trim_start_matches("/var/lib/cri-systemd/"));
-            vec![root.join("io.containerd.content.v1.content/blobs/sha256"), root.join("io.containerd.snapshotter.v1.overlayfs/snapshots")]
+            vec![
+                root.join("io.containerd.content.v1.content/blobs/sha256"),
+                root.join("io.containerd.snapshotter.v1.overlayfs/snapshots"),
+            ]
         }
     }
 }
@@ -395,7 +424,8 @@ fn big_image(size_mb: usize, layers: usize) -> Big {
         let (evens, odds): (Vec<usize>, Vec<usize>) = (0..layers).partition(|i| i % 2 == 0);
         let a = scope.spawn(move || evens.into_iter().map(|i| (i, data_layer(i, per_layer))).collect::<Vec<_>>());
         let b = scope.spawn(move || odds.into_iter().map(|i| (i, data_layer(i, per_layer))).collect::<Vec<_>>());
-        let mut all: Vec<_> = a.join().expect("layer thread").into_iter().chain(b.join().expect("layer thread")).collect();
+        let mut all: Vec<_> =
+            a.join().expect("layer thread").into_iter().chain(b.join().expect("layer thread")).collect();
         all.sort_by_key(|(i, _)| *i);
         all.into_iter().map(|(_, l)| l).collect()
     });

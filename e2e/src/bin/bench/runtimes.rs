@@ -42,8 +42,14 @@ pub struct Runtime {
 
 impl Runtime {
     pub async fn client(&self) -> Result<CriClient, String> {
-        let mut client = CriClient::connect(&self.socket).await.map_err(|e| format!("{}: connect {}: {e}", self.label, self.socket.display()))?;
-        client.runtime.version(cri::VersionRequest::default()).await.map_err(|e| format!("{}: Version: {e}", self.label))?;
+        let mut client = CriClient::connect(&self.socket)
+            .await
+            .map_err(|e| format!("{}: connect {}: {e}", self.label, self.socket.display()))?;
+        client
+            .runtime
+            .version(cri::VersionRequest::default())
+            .await
+            .map_err(|e| format!("{}: Version: {e}", self.label))?;
         Ok(client)
     }
 
@@ -59,7 +65,8 @@ impl Runtime {
 fn unit_host_pid(node: &Node, pid1: u32, unit: &str) -> Result<u32, String> {
     let procs = procs::NodeProcs::of(&node.dir(), pid1)?;
     let run = node.exec(&["systemctl", "show", "-p", "MainPID", "--value", unit]);
-    let node_pid: u32 = run.stdout.trim().parse().map_err(|_| format!("no main PID for {unit}: {}{}", run.stdout, run.stderr))?;
+    let node_pid: u32 =
+        run.stdout.trim().parse().map_err(|_| format!("no main PID for {unit}: {}{}", run.stdout, run.stderr))?;
     if node_pid == 0 {
         return Err(format!("{unit} is not running in node {}", node.name()));
     }
@@ -80,7 +87,13 @@ pub async fn cri_systemd(node: &Node, pid1: u32) -> Result<Runtime, String> {
     let mut client = node.cri(Duration::from_secs(30)).await;
     let label = version_label(&mut client, "cri-systemd").await;
     let unit = "cri-systemd.service".to_owned();
-    Ok(Runtime { kind: Kind::CriSystemd, label, socket: node.socket(), daemon_pid: unit_host_pid(node, pid1, &unit)?, unit })
+    Ok(Runtime {
+        kind: Kind::CriSystemd,
+        label,
+        socket: node.socket(),
+        daemon_pid: unit_host_pid(node, pid1, &unit)?,
+        unit,
+    })
 }
 
 /// containerd's config: CRI plugin with runc under systemd cgroups, our pause image, the
