@@ -232,3 +232,34 @@ pub fn busybox_rootfs(node: &Node, dir: &str, applets: &[&str]) {
 }
 
 // ==== end of container rootfs helpers ====
+
+// --- A node with a local registry and the busybox image -----------------------------------------
+
+/// The port of the plain-HTTP registry the tests start on a node's loopback.
+pub const LOCAL_REGISTRY_PORT: u16 = 5000;
+
+/// A node whose daemon pulls from the plain-HTTP registry on the node's loopback;
+/// `extra_config` is more daemon config TOML (may be empty).
+pub fn node_with_local_registry(label: &str, extra_config: &str) -> Node {
+    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
+    let text = format!("{extra_config}\n[images.registries.\"127.0.0.1:{LOCAL_REGISTRY_PORT}\"]\nplain_http = true\n");
+    std::fs::write(&config, text).expect("write the node's daemon config");
+    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
+    let _ = std::fs::remove_file(config);
+    node
+}
+
+/// Starts registry `registry_name` on the node, pushes `busybox_image("")` as `busybox:1`, has
+/// the daemon pull it, and returns the image's name.
+pub async fn pull_busybox(node: &Node, client: &mut CriClient, registry_name: &str) -> String {
+    use registry::{Registry, RegistryOptions};
+    let registry = Registry::start(node, registry_name, LOCAL_REGISTRY_PORT, RegistryOptions::default());
+    registry.push_image("busybox", "1", &oci::busybox_image(""));
+    let image = registry.repo("busybox:1");
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
+    client.image.pull_image(request).await.expect("PullImage");
+    image
+}

@@ -3,30 +3,16 @@
 
 use std::time::Duration;
 
-use e2e::oci::busybox_image;
-use e2e::registry::{Registry, RegistryOptions};
-use e2e::{CriClient, Node, NodeOptions, cri};
+use e2e::{CriClient, Node, cri};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn node(label: &str) -> Node {
-    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(&config, "[images.registries.\"127.0.0.1:5000\"]\nplain_http = true\n").unwrap();
-    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
-    let _ = std::fs::remove_file(config);
-    node
+    e2e::node_with_local_registry(label, "")
 }
 
 async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
-    let registry = Registry::start(node, "stress", 5000, RegistryOptions::default());
-    registry.push_image("busybox", "1", &busybox_image(""));
-    let image = registry.repo("busybox:1");
-    let request = cri::PullImageRequest {
-        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
-        ..Default::default()
-    };
-    client.image.pull_image(request).await.expect("PullImage");
-    image
+    e2e::pull_busybox(node, client, "stress").await
 }
 
 fn pod_config(name: &str) -> cri::PodSandboxConfig {
