@@ -86,20 +86,24 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
 /// absent (crictl may send either; absent both, unconfined, as with containerd).
 fn seccomp_of(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<Seccomp, Status> {
     use cri::security_profile::ProfileType;
-    let localhost = || {
-        Status::invalid_argument("localhost seccomp profiles are not supported yet (RuntimeDefault and Unconfined are)")
+    let localhost = |path: &str| {
+        if path.is_empty() {
+            Err(Status::invalid_argument("a Localhost seccomp profile needs localhost_ref, the profile's path"))
+        } else {
+            Ok(Seccomp::Localhost(path.into()))
+        }
     };
     match profile {
         Some(profile) => match ProfileType::try_from(profile.profile_type) {
             Ok(ProfileType::RuntimeDefault) => Ok(Seccomp::RuntimeDefault),
             Ok(ProfileType::Unconfined) => Ok(Seccomp::Unconfined),
-            Ok(ProfileType::Localhost) => Err(localhost()),
+            Ok(ProfileType::Localhost) => localhost(&profile.localhost_ref),
             Err(_) => Err(Status::invalid_argument(format!("unknown seccomp profile type {}", profile.profile_type))),
         },
         None => match path {
             "" | "unconfined" => Ok(Seccomp::Unconfined),
             "runtime/default" | "docker/default" => Ok(Seccomp::RuntimeDefault),
-            path if path.starts_with("localhost/") => Err(localhost()),
+            path if path.starts_with("localhost/") => localhost(&path["localhost/".len()..]),
             other => Err(Status::invalid_argument(format!("unknown seccomp profile {other:?}"))),
         },
     }

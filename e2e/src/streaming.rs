@@ -113,6 +113,7 @@ pub enum ServerFrame {
 }
 
 /// The writing half of a client SPDY connection (opens streams, sends data).
+#[derive(Debug)]
 pub struct SpdyWriter {
     socket: TcpStream,
     zlib: Compress,
@@ -120,6 +121,7 @@ pub struct SpdyWriter {
 }
 
 /// The reading half.
+#[derive(Debug)]
 pub struct SpdyReader {
     socket: BufReader<TcpStream>,
     zlib: Decompress,

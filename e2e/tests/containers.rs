@@ -533,15 +533,73 @@ async fn runtime_default_seccomp_blocks_what_containerd_blocks() {
     assert_eq!(report("confined"), "unshare-refused ok Seccomp: 2");
     assert_eq!(report("unconfined"), "unshare-allowed ok Seccomp: 0");
     assert_eq!(report("default"), "unshare-allowed ok Seccomp: 0");
+}
 
-    // Localhost profiles are refused, not silently ignored.
-    let mut config = container_config("localhost", &image, &["true"]);
-    config.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            seccomp: Some(cri::SecurityProfile { profile_type: 2, localhost_ref: "/profiles/x.json".into() }),
+#[tokio::test]
+async fn localhost_seccomp_profiles_are_read_at_create_and_enforced() {
+    let node = node("ctr-seccomp-local");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "seccomp-local").await;
+    // Docker's format, as kubelet profiles are: allow all but mkdir, which answers EACCES.
+    node.sh(
+        r#"mkdir -p /srv/out /srv/profiles && chmod 777 /srv/out && cat > /srv/profiles/no-mkdir.json <<'EOF'
+{"defaultAction": "SCMP_ACT_ALLOW",
+ "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]}],
+ "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13, "comment": "no dirs"},
+              {"names": ["chroot"], "action": "SCMP_ACT_ERRNO", "includes": {"caps": ["CAP_SYS_MODULE"]}}]}
+EOF
+echo '{"defaultAction": ' > /srv/profiles/broken.json
+echo '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}' > /srv/profiles/notify.json"#,
+    );
+    // `seccomp_profile_path` is deprecated, but older kubelets and crictl still send it.
+    #[allow(deprecated)]
+    let config_with = |name: &str, seccomp: Option<cri::SecurityProfile>, path: &str| {
+        let script = "busybox mkdir /tmp/d 2>&1; echo rc=$?; echo ok > /tmp/f && busybox cat /tmp/f; \
+                      busybox grep Seccomp: /proc/self/status";
+        let mut config = container_config(name, &image, &["sh", "-c", &format!("{{ {script}; }} > /out/{name}")]);
+        config.mounts =
+            vec![cri::Mount { container_path: "/out".into(), host_path: "/srv/out".into(), ..Default::default() }];
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                seccomp,
+                seccomp_profile_path: path.into(),
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    });
-    assert_eq!(create(&mut client, &pod, config).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        });
+        config
+    };
+    let localhost = |path: &str| Some(cri::SecurityProfile { profile_type: 2, localhost_ref: path.into() });
+
+    let by_field =
+        create(&mut client, &pod, config_with("field", localhost("/srv/profiles/no-mkdir.json"), "")).await.unwrap();
+    let by_path =
+        create(&mut client, &pod, config_with("path", None, "localhost//srv/profiles/no-mkdir.json")).await.unwrap();
+    // The profile was read at CreateContainer: changing the file now changes nothing.
+    node.sh("echo garbage > /srv/profiles/no-mkdir.json");
+    for id in [&by_field, &by_path] {
+        start(&mut client, id).await.unwrap();
+        wait_exited(&mut client, id).await;
+    }
+    for name in ["field", "path"] {
+        let report = node.sh(&format!("cat /srv/out/{name}")).split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(report.contains("Permission denied") && report.ends_with("rc=1 ok Seccomp: 2"), "{name}: {report}");
+    }
+
+    // Unreadable, malformed and unsupported profiles are refused at create, naming the file, and
+    // leave no container behind.
+    let before = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
+    for (name, path, says) in [
+        ("missing", "/srv/profiles/missing.json", "No such file"),
+        ("broken", "/srv/profiles/broken.json", "not a seccomp profile"),
+        ("notify", "/srv/profiles/notify.json", "SCMP_ACT_NOTIFY"),
+        ("relative", "profiles/x.json", "not an absolute path"),
+    ] {
+        let error = create(&mut client, &pod, config_with(name, localhost(path), "")).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{name}: {error:?}");
+        assert!(error.message().contains(path) && error.message().contains(says), "{name}: {}", error.message());
+    }
+    let after = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
+    assert_eq!(before.containers.len(), after.containers.len());
 }

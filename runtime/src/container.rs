@@ -66,12 +66,14 @@ pub struct BindMount {
 }
 
 /// The seccomp filter a container runs under.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Seccomp {
     #[default]
     Unconfined,
     /// containerd's and Docker's default profile (crate::seccomp_profile).
     RuntimeDefault,
+    /// A profile file on the node, in Docker's format (the kubelet's `localhost/` profiles).
+    Localhost(PathBuf),
 }
 
 /// Resource limits, as LinuxContainerResources gives them (0 = not set).
@@ -409,6 +411,19 @@ pub(crate) struct SpecContext<'a> {
 }
 
 /// Builds the OCI runtime spec `cri-systemd init` applies.
+/// A Localhost profile, read and checked now (at CreateContainer): one that would not compile is
+/// refused here rather than failing every start.
+fn localhost_seccomp(path: &Path, caps: &[String]) -> Result<serde_json::Value, Error> {
+    let invalid = |e: String| Error::InvalidArgument(format!("seccomp profile {}: {e}", path.display()));
+    if !path.is_absolute() {
+        return Err(invalid("not an absolute path".into()));
+    }
+    let text = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let profile = crate::seccomp_profile::localhost(&text, caps).map_err(invalid)?;
+    crate::init::check_seccomp(&profile).map_err(invalid)?;
+    Ok(profile)
+}
+
 pub(crate) fn oci_spec(
     spec: &ContainerSpec,
     rootfs: &RootfsLayers,
@@ -503,8 +518,13 @@ pub(crate) fn oci_spec(
                 .unwrap_or_else(|| DEFAULT_READONLY_PATHS.iter().map(|s| s.to_string()).collect()),
         )
     };
-    let seccomp = (spec.seccomp == Seccomp::RuntimeDefault && !spec.privileged)
-        .then(|| crate::seccomp_profile::runtime_default(&caps));
+    // Privileged containers run unconfined, as with containerd.
+    let seccomp = match &spec.seccomp {
+        _ if spec.privileged => None,
+        Seccomp::Unconfined => None,
+        Seccomp::RuntimeDefault => Some(crate::seccomp_profile::runtime_default(&caps)),
+        Seccomp::Localhost(path) => Some(localhost_seccomp(path, &caps)?),
+    };
     let json = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {

@@ -1,8 +1,15 @@
-//! The RuntimeDefault seccomp profile: what containerd and Docker allow by default, in the OCI
-//! form `cri-systemd init` compiles. Syscalls that need a capability are allowed only when the
-//! container has it; `clone` may not create namespaces and `clone3` answers ENOSYS (so that libc
-//! falls back to `clone`, whose flags can be checked) unless the container has CAP_SYS_ADMIN.
+//! Seccomp profiles in the OCI form `cri-systemd init` compiles.
+//!
+//! RuntimeDefault: what containerd and Docker allow by default. Syscalls that need a capability
+//! are allowed only when the container has it; `clone` may not create namespaces and `clone3`
+//! answers ENOSYS (so that libc falls back to `clone`, whose flags can be checked) unless the
+//! container has CAP_SYS_ADMIN.
+//!
+//! Localhost: a profile file on the node in Docker's seccomp format (the one the kubelet's
+//! `localhost/` profiles and containerd use; the OCI form is a subset of it), read once at
+//! CreateContainer, so that a later change of the file does not change a created container.
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Allowed for every container.
@@ -380,9 +387,174 @@ pub fn runtime_default(caps: &[String]) -> Value {
     json!({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": libc::EPERM, "syscalls": syscalls})
 }
 
+/// Docker's seccomp profile format, as far as it differs from the OCI form.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DockerProfile {
+    default_action: String,
+    default_errno_ret: Option<u32>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    arch_map: Vec<Value>,
+    #[serde(default)]
+    syscalls: Vec<DockerSyscall>,
+    #[serde(default)]
+    flags: Vec<String>,
+    listener_path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DockerSyscall {
+    /// The old single-name form.
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    names: Vec<String>,
+    action: String,
+    errno_ret: Option<u32>,
+    #[serde(default)]
+    args: Vec<Value>,
+    #[serde(default)]
+    includes: Filter,
+    #[serde(default)]
+    excludes: Filter,
+}
+
+/// When a syscall entry applies: `includes` needs all of it, `excludes` any of it.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Filter {
+    #[serde(default)]
+    caps: Vec<String>,
+    #[serde(default)]
+    arches: Vec<String>,
+    min_kernel: Option<String>,
+}
+
+/// This machine's names in profiles: Docker's (Go's) and libseccomp's.
+fn native_arch_names() -> &'static [&'static str] {
+    match std::env::consts::ARCH {
+        "x86_64" => &["amd64", "x86_64", "SCMP_ARCH_X86_64"],
+        "aarch64" => &["arm64", "aarch64", "SCMP_ARCH_AARCH64"],
+        _ => &[],
+    }
+}
+
+/// `major.minor` of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    parse_version(&release).unwrap_or((0, 0))
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+impl Filter {
+    /// Whether this filter, read as `includes`, admits the entry.
+    fn includes(&self, caps: &[String], kernel: (u32, u32)) -> Result<bool, String> {
+        Ok(self.caps.iter().all(|c| caps.contains(c))
+            && (self.arches.is_empty() || self.arches.iter().any(|a| native_arch_names().contains(&a.as_str())))
+            && match &self.min_kernel {
+                Some(min) => kernel >= parse_version(min).ok_or_else(|| format!("bad minKernel {min:?}"))?,
+                None => true,
+            })
+    }
+
+    /// Whether this filter, read as `excludes`, rules the entry out.
+    fn excludes(&self, caps: &[String], kernel: (u32, u32)) -> Result<bool, String> {
+        Ok(self.caps.iter().any(|c| caps.contains(c))
+            || self.arches.iter().any(|a| native_arch_names().contains(&a.as_str()))
+            || match &self.min_kernel {
+                Some(min) => kernel >= parse_version(min).ok_or_else(|| format!("bad minKernel {min:?}"))?,
+                None => false,
+            })
+    }
+}
+
+/// A Localhost profile (Docker's format) for a container with capabilities `caps`, in the OCI
+/// form; entries whose includes/excludes do not fit this container and machine are left out, as
+/// Docker and containerd do.
+pub fn localhost(text: &[u8], caps: &[String]) -> Result<Value, String> {
+    localhost_on(text, caps, kernel_version())
+}
+
+fn localhost_on(text: &[u8], caps: &[String], kernel: (u32, u32)) -> Result<Value, String> {
+    let profile: DockerProfile = serde_json::from_slice(text).map_err(|e| format!("not a seccomp profile: {e}"))?;
+    if profile.listener_path.as_deref().is_some_and(|p| !p.is_empty()) {
+        return Err("seccomp notify listeners (listenerPath) are not supported".into());
+    }
+    if !profile.architectures.is_empty() && !profile.arch_map.is_empty() {
+        return Err("a profile may give architectures or archMap, not both".into());
+    }
+    let mut syscalls = Vec::new();
+    for (index, call) in profile.syscalls.iter().enumerate() {
+        if call.excludes.excludes(caps, kernel)? || !call.includes.includes(caps, kernel)? {
+            continue;
+        }
+        let names = match (call.name.is_empty(), call.names.is_empty()) {
+            (false, true) => vec![call.name.clone()],
+            (true, false) => call.names.clone(),
+            (false, false) => return Err(format!("syscalls[{index}] gives both name and names")),
+            (true, true) => return Err(format!("syscalls[{index}] names no syscall")),
+        };
+        let mut rule = json!({"names": names, "action": call.action, "args": call.args});
+        if let Some(errno) = call.errno_ret {
+            rule["errnoRet"] = json!(errno);
+        }
+        syscalls.push(rule);
+    }
+    let mut oci = json!({"defaultAction": profile.default_action, "syscalls": syscalls});
+    if let Some(errno) = profile.default_errno_ret {
+        oci["defaultErrnoRet"] = json!(errno);
+    }
+    if !profile.flags.is_empty() {
+        oci["flags"] = json!(profile.flags);
+    }
+    Ok(oci)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn localhost_profiles_keep_the_entries_that_fit() {
+        let profile = br#"{
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]}],
+            "syscalls": [
+                {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW", "comment": "always"},
+                {"name": "mkdir", "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+                {"names": ["mount"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+                {"names": ["chroot"], "action": "SCMP_ACT_ALLOW", "excludes": {"caps": ["CAP_SYS_CHROOT"]}},
+                {"names": ["bpf"], "action": "SCMP_ACT_ALLOW", "includes": {"minKernel": "5.8"}},
+                {"names": ["s390_pci_mmio_read"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["s390x"]}}
+            ]
+        }"#;
+        let oci = localhost_on(profile, &["CAP_SYS_CHROOT".into()], (5, 4)).unwrap();
+        let names: Vec<String> = oci["syscalls"].as_array().unwrap().iter().map(|r| r["names"].to_string()).collect();
+        assert_eq!(names, [r#"["read","write"]"#, r#"["mkdir"]"#]);
+        assert_eq!(oci["syscalls"][1]["errnoRet"], 13);
+        let oci = localhost_on(profile, &["CAP_SYS_ADMIN".into()], (6, 1)).unwrap();
+        assert_eq!(oci["syscalls"].as_array().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn malformed_localhost_profiles_are_refused() {
+        for (profile, message) in [
+            (&b"{"[..], "not a seccomp profile"),
+            (br#"{"syscalls": []}"#, "defaultAction"),
+            (br#"{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"action": "SCMP_ACT_ALLOW"}]}"#, "names no syscall"),
+            (br#"{"defaultAction": "SCMP_ACT_ERRNO", "listenerPath": "/run/x.sock"}"#, "listenerPath"),
+        ] {
+            let error = localhost_on(profile, &[], (6, 1)).unwrap_err();
+            assert!(error.contains(message), "{error}");
+        }
+    }
 
     #[test]
     fn capabilities_open_their_syscalls() {

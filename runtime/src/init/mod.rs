@@ -82,6 +82,13 @@ impl std::error::Error for Error {}
 
 pub(crate) type Result<T> = std::result::Result<T, Error>;
 
+/// Whether a seccomp profile (OCI form) compiles as init would compile it.
+pub(crate) fn check_seccomp(profile: &serde_json::Value) -> std::result::Result<(), String> {
+    let profile: oci_spec::runtime::LinuxSeccomp =
+        serde_json::from_value(profile.clone()).map_err(|e| e.to_string())?;
+    seccomp::compile(&profile).map(drop).map_err(|e| e.to_string())
+}
+
 /// An errno as Go (and so runc) spells it: "no such file or directory".
 pub(crate) fn errno_desc(errno: Errno) -> String {
     let desc = errno.desc();
