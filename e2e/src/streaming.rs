@@ -300,3 +300,22 @@ pub fn collect(reader: &mut SpdyReader, error: u32, stdout: Option<u32>, stderr:
     }
     collected
 }
+
+/// A WebSocket to `url` (the daemon's streaming server in `node`) offering `protocols`; with the
+/// protocol the server chose.
+pub async fn websocket(
+    node: &Node,
+    url: &str,
+    protocols: &str,
+) -> (tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, Option<String>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (host, _) = split_url(url);
+    let socket = connect_in_node(node, &host).expect("connect to the streaming server");
+    socket.set_nonblocking(true).expect("nonblocking socket");
+    let socket = tokio::net::TcpStream::from_std(socket).expect("tokio socket");
+    let mut request = url.replace("http://", "ws://").into_client_request().expect("websocket request");
+    request.headers_mut().insert("Sec-WebSocket-Protocol", protocols.parse().expect("protocols header"));
+    let (ws, response) = tokio_tungstenite::client_async(request, socket).await.expect("websocket handshake");
+    let protocol = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap_or_default().to_string());
+    (ws, protocol)
+}

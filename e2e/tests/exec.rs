@@ -238,7 +238,7 @@ async fn exec_sync_refuses_what_it_cannot_run() {
 
 // ==== streaming: Exec, Attach and PortForward URLs ====
 
-use e2e::streaming::{self, ServerFrame};
+use e2e::streaming::{self, ServerFrame, websocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -261,24 +261,6 @@ fn status(error: &[u8]) -> serde_json::Value {
 /// Runs `f` on a blocking thread (the SPDY test client is blocking).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
-}
-
-/// A WebSocket to `url` in the node offering `protocols`.
-async fn websocket(
-    node: &Node,
-    url: &str,
-    protocols: &str,
-) -> (tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, Option<String>) {
-    let (host, _) = streaming::split_url(url);
-    let socket = e2e::registry::connect_in_node(node, &host).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    let socket = tokio::net::TcpStream::from_std(socket).unwrap();
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = url.replace("http://", "ws://").into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
-    let (ws, response) = tokio_tungstenite::client_async(request, socket).await.expect("websocket handshake");
-    let protocol = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_string());
-    (ws, protocol)
 }
 
 /// Reads channel-prefixed messages until the server closes: bytes by channel.
