@@ -263,3 +263,35 @@ pub async fn pull_busybox(node: &Node, client: &mut CriClient, registry_name: &s
     client.image.pull_image(request).await.expect("PullImage");
     image
 }
+
+/// Pulls busybox from registry `name` on the node, runs pod `name` with one container that
+/// sleeps, and returns the container's id: a target for exec and streaming tests.
+pub async fn sleeping_container(node: &Node, client: &mut CriClient, name: &str) -> String {
+    let image = pull_busybox(node, client, name).await;
+    let pod_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-0000-1111-2222-333344445555"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    };
+    let request = cri::RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: "sleeper".into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image, ..Default::default() }),
+        command: vec!["/bin/busybox".into(), "sleep".into(), "100000".into()],
+        ..Default::default()
+    };
+    let request =
+        cri::CreateContainerRequest { pod_sandbox_id: pod, config: Some(config), sandbox_config: Some(pod_config) };
+    let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
+    client
+        .runtime
+        .start_container(cri::StartContainerRequest { container_id: id.clone() })
+        .await
+        .expect("StartContainer");
+    id
+}

@@ -11,9 +11,9 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use crate::Node;
 use crate::registry::connect_in_node;
 
-/// `http://host:port/path` → (`host:port`, `/path`).
+/// `http://host:port/path` (or https) → (`host:port`, `/path`).
 pub fn split_url(url: &str) -> (String, String) {
-    let rest = url.strip_prefix("http://").expect("an http:// streaming URL");
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).expect("an http(s):// URL");
     let (host, path) = rest.split_once('/').expect("a URL with a path");
     (host.to_string(), format!("/{path}"))
 }

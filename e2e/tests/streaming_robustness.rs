@@ -13,32 +13,6 @@ use tokio_tungstenite::tungstenite::Message;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const V5: &str = "v5.channel.k8s.io";
 
-async fn running_container(node: &Node, client: &mut CriClient) -> String {
-    let image = e2e::pull_busybox(node, client, "robust").await;
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "robust".into(),
-            uid: "robust-0000-1111-2222-333344445555".into(),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        ..Default::default()
-    };
-    let request = cri::RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() };
-    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: "sleeper".into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image, ..Default::default() }),
-        command: vec!["/bin/busybox".into(), "sleep".into(), "100000".into()],
-        ..Default::default()
-    };
-    let request =
-        cri::CreateContainerRequest { pod_sandbox_id: pod, config: Some(config), sandbox_config: Some(pod_config) };
-    let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
-    client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.expect("Start");
-    id
-}
-
 async fn exec_url(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
     let request = cri::ExecRequest {
         container_id: id.into(),
@@ -99,7 +73,7 @@ fn daemon_rss_kib(node: &Node) -> u64 {
 async fn sessions_in_parallel_vanishing_clients_and_slow_readers() {
     let node = e2e::node_with_local_registry("stream-robust", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
-    let id = running_container(&node, &mut client).await;
+    let id = e2e::sleeping_container(&node, &mut client, "robust").await;
     let node = std::sync::Arc::new(node);
 
     // 1. Twenty sessions at once: each gets its own output and its own exit status.
