@@ -196,3 +196,68 @@ async fn daemon_killed_during_lifecycle_calls_recovers_without_leaks() {
         client = client_after;
     }
 }
+
+/// Containers that end by themselves, many at once: each one's exit code is exactly its own
+/// (the kubelet decides restarts and Job success on it), whichever of systemd's events about
+/// the end of the main process and of its cgroup comes first.
+#[tokio::test]
+async fn exit_codes_are_exact_when_many_containers_end_at_once() {
+    let node = node("stress-exits");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let mut client = node.cri(ANSWER_TIMEOUT).await;
+        let image = image.clone();
+        clients.spawn(async move {
+            let config = pod_config(&format!("exits-{c}"));
+            let request = cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
+            let pod = client.runtime.run_pod_sandbox(request).await.unwrap().into_inner().pod_sandbox_id;
+            let mut expected = Vec::new();
+            for n in 0..8 {
+                let code = (c * 8 + n) % 5;
+                // Half end at once, half after a moment and a child of their own.
+                let script = if n % 2 == 0 {
+                    format!("exit {code}")
+                } else {
+                    format!("busybox sleep 0.$((RANDOM % 5)) & wait; exit {code}")
+                };
+                let request = cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(cri::ContainerConfig {
+                        metadata: Some(cri::ContainerMetadata { name: format!("c{n}"), attempt: 0 }),
+                        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+                        command: vec!["sh".into(), "-c".into(), script],
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(config.clone()),
+                };
+                let id = client.runtime.create_container(request).await.unwrap().into_inner().container_id;
+                client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
+                expected.push((id, code));
+            }
+            expected
+        });
+    }
+    let mut expected = Vec::new();
+    while let Some(joined) = clients.join_next().await {
+        expected.extend(joined.unwrap());
+    }
+    let mut wrong = Vec::new();
+    for (id, code) in &expected {
+        let status = e2e::eventually(Duration::from_secs(60), "the container exits", || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let request = cri::ContainerStatusRequest { container_id: id, verbose: false };
+                let status = client.runtime.container_status(request).await.unwrap().into_inner().status.unwrap();
+                (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
+            }
+        })
+        .await;
+        if status.exit_code != *code as i32 || status.reason != if *code == 0 { "Completed" } else { "Error" } {
+            wrong.push(format!("{id}: expected {code}, got {} ({})", status.exit_code, status.reason));
+        }
+    }
+    assert!(wrong.is_empty(), "{} of {} exit codes wrong:\n{}", wrong.len(), expected.len(), wrong.join("\n"));
+}

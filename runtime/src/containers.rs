@@ -237,9 +237,28 @@ impl Runtime {
                 Ok(())
             }
             Err(e) => {
-                let message = std::fs::read_to_string(dir.join("start-error"))
-                    .map(|m| m.trim().to_string())
-                    .unwrap_or_else(|_| e.to_string());
+                let start_error = std::fs::read_to_string(dir.join("start-error")).ok();
+                // An entrypoint that ends at once can end before init's READY=1 reaches systemd,
+                // which then fails the start job although the container did run: init reported
+                // no error and systemd recorded the entrypoint's exit. That is a start followed
+                // by an exit, as with containerd, not a start error.
+                let exit_file = dir.join("exit.json");
+                // (ExecStopPost may write the record a moment after the job result arrives.)
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+                while start_error.is_none() && !exit_file.exists() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                let ran = exit_record::read(&exit_file).filter(|exit| exit.main_status_known);
+                if let (None, Some(exit)) = (&start_error, ran) {
+                    record.state = ContainerState::Running;
+                    record.started_at = now_nanos().min(exit.finished_at);
+                    self.save_container(&entry, record.clone())?;
+                    let record = self.mark_exited(&entry, Some(exit), "");
+                    let _ = self.systemd.reset_failed_unit(&record.unit).await;
+                    info!(container = %record.id, exit_code = record.exit_code, "container started and ended at once");
+                    return Ok(());
+                }
+                let message = start_error.map(|m| m.trim().to_string()).unwrap_or_else(|| e.to_string());
                 record.state = ContainerState::Exited;
                 record.exit_code = 128;
                 record.reason = "StartError".into();
