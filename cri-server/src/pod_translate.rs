@@ -52,6 +52,8 @@ pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         ipc,
         userns,
         runtime_handler: request.runtime_handler,
+        // Sorted, so that a record and its errors do not depend on a map's order.
+        sysctls: linux.sysctls.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect(),
     })
 }
 

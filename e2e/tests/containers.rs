@@ -603,3 +603,64 @@ echo '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "act
     let after = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
     assert_eq!(before.containers.len(), after.containers.len());
 }
+
+#[tokio::test]
+async fn pod_sysctls_are_set_in_the_pods_namespaces_only() {
+    let node = node("ctr-sysctls");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let node_values = node.sh("cat /proc/sys/net/core/somaxconn /proc/sys/kernel/shm_rmid_forced");
+    let sysctls = [
+        ("net.ipv4.ip_unprivileged_port_start", "80"),
+        ("net.core.somaxconn", "1234"),
+        ("net/ipv4/ping_group_range", "0\t2147483647"),
+        ("kernel.shm_rmid_forced", "1"),
+        ("fs.mqueue.msg_max", "20"),
+    ];
+    let mut config = pod_config("sysctls");
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: sysctls.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    node.sh("mkdir -p /srv/sysctl-out && chmod 777 /srv/sysctl-out");
+    let files = "/proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/net/core/somaxconn \
+                 /proc/sys/net/ipv4/ping_group_range /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max";
+    let mut config = container_config("reader", &image, &["sh", "-c", &format!("busybox cat {files} > /out/values")]);
+    config.mounts =
+        vec![cri::Mount { container_path: "/out".into(), host_path: "/srv/sysctl-out".into(), ..Default::default() }];
+    let id = create(&mut client, &pod, config).await.unwrap();
+    start(&mut client, &id).await.unwrap();
+    wait_exited(&mut client, &id).await;
+    let seen: Vec<String> = node.sh("cat /srv/sysctl-out/values").lines().map(|l| l.to_string()).collect();
+    assert_eq!(seen, ["80", "1234", "0\t2147483647", "1", "20"]);
+    // The node's own values did not move.
+    assert_eq!(node.sh("cat /proc/sys/net/core/somaxconn /proc/sys/kernel/shm_rmid_forced"), node_values);
+
+    // Sysctls that would change the node, or that do not exist, are refused and leave no pod.
+    let pods_before = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap();
+    for (name, key, host_network, says) in [
+        ("global", "kernel.panic", false, "not namespaced"),
+        ("hostnet", "net.core.somaxconn", true, "node's network namespace"),
+        ("missing", "net.ipv4.no_such_sysctl", false, "net.ipv4.no_such_sysctl"),
+    ] {
+        let mut config = pod_config(name);
+        config.linux = Some(cri::LinuxPodSandboxConfig {
+            sysctls: HashMap::from([(key.to_string(), "1".to_string())]),
+            security_context: host_network.then(|| cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption { network: 2, pid: 1, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+        let error = client.runtime.run_pod_sandbox(request).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{name}: {error:?}");
+        assert!(error.message().contains(says), "{name}: {}", error.message());
+    }
+    let pods_after = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap();
+    assert_eq!(pods_before.into_inner().items.len(), pods_after.into_inner().items.len());
+    let slices = node.sh("systemctl list-units --all --plain --no-legend 'kubepods-besteffort-pod*' | wc -l");
+    assert_eq!(slices.trim(), "1", "only the first pod's slice");
+}

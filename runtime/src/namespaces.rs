@@ -321,3 +321,90 @@ fn bring_loopback_up() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The pod namespace a sysctl belongs to (the kubelet's list of namespaced sysctls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlNamespace {
+    Network,
+    Ipc,
+}
+
+/// IPC sysctls under `kernel.`; `fs.mqueue.*` and `net.*` go by prefix.
+const IPC_KERNEL_SYSCTLS: &[&str] =
+    &["sem", "shmall", "shmmax", "shmmni", "shm_rmid_forced", "msgmax", "msgmnb", "msgmni"];
+
+/// A pod sysctl's namespace and its file under /proc/sys. Keys come dotted
+/// (`net.ipv4.ip_forward`) or, when a name has dots of its own, with slashes
+/// (`net/ipv4/conf/eth0.100/rp_filter`), as the kubelet allows.
+pub fn sysctl_file(key: &str) -> Result<(SysctlNamespace, PathBuf), String> {
+    let slashed = key.find(['.', '/']).is_some_and(|i| key.as_bytes()[i] == b'/');
+    let parts: Vec<&str> = if slashed { key.split('/').collect() } else { key.split('.').collect() };
+    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains(['\0', '/'])) || parts.len() < 2 {
+        return Err(format!("sysctl {key:?} is not a sysctl name"));
+    }
+    let namespace = match parts.as_slice() {
+        ["net", ..] => SysctlNamespace::Network,
+        ["fs", "mqueue", _, ..] => SysctlNamespace::Ipc,
+        ["kernel", name] if IPC_KERNEL_SYSCTLS.contains(name) => SysctlNamespace::Ipc,
+        _ => return Err(format!("sysctl {key} is not namespaced: setting it for a pod would change the node")),
+    };
+    Ok((namespace, parts.iter().collect()))
+}
+
+/// Sets the pod's sysctls in its network and IPC namespaces, from a short-lived thread that
+/// joins them (files under /proc/sys/net and the IPC ones answer for the namespaces of the
+/// thread that opens them). The thread writes through a procfs of its own, in a mount namespace
+/// of its own that ends with it: where the node itself is a container (kind, systemd-nspawn),
+/// the node's /proc/sys is read-only.
+pub fn apply_sysctls(pins: &PodNamespaces, sysctls: &[(String, String)]) -> Result<(), String> {
+    let pins = pins.clone();
+    let sysctls = sysctls.to_vec();
+    std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("sysctls: unshare the mount namespace: {e}"))?;
+        nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+            .map_err(|e| format!("sysctls: make mounts private: {e}"))?;
+        nix::mount::mount(Some("proc"), "/proc", Some("proc"), MsFlags::empty(), None::<&str>)
+            .map_err(|e| format!("sysctls: mount a procfs: {e}"))?;
+        let mut joined = (false, false);
+        for (key, value) in &sysctls {
+            let (namespace, file) = sysctl_file(key)?;
+            let (pin, kind, flag, done) = match namespace {
+                SysctlNamespace::Network => (&pins.network, "network", CloneFlags::CLONE_NEWNET, &mut joined.0),
+                SysctlNamespace::Ipc => (&pins.ipc, "IPC", CloneFlags::CLONE_NEWIPC, &mut joined.1),
+            };
+            if !*done {
+                let pin =
+                    pin.as_ref().ok_or_else(|| format!("sysctl {key}: the pod has no {kind} namespace of its own"))?;
+                let ns = std::fs::File::open(pin).map_err(|e| format!("open {}: {e}", pin.display()))?;
+                nix::sched::setns(ns, flag).map_err(|e| format!("join the pod's {kind} namespace: {e}"))?;
+                *done = true;
+            }
+            std::fs::write(Path::new("/proc/sys").join(&file), value)
+                .map_err(|e| format!("sysctl {key}={value:?}: {e}"))?;
+        }
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the sysctl thread panicked".into()))
+}
+
+#[cfg(test)]
+mod sysctl_tests {
+    use super::*;
+
+    #[test]
+    fn namespaced_sysctls_and_their_files() {
+        let file = |key| sysctl_file(key).map(|(ns, path)| (ns, path.display().to_string()));
+        assert_eq!(file("net.ipv4.ip_forward"), Ok((SysctlNamespace::Network, "net/ipv4/ip_forward".into())));
+        assert_eq!(
+            file("net/ipv4/conf/eth0.100/rp_filter"),
+            Ok((SysctlNamespace::Network, "net/ipv4/conf/eth0.100/rp_filter".into()))
+        );
+        assert_eq!(file("kernel.shm_rmid_forced"), Ok((SysctlNamespace::Ipc, "kernel/shm_rmid_forced".into())));
+        assert_eq!(file("fs.mqueue.msg_max"), Ok((SysctlNamespace::Ipc, "fs/mqueue/msg_max".into())));
+        for refused in ["kernel.panic", "vm.swappiness", "fs.file-max", "kernel", "net..x", "net/../../etc", "net."] {
+            assert!(file(refused).is_err(), "{refused}");
+        }
+    }
+}

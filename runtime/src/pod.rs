@@ -57,6 +57,9 @@ pub struct PodSpec {
     #[serde(default)]
     pub userns: UsernsMode,
     pub runtime_handler: String,
+    /// Namespaced sysctls (key, value), set in the pod's network and IPC namespaces.
+    #[serde(default)]
+    pub sysctls: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +114,18 @@ impl PodSpec {
         }
         if !self.cgroup_parent.is_empty() {
             check_slice_name(&self.cgroup_parent)?;
+        }
+        for (key, _) in &self.sysctls {
+            let (namespace, _) = crate::namespaces::sysctl_file(key).map_err(Error::InvalidArgument)?;
+            let (kind, mode) = match namespace {
+                crate::namespaces::SysctlNamespace::Network => ("network", self.network),
+                crate::namespaces::SysctlNamespace::Ipc => ("IPC", self.ipc),
+            };
+            if mode == NamespaceMode::Node {
+                return Err(Error::InvalidArgument(format!(
+                    "sysctl {key} would change the node: the pod uses the node's {kind} namespace"
+                )));
+            }
         }
         if self.network != NamespaceMode::Node {
             for (field, value) in

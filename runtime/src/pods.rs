@@ -259,6 +259,14 @@ impl Runtime {
             }
             _ => {}
         }
+        // After the network is attached, as with containerd (sysctls of the pod's interfaces).
+        if !pod.spec.sysctls.is_empty() {
+            let (pins, sysctls) = (pod.namespaces.clone(), pod.spec.sysctls.clone());
+            tokio::task::spawn_blocking(move || namespaces::apply_sysctls(&pins, &sysctls))
+                .await
+                .map_err(|e| Error::Io { what: "sysctl task".into(), source: std::io::Error::other(e) })?
+                .map_err(Error::InvalidArgument)?;
+        }
         let host_network = pod.spec.network == NamespaceMode::Node;
         // In a user namespace the pod's root is the first id of its range: it owns the pod's
         // files (a chown of three small files) and its /dev/shm, as root owns them elsewhere.
