@@ -40,6 +40,7 @@ impl Runtime {
             systemd,
             pods: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
+            stdio: Default::default(),
         };
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
