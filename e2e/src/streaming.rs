@@ -298,3 +298,22 @@ pub fn collect(reader: &mut SpdyReader, error: u32, stdout: Option<u32>, stderr:
     }
     collected
 }
+
+/// A WebSocket to `url` in the node offering `protocols` (`Sec-WebSocket-Protocol`); returns it
+/// and the protocol the server chose.
+pub async fn websocket(
+    node: &Node,
+    url: &str,
+    protocols: &str,
+) -> (tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, Option<String>) {
+    let (host, _) = split_url(url);
+    let socket = connect_in_node(node, &host).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let socket = tokio::net::TcpStream::from_std(socket).unwrap();
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.replace("http://", "ws://").into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::client_async(request, socket).await.expect("websocket handshake");
+    let protocol = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_string());
+    (ws, protocol)
+}
