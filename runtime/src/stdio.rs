@@ -204,11 +204,11 @@ fn receive_master(socket: &OwnedFd) -> Result<OwnedFd, Error> {
     )
     .map_err(|e| Error::io("init sent no terminal".to_string())(e.into()))?;
     for cmsg in message.cmsgs().map_err(|e| Error::io("init sent no terminal".to_string())(e.into()))? {
-        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg {
-            if let Some(&fd) = fds.first() {
-                // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg
+            && let Some(&fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
     Err(Error::FailedPrecondition("init sent no terminal on the console socket".into()))
