@@ -818,6 +818,30 @@ async fn attach_to_a_tty_with_resize_and_across_a_daemon_kill() {
     let log_path = "/var/log/pods/e2e_attachtty/shell/0.log";
     file_containing(&node, log_path, " stdout F is-a-42-tty\n").await;
 
+    // In a pod with its own user namespace the terminal is the container's own: its devpts, and
+    // owned by the container's root (a pty of the node would show as nobody's).
+    let mut config = pod_config("attachuserns");
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Container as i32,
+                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let contained = create(&mut client, &userns_pod, interactive_config("shell", &image, &["sh"], false, true)).await;
+    start(&mut client, &contained).await;
+    let url = attach_url(&mut client, &contained, true).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+    ws_send(&mut ws, 0, b"[ -t 0 ] && echo is-a-$((6*7))-tty; busybox stat -c owner-%u-%n $(busybox tty)\n").await;
+    ws_read_until(&mut ws, &["is-a-42-tty", "owner-0-/dev/pts/0"]).await;
+    ws.close(None).await.unwrap();
+
     // SIGKILL: systemd restarts the daemon, which gets the terminal and the stdin pipe back from
     // its fd store; ticks written meanwhile waited in the terminal and reach the log.
     let before = ticks(&node.exec(&["cat", log_path]).stdout);
