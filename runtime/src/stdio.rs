@@ -329,12 +329,19 @@ fn notify(state: &str, fd: Option<BorrowedFd<'_>>) {
         });
         return;
     };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    if let Err(e) = notify_to(&path, state, fd) {
+        warn!("cannot send {:?} to systemd: {e}", state.lines().next().unwrap_or_default());
+    }
+}
+
+/// Sends `state` (and `fd`, SCM_RIGHTS) to the notification socket at `path` (`@name`: abstract).
+fn notify_to(path: &std::ffi::OsStr, state: &str, fd: Option<BorrowedFd<'_>>) -> nix::Result<usize> {
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path);
     let address = match bytes.strip_prefix(b"@") {
         Some(abstract_name) => UnixAddr::new_abstract(abstract_name),
         None => UnixAddr::new(bytes),
     };
-    let result = address.and_then(|address| {
+    address.and_then(|address| {
         let socket = nix::sys::socket::socket(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::Datagram,
@@ -345,11 +352,48 @@ fn notify(state: &str, fd: Option<BorrowedFd<'_>>) {
         let cmsgs: Vec<ControlMessage<'_>> =
             fds.as_ref().map(|f| vec![ControlMessage::ScmRights(f)]).unwrap_or_default();
         sendmsg(socket.as_raw_fd(), &[IoSlice::new(state.as_bytes())], &cmsgs, MsgFlags::empty(), Some(&address))
-    });
-    if let Err(e) = result {
-        warn!("cannot send {:?} to systemd: {e}", state.lines().next().unwrap_or_default());
-    }
+    })
 }
 
 /// The table of containers' stdio in the runtime.
 pub(crate) type Table = Mutex<HashMap<String, Arc<ContainerStdio>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_store_messages_carry_the_name_and_the_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let name = fd_name("abc", STDIN);
+        notify_to(path.as_os_str(), &format!("FDSTORE=1\nFDNAME={name}\n"), Some(write.as_fd())).unwrap();
+        drop(write);
+        let mut buffer = [0u8; 256];
+        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+        let mut space = nix::cmsg_space!(RawFd);
+        let message =
+            nix::sys::socket::recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+        let fds: Vec<RawFd> = message
+            .cmsgs()
+            .unwrap()
+            .filter_map(|c| match c {
+                nix::sys::socket::ControlMessageOwned::ScmRights(fds) => Some(fds),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let length = message.bytes;
+        assert_eq!(&buffer[..length], b"FDSTORE=1\nFDNAME=abc-stdin\n");
+        assert_eq!(fds.len(), 1);
+        // SAFETY: the descriptor the kernel installed for this test; owned here.
+        let received = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // The received descriptor is the pipe's write end: what goes in comes out of the read end.
+        nix::unistd::write(&received, b"x").unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(nix::unistd::read(&read, &mut byte).unwrap(), 1);
+        assert_eq!(&byte, b"x");
+    }
+}
