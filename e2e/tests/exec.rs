@@ -818,6 +818,25 @@ async fn attach_to_a_tty_with_resize_and_across_a_daemon_kill() {
     let log_path = "/var/log/pods/e2e_attachtty/shell/0.log";
     file_containing(&node, log_path, " stdout F is-a-42-tty\n").await;
 
+    // tty with stdin_once (kubectl run -it): the end of the session is ^D, and the shell exits.
+    let once = create(&mut client, &pod, interactive_config("once", &image, &["sh"], true, true)).await;
+    start(&mut client, &once).await;
+    let url = attach_url(&mut client, &once, true).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+    ws_send(&mut ws, 0, b"echo once-$((6*7))\n").await;
+    ws_read_until(&mut ws, &["once-42"]).await;
+    ws.close(None).await.unwrap();
+    let exited = e2e::eventually(ANSWER_TIMEOUT, "the stdin_once shell to exit", || {
+        let mut client = client.clone();
+        let once = once.clone();
+        async move {
+            let status = container_status(&mut client, &once).await;
+            (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(exited.exit_code, 0, "{exited:?}");
+
     // In a pod with its own user namespace the terminal is the container's own: its devpts, and
     // owned by the container's root (a pty of the node would show as nobody's).
     let mut config = pod_config("attachuserns");
