@@ -503,8 +503,7 @@ impl Runtime {
 
     /// Reads every container record: finishes removals and rolls back creations that a dead
     /// daemon left half-done, and notices containers that ended (or vanished) meanwhile.
-    pub(crate) async fn recover_containers(&self) -> Result<(), Error> {
-        let mut stored = crate::stdio::Stored::take();
+    pub(crate) async fn recover_containers(&self, mut stored: crate::stdio::Stored) -> Result<(), Error> {
         let dir = self.containers_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
