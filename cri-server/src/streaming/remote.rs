@@ -443,8 +443,10 @@ async fn attach(server: &StreamingServer, container_id: String, mut channels: Ch
         Err(e) => return channels.finish(&Outcome::Error(e.to_string())).await,
     };
     let stdio = server.runtime.stdio(&container.id);
-    if (container.spec.stdin || container.spec.tty) && stdio.is_none() {
-        let message = format!("the stdin or terminal of container {} was lost (see the daemon's log)", container.id);
+    // Without its terminal a tty container's output is out of reach; a stdin container's output
+    // is still in the journal (its stdin was closed by stdin_once, or lost with the fd store).
+    if container.spec.tty && stdio.is_none() {
+        let message = format!("the terminal of container {} was lost (see the daemon's log)", container.id);
         return channels.finish(&Outcome::Error(message)).await;
     }
     let input = match (channels.stdin.take(), &stdio) {
