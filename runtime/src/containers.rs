@@ -540,7 +540,8 @@ impl Runtime {
                     }
                     Some(Err(e)) => warn!(container = %record.id, "cannot take back the container's stdin: {e}"),
                     None => {
-                        warn!(container = %record.id, "the container's stdin or terminal was not kept; attach cannot reach it")
+                        let why = "closed by stdin_once, or lost when the daemon was stopped";
+                        info!(container = %record.id, "no stored stdin or terminal ({why})")
                     }
                 }
             }
