@@ -9,11 +9,6 @@ use tonic::Status;
 
 /// Reads a CRI ContainerConfig, and the image it names, as a runtime ContainerSpec.
 pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<ContainerSpec, Status> {
-    if config.tty || config.stdin {
-        return Err(Status::invalid_argument(
-            "containers with stdin or a tty are not supported yet (attach comes with the streaming server)",
-        ));
-    }
     if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
         return Err(Status::invalid_argument("container devices are not supported yet"));
     }
@@ -79,6 +74,10 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         masked_paths: (!security.masked_paths.is_empty()).then_some(security.masked_paths),
         readonly_paths: (!security.readonly_paths.is_empty()).then_some(security.readonly_paths),
         seccomp,
+        stdin: config.stdin,
+        // Without stdin there is nothing to close.
+        stdin_once: config.stdin && config.stdin_once,
+        tty: config.tty,
     })
 }
 

@@ -490,20 +490,23 @@ impl RuntimeService for RuntimeApi {
         if !(request.stdin || request.stdout || request.stderr) {
             return Err(Status::invalid_argument("one of stdin, stdout and stderr must be true"));
         }
-        // CreateContainer refuses stdin and tty, so a container never has them to attach to.
-        if request.stdin || request.tty {
-            return Err(Status::invalid_argument(
-                "attach gives the container's output only: containers have no stdin or tty",
-            ));
-        }
         let container = self.runtime.container(&request.container_id).map_err(runtime_status)?;
+        if request.stdin && !container.spec.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {} was created without stdin: attach cannot carry stdin to it",
+                container.id
+            )));
+        }
+        if request.tty && !container.spec.tty {
+            return Err(Status::invalid_argument(format!("container {} was created without a tty", container.id)));
+        }
         if container.state != runtime::ContainerState::Running {
             return Err(Status::failed_precondition(format!("container {} is not running", container.id)));
         }
         let url = self.streaming.url_for(StreamRequest::Attach {
             container_id: container.id,
-            stdin: false,
-            tty: false,
+            stdin: request.stdin,
+            tty: request.tty,
             stdout: request.stdout,
             stderr: request.stderr,
         });

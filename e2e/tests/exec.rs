@@ -238,7 +238,7 @@ async fn exec_sync_refuses_what_it_cannot_run() {
 
 // ==== streaming: Exec, Attach and PortForward URLs ====
 
-use e2e::streaming::{self, ServerFrame, websocket};
+use e2e::streaming::{self, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -373,7 +373,7 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
 
     // WebSocket v5: stdin closed with the close signal, output and status by channel.
     let url = exec_url(&mut client, &id, &["sh", "-c", "busybox cat; echo done >&2"], false, true).await;
-    let (mut ws, protocol) = websocket(&node, &url, "v5.channel.k8s.io, v4.channel.k8s.io").await;
+    let (mut ws, protocol) = streaming::websocket(&node, &url, "v5.channel.k8s.io, v4.channel.k8s.io").await;
     assert_eq!(protocol.as_deref(), Some("v5.channel.k8s.io"));
     ws.send(Message::Binary([&[0u8][..], b"hello over websocket\n"].concat().into())).await.unwrap();
     ws.send(Message::Binary(vec![255u8, 0].into())).await.unwrap();
@@ -384,7 +384,7 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
 
     // WebSocket v4 with a tty: resize on channel 4, exit code in the status.
     let url = exec_url(&mut client, &id, &["sh"], true, true).await;
-    let (mut ws, protocol) = websocket(&node, &url, "v4.channel.k8s.io").await;
+    let (mut ws, protocol) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
     assert_eq!(protocol.as_deref(), Some("v4.channel.k8s.io"));
     ws.send(Message::Binary([&[4u8][..], br#"{"Width":77,"Height":22}"#].concat().into())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -401,12 +401,8 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
         let _error = writer.open(&[("streamType", "error")]).unwrap();
         let _stdout = writer.open(&[("streamType", "stdout")]).unwrap();
         let _stderr = writer.open(&[("streamType", "stderr")]).unwrap();
-        while let Ok(Some(ServerFrame::Reply { .. })) = reader.next() {
-            if std::time::Instant::now().elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            break;
-        }
+        // The first reply: the session is up.
+        let _ = reader.next();
         std::thread::sleep(Duration::from_secs(1));
         writer.drop_connection();
     })
@@ -542,7 +538,7 @@ async fn port_forward_and_tokens() {
 
     // WebSocket: the port opens each channel, then 10 MB echoed.
     let url = client.runtime.port_forward(request.clone()).await.unwrap().into_inner().url;
-    let (ws, protocol) = websocket(&node, &url, "v4.channel.k8s.io").await;
+    let (ws, protocol) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
     assert_eq!(protocol.as_deref(), Some("v4.channel.k8s.io"));
     let (mut sink, mut stream) = ws.split();
     let mut preamble = HashMap::new();
@@ -648,4 +644,262 @@ async fn port_forward_and_tokens() {
         client.runtime.exec(exec(vec!["true".into()], false)).await.unwrap_err().code(),
         tonic::Code::InvalidArgument
     );
+}
+
+/// A pod whose containers log under `/var/log/pods/e2e_<name>/`.
+async fn run_logged_pod(client: &mut CriClient, name: &str) -> String {
+    let mut config = pod_config(name);
+    config.log_directory = format!("/var/log/pods/e2e_{name}");
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
+}
+
+/// A container reading stdin (and with `tty`, a terminal), logging to `<name>/0.log`.
+fn interactive_config(name: &str, image: &str, command: &[&str], stdin_once: bool, tty: bool) -> cri::ContainerConfig {
+    let mut config = container_config(name, image, command);
+    config.stdin = true;
+    config.stdin_once = stdin_once;
+    config.tty = tty;
+    config.log_path = format!("{name}/0.log");
+    config
+}
+
+async fn attach_url(client: &mut CriClient, id: &str, tty: bool) -> String {
+    let request = cri::AttachRequest { container_id: id.into(), stdin: true, tty, stdout: true, stderr: !tty };
+    client.runtime.attach(request).await.expect("Attach").into_inner().url
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Sends `bytes` on WebSocket channel `channel`.
+async fn ws_send(ws: &mut Ws, channel: u8, bytes: &[u8]) {
+    ws.send(Message::Binary([&[channel][..], bytes].concat().into())).await.expect("websocket send");
+}
+
+/// Reads WebSocket channel 1 (stdout) until its text contains every one of `needles`.
+async fn ws_read_until(ws: &mut Ws, needles: &[&str]) -> String {
+    let mut stdout = Vec::new();
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    while !needles.iter().all(|n| text(&stdout).contains(n)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) if bytes.first() == Some(&1) => stdout.extend_from_slice(&bytes[1..]),
+            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => {
+                panic!("the session ended before {needles:?}; stdout: {:?}", text(&stdout))
+            }
+            Ok(Some(Ok(_))) => {}
+            Err(_) => panic!("no {needles:?} within {ANSWER_TIMEOUT:?}; stdout: {:?}", text(&stdout)),
+        }
+    }
+    text(&stdout)
+}
+
+async fn container_status(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
+    let request = cri::ContainerStatusRequest { container_id: id.into(), verbose: true };
+    client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.unwrap()
+}
+
+/// Waits until the node's file `path` contains `needle`; returns the file.
+async fn file_containing(node: &Node, path: &str, needle: &str) -> String {
+    let what = format!("{needle:?} in {path}");
+    e2e::eventually(ANSWER_TIMEOUT, &what, || {
+        let content = node.exec(&["cat", path]).stdout;
+        let found = content.contains(needle);
+        async move { found.then_some(content) }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn attach_carries_stdin_and_stdin_once_closes_it() {
+    let node = node("attach-stdin", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_logged_pod(&mut client, "attachstdin").await;
+    let node = std::sync::Arc::new(node);
+    let reader = ["sh", "-c", "while read l; do echo \"got $l\"; done; echo eof-seen"];
+
+    // stdin kept open between sessions: two WebSocket sessions write to the same stdin.
+    let id = create(&mut client, &pod, interactive_config("reader", &image, &reader, false, false)).await;
+    start(&mut client, &id).await;
+    for word in ["hello", "again"] {
+        let url = attach_url(&mut client, &id, false).await;
+        let (mut ws, protocol) = streaming::websocket(&node, &url, "v5.channel.k8s.io").await;
+        assert_eq!(protocol.as_deref(), Some("v5.channel.k8s.io"));
+        ws_send(&mut ws, 0, format!("{word}\n").as_bytes()).await;
+        ws_read_until(&mut ws, &[&format!("got {word}")]).await;
+        ws.close(None).await.unwrap();
+    }
+    let log = file_containing(&node, "/var/log/pods/e2e_attachstdin/reader/0.log", " stdout F got again\n").await;
+    assert!(log.contains(" stdout F got hello\n"), "{log}");
+    let status = container_status(&mut client, &id).await;
+    assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32, "stdin without stdin_once stays open");
+    let info: serde_json::Value = serde_json::from_str(&status_info(&mut client, &id).await).unwrap();
+    assert_eq!((info["spec"]["stdin"].as_bool(), info["spec"]["tty"].as_bool()), (Some(true), Some(false)));
+
+    // stdin_once over SPDY: the end of the first session with stdin is the container's EOF.
+    let once = create(&mut client, &pod, interactive_config("once", &image, &reader, true, false)).await;
+    start(&mut client, &once).await;
+    let url = attach_url(&mut client, &once, false).await;
+    let n = node.clone();
+    let stdout = blocking(move || {
+        let (_, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &["v4.channel.k8s.io"]).expect("upgrade");
+        let _error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdin = writer.open(&[("streamType", "stdin")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let _stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        writer.data(stdin, b"only once\n", false).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while !text(&got).contains("got only once") && Instant::now() < deadline {
+            match reader.next().expect("read frame") {
+                Some(ServerFrame::Data { stream, data, .. }) if stream == stdout => got.extend_from_slice(&data),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        writer.drop_connection();
+        text(&got)
+    })
+    .await;
+    assert!(stdout.contains("got only once"), "{stdout}");
+    let exited = e2e::eventually(ANSWER_TIMEOUT, "the stdin_once container to see EOF and exit", || {
+        let mut client = client.clone();
+        let once = once.clone();
+        async move {
+            let status = container_status(&mut client, &once).await;
+            (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!((exited.exit_code, exited.reason.as_str()), (0, "Completed"), "{exited:?}");
+    file_containing(&node, "/var/log/pods/e2e_attachstdin/once/0.log", " stdout F eof-seen\n").await;
+
+    // Attach refuses stdin to a container created without it, and a tty to one without a tty.
+    let plain = create(&mut client, &pod, container_config("plain", &image, &["busybox", "sleep", "1000"])).await;
+    start(&mut client, &plain).await;
+    let request =
+        cri::AttachRequest { container_id: plain.clone(), stdin: true, tty: false, stdout: true, stderr: true };
+    assert_eq!(client.runtime.attach(request).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let request = cri::AttachRequest { container_id: id.clone(), stdin: true, tty: true, stdout: true, stderr: false };
+    assert_eq!(client.runtime.attach(request).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+async fn status_info(client: &mut CriClient, id: &str) -> String {
+    let request = cri::ContainerStatusRequest { container_id: id.into(), verbose: true };
+    let response = client.runtime.container_status(request).await.expect("ContainerStatus").into_inner();
+    response.info.get("info").cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn attach_to_a_tty_with_resize_and_across_a_daemon_kill() {
+    let node = node("attach-tty", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_logged_pod(&mut client, "attachtty").await;
+
+    // A shell on a terminal, ticking in the background so that it has output while the daemon is
+    // down; and a stdin reader without a terminal.
+    let shell = ["sh", "-c", "(i=0; while :; do echo tick-$i; i=$((i+1)); busybox sleep 0.5; done) & exec sh"];
+    let tty = create(&mut client, &pod, interactive_config("shell", &image, &shell, false, true)).await;
+    start(&mut client, &tty).await;
+    let reader = ["sh", "-c", "while read l; do echo \"got $l\"; done"];
+    let piped = create(&mut client, &pod, interactive_config("reader", &image, &reader, false, false)).await;
+    start(&mut client, &piped).await;
+
+    let url = attach_url(&mut client, &tty, true).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+    ws_send(&mut ws, 4, br#"{"Width":100,"Height":40}"#).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws_send(&mut ws, 0, b"[ -t 0 ] && echo is-a-$((6*7))-tty; busybox stty size; busybox tty\n").await;
+    let screen = ws_read_until(&mut ws, &["is-a-42-tty", "40 100", "/dev/pts/0"]).await;
+    assert!(!screen.contains("not a tty"), "{screen}");
+    ws.close(None).await.unwrap();
+    let log_path = "/var/log/pods/e2e_attachtty/shell/0.log";
+    file_containing(&node, log_path, " stdout F is-a-42-tty\n").await;
+
+    // tty with stdin_once (kubectl run -it): the end of the session is ^D, and the shell exits.
+    let once = create(&mut client, &pod, interactive_config("once", &image, &["sh"], true, true)).await;
+    start(&mut client, &once).await;
+    let url = attach_url(&mut client, &once, true).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+    ws_send(&mut ws, 0, b"echo once-$((6*7))\n").await;
+    ws_read_until(&mut ws, &["once-42"]).await;
+    ws.close(None).await.unwrap();
+    let exited = e2e::eventually(ANSWER_TIMEOUT, "the stdin_once shell to exit", || {
+        let mut client = client.clone();
+        let once = once.clone();
+        async move {
+            let status = container_status(&mut client, &once).await;
+            (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(exited.exit_code, 0, "{exited:?}");
+
+    // In a pod with its own user namespace the terminal is the container's own: its devpts, and
+    // owned by the container's root (a pty of the node would show as nobody's).
+    let mut config = pod_config("attachuserns");
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Container as i32,
+                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let contained = create(&mut client, &userns_pod, interactive_config("shell", &image, &["sh"], false, true)).await;
+    start(&mut client, &contained).await;
+    let url = attach_url(&mut client, &contained, true).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+    ws_send(&mut ws, 0, b"[ -t 0 ] && echo is-a-$((6*7))-tty; busybox stat -c owner-%u-%n $(busybox tty)\n").await;
+    ws_read_until(&mut ws, &["is-a-42-tty", "owner-0-/dev/pts/0"]).await;
+    ws.close(None).await.unwrap();
+
+    // SIGKILL: systemd restarts the daemon, which gets the terminal and the stdin pipe back from
+    // its fd store; ticks written meanwhile waited in the terminal and reach the log.
+    let before = ticks(&node.exec(&["cat", log_path]).stdout);
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut client = node.cri(Duration::from_secs(90)).await;
+    let restarts = node.sh("systemctl show -p NRestarts --value cri-systemd");
+    assert_eq!(restarts.trim(), "1", "restarted by systemd, not stopped and started");
+
+    let url = attach_url(&mut client, &tty, true).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+    ws_send(&mut ws, 4, br#"{"Width":90,"Height":30}"#).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws_send(&mut ws, 0, b"echo back-$((6*7)); busybox stty size\n").await;
+    ws_read_until(&mut ws, &["back-42", "30 90"]).await;
+    ws.close(None).await.unwrap();
+
+    let url = attach_url(&mut client, &piped, false).await;
+    let (mut ws, _) = streaming::websocket(&node, &url, "v5.channel.k8s.io").await;
+    ws_send(&mut ws, 0, b"after restart\n").await;
+    ws_read_until(&mut ws, &["got after restart"]).await;
+    ws.close(None).await.unwrap();
+
+    let last = *before.last().unwrap_or(&0);
+    let log = file_containing(&node, log_path, &format!("tick-{}\n", last + 12)).await;
+    let after = ticks(&log);
+    let expected: Vec<u32> = (0..=*after.last().unwrap()).collect();
+    assert_eq!(after, expected, "every tick, including those of the daemon's downtime, in {log}");
+}
+
+/// The tick numbers in a CRI log, sorted, without repeats.
+fn ticks(log: &str) -> Vec<u32> {
+    // A tick may follow the shell's prompt on the same line.
+    let number = |line: &str| {
+        let (_, rest) = line.split_once("tick-")?;
+        rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    };
+    let mut numbers: Vec<u32> = log.lines().filter(|l| l.contains(" stdout F ")).filter_map(number).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    numbers
 }

@@ -117,6 +117,15 @@ pub struct ContainerSpec {
     /// Privileged containers run unconfined whatever this says, as with containerd.
     #[serde(default)]
     pub seccomp: Seccomp,
+    /// The container reads stdin from attach sessions (kept open between them).
+    #[serde(default)]
+    pub stdin: bool,
+    /// stdin closes (the container sees end of file) when the first attach session with stdin ends.
+    #[serde(default)]
+    pub stdin_once: bool,
+    /// stdin, stdout and stderr are a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -156,6 +156,7 @@ impl Runtime {
             }),
             error_file: dir.join("start-error"),
             journal_stdio: true,
+            console_socket: record.spec.tty,
         };
         init.save(&dir.join("init.json")).map_err(Error::io("cannot write the init spec"))?;
         record.state = ContainerState::Created;
@@ -219,6 +220,16 @@ impl Runtime {
             ("LogRateLimitIntervalUSec", Value::from(0u64)),
         ];
         properties.extend(container::resource_properties(&record.spec)?);
+        // stdin (a pipe) or the console socket on which init sends back its terminal.
+        let prepared = if record.spec.stdin || record.spec.tty {
+            let (ours, theirs) = crate::stdio::prepare(record.spec.tty)?;
+            properties.push(("StandardInputFileDescriptor", Value::Fd(theirs.into())));
+            properties.push(("StandardOutput", Value::from("journal")));
+            properties.push(("StandardError", Value::from("journal")));
+            Some(ours)
+        } else {
+            None
+        };
         // The kubelet reads the log file from the start; create it before the first line.
         if let Some(log) = self.log_path(&record.id) {
             let created = log
@@ -234,6 +245,16 @@ impl Runtime {
                 record.started_at = now_nanos();
                 self.save_container(&entry, record.clone())?;
                 info!(container = %record.id, unit = %record.unit, "container started");
+                if let Some(prepared) = prepared {
+                    let log = self.log_path(&record.id);
+                    match crate::stdio::finish(&record.id, record.spec.stdin_once, prepared, log) {
+                        Ok(stdio) => {
+                            self.stdio.lock().expect("stdio table lock").insert(record.id.clone(), stdio);
+                        }
+                        // The container runs; attach will say that its stdin is not there.
+                        Err(e) => warn!(container = %record.id, "cannot keep the container's stdin or terminal: {e}"),
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -368,6 +389,10 @@ impl Runtime {
         self.save_container(entry, record.clone())?;
         self.systemd.stop_unit(&record.unit).await?;
         self.systemd.reset_failed_unit(&record.unit).await?;
+        if record.spec.stdin || record.spec.tty {
+            self.stdio.lock().expect("stdio table lock").remove(&record.id);
+            crate::stdio::forget(&record.id);
+        }
         let dir = self.container_dir(&record.id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -442,6 +467,12 @@ impl Runtime {
         list
     }
 
+    /// The daemon's end of a running container's stdin or terminal, if it has one.
+    pub fn stdio(&self, id: &str) -> Option<Arc<crate::ContainerStdio>> {
+        let id = self.container_entry(id).ok()?.get().id;
+        self.stdio.lock().expect("stdio table lock").get(&id).cloned()
+    }
+
     /// Where the kubelet wants container `id`'s log: the pod's log directory joined with the
     /// container's log path, when both are set.
     pub fn log_path(&self, id: &str) -> Option<PathBuf> {
@@ -491,7 +522,7 @@ impl Runtime {
 
     /// Reads every container record: finishes removals and rolls back creations that a dead
     /// daemon left half-done, and notices containers that ended (or vanished) meanwhile.
-    pub(crate) async fn recover_containers(&self) -> Result<(), Error> {
+    pub(crate) async fn recover_containers(&self, mut stored: crate::stdio::Stored) -> Result<(), Error> {
         let dir = self.containers_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
@@ -519,7 +550,22 @@ impl Runtime {
             {
                 self.mark_exited(&entry, None, "the container's unit is gone (node rebooted?)");
             }
+            let record = entry.get();
+            if record.state == ContainerState::Running && (record.spec.stdin || record.spec.tty) {
+                let log = self.log_path(&record.id);
+                match stored.adopt(&record.id, record.spec.tty, record.spec.stdin_once, log) {
+                    Some(Ok(stdio)) => {
+                        self.stdio.lock().expect("stdio table lock").insert(record.id.clone(), stdio);
+                    }
+                    Some(Err(e)) => warn!(container = %record.id, "cannot take back the container's stdin: {e}"),
+                    None => {
+                        let why = "closed by stdin_once, or lost when the daemon was stopped";
+                        info!(container = %record.id, "no stored stdin or terminal ({why})")
+                    }
+                }
+            }
         }
+        stored.close_rest();
         Ok(())
     }
 }

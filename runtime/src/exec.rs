@@ -370,7 +370,7 @@ pub struct Pty {
 }
 
 impl Pty {
-    fn new(master: OwnedFd) -> Result<Pty, Error> {
+    pub(crate) fn new(master: OwnedFd) -> Result<Pty, Error> {
         set_nonblocking(&master)?;
         // SAFETY: the master came to us over SCM_RIGHTS and nothing else holds it; AsyncFd owns
         // it and deregisters before closing it.

@@ -20,6 +20,7 @@ mod podfiles;
 mod pods;
 mod seccomp_profile;
 pub mod stats;
+mod stdio;
 mod store;
 mod systemd;
 mod userns;
@@ -39,6 +40,7 @@ pub use logs::{LogPathOf, LogWriter, STDIO_IDENTIFIER};
 pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
+pub use stdio::ContainerStdio;
 pub use systemd::{ManagerInfo, Systemd};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
@@ -69,6 +71,8 @@ pub struct Runtime {
     containers: Mutex<BTreeMap<String, Arc<Entry<Container>>>>,
     /// The user namespace id ranges of all pods (rebuilt from the pod records on open).
     userns_ranges: Arc<Mutex<userns::IdRanges>>,
+    /// The daemon's ends of running containers' stdin and terminals.
+    stdio: stdio::Table,
 }
 
 /// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any

@@ -206,6 +206,31 @@ fn format_lines(timestamp: &str, stream: &str, message: &[u8], complete: bool) -
     out
 }
 
+/// A terminal's output as CRI log lines (stream `stdout`, as containerd writes tty output): each
+/// complete line taken from `pending` (its `\r\n` or `\n` dropped), a line longer than 16 KiB in
+/// partial pieces; with `flush`, the rest too.
+pub(crate) fn terminal_lines(pending: &mut Vec<u8>, flush: bool) -> Vec<u8> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64);
+    let timestamp = rfc3339_nanos(now.unwrap_or(0));
+    let mut out = Vec::new();
+    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=end).collect();
+        let line = &line[..line.len() - 1];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        out.extend(format_lines(&timestamp, "stdout", line, true));
+    }
+    if pending.len() >= MAX_LINE {
+        let cut = pending.len() - pending.len() % MAX_LINE;
+        let piece: Vec<u8> = pending.drain(..cut).collect();
+        out.extend(format_lines(&timestamp, "stdout", &piece, false));
+    }
+    if flush && !pending.is_empty() {
+        out.extend(format_lines(&timestamp, "stdout", pending, true));
+        pending.clear();
+    }
+    out
+}
+
 /// `2016-10-06T00:17:09.669794202Z` for nanoseconds since the epoch.
 pub fn rfc3339_nanos(nanos: i64) -> String {
     let seconds = nanos.div_euclid(1_000_000_000);
@@ -234,6 +259,23 @@ mod tests {
         assert_eq!(rfc3339_nanos(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339_nanos(1_475_713_029_669_794_202), "2016-10-06T00:17:09.669794202Z");
         assert_eq!(rfc3339_nanos(951_782_400_000_000_001), "2000-02-29T00:00:00.000000001Z");
+    }
+
+    #[test]
+    fn terminal_output_becomes_lines() {
+        let mut pending = b"hi\r\nthere\npart".to_vec();
+        let text = String::from_utf8(terminal_lines(&mut pending, false)).unwrap();
+        let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(lines, ["stdout F hi", "stdout F there"]);
+        assert_eq!(pending, b"part");
+        let text = String::from_utf8(terminal_lines(&mut pending, true)).unwrap();
+        assert!(text.ends_with(" stdout F part\n"), "{text}");
+        assert!(pending.is_empty());
+        let mut long = vec![b'x'; MAX_LINE + 5];
+        let text = String::from_utf8(terminal_lines(&mut long, false)).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(text.contains(" stdout P "));
+        assert_eq!(long.len(), 5);
     }
 
     #[test]

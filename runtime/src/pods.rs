@@ -33,6 +33,9 @@ impl Runtime {
     /// Opens the runtime: reads every pod record, rolls half-done operations of a daemon that
     /// died forward or back, and marks pods whose namespaces are gone (after a reboot) NotReady.
     pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
+        // Before anything is spawned (CNI plugins on recovery): the stored descriptors are not
+        // close-on-exec until taken.
+        let stored = crate::stdio::Stored::take();
         let runtime = Runtime {
             cni: Cni::open(config.cni.clone(), &config.state_root),
             userns_ranges: Arc::new(Mutex::new(IdRanges::new(config.userns.clone()))),
@@ -40,6 +43,7 @@ impl Runtime {
             systemd,
             pods: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
+            stdio: Default::default(),
         };
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
@@ -84,7 +88,7 @@ impl Runtime {
             }
             runtime.insert_entry(pod);
         }
-        runtime.recover_containers().await?;
+        runtime.recover_containers(stored).await?;
         Ok(runtime)
     }
 

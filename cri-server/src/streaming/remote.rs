@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime::{ContainerState, ExecRequest, Pty};
+use runtime::{ContainerState, ContainerStdio, ExecRequest, Pty};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -301,7 +301,8 @@ async fn exec(server: &StreamingServer, container_id: String, command: Vec<Strin
             tokio::spawn(pty_input(pty.clone(), stdin));
         }
         if let Some(resize) = channels.resize.take() {
-            tokio::spawn(resizes(pty.clone(), resize));
+            let pty = pty.clone();
+            tokio::spawn(resizes(resize, move |width, height| pty.resize(width, height)));
         }
         if channels.stdout {
             outputs.spawn(pty_output(pty.clone(), channels.out.clone()));
@@ -361,7 +362,7 @@ async fn pty_input(pty: Arc<Pty>, mut input: mpsc::Receiver<Vec<u8>>) {
     }
 }
 
-async fn resizes(pty: Arc<Pty>, mut input: mpsc::Receiver<Vec<u8>>) {
+async fn resizes(mut input: mpsc::Receiver<Vec<u8>>, resize: impl Fn(u16, u16) -> std::io::Result<()>) {
     let mut pending = Vec::new();
     while let Some(bytes) = input.recv().await {
         pending.extend_from_slice(&bytes);
@@ -371,7 +372,7 @@ async fn resizes(pty: Arc<Pty>, mut input: mpsc::Receiver<Vec<u8>>) {
             match stream.next() {
                 Some(Ok(size)) => {
                     consumed = stream.byte_offset();
-                    if let Err(e) = pty.resize(size.width, size.height) {
+                    if let Err(e) = resize(size.width, size.height) {
                         debug!("resize: {e}");
                     }
                 }
@@ -418,9 +419,22 @@ async fn pty_output(pty: Arc<Pty>, out: mpsc::Sender<(u8, Option<Vec<u8>>)>) {
     let _ = out.send((STDOUT, None)).await;
 }
 
-/// Attach: the container's output as it reaches the journal (its stdout and stderr are
-/// journald streams), until the container stops or the client goes.
-async fn attach(server: &StreamingServer, container_id: String, channels: Channels) {
+/// The client's input into the container's stdin or terminal; with stdin_once, the container's
+/// stdin closes when the client's does.
+async fn stdin_into(stdio: Arc<ContainerStdio>, mut input: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = input.recv().await {
+        if let Err(e) = stdio.write(&bytes).await {
+            debug!("attach stdin: {e}");
+            break;
+        }
+    }
+    stdio.session_ended().await;
+}
+
+/// Attach: input into the container's stdin or terminal, and its output: the terminal's (tty
+/// containers) or its stdout and stderr as they reach the journal (journald streams), until the
+/// container stops or the client goes.
+async fn attach(server: &StreamingServer, container_id: String, mut channels: Channels) {
     let container = match server.runtime.container(&container_id) {
         Ok(container) if container.state == ContainerState::Running => container,
         Ok(container) => {
@@ -428,6 +442,81 @@ async fn attach(server: &StreamingServer, container_id: String, channels: Channe
         }
         Err(e) => return channels.finish(&Outcome::Error(e.to_string())).await,
     };
+    let stdio = server.runtime.stdio(&container.id);
+    // Without its terminal a tty container's output is out of reach; a stdin container's output
+    // is still in the journal (its stdin was closed by stdin_once, or lost with the fd store).
+    if container.spec.tty && stdio.is_none() {
+        let message = format!("the terminal of container {} was lost (see the daemon's log)", container.id);
+        return channels.finish(&Outcome::Error(message)).await;
+    }
+    let input = match (channels.stdin.take(), &stdio) {
+        (Some(input), Some(stdio)) if stdio.stdin_open() => Some(tokio::spawn(stdin_into(stdio.clone(), input))),
+        _ => None,
+    };
+    let outcome = match stdio.clone().filter(|s| s.tty()) {
+        Some(stdio) => attach_terminal(server, &container_id, stdio, &mut channels).await,
+        None => attach_journal(server, &container, &channels).await,
+    };
+    if let (Some(input), Some(stdio)) = (input, stdio) {
+        // The input ends with the session (stdin_once: the container's stdin closes).
+        input.abort();
+        stdio.session_ended().await;
+    }
+    let Some(outcome) = outcome else { return };
+    for channel in [STDOUT, STDERR] {
+        let _ = channels.out.send((channel, None)).await;
+    }
+    channels.finish(&outcome).await;
+}
+
+/// A tty container's output from the terminal, resizes to it. `None`: the client went away.
+async fn attach_terminal(
+    server: &StreamingServer,
+    container_id: &str,
+    stdio: Arc<ContainerStdio>,
+    channels: &mut Channels,
+) -> Option<Outcome> {
+    let mut output = stdio.subscribe().expect("a terminal has output");
+    let resize = channels.resize.take().map(|input| {
+        let stdio = stdio.clone();
+        tokio::spawn(resizes(input, move |width, height| stdio.resize(width, height)))
+    });
+    let mut closed = channels.closed.clone();
+    let outcome = loop {
+        tokio::select! {
+            received = output.recv() => match received {
+                Ok(bytes) => {
+                    if channels.stdout && channels.out.send((STDOUT, Some(bytes))).await.is_err() {
+                        break None;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                    debug!(container = %container_id, "attach fell behind the terminal by {lost} reads");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break Some(Outcome::Success),
+            },
+            _ = tokio::time::sleep(ATTACH_POLL) => {
+                let running = server.runtime.container(container_id).map(|c| c.state == ContainerState::Running).unwrap_or(false);
+                if !running {
+                    break Some(Outcome::Success);
+                }
+            }
+            _ = super::transport::until_closed(&mut closed) => break None,
+        }
+    };
+    if let Some(resize) = resize {
+        resize.abort();
+    }
+    outcome
+}
+
+/// The container's stdout and stderr as they reach the journal. `None`: the client went away.
+async fn attach_journal(
+    server: &StreamingServer,
+    container: &runtime::Container,
+    channels: &Channels,
+) -> Option<Outcome> {
+    let container_id = container.id.clone();
     // From this moment, not from journalctl's start (it may take a while to reach the tail).
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let mut journal = match tokio::process::Command::new("journalctl")
@@ -442,7 +531,7 @@ async fn attach(server: &StreamingServer, container_id: String, channels: Channe
         .spawn()
     {
         Ok(child) => child,
-        Err(e) => return channels.finish(&Outcome::Error(format!("cannot follow the journal: {e}"))).await,
+        Err(e) => return Some(Outcome::Error(format!("cannot follow the journal: {e}"))),
     };
     let stdout = journal.stdout.take().expect("piped stdout");
     let out = channels.out.clone();
@@ -489,17 +578,14 @@ async fn attach(server: &StreamingServer, container_id: String, channels: Channe
             }
             _ = super::transport::until_closed(&mut closed) => {
                 follow.abort();
-                return;
+                return None;
             }
             _ = &mut follow => break,
         }
     }
     follow.abort();
     drop(journal);
-    for channel in [STDOUT, STDERR] {
-        let _ = channels.out.send((channel, None)).await;
-    }
-    channels.finish(&Outcome::Success).await;
+    Some(Outcome::Success)
 }
 
 #[cfg(test)]

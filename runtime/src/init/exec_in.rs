@@ -449,7 +449,7 @@ fn child_main(
 
 /// A pty of the container's devpts instance: the slave becomes stdin, stdout, stderr and the
 /// controlling terminal; the master is returned to be sent to the daemon.
-fn open_pty() -> Result<OwnedFd> {
+pub(crate) fn open_pty() -> Result<OwnedFd> {
     let master = nix::fcntl::open("/dev/ptmx", OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
         .ctx(|| "open /dev/ptmx".into())?;
     let mut unlock: libc::c_int = 0;

@@ -325,7 +325,8 @@ fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: Own
         process::prepare_child()?;
         namespaces::enter_mount(plan)?;
         rootfs::setup(spec, plan)?;
-        let exec = process::finish(&spec.oci, plan)?;
+        let console = console_socket(spec)?;
+        let exec = process::finish(&spec.oci, plan, console.as_ref())?;
         // Set up: tell the parent, which makes us the main PID, then wait for its go.
         write_all(&report, &[MSG_READY]);
         let mut tag = [0u8; 1];
@@ -342,6 +343,42 @@ fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: Own
     message.extend_from_slice(e.to_string().as_bytes());
     write_all(&report, &message);
     exit_now(127)
+}
+
+/// The console socket (the unit's stdin) under a descriptor of its own, as fd 0 becomes the
+/// terminal's slave.
+fn console_socket(spec: &InitSpec) -> Result<Option<OwnedFd>> {
+    if !spec.console_socket {
+        return Ok(None);
+    }
+    let stdin = std::io::stdin();
+    nix::fcntl::fcntl(stdin.as_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+        .map(|fd| Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+        .ctx(|| "duplicate the console socket".into())
+}
+
+/// The container's terminal: a new session, a pty of the container's devpts as controlling
+/// terminal and stdio, and its master sent to the daemon on the console socket.
+pub(crate) fn open_terminal(console: &OwnedFd) -> Result<()> {
+    nix::unistd::setsid().ctx(|| "setsid".into())?;
+    let master = exec_in::open_pty()?;
+    let fds = [std::os::fd::AsRawFd::as_raw_fd(&master)];
+    let cmsgs = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let iov = [std::io::IoSlice::new(b"T")];
+    loop {
+        let sent = nix::sys::socket::sendmsg::<()>(
+            std::os::fd::AsRawFd::as_raw_fd(console),
+            &iov,
+            &cmsgs,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        match sent {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(drop).ctx(|| "send the terminal to cri-systemd".into()),
+        }
+    }
 }
 
 fn write_all(fd: &OwnedFd, mut bytes: &[u8]) {

@@ -72,7 +72,7 @@ pub(crate) struct Exec {
 }
 
 /// Everything after pivot_root up to (not including) the execve.
-pub(crate) fn finish(spec: &Spec, plan: &Plan) -> Result<Exec> {
+pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::OwnedFd>) -> Result<Exec> {
     let process = spec.process().as_ref().ok_or_else(|| Error::new("spec has no process"))?;
     let linux = spec.linux().as_ref();
 
@@ -112,7 +112,11 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan) -> Result<Exec> {
     }
     // Everything that needs the node's root is done once the rlimits are set: from there on,
     // root of the pod's user namespace at most (its capabilities are set like anyone's).
-    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()), || namespaces::enter_user(plan))
+    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()), || {
+        namespaces::enter_user(plan)?;
+        // As root of the pod's user namespace, so that the terminal is the container's own.
+        console.map_or(Ok(()), super::open_terminal)
+    })
 }
 
 /// The process's own setup, shared by init and `exec-in` (which runs in the container's root

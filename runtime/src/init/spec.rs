@@ -40,6 +40,11 @@ pub struct InitSpec {
     /// writer turns into the CRI log file (crate::logs). False: keep the unit's stdio.
     #[serde(default)]
     pub journal_stdio: bool,
+    /// The unit's stdin is a unix socket (the daemon's "console socket"): init opens a pty in the
+    /// container's devpts, makes the slave the process's controlling terminal, stdin, stdout and
+    /// stderr, and sends the master on that socket (SCM_RIGHTS) before exec.
+    #[serde(default)]
+    pub console_socket: bool,
 }
 
 /// An overlay root file system: read-only image layers under a per-container writable layer.
