@@ -219,7 +219,14 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
-        let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        let mut pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        // A pod whose init process ended has lost its PID namespace, and its containers with
+        // it: not ready, so that the kubelet makes a new one (as with a dead pause container).
+        if pod.state == runtime::PodState::Ready
+            && !self.runtime.pod_init_running(&pod).await.map_err(runtime_status)?
+        {
+            pod.state = runtime::PodState::NotReady;
+        }
         let mut info = HashMap::new();
         if request.verbose {
             info.insert("info".into(), serde_json::to_string(&pod).unwrap_or_default());

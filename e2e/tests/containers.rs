@@ -545,3 +545,170 @@ async fn runtime_default_seccomp_blocks_what_containerd_blocks() {
     });
     assert_eq!(create(&mut client, &pod, config).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 }
+
+async fn exec_sync(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
+    let request =
+        cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout: 10 };
+    let response = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+    assert_eq!(response.exit_code, 0, "{cmd:?}: {}", String::from_utf8_lossy(&response.stderr));
+    String::from_utf8_lossy(&response.stdout).into_owned()
+}
+
+/// The processes of every cgroup under a slice (the systemd hierarchy), as PIDs.
+fn slice_processes(node: &Node, slice: &str) -> Vec<String> {
+    let procs = node.sh(&format!(
+        "find /sys/fs/cgroup/systemd/kubepods.slice -path '*{slice}*' -name cgroup.procs -exec cat {{}} +"
+    ));
+    let mut pids: Vec<String> = procs.split_whitespace().map(String::from).collect();
+    pids.sort();
+    pids
+}
+
+#[tokio::test]
+async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
+    let node = node("ctr-podpid");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+
+    // shareProcessNamespace: one pod-level init, PID 1 of the pod's PID namespace, in the slice.
+    let mut config = pod_config("shared");
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption { pid: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let slice = "kubepods-besteffort-podshared_0000_1111_2222_333344445555.slice";
+    let init_unit = format!("cri-pod-{pod}.service");
+    assert_eq!(node.sh(&format!("systemctl is-active {init_unit}")).trim(), "active");
+    assert_eq!(node.sh(&format!("systemctl show -p Slice --value {init_unit}")).trim(), slice);
+    let init_pid = node.sh(&format!("systemctl show -p MainPID --value {init_unit}")).trim().to_string();
+    assert_eq!(node.sh(&format!("grep NSpid /proc/{init_pid}/status")).split_whitespace().last(), Some("1"));
+    let pins = format!("/run/cri-systemd/pods/{pod}/ns");
+    let inode = |path: &str| node.sh(&format!("stat -L -c %i {path}")).trim().to_string();
+    let pod_pidns = inode(&format!("{pins}/pid"));
+    assert_eq!(inode(&format!("/proc/{init_pid}/ns/pid")), pod_pidns);
+    // It lives in the pod's network, IPC and UTS namespaces, with no capabilities.
+    for kind in ["net", "ipc", "uts"] {
+        assert_eq!(inode(&format!("/proc/{init_pid}/ns/{kind}")), inode(&format!("{pins}/{kind}")), "{kind}");
+    }
+    assert!(node.sh(&format!("grep CapEff /proc/{init_pid}/status")).contains("0000000000000000"));
+    let pod_status = client
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
+    let options = pod_status.linux.unwrap().namespaces.unwrap().options.unwrap();
+    assert_eq!(options.pid, cri::NamespaceMode::Pod as i32);
+
+    // Two containers in it. The second leaves an orphan: its shell starts a short sleep in the
+    // background and exits, so the sleep's parent becomes the pod's PID 1, which must reap it.
+    let first =
+        create(&mut client, &pod, container_config("first", &image, &["/bin/busybox", "sleep", "1000"])).await.unwrap();
+    start(&mut client, &first).await.unwrap();
+    let script = "/bin/busybox sh -c '/bin/busybox sleep 3 & echo $! > /tmp/orphan'; exec /bin/busybox sleep 2000";
+    let second = create(&mut client, &pod, container_config("second", &image, &["/bin/busybox", "sh", "-c", script]))
+        .await
+        .unwrap();
+    start(&mut client, &second).await.unwrap();
+
+    // Each container's main process is its unit's MainPID, in the pod's PID namespace (not PID 1).
+    let mut mains = Vec::new();
+    for (id, cmdline) in [(&first, "/bin/busybox sleep 1000"), (&second, "/bin/busybox sleep 2000")] {
+        let unit = format!("cri-{id}.service");
+        let main = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
+        assert_eq!(node.sh(&format!("tr '\\0' ' ' < /proc/{main}/cmdline")).trim(), cmdline);
+        assert_eq!(inode(&format!("/proc/{main}/ns/pid")), pod_pidns, "{unit}");
+        assert_ne!(node.sh(&format!("grep NSpid /proc/{main}/status")).split_whitespace().last(), Some("1"));
+        mains.push(main);
+    }
+
+    // From inside (ExecSync joins the same namespace): PID 1 is the pod's init, and each
+    // container sees the other's processes.
+    let ps = exec_sync(&mut client, &first, &["/bin/busybox", "ps", "-o", "pid,args"]).await;
+    let pid_of =
+        |args: &str| ps.lines().find(|l| l.contains(args)).and_then(|l| l.split_whitespace().next()).map(String::from);
+    assert_eq!(pid_of("pod-init").as_deref(), Some("1"), "{ps}");
+    assert!(pid_of("sleep 1000").is_some() && pid_of("sleep 2000").is_some(), "{ps}");
+    let from_second = exec_sync(&mut client, &second, &["/bin/busybox", "ps", "-o", "pid,args"]).await;
+    assert!(from_second.contains("sleep 1000"), "{from_second}");
+    // The init is out of reach: not dumpable, so its root (an empty tmpfs anyway) and memory
+    // are closed to the containers' root.
+    let request = cri::ExecSyncRequest {
+        container_id: first.clone(),
+        cmd: ["/bin/busybox", "ls", "/proc/1/root/"].map(String::from).to_vec(),
+        timeout: 10,
+    };
+    let peek = client.runtime.exec_sync(request).await.unwrap().into_inner();
+    assert_ne!(peek.exit_code, 0);
+    assert!(String::from_utf8_lossy(&peek.stderr).contains("Permission denied"), "{peek:?}");
+    node.sh(&format!("test -z \"$(ls -A /proc/{init_pid}/root/)\""));
+
+    // The orphan: adopted by PID 1 while it runs, reaped (not a zombie) once it ends.
+    let orphan = exec_sync(&mut client, &second, &["/bin/busybox", "cat", "/tmp/orphan"]).await.trim().to_string();
+    let orphan_status = format!("/proc/{orphan}/status");
+    let parent = exec_sync(&mut client, &first, &["/bin/busybox", "grep", "PPid", &orphan_status]).await;
+    assert_eq!(parent.split_whitespace().last(), Some("1"), "{parent}");
+    eventually(Duration::from_secs(20), "the orphan to be reaped", || {
+        let mut client = client.clone();
+        let first = first.clone();
+        let orphan_status = orphan_status.clone();
+        async move {
+            let request = cri::ExecSyncRequest {
+                container_id: first,
+                cmd: vec!["/bin/busybox".into(), "cat".into(), orphan_status],
+                timeout: 10,
+            };
+            let response = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+            // Still running (State S), or a zombie (State Z) if nobody reaps it: not yet.
+            (response.exit_code != 0).then_some(())
+        }
+    })
+    .await;
+
+    // The slice holds the containers' processes and the init, nothing else.
+    let mut expected = vec![init_pid.clone(), mains[0].clone(), mains[1].clone()];
+    expected.sort();
+    assert_eq!(slice_processes(&node, slice), expected);
+
+    // A pod without a shared PID namespace has no process in its slice but its container's.
+    let plain = run_pod(&mut client, "plain").await;
+    let plain_slice = "kubepods-besteffort-podplain_0000_1111_2222_333344445555.slice";
+    node.sh(&format!("test ! -e /run/cri-systemd/pods/{plain}/ns/pid"));
+    assert_ne!(node.exec(&["systemctl", "is-active", &format!("cri-pod-{plain}.service")]).stdout.trim(), "active");
+    let alone = create(&mut client, &plain, container_config("alone", &image, &["/bin/busybox", "sleep", "1000"]))
+        .await
+        .unwrap();
+    start(&mut client, &alone).await.unwrap();
+    let alone_main = node.sh(&format!("systemctl show -p MainPID --value cri-{alone}.service")).trim().to_string();
+    assert_eq!(slice_processes(&node, plain_slice), vec![alone_main]);
+
+    // The daemon's SIGKILL changes nothing: the init is a unit of its own.
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    assert_eq!(node.sh(&format!("systemctl show -p MainPID --value {init_unit}")).trim(), init_pid);
+    assert_eq!(status(&mut client, &first).await.state, cri::ContainerState::ContainerRunning as i32);
+
+    // Stop: the containers stop before the init (by the stop signal, not killed with the PID
+    // namespace), then everything is gone; remove leaves no unit, slice or pin.
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    for id in [&first, &second] {
+        assert_eq!(status(&mut client, id).await.state, cri::ContainerState::ContainerExited as i32);
+    }
+    for unit in [init_unit.as_str(), slice] {
+        assert_ne!(node.exec(&["systemctl", "is-active", unit]).stdout.trim(), "active", "{unit}");
+    }
+    node.sh(&format!("test ! -e {pins}/pid"));
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let left = node.sh(&format!("systemctl list-units --all --plain --no-legend 'cri-pod-*' '{slice}' 'cri-{first}*'"));
+    assert_eq!(left.trim(), "", "units left: {left}");
+    node.sh(&format!("test ! -e /run/cri-systemd/pods/{pod} && test ! -e /var/lib/cri-systemd/pods/{pod}"));
+}

@@ -219,6 +219,17 @@ impl Runtime {
             ("LogRateLimitIntervalUSec", Value::from(0u64)),
         ];
         properties.extend(container::resource_properties(&record.spec)?);
+        if let Some(init_unit) = &pod.init_unit {
+            // Its PID namespace dies with the pod's init: a stop of the slice stops the
+            // containers first (stop order is the reverse of start order).
+            if !self.pod_init_running(&pod).await? {
+                return Err(Error::FailedPrecondition(format!(
+                    "the init process of pod {} ({init_unit}) is not running: its PID namespace is gone",
+                    pod.id
+                )));
+            }
+            properties.push(("After", Value::from(vec![init_unit.clone()])));
+        }
         // The kubelet reads the log file from the start; create it before the first line.
         if let Some(log) = self.log_path(&record.id) {
             let created = log
