@@ -433,11 +433,25 @@ impl RuntimeService for RuntimeApi {
     type GetContainerEventsStream =
         Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
 
+    /// Every container event from now on, until the client goes away. A client that reads too
+    /// slowly loses the oldest events (logged); the runtime never waits for it.
     async fn get_container_events(
         &self,
         _: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
+        let events = self.runtime.subscribe_events();
+        let stream = futures_util::stream::unfold(events, |mut events| async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => return Some((Ok(container_event(&event)), events)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                        tracing::warn!(lost, "a GetContainerEvents client reads too slowly: it lost events");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn exec_sync(
@@ -563,6 +577,29 @@ impl RuntimeService for RuntimeApi {
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
+    }
+}
+
+/// A runtime event as the CRI gives it: with the pod's status and its containers' statuses as
+/// they were when it happened, as containerd does.
+fn container_event(event: &runtime::ContainerEvent) -> cri::ContainerEventResponse {
+    let kind = match event.kind {
+        runtime::ContainerEventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        runtime::ContainerEventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        runtime::ContainerEventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        runtime::ContainerEventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    let log_directory = event.pod.as_ref().map(|p| p.spec.log_directory.clone()).unwrap_or_default();
+    cri::ContainerEventResponse {
+        container_id: event.container_id.clone(),
+        container_event_type: kind as i32,
+        created_at: event.created_at,
+        pod_sandbox_status: event.pod.as_ref().map(pod_translate::pod_status),
+        containers_statuses: event
+            .containers
+            .iter()
+            .map(|c| container_translate::container_status(c, &log_directory))
+            .collect(),
     }
 }
 

@@ -712,3 +712,66 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     assert_eq!(left.trim(), "", "units left: {left}");
     node.sh(&format!("test ! -e /run/cri-systemd/pods/{pod} && test ! -e /var/lib/cri-systemd/pods/{pod}"));
 }
+
+#[tokio::test]
+async fn container_events_stream_created_started_stopped_deleted() {
+    let node = node("ctr-events");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "events").await;
+
+    let mut events = client
+        .runtime
+        .get_container_events(cri::GetEventsRequest::default())
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
+    // It exits by itself: nothing but the exit watch tells the daemon (no status call until the
+    // STOPPED event is in).
+    let id =
+        create(&mut client, &pod, container_config("brief", &image, &["/bin/busybox", "sh", "-c", "sleep 2; exit 3"]))
+            .await
+            .unwrap();
+    start(&mut client, &id).await.unwrap();
+    let mut next = async || {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message()).await.expect("an event in time");
+        event.expect("an event, not an error").expect("the stream goes on")
+    };
+    let created = next().await;
+    let started = next().await;
+    let stopped = next().await;
+    client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    let deleted = next().await;
+
+    let kinds = [&created, &started, &stopped, &deleted].map(|e| e.container_event_type);
+    assert_eq!(
+        kinds,
+        [
+            cri::ContainerEventType::ContainerCreatedEvent as i32,
+            cri::ContainerEventType::ContainerStartedEvent as i32,
+            cri::ContainerEventType::ContainerStoppedEvent as i32,
+            cri::ContainerEventType::ContainerDeletedEvent as i32,
+        ]
+    );
+    let mut last = 0;
+    for event in [&created, &started, &stopped, &deleted] {
+        assert_eq!(event.container_id, id);
+        assert!(event.created_at >= last, "events in time order");
+        last = event.created_at;
+        let pod_status = event.pod_sandbox_status.as_ref().expect("the pod's status");
+        assert_eq!(pod_status.id, pod);
+        assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
+        assert_eq!(pod_status.metadata.as_ref().unwrap().name, "events");
+    }
+    // The container's status as it was at each event; gone from the pod's once deleted.
+    let state_in = |event: &cri::ContainerEventResponse| {
+        let statuses: Vec<_> = event.containers_statuses.iter().filter(|s| s.id == id).collect();
+        assert!(statuses.len() <= 1);
+        statuses.first().map(|s| (s.state, s.exit_code))
+    };
+    assert_eq!(state_in(&created), Some((cri::ContainerState::ContainerCreated as i32, 0)));
+    assert_eq!(state_in(&started), Some((cri::ContainerState::ContainerRunning as i32, 0)));
+    assert_eq!(state_in(&stopped), Some((cri::ContainerState::ContainerExited as i32, 3)));
+    assert_eq!(state_in(&deleted), None);
+    assert_eq!(stopped.containers_statuses[0].reason, "Error");
+}

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use zbus::zvariant::Value;
 
 use crate::container::{self, Container, ContainerSpec, ContainerState, Resources, RootfsLayers, SpecContext};
+use crate::events::ContainerEventKind;
 use crate::exit_record::{self, ExitRecord};
 use crate::init::{InitSpec, OverlayRootfs};
 use crate::pod::PodState;
@@ -161,6 +162,7 @@ impl Runtime {
         record.state = ContainerState::Created;
         self.save_container(&entry, record.clone())?;
         info!(container = %id, pod = %pod.id, name = %record.spec.name, "container created");
+        self.emit(id, &pod.id, ContainerEventKind::Created);
         Ok(())
     }
 
@@ -238,6 +240,8 @@ impl Runtime {
                 .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop));
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
         }
+        // Before the start: an entrypoint that exits at once must not be missed.
+        self.watch_exit(&record.id);
         let started = self.systemd.start_transient_unit(&record.unit, properties).await;
         match started {
             Ok(()) => {
@@ -245,6 +249,9 @@ impl Runtime {
                 record.started_at = now_nanos();
                 self.save_container(&entry, record.clone())?;
                 info!(container = %record.id, unit = %record.unit, "container started");
+                self.emit(&record.id, &record.pod_id, ContainerEventKind::Started);
+                // An exit before the record said Running was not picked up by the exit watch.
+                self.refresh(&entry);
                 Ok(())
             }
             Err(e) => {
@@ -257,6 +264,7 @@ impl Runtime {
                 record.message = message.clone();
                 record.finished_at = now_nanos();
                 self.save_container(&entry, record.clone())?;
+                self.emit(&record.id, &record.pod_id, ContainerEventKind::Stopped);
                 let _ = self.systemd.reset_failed_unit(&record.unit).await;
                 Err(Error::FailedPrecondition(format!("cannot start container {}: {message}", record.id)))
             }
@@ -368,11 +376,12 @@ impl Runtime {
         }
         self.containers.lock().expect("container table lock").remove(&record.id);
         info!(container = %record.id, "container removed");
+        self.emit(&record.id, &record.pod_id, ContainerEventKind::Deleted);
         Ok(())
     }
 
     /// Picks up an exit record written by systemd since the last look.
-    fn refresh(&self, entry: &Entry<Container>) -> Container {
+    pub(crate) fn refresh(&self, entry: &Entry<Container>) -> Container {
         let record = entry.get();
         if record.state != ContainerState::Running {
             return record;
@@ -385,6 +394,10 @@ impl Runtime {
 
     fn mark_exited(&self, entry: &Entry<Container>, exit: Option<ExitRecord>, message: &str) -> Container {
         let mut record = entry.get();
+        if record.state != ContainerState::Running {
+            // Another caller noticed first.
+            return record;
+        }
         record.state = ContainerState::Exited;
         match exit {
             Some(exit) => {
@@ -408,6 +421,7 @@ impl Runtime {
         if let Err(e) = self.save_container(entry, record.clone()) {
             warn!(container = %record.id, "{e}");
         }
+        self.emit(&record.id, &record.pod_id, ContainerEventKind::Stopped);
         record
     }
 
@@ -505,6 +519,9 @@ impl Runtime {
                     warn!(container = %record.id, "{e}; will try again");
                 }
                 continue;
+            }
+            if record.state == ContainerState::Running {
+                self.watch_exit(&record.id);
             }
             let record = self.refresh(&entry);
             if record.state == ContainerState::Running && !self.systemd.unit_exists(&record.unit).await.unwrap_or(true)

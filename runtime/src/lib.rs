@@ -9,6 +9,7 @@ mod cni;
 mod container;
 mod containers;
 mod error;
+mod events;
 mod exec;
 pub mod exit_record;
 pub mod init;
@@ -34,6 +35,7 @@ pub use container::{
 };
 pub use containers::ContainerFilter;
 pub use error::Error;
+pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
 pub use logs::{LogPathOf, LogWriter, STDIO_IDENTIFIER};
 pub use namespaces::PodNamespaces;
@@ -69,6 +71,10 @@ pub struct Runtime {
     containers: Mutex<BTreeMap<String, Arc<Entry<Container>>>>,
     /// The user namespace id ranges of all pods (rebuilt from the pod records on open).
     userns_ranges: Arc<Mutex<userns::IdRanges>>,
+    /// Container events to every subscriber (GetContainerEvents).
+    events: tokio::sync::broadcast::Sender<ContainerEvent>,
+    /// Running containers' directories, watched for their exit record (None: inotify failed).
+    exit_watch: Option<Arc<events::ExitWatch>>,
 }
 
 /// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any

@@ -41,6 +41,14 @@ impl Runtime {
             systemd,
             pods: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
+            events: tokio::sync::broadcast::channel(crate::EVENT_BUFFER).0,
+            exit_watch: match crate::events::ExitWatch::new() {
+                Ok(watch) => Some(Arc::new(watch)),
+                Err(e) => {
+                    warn!("no inotify ({e}): containers that exit by themselves are noticed on status calls only");
+                    None
+                }
+            },
         };
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
