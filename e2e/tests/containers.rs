@@ -690,6 +690,33 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     let alone_main = node.sh(&format!("systemctl show -p MainPID --value cri-{alone}.service")).trim().to_string();
     assert_eq!(slice_processes(&node, plain_slice), vec![alone_main]);
 
+    // A pod whose init died has lost its PID namespace: NotReady, and no container starts in it.
+    let mut doomed_config = pod_config("doomed");
+    doomed_config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption { pid: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(doomed_config), runtime_handler: String::new() };
+    let doomed = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let late =
+        create(&mut client, &doomed, container_config("late", &image, &["/bin/busybox", "sleep", "1"])).await.unwrap();
+    node.sh(&format!("systemctl kill -s KILL cri-pod-{doomed}.service"));
+    eventually(Duration::from_secs(20), "the pod without init to be NotReady", || {
+        let mut client = client.clone();
+        let doomed = doomed.clone();
+        async move {
+            let request = cri::PodSandboxStatusRequest { pod_sandbox_id: doomed, verbose: false };
+            let state = client.runtime.pod_sandbox_status(request).await.unwrap().into_inner().status.unwrap().state;
+            (state == cri::PodSandboxState::SandboxNotready as i32).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(start(&mut client, &late).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: doomed.clone() }).await.unwrap();
+
     // The daemon's SIGKILL changes nothing: the init is a unit of its own.
     node.sh("systemctl kill -s KILL cri-systemd");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -703,6 +730,19 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     for id in [&first, &second] {
         assert_eq!(status(&mut client, id).await.state, cri::ContainerState::ContainerExited as i32);
     }
+    // systemd's own account: both containers stopped before the init began to stop.
+    let journal = node.sh("journalctl -b _PID=1 -o cat | grep -E '^(Stopping|Stopped) .*of pod e2e/shared'");
+    let lines: Vec<&str> = journal.lines().collect();
+    // ("Stopping <unit> - <description>...", "Stopped <unit> - <description>.")
+    let init_stopping = lines.iter().position(|l| l.contains(" - init of pod")).expect(&journal);
+    let containers_stopped: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("Stopped ") && l.contains(" - container "))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(containers_stopped.len(), 2, "{journal}");
+    assert!(containers_stopped.iter().all(|i| *i < init_stopping), "{journal}");
     for unit in [init_unit.as_str(), slice] {
         assert_ne!(node.exec(&["systemctl", "is-active", unit]).stdout.trim(), "active", "{unit}");
     }
