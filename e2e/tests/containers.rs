@@ -814,4 +814,22 @@ async fn container_events_stream_created_started_stopped_deleted() {
     assert_eq!(state_in(&stopped), Some((cri::ContainerState::ContainerExited as i32, 3)));
     assert_eq!(state_in(&deleted), None);
     assert_eq!(stopped.containers_statuses[0].reason, "Error");
+
+    // An OOM kill is a STOPPED event too, with the reason in the container's status.
+    let mut hog = container_config("hog", &image, &["sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"]);
+    hog.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 32 << 20, ..Default::default() }),
+        ..Default::default()
+    });
+    let hog = create(&mut client, &pod, hog).await.unwrap();
+    start(&mut client, &hog).await.unwrap();
+    let mut events_of_hog = Vec::new();
+    while events_of_hog.len() < 3 {
+        let event = next().await;
+        assert_eq!(event.container_id, hog);
+        events_of_hog.push(event);
+    }
+    assert_eq!(events_of_hog[2].container_event_type, cri::ContainerEventType::ContainerStoppedEvent as i32);
+    let killed = events_of_hog[2].containers_statuses.iter().find(|s| s.id == hog).expect("the hog's status");
+    assert_eq!((killed.exit_code, killed.reason.as_str()), (137, "OOMKilled"), "{killed:?}");
 }
