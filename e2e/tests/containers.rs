@@ -758,14 +758,13 @@ async fn container_events_stream_created_started_stopped_deleted() {
     let node = node("ctr-events");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = pull_busybox(&node, &mut client).await;
-    let pod = run_pod(&mut client, "events").await;
-
     let mut events = client
         .runtime
         .get_container_events(cri::GetEventsRequest::default())
         .await
         .expect("GetContainerEvents")
         .into_inner();
+    let pod = run_pod(&mut client, "events").await;
     // It exits by itself: nothing but the exit watch tells the daemon (no status call until the
     // STOPPED event is in).
     let id =
@@ -777,6 +776,11 @@ async fn container_events_stream_created_started_stopped_deleted() {
         let event = tokio::time::timeout(Duration::from_secs(30), events.message()).await.expect("an event in time");
         event.expect("an event, not an error").expect("the stream goes on")
     };
+    // The pod's own events first (as containerd sends them: its id as the container id).
+    let kind = |event: &cri::ContainerEventResponse| (event.container_id.clone(), event.container_event_type);
+    let pod_event = |t: cri::ContainerEventType| (pod.clone(), t as i32);
+    assert_eq!(kind(&next().await), pod_event(cri::ContainerEventType::ContainerCreatedEvent));
+    assert_eq!(kind(&next().await), pod_event(cri::ContainerEventType::ContainerStartedEvent));
     let created = next().await;
     let started = next().await;
     let stopped = next().await;
@@ -832,4 +836,17 @@ async fn container_events_stream_created_started_stopped_deleted() {
     assert_eq!(events_of_hog[2].container_event_type, cri::ContainerEventType::ContainerStoppedEvent as i32);
     let killed = events_of_hog[2].containers_statuses.iter().find(|s| s.id == hog).expect("the hog's status");
     assert_eq!((killed.exit_code, killed.reason.as_str()), (137, "OOMKilled"), "{killed:?}");
+
+    // The pod stops, then goes with its container.
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let stopped_pod = next().await;
+    assert_eq!(kind(&stopped_pod), pod_event(cri::ContainerEventType::ContainerStoppedEvent));
+    let status = stopped_pod.pod_sandbox_status.unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    assert_eq!(kind(&next().await), (hog.clone(), cri::ContainerEventType::ContainerDeletedEvent as i32));
+    let deleted_pod = next().await;
+    assert_eq!(kind(&deleted_pod), pod_event(cri::ContainerEventType::ContainerDeletedEvent));
+    assert!(deleted_pod.containers_statuses.is_empty(), "{deleted_pod:?}");
+    assert_eq!(deleted_pod.pod_sandbox_status.unwrap().id, pod);
 }

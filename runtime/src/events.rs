@@ -2,6 +2,10 @@
 //! change of a container is broadcast to all subscribers with a snapshot of its pod and the
 //! pod's containers taken when it happened.
 //!
+//! Pods have events too, as with containerd (whose kubelet counterpart expects them): CREATED and
+//! STARTED at RunPodSandbox, STOPPED at StopPodSandbox, DELETED at RemovePodSandbox, with the
+//! pod's id as the container id.
+//!
 //! Created, Started and Deleted come from the calls that make them. Stopped comes from whatever
 //! first notices that the container's unit ended: StopContainer, StopPodSandbox, a status call,
 //! or the exit watch, an inotify watch on each running container's directory that sees the exit

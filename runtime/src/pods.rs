@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use zbus::zvariant::Value;
 
 use crate::cni::{self, Cni, NetworkList};
+use crate::events::ContainerEventKind;
 use crate::init::pod_init::{self, PodInitArgs};
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState, init_unit_name};
@@ -204,6 +205,9 @@ impl Runtime {
         match self.create_pod(&entry, pod.clone(), network).await {
             Ok(()) => {
                 info!(pod = %pod.id, name = %pod.spec.name, namespace = %pod.spec.namespace, slice = %pod.slice, "pod ready");
+                // As containerd does: events of the sandbox carry its id as the container id.
+                self.emit(&pod.id, &pod.id, ContainerEventKind::Created);
+                self.emit(&pod.id, &pod.id, ContainerEventKind::Started);
                 Ok(pod.id)
             }
             Err(e) => {
@@ -398,11 +402,16 @@ impl Runtime {
         }
         self.teardown(&pod, false).await?;
         self.refresh_pod_containers(&pod.id);
+        let was_ready = pod.state == PodState::Ready;
         pod.state = PodState::NotReady;
         pod.shm = None;
         // Released by the DEL: another pod may have them now.
         pod.ips.clear();
-        self.save(&entry, pod)
+        self.save(&entry, pod.clone())?;
+        if was_ready {
+            self.emit(&pod.id, &pod.id, ContainerEventKind::Stopped);
+        }
+        Ok(())
     }
 
     /// RemovePodSandbox: everything StopPodSandbox does (again: a DEL that failed at stop is
@@ -416,6 +425,8 @@ impl Runtime {
         self.save(&entry, pod.clone())?;
         self.teardown(&pod, true).await?;
         self.remove_pod_containers(&pod.id).await?;
+        // While the record is still there, so that the event carries the pod's status.
+        self.emit(&pod.id, &pod.id, ContainerEventKind::Deleted);
         self.pods.lock().expect("pod table lock").remove(&pod.id);
         info!(pod = %pod.id, "pod removed");
         Ok(())
