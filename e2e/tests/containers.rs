@@ -690,6 +690,30 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     let alone_main = node.sh(&format!("systemctl show -p MainPID --value cri-{alone}.service")).trim().to_string();
     assert_eq!(slice_processes(&node, plain_slice), vec![alone_main]);
 
+    // hostPID (pid NODE): the node's PID namespace, no init either.
+    let mut host_config = pod_config("hostpid");
+    host_config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(host_config), runtime_handler: String::new() };
+    let host_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let on_host =
+        create(&mut client, &host_pod, container_config("onhost", &image, &["/bin/busybox", "sleep", "1000"]))
+            .await
+            .unwrap();
+    start(&mut client, &on_host).await.unwrap();
+    let on_host_main = node.sh(&format!("systemctl show -p MainPID --value cri-{on_host}.service")).trim().to_string();
+    assert_eq!(inode(&format!("/proc/{on_host_main}/ns/pid")), inode("/proc/1/ns/pid"));
+    assert_ne!(node.exec(&["systemctl", "is-active", &format!("cri-pod-{host_pod}.service")]).stdout.trim(), "active");
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: host_pod }).await.unwrap();
+
     // A pod whose init died has lost its PID namespace: NotReady, and no container starts in it.
     let mut doomed_config = pod_config("doomed");
     doomed_config.linux = Some(cri::LinuxPodSandboxConfig {
