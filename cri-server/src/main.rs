@@ -46,6 +46,19 @@ enum Command {
     /// The ExecStopPost of a container unit: record how the container ended in FILE.
     #[command(hide = true, name = "record-exit")]
     RecordExit { file: PathBuf },
+    /// The ExecStart of the pod init unit of a pod that shares one PID namespace: join the pod's
+    /// namespaces, become PID 1 of a new PID namespace, reap zombies until SIGTERM.
+    #[command(hide = true, name = "pod-init")]
+    PodInit {
+        #[arg(long)]
+        net: Option<PathBuf>,
+        #[arg(long)]
+        ipc: Option<PathBuf>,
+        #[arg(long)]
+        uts: Option<PathBuf>,
+        #[arg(long)]
+        user: Option<PathBuf>,
+    },
     /// Spawned by the daemon for ExecSync and Exec: run COMMAND in the running container whose
     /// init spec is INIT_SPEC, unit UNIT and main process MAIN_PID (control socket on fd 3).
     #[command(hide = true, name = "exec-in")]
@@ -66,6 +79,16 @@ fn main() -> ExitCode {
     // Before any config, logging or async runtime: init must stay single-threaded (it forks).
     if let Some(Command::Init { spec }) = &cli.command {
         runtime::init::run(spec);
+    }
+    // Single-threaded too: it joins a user namespace and forks.
+    if let Some(Command::PodInit { net, ipc, uts, user }) = &cli.command {
+        let args = runtime::init::pod_init::PodInitArgs {
+            net: net.clone(),
+            ipc: ipc.clone(),
+            uts: uts.clone(),
+            user: user.clone(),
+        };
+        runtime::init::pod_init::run(&args);
     }
     // Single-threaded too: it joins the container's mount namespace.
     if let Some(Command::ExecIn { tty, init_spec, unit, main_pid, command }) = &cli.command {
@@ -94,7 +117,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Init { .. } | Command::RecordExit { .. } | Command::ExecIn { .. }) => {
+        Some(Command::Init { .. } | Command::RecordExit { .. } | Command::ExecIn { .. } | Command::PodInit { .. }) => {
             unreachable!("handled above")
         }
         Some(Command::Config { .. }) => {

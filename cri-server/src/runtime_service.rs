@@ -219,7 +219,14 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
-        let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        let mut pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        // A pod whose init process ended has lost its PID namespace, and its containers with
+        // it: not ready, so that the kubelet makes a new one (as with a dead pause container).
+        if pod.state == runtime::PodState::Ready
+            && !self.runtime.pod_init_running(&pod).await.map_err(runtime_status)?
+        {
+            pod.state = runtime::PodState::NotReady;
+        }
         let mut info = HashMap::new();
         if request.verbose {
             info.insert("info".into(), serde_json::to_string(&pod).unwrap_or_default());
@@ -426,11 +433,25 @@ impl RuntimeService for RuntimeApi {
     type GetContainerEventsStream =
         Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send + 'static>>;
 
+    /// Every container event from now on, until the client goes away. A client that reads too
+    /// slowly loses the oldest events (logged); the runtime never waits for it.
     async fn get_container_events(
         &self,
         _: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(not_yet("GetContainerEvents", "container events are not implemented yet"))
+        let events = self.runtime.subscribe_events();
+        let stream = futures_util::stream::unfold(events, |mut events| async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => return Some((Ok(container_event(&event)), events)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                        tracing::warn!(lost, "a GetContainerEvents client reads too slowly: it lost events");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn exec_sync(
@@ -559,6 +580,29 @@ impl RuntimeService for RuntimeApi {
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
+    }
+}
+
+/// A runtime event as the CRI gives it: with the pod's status and its containers' statuses as
+/// they were when it happened, as containerd does.
+fn container_event(event: &runtime::ContainerEvent) -> cri::ContainerEventResponse {
+    let kind = match event.kind {
+        runtime::ContainerEventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        runtime::ContainerEventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        runtime::ContainerEventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        runtime::ContainerEventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    let log_directory = event.pod.as_ref().map(|p| p.spec.log_directory.clone()).unwrap_or_default();
+    cri::ContainerEventResponse {
+        container_id: event.container_id.clone(),
+        container_event_type: kind as i32,
+        created_at: event.created_at,
+        pod_sandbox_status: event.pod.as_ref().map(pod_translate::pod_status),
+        containers_statuses: event
+            .containers
+            .iter()
+            .map(|c| container_translate::container_status(c, &log_directory))
+            .collect(),
     }
 }
 

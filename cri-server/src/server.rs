@@ -73,6 +73,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         layer_uid_shift: config.images.layer_uid_shift,
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
+    runtime.spawn_exit_watcher();
     let logs = {
         let runtime = Arc::downgrade(&runtime);
         runtime::LogWriter::new(

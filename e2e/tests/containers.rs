@@ -664,3 +664,332 @@ async fn pod_sysctls_are_set_in_the_pods_namespaces_only() {
     let slices = node.sh("systemctl list-units --all --plain --no-legend 'kubepods-besteffort-pod*' | wc -l");
     assert_eq!(slices.trim(), "1", "only the first pod's slice");
 }
+
+async fn exec_sync(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
+    let request =
+        cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout: 10 };
+    let response = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+    assert_eq!(response.exit_code, 0, "{cmd:?}: {}", String::from_utf8_lossy(&response.stderr));
+    String::from_utf8_lossy(&response.stdout).into_owned()
+}
+
+/// The processes of every cgroup under a slice (the systemd hierarchy), as PIDs.
+fn slice_processes(node: &Node, slice: &str) -> Vec<String> {
+    let procs = node.sh(&format!(
+        "find /sys/fs/cgroup/systemd/kubepods.slice -path '*{slice}*' -name cgroup.procs -exec cat {{}} +"
+    ));
+    let mut pids: Vec<String> = procs.split_whitespace().map(String::from).collect();
+    pids.sort();
+    pids
+}
+
+#[tokio::test]
+async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
+    let node = node("ctr-podpid");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+
+    // shareProcessNamespace: one pod-level init, PID 1 of the pod's PID namespace, in the slice.
+    let mut config = pod_config("shared");
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption { pid: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let slice = "kubepods-besteffort-podshared_0000_1111_2222_333344445555.slice";
+    let init_unit = format!("cri-pod-{pod}.service");
+    assert_eq!(node.sh(&format!("systemctl is-active {init_unit}")).trim(), "active");
+    assert_eq!(node.sh(&format!("systemctl show -p Slice --value {init_unit}")).trim(), slice);
+    let init_pid = node.sh(&format!("systemctl show -p MainPID --value {init_unit}")).trim().to_string();
+    assert_eq!(node.sh(&format!("grep NSpid /proc/{init_pid}/status")).split_whitespace().last(), Some("1"));
+    let pins = format!("/run/cri-systemd/pods/{pod}/ns");
+    let inode = |path: &str| node.sh(&format!("stat -L -c %i {path}")).trim().to_string();
+    let pod_pidns = inode(&format!("{pins}/pid"));
+    assert_eq!(inode(&format!("/proc/{init_pid}/ns/pid")), pod_pidns);
+    // It lives in the pod's network, IPC and UTS namespaces, with no capabilities.
+    for kind in ["net", "ipc", "uts"] {
+        assert_eq!(inode(&format!("/proc/{init_pid}/ns/{kind}")), inode(&format!("{pins}/{kind}")), "{kind}");
+    }
+    assert!(node.sh(&format!("grep CapEff /proc/{init_pid}/status")).contains("0000000000000000"));
+    let pod_status = client
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
+    let options = pod_status.linux.unwrap().namespaces.unwrap().options.unwrap();
+    assert_eq!(options.pid, cri::NamespaceMode::Pod as i32);
+
+    // Two containers in it. The second leaves an orphan: its shell starts a short sleep in the
+    // background and exits, so the sleep's parent becomes the pod's PID 1, which must reap it.
+    let first =
+        create(&mut client, &pod, container_config("first", &image, &["/bin/busybox", "sleep", "1000"])).await.unwrap();
+    start(&mut client, &first).await.unwrap();
+    let script = "/bin/busybox sh -c '/bin/busybox sleep 3 & echo $! > /tmp/orphan'; exec /bin/busybox sleep 2000";
+    let second = create(&mut client, &pod, container_config("second", &image, &["/bin/busybox", "sh", "-c", script]))
+        .await
+        .unwrap();
+    start(&mut client, &second).await.unwrap();
+
+    // Each container's main process is its unit's MainPID, in the pod's PID namespace (not PID 1).
+    let mut mains = Vec::new();
+    for (id, cmdline) in [(&first, "/bin/busybox sleep 1000"), (&second, "/bin/busybox sleep 2000")] {
+        let unit = format!("cri-{id}.service");
+        let main = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
+        assert_eq!(node.sh(&format!("tr '\\0' ' ' < /proc/{main}/cmdline")).trim(), cmdline);
+        assert_eq!(inode(&format!("/proc/{main}/ns/pid")), pod_pidns, "{unit}");
+        assert_ne!(node.sh(&format!("grep NSpid /proc/{main}/status")).split_whitespace().last(), Some("1"));
+        mains.push(main);
+    }
+
+    // From inside (ExecSync joins the same namespace): PID 1 is the pod's init, and each
+    // container sees the other's processes.
+    let ps = exec_sync(&mut client, &first, &["/bin/busybox", "ps", "-o", "pid,args"]).await;
+    let pid_of =
+        |args: &str| ps.lines().find(|l| l.contains(args)).and_then(|l| l.split_whitespace().next()).map(String::from);
+    assert_eq!(pid_of("pod-init").as_deref(), Some("1"), "{ps}");
+    assert!(pid_of("sleep 1000").is_some() && pid_of("sleep 2000").is_some(), "{ps}");
+    let from_second = exec_sync(&mut client, &second, &["/bin/busybox", "ps", "-o", "pid,args"]).await;
+    assert!(from_second.contains("sleep 1000"), "{from_second}");
+    // The init is out of reach: not dumpable, so its root (an empty tmpfs anyway) and memory
+    // are closed to the containers' root.
+    let request = cri::ExecSyncRequest {
+        container_id: first.clone(),
+        cmd: ["/bin/busybox", "ls", "/proc/1/root/"].map(String::from).to_vec(),
+        timeout: 10,
+    };
+    let peek = client.runtime.exec_sync(request).await.unwrap().into_inner();
+    assert_ne!(peek.exit_code, 0);
+    assert!(String::from_utf8_lossy(&peek.stderr).contains("Permission denied"), "{peek:?}");
+    node.sh(&format!("test -z \"$(ls -A /proc/{init_pid}/root/)\""));
+
+    // The orphan: adopted by PID 1 while it runs, reaped (not a zombie) once it ends.
+    let orphan = exec_sync(&mut client, &second, &["/bin/busybox", "cat", "/tmp/orphan"]).await.trim().to_string();
+    let orphan_status = format!("/proc/{orphan}/status");
+    let parent = exec_sync(&mut client, &first, &["/bin/busybox", "grep", "PPid", &orphan_status]).await;
+    assert_eq!(parent.split_whitespace().last(), Some("1"), "{parent}");
+    eventually(Duration::from_secs(20), "the orphan to be reaped", || {
+        let mut client = client.clone();
+        let first = first.clone();
+        let orphan_status = orphan_status.clone();
+        async move {
+            let request = cri::ExecSyncRequest {
+                container_id: first,
+                cmd: vec!["/bin/busybox".into(), "cat".into(), orphan_status],
+                timeout: 10,
+            };
+            let response = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+            // Still running (State S), or a zombie (State Z) if nobody reaps it: not yet.
+            (response.exit_code != 0).then_some(())
+        }
+    })
+    .await;
+
+    // The slice holds the containers' processes and the init, nothing else.
+    let mut expected = vec![init_pid.clone(), mains[0].clone(), mains[1].clone()];
+    expected.sort();
+    assert_eq!(slice_processes(&node, slice), expected);
+
+    // A pod without a shared PID namespace has no process in its slice but its container's.
+    let plain = run_pod(&mut client, "plain").await;
+    let plain_slice = "kubepods-besteffort-podplain_0000_1111_2222_333344445555.slice";
+    node.sh(&format!("test ! -e /run/cri-systemd/pods/{plain}/ns/pid"));
+    assert_ne!(node.exec(&["systemctl", "is-active", &format!("cri-pod-{plain}.service")]).stdout.trim(), "active");
+    let alone = create(&mut client, &plain, container_config("alone", &image, &["/bin/busybox", "sleep", "1000"]))
+        .await
+        .unwrap();
+    start(&mut client, &alone).await.unwrap();
+    let alone_main = node.sh(&format!("systemctl show -p MainPID --value cri-{alone}.service")).trim().to_string();
+    assert_eq!(slice_processes(&node, plain_slice), vec![alone_main]);
+
+    // hostPID (pid NODE): the node's PID namespace, no init either.
+    let mut host_config = pod_config("hostpid");
+    host_config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(host_config), runtime_handler: String::new() };
+    let host_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let on_host =
+        create(&mut client, &host_pod, container_config("onhost", &image, &["/bin/busybox", "sleep", "1000"]))
+            .await
+            .unwrap();
+    start(&mut client, &on_host).await.unwrap();
+    let on_host_main = node.sh(&format!("systemctl show -p MainPID --value cri-{on_host}.service")).trim().to_string();
+    assert_eq!(inode(&format!("/proc/{on_host_main}/ns/pid")), inode("/proc/1/ns/pid"));
+    assert_ne!(node.exec(&["systemctl", "is-active", &format!("cri-pod-{host_pod}.service")]).stdout.trim(), "active");
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: host_pod }).await.unwrap();
+
+    // A pod whose init died has lost its PID namespace: NotReady, and no container starts in it.
+    let mut doomed_config = pod_config("doomed");
+    doomed_config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption { pid: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(doomed_config), runtime_handler: String::new() };
+    let doomed = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let late =
+        create(&mut client, &doomed, container_config("late", &image, &["/bin/busybox", "sleep", "1"])).await.unwrap();
+    node.sh(&format!("systemctl kill -s KILL cri-pod-{doomed}.service"));
+    eventually(Duration::from_secs(20), "the pod without init to be NotReady", || {
+        let mut client = client.clone();
+        let doomed = doomed.clone();
+        async move {
+            let request = cri::PodSandboxStatusRequest { pod_sandbox_id: doomed, verbose: false };
+            let state = client.runtime.pod_sandbox_status(request).await.unwrap().into_inner().status.unwrap().state;
+            (state == cri::PodSandboxState::SandboxNotready as i32).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(start(&mut client, &late).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: doomed.clone() }).await.unwrap();
+
+    // The daemon's SIGKILL changes nothing: the init is a unit of its own.
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    assert_eq!(node.sh(&format!("systemctl show -p MainPID --value {init_unit}")).trim(), init_pid);
+    assert_eq!(status(&mut client, &first).await.state, cri::ContainerState::ContainerRunning as i32);
+
+    // Stop: the containers stop before the init (by the stop signal, not killed with the PID
+    // namespace), then everything is gone; remove leaves no unit, slice or pin.
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    for id in [&first, &second] {
+        assert_eq!(status(&mut client, id).await.state, cri::ContainerState::ContainerExited as i32);
+    }
+    // systemd's own account: both containers stopped before the init began to stop.
+    let journal = node.sh("journalctl -b _PID=1 -o cat | grep -E '^(Stopping|Stopped) .*of pod e2e/shared'");
+    let lines: Vec<&str> = journal.lines().collect();
+    // ("Stopping <unit> - <description>...", "Stopped <unit> - <description>.")
+    let init_stopping = lines.iter().position(|l| l.contains(" - init of pod")).expect(&journal);
+    let containers_stopped: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("Stopped ") && l.contains(" - container "))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(containers_stopped.len(), 2, "{journal}");
+    assert!(containers_stopped.iter().all(|i| *i < init_stopping), "{journal}");
+    for unit in [init_unit.as_str(), slice] {
+        assert_ne!(node.exec(&["systemctl", "is-active", unit]).stdout.trim(), "active", "{unit}");
+    }
+    node.sh(&format!("test ! -e {pins}/pid"));
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let left = node.sh(&format!("systemctl list-units --all --plain --no-legend 'cri-pod-*' '{slice}' 'cri-{first}*'"));
+    assert_eq!(left.trim(), "", "units left: {left}");
+    node.sh(&format!("test ! -e /run/cri-systemd/pods/{pod} && test ! -e /var/lib/cri-systemd/pods/{pod}"));
+}
+
+#[tokio::test]
+async fn container_events_stream_created_started_stopped_deleted() {
+    let node = node("ctr-events");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let mut events = client
+        .runtime
+        .get_container_events(cri::GetEventsRequest::default())
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
+    let pod = run_pod(&mut client, "events").await;
+    // It exits by itself: nothing but the exit watch tells the daemon (no status call until the
+    // STOPPED event is in).
+    let id =
+        create(&mut client, &pod, container_config("brief", &image, &["/bin/busybox", "sh", "-c", "sleep 2; exit 3"]))
+            .await
+            .unwrap();
+    start(&mut client, &id).await.unwrap();
+    let mut next = async || {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message()).await.expect("an event in time");
+        event.expect("an event, not an error").expect("the stream goes on")
+    };
+    // The pod's own events first (as containerd sends them: its id as the container id).
+    let kind = |event: &cri::ContainerEventResponse| (event.container_id.clone(), event.container_event_type);
+    let pod_event = |t: cri::ContainerEventType| (pod.clone(), t as i32);
+    assert_eq!(kind(&next().await), pod_event(cri::ContainerEventType::ContainerCreatedEvent));
+    assert_eq!(kind(&next().await), pod_event(cri::ContainerEventType::ContainerStartedEvent));
+    let created = next().await;
+    let started = next().await;
+    let stopped = next().await;
+    client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    let deleted = next().await;
+
+    let kinds = [&created, &started, &stopped, &deleted].map(|e| e.container_event_type);
+    assert_eq!(
+        kinds,
+        [
+            cri::ContainerEventType::ContainerCreatedEvent as i32,
+            cri::ContainerEventType::ContainerStartedEvent as i32,
+            cri::ContainerEventType::ContainerStoppedEvent as i32,
+            cri::ContainerEventType::ContainerDeletedEvent as i32,
+        ]
+    );
+    let mut last = 0;
+    for event in [&created, &started, &stopped, &deleted] {
+        assert_eq!(event.container_id, id);
+        assert!(event.created_at >= last, "events in time order");
+        last = event.created_at;
+        let pod_status = event.pod_sandbox_status.as_ref().expect("the pod's status");
+        assert_eq!(pod_status.id, pod);
+        assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
+        assert_eq!(pod_status.metadata.as_ref().unwrap().name, "events");
+    }
+    // The container's status as it was at each event; gone from the pod's once deleted.
+    let state_in = |event: &cri::ContainerEventResponse| {
+        let statuses: Vec<_> = event.containers_statuses.iter().filter(|s| s.id == id).collect();
+        assert!(statuses.len() <= 1);
+        statuses.first().map(|s| (s.state, s.exit_code))
+    };
+    assert_eq!(state_in(&created), Some((cri::ContainerState::ContainerCreated as i32, 0)));
+    assert_eq!(state_in(&started), Some((cri::ContainerState::ContainerRunning as i32, 0)));
+    assert_eq!(state_in(&stopped), Some((cri::ContainerState::ContainerExited as i32, 3)));
+    assert_eq!(state_in(&deleted), None);
+    assert_eq!(stopped.containers_statuses[0].reason, "Error");
+
+    // An OOM kill is a STOPPED event too, with the reason in the container's status.
+    let mut hog = container_config("hog", &image, &["sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"]);
+    hog.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: 32 << 20, ..Default::default() }),
+        ..Default::default()
+    });
+    let hog = create(&mut client, &pod, hog).await.unwrap();
+    start(&mut client, &hog).await.unwrap();
+    let mut events_of_hog = Vec::new();
+    while events_of_hog.len() < 3 {
+        let event = next().await;
+        assert_eq!(event.container_id, hog);
+        events_of_hog.push(event);
+    }
+    assert_eq!(events_of_hog[2].container_event_type, cri::ContainerEventType::ContainerStoppedEvent as i32);
+    let killed = events_of_hog[2].containers_statuses.iter().find(|s| s.id == hog).expect("the hog's status");
+    assert_eq!((killed.exit_code, killed.reason.as_str()), (137, "OOMKilled"), "{killed:?}");
+
+    // The pod stops, then goes with its container.
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let stopped_pod = next().await;
+    assert_eq!(kind(&stopped_pod), pod_event(cri::ContainerEventType::ContainerStoppedEvent));
+    let status = stopped_pod.pod_sandbox_status.unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    assert_eq!(kind(&next().await), (hog.clone(), cri::ContainerEventType::ContainerDeletedEvent as i32));
+    let deleted_pod = next().await;
+    assert_eq!(kind(&deleted_pod), pod_event(cri::ContainerEventType::ContainerDeletedEvent));
+    assert!(deleted_pod.containers_statuses.is_empty(), "{deleted_pod:?}");
+    assert_eq!(deleted_pod.pod_sandbox_status.unwrap().id, pod);
+}

@@ -27,9 +27,27 @@ fn pod_config(name: &str) -> cri::PodSandboxConfig {
     }
 }
 
-/// Runs a pod with two sleeping containers.
-async fn pod_with_two_containers(client: &mut CriClient, image: &str, name: &str) -> Result<String, tonic::Status> {
-    let config = pod_config(name);
+/// Runs a pod with two sleeping containers; with `shared_pid`, in one PID namespace (the pod's
+/// init unit then runs too).
+async fn pod_with_two_containers(
+    client: &mut CriClient,
+    image: &str,
+    name: &str,
+    shared_pid: bool,
+) -> Result<String, tonic::Status> {
+    let mut config = pod_config(name);
+    if shared_pid {
+        config.linux = Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     let pod = client
         .runtime
         .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() })
@@ -65,7 +83,7 @@ async fn remove_all_pods(client: &mut CriClient) {
 fn leftovers(node: &Node) -> String {
     // The parent slices kubepods.slice and kubepods-besteffort.slice are the node's, not a pod's.
     node.sh(
-        "systemctl list-units --all --plain --no-legend 'kubepods-*' 'cri-[0-9a-f]*.service' \
+        "systemctl list-units --all --plain --no-legend 'kubepods-*' 'cri-[0-9a-f]*.service' 'cri-pod-*.service' \
            | awk '{print $1}' | grep -v '^kubepods-besteffort.slice$' || true; \
          find /run/cri-systemd/pods /var/lib/cri-systemd/pods /var/lib/cri-systemd/containers -mindepth 1 -maxdepth 1 2>/dev/null; \
          grep -c ' nsfs \\|cri-systemd/pods' /proc/self/mountinfo || true",
@@ -85,7 +103,7 @@ async fn hundred_pods_with_two_containers_from_ten_clients() {
         let image = image.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..10 {
-                pod_with_two_containers(&mut client, &image, &format!("p{worker}-{i}"))
+                pod_with_two_containers(&mut client, &image, &format!("p{worker}-{i}"), false)
                     .await
                     .expect("pod with two containers");
             }
@@ -140,14 +158,17 @@ async fn daemon_killed_during_lifecycle_calls_recovers_without_leaks() {
 
     // Each round: many creations and removals in flight, then SIGKILL at a different moment.
     for (round, kill_after_ms) in [150u64, 400, 900].into_iter().enumerate() {
-        let survivor = pod_with_two_containers(&mut client, &image, &format!("survivor-{round}")).await.unwrap();
+        let survivor =
+            pod_with_two_containers(&mut client, &image, &format!("survivor-{round}"), round % 2 == 1).await.unwrap();
         let mut tasks = Vec::new();
         for worker in 0..6 {
             let mut client = client.clone();
             let image = image.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..5 {
-                    match pod_with_two_containers(&mut client, &image, &format!("r{round}-w{worker}-{i}")).await {
+                    let name = format!("r{round}-w{worker}-{i}");
+                    // Half the pods share a PID namespace: their init unit must not leak either.
+                    match pod_with_two_containers(&mut client, &image, &name, worker % 2 == 1).await {
                         Ok(pod) if i % 2 == 0 => {
                             let _ = client
                                 .runtime

@@ -689,3 +689,55 @@ async fn a_userns_pod_on_the_bridge_network() {
     assert!(report.ends_with("reached-the-node\n"), "{report}");
     remove_pod(&mut client, &pod).await;
 }
+
+#[tokio::test]
+async fn a_userns_pod_shares_a_pid_namespace_that_its_user_namespace_owns() {
+    let node = node("userns-pidns", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (busybox, _) = pull_images(&node, &mut client).await;
+    let mut config = pod_config("sharedpid", Some(None));
+    let options = config.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+    options.pid = cri::NamespaceMode::Pod as i32;
+    let pod = run_pod(&mut client, config).await.expect("RunPodSandbox");
+    let host = pool_range(&mut client, &pod).await;
+
+    // The pod's init is the pod's root, not the node's, in the pod's user namespace, and the
+    // PID namespace it heads belongs to that user namespace.
+    let init_unit = format!("cri-pod-{pod}.service");
+    let init = node.sh(&format!("systemctl show -p MainPID --value {init_unit}")).trim().to_string();
+    let status = node.sh(&format!("cat /proc/{init}/status"));
+    let uids: Vec<u32> = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert_eq!(uids, vec![host; 4]);
+    let pins = format!("/run/cri-systemd/pods/{pod}/ns");
+    let inode = |path: &str| node.sh(&format!("stat -L -c %i {path}")).trim().to_string();
+    assert_eq!(inode(&format!("/proc/{init}/ns/user")), inode(&format!("{pins}/user")));
+    let pidns = inode(&format!("{pins}/pid"));
+    let owner = node.sh(&format!("lsns -t pid -n -o NS,ONS | awk '$1 == {pidns} {{ print $2 }}' | sort -u"));
+    assert_eq!(owner.trim(), inode(&format!("{pins}/user")));
+
+    // A container joins it as the pod's root and sees the init as PID 1.
+    let id = start_container(&mut client, &pod, "c", &busybox, "exec sleep 1000", vec![], None).await;
+    let main = node.sh(&format!("systemctl show -p MainPID --value cri-{id}.service")).trim().to_string();
+    assert_eq!(inode(&format!("/proc/{main}/ns/pid")), pidns);
+    assert_eq!(host_uids(&node, &id), vec![host; 4]);
+    let request = cri::ExecSyncRequest {
+        container_id: id.clone(),
+        cmd: ["/bin/busybox", "cat", "/proc/1/cmdline"].map(String::from).to_vec(),
+        timeout: 10,
+    };
+    let exec = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+    assert!(String::from_utf8_lossy(&exec.stdout).contains("pod-init"), "{exec:?}");
+
+    remove_pod(&mut client, &pod).await;
+    let left = node.sh(&format!("systemctl list-units --all --plain --no-legend '{init_unit}' 'cri-{id}.service'"));
+    assert_eq!(left.trim(), "", "units left: {left}");
+    let traces = pod_traces(&node);
+    assert!(!traces.contains(&pod) && !traces.contains("sharedpid"), "{traces}");
+}

@@ -494,8 +494,14 @@ pub(crate) fn oci_spec(
         mounts.push(oci_mount);
     }
     let mut namespaces = vec![serde_json::json!({"type": "mount"})];
-    if pod.spec.pid != NamespaceMode::Node {
-        namespaces.push(serde_json::json!({"type": "pid"}));
+    match (pod.spec.pid, &pod.namespaces.pid) {
+        (NamespaceMode::Node, _) => {}
+        (NamespaceMode::Container, _) => namespaces.push(serde_json::json!({"type": "pid"})),
+        // The PID namespace of the pod's init process, which all its containers join.
+        (NamespaceMode::Pod, Some(pin)) => namespaces.push(serde_json::json!({"type": "pid", "path": pin})),
+        (NamespaceMode::Pod, None) => {
+            return Err(Error::FailedPrecondition(format!("pod {} shares a PID namespace but has none", pod.id)));
+        }
     }
     for (kind, pin) in [
         ("network", &pod.namespaces.network),

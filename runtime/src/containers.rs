@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use zbus::zvariant::Value;
 
 use crate::container::{self, Container, ContainerSpec, ContainerState, Resources, RootfsLayers, SpecContext};
+use crate::events::ContainerEventKind;
 use crate::exit_record::{self, ExitRecord};
 use crate::init::{InitSpec, OverlayRootfs};
 use crate::pod::PodState;
@@ -162,6 +163,7 @@ impl Runtime {
         record.state = ContainerState::Created;
         self.save_container(&entry, record.clone())?;
         info!(container = %id, pod = %pod.id, name = %record.spec.name, "container created");
+        self.emit(id, &pod.id, ContainerEventKind::Created);
         Ok(())
     }
 
@@ -230,6 +232,17 @@ impl Runtime {
         } else {
             None
         };
+        if let Some(init_unit) = &pod.init_unit {
+            // Its PID namespace dies with the pod's init: a stop of the slice stops the
+            // containers first (stop order is the reverse of start order).
+            if !self.pod_init_running(&pod).await? {
+                return Err(Error::FailedPrecondition(format!(
+                    "the init process of pod {} ({init_unit}) is not running: its PID namespace is gone",
+                    pod.id
+                )));
+            }
+            properties.push(("After", Value::from(vec![init_unit.clone()])));
+        }
         // The kubelet reads the log file from the start; create it before the first line.
         if let Some(log) = self.log_path(&record.id) {
             let created = log
@@ -238,6 +251,8 @@ impl Runtime {
                 .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop));
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
         }
+        // Before the start: an entrypoint that exits at once must not be missed.
+        self.watch_exit(&record.id);
         let started = self.systemd.start_transient_unit(&record.unit, properties).await;
         match started {
             Ok(()) => {
@@ -255,6 +270,9 @@ impl Runtime {
                         Err(e) => warn!(container = %record.id, "cannot keep the container's stdin or terminal: {e}"),
                     }
                 }
+                self.emit(&record.id, &record.pod_id, ContainerEventKind::Started);
+                // An exit before the record said Running was not picked up by the exit watch.
+                self.refresh(&entry);
                 Ok(())
             }
             Err(e) => {
@@ -274,6 +292,7 @@ impl Runtime {
                     record.state = ContainerState::Running;
                     record.started_at = now_nanos().min(exit.finished_at);
                     self.save_container(&entry, record.clone())?;
+                    self.emit(&record.id, &record.pod_id, ContainerEventKind::Started);
                     let record = self.mark_exited(&entry, Some(exit), "");
                     let _ = self.systemd.reset_failed_unit(&record.unit).await;
                     info!(container = %record.id, exit_code = record.exit_code, "container started and ended at once");
@@ -286,6 +305,7 @@ impl Runtime {
                 record.message = message.clone();
                 record.finished_at = now_nanos();
                 self.save_container(&entry, record.clone())?;
+                self.emit(&record.id, &record.pod_id, ContainerEventKind::Stopped);
                 let _ = self.systemd.reset_failed_unit(&record.unit).await;
                 Err(Error::FailedPrecondition(format!("cannot start container {}: {message}", record.id)))
             }
@@ -401,11 +421,12 @@ impl Runtime {
         }
         self.containers.lock().expect("container table lock").remove(&record.id);
         info!(container = %record.id, "container removed");
+        self.emit(&record.id, &record.pod_id, ContainerEventKind::Deleted);
         Ok(())
     }
 
     /// Picks up an exit record written by systemd since the last look.
-    fn refresh(&self, entry: &Entry<Container>) -> Container {
+    pub(crate) fn refresh(&self, entry: &Entry<Container>) -> Container {
         let record = entry.get();
         if record.state != ContainerState::Running {
             return record;
@@ -418,6 +439,10 @@ impl Runtime {
 
     fn mark_exited(&self, entry: &Entry<Container>, exit: Option<ExitRecord>, message: &str) -> Container {
         let mut record = entry.get();
+        if record.state != ContainerState::Running {
+            // Another caller noticed first.
+            return record;
+        }
         record.state = ContainerState::Exited;
         match exit {
             Some(exit) => {
@@ -441,6 +466,7 @@ impl Runtime {
         if let Err(e) = self.save_container(entry, record.clone()) {
             warn!(container = %record.id, "{e}");
         }
+        self.emit(&record.id, &record.pod_id, ContainerEventKind::Stopped);
         record
     }
 
@@ -544,6 +570,9 @@ impl Runtime {
                     warn!(container = %record.id, "{e}; will try again");
                 }
                 continue;
+            }
+            if record.state == ContainerState::Running {
+                self.watch_exit(&record.id);
             }
             let record = self.refresh(&entry);
             if record.state == ContainerState::Running && !self.systemd.unit_exists(&record.unit).await.unwrap_or(true)

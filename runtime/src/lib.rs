@@ -9,6 +9,7 @@ mod cni;
 mod container;
 mod containers;
 mod error;
+mod events;
 mod exec;
 pub mod exit_record;
 pub mod init;
@@ -35,6 +36,7 @@ pub use container::{
 };
 pub use containers::ContainerFilter;
 pub use error::Error;
+pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
 pub use logs::{LogPathOf, LogWriter, STDIO_IDENTIFIER};
 pub use namespaces::PodNamespaces;
@@ -73,6 +75,10 @@ pub struct Runtime {
     userns_ranges: Arc<Mutex<userns::IdRanges>>,
     /// The daemon's ends of running containers' stdin and terminals.
     stdio: stdio::Table,
+    /// Container events to every subscriber (GetContainerEvents).
+    events: tokio::sync::broadcast::Sender<ContainerEvent>,
+    /// Running containers' directories, watched for their exit record (None: inotify failed).
+    exit_watch: Option<Arc<events::ExitWatch>>,
 }
 
 /// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any

@@ -26,12 +26,24 @@ pub struct PodNamespaces {
     /// The pod's user namespace, owner of the three others (absent in older records).
     #[serde(default)]
     pub user: Option<PathBuf>,
+    /// The PID namespace of the pod's init process, for pods whose containers share one
+    /// (pinned from the running process, see [`pin_process_namespace`]).
+    #[serde(default)]
+    pub pid: Option<PathBuf>,
 }
 
 impl PodNamespaces {
     pub fn pins(&self) -> impl Iterator<Item = &PathBuf> {
-        [&self.network, &self.ipc, &self.uts, &self.user].into_iter().flatten()
+        [&self.network, &self.ipc, &self.uts, &self.user, &self.pid].into_iter().flatten()
     }
+}
+
+/// Pins namespace `kind` of process `pid` at `pin` (a bind mount of `/proc/<pid>/ns/<kind>`).
+pub fn pin_process_namespace(pid: u32, kind: &str, pin: &Path) -> std::io::Result<()> {
+    std::fs::File::create(pin)?;
+    let source = format!("/proc/{pid}/ns/{kind}");
+    nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| std::io::Error::other(format!("pin {source} at {}: {e}", pin.display())))
 }
 
 /// Which new namespaces a pod gets (NODE mode means the host's, so no new one).

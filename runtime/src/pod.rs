@@ -94,6 +94,11 @@ pub struct Pod {
     /// is made, so that a restart knows every range in use.
     #[serde(default)]
     pub userns: Option<PodUserns>,
+    /// The unit of the pod's init process (`cri-pod-<id>.service`), PID 1 of the PID namespace
+    /// its containers share; only pods with a pod-wide PID namespace have one. Recorded before
+    /// the unit is started.
+    #[serde(default)]
+    pub init_unit: Option<String>,
 }
 
 impl PodSpec {
@@ -105,12 +110,6 @@ impl PodSpec {
             if value.is_empty() {
                 return Err(Error::InvalidArgument(format!("pod sandbox config has no {field}")));
             }
-        }
-        if self.pid == NamespaceMode::Pod {
-            // A shared pod PID namespace needs a pod-level init process; not built yet.
-            return Err(Error::InvalidArgument(
-                "a pod-wide PID namespace (shareProcessNamespace) is not supported yet".into(),
-            ));
         }
         if !self.cgroup_parent.is_empty() {
             check_slice_name(&self.cgroup_parent)?;
@@ -163,6 +162,11 @@ impl PodSpec {
     pub fn hostname(&self) -> &str {
         if self.hostname.is_empty() { &self.name } else { &self.hostname }
     }
+}
+
+/// The unit of a pod's init process (pods with a pod-wide PID namespace only).
+pub fn init_unit_name(pod_id: &str) -> String {
+    format!("cri-pod-{pod_id}.service")
 }
 
 /// Escapes a string for use inside a unit name the way systemd-escape does: bytes outside
@@ -264,6 +268,7 @@ mod tests {
             shm: None,
             ips: vec!["10.88.0.5".parse().unwrap()],
             userns: None,
+            init_unit: None,
         };
         let mut json = serde_json::to_value(&pod).unwrap();
         assert_eq!(json["ips"], serde_json::json!(["10.88.0.5"]));

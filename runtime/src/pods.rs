@@ -10,8 +10,10 @@ use tracing::{info, warn};
 use zbus::zvariant::Value;
 
 use crate::cni::{self, Cni, NetworkList};
+use crate::events::ContainerEventKind;
+use crate::init::pod_init::{self, PodInitArgs};
 use crate::namespaces::{self, NewNamespaces};
-use crate::pod::{NamespaceMode, Pod, PodSpec, PodState};
+use crate::pod::{NamespaceMode, Pod, PodSpec, PodState, init_unit_name};
 use crate::store::{new_id, read_json, write_json};
 use crate::userns::{self, IdRange, IdRanges, PodUserns, UsernsMode};
 use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, Systemd, podfiles};
@@ -44,6 +46,14 @@ impl Runtime {
             pods: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
             stdio: Default::default(),
+            events: tokio::sync::broadcast::channel(crate::EVENT_BUFFER).0,
+            exit_watch: match crate::events::ExitWatch::new() {
+                Ok(watch) => Some(Arc::new(watch)),
+                Err(e) => {
+                    warn!("no inotify ({e}): containers that exit by themselves are noticed on status calls only");
+                    None
+                }
+            },
         };
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
@@ -175,6 +185,7 @@ impl Runtime {
                 shm: None,
                 ips: Vec::new(),
                 userns: None,
+                init_unit: None,
             };
             let entry = Entry::new(pod.clone());
             // Locked before it is visible, so that no other call on this pod runs before it exists.
@@ -198,6 +209,9 @@ impl Runtime {
         match self.create_pod(&entry, pod.clone(), network).await {
             Ok(()) => {
                 info!(pod = %pod.id, name = %pod.spec.name, namespace = %pod.spec.namespace, slice = %pod.slice, "pod ready");
+                // As containerd does: events of the sandbox carry its id as the container id.
+                self.emit(&pod.id, &pod.id, ContainerEventKind::Created);
+                self.emit(&pod.id, &pod.id, ContainerEventKind::Started);
                 Ok(pod.id)
             }
             Err(e) => {
@@ -240,6 +254,9 @@ impl Runtime {
                 .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
                 .map_err(Error::io("cannot create pod namespaces"))?;
         self.save(entry, pod.clone())?;
+        if pod.spec.pid == NamespaceMode::Pod {
+            self.start_pod_init(entry, &mut pod).await?;
+        }
         match (&network, &pod.namespaces.network) {
             (Some(network), Some(netns)) => {
                 // The record (state Creating, pins) is on disk: a daemon killed during the ADD
@@ -285,6 +302,62 @@ impl Runtime {
         }
         pod.state = PodState::Ready;
         self.save(entry, pod)
+    }
+
+    /// Starts the pod's init process, PID 1 of the PID namespace its containers share, as unit
+    /// `cri-pod-<id>.service` in the pod's slice, and pins its PID namespace for the containers.
+    async fn start_pod_init(&self, entry: &Entry<Pod>, pod: &mut Pod) -> Result<(), Error> {
+        let unit = init_unit_name(&pod.id);
+        // Recorded first: a daemon killed from here on stops it with the slice on restart.
+        pod.init_unit = Some(unit.clone());
+        self.save(entry, pod.clone())?;
+        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
+        let exe = exe.to_string_lossy().into_owned();
+        let args = PodInitArgs {
+            net: pod.namespaces.network.clone(),
+            ipc: pod.namespaces.ipc.clone(),
+            uts: pod.namespaces.uts.clone(),
+            user: pod.namespaces.user.clone(),
+        };
+        let mut argv = vec![exe.clone(), pod_init::SUBCOMMAND.to_string()];
+        argv.extend(args.to_args());
+        let properties: Vec<(&'static str, Value<'static>)> = vec![
+            ("Description", Value::from(format!("init of pod {}/{} ({})", pod.spec.namespace, pod.spec.name, pod.id))),
+            ("Slice", Value::from(pod.slice.clone())),
+            ("Type", Value::from("notify")),
+            // MAINPID= and READY=1 come from the process that forked PID 1, as with containers.
+            ("NotifyAccess", Value::from("all")),
+            ("ExecStart", Value::from(vec![(exe, argv, false)])),
+            ("CollectMode", Value::from("inactive-or-failed")),
+        ];
+        if let Err(e) = self.systemd.start_transient_unit(&unit, properties).await {
+            let _ = self.systemd.reset_failed_unit(&unit).await;
+            return Err(e);
+        }
+        let pid = self.systemd.main_pid(&unit).await?;
+        let pin = pod.files_dir.join("ns").join("pid");
+        pod.namespaces.pid = Some(pin.clone());
+        // Recorded before the pin is made, so that a rollback releases it.
+        self.save(entry, pod.clone())?;
+        if pid == 0 {
+            return Err(Error::FailedPrecondition(format!("the init process of pod {} ended at once", pod.id)));
+        }
+        namespaces::pin_process_namespace(pid, "pid", &pin).map_err(Error::io("cannot pin the pod's PID namespace"))?;
+        // The PID may have been reused if the process died meanwhile: then the pin is not the
+        // pod's, and the pod fails.
+        if self.systemd.main_pid(&unit).await? != pid {
+            return Err(Error::FailedPrecondition(format!("the init process of pod {} ended at once", pod.id)));
+        }
+        info!(pod = %pod.id, unit = %unit, pid, "pod init process started");
+        Ok(())
+    }
+
+    /// Whether the pod's init process (if it has one) runs: without it, its containers cannot.
+    pub async fn pod_init_running(&self, pod: &Pod) -> Result<bool, Error> {
+        match &pod.init_unit {
+            Some(unit) => Ok(self.systemd.main_pid(unit).await? != 0),
+            None => Ok(true),
+        }
     }
 
     /// The user namespace range of a new pod: the kubelet's, checked against every range in use,
@@ -341,11 +414,16 @@ impl Runtime {
         }
         self.teardown(&pod, false).await?;
         self.refresh_pod_containers(&pod.id);
+        let was_ready = pod.state == PodState::Ready;
         pod.state = PodState::NotReady;
         pod.shm = None;
         // Released by the DEL: another pod may have them now.
         pod.ips.clear();
-        self.save(&entry, pod)
+        self.save(&entry, pod.clone())?;
+        if was_ready {
+            self.emit(&pod.id, &pod.id, ContainerEventKind::Stopped);
+        }
+        Ok(())
     }
 
     /// RemovePodSandbox: everything StopPodSandbox does (again: a DEL that failed at stop is
@@ -359,6 +437,8 @@ impl Runtime {
         self.save(&entry, pod.clone())?;
         self.teardown(&pod, true).await?;
         self.remove_pod_containers(&pod.id).await?;
+        // While the record is still there, so that the event carries the pod's status.
+        self.emit(&pod.id, &pod.id, ContainerEventKind::Deleted);
         self.pods.lock().expect("pod table lock").remove(&pod.id);
         info!(pod = %pod.id, "pod removed");
         Ok(())
@@ -368,7 +448,14 @@ impl Runtime {
     /// `remove`, also deletes the pod's files and record.
     async fn teardown(&self, pod: &Pod, remove: bool) -> Result<(), Error> {
         let mut errors = Vec::new();
+        // The pod's init unit is in the slice and stops with it, after the containers (their
+        // units are ordered after it): its end kills whatever is left in its PID namespace.
         if let Err(e) = self.systemd.stop_unit(&pod.slice).await {
+            errors.push(e.to_string());
+        }
+        if let Some(unit) = &pod.init_unit
+            && let Err(e) = self.systemd.reset_failed_unit(unit).await
+        {
             errors.push(e.to_string());
         }
         // While the namespace is still pinned, so that plugins can remove the pod's interface;

@@ -39,6 +39,7 @@ pub mod exec_in;
 mod idmap;
 mod namespaces;
 mod notify;
+pub mod pod_init;
 mod process;
 mod rootfs;
 mod seccomp;
