@@ -528,6 +528,24 @@ impl Runtime {
         }
     }
 
+    /// Kills every running container of a pod at once (StopPodSandbox; the kubelet stops each
+    /// container with its grace period before), as containerd does, so that each records how it
+    /// ended. Failures are logged: the stop of the pod's slice that follows ends them anyway.
+    pub(crate) async fn stop_pod_containers(&self, pod_id: &str) {
+        let entries: Vec<Arc<Entry<Container>>> =
+            self.containers.lock().expect("container table lock").values().cloned().collect();
+        let stops = entries
+            .iter()
+            .filter(|e| e.get().pod_id == pod_id && e.get().state == ContainerState::Running)
+            .map(|entry| async move {
+                let _guard = entry.operation.clone().lock_owned().await;
+                if let Err(e) = self.stop_locked(entry, 0).await {
+                    warn!(container = %entry.get().id, "stop with its pod: {e}");
+                }
+            });
+        futures_util::future::join_all(stops).await;
+    }
+
     /// Removes every container of a pod (RemovePodSandbox), reporting all failures together.
     pub(crate) async fn remove_pod_containers(&self, pod_id: &str) -> Result<(), Error> {
         let entries: Vec<Arc<Entry<Container>>> =

@@ -412,6 +412,7 @@ impl Runtime {
         if pod.state == PodState::Removing {
             return Ok(());
         }
+        self.stop_pod_containers(&pod.id).await;
         self.teardown(&pod, false).await?;
         self.refresh_pod_containers(&pod.id);
         let was_ready = pod.state == PodState::Ready;
@@ -435,6 +436,7 @@ impl Runtime {
         let mut pod = entry.get();
         pod.state = PodState::Removing;
         self.save(&entry, pod.clone())?;
+        self.stop_pod_containers(&pod.id).await;
         self.teardown(&pod, true).await?;
         self.remove_pod_containers(&pod.id).await?;
         // While the record is still there, so that the event carries the pod's status.
