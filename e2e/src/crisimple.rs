@@ -60,5 +60,9 @@ pub async fn exec_sync(client: &mut CriClient, id: &str, cmd: &[&str]) -> Result
 /// `sh -c script` in the container: (exit code, stdout, stderr).
 pub async fn sh(client: &mut CriClient, id: &str, script: &str) -> (i32, String, String) {
     let out = exec_sync(client, id, &["/bin/sh", "-c", script]).await.expect("ExecSync");
-    (out.exit_code, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::crisimple::{container_config, create, exec_sync, run_pod, sh, start};
+use e2e::crisimple::{container_config, create, run_pod, sh, start};
 use e2e::{CriClient, Node, cri};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,5 +139,191 @@ async fn containers_get_only_the_default_devices_unless_privileged() {
     .await;
     assert_eq!(result.trim(), LOOP_TEXT);
     assert_eq!(devices_list(&node, &admin).trim(), "a *:* rwm");
-    let _ = exec_sync;
+}
+
+fn with_devices(mut config: cri::ContainerConfig, devices: &[(&str, &str, &str)]) -> cri::ContainerConfig {
+    config.devices = devices
+        .iter()
+        .map(|(host, container, permissions)| cri::Device {
+            host_path: host.to_string(),
+            container_path: container.to_string(),
+            permissions: permissions.to_string(),
+        })
+        .collect();
+    config
+}
+
+#[tokio::test]
+async fn cri_devices_appear_with_exactly_their_permissions() {
+    let node = e2e::node_with_local_registry("dev-map", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    let loop_device = Loop::attach(&node);
+    let number = loop_device.number.replace(' ', ":");
+    // A symlink to the device (as /dev/disk/by-* names are) is resolved.
+    node.sh(&format!("ln -sf {} /tmp/loop-link", loop_device.path));
+    let pod = run_pod(&mut client, "devmap").await;
+    let sleep = ["/bin/busybox", "sleep", "100000"];
+
+    // Bad requests are refused, naming what is wrong, and leave nothing behind.
+    node.sh("touch /tmp/plain-file");
+    let refusals = [
+        (("/tmp/plain-file", "/dev/x", "rw"), "/tmp/plain-file"),
+        (("/dev/no-such-device", "/dev/x", "rw"), "/dev/no-such-device"),
+        (("/tmp/loop-link", "/dev/x", "rx"), "permissions"),
+        (("/tmp/loop-link", "/dev/x", ""), "permissions"),
+        (("/tmp/loop-link", "/etc/x", "r"), "/etc/x"),
+        (("/tmp/loop-link", "/dev/../etc/x", "r"), "/dev/../etc/x"),
+    ];
+    for ((host, container, permissions), named) in refusals {
+        let config = with_devices(container_config("bad", &image, &sleep), &[(host, container, permissions)]);
+        let error = create(&mut client, &pod, config).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{host} -> {container} {permissions}: {error:?}");
+        assert!(error.message().contains(named), "{host} -> {container}: {}", error.message());
+    }
+    let mut cdi = container_config("bad", &image, &sleep);
+    cdi.cdi_devices = vec![cri::CdiDevice { name: "vendor.com/gpu=0".into() }];
+    let error = create(&mut client, &pod, cdi).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(error.message().contains("vendor.com/gpu=0"), "{}", error.message());
+    let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
+    assert!(listed.containers.is_empty(), "refused containers were kept: {:?}", listed.containers);
+    assert_eq!(node.sh("ls /var/lib/cri-systemd/containers | wc -l").trim(), "0");
+
+    // Read-only: created, then the daemon restarts before the start (the record holds the device).
+    let reader_config = with_devices(
+        container_config("reader", &image, &sleep),
+        &[("/tmp/loop-link", "/dev/mydev", "r"), ("/dev/zero", "/dev/myzero", "rw")],
+    );
+    let reader = create(&mut client, &pod, reader_config).await.expect("CreateContainer");
+    node.sh("systemctl restart cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    start(&mut client, &reader).await.expect("StartContainer after a restart");
+    let (code, out, err) = sh(&mut client, &reader, "busybox stat -c '%F %t %T' /dev/mydev").await;
+    assert_eq!(code, 0, "{err}");
+    let (major, minor) = loop_device.number.split_once(' ').unwrap();
+    let hex = |n: &str| format!("{:x}", n.parse::<u64>().unwrap());
+    assert_eq!(out.trim(), format!("block special file {} {}", hex(major), hex(minor)));
+    let (code, out, err) = sh(&mut client, &reader, &format!("busybox head -c {} /dev/mydev", LOOP_TEXT.len())).await;
+    assert_eq!((code, out.as_str()), (0, LOOP_TEXT), "read of an \"r\" device: {err}");
+    let (code, out, _) =
+        sh(&mut client, &reader, "echo overwritten | busybox dd of=/dev/mydev conv=notrunc 2>&1").await;
+    assert_ne!(code, 0, "an \"r\" device was written: {out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let (code, out, err) =
+        sh(&mut client, &reader, "echo x > /dev/myzero && busybox head -c 5 /dev/myzero | busybox wc -c").await;
+    assert_eq!((code, out.trim()), (0, "5"), "{err}");
+    let list = devices_list(&node, &reader);
+    assert!(list.lines().any(|l| l == format!("b {number} r")), "b {number} r not in:\n{list}");
+
+    // Read-write: the write reaches the device.
+    let writer_config =
+        with_devices(container_config("writer", &image, &sleep), &[(&loop_device.path, "/dev/disks/mine", "rw")]);
+    let writer = running(&mut client, &pod, writer_config).await;
+    let (code, out, err) =
+        sh(&mut client, &writer, "printf written | busybox dd of=/dev/disks/mine conv=notrunc,fsync 2>&1").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(node.sh(&format!("head -c 7 {}", loop_device.path)), "written");
+    let list = devices_list(&node, &writer);
+    assert!(list.lines().any(|l| l == format!("b {number} rw")), "b {number} rw not in:\n{list}");
+
+    // A container without devices cannot open the same device through a node it makes itself.
+    let plain = running(&mut client, &pod, container_config("plain", &image, &sleep)).await;
+    let (_, out, _) = sh(&mut client, &plain, &read_disk_script(&loop_device.number, "/dev/stolen")).await;
+    assert!(out.contains("Operation not permitted"), "{out}");
+
+    let status = client
+        .runtime
+        .container_status(cri::ContainerStatusRequest { container_id: reader.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
+}
+
+fn with_resources(mut config: cri::ContainerConfig, resources: cri::LinuxContainerResources) -> cri::ContainerConfig {
+    config.linux = Some(cri::LinuxContainerConfig { resources: Some(resources), ..Default::default() });
+    config
+}
+
+async fn update(
+    client: &mut CriClient,
+    id: &str,
+    resources: cri::LinuxContainerResources,
+) -> Result<(), tonic::Status> {
+    let request =
+        cri::UpdateContainerResourcesRequest { container_id: id.into(), linux: Some(resources), ..Default::default() };
+    client.runtime.update_container_resources(request).await.map(|_| ())
+}
+
+fn cpus_allowed(status: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string()
+}
+
+#[tokio::test]
+async fn cpuset_cpus_pin_containers_and_change_live() {
+    let node = e2e::node_with_local_registry("cpuset", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    assert_eq!(node.sh("cat /sys/devices/system/cpu/online").trim(), "0-1", "the test wants a node of 2 CPUs");
+    let pod = run_pod(&mut client, "cpuset").await;
+    let sleep = ["/bin/busybox", "sleep", "100000"];
+    // What the kubelet sends for a pod without hugepages: a zero limit per page size.
+    let zero_hugepages = vec![
+        cri::HugepageLimit { page_size: "2MB".into(), limit: 0 },
+        cri::HugepageLimit { page_size: "1GB".into(), limit: 0 },
+    ];
+    let pinned = cri::LinuxContainerResources {
+        cpuset_cpus: "0".into(),
+        hugepage_limits: zero_hugepages.clone(),
+        ..Default::default()
+    };
+
+    // Refused: malformed or absent CPUs, non-zero hugepage limits; nothing is created.
+    for (cpus, hugepages, named) in [
+        ("0-", vec![], "cpuset_cpus"),
+        ("1-0", vec![], "cpuset_cpus"),
+        ("a", vec![], "cpuset_cpus"),
+        ("7", vec![], "not online"),
+        ("0", vec![cri::HugepageLimit { page_size: "2MB".into(), limit: 2 << 20 }], "hugepage"),
+    ] {
+        let resources =
+            cri::LinuxContainerResources { cpuset_cpus: cpus.into(), hugepage_limits: hugepages, ..Default::default() };
+        let error = create(&mut client, &pod, with_resources(container_config("bad", &image, &sleep), resources))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{cpus}: {error:?}");
+        assert!(error.message().contains(named), "{cpus}: {}", error.message());
+    }
+
+    let id = running(&mut client, &pod, with_resources(container_config("pinned", &image, &sleep), pinned)).await;
+    let main_pid = node.sh(&format!("systemctl show -p MainPID --value cri-{id}.service")).trim().to_string();
+    assert_eq!(cpus_allowed(&node.sh(&format!("cat /proc/{main_pid}/status"))), "0");
+    let (_, out, _) = sh(&mut client, &id, "busybox cat /proc/self/status").await;
+    assert_eq!(cpus_allowed(&out), "0", "an exec'd process");
+
+    // Live: the entrypoint and later execs move to CPU 1.
+    let to_one =
+        cri::LinuxContainerResources { cpuset_cpus: "1".into(), hugepage_limits: zero_hugepages, ..Default::default() };
+    update(&mut client, &id, to_one).await.expect("UpdateContainerResources");
+    assert_eq!(cpus_allowed(&node.sh(&format!("cat /proc/{main_pid}/status"))), "1");
+    let (_, out, _) = sh(&mut client, &id, "busybox cat /proc/self/status").await;
+    assert_eq!(cpus_allowed(&out), "1");
+    // A bad update changes nothing; one without a cpuset keeps it.
+    let bad = cri::LinuxContainerResources { cpuset_cpus: "0,,1".into(), ..Default::default() };
+    assert_eq!(update(&mut client, &id, bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let memory_only = cri::LinuxContainerResources { memory_limit_in_bytes: 64 << 20, ..Default::default() };
+    update(&mut client, &id, memory_only).await.expect("UpdateContainerResources without a cpuset");
+    assert_eq!(cpus_allowed(&node.sh(&format!("cat /proc/{main_pid}/status"))), "1");
+    let status = client
+        .runtime
+        .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.resources.unwrap().linux.unwrap().cpuset_cpus, "1");
 }
