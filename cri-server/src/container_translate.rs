@@ -32,7 +32,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     let metadata = config.metadata.ok_or_else(|| Status::invalid_argument("container config has no metadata"))?;
     let linux = config.linux.unwrap_or_default();
     let security = linux.security_context.unwrap_or_default();
-    if security.namespace_options.as_ref().is_some_and(|o| o.target_id != "") {
+    if security.namespace_options.as_ref().is_some_and(|o| !o.target_id.is_empty()) {
         return Err(Status::invalid_argument("targeting another container's namespaces is not supported yet"));
     }
     let resources = linux.resources.unwrap_or_default();

@@ -917,6 +917,56 @@ mod tests {
     }
 
     #[test]
+    fn cpu_lists_parse_and_become_masks() {
+        assert_eq!(parse_cpu_list("").unwrap(), Vec::<u32>::new());
+        assert_eq!(parse_cpu_list("0").unwrap(), [0]);
+        assert_eq!(parse_cpu_list("0-2,5, 9-10").unwrap(), [0, 1, 2, 5, 9, 10]);
+        assert_eq!(parse_cpu_list("3,1-3").unwrap(), [1, 2, 3]);
+        for bad in ["0-", "-1", "1-0", "a", "0,,1", "+1", "0-99999", "1 2"] {
+            assert!(matches!(parse_cpu_list(bad), Err(Error::InvalidArgument(_))), "{bad:?} was accepted");
+        }
+        assert_eq!(cpu_mask(&[]), Vec::<u8>::new());
+        assert_eq!(cpu_mask(&[0]), [1]);
+        assert_eq!(cpu_mask(&[1, 9]), [2, 2]);
+    }
+
+    #[test]
+    fn device_requests_are_checked() {
+        assert_eq!(device_permissions("mrw").as_deref(), Some("rwm"));
+        assert_eq!(device_permissions("r").as_deref(), Some("r"));
+        for bad in ["", "rr", "rx", "RW"] {
+            assert_eq!(device_permissions(bad), None, "{bad:?}");
+        }
+        let null = Device::resolve("/dev/null", "/dev/mynull", "rw").unwrap();
+        assert_eq!(null.node.map(|n| (n.block, n.major, n.minor)), Some((false, 1, 3)));
+        for (host, container, permissions) in [
+            ("/etc/passwd", "/dev/x", "r"),
+            ("/dev/no-such", "/dev/x", "r"),
+            ("dev/null", "/dev/x", "r"),
+            ("/dev/null", "/etc/x", "r"),
+            ("/dev/null", "/dev", "r"),
+            ("/dev/null", "/dev/../x", "r"),
+            ("/dev/null", "/dev/x", "rwx"),
+        ] {
+            assert!(matches!(Device::resolve(host, container, permissions), Err(Error::InvalidArgument(_))), "{host}");
+        }
+        let unprivileged = ContainerSpec { devices: vec![null], ..spec() };
+        let properties = device_properties(&unprivileged);
+        assert_eq!(properties[0].1, Value::from("strict"));
+        let allow = format!("{:?}", properties[1].1);
+        assert!(allow.contains("/dev/char/1:3") && allow.contains("char-pts"), "{allow}");
+        assert!(device_properties(&ContainerSpec { privileged: true, ..unprivileged }).is_empty());
+    }
+
+    #[test]
+    fn privileged_capabilities_follow_the_kernels_numbering() {
+        assert_eq!(ALL_CAPABILITIES[24], "CAP_SYS_RESOURCE");
+        assert_eq!(ALL_CAPABILITIES[27], "CAP_MKNOD");
+        assert_eq!(ALL_CAPABILITIES[40], "CAP_CHECKPOINT_RESTORE");
+        assert!(privileged_capabilities().contains(&"CAP_CHOWN".to_string()));
+    }
+
+    #[test]
     fn mounts_and_signals_are_checked() {
         let bad = ContainerSpec {
             mounts: vec![BindMount {
