@@ -232,6 +232,38 @@ async fn cri_devices_appear_with_exactly_their_permissions() {
     let (_, out, _) = sh(&mut client, &plain, &read_disk_script(&loop_device.number, "/dev/stolen")).await;
     assert!(out.contains("Operation not permitted"), "{out}");
 
+    // In a pod with its own user namespace, the node init makes belongs to the pod's root (a
+    // bound host node would stay the host root's, which the pod cannot open through 0660).
+    let mut userns_pod = e2e::crisimple::pod_config("devuserns");
+    userns_pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Container as i32,
+                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(userns_pod), runtime_handler: String::new() };
+    let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    node.sh(&format!("chmod 0660 {}", loop_device.path));
+    let in_userns = running(
+        &mut client,
+        &userns_pod,
+        with_devices(container_config("userns", &image, &sleep), &[(&loop_device.path, "/dev/mydev", "rw")]),
+    )
+    .await;
+    let (code, out, err) = sh(
+        &mut client,
+        &in_userns,
+        &format!("busybox stat -c '%u %a' /dev/mydev && busybox head -c 7 /dev/mydev && busybox grep -v '^ *0 *0 ' /proc/self/uid_map | busybox wc -l"),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["0", "660", "written1"], "{out}");
+
     let status = client
         .runtime
         .container_status(cri::ContainerStatusRequest { container_id: reader.clone(), verbose: false })
@@ -326,4 +358,21 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
         .status
         .unwrap();
     assert_eq!(status.resources.unwrap().linux.unwrap().cpuset_cpus, "1");
+
+    // Memory nodes: on cgroup v1 a NUMA policy binding the entrypoint's memory, set at start.
+    let missing_node = cri::LinuxContainerResources { cpuset_mems: "1".into(), ..Default::default() };
+    let error = create(&mut client, &pod, with_resources(container_config("bad", &image, &sleep), missing_node))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    let node0 = cri::LinuxContainerResources { cpuset_mems: "0".into(), ..Default::default() };
+    let bound = running(&mut client, &pod, with_resources(container_config("bound", &image, &sleep), node0)).await;
+    let bound_pid = node.sh(&format!("systemctl show -p MainPID --value cri-{bound}.service")).trim().to_string();
+    let maps = node.sh(&format!("cat /proc/{bound_pid}/numa_maps"));
+    assert!(maps.lines().all(|l| l.split_whitespace().nth(1) == Some("bind:0")), "not bound to node 0:\n{maps}");
+    let (_, unbound, _) = sh(&mut client, &id, "busybox cat /proc/self/numa_maps").await;
+    assert!(unbound.lines().all(|l| l.split_whitespace().nth(1) == Some("default")), "{unbound}");
+    let change = cri::LinuxContainerResources { cpuset_mems: "0".into(), ..Default::default() };
+    let error = update(&mut client, &id, change).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
 }
