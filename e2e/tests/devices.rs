@@ -115,7 +115,7 @@ async fn containers_get_only_the_default_devices_unless_privileged() {
     assert_eq!(out.split_whitespace().take(4).collect::<Vec<_>>(), ["3", "3", "3", "3"], "{out}");
     assert!(out.contains("ptmx") && out.split_whitespace().any(|w| w == "0"), "no pty was allocated: {out}");
     let list = devices_list(&node, &plain);
-    for rule in ["c *:* m", "b *:* m", "c 1:3 rwm", "c 5:2 rwm", "c 136:* rwm"] {
+    for rule in ["c *:* m", "b *:* m", "c 1:3 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"] {
         assert!(list.lines().any(|l| l == rule), "{rule} not in the unit's devices.list:\n{list}");
     }
     assert!(!list.contains("a *:*"), "the unit allows every device:\n{list}");

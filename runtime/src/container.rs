@@ -716,7 +716,9 @@ fn oci_devices(devices: &[Device]) -> serde_json::Value {
 
 /// The devices every unprivileged container may use, as runc allows them by default: mknod of any
 /// device (what is made cannot be opened unless allowed below), /dev/null, zero, full, random,
-/// urandom, tty, ptmx, and the ptys of devpts (`char-pts`: every major /proc/devices calls "pts").
+/// urandom, tty, ptmx, the ptys of devpts (`char-pts`: every major /proc/devices calls "pts"), and
+/// /dev/net/tun: runc dropped it in 1.2.0 and restored it in 1.2.4, since VPN containers mknod it
+/// themselves (opencontainers/runc#4555); creating an interface still needs CAP_NET_ADMIN.
 /// Numbers rather than paths: systemd stats paths in its own /dev, which need not have them.
 const DEFAULT_DEVICE_ALLOW: &[(&str, &str)] = &[
     ("char-*", "m"),
@@ -729,6 +731,7 @@ const DEFAULT_DEVICE_ALLOW: &[(&str, &str)] = &[
     ("/dev/char/5:0", "rwm"),
     ("/dev/char/5:2", "rwm"),
     ("char-pts", "rwm"),
+    ("/dev/char/10:200", "rwm"),
 ];
 
 /// The device cgroup of an unprivileged container: `DevicePolicy=strict` (nothing but what
