@@ -309,6 +309,7 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
     ];
     let pinned = cri::LinuxContainerResources {
         cpuset_cpus: "0".into(),
+        memory_limit_in_bytes: 64 << 20,
         hugepage_limits: zero_hugepages.clone(),
         ..Default::default()
     };
@@ -336,19 +337,26 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
     let (_, out, _) = sh(&mut client, &id, "busybox cat /proc/self/status").await;
     assert_eq!(cpus_allowed(&out), "0", "an exec'd process");
 
-    // Live: the entrypoint and later execs move to CPU 1.
+    let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value cri-{id}.service")).trim().to_string();
+    let memory_limit =
+        || node.sh(&format!("cat /sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes")).trim().to_string();
+    assert_eq!(memory_limit(), (64u64 << 20).to_string());
+    // Live: the entrypoint and later execs move to CPU 1. The kubelet's CPU manager sends the
+    // CPUs alone: the memory limit stays.
     let to_one =
         cri::LinuxContainerResources { cpuset_cpus: "1".into(), hugepage_limits: zero_hugepages, ..Default::default() };
     update(&mut client, &id, to_one).await.expect("UpdateContainerResources");
     assert_eq!(cpus_allowed(&node.sh(&format!("cat /proc/{main_pid}/status"))), "1");
     let (_, out, _) = sh(&mut client, &id, "busybox cat /proc/self/status").await;
     assert_eq!(cpus_allowed(&out), "1");
+    assert_eq!(memory_limit(), (64u64 << 20).to_string());
     // A bad update changes nothing; one without a cpuset keeps it.
     let bad = cri::LinuxContainerResources { cpuset_cpus: "0,,1".into(), ..Default::default() };
     assert_eq!(update(&mut client, &id, bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    let memory_only = cri::LinuxContainerResources { memory_limit_in_bytes: 64 << 20, ..Default::default() };
+    let memory_only = cri::LinuxContainerResources { memory_limit_in_bytes: 96 << 20, ..Default::default() };
     update(&mut client, &id, memory_only).await.expect("UpdateContainerResources without a cpuset");
     assert_eq!(cpus_allowed(&node.sh(&format!("cat /proc/{main_pid}/status"))), "1");
+    assert_eq!(memory_limit(), (96u64 << 20).to_string());
     let status = client
         .runtime
         .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })

@@ -324,8 +324,19 @@ impl Runtime {
             )));
         }
         // An empty cpuset keeps the current one, as with containerd: the kubelet's CPU manager
-        // sends only the CPUs, its other callers no cpuset at all.
+        // sends only the CPUs, its other callers no cpuset at all. For the same reason an update
+        // with a cpuset and no limit at all keeps the limits (elsewhere an unset limit lifts it).
         let old = &record.spec.resources;
+        let cpuset_only = (!resources.cpuset_cpus.is_empty() || !resources.cpuset_mems.is_empty())
+            && resources.cpu_period == 0
+            && resources.cpu_quota == 0
+            && resources.cpu_shares == 0
+            && resources.memory_limit_in_bytes == 0;
+        let resources = if cpuset_only {
+            Resources { cpuset_cpus: resources.cpuset_cpus, cpuset_mems: resources.cpuset_mems, ..old.clone() }
+        } else {
+            resources
+        };
         let resources = Resources {
             oom_score_adj: old.oom_score_adj,
             cpuset_cpus: if resources.cpuset_cpus.is_empty() { old.cpuset_cpus.clone() } else { resources.cpuset_cpus },
