@@ -258,7 +258,8 @@ async fn cri_devices_appear_with_exactly_their_permissions() {
     let (code, out, err) = sh(
         &mut client,
         &in_userns,
-        &format!("busybox stat -c '%u %a' /dev/mydev && busybox head -c 7 /dev/mydev && busybox grep -v '^ *0 *0 ' /proc/self/uid_map | busybox wc -l"),
+        "busybox stat -c '%u %a' /dev/mydev && busybox head -c 7 /dev/mydev && \
+         busybox grep -v '^ *0 *0 ' /proc/self/uid_map | busybox wc -l",
     )
     .await;
     assert_eq!(code, 0, "{out}{err}");
