@@ -4,18 +4,30 @@ use std::collections::HashMap;
 
 use imagestore::Image;
 use proto::cri;
-use runtime::{BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, Seccomp};
+use runtime::{
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, Propagation, Resources, Seccomp,
+};
 use tonic::Status;
 
 /// Reads a CRI ContainerConfig, and the image it names, as a runtime ContainerSpec.
 pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<ContainerSpec, Status> {
-    if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
-        return Err(Status::invalid_argument("container devices are not supported yet"));
+    if !config.cdi_devices.is_empty() {
+        let names: Vec<&str> = config.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+        return Err(Status::invalid_argument(format!(
+            "CDI devices are not supported (asked for {}): give host devices in `devices`",
+            names.join(", ")
+        )));
     }
+    let devices = config
+        .devices
+        .iter()
+        .map(|d| Device::resolve(&d.host_path, &d.container_path, &d.permissions))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(crate::errors::runtime_status)?;
     let metadata = config.metadata.ok_or_else(|| Status::invalid_argument("container config has no metadata"))?;
     let linux = config.linux.unwrap_or_default();
     let security = linux.security_context.unwrap_or_default();
-    if security.namespace_options.as_ref().is_some_and(|o| o.target_id != "") {
+    if security.namespace_options.as_ref().is_some_and(|o| !o.target_id.is_empty()) {
         return Err(Status::invalid_argument("targeting another container's namespaces is not supported yet"));
     }
     let resources = linux.resources.unwrap_or_default();
@@ -58,10 +70,11 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         working_dir: config.working_dir,
         env: config.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
         mounts,
+        devices,
         labels: config.labels.into_iter().collect(),
         annotations: config.annotations.into_iter().collect(),
         log_path: config.log_path,
-        resources: resources_of(&resources),
+        resources: resources_of(&resources)?,
         run_as_user: security.run_as_user.map(|v| v.value),
         run_as_group: security.run_as_group.map(|v| v.value),
         run_as_username: security.run_as_username,
@@ -108,15 +121,32 @@ fn seccomp_of(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<Secc
     }
 }
 
-/// The limits the runtime applies, from CRI LinuxContainerResources.
-pub fn resources_of(r: &cri::LinuxContainerResources) -> Resources {
-    Resources {
+/// The limits the runtime applies, from CRI LinuxContainerResources. The kubelet sends a hugepage
+/// limit for every page size the node has, 0 when the pod asked for none: those are accepted.
+/// Others are refused, since nothing would enforce them (systemd 252 does not manage the hugetlb
+/// controller, and writing its files under systemd's cgroups would be undone by it).
+pub fn resources_of(r: &cri::LinuxContainerResources) -> Result<Resources, Status> {
+    if let Some(limit) = r.hugepage_limits.iter().find(|h| h.limit != 0) {
+        return Err(Status::invalid_argument(format!(
+            "hugepage limits are not supported (asked for {} bytes of {} pages): systemd does not manage the \
+             hugetlb controller",
+            limit.limit, limit.page_size
+        )));
+    }
+    for (what, list) in [("cpuset_cpus", &r.cpuset_cpus), ("cpuset_mems", &r.cpuset_mems)] {
+        runtime::parse_cpu_list(list).map_err(|e| {
+            Status::invalid_argument(format!("{what}: {}", e.to_string().trim_start_matches("cpuset ")))
+        })?;
+    }
+    Ok(Resources {
         cpu_period: r.cpu_period,
         cpu_quota: r.cpu_quota,
         cpu_shares: r.cpu_shares,
         memory_limit_in_bytes: r.memory_limit_in_bytes,
         oom_score_adj: r.oom_score_adj,
-    }
+        cpuset_cpus: r.cpuset_cpus.clone(),
+        cpuset_mems: r.cpuset_mems.clone(),
+    })
 }
 
 fn container_image(image: &Image, requested: &str) -> ContainerImage {
@@ -212,6 +242,8 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
                 cpu_shares: c.spec.resources.cpu_shares,
                 memory_limit_in_bytes: c.spec.resources.memory_limit_in_bytes,
                 oom_score_adj: c.spec.resources.oom_score_adj,
+                cpuset_cpus: c.spec.resources.cpuset_cpus.clone(),
+                cpuset_mems: c.spec.resources.cpuset_mems.clone(),
                 ..Default::default()
             }),
             ..Default::default()

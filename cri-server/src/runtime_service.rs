@@ -325,7 +325,7 @@ impl RuntimeService for RuntimeApi {
         let request = request.into_inner();
         let linux =
             request.linux.ok_or_else(|| Status::invalid_argument("UpdateContainerResources needs linux resources"))?;
-        let resources = container_translate::resources_of(&linux);
+        let resources = container_translate::resources_of(&linux)?;
         self.runtime.update_resources(&request.container_id, resources).await.map_err(runtime_status)?;
         Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }

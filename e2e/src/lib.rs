@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub use proto::{CriClient, cri};
 
+pub mod crisimple;
 pub mod oci;
 pub mod rawgrpc;
 pub mod registry;

@@ -84,6 +84,138 @@ pub struct Resources {
     pub cpu_shares: i64,
     pub memory_limit_in_bytes: i64,
     pub oom_score_adj: i64,
+    /// A Linux CPU list ("0-3,6"); empty: every CPU.
+    #[serde(default)]
+    pub cpuset_cpus: String,
+    /// A list of NUMA memory nodes, same syntax; empty: every node.
+    #[serde(default)]
+    pub cpuset_mems: String,
+}
+
+/// A host device node made available in the container (CRI `devices`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// The path the kubelet gave (symlinks are followed when it is resolved).
+    pub host_path: PathBuf,
+    /// Where it appears in the container: a path under /dev.
+    pub container_path: String,
+    /// What the container may do with it, in the device cgroup: a non-empty subset of "rwm",
+    /// normalized to that order.
+    pub permissions: String,
+    /// The host node, read by CreateContainer: init makes the container's node from it, and the
+    /// unit's `DeviceAllow=` names its number, so a restart or a later start needs no host path.
+    #[serde(default)]
+    pub node: Option<DeviceNode>,
+}
+
+/// The number, type, mode and owner of a device node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub block: bool,
+    pub major: u64,
+    pub minor: u64,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Device {
+    /// Checks the request and reads the host node. A missing path or one that is not a character
+    /// or block device is refused, naming the path.
+    pub fn resolve(host_path: &str, container_path: &str, permissions: &str) -> Result<Device, Error> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        check_device_path(container_path)?;
+        let permissions = device_permissions(permissions).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "device {host_path}: permissions {permissions:?} must be a non-empty subset of \"rwm\""
+            ))
+        })?;
+        if !Path::new(host_path).is_absolute() {
+            return Err(Error::InvalidArgument(format!("device host path {host_path:?} is not absolute")));
+        }
+        // metadata follows symlinks (/dev/disk/by-id/... names the device itself).
+        let meta =
+            std::fs::metadata(host_path).map_err(|e| Error::InvalidArgument(format!("device {host_path}: {e}")))?;
+        let kind = meta.file_type();
+        if !kind.is_char_device() && !kind.is_block_device() {
+            return Err(Error::InvalidArgument(format!("device {host_path} is not a character or block device node")));
+        }
+        let rdev = meta.rdev();
+        Ok(Device {
+            host_path: host_path.into(),
+            container_path: container_path.to_string(),
+            permissions,
+            node: Some(DeviceNode {
+                block: kind.is_block_device(),
+                major: libc::major(rdev) as u64,
+                minor: libc::minor(rdev) as u64,
+                mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+            }),
+        })
+    }
+}
+
+/// "rwm" in that order, from any arrangement of those letters without repeats.
+fn device_permissions(given: &str) -> Option<String> {
+    if given.is_empty() || given.chars().any(|c| !"rwm".contains(c)) {
+        return None;
+    }
+    let mut seen: Vec<char> = given.chars().collect();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != given.len() {
+        return None;
+    }
+    Some("rwm".chars().filter(|c| given.contains(*c)).collect())
+}
+
+/// A device's container path: absolute, under /dev, no "..".
+fn check_device_path(path: &str) -> Result<(), Error> {
+    let p = Path::new(path);
+    let clean = p.is_absolute() && !p.components().any(|c| matches!(c, std::path::Component::ParentDir));
+    if !clean || !p.starts_with("/dev") || p == Path::new("/dev") {
+        return Err(Error::InvalidArgument(format!("device container path {path:?} must be a path under /dev")));
+    }
+    Ok(())
+}
+
+/// Parses a Linux CPU or memory node list ("0-3,6,8-9") into the numbers it names; "" is none.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<u32>, Error> {
+    // The kernel's limit on CPU numbers (NR_CPUS is at most 8192): larger ones are typos.
+    const MAX: u32 = 8192;
+    let bad = || Error::InvalidArgument(format!("cpuset {list:?} is not a list such as \"0-3,6\""));
+    let mut ids = Vec::new();
+    if list.trim().is_empty() {
+        return Ok(ids);
+    }
+    for part in list.trim().split(',') {
+        let part = part.trim();
+        let number = |s: &str| s.parse::<u32>().ok().filter(|n| *n < MAX && !s.starts_with('+')).ok_or_else(bad);
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => (number(part)?, number(part)?),
+        };
+        if first > last {
+            return Err(bad());
+        }
+        ids.extend(first..=last);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The bitmask systemd takes for CPUAffinity=, AllowedCPUs= and AllowedMemoryNodes= (`ay`: bit
+/// n of byte n/8 is CPU n).
+pub(crate) fn cpu_mask(ids: &[u32]) -> Vec<u8> {
+    let mut mask = vec![0u8; ids.iter().max().map_or(0, |m| *m as usize / 8 + 1)];
+    for id in ids {
+        mask[*id as usize / 8] |= 1 << (id % 8);
+    }
+    mask
 }
 
 /// A container as the kubelet describes it (the runtime's reading of a CRI ContainerConfig).
@@ -97,6 +229,9 @@ pub struct ContainerSpec {
     pub working_dir: String,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<BindMount>,
+    /// Host devices (CRI `devices`), resolved by `Device::resolve`.
+    #[serde(default)]
+    pub devices: Vec<Device>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     /// Relative to the pod's log directory.
@@ -178,7 +313,7 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// Every capability, for privileged containers.
+/// Every capability, in the kernel's order (CAP_CHOWN is 0), for privileged containers.
 const ALL_CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -264,6 +399,17 @@ impl ContainerSpec {
         for mount in &self.mounts {
             check_mount_mappings(mount)?;
         }
+        for device in &self.devices {
+            check_device_path(&device.container_path)?;
+            if device.node.is_none() || device_permissions(&device.permissions).is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "device {} was not resolved with valid permissions",
+                    device.host_path.display()
+                )));
+            }
+        }
+        parse_cpu_list(&self.resources.cpuset_cpus)?;
+        parse_cpu_list(&self.resources.cpuset_mems)?;
         for cap in self.add_capabilities.iter().chain(&self.drop_capabilities) {
             let name = capability_name(cap);
             if name != "CAP_ALL" && !ALL_CAPABILITIES.contains(&name.as_str()) {
@@ -337,7 +483,7 @@ impl ContainerSpec {
 
     fn capabilities(&self) -> Vec<String> {
         if self.privileged {
-            return ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+            return privileged_capabilities();
         }
         let adds: Vec<String> = self.add_capabilities.iter().map(|c| capability_name(c)).collect();
         let drops: Vec<String> = self.drop_capabilities.iter().map(|c| capability_name(c)).collect();
@@ -352,6 +498,21 @@ impl ContainerSpec {
         caps.dedup();
         caps
     }
+}
+
+/// A privileged container's capabilities: all those the daemon's bounding set has, as containerd
+/// gives (a node without CAP_SYS_RESOURCE, such as a container, could not grant it: the start
+/// would fail in capset).
+fn privileged_capabilities() -> Vec<String> {
+    ALL_CAPABILITIES
+        .iter()
+        .enumerate()
+        // ALL_CAPABILITIES is in the kernel's order: the index is the capability's number.
+        // SAFETY: PR_CAPBSET_READ only reads this process's bounding set; -1 (EINVAL) for a
+        // number the kernel does not know.
+        .filter(|(number, _)| unsafe { libc::prctl(libc::PR_CAPBSET_READ, *number as libc::c_ulong, 0, 0, 0) } == 1)
+        .map(|(_, name)| name.to_string())
+        .collect()
 }
 
 /// `NET_ADMIN`, `net_admin` and `CAP_NET_ADMIN` all name the same capability.
@@ -562,11 +723,124 @@ pub(crate) fn oci_spec(
             "seccomp": seccomp,
             "uidMappings": userns_mappings,
             "gidMappings": userns_mappings,
+            "devices": oci_devices(&spec.devices),
             "maskedPaths": masked,
             "readonlyPaths": readonly,
         },
     });
     serde_json::from_value(json).map_err(|e| Error::InvalidArgument(format!("cannot build the OCI spec: {e}")))
+}
+
+/// OCI linux.devices: init makes each node in the container's /dev (as the node's root, before it
+/// joins a pod's user namespace, so it works there too; the owner is translated into the pod's
+/// range). mknod rather than a bind mount of the host node: the node then belongs to the
+/// container's root in a user namespace as well, where a bound host node would stay the host
+/// root's and be unusable unless world-accessible.
+fn oci_devices(devices: &[Device]) -> serde_json::Value {
+    devices
+        .iter()
+        .filter_map(|d| d.node.map(|n| (d, n)))
+        .map(|(d, n)| {
+            serde_json::json!({
+                "path": d.container_path, "type": if n.block { "b" } else { "c" },
+                "major": n.major, "minor": n.minor, "fileMode": n.mode, "uid": n.uid, "gid": n.gid,
+            })
+        })
+        .collect()
+}
+
+/// The devices every unprivileged container may use, as runc allows them by default: mknod of any
+/// device (what is made cannot be opened unless allowed below), /dev/null, zero, full, random,
+/// urandom, tty, ptmx, the ptys of devpts (`char-pts`: every major /proc/devices calls "pts"), and
+/// /dev/net/tun: runc dropped it in 1.2.0 and restored it in 1.2.4, since VPN containers mknod it
+/// themselves (opencontainers/runc#4555); creating an interface still needs CAP_NET_ADMIN.
+/// Numbers rather than paths: systemd stats paths in its own /dev, which need not have them.
+const DEFAULT_DEVICE_ALLOW: &[(&str, &str)] = &[
+    ("char-*", "m"),
+    ("block-*", "m"),
+    ("/dev/char/1:3", "rwm"),
+    ("/dev/char/1:5", "rwm"),
+    ("/dev/char/1:7", "rwm"),
+    ("/dev/char/1:8", "rwm"),
+    ("/dev/char/1:9", "rwm"),
+    ("/dev/char/5:0", "rwm"),
+    ("/dev/char/5:2", "rwm"),
+    ("char-pts", "rwm"),
+    ("/dev/char/10:200", "rwm"),
+];
+
+/// The device cgroup of an unprivileged container: `DevicePolicy=strict` (nothing but what
+/// `DeviceAllow=` lists; systemd writes devices.deny/allow on cgroup v1 and attaches a BPF
+/// program on v2), the defaults, and its CRI devices with exactly their permissions. Privileged
+/// containers get no properties: their unit's device cgroup allows everything, as with runc.
+pub(crate) fn device_properties(spec: &ContainerSpec) -> Vec<(&'static str, Value<'static>)> {
+    if spec.privileged {
+        return Vec::new();
+    }
+    let mut allow: Vec<(String, String)> =
+        DEFAULT_DEVICE_ALLOW.iter().map(|(path, perms)| (path.to_string(), perms.to_string())).collect();
+    for device in &spec.devices {
+        if let Some(n) = device.node {
+            let kind = if n.block { "block" } else { "char" };
+            allow.push((format!("/dev/{kind}/{}:{}", n.major, n.minor), device.permissions.clone()));
+        }
+    }
+    vec![("DevicePolicy", Value::from("strict")), ("DeviceAllow", Value::from(allow))]
+}
+
+/// Refuses CPUs and memory nodes the node does not have online: systemd would fail the start
+/// (or an update) with a less clear error.
+pub(crate) fn check_cpuset_on_node(r: &Resources) -> Result<(), Error> {
+    for (what, list, online) in [
+        ("cpuset_cpus", &r.cpuset_cpus, "/sys/devices/system/cpu/online"),
+        ("cpuset_mems", &r.cpuset_mems, "/sys/devices/system/node/online"),
+    ] {
+        let wanted = parse_cpu_list(list)?;
+        if wanted.is_empty() {
+            continue;
+        }
+        // Without NUMA support there is no node directory: node 0 only.
+        let online_text = std::fs::read_to_string(online).unwrap_or_else(|_| "0".into());
+        let have = parse_cpu_list(online_text.trim())?;
+        if let Some(missing) = wanted.iter().find(|id| !have.contains(id)) {
+            return Err(Error::InvalidArgument(format!(
+                "{what} {list:?} names {missing}, which is not online on this node ({})",
+                online_text.trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the node's cgroups are the unified hierarchy (v2) rather than v1 or hybrid.
+pub(crate) fn cgroup_unified() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// CPU and memory node sets. cgroup v2: `AllowedCPUs=`/`AllowedMemoryNodes=` (the cpuset
+/// controller; systemd changes them live). cgroup v1, whose cpuset controller systemd does not
+/// manage: the CPUs as `CPUAffinity=` (set at exec; an update sets the affinity of the unit's
+/// tasks, see `Runtime::update_resources`), the memory nodes as `NUMAPolicy=bind` +
+/// `NUMAMask=` (set at exec, not changeable on a running container).
+pub(crate) fn cpuset_properties(r: &Resources, unified: bool) -> Result<Vec<(&'static str, Value<'static>)>, Error> {
+    let cpus = parse_cpu_list(&r.cpuset_cpus)?;
+    let mems = parse_cpu_list(&r.cpuset_mems)?;
+    let mut properties: Vec<(&'static str, Value<'static>)> = Vec::new();
+    if unified {
+        // An empty mask lifts the restriction, as an update to "" should.
+        properties.push(("AllowedCPUs", Value::from(cpu_mask(&cpus))));
+        properties.push(("AllowedMemoryNodes", Value::from(cpu_mask(&mems))));
+    } else {
+        if !cpus.is_empty() {
+            properties.push(("CPUAffinity", Value::from(cpu_mask(&cpus))));
+        }
+        if !mems.is_empty() {
+            properties.push(("NUMAPolicy", Value::from(libc::MPOL_BIND)));
+            properties.push(("NUMAMask", Value::from(cpu_mask(&mems))));
+        }
+    }
+    Ok(properties)
 }
 
 /// The signal number of an image's StopSignal (`SIGTERM`, `TERM`, `15`); SIGTERM when unset.
@@ -678,6 +952,56 @@ mod tests {
         assert_eq!(none.capabilities(), Vec::<String>::new());
         let bad = ContainerSpec { add_capabilities: vec!["CAP_FLY".into()], ..spec() };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_become_masks() {
+        assert_eq!(parse_cpu_list("").unwrap(), Vec::<u32>::new());
+        assert_eq!(parse_cpu_list("0").unwrap(), [0]);
+        assert_eq!(parse_cpu_list("0-2,5, 9-10").unwrap(), [0, 1, 2, 5, 9, 10]);
+        assert_eq!(parse_cpu_list("3,1-3").unwrap(), [1, 2, 3]);
+        for bad in ["0-", "-1", "1-0", "a", "0,,1", "+1", "0-99999", "1 2"] {
+            assert!(matches!(parse_cpu_list(bad), Err(Error::InvalidArgument(_))), "{bad:?} was accepted");
+        }
+        assert_eq!(cpu_mask(&[]), Vec::<u8>::new());
+        assert_eq!(cpu_mask(&[0]), [1]);
+        assert_eq!(cpu_mask(&[1, 9]), [2, 2]);
+    }
+
+    #[test]
+    fn device_requests_are_checked() {
+        assert_eq!(device_permissions("mrw").as_deref(), Some("rwm"));
+        assert_eq!(device_permissions("r").as_deref(), Some("r"));
+        for bad in ["", "rr", "rx", "RW"] {
+            assert_eq!(device_permissions(bad), None, "{bad:?}");
+        }
+        let null = Device::resolve("/dev/null", "/dev/mynull", "rw").unwrap();
+        assert_eq!(null.node.map(|n| (n.block, n.major, n.minor)), Some((false, 1, 3)));
+        for (host, container, permissions) in [
+            ("/etc/passwd", "/dev/x", "r"),
+            ("/dev/no-such", "/dev/x", "r"),
+            ("dev/null", "/dev/x", "r"),
+            ("/dev/null", "/etc/x", "r"),
+            ("/dev/null", "/dev", "r"),
+            ("/dev/null", "/dev/../x", "r"),
+            ("/dev/null", "/dev/x", "rwx"),
+        ] {
+            assert!(matches!(Device::resolve(host, container, permissions), Err(Error::InvalidArgument(_))), "{host}");
+        }
+        let unprivileged = ContainerSpec { devices: vec![null], ..spec() };
+        let properties = device_properties(&unprivileged);
+        assert_eq!(properties[0].1, Value::from("strict"));
+        let allow = format!("{:?}", properties[1].1);
+        assert!(allow.contains("/dev/char/1:3") && allow.contains("char-pts"), "{allow}");
+        assert!(device_properties(&ContainerSpec { privileged: true, ..unprivileged }).is_empty());
+    }
+
+    #[test]
+    fn privileged_capabilities_follow_the_kernels_numbering() {
+        assert_eq!(ALL_CAPABILITIES[24], "CAP_SYS_RESOURCE");
+        assert_eq!(ALL_CAPABILITIES[27], "CAP_MKNOD");
+        assert_eq!(ALL_CAPABILITIES[40], "CAP_CHECKPOINT_RESTORE");
+        assert!(privileged_capabilities().contains(&"CAP_CHOWN".to_string()));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! <exit.json>`, so systemd itself records how it ended.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{info, warn};
@@ -94,6 +94,7 @@ impl Runtime {
         rootfs: RootfsLayers,
     ) -> Result<(), Error> {
         spec.validate()?;
+        container::check_cpuset_on_node(&spec.resources)?;
         let pod = self.pod(pod_id)?;
         if pod.state != PodState::Ready {
             return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
@@ -243,6 +244,8 @@ impl Runtime {
             }
             properties.push(("After", Value::from(vec![init_unit.clone()])));
         }
+        properties.extend(container::device_properties(&record.spec));
+        properties.extend(container::cpuset_properties(&record.spec.resources, container::cgroup_unified())?);
         // The kubelet reads the log file from the start; create it before the first line.
         if let Some(log) = self.log_path(&record.id) {
             let created = log
@@ -380,10 +383,45 @@ impl Runtime {
                 record.id, record.state
             )));
         }
+        // An empty cpuset keeps the current one, as with containerd: the kubelet's CPU manager
+        // sends only the CPUs, its other callers no cpuset at all. For the same reason an update
+        // with a cpuset and no limit at all keeps the limits (elsewhere an unset limit lifts it).
+        let old = &record.spec.resources;
+        let cpuset_only = (!resources.cpuset_cpus.is_empty() || !resources.cpuset_mems.is_empty())
+            && resources.cpu_period == 0
+            && resources.cpu_quota == 0
+            && resources.cpu_shares == 0
+            && resources.memory_limit_in_bytes == 0;
+        let resources = if cpuset_only {
+            Resources { cpuset_cpus: resources.cpuset_cpus, cpuset_mems: resources.cpuset_mems, ..old.clone() }
+        } else {
+            resources
+        };
+        let resources = Resources {
+            oom_score_adj: old.oom_score_adj,
+            cpuset_cpus: if resources.cpuset_cpus.is_empty() { old.cpuset_cpus.clone() } else { resources.cpuset_cpus },
+            cpuset_mems: if resources.cpuset_mems.is_empty() { old.cpuset_mems.clone() } else { resources.cpuset_mems },
+            ..resources
+        };
+        container::check_cpuset_on_node(&resources)?;
         if record.state == ContainerState::Running {
-            self.systemd.set_unit_properties(&record.unit, container::limit_properties(&resources)).await?;
+            let unified = container::cgroup_unified();
+            if !unified && resources.cpuset_mems != record.spec.resources.cpuset_mems {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {}: cpuset_mems cannot change while it runs on cgroup v1 (a NUMA policy set at start)",
+                    record.id
+                )));
+            }
+            let mut properties = container::limit_properties(&resources);
+            if unified {
+                properties.extend(container::cpuset_properties(&resources, true)?);
+            }
+            self.systemd.set_unit_properties(&record.unit, properties).await?;
+            if !unified && resources.cpuset_cpus != record.spec.resources.cpuset_cpus {
+                set_unit_affinity(&record, &resources.cpuset_cpus)?;
+            }
         }
-        record.spec.resources = Resources { oom_score_adj: record.spec.resources.oom_score_adj, ..resources };
+        record.spec.resources = resources;
         self.save_container(&entry, record)
     }
 
@@ -615,6 +653,45 @@ impl Runtime {
         stored.close_rest();
         Ok(())
     }
+}
+
+/// cgroup v1: systemd applies `CPUAffinity=` at exec only, so a new CPU set for a running
+/// container is the affinity of each of its tasks (threads), set here. Tasks started meanwhile
+/// inherit it from an updated parent, or are found by the next pass.
+fn set_unit_affinity(record: &Container, cpus: &str) -> Result<(), Error> {
+    let ids = container::parse_cpu_list(cpus)?;
+    let mut set = nix::sched::CpuSet::new();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let ids = if ids.is_empty() { container::parse_cpu_list(online.trim())? } else { ids };
+    for id in ids {
+        set.set(id as usize).map_err(|e| Error::InvalidArgument(format!("cpuset_cpus {cpus:?}: cpu {id}: {e}")))?;
+    }
+    let tasks_file = Path::new("/sys/fs/cgroup/systemd")
+        .join(crate::stats::cgroup_path(&record.slice, Some(&record.unit)).trim_start_matches('/'))
+        .join("tasks");
+    let mut done: HashSet<i32> = HashSet::new();
+    for _ in 0..3 {
+        let tasks = std::fs::read_to_string(&tasks_file)
+            .map_err(Error::io(format!("cannot list the tasks of {}", record.unit)))?;
+        let new: Vec<i32> =
+            tasks.split_whitespace().filter_map(|t| t.parse().ok()).filter(|t| !done.contains(t)).collect();
+        if new.is_empty() {
+            break;
+        }
+        for tid in new {
+            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: format!("cannot set the CPU affinity of task {tid} of {}", record.unit),
+                        source: e.into(),
+                    });
+                }
+            }
+            done.insert(tid);
+        }
+    }
+    Ok(())
 }
 
 fn now_nanos() -> i64 {

@@ -32,7 +32,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
-    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Propagation, Resources, RootfsLayers, Seccomp,
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, Propagation, Resources,
+    RootfsLayers, Seccomp, parse_cpu_list,
 };
 pub use containers::ContainerFilter;
 pub use error::Error;

@@ -200,6 +200,11 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
         )));
     }
     join_cgroups(&cgroups)?;
+    // The container's CPUs: on cgroup v1 they are an affinity (CPUAffinity=, or set by the daemon
+    // on an update), which a process joining the cgroups does not get by itself.
+    let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(main))
+        .ctx(|| format!("read the CPU affinity of process {main}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).ctx(|| "set the CPU affinity".into())?;
     nix::sched::setns(&pid_ns, CloneFlags::CLONE_NEWPID).ctx(|| "join pid namespace".into())?;
     drop(pid_ns);
 

@@ -997,6 +997,17 @@ fn create_device(
         }
         Err(Errno::EPERM) => {
             let host = Path::new("/").join(rel);
+            // Only the very device may stand in: a CRI device's container path need not be where
+            // the node has it.
+            let same = nix::sys::stat::stat(&host).is_ok_and(|st| {
+                st.st_rdev == dev && SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == kind
+            });
+            if !same {
+                return Err(Error::new(format!(
+                    "mknod {shown}: not permitted, and {} is not device {major}:{minor} to bind instead",
+                    host.display()
+                )));
+            }
             nix::fcntl::openat(
                 &parent,
                 name,

@@ -1,0 +1,68 @@
+//! Plain CRI calls the end-to-end tests make over and over: a pod config, a container config, and
+//! the lifecycle calls with the answers unwrapped.
+
+use std::collections::HashMap;
+
+use crate::{CriClient, cri};
+
+/// A pod config with a name-derived uid, in namespace `e2e`.
+pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-0000-1111-2222-333344445555"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        ..Default::default()
+    }
+}
+
+/// A container config running `command` in `image`, labelled `container=<name>`.
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        labels: HashMap::from([("container".into(), name.into())]),
+        ..Default::default()
+    }
+}
+
+/// RunPodSandbox of `pod_config(name)`; returns the pod id.
+pub async fn run_pod(client: &mut CriClient, name: &str) -> String {
+    let request = cri::RunPodSandboxRequest { config: Some(pod_config(name)), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
+}
+
+/// CreateContainer; returns the container id or the daemon's refusal.
+pub async fn create(client: &mut CriClient, pod: &str, config: cri::ContainerConfig) -> Result<String, tonic::Status> {
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(pod_config("x")),
+    };
+    client.runtime.create_container(request).await.map(|r| r.into_inner().container_id)
+}
+
+pub async fn start(client: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
+    client.runtime.start_container(cri::StartContainerRequest { container_id: id.into() }).await.map(|_| ())
+}
+
+/// ExecSync of `cmd` with a 30 s timeout.
+pub async fn exec_sync(client: &mut CriClient, id: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    let request =
+        cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout: 30 };
+    client.runtime.exec_sync(request).await.map(|r| r.into_inner())
+}
+
+/// `sh -c script` in the container: (exit code, stdout, stderr).
+pub async fn sh(client: &mut CriClient, id: &str, script: &str) -> (i32, String, String) {
+    let out = exec_sync(client, id, &["/bin/sh", "-c", script]).await.expect("ExecSync");
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
