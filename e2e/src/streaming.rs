@@ -200,7 +200,7 @@ impl SpdyWriter {
 
 impl SpdyReader {
     /// The next frame; `None` at EOF.
-    pub fn next(&mut self) -> io::Result<Option<ServerFrame>> {
+    pub fn next_frame(&mut self) -> io::Result<Option<ServerFrame>> {
         let mut head = [0u8; 8];
         match self.socket.read_exact(&mut head) {
             Ok(()) => {}
@@ -279,7 +279,7 @@ pub fn collect(reader: &mut SpdyReader, error: u32, stdout: Option<u32>, stderr:
     let mut collected = Collected::default();
     let mut open: Vec<u32> = [Some(error), stdout, stderr].into_iter().flatten().collect();
     while !open.is_empty() {
-        match reader.next().expect("read frame") {
+        match reader.next_frame().expect("read frame") {
             Some(ServerFrame::Reply { stream, .. }) => collected.replied.push(stream),
             Some(ServerFrame::Data { stream, fin, data }) => {
                 if stream == error {

@@ -137,9 +137,8 @@ async fn container_lifecycle_as_a_systemd_service() {
 
     // StopPodSandbox with a container still running (crictl stopp; the kubelet stops each one
     // first): killed at once, as containerd does, with its exit recorded as such.
-    let id = create(&mut client, &pod, container_config("left", &image, &["/bin/busybox", "sleep", "1000"]))
-        .await
-        .unwrap();
+    let id =
+        create(&mut client, &pod, container_config("left", &image, &["/bin/busybox", "sleep", "1000"])).await.unwrap();
     start(&mut client, &id).await.unwrap();
     client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
     let killed = status(&mut client, &id).await;

@@ -402,7 +402,7 @@ async fn exec_and_attach_stream_over_spdy_and_websocket() {
         let _stdout = writer.open(&[("streamType", "stdout")]).unwrap();
         let _stderr = writer.open(&[("streamType", "stderr")]).unwrap();
         // The first reply: the session is up.
-        let _ = reader.next();
+        let _ = reader.next_frame();
         std::thread::sleep(Duration::from_secs(1));
         writer.drop_connection();
     })
@@ -752,7 +752,7 @@ async fn attach_carries_stdin_and_stdin_once_closes_it() {
         let mut got = Vec::new();
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         while !text(&got).contains("got only once") && Instant::now() < deadline {
-            match reader.next().expect("read frame") {
+            match reader.next_frame().expect("read frame") {
                 Some(ServerFrame::Data { stream, data, .. }) if stream == stdout => got.extend_from_slice(&data),
                 Some(_) => {}
                 None => break,

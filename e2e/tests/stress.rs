@@ -276,7 +276,7 @@ async fn exit_codes_are_exact_when_many_containers_end_at_once() {
             }
         })
         .await;
-        if status.exit_code != *code as i32 || status.reason != if *code == 0 { "Completed" } else { "Error" } {
+        if status.exit_code != *code || status.reason != if *code == 0 { "Completed" } else { "Error" } {
             wrong.push(format!("{id}: expected {code}, got {} ({})", status.exit_code, status.reason));
         }
     }

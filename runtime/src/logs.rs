@@ -163,10 +163,10 @@ impl LogWriter {
                 }
             }
         }
-        if let Some((path, file)) = open.get_mut(id) {
-            if let Err(e) = file.write_all(&text) {
-                warn!(container = id, "cannot write log {}: {e}", path.display());
-            }
+        if let Some((path, file)) = open.get_mut(id)
+            && let Err(e) = file.write_all(&text)
+        {
+            warn!(container = id, "cannot write log {}: {e}", path.display());
         }
     }
 

@@ -303,7 +303,7 @@ pub fn release(pins: &PodNamespaces) -> Result<(), String> {
 pub fn is_pinned(pin: &Path) -> bool {
     // nsfs files report the NSFS magic; an unmounted leftover file is a plain empty file.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
-    nix::sys::statfs::statfs(pin).map(|fs| fs.filesystem_type().0 as i64 == NSFS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(pin).map(|fs| fs.filesystem_type().0 == NSFS_MAGIC).unwrap_or(false)
 }
 
 /// Sets IFF_UP on `lo` in the calling thread's network namespace.

@@ -138,10 +138,10 @@ pub fn disk_usage(dir: &Path) -> DiskUsage {
         }
         usage.inodes += 1;
         usage.bytes += meta.blocks() * 512;
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
         }
     }
     usage

@@ -63,6 +63,10 @@ fn forward_error(port: u16, pod: &str, error: impl std::fmt::Display) -> String 
 
 /// Over SPDY: the client opens an error and a data stream per connection, with the same
 /// `requestID` and the `port`.
+/// A forward's streams as they arrive, by request id: its error stream, and its data stream with
+/// the data's receiver.
+type PendingForward = (Option<u32>, Option<(u32, mpsc::Receiver<Vec<u8>>)>);
+
 pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequest, mut connection: SpdyConnection) {
     let (pod_id, netns, allowed) = match target(&server, &request) {
         Ok(target) => target,
@@ -71,7 +75,7 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
             return connection.finish().await;
         }
     };
-    let mut pending: HashMap<String, (Option<u32>, Option<(u32, mpsc::Receiver<Vec<u8>>)>)> = HashMap::new();
+    let mut pending: HashMap<String, PendingForward> = HashMap::new();
     let mut forwards = tokio::task::JoinSet::new();
     let mut closed = connection.closed.clone();
     loop {
@@ -224,10 +228,10 @@ pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: Strea
     let mut incoming = std::mem::replace(&mut ws.incoming, mpsc::channel(1).1);
     let demux = async {
         while let Some((channel, bytes)) = incoming.recv().await {
-            if channel % 2 == 0 {
-                if let Some(tx) = inputs.get((channel / 2) as usize) {
-                    let _ = tx.send(bytes).await;
-                }
+            if channel % 2 == 0
+                && let Some(tx) = inputs.get((channel / 2) as usize)
+            {
+                let _ = tx.send(bytes).await;
             }
         }
     };

@@ -204,10 +204,10 @@ pub(super) async fn serve_websocket(
         while let Some((channel, bytes)) = incoming.recv().await {
             match channel {
                 STDIN => {
-                    if let Some(tx) = &stdin_tx {
-                        if tx.send(bytes).await.is_err() {
-                            stdin_tx = None;
-                        }
+                    if let Some(tx) = &stdin_tx
+                        && tx.send(bytes).await.is_err()
+                    {
+                        stdin_tx = None;
                     }
                 }
                 RESIZE => {
@@ -222,10 +222,10 @@ pub(super) async fn serve_websocket(
     let outgoing = ws.outgoing.clone();
     let pump = tokio::spawn(async move {
         while let Some((channel, bytes)) = out_rx.recv().await {
-            if let Some(bytes) = bytes {
-                if outgoing.send((channel, bytes)).await.is_err() {
-                    return;
-                }
+            if let Some(bytes) = bytes
+                && outgoing.send((channel, bytes)).await.is_err()
+            {
+                return;
             }
         }
     });

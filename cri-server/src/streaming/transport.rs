@@ -305,10 +305,10 @@ impl WsChannels {
                 };
                 activity.touch();
                 match message {
-                    Message::Binary(bytes) if !bytes.is_empty() => {
-                        if in_tx.send((bytes[0], bytes[1..].to_vec())).await.is_err() {
-                            // Nobody reads the client's input any more; keep watching for the close.
-                        }
+                    Message::Binary(bytes)
+                        if !bytes.is_empty() && in_tx.send((bytes[0], bytes[1..].to_vec())).await.is_err() =>
+                    {
+                        // Nobody reads the client's input any more; keep watching for the close.
                     }
                     Message::Ping(payload) => {
                         let _ = pong_tx.try_send(payload.to_vec());

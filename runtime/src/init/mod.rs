@@ -136,13 +136,13 @@ pub fn run(spec_path: &Path) -> ! {
         }
     };
     let error_file = ErrorFile::open(&spec.error_file);
-    if spec.journal_stdio {
-        if let Err(e) = connect_stdio_to_journal() {
-            let message = format!("connect stdout and stderr to the journal: {e}");
-            eprintln!("cri-systemd init: {message}");
-            error_file.write(&message);
-            std::process::exit(1);
-        }
+    if spec.journal_stdio
+        && let Err(e) = connect_stdio_to_journal()
+    {
+        let message = format!("connect stdout and stderr to the journal: {e}");
+        eprintln!("cri-systemd init: {message}");
+        error_file.write(&message);
+        std::process::exit(1);
     }
     match supervise(&spec) {
         Ok(()) => std::process::exit(0),

@@ -391,5 +391,5 @@ pub(crate) fn number(name: &str) -> Option<i64> {
         "writev" => libc::SYS_writev,
         _ => return None,
     };
-    Some(number as i64)
+    Some(number)
 }
