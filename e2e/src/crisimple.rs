@@ -2,8 +2,9 @@
 //! the lifecycle calls with the answers unwrapped.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use crate::{CriClient, cri};
+use crate::{CriClient, cri, eventually};
 
 /// A pod config with a name-derived uid, in namespace `e2e`.
 pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
@@ -65,4 +66,22 @@ pub async fn sh(client: &mut CriClient, id: &str, script: &str) -> (i32, String,
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+pub async fn status(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
+    let request = cri::ContainerStatusRequest { container_id: id.into(), verbose: false };
+    client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.expect("a status")
+}
+
+/// The container's status once it has exited (within 30 s).
+pub async fn wait_exited(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
+    eventually(Duration::from_secs(30), "the container to exit", || {
+        let mut client = client.clone();
+        let id = id.to_string();
+        async move {
+            let s = status(&mut client, &id).await;
+            (s.state == cri::ContainerState::ContainerExited as i32).then_some(s)
+        }
+    })
+    .await
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use e2e::crisimple::{container_config, create, pod_config, run_pod, start, status, wait_exited};
 use e2e::{CriClient, Node, cri, eventually};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -14,64 +15,6 @@ fn node(label: &str) -> Node {
 
 async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     e2e::pull_busybox(node, client, "containers").await
-}
-
-fn pod_config(name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-0000-1111-2222-333344445555"),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        labels: HashMap::from([("container".into(), name.into())]),
-        ..Default::default()
-    }
-}
-
-async fn run_pod(client: &mut CriClient, name: &str) -> String {
-    let request = cri::RunPodSandboxRequest { config: Some(pod_config(name)), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
-}
-
-async fn create(client: &mut CriClient, pod: &str, config: cri::ContainerConfig) -> Result<String, tonic::Status> {
-    let request = cri::CreateContainerRequest {
-        pod_sandbox_id: pod.into(),
-        config: Some(config),
-        sandbox_config: Some(pod_config("x")),
-    };
-    client.runtime.create_container(request).await.map(|r| r.into_inner().container_id)
-}
-
-async fn start(client: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
-    client.runtime.start_container(cri::StartContainerRequest { container_id: id.into() }).await.map(|_| ())
-}
-
-async fn status(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
-    let request = cri::ContainerStatusRequest { container_id: id.into(), verbose: false };
-    client.runtime.container_status(request).await.expect("ContainerStatus").into_inner().status.unwrap()
-}
-
-async fn wait_exited(client: &mut CriClient, id: &str) -> cri::ContainerStatus {
-    eventually(Duration::from_secs(30), "the container to exit", || {
-        let mut client = client.clone();
-        let id = id.to_string();
-        async move {
-            let s = status(&mut client, &id).await;
-            (s.state == cri::ContainerState::ContainerExited as i32).then_some(s)
-        }
-    })
-    .await
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use e2e::crisimple::{self, container_config, pod_config, run_pod};
 use e2e::{CriClient, Node, cri};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -17,49 +18,12 @@ async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     e2e::pull_busybox(node, client, "exec").await
 }
 
-fn pod_config(name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-0000-1111-2222-333344445555"),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        labels: HashMap::from([("container".into(), name.into())]),
-        ..Default::default()
-    }
-}
-
-async fn run_pod(client: &mut CriClient, name: &str) -> String {
-    let request = cri::RunPodSandboxRequest { config: Some(pod_config(name)), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
-}
-
 async fn create(client: &mut CriClient, pod: &str, config: cri::ContainerConfig) -> String {
-    let request = cri::CreateContainerRequest {
-        pod_sandbox_id: pod.into(),
-        config: Some(config),
-        sandbox_config: Some(pod_config("x")),
-    };
-    client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id
+    crisimple::create(client, pod, config).await.expect("CreateContainer")
 }
 
 async fn start(client: &mut CriClient, id: &str) {
-    client
-        .runtime
-        .start_container(cri::StartContainerRequest { container_id: id.into() })
-        .await
-        .expect("StartContainer");
+    crisimple::start(client, id).await.expect("StartContainer")
 }
 
 async fn exec_sync(
