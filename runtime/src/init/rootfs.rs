@@ -626,12 +626,12 @@ fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path
         match mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
             Ok(()) => Ok(()),
             // mount(2) says only "invalid argument": the new API gets the kernel's reason.
-            Err(e) => mount_overlay_fsconfig(overlay, lowers, target, shown).map_err(|detail| {
+            Err(e) => mount_overlay_fsconfig(overlay, lowers, target, shown, false).map_err(|detail| {
                 Error::new(format!("mount overlay rootfs on {}: {} ({detail})", shown.display(), errno_desc(e)))
             }),
         }
     } else {
-        mount_overlay_fsconfig(overlay, lowers, target, shown)
+        mount_overlay_fsconfig(overlay, lowers, target, shown, true)
     }
 }
 
@@ -728,8 +728,15 @@ fn open_tree_clone(path: &Path) -> nix::Result<OwnedFd> {
 
 /// The new mount API: one `lowerdir+` per layer (Linux >= 6.8), no page limit on the options.
 /// `lowers` are what overlayfs gets for `overlay.lowerdirs` (the same paths, or their idmapped
-/// clones, by their names in the staging tmpfs); messages name the lower dirs.
-fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path, shown: &Path) -> Result<()> {
+/// clones, by their names in the staging tmpfs); messages name the lower dirs. `too_long`: called
+/// because the options do not fit mount(2), else only for the kernel's reason of its failure.
+fn mount_overlay_fsconfig(
+    overlay: &OverlayRootfs,
+    lowers: &[PathBuf],
+    target: &Path,
+    shown: &Path,
+    too_long: bool,
+) -> Result<()> {
     const FSOPEN_CLOEXEC: libc::c_uint = 1;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
@@ -766,9 +773,13 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &
         if let Err(e) = set("lowerdir+", source.as_os_str()) {
             let why = log(&fsfd);
             return Err(if e == Errno::EINVAL && i == 0 && why.is_empty() {
-                Error::new(format!(
-                    "overlay rootfs: the options of {layers} layers do not fit in one page and this kernel's overlayfs does not take lowerdir+ (linux >= 6.8)"
-                ))
+                Error::new(if too_long {
+                    format!(
+                        "overlay rootfs: the options of {layers} layers do not fit in one page and this kernel's overlayfs does not take lowerdir+ (linux >= 6.8)"
+                    )
+                } else {
+                    "no reason given by this kernel's overlayfs (lowerdir+ needs linux >= 6.8)".into()
+                })
             } else {
                 Error::new(format!("overlay rootfs: lower dir {}: {}{why}", dir.display(), errno_desc(e)))
             });
