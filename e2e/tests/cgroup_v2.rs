@@ -349,7 +349,7 @@ fn cgroup_v2_smoke() {
     const FOREIGN: u32 = 0x7FFE_0000;
     assert_eq!(r.get("layer.owner"), format!("{FOREIGN}:{FOREIGN}"), "layers in the foreign range\n{dump}");
     let host: u32 = r.get("uns.host_uid").parse().unwrap_or_else(|_| panic!("no main process of uns\n{dump}"));
-    assert!(host >= 0x8_0000 && host % 65536 == 0 && host < FOREIGN, "host uid {host:#x} of the pod's root");
+    assert!(host >= 0x8_0000 && host.is_multiple_of(65536) && host < FOREIGN, "host uid {host:#x} of the pod's root");
     let map: Vec<&str> = r.get("uns.uid_map").split_whitespace().collect();
     assert_eq!(map, ["0", &host.to_string(), "65536"], "uid_map of the container");
     let exec: serde_json::Value = r.json("uns.exec");
