@@ -30,7 +30,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { runs: 15, size_mb: 200, layers: 4 }
+        Options { runs: 101, size_mb: 200, layers: 4 }
     }
 }
 
@@ -155,6 +155,16 @@ fn median(samples: &[Duration]) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
+/// The median of the per-run differences `with[i] - without[i]` (samples of the same run), and
+/// that in % of the median of `without`: drift of the machine's load between runs cancels out.
+fn overhead(without: &[Duration], with: &[Duration]) -> String {
+    let deltas: Vec<f64> = without.iter().zip(with).map(|(a, b)| b.as_secs_f64() - a.as_secs_f64()).collect();
+    match (crate::table::median_f64(&deltas), median(without)) {
+        (Some(delta), Some(base)) => format!("{:+.1} ms ({:+.0}%)", delta * 1e3, delta / base.as_secs_f64() * 100.0),
+        _ => "-".into(),
+    }
+}
+
 fn render(
     options: &Options,
     rt: &Runtime,
@@ -172,17 +182,9 @@ fn render(
     );
     for (c, (subject, userns)) in combos.iter().enumerate() {
         let s = &samples[c];
-        let overhead = if *userns {
-            let node = combos.iter().position(|(sub, u)| sub == subject && !u).and_then(|i| median(&samples[i].total));
-            match (node, median(&s.total)) {
-                (Some(node), Some(pod)) => {
-                    let delta = pod.as_secs_f64() - node.as_secs_f64();
-                    format!("{:+.1} ms ({:+.0}%)", delta * 1e3, delta / node.as_secs_f64() * 100.0)
-                }
-                _ => "-".into(),
-            }
-        } else {
-            String::new()
+        let overhead = match combos.iter().position(|(sub, u)| sub == subject && !u) {
+            Some(i) if *userns => overhead(&samples[i].total, &s.total),
+            _ => String::new(),
         };
         t.row(vec![
             format!("{}, userns {}", subjects[*subject].label, if *userns { "POD" } else { "NODE" }),
@@ -194,7 +196,7 @@ fn render(
     }
     t.note("userns POD: a user namespace of the pod's own (65536 ids of the pool); NODE: none. Both: the pod's own network namespace (loopback only), container PID namespaces");
     t.note("layers stay in the foreign UID range on disk and are idmapped at every start in both modes: nothing is chowned or copied");
-    t.note("overhead: difference of the medians of pod + container");
+    t.note("userns overhead: median over the runs of (POD - NODE) of pod + container, the two measured in the same run; in % of NODE's median");
     t.note(crate::machine_note(load));
     t
 }
