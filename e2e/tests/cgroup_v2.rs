@@ -15,12 +15,16 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use e2e::cri;
-use e2e::oci::{Image, busybox_image};
+use e2e::oci::{Image, busybox_image, many_layers_image};
 use serde::de::DeserializeOwned;
 
 const SCRIPT: &str = include_str!("cgroup_v2.sh");
 /// The busybox image's OCI layout, in the VM's share.
 const LAYOUT: &str = "busybox-layout";
+/// The layout of an image of 128 layers (busybox and 127 small ones; the top one's `/top` says
+/// 127), for the pod in a user namespace: as many idmapped lowers as the image tests stack.
+const DEEP_LAYOUT: &str = "deep-layout";
+const DEEP_LAYERS: usize = 128;
 const REGISTRY: &str = "127.0.0.1:5000";
 const BUSY_MEMORY: i64 = 64 << 20;
 const HOG_MEMORY: i64 = 32 << 20;
@@ -147,11 +151,12 @@ fn vm_script(repo: &Path) -> String {
         cri::LinuxContainerResources { memory_limit_in_bytes: HOG_MEMORY, ..Default::default() },
     );
     // Writes to its root file system as the pod's root, then waits for ExecSync to look around.
-    let uns = container_config(
+    let mut uns = container_config(
         "uns",
         "trap 'exit 0' TERM; echo main >/main-wrote; while :; do busybox sleep 1; done",
         cri::LinuxContainerResources::default(),
     );
+    uns.image = Some(cri::ImageSpec { image: format!("{REGISTRY}/deep:v2"), ..Default::default() });
     let mut script = String::from("#!/bin/bash\n");
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
     // The files the VM needs come through its share: the repository may live under /tmp (CI's
@@ -159,7 +164,7 @@ fn vm_script(repo: &Path) -> String {
     script += &format!("REPO={}\n", quote(repo));
     script +=
         "DAEMON=/cri-vm/share/cri-systemd\nCRI=/cri-vm/share/cri\nPUSH=/cri-vm/share/push\nDEPLOY=/cri-vm/share\n";
-    script += &format!("LAYOUT=/cri-vm/share/{LAYOUT}\n");
+    script += &format!("LAYOUT=/cri-vm/share/{LAYOUT}\nDEEP_LAYOUT=/cri-vm/share/{DEEP_LAYOUT}\n");
     script += "WORK=$(mktemp -d)\n";
     for (file, json) in [
         ("pod.json", serde_json::to_string_pretty(&pod_config()).unwrap()),
@@ -191,6 +196,7 @@ fn run_in_vm(script: &str) -> Report {
     let path = dir.join("cgroup_v2.sh");
     std::fs::write(&path, script).unwrap();
     write_layout(&dir.join(LAYOUT), &busybox_image(""));
+    write_layout(&dir.join(DEEP_LAYOUT), &many_layers_image(DEEP_LAYERS));
     let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let mut command = Command::new(&vm);
@@ -203,6 +209,7 @@ fn run_in_vm(script: &str) -> Report {
     let output = command
         .arg(&path)
         .arg(dir.join(LAYOUT))
+        .arg(dir.join(DEEP_LAYOUT))
         .arg(daemon_binary(&repo))
         .arg(env!("CARGO_BIN_EXE_cri"))
         .arg(env!("CARGO_BIN_EXE_push"))
@@ -345,7 +352,10 @@ fn cgroup_v2_smoke() {
     assert_eq!(r.get("hog.unit.after_rm"), "not-found");
 
     // The pod in a user namespace, with deploy/config.toml's layer_uid_shift: layers stored in
-    // the foreign range, seen as root's by the pod's root, whose writes land in the pod's range.
+    // the foreign range, seen as root's by the pod's root, whose writes land in the pod's range;
+    // its image has 128 layers, all idmapped lowers of one overlay (the top one wins).
+    let deep: cri::PullImageResponse = r.json("deep.pull");
+    assert!(deep.image_ref.starts_with("sha256:"), "{deep:?}");
     const FOREIGN: u32 = 0x7FFE_0000;
     assert_eq!(r.get("layer.owner"), format!("{FOREIGN}:{FOREIGN}"), "layers in the foreign range\n{dump}");
     let host: u32 = r.get("uns.host_uid").parse().unwrap_or_else(|_| panic!("no main process of uns\n{dump}"));
@@ -357,7 +367,7 @@ fn cgroup_v2_smoke() {
         (&exec["exit_code"], exec["stdout"].as_str().unwrap_or_default()),
         (
             &serde_json::json!(0),
-            "0:0 /\n0:0 /bin\n0:0 /bin/busybox\n0:0 /etc/passwd\n0\nmain\n0:0 /etc/exec-wrote\n0:0 /main-wrote\n"
+            "0:0 /\n0:0 /bin\n0:0 /bin/busybox\n0:0 /etc/passwd\n0\nmain\n0:0 /etc/exec-wrote\n0:0 /main-wrote\n127\n127\n"
         ),
         "{exec}"
     );

@@ -1,12 +1,13 @@
 # shellcheck shell=bash
 # The script of the cgroup v2 smoke test (e2e/tests/cgroup_v2.rs), run as root inside the VM of
 # e2e/vm (systemd on the unified hierarchy). The test prepends REPO, DAEMON, CRI and PUSH (the
-# binaries cri-systemd, cri and push), LAYOUT (the busybox image as an OCI layout) and WORK (a
-# directory with the pod.json, busy.json, hog.json, userns-pod.json and uns.json it wrote), and asserts on what this
-# prints: sections "@@ NAME" each followed by its text. The script only stops early when going on makes no sense (section "error", then the
-# daemon's journal).
+# binaries cri-systemd, cri and push), LAYOUT and DEEP_LAYOUT (the busybox image and a 128-layer
+# image as OCI layouts) and WORK (a directory with the pod.json, busy.json, hog.json,
+# userns-pod.json and uns.json it wrote), and asserts on what this prints: sections "@@ NAME" each
+# followed by its text. The script only stops early when going on makes no sense (section "error",
+# then the daemon's journal).
 set -uo pipefail
-: "${REPO:?}" "${DEPLOY:?}" "${DAEMON:?}" "${CRI:?}" "${PUSH:?}" "${LAYOUT:?}" "${WORK:?}"
+: "${REPO:?}" "${DEPLOY:?}" "${DAEMON:?}" "${CRI:?}" "${PUSH:?}" "${LAYOUT:?}" "${DEEP_LAYOUT:?}" "${WORK:?}"
 
 emit() {
 	printf '@@ %s\n' "$1"
@@ -149,8 +150,12 @@ emit hog.unit.after_rm "$(systemctl show -P LoadState "cri-$hog.service")"
 mark oom
 
 # --- A pod in a user namespace: layers stored in the foreign range, idmapped to the pod's ---------
-# On this kernel (before 6.8) overlayfs takes idmapped lowers only once they are attached.
+# On this kernel (before 6.8) overlayfs takes idmapped lowers only once they are attached. The
+# image has 128 layers: their options must fit mount(2)'s page (lowerdir+ is 6.8's).
 emit layer.owner "$(stat -c %u:%g /var/lib/cri-systemd/images/layers/sha256/*/diff/bin/busybox | sort -u)"
+image=$("$PUSH" 127.0.0.1:5000 deep:v2 "$DEEP_LAYOUT") || die "push of the 128-layer image failed"
+out=$(cri pull "$image") || die "PullImage deep: $out"
+emit deep.pull "$out"
 out=$(cri runp "$WORK/userns-pod.json") || die "RunPodSandbox userns: $out"
 upod=$(json_string pod_sandbox_id <<<"$out")
 out=$(cri create "$upod" "$WORK/uns.json") || die "CreateContainer uns: $out"
@@ -167,7 +172,8 @@ emit uns.host_uid "$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>&1)"
 emit uns.uid_map "$(cat "/proc/$pid/uid_map" 2>&1)"
 emit uns.mountinfo "$(cat "/proc/$pid/mountinfo" 2>&1)"
 out=$(cri exec --timeout 30 "$uns" sh -c 'busybox stat -c "%u:%g %n" / /bin /bin/busybox /etc/passwd; busybox id -u;
-	busybox cat /main-wrote; echo by-exec >/etc/exec-wrote && busybox stat -c "%u:%g %n" /etc/exec-wrote /main-wrote') ||
+	busybox cat /main-wrote; echo by-exec >/etc/exec-wrote && busybox stat -c "%u:%g %n" /etc/exec-wrote /main-wrote;
+	busybox cat /top; busybox ls /layers | busybox wc -l') ||
 	die "ExecSync uns: $out"
 emit uns.exec "$out"
 emit uns.upper "$(cd "$upper" && stat -c '%u:%g %n' main-wrote etc/exec-wrote 2>&1)"
