@@ -1,12 +1,13 @@
 # shellcheck shell=bash
 # The script of the cgroup v2 smoke test (e2e/tests/cgroup_v2.rs), run as root inside the VM of
 # e2e/vm (systemd on the unified hierarchy). The test prepends REPO, DAEMON, CRI and PUSH (the
-# binaries cri-systemd, cri and push), LAYOUT (the busybox image as an OCI layout) and WORK (a
-# directory with the pod.json, busy.json and hog.json it wrote), and asserts on what this
-# prints: sections "@@ NAME" each followed by its text. The script only stops early when going on makes no sense (section "error", then the
-# daemon's journal).
+# binaries cri-systemd, cri and push), LAYOUT and DEEP_LAYOUT (the busybox image and a 128-layer
+# image as OCI layouts) and WORK (a directory with the pod.json, busy.json, hog.json,
+# userns-pod.json and uns.json it wrote), and asserts on what this prints: sections "@@ NAME" each
+# followed by its text. The script only stops early when going on makes no sense (section "error",
+# then the daemon's journal).
 set -uo pipefail
-: "${REPO:?}" "${DEPLOY:?}" "${DAEMON:?}" "${CRI:?}" "${PUSH:?}" "${LAYOUT:?}" "${WORK:?}"
+: "${REPO:?}" "${DEPLOY:?}" "${DAEMON:?}" "${CRI:?}" "${PUSH:?}" "${LAYOUT:?}" "${DEEP_LAYOUT:?}" "${WORK:?}"
 
 emit() {
 	printf '@@ %s\n' "$1"
@@ -34,6 +35,7 @@ wait_exited() {
 cgroup_state() { if [[ -d /sys/fs/cgroup$1 ]]; then echo present; else echo gone; fi; }
 
 mark start
+emit kernel "$(uname -r)"
 # --- Really the unified hierarchy ------------------------------------------------------------
 emit cgroup.fstype "$(stat -f -c %T /sys/fs/cgroup)"
 emit cgroup.controllers "$(cat /sys/fs/cgroup/cgroup.controllers 2>&1)"
@@ -45,16 +47,12 @@ install -D -m 0755 /dev/null /usr/local/bin/cri-systemd
 mount --bind "$DAEMON" /usr/local/bin/cri-systemd || die "cannot install the daemon"
 install -D -m 0644 "$DEPLOY/cri-systemd.service" /etc/systemd/system/cri-systemd.service
 mkdir -p /etc/cri-systemd
-# deploy/config.toml, but with layer_uid_shift = 0. With the default shift every container's
-# layers are idmapped, and init mounts idmapped overlays with fsconfig "lowerdir+" (Linux >= 6.8):
-# on this VM's kernel, Debian 12's 6.1, overlayfs rejects that option at FSCONFIG_CMD_CREATE and
-# every container fails to start (mount(2) with the detached idmapped lowers as /proc/self/fd/N
-# paths is refused there too). Drop this override once init attaches the lowers first.
+# deploy/config.toml as it is (layers in the foreign UID range, seen through idmapped mounts),
+# plus the registry in the VM.
 {
-	sed 's/^layer_uid_shift = .*/layer_uid_shift = 0/' "$DEPLOY/config.toml"
+	cat "$DEPLOY/config.toml"
 	printf '\n[images.registries."127.0.0.1:5000"]\nplain_http = true\n'
 } >/etc/cri-systemd/config.toml
-grep -q '^layer_uid_shift = 0$' /etc/cri-systemd/config.toml || die "no layer_uid_shift in deploy/config.toml to override"
 systemctl daemon-reload
 systemctl start cri-systemd.service || die "cri-systemd.service did not start"
 emit daemon.active "$(systemctl is-active cri-systemd.service)"
@@ -151,9 +149,41 @@ out=$(cri rm "$hog") || die "RemoveContainer hog: $out"
 emit hog.unit.after_rm "$(systemctl show -P LoadState "cri-$hog.service")"
 mark oom
 
-# --- The pod goes, with everything it had -------------------------------------------------------
-out=$(cri stopp "$pod") || die "StopPodSandbox: $out"
-out=$(cri rmp "$pod") || die "RemovePodSandbox: $out"
+# --- A pod in a user namespace: layers stored in the foreign range, idmapped to the pod's ---------
+# On this kernel (before 6.8) overlayfs takes idmapped lowers only once they are attached. The
+# image has 128 layers: their options must fit mount(2)'s page (lowerdir+ is 6.8's).
+emit layer.owner "$(stat -c %u:%g /var/lib/cri-systemd/images/layers/sha256/*/diff/bin/busybox | sort -u)"
+image=$("$PUSH" 127.0.0.1:5000 deep:v2 "$DEEP_LAYOUT") || die "push of the 128-layer image failed"
+out=$(cri pull "$image") || die "PullImage deep: $out"
+emit deep.pull "$out"
+out=$(cri runp "$WORK/userns-pod.json") || die "RunPodSandbox userns: $out"
+upod=$(json_string pod_sandbox_id <<<"$out")
+out=$(cri create "$upod" "$WORK/uns.json") || die "CreateContainer uns: $out"
+uns=$(json_string container_id <<<"$out")
+out=$(cri start "$uns") || die "StartContainer uns: $out"
+emit uns.id "$uns"
+upper=/var/lib/cri-systemd/containers/$uns/upper
+for ((i = 0; i < 50; i++)); do
+	[[ -e $upper/main-wrote ]] && break
+	sleep 0.2
+done
+pid=$(systemctl show -P MainPID "cri-$uns.service")
+emit uns.host_uid "$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>&1)"
+emit uns.uid_map "$(cat "/proc/$pid/uid_map" 2>&1)"
+emit uns.mountinfo "$(cat "/proc/$pid/mountinfo" 2>&1)"
+out=$(cri exec --timeout 30 "$uns" sh -c 'busybox stat -c "%u:%g %n" / /bin /bin/busybox /etc/passwd; busybox id -u;
+	busybox cat /main-wrote; echo by-exec >/etc/exec-wrote && busybox stat -c "%u:%g %n" /etc/exec-wrote /main-wrote;
+	busybox cat /top; busybox ls /layers | busybox wc -l') ||
+	die "ExecSync uns: $out"
+emit uns.exec "$out"
+emit uns.upper "$(cd "$upper" && stat -c '%u:%g %n' main-wrote etc/exec-wrote 2>&1)"
+mark userns
+
+# --- The pods go, with everything they had ------------------------------------------------------
+for p in "$pod" "$upod"; do
+	out=$(cri stopp "$p") || die "StopPodSandbox $p: $out"
+	out=$(cri rmp "$p") || die "RemovePodSandbox $p: $out"
+done
 emit pods "$(cri pods)"
 emit containers "$(cri ps)"
 emit leftover.units "$(systemctl list-units --all --plain --no-legend 'cri-[0-9a-f]*.service' 'kubepods-*pod*')"

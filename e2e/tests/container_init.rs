@@ -391,6 +391,22 @@ fn start_failures_are_reported_in_the_error_file() {
     c.oci()["linux"]["seccomp"] = json!({ "defaultAction": "SCMP_ACT_NOTIFY" });
     check(&c, "seccomp action SCMP_ACT_NOTIFY is not supported");
 
+    // Idmapped lower dirs (as the daemon gives them with its default layer_uid_shift), staged in
+    // the container's mount namespace, and a work dir on another file system than the upper dir:
+    // overlayfs refuses, and the error names the rootfs (not the staging) and what the kernel
+    // said, which for this is only EINVAL (the reason goes to the kernel log).
+    let mut c = Container::new(&node, "idmapwork", &["true"]);
+    let identity = json!([{ "containerID": 0, "hostID": 0, "size": 65536 }]);
+    c.spec["rootfs"]["uidMappings"] = identity.clone();
+    c.spec["rootfs"]["gidMappings"] = identity;
+    node.sh("mkdir -p /run/idmapwork-work");
+    c.spec["rootfs"]["workdir"] = json!("/run/idmapwork-work");
+    let run = c.start(&[]);
+    assert!(!run.success(), "{} started", c.unit());
+    let error = c.error();
+    assert!(error.starts_with(&format!("mount overlay rootfs on {}/rootfs: invalid argument (", c.dir)), "{error}");
+    assert!(c.pids().is_empty(), "processes left in {}: {:?}", c.unit(), c.pids());
+
     // A stale error file goes away on the next successful start.
     let c = Container::new(&node, "nosuch", &["sleep", "1000"]);
     node.sh(&format!("systemctl reset-failed {}", c.unit()));

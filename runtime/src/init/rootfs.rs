@@ -605,13 +605,14 @@ fn mount_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -> Result<
     if !overlay.uid_mappings.is_empty() || !overlay.gid_mappings.is_empty() {
         return mount_idmapped_overlay(overlay, target, plan);
     }
-    mount_overlay_from(overlay, &overlay.lowerdirs, target)
+    mount_overlay_from(overlay, &overlay.lowerdirs, target, target)
 }
 
-/// Mounts the overlay with `lowers` as its lower layers: mount(2) when the options fit one page
-/// (every kernel with overlayfs; idmapped lowers since 5.19), else the new mount API's
-/// `lowerdir+` (Linux >= 6.8), which has no such limit.
-fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path) -> Result<()> {
+/// Mounts the overlay with `lowers` as its lower layers on `target` (messages name the rootfs
+/// `shown`): mount(2) when the options fit one page (every kernel with overlayfs; idmapped
+/// lowers since 5.19), else the new mount API's `lowerdir+` (Linux >= 6.8), which has no such
+/// limit.
+fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path, shown: &Path) -> Result<()> {
     let lower = lowers.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
     let data =
         format!("lowerdir={lower},upperdir={},workdir={}", overlay.upperdir.display(), overlay.workdir.display());
@@ -625,18 +626,23 @@ fn mount_overlay_from(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path
         match mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
             Ok(()) => Ok(()),
             // mount(2) says only "invalid argument": the new API gets the kernel's reason.
-            Err(e) => mount_overlay_fsconfig(overlay, lowers, target).map_err(|detail| {
-                Error::new(format!("mount overlay rootfs on {}: {} ({detail})", target.display(), errno_desc(e)))
+            Err(e) => mount_overlay_fsconfig(overlay, lowers, target, shown, false).map_err(|detail| {
+                Error::new(format!("mount overlay rootfs on {}: {} ({detail})", shown.display(), errno_desc(e)))
             }),
         }
     } else {
-        mount_overlay_fsconfig(overlay, lowers, target)
+        mount_overlay_fsconfig(overlay, lowers, target, shown, true)
     }
 }
 
-/// The overlay over idmapped lower dirs: each layer cloned (open_tree), given the overlay's
-/// mapping (mount_setattr), and handed to overlayfs by its fd (overlayfs takes idmapped layers
-/// since Linux 5.19). O(1) in the size of the image: nothing is copied or chowned.
+/// The overlay over idmapped lower dirs, O(1) in the size of the image (nothing is copied or
+/// chowned). Each layer is cloned (open_tree), given the overlay's mapping (mount_setattr) and
+/// attached in a staging tmpfs mounted on `target` in this (the container's) mount namespace:
+/// overlayfs before Linux 6.8 only takes lowers attached in the caller's mount namespace, given
+/// as paths or as /proc/self/fd/N alike. The overlay is made inside the staging tmpfs from short
+/// relative names (cwd there: "0:1:...", 128 layers in ~400 bytes of the one-page option limit),
+/// cloned, the staging tmpfs detached with everything in it, and the clone attached at `target`.
+/// overlayfs keeps private clones of its layers, so nothing of the staging stays visible.
 fn mount_idmapped_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -> Result<()> {
     let mappings = Mappings { uids: overlay.uid_mappings.clone(), gids: overlay.gid_mappings.clone() };
     let userns = plan
@@ -645,37 +651,92 @@ fn mount_idmapped_overlay(overlay: &OverlayRootfs, target: &Path, plan: &Plan) -
         .ok_or_else(|| Error::new("overlay rootfs: no user namespace for the lower dirs' id mapping"))?;
     let mut trees = Vec::with_capacity(overlay.lowerdirs.len());
     for dir in &overlay.lowerdirs {
-        const OPEN_TREE_CLONE: libc::c_uint = 1;
-        let c_path = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| Error::new(format!("overlay rootfs: {} contains NUL", dir.display())))?;
-        // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-            )
-        };
-        let fd = Errno::result(fd).ctx(|| format!("overlay rootfs: clone lower dir {}", dir.display()))?;
-        // SAFETY: open_tree returned a new fd that nothing else owns.
-        let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        let tree = open_tree_clone(dir).ctx(|| format!("overlay rootfs: clone lower dir {}", dir.display()))?;
         idmap::idmap_tree(&tree, userns, false)
             .map_err(|e| Error::new(format!("overlay rootfs: idmap lower dir {}: {e}", dir.display())))?;
         trees.push(tree);
     }
-    // The detached idmapped mounts, named through this process's fd table.
-    let sources: Vec<PathBuf> =
-        trees.iter().map(|t| PathBuf::from(format!("/proc/self/fd/{}", t.as_raw_fd()))).collect();
-    // mount(2) first: kernels before 6.8 take `lowerdir+` at fsconfig time but refuse it when
-    // the overlay is created.
-    mount_overlay_from(overlay, &sources, target)
+
+    mount(Some("tmpfs"), target, Some("tmpfs"), STAGING_FLAGS, Some("mode=700,size=64k"))
+        .ctx(|| format!("overlay rootfs: mount a staging tmpfs on {}", target.display()))?;
+    let merged = stage_and_mount_overlay(overlay, &trees, target);
+    // Detached whatever happened: on success, the overlay's clone no longer needs it.
+    let detached = umount2(target, MntFlags::MNT_DETACH)
+        .ctx(|| format!("overlay rootfs: detach the staging tmpfs on {}", target.display()));
+    let merged = merged?;
+    detached?;
+    let target_fd = nix::fcntl::open(target, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .ctx(|| format!("open rootfs {}", target.display()))?;
+    attach(&merged, &target_fd).ctx(|| format!("overlay rootfs: move the overlay to {}", target.display()))
+}
+
+/// The staging tmpfs holds no file: only mount points. Never executable, never a device.
+const STAGING_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+
+/// In the staging tmpfs at `staging`: attaches `trees` (the idmapped lowers, top first) as "0",
+/// "1", ..., mounts the overlay on "merged" from those names, and returns a detached clone of it.
+fn stage_and_mount_overlay(overlay: &OverlayRootfs, trees: &[OwnedFd], staging: &Path) -> Result<OwnedFd> {
+    let shown = staging.display();
+    let dir = nix::fcntl::open(staging, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .ctx(|| format!("overlay rootfs: open the staging tmpfs on {shown}"))?;
+    let mut names = Vec::with_capacity(trees.len());
+    for (i, (tree, lower)) in trees.iter().zip(&overlay.lowerdirs).enumerate() {
+        let name = i.to_string();
+        nix::sys::stat::mkdirat(&dir, name.as_str(), Mode::from_bits_truncate(0o700))
+            .and_then(|()| {
+                nix::fcntl::openat(
+                    &dir,
+                    name.as_str(),
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+            })
+            .and_then(|point| attach(tree, &point))
+            .ctx(|| format!("overlay rootfs: attach idmapped lower dir {} in the staging tmpfs", lower.display()))?;
+        names.push(PathBuf::from(name));
+    }
+    nix::sys::stat::mkdirat(&dir, "merged", Mode::from_bits_truncate(0o700))
+        .ctx(|| format!("overlay rootfs: mkdir {shown}/merged"))?;
+    // The relative lower names resolve against the cwd, while the overlay is mounted.
+    let cwd = nix::fcntl::open(".", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .ctx(|| "open the working directory".into())?;
+    nix::unistd::fchdir(&dir).ctx(|| format!("chdir to the staging tmpfs on {shown}"))?;
+    let mounted = mount_overlay_from(overlay, &names, Path::new("merged"), staging);
+    nix::unistd::fchdir(&cwd).ctx(|| "chdir back from the staging tmpfs".into())?;
+    mounted?;
+    let merged = staging.join("merged");
+    open_tree_clone(&merged).ctx(|| format!("overlay rootfs: clone the overlay at {}", merged.display()))
+}
+
+/// open_tree(OPEN_TREE_CLONE) of `path`: a detached copy of the mount there (not its submounts).
+fn open_tree_clone(path: &Path) -> nix::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    let fd = Errno::result(fd)?;
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 /// The new mount API: one `lowerdir+` per layer (Linux >= 6.8), no page limit on the options.
 /// `lowers` are what overlayfs gets for `overlay.lowerdirs` (the same paths, or their idmapped
-/// clones); messages name the lower dirs.
-fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &Path) -> Result<()> {
+/// clones, by their names in the staging tmpfs); messages name the lower dirs. `too_long`: called
+/// because the options do not fit mount(2), else only for the kernel's reason of its failure.
+fn mount_overlay_fsconfig(
+    overlay: &OverlayRootfs,
+    lowers: &[PathBuf],
+    target: &Path,
+    shown: &Path,
+    too_long: bool,
+) -> Result<()> {
     const FSOPEN_CLOEXEC: libc::c_uint = 1;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
@@ -712,9 +773,13 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &
         if let Err(e) = set("lowerdir+", source.as_os_str()) {
             let why = log(&fsfd);
             return Err(if e == Errno::EINVAL && i == 0 && why.is_empty() {
-                Error::new(format!(
-                    "overlay rootfs: the options of {layers} layers do not fit in one page and this kernel's overlayfs does not take lowerdir+ (linux >= 6.8)"
-                ))
+                Error::new(if too_long {
+                    format!(
+                        "overlay rootfs: the options of {layers} layers do not fit in one page and this kernel's overlayfs does not take lowerdir+ (linux >= 6.8)"
+                    )
+                } else {
+                    "no reason given by this kernel's overlayfs (lowerdir+ needs linux >= 6.8)".into()
+                })
             } else {
                 Error::new(format!("overlay rootfs: lower dir {}: {}{why}", dir.display(), errno_desc(e)))
             });
@@ -758,7 +823,7 @@ fn mount_overlay_fsconfig(overlay: &OverlayRootfs, lowers: &[PathBuf], target: &
             MOVE_MOUNT_F_EMPTY_PATH,
         )
     };
-    Errno::result(rc).ctx(|| format!("move overlay rootfs to {}", target.display()))?;
+    Errno::result(rc).ctx(|| format!("move overlay rootfs to {}", shown.display()))?;
     Ok(())
 }
 

@@ -145,7 +145,7 @@ async fn measure(
             check_pod_ip(rt, &mut client, &pod).await?;
         }
         let t = Instant::now();
-        let container = create_start(rt, &mut client, &pod, &config, image, options.cni).await?;
+        let container = create_start(rt, &mut client, &pod, &config, image).await?;
         m.create_start.push(t.elapsed());
         pods.push((pod, container));
     }
@@ -224,7 +224,7 @@ async fn measure(
                 }
                 let config = pod_config(&format!("{tag}p"), i, cni);
                 let pod = run_pod(&rt, &mut c, &config).await?;
-                create_start(&rt, &mut c, &pod, &config, &image, cni).await?;
+                create_start(&rt, &mut c, &pod, &config, &image).await?;
                 ids.push(pod);
             }
         });
@@ -289,7 +289,7 @@ fn merge(all: Vec<Measured>) -> Measured {
 
 /// A pod as the kubelet would ask for it: its own slice under kubepods, logs, a hostname, the
 /// namespace modes spelled out (the node's network unless CNI; container PID namespaces).
-fn pod_config(tag: &str, i: usize, cni: bool) -> cri::PodSandboxConfig {
+pub(crate) fn pod_config(tag: &str, i: usize, cni: bool) -> cri::PodSandboxConfig {
     let uid = format!("bench-{tag}-{i:05}");
     let name = format!("bench-{tag}-{i}");
     cri::PodSandboxConfig {
@@ -325,29 +325,33 @@ fn namespaces(cni: bool) -> cri::NamespaceOption {
     }
 }
 
-async fn run_pod(rt: &Runtime, client: &mut CriClient, config: &cri::PodSandboxConfig) -> Result<String, String> {
+pub(crate) async fn run_pod(
+    rt: &Runtime,
+    client: &mut CriClient,
+    config: &cri::PodSandboxConfig,
+) -> Result<String, String> {
     let request = cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
     Ok(call(rt, "RunPodSandbox", CALL, client.runtime.run_pod_sandbox(request)).await?.pod_sandbox_id)
 }
 
-async fn create_start(
+/// A container sleeping forever in `pod`, created and started; its namespace options are the
+/// pod's, as the kubelet gives them.
+pub(crate) async fn create_start(
     rt: &Runtime,
     client: &mut CriClient,
     pod: &str,
     pod_config: &cri::PodSandboxConfig,
     image: &str,
-    cni: bool,
 ) -> Result<String, String> {
+    let namespace_options =
+        pod_config.linux.as_ref().and_then(|l| l.security_context.as_ref()).and_then(|s| s.namespace_options.clone());
     let config = cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata { name: "sleep".into(), attempt: 0 }),
         image: image_spec(image),
         command: vec!["/bin/busybox".into(), "sleep".into(), "2147483647".into()],
         log_path: "sleep/0.log".into(),
         linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(namespaces(cni)),
-                ..Default::default()
-            }),
+            security_context: Some(cri::LinuxContainerSecurityContext { namespace_options, ..Default::default() }),
             ..Default::default()
         }),
         ..Default::default()
@@ -368,7 +372,7 @@ async fn create_start(
     Ok(id)
 }
 
-async fn stop_remove(rt: &Runtime, client: &mut CriClient, pod: &str) -> Result<(), String> {
+pub(crate) async fn stop_remove(rt: &Runtime, client: &mut CriClient, pod: &str) -> Result<(), String> {
     call(
         rt,
         "StopPodSandbox",

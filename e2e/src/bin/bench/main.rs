@@ -5,7 +5,8 @@
 //! ```text
 //! bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only RUNTIME]
 //! bench pull      [--runs R] [--size-mb M] [--layers L] [--only RUNTIME]
-//! bench all       (lifecycle, lifecycle --network cni, pull: each in its own node, default options)
+//! bench userns    [--runs R] [--size-mb M] [--layers L]   (cri-systemd only)
+//! bench all       (lifecycle, lifecycle --network cni, pull, userns: each in its own node, default options)
 //! ```
 //!
 //! Needs root, Debian's containerd, runc and docker-registry, and a release build of the daemon
@@ -17,6 +18,7 @@ mod procs;
 mod pull;
 mod runtimes;
 mod table;
+mod userns;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,6 +33,7 @@ pub const REGISTRY_PORT: u16 = 5000;
 
 const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only cri-systemd|containerd]
        bench pull [--runs R] [--size-mb M] [--layers L] [--only cri-systemd|containerd]
+       bench userns [--runs R] [--size-mb M] [--layers L]
        bench all";
 
 /// Which runtimes to measure.
@@ -50,6 +53,7 @@ impl Only {
 enum Command {
     Lifecycle(lifecycle::Options),
     Pull(pull::Options),
+    Userns(userns::Options),
     All,
 }
 
@@ -57,6 +61,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
     let Some((verb, rest)) = args.split_first() else { return Err(USAGE.into()) };
     let mut lifecycle = lifecycle::Options::default();
     let mut pull = pull::Options::default();
+    let mut userns = userns::Options::default();
     let mut i = 0;
     let value = |i: usize| rest.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value\n{USAGE}", rest[i]));
     let number = |i: usize| -> Result<usize, String> {
@@ -82,6 +87,9 @@ fn parse(args: &[String]) -> Result<Command, String> {
             ("pull", "--runs") => pull.runs = number(i)?,
             ("pull", "--size-mb") => pull.size_mb = number(i)?,
             ("pull", "--layers") => pull.layers = number(i)?,
+            ("userns", "--runs") => userns.runs = number(i)?,
+            ("userns", "--size-mb") => userns.size_mb = number(i)?,
+            ("userns", "--layers") => userns.layers = number(i)?,
             ("lifecycle" | "pull", "--only") => {
                 let only = match value(i)?.as_str() {
                     "cri-systemd" => Only::One(Kind::CriSystemd),
@@ -99,6 +107,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
     match verb.as_str() {
         "lifecycle" => Ok(Command::Lifecycle(lifecycle)),
         "pull" => Ok(Command::Pull(pull)),
+        "userns" => Ok(Command::Userns(userns)),
         "all" => Ok(Command::All),
         "-h" | "--help" => Err(USAGE.into()),
         other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
@@ -123,10 +132,12 @@ fn main() -> ExitCode {
         match command {
             Command::Lifecycle(options) => interruptible(lifecycle::run(options)).await,
             Command::Pull(options) => interruptible(pull::run(options)).await,
+            Command::Userns(options) => interruptible(userns::run(options)).await,
             Command::All => {
                 interruptible(lifecycle::run(lifecycle::Options::default())).await?;
                 interruptible(lifecycle::run(lifecycle::Options { cni: true, ..Default::default() })).await?;
-                interruptible(pull::run(pull::Options::default())).await
+                interruptible(pull::run(pull::Options::default())).await?;
+                interruptible(userns::run(userns::Options::default())).await
             }
         }
     });

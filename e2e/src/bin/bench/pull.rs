@@ -77,11 +77,11 @@ struct Sample {
 }
 
 /// The generated image and what it holds.
-struct Big {
-    image: Image,
-    unpacked_bytes: u64,
-    compressed_bytes: u64,
-    files: usize,
+pub(crate) struct Big {
+    pub image: Image,
+    pub unpacked_bytes: u64,
+    pub compressed_bytes: u64,
+    pub files: usize,
 }
 
 pub async fn run(options: Options) -> Result<(), String> {
@@ -418,7 +418,7 @@ fn data_layer(index: usize, bytes: usize) -> (e2e::oci::Layer, u64, usize) {
 }
 
 /// The busybox layer and `layers` data layers of `size_mb` MB in all, built on two threads.
-fn big_image(size_mb: usize, layers: usize) -> Big {
+pub(crate) fn big_image(size_mb: usize, layers: usize) -> Big {
     let per_layer = size_mb * 1_000_000 / layers;
     let built: Vec<(e2e::oci::Layer, u64, usize)> = std::thread::scope(|scope| {
         let (evens, odds): (Vec<usize>, Vec<usize>) = (0..layers).partition(|i| i % 2 == 0);
