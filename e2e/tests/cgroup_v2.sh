@@ -24,9 +24,10 @@ cri() { "$CRI" "$@"; }
 # The first "KEY": "VALUE" of the JSON on stdin.
 json_string() { sed -n "s/^ *\"$1\": \"\([^\"]*\)\".*/\1/p" | head -n 1; }
 # Waits up to $2 seconds for the container $1 to be CONTAINER_EXITED (state 2).
+# (By the clock: under TCG one `cri inspect` can take a second or more.)
 wait_exited() {
-	local i
-	for ((i = 0; i < $2 * 5; i++)); do
+	local until=$((SECONDS + $2))
+	while ((SECONDS < until)); do
 		cri inspect "$1" | grep -q '^    "state": 2,' && return 0
 		sleep 0.2
 	done
