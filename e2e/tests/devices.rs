@@ -1,6 +1,7 @@
 //! Devices: the device cgroup policy of container units (what runc gives by default), CRI
-//! `devices` mapped into containers with their permissions, and CPU sets, against a daemon in a
-//! real systemd node (cgroup v1 devices and cpuset controllers, as the host has them).
+//! `devices` mapped into containers with their permissions, CPU sets and hugepage limits, against
+//! a daemon in a real systemd node (cgroup v1 devices and cpuset controllers, as the host has
+//! them; hugetlb in a v1 hierarchy if the node has one, else in the unified one).
 
 use std::time::Duration;
 
@@ -315,13 +316,13 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
         ..Default::default()
     };
 
-    // Refused: malformed or absent CPUs, non-zero hugepage limits; nothing is created.
+    // Refused: malformed or absent CPUs, a page size the node does not have; nothing is created.
     for (cpus, hugepages, named) in [
         ("0-", vec![], "cpuset_cpus"),
         ("1-0", vec![], "cpuset_cpus"),
         ("a", vec![], "cpuset_cpus"),
         ("7", vec![], "not online"),
-        ("0", vec![cri::HugepageLimit { page_size: "2MB".into(), limit: 2 << 20 }], "hugepage"),
+        ("0", vec![cri::HugepageLimit { page_size: "3MB".into(), limit: 2 << 20 }], "\"3MB\""),
     ] {
         let resources =
             cri::LinuxContainerResources { cpuset_cpus: cpus.into(), hugepage_limits: hugepages, ..Default::default() };
@@ -384,4 +385,98 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
     let change = cri::LinuxContainerResources { cpuset_mems: "0".into(), ..Default::default() };
     let error = update(&mut client, &id, change).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+}
+
+/// Where a node keeps the hugetlb controller: (hierarchy mount point, limit file suffix).
+fn hugetlb_hierarchy(node: &Node) -> (&'static str, &'static str) {
+    if node.sh("test -d /sys/fs/cgroup/hugetlb && echo v1 || true").trim() == "v1" {
+        ("/sys/fs/cgroup/hugetlb", "limit_in_bytes")
+    } else {
+        let controllers = node.sh("cat /sys/fs/cgroup/unified/cgroup.controllers");
+        assert!(controllers.contains("hugetlb"), "the node has no hugetlb controller (unified: {controllers:?})");
+        ("/sys/fs/cgroup/unified", "max")
+    }
+}
+
+fn hugepages(limits: &[(&str, u64)]) -> cri::LinuxContainerResources {
+    let hugepage_limits =
+        limits.iter().map(|(size, limit)| cri::HugepageLimit { page_size: size.to_string(), limit: *limit }).collect();
+    cri::LinuxContainerResources { hugepage_limits, ..Default::default() }
+}
+
+#[tokio::test]
+async fn hugepage_limits_are_set_in_the_hugetlb_cgroup_and_change_live() {
+    let node = e2e::node_with_local_registry("hugetlb", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    let (hierarchy, suffix) = hugetlb_hierarchy(&node);
+    let pod = run_pod(&mut client, "hugetlb").await;
+    let sleep = ["/bin/busybox", "sleep", "100000"];
+
+    // A page size the node does not have is refused, naming it.
+    let error = create(
+        &mut client,
+        &pod,
+        with_resources(container_config("bad", &image, &sleep), hugepages(&[("3MB", 4 << 20)])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("\"3MB\""), "{}", error.message());
+
+    // What the kubelet sends for a pod asking for 4 MiB of 2 MB pages on a node with 2 MB and 1 GB.
+    let limited = hugepages(&[("2MB", 4 << 20), ("1GB", 0)]);
+    let id = running(&mut client, &pod, with_resources(container_config("limited", &image, &sleep), limited)).await;
+    let unit = format!("cri-{id}.service");
+    let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();
+    let dir = format!("{hierarchy}{cgroup}");
+    let limit = |size: &str| node.sh(&format!("cat {dir}/hugetlb.{size}.{suffix}")).trim().to_string();
+    assert_eq!(limit("2MB"), (4u64 << 20).to_string());
+    assert_eq!(limit("1GB"), "0");
+    // The entrypoint and an exec'd command are in that cgroup.
+    let main_pid = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
+    let procs = node.sh(&format!("cat {dir}/cgroup.procs"));
+    assert!(procs.lines().any(|p| p == main_pid), "main process {main_pid} not in {dir}: {procs:?}");
+    let (code, out, _) = sh(&mut client, &id, "busybox cat /proc/self/cgroup").await;
+    assert_eq!(code, 0);
+    let line = if suffix == "max" { "0::" } else { ":hugetlb:" };
+    assert!(
+        out.lines().any(|l| l.contains(line) && l.ends_with(&format!("/{unit}"))),
+        "an exec'd process is not in the container's hugetlb cgroup:\n{out}"
+    );
+
+    // Live: a new limit, kept in the status; a bad one changes nothing.
+    update(&mut client, &id, hugepages(&[("2MB", 8 << 20)])).await.expect("UpdateContainerResources");
+    assert_eq!(limit("2MB"), (8u64 << 20).to_string());
+    assert_eq!(limit("1GB"), "0");
+    let error = update(&mut client, &id, hugepages(&[("5MB", 2 << 20)])).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert_eq!(limit("2MB"), (8u64 << 20).to_string());
+    let status = e2e::crisimple::status(&mut client, &id).await;
+    let reported = status.resources.unwrap().linux.unwrap().hugepage_limits;
+    assert!(reported.iter().any(|h| h.page_size == "2MB" && h.limit == 8 << 20), "{reported:?}");
+
+    // An update of a created container is what its start applies.
+    let later = create(
+        &mut client,
+        &pod,
+        with_resources(container_config("later", &image, &sleep), hugepages(&[("2MB", 2 << 20)])),
+    )
+    .await
+    .expect("CreateContainer");
+    update(&mut client, &later, hugepages(&[("2MB", 6 << 20)])).await.expect("UpdateContainerResources");
+    start(&mut client, &later).await.expect("StartContainer");
+    let later_cgroup =
+        node.sh(&format!("systemctl show -p ControlGroup --value cri-{later}.service")).trim().to_string();
+    assert_eq!(
+        node.sh(&format!("cat {hierarchy}{later_cgroup}/hugetlb.2MB.{suffix}")).trim(),
+        (6u64 << 20).to_string()
+    );
+
+    // Removal leaves no hugetlb cgroup: the container's, then the pod's.
+    client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    assert_eq!(node.sh(&format!("test -e {dir} && echo left || true")).trim(), "", "{dir} is left");
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let pod_dir = format!("{hierarchy}{}", later_cgroup.rsplit_once('/').unwrap().0);
+    assert_eq!(node.sh(&format!("test -e {pod_dir} && echo left || true")).trim(), "", "{pod_dir} is left");
 }
