@@ -140,9 +140,12 @@ fn write(path: &Path, value: &str) -> Result<(), String> {
 /// creating it on cgroup v1; `join`: also moves these processes into it on v1 (on v2 they are in
 /// the unit's cgroup already).
 fn apply_at(limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<(), String> {
-    let hierarchy = Hierarchy::find()?;
+    apply_in(&Hierarchy::find()?, limits, relative, join)
+}
+
+fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<(), String> {
     let dir = hierarchy.dir(relative);
-    let files: (&str, &str) = match &hierarchy {
+    let files: (&str, &str) = match hierarchy {
         Hierarchy::V1(_) => {
             // A concurrent removal of an empty parent (another pod's last container) can take a
             // directory away mid-way: try again.
@@ -230,7 +233,13 @@ pub(crate) fn apply_to_unit(limits: &[HugepageLimit], slice: &str, unit: &str) -
 /// Removes a container's v1 hugetlb cgroup (its unit stopped) and the parents it leaves empty.
 /// Nothing to do on v2 (systemd removes the unit's cgroup) or without the controller.
 pub(crate) fn remove(slice: &str, unit: Option<&str>) -> Result<(), Error> {
-    let Ok(Hierarchy::V1(mount)) = Hierarchy::find() else { return Ok(()) };
+    match Hierarchy::find() {
+        Ok(Hierarchy::V1(mount)) => remove_in(&mount, slice, unit),
+        _ => Ok(()),
+    }
+}
+
+fn remove_in(mount: &Path, slice: &str, unit: Option<&str>) -> Result<(), Error> {
     let mut dir = mount.join(crate::stats::cgroup_path(slice, unit).trim_start_matches('/'));
     if !dir.exists() {
         return Ok(());
@@ -250,7 +259,7 @@ pub(crate) fn remove(slice: &str, unit: Option<&str>) -> Result<(), Error> {
     }
     // Parents (the pod's slice, kubepods.slice...) go once empty; another container may still
     // use them (EBUSY) or have removed them already.
-    while dir.pop() && dir != mount && dir.starts_with(&mount) {
+    while dir.pop() && dir != mount && dir.starts_with(mount) {
         if std::fs::remove_dir(&dir).is_err() {
             break;
         }
@@ -274,6 +283,84 @@ mod tests {
         assert_eq!(cri_name(1 << 20), "1GB");
         assert_eq!(cri_name(64), "64KB");
         assert_eq!(cri_name(32 << 10), "32MB");
+    }
+
+    fn tree(root: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                let name = path.strip_prefix(root).unwrap().display().to_string();
+                if path.is_dir() {
+                    stack.push(path);
+                    found.push(format!("{name}/"));
+                } else {
+                    found.push(format!("{name}={}", std::fs::read_to_string(&path).unwrap()));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    const UNIT: &str = "/kubepods.slice/kubepods-pod1.slice/cri-x.service";
+
+    // The files written, in a plain directory standing for the mount (the kernel's refusals are
+    // what the e2e tests see).
+    #[test]
+    fn v1_makes_the_units_cgroup_writes_the_limits_and_joins() {
+        let root = std::env::temp_dir().join(format!("hugetlb-v1-{}", std::process::id()));
+        let limits = [
+            HugepageLimit { page_size: "2MB".into(), limit: 4 << 20 },
+            HugepageLimit { page_size: "1GB".into(), limit: 0 },
+        ];
+        apply_in(&Hierarchy::V1(root.clone()), &limits, UNIT, &[42]).unwrap();
+        assert_eq!(
+            tree(&root),
+            [
+                "kubepods.slice/",
+                "kubepods.slice/kubepods-pod1.slice/",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/cgroup.procs=42",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/hugetlb.1GB.limit_in_bytes=0",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/hugetlb.2MB.limit_in_bytes=4194304",
+            ]
+        );
+        // Removal (the kernel's cgroup files go with the directory; here they are removed first).
+        let unit_dir = root.join(UNIT.trim_start_matches('/'));
+        for f in ["cgroup.procs", "hugetlb.1GB.limit_in_bytes", "hugetlb.2MB.limit_in_bytes"] {
+            std::fs::remove_file(unit_dir.join(f)).unwrap();
+        }
+        std::fs::create_dir(root.join("kubepods.slice/other.slice")).unwrap();
+        remove_in(&root, "kubepods-pod1.slice", Some("cri-x.service")).unwrap();
+        assert_eq!(tree(&root), ["kubepods.slice/", "kubepods.slice/other.slice/"], "a parent in use stays");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn v2_enables_the_controller_in_every_ancestor_and_writes_max() {
+        let root = std::env::temp_dir().join(format!("hugetlb-v2-{}", std::process::id()));
+        let unit_dir = root.join(UNIT.trim_start_matches('/'));
+        std::fs::create_dir_all(&unit_dir).unwrap();
+        std::fs::write(root.join("cgroup.subtree_control"), "cpu memory hugetlb").unwrap();
+        std::fs::write(unit_dir.join("hugetlb.2MB.rsvd.max"), "max").unwrap();
+        let limits = [HugepageLimit { page_size: "2MB".into(), limit: 2 << 20 }];
+        apply_in(&Hierarchy::V2(root.clone()), &limits, UNIT, &[42]).unwrap();
+        assert_eq!(
+            tree(&root),
+            [
+                "cgroup.subtree_control=cpu memory hugetlb",
+                "kubepods.slice/",
+                "kubepods.slice/cgroup.subtree_control=+hugetlb",
+                "kubepods.slice/kubepods-pod1.slice/",
+                "kubepods.slice/kubepods-pod1.slice/cgroup.subtree_control=+hugetlb",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/hugetlb.2MB.max=2097152",
+                "kubepods.slice/kubepods-pod1.slice/cri-x.service/hugetlb.2MB.rsvd.max=2097152",
+            ]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
