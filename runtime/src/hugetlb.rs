@@ -65,9 +65,9 @@ fn node_page_sizes() -> Vec<String> {
 
 /// The kernel's name of a size in the controller's files, which is also the CRI one.
 fn cri_name(kib: u64) -> String {
-    if kib >= 1 << 20 && kib % (1 << 20) == 0 {
+    if kib >= 1 << 20 && kib.is_multiple_of(1 << 20) {
         format!("{}GB", kib >> 20)
-    } else if kib >= 1 << 10 && kib % (1 << 10) == 0 {
+    } else if kib >= 1 << 10 && kib.is_multiple_of(1 << 10) {
         format!("{}MB", kib >> 10)
     } else {
         format!("{kib}KB")
