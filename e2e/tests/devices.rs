@@ -480,3 +480,74 @@ async fn hugepage_limits_are_set_in_the_hugetlb_cgroup_and_change_live() {
     let pod_dir = format!("{hierarchy}{}", later_cgroup.rsplit_once('/').unwrap().0);
     assert_eq!(node.sh(&format!("test -e {pod_dir} && echo left || true")).trim(), "", "{pod_dir} is left");
 }
+
+/// 2 MB hugepages reserved on the host (the nodes share its kernel) for one test, so that a
+/// mapping beyond a container's limit fails for the limit and not for want of pages; released
+/// (the count restored) on drop. Two pages only: the machine is shared.
+struct ReservedHugepages {
+    old: String,
+}
+
+const NR_2MB: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+impl ReservedHugepages {
+    fn two() -> ReservedHugepages {
+        let old = std::fs::read_to_string(NR_2MB).expect("no 2 MB hugepages on this kernel").trim().to_string();
+        let guard = ReservedHugepages { old: old.clone() };
+        let wanted = old.parse::<u64>().unwrap() + 2;
+        std::fs::write(NR_2MB, wanted.to_string()).unwrap();
+        let got = std::fs::read_to_string(NR_2MB).unwrap();
+        assert_eq!(got.trim(), wanted.to_string(), "the kernel did not reserve 2 hugepages (memory fragmented?)");
+        guard
+    }
+}
+
+impl Drop for ReservedHugepages {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(NR_2MB, &self.old) {
+            eprintln!("cannot restore {NR_2MB} to {}: {e}", self.old);
+        }
+    }
+}
+
+#[tokio::test]
+async fn hugepage_limit_is_enforced_by_the_kernel() {
+    let node = e2e::node_with_local_registry("hugetlb-mmap", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    hugetlb_hierarchy(&node);
+    let pod = run_pod(&mut client, "hugetlb-mmap").await;
+    // The node's python, reached by chroot (a default capability) through a read-only bind of
+    // its root: busybox cannot map hugepages. The chrooted process is still the exec'd one.
+    let mut config = with_resources(
+        container_config("mapper", &image, &["/bin/busybox", "sleep", "100000"]),
+        hugepages(&[("2MB", 2 << 20)]),
+    );
+    config.mounts = vec![cri::Mount {
+        container_path: "/host".into(),
+        host_path: "/".into(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let id = running(&mut client, &pod, config).await;
+    let _pages = ReservedHugepages::two();
+    // Maps (and touches) 2 then 4 MiB of 2 MB pages; prints "ok" or the error of each.
+    let map = "busybox chroot /host /usr/bin/python3 -c '
+import mmap
+def try_map(mib):
+    try:
+        m = mmap.mmap(-1, mib << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000 | mmap.MAP_POPULATE)
+        m[0] = 1
+        m.close()
+        return \"ok\"
+    except OSError as e:
+        return e.strerror
+print(try_map(2), \"/\", try_map(4))
+'";
+    let (code, out, err) = sh(&mut client, &id, map).await;
+    assert_eq!((code, out.trim()), (0, "ok / Cannot allocate memory"), "with a 2 MiB limit: {err}");
+    // Live: 4 MiB now fit.
+    update(&mut client, &id, hugepages(&[("2MB", 4 << 20)])).await.expect("UpdateContainerResources");
+    let (code, out, err) = sh(&mut client, &id, map).await;
+    assert_eq!((code, out.trim()), (0, "ok / ok"), "with a 4 MiB limit: {err}");
+}
