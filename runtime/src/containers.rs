@@ -389,7 +389,8 @@ impl Runtime {
         }
         // An empty cpuset keeps the current one, as with containerd: the kubelet's CPU manager
         // sends only the CPUs, its other callers no cpuset at all. For the same reason an update
-        // with a cpuset and no limit at all keeps the limits (elsewhere an unset limit lifts it).
+        // with a cpuset or hugepage limits and no other limit at all keeps the limits (elsewhere
+        // an unset limit lifts it; the kubelet's own updates always carry cpu_shares).
         let old = &record.spec.resources;
         let cpuset_only = (!resources.cpuset_cpus.is_empty()
             || !resources.cpuset_mems.is_empty()
