@@ -551,3 +551,32 @@ print(try_map(2), \"/\", try_map(4))
     let (code, out, err) = sh(&mut client, &id, map).await;
     assert_eq!((code, out.trim()), (0, "ok / ok"), "with a 4 MiB limit: {err}");
 }
+
+#[tokio::test]
+async fn a_node_without_the_hugetlb_controller_refuses_non_zero_limits() {
+    let node = e2e::node_with_local_registry("no-hugetlb", "");
+    // Take the controller away from the node, as on a host whose root does not offer it: the
+    // node's root cgroup in the unified hierarchy (seen from the host) stops handing it down.
+    let cgroups = std::fs::read_to_string(node.dir().join("cgroups")).unwrap();
+    let unified = cgroups.lines().find(|l| l.starts_with("/sys/fs/cgroup/unified/")).expect("no unified cgroup");
+    std::fs::write(format!("{unified}/cgroup.subtree_control"), "-hugetlb").unwrap();
+    assert!(!node.sh("cat /sys/fs/cgroup/unified/cgroup.controllers").contains("hugetlb"));
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    let pod = run_pod(&mut client, "no-hugetlb").await;
+    let sleep = ["/bin/busybox", "sleep", "100000"];
+
+    let limited = hugepages(&[("2MB", 4 << 20), ("1GB", 0)]);
+    let error = create(&mut client, &pod, with_resources(container_config("limited", &image, &sleep), limited))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("2MB") && error.message().contains("hugetlb"), "{}", error.message());
+    // What the kubelet sends for a pod without hugepages still runs; an update to a non-zero
+    // limit is refused the same way.
+    let zero = hugepages(&[("2MB", 0), ("1GB", 0)]);
+    let id = running(&mut client, &pod, with_resources(container_config("zero", &image, &sleep), zero)).await;
+    let error = update(&mut client, &id, hugepages(&[("2MB", 2 << 20)])).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("2MB"), "{}", error.message());
+}
