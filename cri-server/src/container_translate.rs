@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use imagestore::Image;
 use proto::cri;
 use runtime::{
-    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, Propagation, Resources, Seccomp,
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, HugepageLimit, Propagation, Resources,
+    Seccomp,
 };
 use tonic::Status;
 
@@ -121,17 +122,15 @@ fn seccomp_of(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<Secc
     }
 }
 
-/// The limits the runtime applies, from CRI LinuxContainerResources. The kubelet sends a hugepage
-/// limit for every page size the node has, 0 when the pod asked for none: those are accepted.
-/// Others are refused, since nothing would enforce them (systemd 252 does not manage the hugetlb
-/// controller, and writing its files under systemd's cgroups would be undone by it).
+/// The limits the runtime applies, from CRI LinuxContainerResources. Hugepage page sizes and
+/// the node's hugetlb controller are checked by the runtime (they are the node's).
 pub fn resources_of(r: &cri::LinuxContainerResources) -> Result<Resources, Status> {
-    if let Some(limit) = r.hugepage_limits.iter().find(|h| h.limit != 0) {
-        return Err(Status::invalid_argument(format!(
-            "hugepage limits are not supported (asked for {} bytes of {} pages): systemd does not manage the \
-             hugetlb controller",
-            limit.limit, limit.page_size
-        )));
+    let mut hugepage_limits = Vec::new();
+    for h in &r.hugepage_limits {
+        if h.page_size.is_empty() {
+            return Err(Status::invalid_argument("a hugepage limit needs a page size such as \"2MB\""));
+        }
+        hugepage_limits.push(HugepageLimit { page_size: h.page_size.clone(), limit: h.limit });
     }
     for (what, list) in [("cpuset_cpus", &r.cpuset_cpus), ("cpuset_mems", &r.cpuset_mems)] {
         runtime::parse_cpu_list(list).map_err(|e| {
@@ -146,6 +145,7 @@ pub fn resources_of(r: &cri::LinuxContainerResources) -> Result<Resources, Statu
         oom_score_adj: r.oom_score_adj,
         cpuset_cpus: r.cpuset_cpus.clone(),
         cpuset_mems: r.cpuset_mems.clone(),
+        hugepage_limits,
     })
 }
 
@@ -244,6 +244,13 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
                 oom_score_adj: c.spec.resources.oom_score_adj,
                 cpuset_cpus: c.spec.resources.cpuset_cpus.clone(),
                 cpuset_mems: c.spec.resources.cpuset_mems.clone(),
+                hugepage_limits: c
+                    .spec
+                    .resources
+                    .hugepage_limits
+                    .iter()
+                    .map(|h| cri::HugepageLimit { page_size: h.page_size.clone(), limit: h.limit })
+                    .collect(),
                 ..Default::default()
             }),
             ..Default::default()

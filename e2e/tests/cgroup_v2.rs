@@ -28,6 +28,7 @@ const DEEP_LAYERS: usize = 128;
 const REGISTRY: &str = "127.0.0.1:5000";
 const BUSY_MEMORY: i64 = 64 << 20;
 const HOG_MEMORY: i64 = 32 << 20;
+const BUSY_HUGEPAGES: u64 = 4 << 20;
 
 /// What the script printed: section name -> text (without the trailing newline).
 struct Report {
@@ -142,6 +143,8 @@ fn vm_script(repo: &Path) -> String {
             cpu_period: 100_000,
             cpu_quota: 50_000,
             cpu_shares: 512,
+            // Enforced through the hugetlb controller, which systemd leaves to cri-systemd.
+            hugepage_limits: vec![cri::HugepageLimit { page_size: "2MB".into(), limit: BUSY_HUGEPAGES }],
             ..Default::default()
         },
     );
@@ -283,7 +286,7 @@ fn cgroup_v2_smoke() {
     assert!(r.get("busy.unit.slice").ends_with(".slice"));
     assert_eq!(cgroup, format!("{slice_cgroup}/cri-{busy}.service"));
     let unit_controllers: Vec<&str> = r.get("busy.cgroup.controllers").split_whitespace().collect();
-    for c in ["cpu", "memory", "pids"] {
+    for c in ["cpu", "memory", "pids", "hugetlb"] {
         assert!(unit_controllers.contains(&c), "no {c} in the unit's cgroup.controllers: {unit_controllers:?}");
     }
     assert_eq!(r.get("busy.memory.max"), BUSY_MEMORY.to_string(), "memory.max");
@@ -291,6 +294,8 @@ fn cgroup_v2_smoke() {
     // CPUShares=512 becomes a weight on v2: 512 * 100 / 1024.
     assert_eq!(r.get("busy.cpu.weight"), "50", "cpu.weight from cpu_shares");
     assert_eq!(r.get("busy.pids.max"), "max", "TasksMax=infinity");
+    assert_eq!(r.get("busy.hugetlb.2MB.max"), BUSY_HUGEPAGES.to_string(), "hugetlb.2MB.max\n{dump}");
+    assert_eq!(r.get("busy.hugetlb.2MB.rsvd.max"), BUSY_HUGEPAGES.to_string(), "hugetlb.2MB.rsvd.max");
 
     // ContainerStats from cpu.stat, memory.current and memory.stat.
     let current: u64 = r.get("busy.memory.current").parse().unwrap();

@@ -98,7 +98,7 @@ emit busy.id "$busy"
 emit busy.unit.cgroup "$cg"
 emit busy.unit.slice "$(systemctl show -P Slice "$unit")"
 emit pod.slice.cgroup "$(systemctl show -P ControlGroup "$(systemctl show -P Slice "$unit")")"
-for f in cgroup.controllers memory.max memory.swap.max cpu.max cpu.weight pids.max; do
+for f in cgroup.controllers memory.max memory.swap.max cpu.max cpu.weight pids.max hugetlb.2MB.max hugetlb.2MB.rsvd.max; do
 	emit "busy.$f" "$(cat "/sys/fs/cgroup$cg/$f" 2>&1)"
 done
 # Wait until it holds its 8 MiB (the cgroup's own count), then sample twice, a second apart (the

@@ -1,6 +1,7 @@
 //! Devices: the device cgroup policy of container units (what runc gives by default), CRI
-//! `devices` mapped into containers with their permissions, and CPU sets, against a daemon in a
-//! real systemd node (cgroup v1 devices and cpuset controllers, as the host has them).
+//! `devices` mapped into containers with their permissions, CPU sets and hugepage limits, against
+//! a daemon in a real systemd node (cgroup v1 devices and cpuset controllers, as the host has
+//! them; hugetlb in a v1 hierarchy if the node has one, else in the unified one).
 
 use std::time::Duration;
 
@@ -315,13 +316,13 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
         ..Default::default()
     };
 
-    // Refused: malformed or absent CPUs, non-zero hugepage limits; nothing is created.
+    // Refused: malformed or absent CPUs, a page size the node does not have; nothing is created.
     for (cpus, hugepages, named) in [
         ("0-", vec![], "cpuset_cpus"),
         ("1-0", vec![], "cpuset_cpus"),
         ("a", vec![], "cpuset_cpus"),
         ("7", vec![], "not online"),
-        ("0", vec![cri::HugepageLimit { page_size: "2MB".into(), limit: 2 << 20 }], "hugepage"),
+        ("0", vec![cri::HugepageLimit { page_size: "3MB".into(), limit: 2 << 20 }], "\"3MB\""),
     ] {
         let resources =
             cri::LinuxContainerResources { cpuset_cpus: cpus.into(), hugepage_limits: hugepages, ..Default::default() };
@@ -384,4 +385,198 @@ async fn cpuset_cpus_pin_containers_and_change_live() {
     let change = cri::LinuxContainerResources { cpuset_mems: "0".into(), ..Default::default() };
     let error = update(&mut client, &id, change).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+}
+
+/// Where a node keeps the hugetlb controller: (hierarchy mount point, limit file suffix).
+fn hugetlb_hierarchy(node: &Node) -> (&'static str, &'static str) {
+    if node.sh("test -d /sys/fs/cgroup/hugetlb && echo v1 || true").trim() == "v1" {
+        ("/sys/fs/cgroup/hugetlb", "limit_in_bytes")
+    } else {
+        let controllers = node.sh("cat /sys/fs/cgroup/unified/cgroup.controllers");
+        assert!(controllers.contains("hugetlb"), "the node has no hugetlb controller (unified: {controllers:?})");
+        ("/sys/fs/cgroup/unified", "max")
+    }
+}
+
+fn hugepages(limits: &[(&str, u64)]) -> cri::LinuxContainerResources {
+    let hugepage_limits =
+        limits.iter().map(|(size, limit)| cri::HugepageLimit { page_size: size.to_string(), limit: *limit }).collect();
+    cri::LinuxContainerResources { hugepage_limits, ..Default::default() }
+}
+
+#[tokio::test]
+async fn hugepage_limits_are_set_in_the_hugetlb_cgroup_and_change_live() {
+    let node = e2e::node_with_local_registry("hugetlb", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    let (hierarchy, suffix) = hugetlb_hierarchy(&node);
+    let pod = run_pod(&mut client, "hugetlb").await;
+    let sleep = ["/bin/busybox", "sleep", "100000"];
+
+    // A page size the node does not have is refused, naming it.
+    let error = create(
+        &mut client,
+        &pod,
+        with_resources(container_config("bad", &image, &sleep), hugepages(&[("3MB", 4 << 20)])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("\"3MB\""), "{}", error.message());
+
+    // What the kubelet sends for a pod asking for 4 MiB of 2 MB pages on a node with 2 MB and 1 GB.
+    let limited = hugepages(&[("2MB", 4 << 20), ("1GB", 0)]);
+    let id = running(&mut client, &pod, with_resources(container_config("limited", &image, &sleep), limited)).await;
+    let unit = format!("cri-{id}.service");
+    let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();
+    let dir = format!("{hierarchy}{cgroup}");
+    let limit = |size: &str| node.sh(&format!("cat {dir}/hugetlb.{size}.{suffix}")).trim().to_string();
+    assert_eq!(limit("2MB"), (4u64 << 20).to_string());
+    assert_eq!(limit("1GB"), "0");
+    // The entrypoint and an exec'd command are in that cgroup.
+    let main_pid = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
+    let procs = node.sh(&format!("cat {dir}/cgroup.procs"));
+    assert!(procs.lines().any(|p| p == main_pid), "main process {main_pid} not in {dir}: {procs:?}");
+    let (code, out, _) = sh(&mut client, &id, "busybox cat /proc/self/cgroup").await;
+    assert_eq!(code, 0);
+    let line = if suffix == "max" { "0::" } else { ":hugetlb:" };
+    assert!(
+        out.lines().any(|l| l.contains(line) && l.ends_with(&format!("/{unit}"))),
+        "an exec'd process is not in the container's hugetlb cgroup:\n{out}"
+    );
+
+    // Live: a new limit, kept in the status; a bad one changes nothing.
+    update(&mut client, &id, hugepages(&[("2MB", 8 << 20)])).await.expect("UpdateContainerResources");
+    assert_eq!(limit("2MB"), (8u64 << 20).to_string());
+    assert_eq!(limit("1GB"), "0");
+    let error = update(&mut client, &id, hugepages(&[("5MB", 2 << 20)])).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert_eq!(limit("2MB"), (8u64 << 20).to_string());
+    let status = e2e::crisimple::status(&mut client, &id).await;
+    let reported = status.resources.unwrap().linux.unwrap().hugepage_limits;
+    assert!(reported.iter().any(|h| h.page_size == "2MB" && h.limit == 8 << 20), "{reported:?}");
+
+    // An update of a created container is what its start applies.
+    let later = create(
+        &mut client,
+        &pod,
+        with_resources(container_config("later", &image, &sleep), hugepages(&[("2MB", 2 << 20)])),
+    )
+    .await
+    .expect("CreateContainer");
+    update(&mut client, &later, hugepages(&[("2MB", 6 << 20)])).await.expect("UpdateContainerResources");
+    start(&mut client, &later).await.expect("StartContainer");
+    let later_cgroup =
+        node.sh(&format!("systemctl show -p ControlGroup --value cri-{later}.service")).trim().to_string();
+    assert_eq!(
+        node.sh(&format!("cat {hierarchy}{later_cgroup}/hugetlb.2MB.{suffix}")).trim(),
+        (6u64 << 20).to_string()
+    );
+
+    // Removal leaves no hugetlb cgroup: the container's, then the pod's.
+    client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    assert_eq!(node.sh(&format!("test -e {dir} && echo left || true")).trim(), "", "{dir} is left");
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    let pod_dir = format!("{hierarchy}{}", later_cgroup.rsplit_once('/').unwrap().0);
+    assert_eq!(node.sh(&format!("test -e {pod_dir} && echo left || true")).trim(), "", "{pod_dir} is left");
+}
+
+/// 2 MB hugepages reserved on the host (the nodes share its kernel) for one test, so that a
+/// mapping beyond a container's limit fails for the limit and not for want of pages; released
+/// (the count restored) on drop. Two pages only: the machine is shared.
+struct ReservedHugepages {
+    old: String,
+}
+
+const NR_2MB: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+impl ReservedHugepages {
+    fn two() -> ReservedHugepages {
+        let old = std::fs::read_to_string(NR_2MB).expect("no 2 MB hugepages on this kernel").trim().to_string();
+        let guard = ReservedHugepages { old: old.clone() };
+        let wanted = old.parse::<u64>().unwrap() + 2;
+        std::fs::write(NR_2MB, wanted.to_string()).unwrap();
+        let got = std::fs::read_to_string(NR_2MB).unwrap();
+        assert_eq!(got.trim(), wanted.to_string(), "the kernel did not reserve 2 hugepages (memory fragmented?)");
+        guard
+    }
+}
+
+impl Drop for ReservedHugepages {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(NR_2MB, &self.old) {
+            eprintln!("cannot restore {NR_2MB} to {}: {e}", self.old);
+        }
+    }
+}
+
+#[tokio::test]
+async fn hugepage_limit_is_enforced_by_the_kernel() {
+    let node = e2e::node_with_local_registry("hugetlb-mmap", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    hugetlb_hierarchy(&node);
+    let pod = run_pod(&mut client, "hugetlb-mmap").await;
+    // The node's python, reached by chroot (a default capability) through a read-only bind of
+    // its root: busybox cannot map hugepages. The chrooted process is still the exec'd one.
+    let mut config = with_resources(
+        container_config("mapper", &image, &["/bin/busybox", "sleep", "100000"]),
+        hugepages(&[("2MB", 2 << 20)]),
+    );
+    config.mounts = vec![cri::Mount {
+        container_path: "/host".into(),
+        host_path: "/".into(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let id = running(&mut client, &pod, config).await;
+    let _pages = ReservedHugepages::two();
+    // Maps (and touches) 2 then 4 MiB of 2 MB pages; prints "ok" or the error of each.
+    let map = "busybox chroot /host /usr/bin/python3 -c '
+import mmap
+def try_map(mib):
+    try:
+        m = mmap.mmap(-1, mib << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000 | mmap.MAP_POPULATE)
+        m[0] = 1
+        m.close()
+        return \"ok\"
+    except OSError as e:
+        return e.strerror
+print(try_map(2), \"/\", try_map(4))
+'";
+    let (code, out, err) = sh(&mut client, &id, map).await;
+    assert_eq!((code, out.trim()), (0, "ok / Cannot allocate memory"), "with a 2 MiB limit: {err}");
+    // Live: 4 MiB now fit.
+    update(&mut client, &id, hugepages(&[("2MB", 4 << 20)])).await.expect("UpdateContainerResources");
+    let (code, out, err) = sh(&mut client, &id, map).await;
+    assert_eq!((code, out.trim()), (0, "ok / ok"), "with a 4 MiB limit: {err}");
+}
+
+#[tokio::test]
+async fn a_node_without_the_hugetlb_controller_refuses_non_zero_limits() {
+    let node = e2e::node_with_local_registry("no-hugetlb", "");
+    // Take the controller away from the node, as on a host whose root does not offer it: the
+    // node's root cgroup in the unified hierarchy (seen from the host) stops handing it down.
+    let cgroups = std::fs::read_to_string(node.dir().join("cgroups")).unwrap();
+    let unified = cgroups.lines().find(|l| l.starts_with("/sys/fs/cgroup/unified/")).expect("no unified cgroup");
+    std::fs::write(format!("{unified}/cgroup.subtree_control"), "-hugetlb").unwrap();
+    assert!(!node.sh("cat /sys/fs/cgroup/unified/cgroup.controllers").contains("hugetlb"));
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "devices").await;
+    let pod = run_pod(&mut client, "no-hugetlb").await;
+    let sleep = ["/bin/busybox", "sleep", "100000"];
+
+    let limited = hugepages(&[("2MB", 4 << 20), ("1GB", 0)]);
+    let error = create(&mut client, &pod, with_resources(container_config("limited", &image, &sleep), limited))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("2MB") && error.message().contains("hugetlb"), "{}", error.message());
+    // What the kubelet sends for a pod without hugepages still runs; an update to a non-zero
+    // limit is refused the same way.
+    let zero = hugepages(&[("2MB", 0), ("1GB", 0)]);
+    let id = running(&mut client, &pod, with_resources(container_config("zero", &image, &sleep), zero)).await;
+    let error = update(&mut client, &id, hugepages(&[("2MB", 2 << 20)])).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition, "{error:?}");
+    assert!(error.message().contains("2MB"), "{}", error.message());
 }

@@ -90,6 +90,18 @@ pub struct Resources {
     /// A list of NUMA memory nodes, same syntax; empty: every node.
     #[serde(default)]
     pub cpuset_mems: String,
+    /// Hugepage limits per page size (crate::hugetlb); enforced when one is not 0.
+    #[serde(default)]
+    pub hugepage_limits: Vec<HugepageLimit>,
+}
+
+/// The most hugepage memory of one page size the container may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HugepageLimit {
+    /// As CRI names it: "2MB", "1GB", "64KB".
+    pub page_size: String,
+    /// Bytes.
+    pub limit: u64,
 }
 
 /// A host device node made available in the container (CRI `devices`).

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use zbus::zvariant::Value;
 
-use crate::container::{self, Container, ContainerSpec, ContainerState, Resources, RootfsLayers, SpecContext};
+use crate::container::{
+    self, Container, ContainerSpec, ContainerState, HugepageLimit, Resources, RootfsLayers, SpecContext,
+};
 use crate::events::ContainerEventKind;
 use crate::exit_record::{self, ExitRecord};
 use crate::init::{InitSpec, OverlayRootfs};
@@ -95,6 +97,7 @@ impl Runtime {
     ) -> Result<(), Error> {
         spec.validate()?;
         container::check_cpuset_on_node(&spec.resources)?;
+        crate::hugetlb::check(&spec.resources.hugepage_limits)?;
         let pod = self.pod(pod_id)?;
         if pod.state != PodState::Ready {
             return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
@@ -159,6 +162,7 @@ impl Runtime {
             error_file: dir.join("start-error"),
             journal_stdio: true,
             console_socket: record.spec.tty,
+            hugepage_limits: record.spec.resources.hugepage_limits.clone(),
         };
         init.save(&dir.join("init.json")).map_err(Error::io("cannot write the init spec"))?;
         record.state = ContainerState::Created;
@@ -385,15 +389,23 @@ impl Runtime {
         }
         // An empty cpuset keeps the current one, as with containerd: the kubelet's CPU manager
         // sends only the CPUs, its other callers no cpuset at all. For the same reason an update
-        // with a cpuset and no limit at all keeps the limits (elsewhere an unset limit lifts it).
+        // with a cpuset or hugepage limits and no other limit at all keeps the limits (elsewhere
+        // an unset limit lifts it; the kubelet's own updates always carry cpu_shares).
         let old = &record.spec.resources;
-        let cpuset_only = (!resources.cpuset_cpus.is_empty() || !resources.cpuset_mems.is_empty())
+        let cpuset_only = (!resources.cpuset_cpus.is_empty()
+            || !resources.cpuset_mems.is_empty()
+            || !resources.hugepage_limits.is_empty())
             && resources.cpu_period == 0
             && resources.cpu_quota == 0
             && resources.cpu_shares == 0
             && resources.memory_limit_in_bytes == 0;
         let resources = if cpuset_only {
-            Resources { cpuset_cpus: resources.cpuset_cpus, cpuset_mems: resources.cpuset_mems, ..old.clone() }
+            Resources {
+                cpuset_cpus: resources.cpuset_cpus,
+                cpuset_mems: resources.cpuset_mems,
+                hugepage_limits: resources.hugepage_limits,
+                ..old.clone()
+            }
         } else {
             resources
         };
@@ -401,9 +413,14 @@ impl Runtime {
             oom_score_adj: old.oom_score_adj,
             cpuset_cpus: if resources.cpuset_cpus.is_empty() { old.cpuset_cpus.clone() } else { resources.cpuset_cpus },
             cpuset_mems: if resources.cpuset_mems.is_empty() { old.cpuset_mems.clone() } else { resources.cpuset_mems },
+            hugepage_limits: merge_hugepage_limits(&old.hugepage_limits, resources.hugepage_limits.clone()),
             ..resources
         };
         container::check_cpuset_on_node(&resources)?;
+        crate::hugetlb::check(&resources.hugepage_limits)?;
+        // Lowering every limit to 0 is enforced too once limits were set.
+        let hugepages_changed = resources.hugepage_limits != old.hugepage_limits
+            && (crate::hugetlb::wanted(&resources.hugepage_limits) || crate::hugetlb::wanted(&old.hugepage_limits));
         if record.state == ContainerState::Running {
             let unified = container::cgroup_unified();
             if !unified && resources.cpuset_mems != record.spec.resources.cpuset_mems {
@@ -420,6 +437,15 @@ impl Runtime {
             if !unified && resources.cpuset_cpus != record.spec.resources.cpuset_cpus {
                 set_unit_affinity(&record, &resources.cpuset_cpus)?;
             }
+            if hugepages_changed {
+                crate::hugetlb::apply_to_unit(&resources.hugepage_limits, &record.slice, &record.unit)?;
+            }
+        } else if hugepages_changed {
+            // Created: init applies what its spec says at the start.
+            let path = self.container_dir(&record.id).join("init.json");
+            let mut init = InitSpec::load(&path).map_err(Error::FailedPrecondition)?;
+            init.hugepage_limits = resources.hugepage_limits.clone();
+            init.save(&path).map_err(Error::io("cannot write the init spec"))?;
         }
         record.spec.resources = resources;
         self.save_container(&entry, record)
@@ -447,6 +473,7 @@ impl Runtime {
         self.save_container(entry, record.clone())?;
         self.systemd.stop_unit(&record.unit).await?;
         self.systemd.reset_failed_unit(&record.unit).await?;
+        crate::hugetlb::remove(&record.slice, Some(&record.unit))?;
         if record.spec.stdin || record.spec.tty {
             self.stdio.lock().expect("stdio table lock").remove(&record.id);
             crate::stdio::forget(&record.id);
@@ -653,6 +680,15 @@ impl Runtime {
         stored.close_rest();
         Ok(())
     }
+}
+
+/// An update's hugepage limits: per page size, the new limit where the update names the size,
+/// the old one elsewhere (the kubelet sends every size of the node, other callers maybe one).
+fn merge_hugepage_limits(old: &[HugepageLimit], new: Vec<HugepageLimit>) -> Vec<HugepageLimit> {
+    let mut merged: Vec<HugepageLimit> =
+        old.iter().filter(|o| !new.iter().any(|n| n.page_size == o.page_size)).cloned().collect();
+    merged.extend(new);
+    merged
 }
 
 /// cgroup v1: systemd applies `CPUAffinity=` at exec only, so a new CPU set for a running

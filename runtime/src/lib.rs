@@ -12,6 +12,7 @@ mod error;
 mod events;
 mod exec;
 pub mod exit_record;
+mod hugetlb;
 pub mod init;
 mod logs;
 mod namespaces;
@@ -32,8 +33,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
-    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, Propagation, Resources,
-    RootfsLayers, Seccomp, parse_cpu_list,
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, HugepageLimit,
+    Propagation, Resources, RootfsLayers, Seccomp, parse_cpu_list,
 };
 pub use containers::ContainerFilter;
 pub use error::Error;

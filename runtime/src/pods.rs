@@ -439,6 +439,11 @@ impl Runtime {
         self.stop_pod_containers(&pod.id).await;
         self.teardown(&pod, true).await?;
         self.remove_pod_containers(&pod.id).await?;
+        // The last container's removal took the pod's v1 hugetlb cgroup with it; this finds one
+        // left by anything else (its processes are dead: the slice stopped).
+        if let Err(e) = crate::hugetlb::remove(&pod.slice, None) {
+            warn!(pod = %pod.id, "{e}");
+        }
         // While the record is still there, so that the event carries the pod's status.
         self.emit(&pod.id, &pod.id, ContainerEventKind::Deleted);
         self.pods.lock().expect("pod table lock").remove(&pod.id);

@@ -325,7 +325,7 @@ fn wait(child: Pid, control: &OwnedFd, signalfd: &SignalFd) -> Result<()> {
 
 /// The path of the systemd unit's cgroup in a /proc/<pid>/cgroup text: the `name=systemd`
 /// hierarchy on cgroup v1 (hybrid), the unified `0::` one otherwise.
-fn systemd_cgroup(cgroups: &str) -> Option<String> {
+pub(crate) fn systemd_cgroup(cgroups: &str) -> Option<String> {
     let path = |line: &str| line.splitn(3, ':').nth(2).map(str::to_string);
     cgroups
         .lines()
@@ -336,15 +336,15 @@ fn systemd_cgroup(cgroups: &str) -> Option<String> {
 
 /// A cgroup file system mounted here: v1 (with its controllers or `name=`) or v2.
 #[derive(Debug, PartialEq, Eq)]
-struct CgroupMount {
+pub(crate) struct CgroupMount {
     /// "" for cgroup2, else the super options naming the hierarchy (`memory`, `name=systemd`).
-    controllers: Vec<String>,
+    pub(crate) controllers: Vec<String>,
     /// The cgroup at the mount's root, and where it is mounted.
-    root: String,
-    mount_point: String,
+    pub(crate) root: String,
+    pub(crate) mount_point: String,
 }
 
-fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
+pub(crate) fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
     let mut mounts = Vec::new();
     for line in mountinfo.lines() {
         let Some((before, after)) = line.split_once(" - ") else { continue };

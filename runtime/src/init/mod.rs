@@ -229,6 +229,11 @@ const MSG_GO: u8 = b'G';
 fn supervise(spec: &InitSpec) -> Result<()> {
     process::validate(&spec.oci)?;
     let notifier = notify::Notifier::open()?;
+    // First, while init is root in the node's namespaces and sees its cgroup file systems: the
+    // entrypoint forked below inherits the (v1) cgroup and starts limited.
+    if crate::hugetlb::wanted(&spec.hugepage_limits) {
+        crate::hugetlb::apply_to_self(&spec.hugepage_limits).map_err(Error)?;
+    }
     let mut plan = namespaces::open(&spec.oci)?;
     // Before any namespace is entered: the helpers of the idmaps must be seen in init's /proc
     // and must not be the first process of the container's PID namespace.

@@ -45,6 +45,11 @@ pub struct InitSpec {
     /// stderr, and sends the master on that socket (SCM_RIGHTS) before exec.
     #[serde(default)]
     pub console_socket: bool,
+    /// Hugepage limits that init applies to its own (the unit's) cgroup before it forks the
+    /// entrypoint, creating and joining the v1 hugetlb cgroup if that is where the controller is
+    /// (see crate::hugetlb). Empty, or only zeros: nothing is done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hugepage_limits: Vec<crate::container::HugepageLimit>,
 }
 
 /// An overlay root file system: read-only image layers under a per-container writable layer.
