@@ -672,3 +672,55 @@ async fn a_userns_pod_shares_a_pid_namespace_that_its_user_namespace_owns() {
     let traces = pod_traces(&node);
     assert!(!traces.contains(&pod) && !traces.contains("sharedpid"), "{traces}");
 }
+
+/// A userns pod's container has a mount namespace its user namespace owns (as with runc): root
+/// in the pod, given CAP_SYS_ADMIN, can mount a tmpfs, but cannot uncover a masked path or make
+/// a read-only one writable (the mounts it inherited are locked). Without that capability it
+/// mounts nothing. In a NODE-mode pod the same container runs without a user namespace, where
+/// its mount namespace stays the node's.
+#[tokio::test]
+async fn a_userns_pod_owns_its_mount_namespace_but_not_the_mounts_it_was_given() {
+    let node = node("userns-mounts", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let (busybox, _) = pull_images(&node, &mut client).await;
+    let pod = run_pod(&mut client, pod_config("mounts", Some(None))).await.unwrap();
+    node.sh("mkdir -p /srv/mounts && chmod 777 /srv/mounts");
+    let script = "{ busybox mkdir -p /tmp/m; busybox mount -t tmpfs none /tmp/m && echo tmpfs-mounted; \
+                   busybox umount /proc/kcore 2>/dev/null && echo kcore-uncovered || echo kcore-locked; \
+                   busybox mount -o remount,rw /proc/sys 2>/dev/null && echo sys-writable || echo sys-locked; \
+                   busybox grep -c ' /tmp/m ' /proc/self/mounts; } > /out/$NAME 2>&1";
+    for (name, caps) in [("admin", vec!["CAP_SYS_ADMIN".to_string()]), ("plain", vec![])] {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+            image: Some(cri::ImageSpec { image: busybox.clone(), ..Default::default() }),
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            envs: vec![cri::KeyValue { key: "NAME".into(), value: name.into() }],
+            mounts: vec![volume("/out", "/srv/mounts")],
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    capabilities: Some(cri::Capability { add_capabilities: caps, ..Default::default() }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request =
+            cri::CreateContainerRequest { pod_sandbox_id: pod.clone(), config: Some(config), sandbox_config: None };
+        let id = client.runtime.create_container(request).await.unwrap().into_inner().container_id;
+        client.runtime.start_container(cri::StartContainerRequest { container_id: id }).await.unwrap();
+    }
+    let admin = wait_file(&node, "/srv/mounts/admin").await;
+    let plain = wait_file(&node, "/srv/mounts/plain").await;
+    assert_eq!(
+        admin.split_whitespace().collect::<Vec<_>>(),
+        ["tmpfs-mounted", "kcore-locked", "sys-locked", "1"],
+        "{admin}"
+    );
+    assert!(
+        !plain.contains("tmpfs-mounted") && plain.contains("kcore-locked") && plain.contains("sys-locked"),
+        "{plain}"
+    );
+    // Nothing of it reached the node's mount table.
+    assert_eq!(node.sh("grep -c ' /tmp/m ' /proc/self/mountinfo || true").trim(), "0");
+}

@@ -175,6 +175,19 @@ pub(crate) fn enter_user(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Once in the pod's user namespace: a copy of the container's mount namespace that this user
+/// namespace owns, as runc's containers have, so that root in the pod can mount what a user
+/// namespace may (a tmpfs, say) with CAP_SYS_ADMIN. Every mount set up so far comes along locked
+/// (MNT_LOCKED): it cannot be unmounted, uncovered or made writable from inside, so masked and
+/// read-only paths stay so. The copy keeps the root and working directory.
+pub(crate) fn own_mounts_in_user_namespace(plan: &Plan) -> Result<()> {
+    if plan.user.is_none() {
+        return Ok(());
+    }
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS)
+        .ctx(|| "unshare a mnt namespace owned by the pod's user namespace".into())
+}
+
 /// In the forked child: the container's own mount namespace, always new (a private copy of the
 /// joined one if the spec gives a path).
 pub(crate) fn enter_mount(plan: &Plan) -> Result<()> {

@@ -112,8 +112,13 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::Own
     }
     // Everything that needs the node's root is done once the rlimits are set: from there on,
     // root of the pod's user namespace at most (its capabilities are set like anyone's).
+    // Mounts that propagate back to the node need the node's mount namespace as their owner.
+    let shares_mounts = linux.and_then(|l| l.rootfs_propagation().as_deref()) == Some("rshared");
     prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()), || {
         namespaces::enter_user(plan)?;
+        if !shares_mounts {
+            namespaces::own_mounts_in_user_namespace(plan)?;
+        }
         // As root of the pod's user namespace, so that the terminal is the container's own.
         console.map_or(Ok(()), super::open_terminal)
     })
