@@ -191,12 +191,18 @@ pub(crate) struct IdRanges {
     /// Where the next search starts: ranges are handed out round-robin, so that a range just
     /// released is not reused at once.
     next: u32,
+    /// A range's first id that NSS did not know a moment ago (checked in the background after
+    /// each allocation, so that the next pod does not wait for NSS; NSS may be slow).
+    nss_clear: Option<(u32, std::time::Instant)>,
 }
+
+/// How long a background NSS check of the next range stands in for one at allocation.
+const NSS_CHECK_VALID: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl IdRanges {
     pub(crate) fn new(config: UsernsConfig) -> IdRanges {
         let words = config.pool_ranges.div_ceil(64) as usize;
-        IdRanges { config, pool_used: vec![0; words], in_use: BTreeMap::new(), next: 0 }
+        IdRanges { config, pool_used: vec![0; words], in_use: BTreeMap::new(), next: 0, nss_clear: None }
     }
 
     /// The pod using a range that overlaps `range`, if any.
@@ -227,9 +233,26 @@ impl IdRanges {
         Ok(())
     }
 
+    /// The first id of the range `allocate` would try first, for a check ahead of time.
+    pub(crate) fn next_candidate(&self) -> Option<u32> {
+        let slots = self.config.pool_ranges;
+        (0..slots)
+            .map(|i| (self.next + i) % slots)
+            .find(|slot| self.pool_used[(slot / 64) as usize] & (1 << (slot % 64)) == 0)
+            .map(|slot| self.config.pool_start + slot * RANGE_SIZE)
+    }
+
+    /// Records that NSS knows nobody at `first_id` (see `nss_clear`).
+    pub(crate) fn set_nss_clear(&mut self, first_id: u32) {
+        self.nss_clear = Some((first_id, std::time::Instant::now()));
+    }
+
     /// A free pool range for `pod`, skipping ranges whose first id `taken` reports in use by
-    /// someone else (a user or group known to NSS, as systemd checks). `None`: the pool is full.
+    /// someone else (a user or group known to NSS, as systemd checks), unless a check moments ago
+    /// found it clear. `None`: the pool is full.
     pub(crate) fn allocate(&mut self, pod: &str, mut taken: impl FnMut(u32) -> bool) -> Option<IdRange> {
+        let checked = self.nss_clear.take().filter(|(_, at)| at.elapsed() < NSS_CHECK_VALID).map(|(id, _)| id);
+        let mut taken = move |id: u32| checked != Some(id) && taken(id);
         let slots = self.config.pool_ranges;
         let mut slot = self.next % slots;
         let mut visited = 0;
@@ -356,6 +379,26 @@ mod tests {
         ranges.release("b", &b);
         assert_eq!(ranges.allocate("d", |_| false), Some(b));
         assert_eq!(ranges.pool_in_use(), 3);
+    }
+
+    #[test]
+    fn a_range_checked_ahead_is_not_checked_again_but_only_once_and_only_that_one() {
+        let mut ranges = pool(0x10_0000, 4);
+        let first = ranges.next_candidate().unwrap();
+        ranges.set_nss_clear(first);
+        let mut asked = Vec::new();
+        let range = ranges.allocate("a", |id| {
+            asked.push(id);
+            false
+        });
+        assert_eq!((range.unwrap().host_id, asked.len()), (first, 0));
+        // The next allocation asks NSS again, for a range the check did not cover.
+        let range = ranges.allocate("b", |id| {
+            asked.push(id);
+            false
+        });
+        assert_eq!(asked, [range.unwrap().host_id]);
+        assert_ne!(range.unwrap().host_id, first);
     }
 
     #[test]
