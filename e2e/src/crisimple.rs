@@ -20,6 +20,24 @@ pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
     }
 }
 
+/// `pod_config(name)` in a user namespace of its own (mode POD, a range from the daemon's pool)
+/// with a PID namespace per container, as the kubelet asks for `hostUsers: false`.
+pub fn userns_pod_config(name: &str) -> cri::PodSandboxConfig {
+    let mut config = pod_config(name);
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Container as i32,
+                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
 /// A container config running `command` in `image`, labelled `container=<name>`.
 pub fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
     cri::ContainerConfig {

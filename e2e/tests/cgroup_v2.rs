@@ -95,17 +95,7 @@ fn userns_pod_config() -> cri::PodSandboxConfig {
         attempt: 0,
     });
     config.log_directory = "/var/log/pods/e2e_v2-userns".into();
-    config.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Container as i32,
-                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    config.linux = e2e::crisimple::userns_pod_config("v2-userns").linux;
     config
 }
 

@@ -235,18 +235,7 @@ async fn cri_devices_appear_with_exactly_their_permissions() {
 
     // In a pod with its own user namespace, the node init makes belongs to the pod's root (a
     // bound host node would stay the host root's, which the pod cannot open through 0660).
-    let mut userns_pod = e2e::crisimple::pod_config("devuserns");
-    userns_pod.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Container as i32,
-                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let userns_pod = e2e::crisimple::userns_pod_config("devuserns");
     let request = cri::RunPodSandboxRequest { config: Some(userns_pod), runtime_handler: String::new() };
     let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
     node.sh(&format!("chmod 0660 {}", loop_device.path));

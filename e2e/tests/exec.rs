@@ -727,15 +727,7 @@ async fn attach_carries_stdin_and_stdin_once_closes_it() {
     })
     .await;
     assert!(stdout.contains("got only once"), "{stdout}");
-    let exited = e2e::eventually(ANSWER_TIMEOUT, "the stdin_once container to see EOF and exit", || {
-        let mut client = client.clone();
-        let once = once.clone();
-        async move {
-            let status = container_status(&mut client, &once).await;
-            (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
-        }
-    })
-    .await;
+    let exited = crisimple::wait_exited(&mut client, &once).await;
     assert_eq!((exited.exit_code, exited.reason.as_str()), (0, "Completed"), "{exited:?}");
     file_containing(&node, "/var/log/pods/e2e_attachstdin/once/0.log", " stdout F eof-seen\n").await;
 
@@ -790,31 +782,12 @@ async fn attach_to_a_tty_with_resize_and_across_a_daemon_kill() {
     ws_send(&mut ws, 0, b"echo once-$((6*7))\n").await;
     ws_read_until(&mut ws, &["once-42"]).await;
     ws.close(None).await.unwrap();
-    let exited = e2e::eventually(ANSWER_TIMEOUT, "the stdin_once shell to exit", || {
-        let mut client = client.clone();
-        let once = once.clone();
-        async move {
-            let status = container_status(&mut client, &once).await;
-            (status.state == cri::ContainerState::ContainerExited as i32).then_some(status)
-        }
-    })
-    .await;
+    let exited = crisimple::wait_exited(&mut client, &once).await;
     assert_eq!(exited.exit_code, 0, "{exited:?}");
 
     // In a pod with its own user namespace the terminal is the container's own: its devpts, and
     // owned by the container's root (a pty of the node would show as nobody's).
-    let mut config = pod_config("attachuserns");
-    config.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Container as i32,
-                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let config = crisimple::userns_pod_config("attachuserns");
     let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
     let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
     let contained = create(&mut client, &userns_pod, interactive_config("shell", &image, &["sh"], false, true)).await;
