@@ -422,9 +422,10 @@ impl Runtime {
         });
     }
 
-    /// StopPodSandbox: stops every container (the slice's units), detaches the pod from its
-    /// network (CNI DEL) and releases its namespaces and /dev/shm. Unknown pods are already
-    /// stopped.
+    /// StopPodSandbox: kills every running container through its own stop path (so that each
+    /// records its exit), stops the slice (the pod's init, and anything left), detaches the pod
+    /// from its network (CNI DEL) and releases its namespaces and /dev/shm. Unknown pods are
+    /// already stopped.
     pub async fn stop_pod(&self, id: &str) -> Result<(), Error> {
         let Some(entry) = self.entry(id)? else { return Ok(()) };
         let _guard = entry.operation.clone().lock_owned().await;
