@@ -115,8 +115,22 @@ async fn stdout_and_stderr_reopen_by_path_as_nginx_and_httpd_images_do() {
     ] {
         let status = wait_exited(&mut client, id).await;
         let lines = log_lines(&node, &format!("{dir}/{name}/0.log"));
+        // Two pipes: each stream's lines in order, the streams' order between them as read.
+        let by_stream = |lines: Vec<(&'static str, &'static str)>| {
+            let mut lines = lines;
+            lines.sort_by_key(|(stream, _)| *stream);
+            lines
+        };
         let got: Vec<(&str, &str)> = lines.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
-        assert_eq!(got, expected, "log of {name} (exit code {}, {})", status.exit_code, status.message);
+        let mut got_by_stream = got.clone();
+        got_by_stream.sort_by_key(|(stream, _)| *stream);
+        assert_eq!(
+            got_by_stream,
+            by_stream(expected),
+            "log of {name} (exit code {}, {}): {got:?}",
+            status.exit_code,
+            status.message
+        );
         assert_eq!(status.exit_code, 0, "{name}");
     }
 }
@@ -159,7 +173,7 @@ fn ticks(node: &Node, path: &str) -> Vec<u64> {
 }
 
 #[tokio::test]
-async fn a_daemon_killed_while_a_container_writes_loses_and_repeats_no_line() {
+async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_no_line() {
     let node = node("logs-kill");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = e2e::pull_busybox(&node, &mut client, "logs").await;
@@ -183,6 +197,20 @@ async fn a_daemon_killed_while_a_container_writes_loses_and_repeats_no_line() {
             async move { (n > before + 50).then_some(()) }
         })
         .await;
+    }
+    // An explicit stop: before systemd 254 (FileDescriptorStorePreserve=) systemd drops the fd
+    // store, and the started daemon opens the pipes again through the container's /proc/<pid>/fd.
+    node.sh("systemctl stop cri-systemd && sleep 2 && systemctl start cri-systemd");
+    let _ = node.cri(ANSWER_TIMEOUT).await;
+    let before = ticks(&node, &log).len();
+    eventually(Duration::from_secs(20), "ticks after the stop and start", || {
+        let n = ticks(&node, &log).len();
+        async move { (n > before + 50).then_some(()) }
+    })
+    .await;
+    let version: u32 = node.sh("systemctl --version | head -1 | cut -d' ' -f2").trim().parse().unwrap();
+    if version < 254 {
+        assert!(node.logs().contains("took the output pipes back"), "systemd {version}: the pipes found through /proc");
     }
     let ticks = ticks(&node, &log);
     let expected: Vec<u64> = (0..ticks.len() as u64).collect();

@@ -80,15 +80,22 @@ pub(crate) fn pipe_inode(fd: &OwnedFd) -> Option<u64> {
 pub struct ContainerOutput {
     id: String,
     state: Mutex<OutputState>,
-    /// The output as it is read, for attached clients; dropped at the end of both pipes, which
-    /// ends every subscription once it has had what came before.
-    attached: Mutex<Option<broadcast::Sender<OutputChunk>>>,
+    /// The output as it is read, for attached clients.
+    attached: Mutex<Attached>,
 }
 
 impl std::fmt::Debug for ContainerOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ContainerOutput").field("id", &self.id).finish()
     }
+}
+
+/// Attach's channel: made at the first subscription (its buffer is not small), dropped at the
+/// end of both pipes, which ends every subscription once it has had what came before.
+#[derive(Default)]
+struct Attached {
+    sender: Option<broadcast::Sender<OutputChunk>>,
+    ended: bool,
 }
 
 struct OutputState {
@@ -140,7 +147,7 @@ impl ContainerOutput {
         let output = Arc::new(ContainerOutput {
             id: id.to_string(),
             state: Mutex::new(OutputState { pipes, log: LogFile::new(log_path) }),
-            attached: Mutex::new(fds.iter().any(Option::is_some).then(|| broadcast::channel(ATTACH_BACKLOG).0)),
+            attached: Mutex::new(Attached { sender: None, ended: fds.iter().all(Option::is_none) }),
         });
         for (index, fd) in fds.into_iter().enumerate() {
             if let Some(fd) = fd {
@@ -152,7 +159,11 @@ impl ContainerOutput {
 
     /// The output from now on, until both pipes end; `None` if they already have.
     pub fn subscribe(&self) -> Option<broadcast::Receiver<OutputChunk>> {
-        self.attached.lock().expect("attach lock").as_ref().map(broadcast::Sender::subscribe)
+        let mut attached = self.attached.lock().expect("attach lock");
+        if attached.ended {
+            return None;
+        }
+        Some(attached.sender.get_or_insert_with(|| broadcast::channel(ATTACH_BACKLOG).0).subscribe())
     }
 
     /// Reads everything the pipes hold now into the log, with an unfinished last line: called
@@ -191,6 +202,10 @@ impl ContainerOutput {
                     self.send(index, &buffer[..n]);
                     pipe.pending.extend_from_slice(&buffer[..n]);
                     log.write(&self.id, &take_lines(&mut pipe.pending, stream, None));
+                    // What is left is under 16 KiB: give back what a big read made it hold.
+                    if pipe.pending.capacity() > 4 * MAX_LINE {
+                        pipe.pending.shrink_to(MAX_LINE);
+                    }
                 }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break Pass::Empty,
@@ -209,14 +224,16 @@ impl ContainerOutput {
             crate::stdio::forget_output_pipe(&self.id, stream);
             debug!(container = %self.id, "end of the container's {stream}");
             if pipes.iter().all(Option::is_none) {
-                self.attached.lock().expect("attach lock").take();
+                let mut attached = self.attached.lock().expect("attach lock");
+                attached.ended = true;
+                attached.sender = None;
             }
         }
         pass
     }
 
     fn send(&self, index: usize, bytes: &[u8]) {
-        if let Some(sender) = self.attached.lock().expect("attach lock").as_ref()
+        if let Some(sender) = self.attached.lock().expect("attach lock").sender.as_ref()
             && sender.receiver_count() > 0
         {
             let _ = sender.send(OutputChunk { stderr: index == 1, bytes: bytes.to_vec() });
@@ -417,6 +434,55 @@ mod tests {
         assert_eq!(text.lines().count(), 1);
         assert!(text.contains(" stdout P "));
         assert_eq!(long.len(), 5);
+    }
+
+    #[test]
+    fn pipe_output_ends_with_a_partial_line() {
+        let mut pending = b"one\r\ntwo\nunfinished".to_vec();
+        let text = String::from_utf8(take_lines(&mut pending, "stderr", None)).unwrap();
+        let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(lines, ["stderr F one", "stderr F two"]);
+        let text = String::from_utf8(take_lines(&mut pending, "stderr", Some("P"))).unwrap();
+        assert!(text.ends_with(" stderr P unfinished\n"), "{text}");
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_pipe_is_found_again_through_proc() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let inode = pipe_inode(&read).unwrap();
+        drop(read);
+        // The only end left is the write end this process holds, as a container's process would.
+        let found = reopen_pipe(&[std::process::id()], inode).expect("the pipe, through /proc/<pid>/fd");
+        assert_eq!(pipe_inode(&found), Some(inode));
+        nix::unistd::write(&write, b"x").unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(nix::unistd::read(&found, &mut byte).unwrap(), 1);
+        assert!(reopen_pipe(&[std::process::id()], inode + 1_000_000).is_none());
+    }
+
+    #[tokio::test]
+    async fn output_is_read_into_the_log_and_to_subscribers_until_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c/0.log");
+        let (read_ends, [stdout, stderr]) = output_pipes().unwrap();
+        let output = ContainerOutput::start("test", read_ends.map(Some), Some(log.clone())).unwrap();
+        let mut attached = output.subscribe().unwrap();
+        nix::unistd::write(&stdout, b"hello\nwor").unwrap();
+        nix::unistd::write(&stderr, b"oops\n").unwrap();
+        nix::unistd::write(&stdout, b"ld\nlast").unwrap();
+        drop((stdout, stderr));
+        let mut got = Vec::new();
+        while let Ok(chunk) = attached.recv().await {
+            got.push((chunk.stderr, chunk.bytes));
+        }
+        let stdout_bytes: Vec<u8> = got.iter().filter(|(e, _)| !e).flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(stdout_bytes, b"hello\nworld\nlast");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        lines.sort();
+        assert_eq!(lines, ["stderr F oops", "stdout F hello", "stdout F world", "stdout P last"]);
+        assert!(output.subscribe().is_none(), "ended");
     }
 
     #[test]
