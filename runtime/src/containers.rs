@@ -236,17 +236,6 @@ impl Runtime {
         } else {
             None
         };
-        if record.spec.tty {
-            // init's own messages before it has the terminal (the container's output is the pty's).
-            properties.push(("StandardOutput", Value::from("journal")));
-            properties.push(("StandardError", Value::from("journal")));
-        } else {
-            // stdout and stderr are pipes that the daemon reads into the CRI log (crate::logs).
-            let write_ends = self.start_output(&record.id)?;
-            let [stdout, stderr] = write_ends.map(|fd| Value::Fd(fd.into()));
-            properties.push(("StandardOutputFileDescriptor", stdout));
-            properties.push(("StandardErrorFileDescriptor", stderr));
-        }
         if let Some(init_unit) = &pod.init_unit {
             // Its PID namespace dies with the pod's init: a stop of the slice stops the
             // containers first (stop order is the reverse of start order).
@@ -267,6 +256,18 @@ impl Runtime {
                 .map_or(Ok(()), std::fs::create_dir_all)
                 .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop));
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
+        }
+        if record.spec.tty {
+            // init's own messages before it has the terminal (the container's output is the pty's).
+            properties.push(("StandardOutput", Value::from("journal")));
+            properties.push(("StandardError", Value::from("journal")));
+        } else {
+            // stdout and stderr are pipes that the daemon reads into the CRI log (crate::logs).
+            // Made last: nothing but the start itself can fail once they are stored.
+            let write_ends = self.start_output(&record.id)?;
+            let [stdout, stderr] = write_ends.map(|fd| Value::Fd(fd.into()));
+            properties.push(("StandardOutputFileDescriptor", stdout));
+            properties.push(("StandardErrorFileDescriptor", stderr));
         }
         // Before the start: an entrypoint that exits at once must not be missed.
         self.watch_exit(&record.id);

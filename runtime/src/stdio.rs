@@ -335,6 +335,7 @@ pub(crate) fn store_output_pipes(id: &str, read_ends: &[Option<&OwnedFd>; 2]) {
 pub(crate) fn forget_output_pipe(id: &str, stream: &str) {
     fdstore_remove(&fd_name(id, stream));
 }
+
 fn fdstore_add(name: &str, fd: BorrowedFd<'_>) {
     notify(&format!("FDSTORE=1\nFDNAME={name}\n"), Some(fd));
 }
@@ -344,12 +345,12 @@ fn fdstore_remove(name: &str) {
 }
 
 /// Sends `state` (and `fd`) to systemd's notification socket. Without one (not run by systemd)
-/// stdin and terminals work but do not survive a restart of the daemon: said once.
+/// stdin, terminals and output work but do not survive a restart of the daemon: said once.
 fn notify(state: &str, fd: Option<BorrowedFd<'_>>) {
     static WARNED: Once = Once::new();
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         WARNED.call_once(|| {
-            warn!("no NOTIFY_SOCKET: container stdin and terminals will not survive a restart of the daemon")
+            warn!("no NOTIFY_SOCKET: container stdin, terminals and output will not survive a restart of the daemon")
         });
         return;
     };
