@@ -215,6 +215,31 @@ async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_n
     let ticks = ticks(&node, &log);
     let expected: Vec<u64> = (0..ticks.len() as u64).collect();
     assert!(ticks == expected, "every tick once, in order: {ticks:?}");
+
+    // A writer that fills its pipe (1 MiB) while the daemon is away blocks, and loses nothing.
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let script = "busybox sleep 2; busybox seq 1 200000; echo done";
+    let writer = run_logging_container(&mut client, &pod, "writer", &image, &["sh", "-c", script]).await;
+    // Killed (a stop would read on for its 5 s of grace), and kept down.
+    node.sh("systemctl kill -s KILL cri-systemd && systemctl stop cri-systemd");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let unit = format!("cri-{writer}.service");
+    let active = node.sh(&format!("systemctl is-active {unit} || true"));
+    let journal = node
+        .sh(&format!("journalctl --no-pager -o cat -u {unit}; journalctl --no-pager -o cat -u cri-systemd | tail -20"));
+    assert_eq!(active.trim(), "active", "blocked, not dead: {journal}");
+    node.sh("systemctl start cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let status = wait_exited(&mut client, &writer).await;
+    assert_eq!(status.exit_code, 0, "{}", status.message);
+    let lines: Vec<String> = log_lines(&node, &format!("{dir}/writer/0.log")).into_iter().map(|(_, t)| t).collect();
+    let expected: Vec<String> = (1..=200000).map(|i| i.to_string()).chain(["done".to_string()]).collect();
+    assert!(
+        lines == expected,
+        "{} lines, the first differing at {:?}",
+        lines.len(),
+        lines.iter().zip(&expected).position(|(a, b)| a != b)
+    );
 }
 
 #[tokio::test]
