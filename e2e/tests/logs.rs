@@ -250,14 +250,18 @@ async fn a_flooding_container_neither_floods_the_journal_nor_starves_other_logs(
     let (pod, dir) = run_logging_pod(&mut client, "flood").await;
     node.sh("logger -t e2e-marker written-before-the-flood");
     let script = "i=0; while :; do echo tick-$i $(busybox date +%s); i=$((i+1)); busybox usleep 100000; done";
-    run_logging_container(&mut client, &pod, "ticker", &image, &["sh", "-c", script]).await;
+    let ticker = run_logging_container(&mut client, &pod, "ticker", &image, &["sh", "-c", script]).await;
     let flood = run_logging_container(&mut client, &pod, "yes", &image, &["busybox", "yes"]).await;
     let (ticker_log, yes_log) = (format!("{dir}/ticker/0.log"), format!("{dir}/yes/0.log"));
     let started = Instant::now();
     let mut flooded = 0u64;
     let mut worst_lag = 0i64;
+    let mut slowest_status = Duration::ZERO;
     while started.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let asked = Instant::now();
+        e2e::crisimple::status(&mut client, &ticker).await;
+        slowest_status = slowest_status.max(asked.elapsed());
         // The kubelet would rotate: keep the node's disk from filling.
         flooded +=
             node.sh(&format!("stat -c %s {yes_log}; truncate -s 0 {yes_log}")).trim().parse::<u64>().unwrap_or(0);
@@ -271,8 +275,10 @@ async fn a_flooding_container_neither_floods_the_journal_nor_starves_other_logs(
     }
     client.runtime.stop_container(cri::StopContainerRequest { container_id: flood, timeout: 0 }).await.unwrap();
     eprintln!(
-        "the yes container wrote {flooded} bytes of CRI log in 10 s; the ticker's log lagged {worst_lag} s at most"
+        "the yes container wrote {flooded} bytes of CRI log in 10 s; the ticker's log lagged {worst_lag} s at most; \
+         ContainerStatus took {slowest_status:?} at most"
     );
+    assert!(slowest_status < Duration::from_secs(1), "the daemon kept answering: {slowest_status:?}");
     assert!(flooded > 1_000_000, "the yes container's output reached its log: {flooded} bytes");
     assert!(worst_lag <= 2, "the ticker's log kept flowing during the flood: lagged {worst_lag} s");
     let marker = node.sh("journalctl --no-pager -o cat -t e2e-marker");
