@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use imagestore::ImageStore;
 use proto::cri::{self, runtime_service_server::RuntimeService};
-use runtime::{
-    ContainerFilter, ContainerState, LogWriter, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd,
-};
+use runtime::{ContainerFilter, ContainerState, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -30,7 +28,6 @@ pub struct RuntimeApi {
     systemd: Arc<Systemd>,
     runtime: Arc<Runtime>,
     images: ImageStore,
-    logs: Arc<LogWriter>,
     sampler: runtime::stats::Sampler,
     streaming: Arc<StreamingServer>,
 }
@@ -99,18 +96,9 @@ impl RuntimeApi {
         config: Arc<Config>,
         runtime: Arc<Runtime>,
         images: ImageStore,
-        logs: Arc<LogWriter>,
         streaming: Arc<StreamingServer>,
     ) -> Self {
-        Self {
-            config,
-            systemd: runtime.systemd().clone(),
-            runtime,
-            images,
-            logs,
-            sampler: Default::default(),
-            streaming,
-        }
+        Self { config, systemd: runtime.systemd().clone(), runtime, images, sampler: Default::default(), streaming }
     }
 }
 
@@ -313,7 +301,6 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let id = request.into_inner().container_id;
         self.runtime.remove_container(&id).await.map_err(runtime_status)?;
-        self.logs.forget(&id);
         crate::image_service::collect_garbage(&self.images, &self.runtime).await;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
@@ -378,17 +365,7 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
         let id = request.into_inner().container_id;
-        let container = self.runtime.container(&id).map_err(runtime_status)?;
-        if container.state != ContainerState::Running {
-            return Err(Status::failed_precondition(format!("container {} is not running", container.id)));
-        }
-        let path = self
-            .runtime
-            .log_path(&container.id)
-            .ok_or_else(|| Status::failed_precondition(format!("container {} has no log path", container.id)))?;
-        self.logs
-            .reopen(&container.id, &path)
-            .map_err(|e| Status::internal(format!("cannot reopen log {}: {e}", path.display())))?;
+        self.runtime.reopen_container_log(&id).map_err(runtime_status)?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 

@@ -74,14 +74,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
     runtime.spawn_exit_watcher();
-    let logs = {
-        let runtime = Arc::downgrade(&runtime);
-        runtime::LogWriter::new(
-            config.state_root.join("logs.cursor"),
-            Arc::new(move |id: &str| runtime.upgrade()?.log_path(id)),
-        )
-    };
-    logs.spawn();
+    // The journal cursor of versions that read container output from the journal.
+    let _ = std::fs::remove_file(config.state_root.join("logs.cursor"));
     let images = imagestore::ImageStore::open(&config.state_root.join("images"), config.images.clone())
         .map_err(StartupError::Images)?;
     let streaming = crate::streaming::StreamingServer::start(&config.streaming, runtime.clone()).await?;
@@ -102,7 +96,6 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             config.clone(),
             runtime.clone(),
             images.clone(),
-            logs,
             streaming,
         )))
         .add_service(ImageServiceServer::new(Images::new(images, runtime)))

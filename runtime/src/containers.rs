@@ -23,6 +23,10 @@ use crate::pod::PodState;
 use crate::store::{new_id, read_json, write_json};
 use crate::{Entry, Error, Runtime};
 
+/// Next to a container's record: the inode numbers of its output pipes (stdout, stderr), by
+/// which a restarted daemon that lost their read ends finds them again.
+const OUTPUT_PIPES_FILE: &str = "output-pipes";
+
 /// Which containers ListContainers wants.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerFilter {
@@ -160,7 +164,6 @@ impl Runtime {
                 gid_mappings: lower_mappings,
             }),
             error_file: dir.join("start-error"),
-            journal_stdio: true,
             console_socket: record.spec.tty,
             hugepage_limits: record.spec.resources.hugepage_limits.clone(),
         };
@@ -223,16 +226,12 @@ impl Runtime {
             ("CPUAccounting", Value::from(true)),
             ("MemoryAccounting", Value::from(true)),
             ("TasksAccounting", Value::from(true)),
-            // Container output goes to journald (see crate::logs); it must never be dropped.
-            ("LogRateLimitIntervalUSec", Value::from(0u64)),
         ];
         properties.extend(container::resource_properties(&record.spec)?);
         // stdin (a pipe) or the console socket on which init sends back its terminal.
         let prepared = if record.spec.stdin || record.spec.tty {
             let (ours, theirs) = crate::stdio::prepare(record.spec.tty)?;
             properties.push(("StandardInputFileDescriptor", Value::Fd(theirs.into())));
-            properties.push(("StandardOutput", Value::from("journal")));
-            properties.push(("StandardError", Value::from("journal")));
             Some(ours)
         } else {
             None
@@ -257,6 +256,18 @@ impl Runtime {
                 .map_or(Ok(()), std::fs::create_dir_all)
                 .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop));
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
+        }
+        if record.spec.tty {
+            // init's own messages before it has the terminal (the container's output is the pty's).
+            properties.push(("StandardOutput", Value::from("journal")));
+            properties.push(("StandardError", Value::from("journal")));
+        } else {
+            // stdout and stderr are pipes that the daemon reads into the CRI log (crate::logs).
+            // Made last: nothing but the start itself can fail once they are stored.
+            let write_ends = self.start_output(&record.id)?;
+            let [stdout, stderr] = write_ends.map(|fd| Value::Fd(fd.into()));
+            properties.push(("StandardOutputFileDescriptor", stdout));
+            properties.push(("StandardErrorFileDescriptor", stderr));
         }
         // Before the start: an entrypoint that exits at once must not be missed.
         self.watch_exit(&record.id);
@@ -478,6 +489,10 @@ impl Runtime {
             self.stdio.lock().expect("stdio table lock").remove(&record.id);
             crate::stdio::forget(&record.id);
         }
+        if self.outputs.lock().expect("output table lock").remove(&record.id).is_some() {
+            crate::stdio::forget_output_pipe(&record.id, "stdout");
+            crate::stdio::forget_output_pipe(&record.id, "stderr");
+        }
         let dir = self.container_dir(&record.id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -507,6 +522,12 @@ impl Runtime {
         if record.state != ContainerState::Running {
             // Another caller noticed first.
             return record;
+        }
+        // Its processes are gone: what they wrote is all in the pipes, and goes to the log before
+        // the status says exited (the kubelet reads an exited container's log at once).
+        let output = self.outputs.lock().expect("output table lock").get(&record.id).cloned();
+        if let Some(output) = output {
+            output.drain();
         }
         record.state = ContainerState::Exited;
         match exit {
@@ -562,6 +583,94 @@ impl Runtime {
     pub fn stdio(&self, id: &str) -> Option<Arc<crate::ContainerStdio>> {
         let id = self.container_entry(id).ok()?.get().id;
         self.stdio.lock().expect("stdio table lock").get(&id).cloned()
+    }
+
+    /// The daemon's side of a container's output (containers without a terminal, started by
+    /// this version of cri-systemd).
+    pub fn output(&self, id: &str) -> Option<Arc<crate::ContainerOutput>> {
+        let id = self.container_entry(id).ok()?.get().id;
+        self.outputs.lock().expect("output table lock").get(&id).cloned()
+    }
+
+    /// ReopenContainerLog: the container's output goes to a newly opened file at its log path.
+    pub fn reopen_container_log(&self, id: &str) -> Result<(), Error> {
+        let container = self.container(id)?;
+        if container.state != ContainerState::Running {
+            return Err(Error::FailedPrecondition(format!("container {} is not running", container.id)));
+        }
+        let path = self
+            .log_path(&container.id)
+            .ok_or_else(|| Error::FailedPrecondition(format!("container {} has no log path", container.id)))?;
+        match self.output(&container.id) {
+            Some(output) => output.reopen(&path).map_err(Error::io(format!("cannot reopen log {}", path.display()))),
+            // A terminal's copier opens the file at each write.
+            None if container.spec.tty => Ok(()),
+            None => Err(Error::FailedPrecondition(format!(
+                "the output of container {} is not read by this daemon (started by an older cri-systemd, \
+                 whose journal-based output it keeps)",
+                container.id
+            ))),
+        }
+    }
+
+    /// A new container's output pipes: the read ends stored and read from now on, the inode
+    /// numbers noted next to its record; returns the write ends, the unit's stdout and stderr.
+    fn start_output(&self, id: &str) -> Result<[std::os::fd::OwnedFd; 2], Error> {
+        let (read_ends, write_ends) = crate::logs::output_pipes()?;
+        let inodes: Vec<String> =
+            read_ends.iter().map(|fd| crate::logs::pipe_inode(fd).unwrap_or(0).to_string()).collect();
+        let file = self.container_dir(id).join(OUTPUT_PIPES_FILE);
+        std::fs::write(&file, inodes.join(" ") + "\n")
+            .map_err(Error::io(format!("cannot write {}", file.display())))?;
+        crate::stdio::store_output_pipes(id, &read_ends.each_ref().map(Some));
+        let output = crate::ContainerOutput::start(id, read_ends.map(Some), self.log_path(id))?;
+        self.outputs.lock().expect("output table lock").insert(id.to_string(), output);
+        Ok(write_ends)
+    }
+
+    /// A running container's output after a restart of the daemon: its read ends from the fd
+    /// store or, if systemd dropped them (a `systemctl stop` of the daemon before systemd 254),
+    /// opened again from the container's processes' descriptors.
+    async fn recover_output(&self, record: &Container, stored: &mut crate::stdio::Stored) {
+        let inodes = std::fs::read_to_string(self.container_dir(&record.id).join(OUTPUT_PIPES_FILE));
+        let Ok(inodes) = inodes else {
+            info!(container = %record.id, "started by an older cri-systemd: its output goes to the journal, not to its CRI log");
+            return;
+        };
+        let inodes: Vec<u64> = inodes.split_whitespace().filter_map(|i| i.parse().ok()).collect();
+        let mut read_ends = stored.take_output(&record.id);
+        if read_ends.iter().all(Option::is_none) {
+            let pids = self.unit_pids(record).await;
+            read_ends = [0, 1].map(|i| inodes.get(i).and_then(|&inode| crate::logs::reopen_pipe(&pids, inode)));
+            match read_ends.iter().filter(|fd| fd.is_some()).count() {
+                0 => warn!(container = %record.id, "the output pipes are lost: no more output reaches the log"),
+                found => {
+                    info!(container = %record.id, found, "took the output pipes back from the container's processes");
+                    crate::stdio::store_output_pipes(&record.id, &read_ends.each_ref().map(Option::as_ref));
+                }
+            }
+        }
+        match crate::ContainerOutput::start(&record.id, read_ends, self.log_path(&record.id)) {
+            Ok(output) => {
+                self.outputs.lock().expect("output table lock").insert(record.id.clone(), output);
+            }
+            Err(e) => warn!(container = %record.id, "cannot read the container's output: {e}"),
+        }
+    }
+
+    /// The processes of a container's unit: its main process first.
+    async fn unit_pids(&self, record: &Container) -> Vec<u32> {
+        let mut pids: Vec<u32> =
+            self.systemd.main_pid(&record.unit).await.ok().filter(|&p| p != 0).into_iter().collect();
+        let cgroup = crate::stats::cgroup_path(&record.slice, Some(&record.unit));
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup"] {
+            let procs = std::fs::read_to_string(format!("{root}{cgroup}/cgroup.procs"));
+            if let Ok(procs) = procs {
+                pids.extend(procs.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                break;
+            }
+        }
+        pids
     }
 
     /// Where the kubelet wants container `id`'s log: the pod's log directory joined with the
@@ -656,6 +765,10 @@ impl Runtime {
             }
             if record.state == ContainerState::Running {
                 self.watch_exit(&record.id);
+                if !record.spec.tty {
+                    // Before refresh: a container that ended meanwhile has its output drained.
+                    self.recover_output(&record, &mut stored).await;
+                }
             }
             let record = self.refresh(&entry);
             if record.state == ContainerState::Running && !self.systemd.unit_exists(&record.unit).await.unwrap_or(true)

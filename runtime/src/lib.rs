@@ -40,7 +40,7 @@ pub use containers::ContainerFilter;
 pub use error::Error;
 pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
-pub use logs::{LogPathOf, LogWriter, STDIO_IDENTIFIER};
+pub use logs::{ContainerOutput, OutputChunk};
 pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
@@ -77,6 +77,8 @@ pub struct Runtime {
     userns_ranges: Arc<Mutex<userns::IdRanges>>,
     /// The daemon's ends of running containers' stdin and terminals.
     stdio: stdio::Table,
+    /// The read ends of containers' output pipes (containers without a terminal).
+    outputs: logs::Table,
     /// Container events to every subscriber (GetContainerEvents).
     events: tokio::sync::broadcast::Sender<ContainerEvent>,
     /// Running containers' directories, watched for their exit record (None: inotify failed).

@@ -1,186 +1,308 @@
-//! Container logs in the kubelet's CRI format, through the journal.
+//! Container output: the pipes of a container's stdout and stderr, read by the daemon into the
+//! kubelet's CRI log file and to attached clients.
 //!
-//! A container's stdout and stderr are two journald stream connections, opened by
-//! `cri-systemd init` with identifier [`STDIO_IDENTIFIER`] and priority 6 (stdout) or 3 (stderr).
-//! journald is always running and never waits for cri-systemd, so a container's output is
-//! neither lost nor blocked while the daemon is down or restarting. The daemon follows the
-//! journal (one `journalctl --follow` for all containers, matched on the identifier), writes each
-//! entry to its container's CRI log file as `<RFC3339Nano> <stdout|stderr> <F|P> <text>`, and
-//! saves the journal cursor so that a restarted daemon resumes where it stopped.
+//! Every container without a terminal gets two pipes, as runc gives them: their write ends are
+//! the unit's stdout and stderr (`StandardOutputFileDescriptor`, `StandardErrorFileDescriptor`),
+//! so `/dev/stdout`, `/dev/stderr` and `/proc/self/fd/1` can be opened again by path (the upstream
+//! nginx and httpd images link their log files there). The daemon keeps the read ends in its
+//! systemd fd store (`FDNAME=<id>-stdout|<id>-stderr`, see crate::stdio) and reads them, writing
+//! `<RFC3339Nano> <stdout|stderr> <F|P> <text>` lines (16 KiB pieces at most) to the container's
+//! log path. While the daemon is down a writer fills the pipe (up to 1 MiB, `F_SETPIPE_SZ`) and
+//! then blocks until a restarted daemon reads again: nothing is lost, as with containerd's shim.
+//!
+//! When the container ends (its exit record is seen) the pipes are drained before its status
+//! says exited, so the kubelet finds every line in the log; end of file comes once systemd drops
+//! its own copy of the write ends with the unit.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::AsyncBufReadExt;
-use tracing::{debug, warn};
+use nix::errno::Errno;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
 
-/// The SYSLOG_IDENTIFIER of every container stdio stream.
-pub const STDIO_IDENTIFIER: &str = "cri-stdio";
-/// journald's stream socket.
-const JOURNAL_STDOUT_SOCKET: &str = "/run/systemd/journal/stdout";
+use crate::Error;
+
 /// The kubelet splits lines longer than this into partial (P) lines.
 const MAX_LINE: usize = 16 * 1024;
-const STDOUT_PRIORITY: u8 = 6;
-const STDERR_PRIORITY: u8 = 3;
+/// The size asked for each output pipe (capped by `/proc/sys/fs/pipe-max-size`): how much a
+/// container may write while the daemon is not reading before its writes block.
+const PIPE_SIZE: usize = 1024 * 1024;
+/// How much one read pass takes from a pipe before it lets other containers' pipes be read.
+const READ_BUDGET: usize = 256 * 1024;
+/// How many chunks of output an attached client may fall behind before it loses some.
+const ATTACH_BACKLOG: usize = 1024;
+/// The streams, in the order of the pipes.
+const STREAMS: [&str; 2] = ["stdout", "stderr"];
 
-/// Opens a journald stream for a container's stdout (`stderr == false`) or stderr, as
-/// sd_journal_stream_fd() does. Called by init before it enters the container's root.
-pub fn journal_stream(stderr: bool) -> std::io::Result<OwnedFd> {
-    let stream = UnixStream::connect(JOURNAL_STDOUT_SOCKET)?;
-    stream.shutdown(std::net::Shutdown::Read)?;
-    let priority = if stderr { STDERR_PRIORITY } else { STDOUT_PRIORITY };
-    // identifier, unit id (journald finds the unit from our cgroup), priority, level prefix,
-    // forward to syslog, kmsg, console.
-    let header = format!("{STDIO_IDENTIFIER}\n\n{priority}\n0\n0\n0\n0\n");
-    (&stream).write_all(header.as_bytes())?;
-    Ok(OwnedFd::from(stream))
+/// A piece of a container's output, for attached clients.
+#[derive(Debug, Clone)]
+pub struct OutputChunk {
+    pub stderr: bool,
+    pub bytes: Vec<u8>,
 }
 
-/// Where a container's log goes; the follower asks this for each container it sees.
-pub type LogPathOf = Arc<dyn Fn(&str) -> Option<PathBuf> + Send + Sync>;
+/// The read ends of a container's stdout and stderr pipes (in that order).
+pub(crate) type ReadEnds = [OwnedFd; 2];
 
-/// The daemon's side: follows the journal and writes CRI log files.
-pub struct LogWriter {
-    cursor_file: PathBuf,
-    path_of: LogPathOf,
-    open: Mutex<HashMap<String, (PathBuf, std::fs::File)>>,
+/// Makes a container's output pipes: returns the read ends (the daemon's) and the write ends
+/// (the unit's stdout and stderr). Both ends are close-on-exec in the daemon.
+pub(crate) fn output_pipes() -> Result<(ReadEnds, [OwnedFd; 2]), Error> {
+    let size = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(PIPE_SIZE)
+        .min(PIPE_SIZE);
+    let pipe = || -> Result<(OwnedFd, OwnedFd), Error> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("cannot create an output pipe".to_string())(e.into()))?;
+        // A smaller pipe only means a writer blocks sooner while the daemon is away.
+        if let Err(e) = nix::fcntl::fcntl(&read, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size as i32)) {
+            debug!("cannot make an output pipe {size} bytes: {e}");
+        }
+        Ok((read, write))
+    };
+    let (out_read, out_write) = pipe()?;
+    let (err_read, err_write) = pipe()?;
+    Ok(([out_read, err_read], [out_write, err_write]))
 }
 
-impl std::fmt::Debug for LogWriter {
+/// The pipe's inode number: what finds it again among a container's descriptors.
+pub(crate) fn pipe_inode(fd: &OwnedFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino)
+}
+
+/// The daemon's side of a running container's output.
+pub struct ContainerOutput {
+    id: String,
+    state: Mutex<OutputState>,
+    /// The output as it is read, for attached clients.
+    attached: Mutex<Attached>,
+}
+
+impl std::fmt::Debug for ContainerOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogWriter").field("cursor_file", &self.cursor_file).finish()
+        f.debug_struct("ContainerOutput").field("id", &self.id).finish()
     }
 }
 
-impl LogWriter {
-    pub fn new(cursor_file: PathBuf, path_of: LogPathOf) -> Arc<LogWriter> {
-        Arc::new(LogWriter { cursor_file, path_of, open: Mutex::new(HashMap::new()) })
-    }
+/// Attach's channel: made at the first subscription (its buffer is not small), dropped at the
+/// end of both pipes, which ends every subscription once it has had what came before.
+#[derive(Default)]
+struct Attached {
+    sender: Option<broadcast::Sender<OutputChunk>>,
+    ended: bool,
+}
 
-    /// Follows the journal until the daemon stops; restarts journalctl if it dies.
-    pub fn spawn(self: &Arc<Self>) {
-        let writer = self.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = writer.follow().await {
-                    warn!("following the journal for container logs: {e}");
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        });
-    }
+struct OutputState {
+    /// stdout and stderr; `None` once at end of file.
+    pipes: [Option<Pipe>; 2],
+    log: LogFile,
+}
 
-    async fn follow(&self) -> std::io::Result<()> {
-        let mut command = tokio::process::Command::new("journalctl");
-        command.args(["--follow", "--output=json", "--all", "--no-pager", "--lines=all"]);
-        if let Ok(cursor) = std::fs::read_to_string(&self.cursor_file) {
-            command.arg(format!("--after-cursor={}", cursor.trim()));
-        }
-        command.arg(format!("SYSLOG_IDENTIFIER={STDIO_IDENTIFIER}"));
-        command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).kill_on_drop(true);
-        // The unit's KillMode=process spares the daemon's children when it is killed: journalctl
-        // must die with the daemon, or every restart would leave one behind.
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn()?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let mut last_saved = std::time::Instant::now();
-        let mut pending_cursor: Option<String> = None;
-        loop {
-            // Save the cursor when the journal goes quiet or every second under load: a crash
-            // then repeats at most a second of lines, and never loses one.
-            let next = tokio::time::timeout(std::time::Duration::from_millis(200), lines.next_line()).await;
-            let line = match next {
-                Ok(line) => line?,
-                Err(_) => {
-                    if let Some(cursor) = pending_cursor.take() {
-                        self.save_cursor(&cursor);
-                    }
-                    continue;
-                }
+struct Pipe {
+    fd: Arc<AsyncFd<OwnedFd>>,
+    /// Output of an unfinished line.
+    pending: Vec<u8>,
+}
+
+/// What one read pass found.
+enum Pass {
+    /// The pipe is empty for now.
+    Empty,
+    /// The budget is spent: more may be waiting.
+    More,
+    /// End of file: every writer is gone (or the pipe is closed).
+    Ended,
+}
+
+impl ContainerOutput {
+    /// Takes over the read ends and starts reading them into the log at `log_path` (if any).
+    /// (A missing read end is a pipe that already ended.)
+    pub(crate) fn start(
+        id: &str,
+        read_ends: [Option<OwnedFd>; 2],
+        log_path: Option<PathBuf>,
+    ) -> Result<Arc<ContainerOutput>, Error> {
+        let mut pipes = Vec::with_capacity(2);
+        for fd in read_ends {
+            let Some(fd) = fd else {
+                pipes.push(None);
+                continue;
             };
-            let Some(line) = line else { break };
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            if let Some(cursor) = entry.get("__CURSOR").and_then(|c| c.as_str()) {
-                pending_cursor = Some(cursor.to_string());
-            }
-            self.write_entry(&entry);
-            if last_saved.elapsed() > std::time::Duration::from_secs(1) {
-                if let Some(cursor) = pending_cursor.take() {
-                    self.save_cursor(&cursor);
-                }
-                last_saved = std::time::Instant::now();
+            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+                .map_err(|e| Error::io(format!("cannot read the output of container {id}"))(e.into()))?;
+            // SAFETY: the AsyncFd owns `fd`, an open pipe end that nothing else closes or replaces.
+            let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(|e| {
+                Error::Io { what: format!("cannot watch the output of container {id}"), source: e.into_parts().1 }
+            })?;
+            pipes.push(Some(Pipe { fd: Arc::new(fd), pending: Vec::new() }));
+        }
+        let fds: Vec<Option<Arc<AsyncFd<OwnedFd>>>> = pipes.iter().map(|p| p.as_ref().map(|p| p.fd.clone())).collect();
+        let pipes: [Option<Pipe>; 2] = pipes.try_into().unwrap_or_else(|_| unreachable!("two pipes"));
+        let output = Arc::new(ContainerOutput {
+            id: id.to_string(),
+            state: Mutex::new(OutputState { pipes, log: LogFile::new(log_path) }),
+            attached: Mutex::new(Attached { sender: None, ended: fds.iter().all(Option::is_none) }),
+        });
+        for (index, fd) in fds.into_iter().enumerate() {
+            if let Some(fd) = fd {
+                tokio::spawn(pump(Arc::downgrade(&output), index, fd));
             }
         }
-        let _ = child.wait().await;
-        Ok(())
+        Ok(output)
     }
 
-    fn save_cursor(&self, cursor: &str) {
-        let temp = self.cursor_file.with_extension("tmp");
-        if let Err(e) = std::fs::write(&temp, cursor).and_then(|()| std::fs::rename(&temp, &self.cursor_file)) {
-            warn!("cannot save the journal cursor: {e}");
+    /// The output from now on, until both pipes end; `None` if they already have.
+    pub fn subscribe(&self) -> Option<broadcast::Receiver<OutputChunk>> {
+        let mut attached = self.attached.lock().expect("attach lock");
+        if attached.ended {
+            return None;
         }
+        Some(attached.sender.get_or_insert_with(|| broadcast::channel(ATTACH_BACKLOG).0).subscribe())
     }
 
-    fn write_entry(&self, entry: &serde_json::Value) {
-        let field = |name: &str| entry.get(name).and_then(|v| v.as_str());
-        let Some(unit) = field("_SYSTEMD_UNIT") else { return };
-        let Some(id) = unit.strip_prefix("cri-").and_then(|u| u.strip_suffix(".service")) else { return };
-        let stream = if field("PRIORITY") == Some("3") { "stderr" } else { "stdout" };
-        let message: Vec<u8> = match entry.get("MESSAGE") {
-            Some(serde_json::Value::String(text)) => text.as_bytes().to_vec(),
-            // journald gives non-UTF-8 messages as arrays of bytes.
-            Some(serde_json::Value::Array(bytes)) => bytes.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect(),
-            _ => Vec::new(),
-        };
-        // journald marks a line it had to cut (over its LineMax, or at EOF without a newline).
-        let complete = field("_LINE_BREAK").is_none_or(|reason| reason == "eof" || reason == "pid-change");
-        let micros: i64 = field("__REALTIME_TIMESTAMP").and_then(|t| t.parse().ok()).unwrap_or(0);
-        let text = format_lines(&rfc3339_nanos(micros * 1000), stream, &message, complete);
-        let mut open = self.open.lock().expect("log files lock");
-        if !open.contains_key(id) {
-            let Some(path) = (self.path_of)(id) else { return };
-            match open_log(&path) {
-                Ok(file) => {
-                    open.insert(id.to_string(), (path, file));
-                }
-                Err(e) => {
-                    debug!(container = id, "cannot open log {}: {e}", path.display());
-                    return;
-                }
-            }
-        }
-        if let Some((path, file)) = open.get_mut(id)
-            && let Err(e) = file.write_all(&text)
-        {
-            warn!(container = id, "cannot write log {}: {e}", path.display());
+    /// Reads everything the pipes hold now into the log, with an unfinished last line: called
+    /// once the container has ended (its processes are gone, so nothing more comes).
+    pub(crate) fn drain(&self) {
+        for index in 0..STREAMS.len() {
+            while let Pass::More = self.read_pass(index, usize::MAX, true) {}
         }
     }
 
-    /// ReopenContainerLog: the next line goes to a freshly opened file at the log path (the
-    /// kubelet has rotated the old one away). Fails if the file cannot be opened.
-    pub fn reopen(&self, container_id: &str, path: &Path) -> std::io::Result<()> {
+    /// ReopenContainerLog: the next line goes to a freshly opened file at `path` (the kubelet
+    /// has rotated the old one away). Fails if the file cannot be opened.
+    pub fn reopen(&self, path: &Path) -> std::io::Result<()> {
         let file = open_log(path)?;
-        self.open.lock().expect("log files lock").insert(container_id.to_string(), (path.to_path_buf(), file));
+        let mut state = self.state.lock().expect("output lock");
+        state.log = LogFile { path: Some(path.to_path_buf()), file: Some(file), failing: false };
         Ok(())
     }
 
-    /// Forgets a removed container's open log file.
-    pub fn forget(&self, container_id: &str) {
-        self.open.lock().expect("log files lock").remove(container_id);
+    /// Reads what pipe `index` holds, up to `budget` bytes, into the log and to attached clients.
+    fn read_pass(&self, index: usize, budget: usize, flush: bool) -> Pass {
+        let mut state = self.state.lock().expect("output lock");
+        let OutputState { pipes, log } = &mut *state;
+        let Some(pipe) = pipes[index].as_mut() else { return Pass::Ended };
+        let stream = STREAMS[index];
+        let mut buffer = [0u8; 64 * 1024];
+        let mut taken = 0;
+        let pass = loop {
+            if taken >= budget {
+                break Pass::More;
+            }
+            match nix::unistd::read(pipe.fd.get_ref().as_fd(), &mut buffer) {
+                Ok(0) => break Pass::Ended,
+                Ok(n) => {
+                    taken += n;
+                    self.send(index, &buffer[..n]);
+                    pipe.pending.extend_from_slice(&buffer[..n]);
+                    log.write(&self.id, &take_lines(&mut pipe.pending, stream, None));
+                    // What is left is under 16 KiB: give back what a big read made it hold.
+                    if pipe.pending.capacity() > 4 * MAX_LINE {
+                        pipe.pending.shrink_to(MAX_LINE);
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break Pass::Empty,
+                Err(e) => {
+                    warn!(container = %self.id, "cannot read the container's {stream}: {e}");
+                    break Pass::Ended;
+                }
+            }
+        };
+        // An unfinished last line, as containerd writes it: a partial (P) line.
+        if matches!(pass, Pass::Ended) || (flush && matches!(pass, Pass::Empty)) {
+            log.write(&self.id, &take_lines(&mut pipe.pending, stream, Some("P")));
+        }
+        if matches!(pass, Pass::Ended) {
+            pipes[index] = None;
+            crate::stdio::forget_output_pipe(&self.id, stream);
+            debug!(container = %self.id, "end of the container's {stream}");
+            if pipes.iter().all(Option::is_none) {
+                let mut attached = self.attached.lock().expect("attach lock");
+                attached.ended = true;
+                attached.sender = None;
+            }
+        }
+        pass
+    }
+
+    fn send(&self, index: usize, bytes: &[u8]) {
+        if let Some(sender) = self.attached.lock().expect("attach lock").sender.as_ref()
+            && sender.receiver_count() > 0
+        {
+            let _ = sender.send(OutputChunk { stderr: index == 1, bytes: bytes.to_vec() });
+        }
+    }
+}
+
+/// Reads pipe `index` of `output` whenever it has something, until its end (or the output is
+/// forgotten with its container).
+async fn pump(output: std::sync::Weak<ContainerOutput>, index: usize, fd: Arc<AsyncFd<OwnedFd>>) {
+    loop {
+        let mut ready = match fd.readable().await {
+            Ok(ready) => ready,
+            Err(e) => {
+                warn!("cannot wait for container output: {e}");
+                return;
+            }
+        };
+        let Some(output) = output.upgrade() else { return };
+        match output.read_pass(index, READ_BUDGET, false) {
+            Pass::Empty => ready.clear_ready(),
+            Pass::More => {
+                drop(ready);
+                drop(output);
+                tokio::task::yield_now().await;
+            }
+            Pass::Ended => return,
+        }
+    }
+}
+
+/// The container's log file, opened at the first line.
+struct LogFile {
+    path: Option<PathBuf>,
+    file: Option<std::fs::File>,
+    /// A write failed: said once until one succeeds again.
+    failing: bool,
+}
+
+impl LogFile {
+    fn new(path: Option<PathBuf>) -> LogFile {
+        LogFile { path, file: None, failing: false }
+    }
+
+    fn write(&mut self, id: &str, text: &[u8]) {
+        let Some(path) = &self.path else { return };
+        if text.is_empty() {
+            return;
+        }
+        let written = match &mut self.file {
+            Some(file) => file.write_all(text),
+            None => open_log(path).and_then(|mut file| {
+                let written = file.write_all(text);
+                self.file = Some(file);
+                written
+            }),
+        };
+        match written {
+            Ok(()) if self.failing => {
+                info!(container = id, "writing log {} again", path.display());
+                self.failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !self.failing => {
+                warn!(container = id, "cannot write log {}: {e} (output is dropped until it can)", path.display());
+                self.failing = true;
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -191,8 +313,34 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// One journal entry as CRI log lines: pieces of at most 16 KiB, all but the last tagged P, and
-/// the last tagged F unless journald itself cut the line.
+/// The running containers' outputs, by container id.
+pub(crate) type Table = Mutex<HashMap<String, Arc<ContainerOutput>>>;
+
+/// Finds the pipe with inode `inode` among the descriptors of processes `pids` and opens a read
+/// end of it through `/proc/<pid>/fd/<n>`: how a restarted daemon gets a container's output back
+/// when systemd's fd store lost it (`systemctl stop` of the daemon before systemd 254).
+pub(crate) fn reopen_pipe(pids: &[u32], inode: u64) -> Option<OwnedFd> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(meta) = std::fs::metadata(fd.path()) else { continue };
+            if !meta.file_type().is_fifo() || meta.ino() != inode {
+                continue;
+            }
+            let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC;
+            match nix::fcntl::open(&fd.path(), flags, nix::sys::stat::Mode::empty()) {
+                Ok(opened) if pipe_inode(&opened) == Some(inode) => return Some(opened),
+                Ok(_) => continue,
+                Err(e) => debug!("cannot open {}: {e}", fd.path().display()),
+            }
+        }
+    }
+    None
+}
+
+/// One line of output as CRI log lines: pieces of at most 16 KiB, all but the last tagged P, and
+/// the last tagged F if the line is complete.
 fn format_lines(timestamp: &str, stream: &str, message: &[u8], complete: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + 64);
     let chunks: Vec<&[u8]> = if message.is_empty() { vec![&[][..]] } else { message.chunks(MAX_LINE).collect() };
@@ -206,26 +354,36 @@ fn format_lines(timestamp: &str, stream: &str, message: &[u8], complete: bool) -
     out
 }
 
-/// A terminal's output as CRI log lines (stream `stdout`, as containerd writes tty output): each
-/// complete line taken from `pending` (its `\r\n` or `\n` dropped), a line longer than 16 KiB in
-/// partial pieces; with `flush`, the rest too.
+/// A terminal's output as CRI log lines (stream `stdout`, as containerd writes tty output); with
+/// `flush`, the unfinished rest too, as a full line.
 pub(crate) fn terminal_lines(pending: &mut Vec<u8>, flush: bool) -> Vec<u8> {
+    take_lines(pending, "stdout", flush.then_some("F"))
+}
+
+/// Output of `stream` as CRI log lines: each complete line taken from `pending` (its `\r\n` or
+/// `\n` dropped, as containerd's reader does), an unfinished line of 16 KiB or more in partial
+/// pieces; with `rest_tag`, what is left too, tagged so.
+fn take_lines(pending: &mut Vec<u8>, stream: &str, rest_tag: Option<&str>) -> Vec<u8> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64);
     let timestamp = rfc3339_nanos(now.unwrap_or(0));
     let mut out = Vec::new();
-    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-        let line: Vec<u8> = pending.drain(..=end).collect();
-        let line = &line[..line.len() - 1];
+    let mut start = 0;
+    while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
+        let line = &pending[start..start + end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        out.extend(format_lines(&timestamp, "stdout", line, true));
+        out.extend(format_lines(&timestamp, stream, line, true));
+        start += end + 1;
     }
+    pending.drain(..start);
     if pending.len() >= MAX_LINE {
         let cut = pending.len() - pending.len() % MAX_LINE;
-        let piece: Vec<u8> = pending.drain(..cut).collect();
-        out.extend(format_lines(&timestamp, "stdout", &piece, false));
+        out.extend(format_lines(&timestamp, stream, &pending[..cut], false));
+        pending.drain(..cut);
     }
-    if flush && !pending.is_empty() {
-        out.extend(format_lines(&timestamp, "stdout", pending, true));
+    if let Some(tag) = rest_tag
+        && !pending.is_empty()
+    {
+        out.extend(format_lines(&timestamp, stream, pending, tag == "F"));
         pending.clear();
     }
     out
@@ -276,6 +434,55 @@ mod tests {
         assert_eq!(text.lines().count(), 1);
         assert!(text.contains(" stdout P "));
         assert_eq!(long.len(), 5);
+    }
+
+    #[test]
+    fn pipe_output_ends_with_a_partial_line() {
+        let mut pending = b"one\r\ntwo\nunfinished".to_vec();
+        let text = String::from_utf8(take_lines(&mut pending, "stderr", None)).unwrap();
+        let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(lines, ["stderr F one", "stderr F two"]);
+        let text = String::from_utf8(take_lines(&mut pending, "stderr", Some("P"))).unwrap();
+        assert!(text.ends_with(" stderr P unfinished\n"), "{text}");
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_pipe_is_found_again_through_proc() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let inode = pipe_inode(&read).unwrap();
+        drop(read);
+        // The only end left is the write end this process holds, as a container's process would.
+        let found = reopen_pipe(&[std::process::id()], inode).expect("the pipe, through /proc/<pid>/fd");
+        assert_eq!(pipe_inode(&found), Some(inode));
+        nix::unistd::write(&write, b"x").unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(nix::unistd::read(&found, &mut byte).unwrap(), 1);
+        assert!(reopen_pipe(&[std::process::id()], inode + 1_000_000).is_none());
+    }
+
+    #[tokio::test]
+    async fn output_is_read_into_the_log_and_to_subscribers_until_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c/0.log");
+        let (read_ends, [stdout, stderr]) = output_pipes().unwrap();
+        let output = ContainerOutput::start("test", read_ends.map(Some), Some(log.clone())).unwrap();
+        let mut attached = output.subscribe().unwrap();
+        nix::unistd::write(&stdout, b"hello\nwor").unwrap();
+        nix::unistd::write(&stderr, b"oops\n").unwrap();
+        nix::unistd::write(&stdout, b"ld\nlast").unwrap();
+        drop((stdout, stderr));
+        let mut got = Vec::new();
+        while let Ok(chunk) = attached.recv().await {
+            got.push((chunk.stderr, chunk.bytes));
+        }
+        let stdout_bytes: Vec<u8> = got.iter().filter(|(e, _)| !e).flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(stdout_bytes, b"hello\nworld\nlast");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        lines.sort();
+        assert_eq!(lines, ["stderr F oops", "stdout F hello", "stdout F world", "stdout P last"]);
+        assert!(output.subscribe().is_none(), "ended");
     }
 
     #[test]

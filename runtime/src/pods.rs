@@ -46,6 +46,7 @@ impl Runtime {
             pods: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
             stdio: Default::default(),
+            outputs: Default::default(),
             events: tokio::sync::broadcast::channel(crate::EVENT_BUFFER).0,
             exit_watch: match crate::events::ExitWatch::new() {
                 Ok(watch) => Some(Arc::new(watch)),

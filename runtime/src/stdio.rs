@@ -2,16 +2,17 @@
 //! daemon's systemd file descriptor store.
 //!
 //! - stdin without a tty: a pipe whose read end is the unit's stdin
-//!   (`StandardInputFileDescriptor`); the daemon keeps the write end. stdout and stderr stay
-//!   journald streams (crate::logs).
+//!   (`StandardInputFileDescriptor`); the daemon keeps the write end. stdout and stderr are the
+//!   output pipes of every container without a terminal (crate::logs).
 //! - tty: the unit's stdin is one end of a socketpair (the "console socket"); init opens a pty in
 //!   the container's devpts once it is root of the pod's user namespace (so the terminal is the
 //!   container's own), makes the slave its controlling terminal and stdin/stdout/stderr, and sends
 //!   the master back over the socket (SCM_RIGHTS) before exec. The daemon reads the master and
 //!   writes what it gets to the CRI log file (stream `stdout`) and to attached clients.
 //!
-//! The write ends and masters go into the fd store (`FDSTORE=1`, `FDNAME=<id>-stdin|<id>-tty`);
-//! a restarted daemon gets them back through `LISTEN_FDS`/`LISTEN_FDNAMES`.
+//! The write ends and masters go into the fd store (`FDSTORE=1`, `FDNAME=<id>-stdin|<id>-tty`),
+//! and so do the read ends of the output pipes (`<id>-stdout`, `<id>-stderr`); a restarted daemon
+//! gets them back through `LISTEN_FDS`/`LISTEN_FDNAMES`.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Write};
@@ -104,6 +105,8 @@ impl ContainerStdio {
 
 const STDIN: &str = "stdin";
 const TTY: &str = "tty";
+/// The output pipes' read ends, named by their stream.
+const OUTPUT: [&str; 2] = ["stdout", "stderr"];
 
 fn fd_name(id: &str, kind: &str) -> String {
     format!("{id}-{kind}")
@@ -273,7 +276,7 @@ impl Stored {
             }
         });
         if !stored.is_empty() {
-            info!(count = stored.len(), "got container stdin and terminal descriptors back from systemd");
+            info!(count = stored.len(), "got container stdio descriptors back from systemd");
         }
         Stored(stored)
     }
@@ -295,6 +298,12 @@ impl Stored {
         }
     }
 
+    /// The read ends of a container's output pipes that are in the store (one may have
+    /// reached its end already).
+    pub(crate) fn take_output(&mut self, id: &str) -> [Option<OwnedFd>; 2] {
+        OUTPUT.map(|stream| self.0.remove(&fd_name(id, stream)))
+    }
+
     /// Closes and unstores what no running container claimed.
     pub(crate) fn close_rest(self) {
         for (name, fd) in self.0 {
@@ -311,6 +320,22 @@ pub(crate) fn forget(id: &str) {
     fdstore_remove(&fd_name(id, TTY));
 }
 
+/// Stores the read ends of a container's output pipes (before its unit starts: a daemon killed
+/// during the start finds them on restart).
+pub(crate) fn store_output_pipes(id: &str, read_ends: &[Option<&OwnedFd>; 2]) {
+    for (fd, stream) in read_ends.iter().zip(OUTPUT) {
+        if let Some(fd) = fd {
+            fdstore_add(&fd_name(id, stream), fd.as_fd());
+        }
+    }
+}
+
+/// Forgets the read end of a container's `stream` (`stdout`, `stderr`): it reached its end, or
+/// the container is removed.
+pub(crate) fn forget_output_pipe(id: &str, stream: &str) {
+    fdstore_remove(&fd_name(id, stream));
+}
+
 fn fdstore_add(name: &str, fd: BorrowedFd<'_>) {
     notify(&format!("FDSTORE=1\nFDNAME={name}\n"), Some(fd));
 }
@@ -320,12 +345,12 @@ fn fdstore_remove(name: &str) {
 }
 
 /// Sends `state` (and `fd`) to systemd's notification socket. Without one (not run by systemd)
-/// stdin and terminals work but do not survive a restart of the daemon: said once.
+/// stdin, terminals and output work but do not survive a restart of the daemon: said once.
 fn notify(state: &str, fd: Option<BorrowedFd<'_>>) {
     static WARNED: Once = Once::new();
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         WARNED.call_once(|| {
-            warn!("no NOTIFY_SOCKET: container stdin and terminals will not survive a restart of the daemon")
+            warn!("no NOTIFY_SOCKET: container stdin, terminals and output will not survive a restart of the daemon")
         });
         return;
     };

@@ -432,8 +432,8 @@ async fn stdin_into(stdio: Arc<ContainerStdio>, mut input: mpsc::Receiver<Vec<u8
 }
 
 /// Attach: input into the container's stdin or terminal, and its output: the terminal's (tty
-/// containers) or its stdout and stderr as they reach the journal (journald streams), until the
-/// container stops or the client goes.
+/// containers) or its stdout and stderr (its output pipes), until the container stops or the
+/// client goes.
 async fn attach(server: &StreamingServer, container_id: String, mut channels: Channels) {
     let container = match server.runtime.container(&container_id) {
         Ok(container) if container.state == ContainerState::Running => container,
@@ -444,7 +444,7 @@ async fn attach(server: &StreamingServer, container_id: String, mut channels: Ch
     };
     let stdio = server.runtime.stdio(&container.id);
     // Without its terminal a tty container's output is out of reach; a stdin container's output
-    // is still in the journal (its stdin was closed by stdin_once, or lost with the fd store).
+    // is in its output pipes (its stdin was closed by stdin_once, or lost with the fd store).
     if container.spec.tty && stdio.is_none() {
         let message = format!("the terminal of container {} was lost (see the daemon's log)", container.id);
         return channels.finish(&Outcome::Error(message)).await;
@@ -455,7 +455,7 @@ async fn attach(server: &StreamingServer, container_id: String, mut channels: Ch
     };
     let outcome = match stdio.clone().filter(|s| s.tty()) {
         Some(stdio) => attach_terminal(server, &container_id, stdio, &mut channels).await,
-        None => attach_journal(server, &container, &channels).await,
+        None => attach_output(server, &container, &channels).await,
     };
     if let (Some(input), Some(stdio)) = (input, stdio) {
         // The input ends with the session (stdin_once: the container's stdin closes).
@@ -510,82 +510,66 @@ async fn attach_terminal(
     outcome
 }
 
-/// The container's stdout and stderr as they reach the journal. `None`: the client went away.
-async fn attach_journal(
+/// The container's stdout and stderr as the daemon reads them from its output pipes, until they
+/// end (the container is gone). `None`: the client went away.
+async fn attach_output(
     server: &StreamingServer,
     container: &runtime::Container,
     channels: &Channels,
 ) -> Option<Outcome> {
-    let container_id = container.id.clone();
-    // From this moment, not from journalctl's start (it may take a while to reach the tail).
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let mut journal = match tokio::process::Command::new("journalctl")
-        .args(["--follow", "--lines=all", "--output=json", "--all", "--no-pager"])
-        .arg(format!("--since=@{}.{:06}", since.as_secs(), since.subsec_micros()))
-        .arg(format!("_SYSTEMD_UNIT={}", container.unit))
-        .arg(format!("SYSLOG_IDENTIFIER={}", runtime::STDIO_IDENTIFIER))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) => return Some(Outcome::Error(format!("cannot follow the journal: {e}"))),
-    };
-    let stdout = journal.stdout.take().expect("piped stdout");
-    let out = channels.out.clone();
-    let (to_stdout, to_stderr) = (channels.stdout, channels.stderr);
-    let mut follow = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            let mut message: Vec<u8> = match entry.get("MESSAGE") {
-                Some(serde_json::Value::String(text)) => text.as_bytes().to_vec(),
-                Some(serde_json::Value::Array(bytes)) => {
-                    bytes.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect()
-                }
-                _ => continue,
-            };
-            message.push(b'\n');
-            let is_stderr = entry.get("PRIORITY").and_then(|p| p.as_str()) == Some("3");
-            let channel = match (is_stderr, to_stdout, to_stderr) {
-                (true, _, true) => STDERR,
-                (true, true, false) | (false, true, _) => STDOUT,
-                _ => continue,
-            };
-            if out.send((channel, Some(message))).await.is_err() {
-                return;
-            }
+    let Some(mut output) = server.runtime.output(&container.id).and_then(|o| o.subscribe()) else {
+        if server.runtime.output(&container.id).is_none() {
+            let message = format!(
+                "the output of container {} is not read by this daemon (started by an older cri-systemd)",
+                container.id
+            );
+            return Some(Outcome::Error(message));
         }
-    });
+        // Its output has ended already.
+        return Some(Outcome::Success);
+    };
     let mut closed = channels.closed.clone();
     loop {
         tokio::select! {
+            received = output.recv() => match received {
+                Ok(chunk) => {
+                    let Some(channel) = channel_of(&chunk, channels) else { continue };
+                    if channels.out.send((channel, Some(chunk.bytes))).await.is_err() {
+                        return None;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                    debug!(container = %container.id, "attach fell behind the output by {lost} reads");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Some(Outcome::Success),
+            },
             _ = tokio::time::sleep(ATTACH_POLL) => {
-                let running = server.runtime.container(&container_id).map(|c| c.state == ContainerState::Running).unwrap_or(false);
+                let running = server.runtime.container(&container.id).map(|c| c.state == ContainerState::Running).unwrap_or(false);
                 if !running {
-                    // The journal may still hold the last lines.
-                    let _ = tokio::time::timeout(OUTPUT_DRAIN, &mut follow).await;
-                    break;
+                    // Exited: its output was drained when that was noticed; what is still on its
+                    // way to us comes before the end, unless systemd holds the pipes a while.
+                    while let Ok(Ok(chunk)) = tokio::time::timeout(OUTPUT_DRAIN, output.recv()).await {
+                        let Some(channel) = channel_of(&chunk, channels) else { continue };
+                        if channels.out.send((channel, Some(chunk.bytes))).await.is_err() {
+                            return None;
+                        }
+                    }
+                    return Some(Outcome::Success);
                 }
             }
-            _ = super::transport::until_closed(&mut closed) => {
-                follow.abort();
-                return None;
-            }
-            _ = &mut follow => break,
+            _ = super::transport::until_closed(&mut closed) => return None,
         }
     }
-    follow.abort();
-    drop(journal);
-    Some(Outcome::Success)
+}
+
+/// The channel a piece of output goes to: its own, or stdout for stderr when the client asked for
+/// stdout only (as before, with the journal); `None` if the client wants neither.
+fn channel_of(chunk: &runtime::OutputChunk, channels: &Channels) -> Option<u8> {
+    match (chunk.stderr, channels.stdout, channels.stderr) {
+        (true, _, true) => Some(STDERR),
+        (true, true, false) | (false, true, _) => Some(STDOUT),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -136,10 +136,8 @@ pub fn run(spec_path: &Path) -> ! {
         }
     };
     let error_file = ErrorFile::open(&spec.error_file);
-    if spec.journal_stdio
-        && let Err(e) = connect_stdio_to_journal()
-    {
-        let message = format!("connect stdout and stderr to the journal: {e}");
+    if let Err(e) = hold_output_pipes() {
+        let message = format!("reopen stdout and stderr read-write: {e}");
         eprintln!("cri-systemd init: {message}");
         error_file.write(&message);
         std::process::exit(1);
@@ -154,14 +152,28 @@ pub fn run(spec_path: &Path) -> ! {
     }
 }
 
-/// Makes fd 1 and 2 two journald streams (stdout at priority 6, stderr at 3), opened here, while
-/// the host's /run is still in view; the container's processes inherit them. See crate::logs.
-fn connect_stdio_to_journal() -> std::io::Result<()> {
+/// When stdout and stderr are the daemon's output pipes (crate::logs), replaces each with the
+/// same pipe opened read-write, through the host's /proc while it is still in view. The pipe
+/// then never lacks a reader, so a container whose daemon lost its read ends (a `systemctl
+/// stop` of the daemon before systemd 254) is never killed by SIGPIPE: its writes wait in the
+/// pipe until a restarted daemon opens the pipe again through `/proc/<pid>/fd` (nothing is lost).
+/// Reading its own stdout is all it gains.
+fn hold_output_pipes() -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    for (target, stderr) in [(1, false), (2, true)] {
-        let stream = crate::logs::journal_stream(stderr)?;
-        // SAFETY: dup2 on two valid descriptors; `stream` stays owned and is closed after.
-        if unsafe { libc::dup2(stream.as_raw_fd(), target) } < 0 {
+    for target in [1, 2] {
+        // SAFETY: fd 1 and 2 stay open for the whole call; borrowed only to look at them.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(target) };
+        match nix::sys::stat::fstat(fd) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFIFO => {}
+            _ => continue,
+        }
+        let pipe = nix::fcntl::open(
+            format!("/proc/self/fd/{target}").as_str(),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        // SAFETY: dup2 on two valid descriptors; `pipe` stays owned and is closed after.
+        if unsafe { libc::dup2(pipe.as_raw_fd(), target) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

@@ -36,10 +36,6 @@ pub struct InitSpec {
     /// `exec: "nosuch": executable file not found in $PATH`. A host path in an existing
     /// directory; init removes a stale file at start and writes it only on failure.
     pub error_file: PathBuf,
-    /// Connect the container's stdout and stderr to two journald streams that the daemon's log
-    /// writer turns into the CRI log file (crate::logs). False: keep the unit's stdio.
-    #[serde(default)]
-    pub journal_stdio: bool,
     /// The unit's stdin is a unix socket (the daemon's "console socket"): init opens a pty in the
     /// container's devpts, makes the slave the process's controlling terminal, stdin, stdout and
     /// stderr, and sends the master on that socket (SCM_RIGHTS) before exec.
