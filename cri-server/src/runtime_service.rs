@@ -84,7 +84,11 @@ impl RuntimeApi {
             linux: Some(cri::LinuxPodSandboxStats {
                 cpu: Some(cpu_usage(&usage)),
                 memory: Some(memory_usage(&usage)),
-                network: None,
+                // A stopped pod's network namespace is gone with its pin.
+                network: (pod.state == runtime::PodState::Ready)
+                    .then_some(pod.namespaces.network.as_deref())
+                    .flatten()
+                    .and_then(|netns| network_usage_of(&pod.id, netns)),
                 process: None,
                 containers,
             }),
@@ -100,6 +104,31 @@ impl RuntimeApi {
     ) -> Self {
         Self { config, systemd: runtime.systemd().clone(), runtime, images, sampler: Default::default(), streaming }
     }
+}
+
+/// The pod's network counters, as containerd gives them: eth0 (or the first interface) as the
+/// default one, and every interface but loopback. None for a pod on the node's network.
+fn network_usage_of(pod: &str, netns: &std::path::Path) -> Option<cri::NetworkUsage> {
+    let interfaces = match runtime::stats::network_usage(netns) {
+        Ok(interfaces) => interfaces,
+        Err(e) => {
+            tracing::warn!(pod, "cannot read the pod's network counters: {e}");
+            return None;
+        }
+    };
+    let usage = |i: &runtime::stats::InterfaceUsage| cri::NetworkInterfaceUsage {
+        name: i.name.clone(),
+        rx_bytes: Some(cri::UInt64Value { value: i.rx_bytes }),
+        rx_errors: Some(cri::UInt64Value { value: i.rx_errors }),
+        tx_bytes: Some(cri::UInt64Value { value: i.tx_bytes }),
+        tx_errors: Some(cri::UInt64Value { value: i.tx_errors }),
+    };
+    let default = interfaces.iter().find(|i| i.name == "eth0").or(interfaces.first());
+    Some(cri::NetworkUsage {
+        timestamp: now_nanos(),
+        default_interface: default.map(usage),
+        interfaces: interfaces.iter().map(usage).collect(),
+    })
 }
 
 fn not_yet(rpc: &str, why: &str) -> Status {

@@ -99,6 +99,13 @@ impl LayerBuilder {
         LayerBuilder { tar: tar::Builder::new(Vec::new()) }
     }
 
+    /// Appends PAX extended-header records, which apply to the next entry (xattrs are
+    /// `SCHILY.xattr.<name>` records, as Go's archive/tar and so docker/buildkit write them).
+    pub fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        self.tar.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v))).unwrap();
+        self
+    }
+
     /// Appends an entry with a raw name and link name.
     #[allow(clippy::too_many_arguments)]
     pub fn raw(

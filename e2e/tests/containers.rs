@@ -956,3 +956,47 @@ async fn container_events_stream_created_started_stopped_deleted() {
     assert!(deleted_pod.containers_statuses.is_empty(), "{deleted_pod:?}");
     assert_eq!(deleted_pod.pod_sandbox_status.unwrap().id, pod);
 }
+
+/// The kubelet's (cadvisor's) pod CPU on a cgroup v1 node is the pod slice's cpuacct.usage: the
+/// container's processes must be in the cpuacct hierarchy, under the unit's path in the pod's
+/// slice, as runc's systemd driver puts them (it joins every v1 hierarchy).
+#[tokio::test]
+async fn a_busy_containers_cpu_time_counts_in_its_pod_slices_cpuacct() {
+    let node = node("ctr-cpuacct");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    if !node.exec(&["test", "-d", "/sys/fs/cgroup/cpuacct"]).success() {
+        eprintln!("no cgroup v1 cpuacct hierarchy on this node: nothing to check");
+        return;
+    }
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "cpuacct").await;
+    let id = create(&mut client, &pod, container_config("busy", &image, &["/bin/sh", "-c", "while :; do :; done"]))
+        .await
+        .unwrap();
+    start(&mut client, &id).await.unwrap();
+    let unit = format!("cri-{id}.service");
+    let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();
+    let slice = cgroup.rsplit_once('/').unwrap().0.to_string();
+    let main_pid = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
+    let usage = |path: &str| node.sh(&format!("cat /sys/fs/cgroup/cpuacct{path}/cpuacct.usage")).trim().parse::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let in_cpuacct = node.sh(&format!("grep :cpuacct: /proc/{main_pid}/cgroup"));
+        let container_usage = usage(&cgroup).unwrap_or(0);
+        let pod_usage = usage(&slice).unwrap_or(0);
+        if pod_usage > 100_000_000 {
+            assert_eq!(in_cpuacct.trim().rsplit(':').next().unwrap(), cgroup, "the entrypoint's cpuacct cgroup");
+            assert!(container_usage <= pod_usage, "the pod's usage ({pod_usage}) includes its container's");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod slice {slice}'s cpuacct.usage is {pod_usage} after 10 s of a busy loop; the entrypoint is in {in_cpuacct}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The directories the container's init made go with the container, and the pod's with it.
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
+    let left = node.exec(&["test", "-e", &format!("/sys/fs/cgroup/cpuacct{slice}")]);
+    assert!(!left.success(), "the pod's cpuacct cgroup {slice} outlives the pod");
+}

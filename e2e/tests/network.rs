@@ -465,3 +465,52 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
     assert_no_pod_leftovers(&node);
     assert!(!node.sh("tc qdisc show").contains("tbf"));
 }
+
+/// PodSandboxStats (and ListPodSandboxStats) carry the pod's network counters, read from its own
+/// network namespace as containerd reads them: eth0 as the default interface, every interface
+/// but loopback in the list.
+#[tokio::test]
+async fn pod_sandbox_stats_count_the_pods_network_traffic() {
+    let node = node("net-stats", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    node.write_file(CONFLIST_PATH, CONFLIST);
+    node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
+    let pod = run_pod(&mut client, pod_config("netstats", false)).await.unwrap();
+    // Traffic to the bridge's address, the node's own: 20 pings of 1000 bytes each way.
+    let script =
+        format!("busybox ping -c 20 -i 0.2 -s 1000 {GATEWAY} > /out/ping.txt 2>&1; echo done >> /out/ping.txt");
+    let id = start_container(&mut client, &pod, "netstats", "pinger", &image, &script).await;
+    assert_eq!(wait_exit_code(&mut client, &id).await, 0, "{}", node.sh("cat /srv/out/ping.txt"));
+
+    let request = cri::PodSandboxStatsRequest { pod_sandbox_id: pod.clone() };
+    let stats = client.runtime.pod_sandbox_stats(request).await.expect("PodSandboxStats").into_inner().stats.unwrap();
+    let network = stats.linux.unwrap().network.expect("network stats of a pod with its own network namespace");
+    assert!(network.timestamp > 0);
+    let eth0 = network.default_interface.expect("a default interface");
+    assert_eq!(eth0.name, "eth0");
+    let value = |v: &Option<cri::UInt64Value>| v.as_ref().map(|v| v.value);
+    assert!(value(&eth0.rx_bytes).unwrap() > 20_000, "{eth0:?}");
+    assert!(value(&eth0.tx_bytes).unwrap() > 20_000, "{eth0:?}");
+    assert_eq!((value(&eth0.rx_errors), value(&eth0.tx_errors)), (Some(0), Some(0)));
+    let names: Vec<&str> = network.interfaces.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["eth0"], "every interface but loopback");
+    // The node's side of the veth saw the same packets the other way round.
+    let host_veth_rx: u64 = node
+        .sh("for l in /sys/class/net/veth*; do cat $l/statistics/tx_bytes; done | sort -n | tail -1")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(host_veth_rx >= value(&eth0.rx_bytes).unwrap(), "the node's veth sent {host_veth_rx} bytes");
+
+    let listed = client
+        .runtime
+        .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    let listed = listed[0].linux.clone().unwrap().network.unwrap().default_interface.unwrap();
+    assert!(value(&listed.rx_bytes).unwrap() >= value(&eth0.rx_bytes).unwrap());
+    remove_pod(&mut client, &pod).await;
+}

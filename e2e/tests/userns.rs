@@ -724,3 +724,61 @@ async fn a_userns_pod_owns_its_mount_namespace_but_not_the_mounts_it_was_given()
     // Nothing of it reached the node's mount table.
     assert_eq!(node.sh("grep -c ' /tmp/m ' /proc/self/mountinfo || true").trim(), "0");
 }
+
+/// `security.capability` values granting cap_net_bind_service, permitted and effective, as
+/// `setcap cap_net_bind_service+ep` writes them: v2 (no root id, what image builders running as
+/// the node's root store), and v3 with root id 0 (what one running as root of a user namespace
+/// stores).
+const NET_BIND_CAP_V2: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const NET_BIND_CAP_V3: [u8; 24] = [1, 0, 0, 3, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// busybox, plus copies of it named httpd carrying file capabilities (v2 and v3 xattrs).
+fn file_caps_image() -> Image {
+    let busybox = e2e::oci::busybox_binary();
+    let mut extra = LayerBuilder::new();
+    extra.dir("opt", 0o755).dir("opt/v2", 0o755).dir("opt/v3", 0o755);
+    extra.pax(&[("SCHILY.xattr.security.capability", &NET_BIND_CAP_V2)]).file("opt/v2/httpd", 0o755, &busybox);
+    extra.pax(&[("SCHILY.xattr.security.capability", &NET_BIND_CAP_V3)]).file("opt/v3/httpd", 0o755, &busybox);
+    Image::new(vec![busybox_layer(Compression::Gzip), extra.build(Compression::Gzip)], ConfigOptions::default())
+}
+
+#[tokio::test]
+async fn file_capabilities_of_image_binaries_work_in_node_and_pod_mode() {
+    let node = node("userns-filecaps", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let registry = Registry::start(&node, "filecaps", REGISTRY_PORT, RegistryOptions::default());
+    registry.push_image("filecaps", "1", &file_caps_image());
+    let image = registry.repo("filecaps:1");
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
+    client.image.pull_image(request).await.expect("PullImage");
+    node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
+
+    // As user 1000: each httpd tries port 80 of the pod's network namespace (privileged: below
+    // ip_unprivileged_port_start). Only the file capability can let it bind.
+    let script = "serve() { \"$@\" -f -p 80 -h /tmp 2>/dev/null & pid=$!; busybox sleep 1; \
+                  if busybox kill -0 $pid 2>/dev/null; then echo bound; busybox kill $pid; else echo refused; fi; wait; }; \
+                  { echo v2 $(serve /opt/v2/httpd); echo v3 $(serve /opt/v3/httpd); echo none $(serve busybox httpd); \
+                  busybox id -u; } > /out/$P.result; touch /out/$P.done";
+    for (name, userns) in [("node", None), ("pod", Some(None))] {
+        let pod = run_pod(&mut client, pod_config(name, userns)).await.unwrap();
+        start_container(
+            &mut client,
+            &pod,
+            name,
+            &image,
+            &script.replace("$P", name),
+            vec![volume("/out", "/srv/out")],
+            Some(1000),
+        )
+        .await;
+        wait_file(&node, &format!("/srv/out/{name}.done")).await;
+        assert_eq!(
+            node.sh(&format!("cat /srv/out/{name}.result")),
+            "v2 bound\nv3 bound\nnone refused\n1000\n",
+            "user namespace mode {name}"
+        );
+    }
+}

@@ -31,6 +31,41 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const COPY_BUFFER: usize = 1 << 20;
+const FILE_CAPS_XATTR: &[u8] = b"security.capability";
+
+/// A file capability (`security.capability`) of a layer stored shifted, as the kernel must see
+/// it: revision 3 with the root id shifted like the file's owner. The kernel applies file
+/// capabilities only for the root their root id names (v1 and v2 have none: the node's root),
+/// seen through the mount; the layers' idmapped mounts show the shifted root as the container's
+/// root (0 for pods without a user namespace, the pod's first id in one), and the node's root not
+/// at all, so an unconverted v2 capability would be silently ignored in every container.
+/// A bad value is passed on unchanged (the kernel refuses it).
+fn shifted_file_caps(value: &[u8], shift: IdShift) -> Result<Vec<u8>, String> {
+    const V1: u32 = 0x0100_0000;
+    const V2: u32 = 0x0200_0000;
+    const V3: u32 = 0x0300_0000;
+    const REVISION_MASK: u32 = 0xFF00_0000;
+    const EFFECTIVE: u32 = 0x0000_0001;
+    let word = |at: usize| u32::from_le_bytes(value[at..at + 4].try_into().unwrap());
+    if value.len() < 4 {
+        return Ok(value.to_vec());
+    }
+    let magic = word(0);
+    // (permitted, inheritable) pairs: one in v1, two (low and high 32 bits) in v2 and v3.
+    let (data, root_id) = match (magic & REVISION_MASK, value.len()) {
+        (V1, 12) => ([&value[4..12], &[0u8; 8][..]].concat(), 0),
+        (V2, 20) => (value[4..20].to_vec(), 0),
+        (V3, 24) => (value[4..20].to_vec(), word(20)),
+        _ => return Ok(value.to_vec()),
+    };
+    let shifted = shift
+        .map(u64::from(root_id))
+        .ok_or_else(|| format!("file capability root id {root_id} is outside 0..65535"))?;
+    let mut out = (V3 | (magic & EFFECTIVE)).to_le_bytes().to_vec();
+    out.extend_from_slice(&data);
+    out.extend_from_slice(&shifted.to_le_bytes());
+    Ok(out)
+}
 
 /// Per-layer limits against decompression bombs.
 #[derive(Debug, Clone, Copy)]
@@ -504,7 +539,8 @@ impl Unpacker<'_> {
             if self.skip_xattr(raw, name) {
                 continue;
             }
-            rustix::fs::fsetxattr(fd, os(name), value, XattrFlags::empty())
+            let value = self.xattr_value(raw, name, value)?;
+            rustix::fs::fsetxattr(fd, os(name), &value, XattrFlags::empty())
                 .map_err(|e| self.fs_error(raw, &format!("set xattr {}", String::from_utf8_lossy(name)), e))?;
         }
         if header.kind != Kind::Directory {
@@ -535,15 +571,25 @@ impl Unpacker<'_> {
             if self.skip_xattr(raw, xname) {
                 continue;
             }
+            let value = self.xattr_value(raw, xname, value)?;
             // The l-variant does not follow the last component; /proc/self/fd/N is our own
             // confined parent directory.
             let path = Path::new("/proc/self/fd").join(parent.as_raw_fd().to_string()).join(os(name));
-            rustix::fs::lsetxattr(&path, os(xname), value, XattrFlags::empty())
+            rustix::fs::lsetxattr(&path, os(xname), &value, XattrFlags::empty())
                 .map_err(|e| self.fs_error(raw, &format!("set xattr {}", String::from_utf8_lossy(xname)), e))?;
         }
         rustix::fs::utimensat(parent, os(name), &timestamps(header.mtime), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| self.fs_error(raw, "set times", e))?;
         Ok(())
+    }
+
+    /// The value to store for xattr `name`: as in the layer, except file capabilities of a
+    /// shifted layer (below).
+    fn xattr_value<'v>(&self, raw: &[u8], name: &[u8], value: &'v [u8]) -> Result<std::borrow::Cow<'v, [u8]>, Error> {
+        if name != FILE_CAPS_XATTR || self.shift == IdShift::IDENTITY {
+            return Ok(std::borrow::Cow::Borrowed(value));
+        }
+        shifted_file_caps(value, self.shift).map(std::borrow::Cow::Owned).map_err(|reason| self.hostile(raw, reason))
     }
 
     /// overlayfs' own xattrs (redirect, metacopy, origin...) steer how overlay resolves lower
@@ -597,5 +643,30 @@ mod tests {
         assert!(c("/../x").is_err());
         assert!(c(&format!("a/{}", "n".repeat(256))).is_err());
         assert!(c(&"a/".repeat(2100)).is_err());
+    }
+
+    #[test]
+    fn file_capabilities_of_shifted_layers_become_v3_with_the_shifted_root() {
+        let shift = IdShift::new(0x7FFE_0000);
+        let root = 0x7FFE_0000u32.to_le_bytes();
+        // cap_net_bind_service+ep, v2: permitted bit 10, the effective flag.
+        let v2 = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let v3 = [&[1, 0, 0, 3, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..], &root].concat();
+        assert_eq!(shifted_file_caps(&v2, shift).unwrap(), v3);
+        // v3 of root 1000 (a capability for a user namespace whose root is 1000 in the layer).
+        let mut v3_1000 = v3.clone();
+        v3_1000[20..].copy_from_slice(&1000u32.to_le_bytes());
+        let mut want = v3.clone();
+        want[20..].copy_from_slice(&(0x7FFE_0000u32 + 1000).to_le_bytes());
+        assert_eq!(shifted_file_caps(&v3_1000, shift).unwrap(), want);
+        // v1 (one 32-bit pair), no effective flag.
+        let v1 = [0, 0, 0, 1, 0, 4, 0, 0, 0, 0, 0, 0];
+        let want = [&[0, 0, 0, 3, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..], &root].concat();
+        assert_eq!(shifted_file_caps(&v1, shift).unwrap(), want);
+        // A root id the shifted range cannot hold is refused; garbage goes to the kernel as is.
+        v3_1000[20..].copy_from_slice(&70000u32.to_le_bytes());
+        assert!(shifted_file_caps(&v3_1000, shift).is_err());
+        assert_eq!(shifted_file_caps(&[9, 9], shift).unwrap(), vec![9, 9]);
+        assert_eq!(shifted_file_caps(&v2[..19], shift).unwrap(), v2[..19].to_vec());
     }
 }

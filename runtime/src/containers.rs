@@ -485,6 +485,7 @@ impl Runtime {
         self.systemd.stop_unit(&record.unit).await?;
         self.systemd.reset_failed_unit(&record.unit).await?;
         crate::hugetlb::remove(&record.slice, Some(&record.unit))?;
+        crate::cgroup_v1::remove(&record.slice, Some(&record.unit))?;
         if record.spec.stdin || record.spec.tty {
             self.stdio.lock().expect("stdio table lock").remove(&record.id);
             crate::stdio::forget(&record.id);

@@ -239,7 +239,7 @@ pub(crate) fn remove(slice: &str, unit: Option<&str>) -> Result<(), Error> {
     }
 }
 
-fn remove_in(mount: &Path, slice: &str, unit: Option<&str>) -> Result<(), Error> {
+pub(crate) fn remove_in(mount: &Path, slice: &str, unit: Option<&str>) -> Result<(), Error> {
     let mut dir = mount.join(crate::stats::cgroup_path(slice, unit).trim_start_matches('/'));
     if !dir.exists() {
         return Ok(());

@@ -5,6 +5,7 @@
 //! Concurrency: every pod has a lock of its own held across its slow work (systemd jobs, mounts);
 //! the table of pods is locked only to look up or insert an entry, never across slow work.
 
+mod cgroup_v1;
 mod cni;
 mod container;
 mod containers;

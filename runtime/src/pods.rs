@@ -466,6 +466,9 @@ impl Runtime {
         if let Err(e) = crate::hugetlb::remove(&pod.slice, None) {
             warn!(pod = %pod.id, "{e}");
         }
+        if let Err(e) = crate::cgroup_v1::remove(&pod.slice, None) {
+            warn!(pod = %pod.id, "{e}");
+        }
         // While the record is still there, so that the event carries the pod's status.
         self.emit(&pod.id, &pod.id, ContainerEventKind::Deleted);
         self.pods.lock().expect("pod table lock").remove(&pod.id);

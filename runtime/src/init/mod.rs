@@ -246,6 +246,11 @@ fn supervise(spec: &InitSpec) -> Result<()> {
     if crate::hugetlb::wanted(&spec.hugepage_limits) {
         crate::hugetlb::apply_to_self(&spec.hugepage_limits).map_err(Error)?;
     }
+    // The v1 hierarchies systemd leaves the unit out of (cpuacct of its own: the pod's CPU).
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if let Some(relative) = crate::init::exec_in::systemd_cgroup(&cgroups) {
+        crate::cgroup_v1::join_self(&relative).map_err(Error)?;
+    }
     let mut plan = namespaces::open(&spec.oci)?;
     // Before any namespace is entered: the helpers of the idmaps must be seen in init's /proc
     // and must not be the first process of the container's PID namespace.
