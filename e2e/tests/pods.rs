@@ -191,3 +191,38 @@ async fn pods_survive_a_daemon_kill_and_bad_requests_change_nothing() {
         "active"
     );
 }
+
+/// A pod whose config names no hostname keeps the node's name in its UTS namespace and its
+/// /etc/hostname, as with containerd, however long the pod's name (critest's are over 64 bytes,
+/// more than a hostname may have); in a user namespace too. A configured hostname over 64 bytes
+/// is refused and creates nothing.
+#[tokio::test]
+async fn a_pod_without_a_hostname_has_the_nodes_whatever_its_name() {
+    let node = Node::up("pods-hostname", NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let node_hostname = node.sh("hostname").trim().to_string();
+    assert!(!node_hostname.is_empty());
+
+    let long_name = format!("podsandbox-with-a-long-name-{}", "x".repeat(72));
+    assert_eq!(long_name.len(), 100);
+    for (index, userns) in [false, true].into_iter().enumerate() {
+        let mut config =
+            if userns { e2e::crisimple::userns_pod_config(&long_name) } else { pod_config(&long_name, "unused") };
+        config.hostname.clear();
+        config.metadata.as_mut().unwrap().uid = format!("0000eeee-4444-4c2d-9e8f-00000000000{index}");
+        let id = run_pod(&mut client, config).await.expect("RunPodSandbox of a pod named with 100 bytes");
+        let pins = format!("/run/cri-systemd/pods/{id}/ns");
+        assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), node_hostname, "userns {userns}");
+        assert_eq!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hostname")), format!("{node_hostname}\n"));
+        assert!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hosts")).contains(&node_hostname));
+        client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
+    }
+
+    let before = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
+    let mut too_long = pod_config("long-hostname", "0000ffff-4444-4c2d-9e8f-0123456789ab");
+    too_long.hostname = "h".repeat(65);
+    let refused = run_pod(&mut client, too_long).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
+    assert_eq!(before, after);
+}

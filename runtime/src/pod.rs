@@ -11,6 +11,9 @@ use crate::Error;
 use crate::namespaces::PodNamespaces;
 use crate::userns::{PodUserns, UsernsMode};
 
+/// Linux's limit on a hostname (sethostname fails with EINVAL beyond it).
+const HOST_NAME_MAX: usize = 64;
+
 /// Where a namespace comes from: the pod's own, the node's, or (PID only) the container's own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NamespaceMode {
@@ -114,6 +117,13 @@ impl PodSpec {
         if !self.cgroup_parent.is_empty() {
             check_slice_name(&self.cgroup_parent)?;
         }
+        if self.hostname.len() > HOST_NAME_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "hostname {:?} is {} bytes long: a hostname has at most {HOST_NAME_MAX}",
+                self.hostname,
+                self.hostname.len()
+            )));
+        }
         for (key, _) in &self.sysctls {
             let (namespace, _) = crate::namespaces::sysctl_file(key).map_err(Error::InvalidArgument)?;
             let (kind, mode) = match namespace {
@@ -159,8 +169,19 @@ impl PodSpec {
         format!("kubepods-besteffort-pod{}.slice", escape_unit_name_part(&self.uid.replace('-', "_")))
     }
 
-    pub fn hostname(&self) -> &str {
-        if self.hostname.is_empty() { &self.name } else { &self.hostname }
+    /// The hostname the pod's config sets, if any: only then does the pod's UTS namespace get
+    /// a name of its own (a pod without one keeps the node's, as with containerd).
+    pub fn configured_hostname(&self) -> Option<&str> {
+        Some(self.hostname.as_str()).filter(|h| !h.is_empty())
+    }
+
+    /// The hostname the pod's containers see, for its /etc/hostname and /etc/hosts: the config's,
+    /// or else the node's (containerd writes `os.Hostname()` there too).
+    pub fn effective_hostname(&self) -> String {
+        match self.configured_hostname() {
+            Some(hostname) => hostname.to_string(),
+            None => nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
     }
 }
 

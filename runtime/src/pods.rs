@@ -247,10 +247,10 @@ impl Runtime {
             uts: pod.spec.network != NamespaceMode::Node,
         };
         let ns_dir = pod.files_dir.join("ns");
-        let hostname = pod.spec.hostname().to_string();
+        let hostname = pod.spec.configured_hostname().map(str::to_string);
         let range = pod.userns.map(|u| u.range);
         pod.namespaces =
-            tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname, range))
+            tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range))
                 .await
                 .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
                 .map_err(Error::io("cannot create pod namespaces"))?;
@@ -293,8 +293,15 @@ impl Runtime {
         // In a user namespace the pod's root is the first id of its range: it owns the pod's
         // files (a chown of three small files) and its /dev/shm, as root owns them elsewhere.
         let root = range.map(|r| r.host_id);
-        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network, &pod.ips, root)
-            .map_err(Error::io("cannot write pod files"))?;
+        podfiles::write(
+            &pod.files_dir,
+            &pod.spec.effective_hostname(),
+            pod.spec.dns.as_ref(),
+            host_network,
+            &pod.ips,
+            root,
+        )
+        .map_err(Error::io("cannot write pod files"))?;
         if wanted.ipc {
             let shm = pod.files_dir.join("shm");
             mount_shm(&shm, root)
