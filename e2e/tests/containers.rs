@@ -958,3 +958,27 @@ async fn container_events_stream_created_started_stopped_deleted() {
     assert!(deleted_pod.containers_statuses.is_empty(), "{deleted_pod:?}");
     assert_eq!(deleted_pod.pod_sandbox_status.unwrap().id, pod);
 }
+
+/// StopContainer, RemoveContainer, StopPodSandbox and RemovePodSandbox of ids the runtime does not
+/// know succeed (the CRI says these calls are idempotent; critest's Idempotence specs send random
+/// UUIDs); ids of things that exist keep their answers.
+#[tokio::test]
+async fn stop_and_remove_of_unknown_ids_succeed() {
+    let node = Node::up("ctr-idem", e2e::NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let pod = run_pod(&mut client, "idem").await;
+    for unknown in ["3f1c9d2e-5b7a-4e0f-9c1d-2a3b4c5d6e7f".to_string(), "e".repeat(64)] {
+        let request = cri::StopContainerRequest { container_id: unknown.clone(), timeout: 0 };
+        client.runtime.stop_container(request).await.expect("StopContainer of an unknown id");
+        let request = cri::RemoveContainerRequest { container_id: unknown.clone() };
+        client.runtime.remove_container(request).await.expect("RemoveContainer of an unknown id");
+        let request = cri::StopPodSandboxRequest { pod_sandbox_id: unknown.clone() };
+        client.runtime.stop_pod_sandbox(request).await.expect("StopPodSandbox of an unknown id");
+        let request = cri::RemovePodSandboxRequest { pod_sandbox_id: unknown.clone() };
+        client.runtime.remove_pod_sandbox(request).await.expect("RemovePodSandbox of an unknown id");
+    }
+    // None of that touched the pod that exists.
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
+    let state = client.runtime.pod_sandbox_status(request).await.unwrap().into_inner().status.unwrap().state;
+    assert_eq!(state, cri::PodSandboxState::SandboxReady as i32);
+}
