@@ -150,6 +150,8 @@ async fn a_socket_path_as_authority_gets_answers() {
     let node = Node::up("grpc-authority", NodeOptions::default());
     node.cri(Duration::from_secs(30)).await;
     let path = b"/run/cri-systemd/cri-systemd.sock";
+    // What grpcio 1.85 sends for `unix:/run/cri-systemd/cri-systemd.sock` (seen in its http trace).
+    let grpcio = b"run%2Fcri-systemd%2Fcri-systemd.sock";
     let encoded = b"%2Frun%2Fcri-systemd%2Fcri-systemd.sock";
     let answers = version_calls(
         &node,
@@ -159,11 +161,13 @@ async fn a_socket_path_as_authority_gets_answers() {
             (3, Authority::Indexed(62)),
             (5, Authority::Plain(encoded)),
             (7, Authority::Plain(b"unix:/run/cri-systemd/cri-systemd.sock")),
-            (9, Authority::Plain(b"localhost")),
+            (9, Authority::Plain(grpcio)),
+            (11, Authority::Plain(b"localhost")),
         ],
     )
     .await;
-    for (answer, what) in answers.iter().zip(["path", "path by index", "percent-encoded", "unix:", "localhost"]) {
+    let cases = ["path", "path by index", "percent-encoded", "unix:", "grpcio's", "localhost"];
+    for (answer, what) in answers.iter().zip(cases) {
         assert_version_answer(answer, what);
     }
     // Clients with a valid authority, on a connection of their own, are unchanged.
