@@ -3,6 +3,7 @@
 //! and `imagestore` (images). Handlers hold no logic of their own beyond that translation and the
 //! mapping of library errors to gRPC codes.
 
+mod authority;
 mod config;
 mod container_translate;
 mod errors;

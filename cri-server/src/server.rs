@@ -13,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
+use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::image_service::Images;
 use crate::runtime_service::RuntimeApi;
@@ -99,7 +100,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             streaming,
         )))
         .add_service(ImageServiceServer::new(Images::new(images, runtime)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stopped.await;
         });
     tokio::pin!(server);
@@ -165,6 +166,15 @@ fn prepare_dir(path: &Path, what: &'static str, key: &'static str, mode: u32) ->
 }
 
 /// Binds the CRI socket with mode 0660, replacing a stale socket left by a dead daemon.
+/// The socket's connections, each behind [`AuthorityFix`] (clients that send the socket's path as
+/// `:authority`, which h2 alone would refuse).
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|connection| connection.map(AuthorityFix::new))
+}
+
 fn listen(path: &Path) -> Result<UnixListener, StartupError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => return Err(StartupError::NotASocket(path.into())),

@@ -199,6 +199,11 @@ impl SpdyWriter {
 }
 
 impl SpdyReader {
+    /// How long a read waits (None: forever); a read that times out is an error.
+    pub fn set_read_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.socket.get_ref().set_read_timeout(timeout).expect("set the read timeout");
+    }
+
     /// The next frame; `None` at EOF.
     pub fn next_frame(&mut self) -> io::Result<Option<ServerFrame>> {
         let mut head = [0u8; 8];

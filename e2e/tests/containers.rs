@@ -1000,3 +1000,104 @@ async fn a_busy_containers_cpu_time_counts_in_its_pod_slices_cpuacct() {
     let left = node.exec(&["test", "-e", &format!("/sys/fs/cgroup/cpuacct{slice}")]);
     assert!(!left.success(), "the pod's cpuacct cgroup {slice} outlives the pod");
 }
+
+/// StopContainer, RemoveContainer, StopPodSandbox and RemovePodSandbox of ids the runtime does not
+/// know succeed (the CRI says these calls are idempotent; critest's Idempotence specs send random
+/// UUIDs); ids of things that exist keep their answers.
+#[tokio::test]
+async fn stop_and_remove_of_unknown_ids_succeed() {
+    let node = Node::up("ctr-idem", e2e::NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let pod = run_pod(&mut client, "idem").await;
+    for unknown in ["3f1c9d2e-5b7a-4e0f-9c1d-2a3b4c5d6e7f".to_string(), "e".repeat(64)] {
+        let request = cri::StopContainerRequest { container_id: unknown.clone(), timeout: 0 };
+        client.runtime.stop_container(request).await.expect("StopContainer of an unknown id");
+        let request = cri::RemoveContainerRequest { container_id: unknown.clone() };
+        client.runtime.remove_container(request).await.expect("RemoveContainer of an unknown id");
+        let request = cri::StopPodSandboxRequest { pod_sandbox_id: unknown.clone() };
+        client.runtime.stop_pod_sandbox(request).await.expect("StopPodSandbox of an unknown id");
+        let request = cri::RemovePodSandboxRequest { pod_sandbox_id: unknown.clone() };
+        client.runtime.remove_pod_sandbox(request).await.expect("RemovePodSandbox of an unknown id");
+    }
+    // None of that touched the pod that exists.
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
+    let state = client.runtime.pod_sandbox_status(request).await.unwrap().into_inner().status.unwrap().state;
+    assert_eq!(state, cri::PodSandboxState::SandboxReady as i32);
+}
+
+/// What critest checks of mounts and security contexts: a read-only volume leaves its sub-mounts
+/// writable unless it is recursively read-only; `capabilities.add: ALL` gives what the node can
+/// grant (the daemon's bounding set, smaller than every capability the kernel names in a node that
+/// is itself a container) and `drop: ALL` plus a named add gives only that one, as containerd
+/// composes them; run_as_group without a user is refused.
+#[tokio::test]
+async fn readonly_submounts_all_capabilities_and_group_without_user() {
+    let node = node("ctr-critest");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "critestlike").await;
+    let sleep = ["/bin/busybox", "sleep", "1000"];
+
+    // A volume with a tmpfs mounted inside it.
+    node.sh("mkdir -p /srv/vol/sub && mount -t tmpfs none /srv/vol/sub");
+    for recursive in [false, true] {
+        let mut config = container_config(&format!("ro-{recursive}"), &image, &sleep);
+        config.mounts = vec![cri::Mount {
+            container_path: "/mnt".into(),
+            host_path: "/srv/vol".into(),
+            readonly: true,
+            recursive_read_only: recursive,
+            ..Default::default()
+        }];
+        let id = create(&mut client, &pod, config).await.unwrap();
+        start(&mut client, &id).await.unwrap();
+        let script = "busybox touch /mnt/top 2>&1; busybox touch /mnt/sub/file 2>&1 && echo sub-writable";
+        let out = exec_sync(&mut client, &id, &["/bin/sh", "-c", &format!("{script}; true")]).await;
+        assert!(out.contains("/mnt/top: Read-only file system"), "recursive {recursive}: {out}");
+        if recursive {
+            assert!(out.contains("/mnt/sub/file: Read-only file system"), "recursive: {out}");
+        } else {
+            assert!(out.contains("sub-writable"), "non-recursive: {out}");
+        }
+    }
+
+    let bounding = |status: &str| {
+        status.lines().find_map(|l| l.strip_prefix("CapBnd:")).map(|v| v.trim().to_string()).expect("CapBnd")
+    };
+    let daemon_pid = node.sh("systemctl show -p MainPID --value cri-systemd").trim().to_string();
+    let node_caps = bounding(&node.sh(&format!("cat /proc/{daemon_pid}/status")));
+    let with_caps = |name: &str, add: &[&str], drop: &[&str]| {
+        let mut config = container_config(name, &image, &sleep);
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: add.iter().map(|c| c.to_string()).collect(),
+                    drop_capabilities: drop.iter().map(|c| c.to_string()).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        config
+    };
+    for (name, add, drop, expected) in
+        [("all", &["ALL"][..], &[][..], node_caps.as_str()), ("only-kill", &["KILL"], &["ALL"], "0000000000000020")]
+    {
+        let id = create(&mut client, &pod, with_caps(name, add, drop)).await.unwrap();
+        start(&mut client, &id).await.unwrap_or_else(|e| panic!("start of {name}: {e:?}"));
+        let status = exec_sync(&mut client, &id, &["/bin/busybox", "cat", "/proc/1/status"]).await;
+        assert_eq!(bounding(&status), expected, "{name}");
+    }
+
+    let mut group_only = container_config("group-only", &image, &sleep);
+    group_only.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_group: Some(cri::Int64Value { value: 1002 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let refused = create(&mut client, &pod, group_only).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+}

@@ -840,3 +840,67 @@ fn ticks(log: &str) -> Vec<u32> {
     numbers.dedup();
     numbers
 }
+
+/// critest's Attach conformance flow as client-go's SPDY executor runs it: a `/bin/sh` container
+/// with stdin and stdin_once, attached with stdin, stdout and stderr; nothing comes out until a
+/// command goes in; the command's output comes back on stdout alone; then the client half-closes
+/// stdin (a FIN, not a dropped connection), which is the shell's end of file: the session ends
+/// with a Success status and the container exits 0.
+#[tokio::test]
+async fn attach_to_a_shell_as_critest_does_and_half_close_stdin() {
+    let node = node("attach-critest", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_logged_pod(&mut client, "attachcritest").await;
+    let id = create(&mut client, &pod, interactive_config("shell", &image, &["/bin/sh"], true, false)).await;
+    start(&mut client, &id).await;
+    let request = cri::AttachRequest { container_id: id.clone(), stdin: true, tty: false, stdout: true, stderr: true };
+    let url = client.runtime.attach(request).await.expect("Attach").into_inner().url;
+    let node = std::sync::Arc::new(node);
+    let n = node.clone();
+    let (protocol, before, collected) = blocking(move || {
+        let protocols = ["v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io"];
+        let (protocol, mut writer, mut reader) = streaming::spdy_connect(&n, &url, &protocols).expect("upgrade");
+        let error = writer.open(&[("streamType", "error")]).unwrap();
+        let stdin = writer.open(&[("streamType", "stdin")]).unwrap();
+        let stdout = writer.open(&[("streamType", "stdout")]).unwrap();
+        let stderr = writer.open(&[("streamType", "stderr")]).unwrap();
+        // No output before any input (the replies to the stream openings only).
+        let mut before = Vec::new();
+        reader.set_read_timeout(Some(Duration::from_secs(2)));
+        while let Ok(Some(frame)) = reader.next_frame() {
+            if let ServerFrame::Data { data, .. } = frame {
+                before.extend_from_slice(&data);
+            }
+        }
+        reader.set_read_timeout(None);
+        writer.data(stdin, b"echo hello\n", false).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while !text(&got).contains("hello") && Instant::now() < deadline {
+            match reader.next_frame().expect("read frame") {
+                Some(ServerFrame::Data { stream, data, .. }) if stream == stdout => got.extend_from_slice(&data),
+                Some(ServerFrame::Data { stream, data, .. }) if stream == stderr => {
+                    panic!("stderr: {:?}", text(&data))
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        // client-go closes its stdin stream when the input ends.
+        writer.data(stdin, b"", true).unwrap();
+        let mut rest = streaming::collect(&mut reader, error, Some(stdout), Some(stderr));
+        got.append(&mut rest.stdout);
+        rest.stdout = got;
+        (protocol, before, rest)
+    })
+    .await;
+    assert_eq!(protocol, "v4.channel.k8s.io");
+    assert_eq!(text(&before), "", "output before any input");
+    assert_eq!(text(&collected.stdout), "hello\n");
+    assert_eq!(text(&collected.stderr), "");
+    let status = text(&collected.error);
+    assert!(status.is_empty() || status.contains(r#""status":"Success""#), "error stream: {status}");
+    let exited = crisimple::wait_exited(&mut client, &id).await;
+    assert_eq!((exited.exit_code, exited.reason.as_str()), (0, "Completed"), "{exited:?}");
+}

@@ -191,3 +191,145 @@ async fn pods_survive_a_daemon_kill_and_bad_requests_change_nothing() {
         "active"
     );
 }
+
+/// A pod whose config names no hostname keeps the node's name in its UTS namespace and its
+/// /etc/hostname, as with containerd, however long the pod's name (critest's are over 64 bytes,
+/// more than a hostname may have); in a user namespace too. A configured hostname over 64 bytes
+/// is refused and creates nothing.
+#[tokio::test]
+async fn a_pod_without_a_hostname_has_the_nodes_whatever_its_name() {
+    let node = Node::up("pods-hostname", NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let node_hostname = node.sh("hostname").trim().to_string();
+    assert!(!node_hostname.is_empty());
+
+    let long_name = format!("podsandbox-with-a-long-name-{}", "x".repeat(72));
+    assert_eq!(long_name.len(), 100);
+    for (index, userns) in [false, true].into_iter().enumerate() {
+        let mut config =
+            if userns { e2e::crisimple::userns_pod_config(&long_name) } else { pod_config(&long_name, "unused") };
+        config.hostname.clear();
+        config.metadata.as_mut().unwrap().uid = format!("0000eeee-4444-4c2d-9e8f-00000000000{index}");
+        let id = run_pod(&mut client, config).await.expect("RunPodSandbox of a pod named with 100 bytes");
+        let pins = format!("/run/cri-systemd/pods/{id}/ns");
+        assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), node_hostname, "userns {userns}");
+        assert_eq!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hostname")), format!("{node_hostname}\n"));
+        assert!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hosts")).contains(&node_hostname));
+        client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
+    }
+
+    let before = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
+    let mut too_long = pod_config("long-hostname", "0000ffff-4444-4c2d-9e8f-0123456789ab");
+    too_long.hostname = "h".repeat(65);
+    let refused = run_pod(&mut client, too_long).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
+    assert_eq!(before, after);
+}
+
+/// Starts `slice` in the node the way the kubelet's systemd cgroup driver does before
+/// RunPodSandbox (a transient slice with the pod's limits: CPUShares=2 for a best-effort pod).
+fn start_kubelet_slice(node: &Node, slice: &str) {
+    node.sh(&format!(
+        "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \
+         StartTransientUnit 'ssa(sv)a(sa(sv))' {slice} replace 3 Description s 'libcontainer container kubepods' \
+         DefaultDependencies b false CPUShares t 2 0 && \
+         for i in $(seq 50); do systemctl is-active -q {slice} && exit 0; sleep 0.1; done; exit 1"
+    ));
+}
+
+fn is_active(node: &Node, unit: &str) -> bool {
+    node.exec(&["systemctl", "is-active", unit]).stdout.trim() == "active"
+}
+
+fn with_cgroup_parent(mut config: cri::PodSandboxConfig, parent: &str) -> cri::PodSandboxConfig {
+    config.linux.get_or_insert_with(Default::default).cgroup_parent = parent.into();
+    config
+}
+
+/// cgroup_parent as the kubelet sends it: the expanded path of a slice the kubelet started
+/// already. The pod runs in that slice, and neither a failed RunPodSandbox, nor StopPodSandbox, nor
+/// RemovePodSandbox stops it. A slice that does not exist yet is the runtime's to start and stop;
+/// one that critest's pods share (`/test.slice`) stops only with the last of them. Paths whose
+/// components are not each other's parent slices are refused.
+#[tokio::test]
+async fn cgroup_parent_as_the_kubelet_sends_it() {
+    use e2e::crisimple::{container_config, create, start, status};
+    let node = e2e::node_with_local_registry("pods-cgparent", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "cgparent").await;
+    let sleeper = |name: &str| container_config(name, &image, &["/bin/busybox", "sleep", "1000"]);
+
+    // The kubelet's own slice, started before RunPodSandbox.
+    let slice = "kubepods-besteffort-pod0000abcd_5555_4c2d_9e8f_0123456789ab.slice";
+    let path = format!("/kubepods.slice/kubepods-besteffort.slice/{slice}");
+    start_kubelet_slice(&node, slice);
+    let since = node.sh(&format!("systemctl show -p ActiveEnterTimestampMonotonic --value {slice}"));
+
+    // A RunPodSandbox that fails after the slice step rolls back without stopping it (the bare
+    // slice name, an older form, is taken too).
+    for parent in [path.as_str(), slice] {
+        let mut failing = with_cgroup_parent(pod_config("kubelet-bad", "0000abcd-5555-4c2d-9e8f-0123456789ab"), parent);
+        failing.linux.as_mut().unwrap().sysctls = HashMap::from([("net.ipv4.ip_local_port_range".into(), "x".into())]);
+        let refused = run_pod(&mut client, failing).await.unwrap_err();
+        assert!(refused.message().contains("ip_local_port_range"), "{refused:?}");
+        assert!(is_active(&node, slice), "a failed RunPodSandbox stopped the kubelet's slice");
+    }
+
+    let mut config = with_cgroup_parent(pod_config("kubelet", "0000abcd-5555-4c2d-9e8f-0123456789ab"), &path);
+    config.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap().pid =
+        cri::NamespaceMode::Pod as i32;
+    let pod = run_pod(&mut client, config).await.expect("RunPodSandbox in the kubelet's slice");
+    let container = create(&mut client, &pod, sleeper("in-kubelet-slice")).await.unwrap();
+    start(&mut client, &container).await.unwrap();
+    for unit in [format!("cri-{container}.service"), format!("cri-pod-{pod}.service")] {
+        assert_eq!(node.sh(&format!("systemctl show -p Slice --value {unit}")).trim(), slice, "{unit}");
+    }
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    assert_eq!(status(&mut client, &container).await.state, cri::ContainerState::ContainerExited as i32);
+    assert!(!is_active(&node, &format!("cri-pod-{pod}.service")), "the pod's init outlived StopPodSandbox");
+    assert!(is_active(&node, slice), "StopPodSandbox stopped the kubelet's slice");
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    assert!(is_active(&node, slice), "RemovePodSandbox stopped the kubelet's slice");
+    // The very unit the kubelet started, its limits untouched.
+    assert_eq!(node.sh(&format!("systemctl show -p ActiveEnterTimestampMonotonic --value {slice}")), since);
+    assert_eq!(node.sh(&format!("systemctl show -p CPUShares --value {slice}")).trim(), "2");
+
+    // A slice that does not exist: the runtime starts it, and stops it with the pod.
+    let own = "kubepods-burstable-pod0000dcba_5555_4c2d_9e8f_0123456789ab.slice";
+    let config = with_cgroup_parent(
+        pod_config("own", "0000dcba-5555-4c2d-9e8f-0123456789ab"),
+        &format!("/kubepods.slice/kubepods-burstable.slice/{own}"),
+    );
+    let pod = run_pod(&mut client, config).await.unwrap();
+    assert!(is_active(&node, own));
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    assert!(!is_active(&node, own), "the runtime's own slice outlived its pod");
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
+
+    // critest's pods all name /test.slice: the first pod's stop leaves the second's container running.
+    let first = run_pod(&mut client, with_cgroup_parent(pod_config("first", "1"), "/test.slice")).await.unwrap();
+    let second = run_pod(&mut client, with_cgroup_parent(pod_config("second", "2"), "/test.slice")).await.unwrap();
+    let survivor = create(&mut client, &second, sleeper("survivor")).await.unwrap();
+    start(&mut client, &survivor).await.unwrap();
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: first.clone() }).await.unwrap();
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: first }).await.unwrap();
+    assert_eq!(status(&mut client, &survivor).await.state, cri::ContainerState::ContainerRunning as i32);
+    assert!(is_active(&node, "test.slice"));
+    client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: second.clone() }).await.unwrap();
+    assert!(!is_active(&node, "test.slice"), "the last pod's stop left the runtime's slice");
+
+    // Paths that are not a slice's: refused, nothing created.
+    let before = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend '*.slice'");
+    for bad in [
+        "/kubepods.slice/kubepods-besteffort-pod0000eeee.slice",
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-burstable-pod0000eeee.slice",
+        "/kubepods/besteffort/pod0000eeee",
+        "/kubepods.slice/../x.slice",
+    ] {
+        let refused = run_pod(&mut client, with_cgroup_parent(pod_config("bad", "3"), bad)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad}: {refused:?}");
+    }
+    let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend '*.slice'");
+    assert_eq!(before, after);
+}

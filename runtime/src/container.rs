@@ -422,6 +422,16 @@ impl ContainerSpec {
         }
         parse_cpu_list(&self.resources.cpuset_cpus)?;
         parse_cpu_list(&self.resources.cpuset_mems)?;
+        // A group alone would leave the user to the image, which is not what was asked (containerd
+        // and CRI-O refuse it too).
+        if let Some(group) = self.run_as_group
+            && self.run_as_user.is_none()
+            && self.run_as_username.is_empty()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "run_as_group {group} is specified without run_as_user or run_as_username"
+            )));
+        }
         for cap in self.add_capabilities.iter().chain(&self.drop_capabilities) {
             let name = capability_name(cap);
             if name != "CAP_ALL" && !ALL_CAPABILITIES.contains(&name.as_str()) {
@@ -499,12 +509,17 @@ impl ContainerSpec {
         }
         let adds: Vec<String> = self.add_capabilities.iter().map(|c| capability_name(c)).collect();
         let drops: Vec<String> = self.drop_capabilities.iter().map(|c| capability_name(c)).collect();
-        let base: &[&str] = if adds.iter().any(|c| c == "CAP_ALL") { ALL_CAPABILITIES } else { DEFAULT_CAPABILITIES };
-        let mut caps: Vec<String> =
-            base.iter().map(|c| c.to_string()).chain(adds.into_iter().filter(|c| c != "CAP_ALL")).collect();
-        if drops.iter().any(|c| c == "CAP_ALL") {
-            caps.clear();
-        }
+        // As containerd composes them: ALL added means what the node can grant (the daemon's
+        // bounding set; capset fails on more), ALL dropped empties that, then the named ones
+        // are added and the named drops taken out.
+        let mut caps: Vec<String> = if drops.iter().any(|c| c == "CAP_ALL") {
+            Vec::new()
+        } else if adds.iter().any(|c| c == "CAP_ALL") {
+            privileged_capabilities()
+        } else {
+            DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect()
+        };
+        caps.extend(adds.into_iter().filter(|c| c != "CAP_ALL"));
         caps.retain(|c| !drops.contains(c));
         caps.sort();
         caps.dedup();
@@ -959,11 +974,27 @@ mod tests {
         let caps = s.capabilities();
         assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
         assert!(!caps.contains(&"CAP_CHOWN".to_string()) && !caps.contains(&"CAP_MKNOD".to_string()));
-        let none =
+        let only_kill =
             ContainerSpec { drop_capabilities: vec!["ALL".into()], add_capabilities: vec!["KILL".into()], ..spec() };
+        assert_eq!(only_kill.capabilities(), ["CAP_KILL"]);
+        let none = ContainerSpec { drop_capabilities: vec!["ALL".into()], ..spec() };
         assert_eq!(none.capabilities(), Vec::<String>::new());
+        let all_but_chown =
+            ContainerSpec { add_capabilities: vec!["ALL".into()], drop_capabilities: vec!["chown".into()], ..spec() };
+        let mut expected = privileged_capabilities();
+        expected.retain(|c| c != "CAP_CHOWN");
+        expected.sort();
+        assert_eq!(all_but_chown.capabilities(), expected);
         let bad = ContainerSpec { add_capabilities: vec!["CAP_FLY".into()], ..spec() };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn a_group_needs_a_user() {
+        let group_only = ContainerSpec { run_as_group: Some(1002), ..spec() };
+        assert!(matches!(group_only.validate(), Err(Error::InvalidArgument(_))));
+        ContainerSpec { run_as_group: Some(1002), run_as_user: Some(1001), ..spec() }.validate().unwrap();
+        ContainerSpec { run_as_group: Some(1002), run_as_username: "www".into(), ..spec() }.validate().unwrap();
     }
 
     #[test]

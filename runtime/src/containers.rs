@@ -331,9 +331,14 @@ impl Runtime {
     }
 
     /// StopContainer: the stop signal, then SIGKILL after `timeout_seconds`. Stopping a stopped
-    /// container succeeds.
+    /// container succeeds, and so does stopping an unknown one (the CRI call is idempotent; the
+    /// container may be gone already, as containerd answers).
     pub async fn stop_container(&self, id: &str, timeout_seconds: i64) -> Result<(), Error> {
-        let entry = self.container_entry(id)?;
+        let entry = match self.container_entry(id) {
+            Ok(entry) => entry,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let _guard = entry.operation.clone().lock_owned().await;
         self.stop_locked(&entry, timeout_seconds).await
     }

@@ -56,13 +56,13 @@ pub struct NewNamespaces {
 }
 
 /// Creates the requested namespaces and pins them in `dir` as files `net`, `ipc`, `uts` (and
-/// `user`, owner of the others, when `userns` gives the pod's host id range). `hostname` is set
-/// in the new UTS namespace, and loopback is brought up in the new network namespace. On error
+/// `user`, owner of the others, when `userns` gives the pod's host id range). `hostname`, if
+/// given, is set in the new UTS namespace (else it keeps the node's name), and loopback is brought up in the new network namespace. On error
 /// nothing stays pinned.
 pub fn create_pinned(
     dir: &Path,
     wanted: NewNamespaces,
-    hostname: &str,
+    hostname: Option<&str>,
     userns: Option<IdRange>,
 ) -> std::io::Result<PodNamespaces> {
     std::fs::create_dir_all(dir)?;
@@ -86,15 +86,15 @@ pub fn create_pinned(
     if flags.is_empty() {
         return Ok(pins);
     }
-    let hostname = hostname.to_string();
+    let hostname = hostname.map(str::to_string);
     let to_pin = pins.clone();
     // unshare() of these kinds moves only the calling thread; a thread of its own keeps the
     // daemon's other threads (and the tokio runtime) in the host namespaces. The thread ends
     // right after, and the pins keep the namespaces alive.
     let result = std::thread::spawn(move || -> std::io::Result<()> {
         nix::sched::unshare(flags)?;
-        if wanted.uts {
-            nix::unistd::sethostname(&hostname)?;
+        if let Some(hostname) = hostname.filter(|_| wanted.uts) {
+            nix::unistd::sethostname(hostname)?;
         }
         if wanted.network {
             bring_loopback_up()?;
@@ -140,7 +140,7 @@ fn step_name(step: u8) -> &'static str {
 fn create_in_user_namespace(
     dir: &Path,
     wanted: NewNamespaces,
-    hostname: &str,
+    hostname: Option<&str>,
     range: IdRange,
 ) -> std::io::Result<PodNamespaces> {
     let mut flags = 0;
@@ -159,7 +159,9 @@ fn create_in_user_namespace(
     }
     // Everything the child needs is made before the clone: the child shares this process's
     // memory and may not allocate.
-    let hostname = CString::new(hostname).map_err(|_| std::io::Error::other("hostname contains a NUL byte"))?;
+    let hostname = hostname
+        .map(|h| CString::new(h).map_err(|_| std::io::Error::other("hostname contains a NUL byte")))
+        .transpose()?;
     let (to_child_r, to_child_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (from_child_r, from_child_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let child = ChildArgs {
@@ -168,7 +170,7 @@ fn create_in_user_namespace(
         close: [to_child_w.as_raw_fd(), from_child_r.as_raw_fd()],
         flags,
         wanted,
-        hostname: &hostname,
+        hostname: hostname.as_ref(),
     };
     // A process of its own (unshare of a user namespace needs one), but sharing this one's memory
     // (CLONE_VM) on a stack of its own: a fork would copy the daemon's page tables and tear them
@@ -265,7 +267,8 @@ struct ChildArgs<'a> {
     close: [libc::c_int; 2],
     flags: libc::c_int,
     wanted: NewNamespaces,
-    hostname: &'a CString,
+    /// None: the UTS namespace keeps the node's name.
+    hostname: Option<&'a CString>,
 }
 
 extern "C" fn namespace_child_entry(args: *mut libc::c_void) -> libc::c_int {
@@ -283,7 +286,7 @@ fn namespace_child(
     from_child: libc::c_int,
     flags: libc::c_int,
     wanted: NewNamespaces,
-    hostname: &CString,
+    hostname: Option<&CString>,
 ) -> ! {
     let report = |message: &[u8]| {
         // SAFETY: write on an open descriptor from a live buffer.
@@ -310,9 +313,11 @@ fn namespace_child(
     if flags != 0 && unsafe { libc::unshare(flags) } != 0 {
         fail(STEP_NAMESPACES);
     }
-    // SAFETY: a pointer and length of a live NUL-terminated string, read only.
-    if wanted.uts && unsafe { libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) } != 0 {
-        fail(STEP_HOSTNAME);
+    if let Some(hostname) = hostname.filter(|_| wanted.uts) {
+        // SAFETY: a pointer and length of a live NUL-terminated string, read only.
+        if unsafe { libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) } != 0 {
+            fail(STEP_HOSTNAME);
+        }
     }
     if wanted.network && bring_loopback_up().is_err() {
         fail(STEP_LOOPBACK);

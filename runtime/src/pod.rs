@@ -11,6 +11,9 @@ use crate::Error;
 use crate::namespaces::PodNamespaces;
 use crate::userns::{PodUserns, UsernsMode};
 
+/// Linux's limit on a hostname (sethostname fails with EINVAL beyond it).
+const HOST_NAME_MAX: usize = 64;
+
 /// Where a namespace comes from: the pod's own, the node's, or (PID only) the container's own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NamespaceMode {
@@ -48,7 +51,9 @@ pub struct PodSpec {
     pub port_mappings: Vec<PortMapping>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
-    /// The slice the kubelet's systemd cgroup driver chose, e.g. `kubepods-burstable-pod<uid>.slice`.
+    /// The cgroup the kubelet's systemd cgroup driver chose, as it sends it: the slice's expanded
+    /// path (`/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`);
+    /// critest sends `/test.slice`. A bare slice name is taken too.
     pub cgroup_parent: String,
     pub network: NamespaceMode,
     pub pid: NamespaceMode,
@@ -99,6 +104,18 @@ pub struct Pod {
     /// the unit is started.
     #[serde(default)]
     pub init_unit: Option<String>,
+    /// Whether the runtime started the pod's slice (or shares one that a pod of its own started,
+    /// as critest's pods share `/test.slice`): only then does it stop it, once no other pod of
+    /// the runtime still uses it. The kubelet starts each pod's slice itself, with the pod's
+    /// limits, before RunPodSandbox: that one is the kubelet's to stop. False until the slice is
+    /// started (a daemon killed in between leaves an empty slice rather than stop the kubelet's);
+    /// records from before this field owned theirs.
+    #[serde(default = "records_before_ownership_owned_their_slice")]
+    pub owns_slice: bool,
+}
+
+fn records_before_ownership_owned_their_slice() -> bool {
+    true
 }
 
 impl PodSpec {
@@ -112,7 +129,14 @@ impl PodSpec {
             }
         }
         if !self.cgroup_parent.is_empty() {
-            check_slice_name(&self.cgroup_parent)?;
+            check_cgroup_parent(&self.cgroup_parent)?;
+        }
+        if self.hostname.len() > HOST_NAME_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "hostname {:?} is {} bytes long: a hostname has at most {HOST_NAME_MAX}",
+                self.hostname,
+                self.hostname.len()
+            )));
         }
         for (key, _) in &self.sysctls {
             let (namespace, _) = crate::namespaces::sysctl_file(key).map_err(Error::InvalidArgument)?;
@@ -153,14 +177,26 @@ impl PodSpec {
     /// (crictl), a best-effort slice named after the pod's uid, as the kubelet would name it.
     pub fn slice_name(&self) -> String {
         if !self.cgroup_parent.is_empty() {
-            return self.cgroup_parent.clone();
+            // The kubelet's path ends in the slice's own name (validate checked the rest).
+            return self.cgroup_parent.rsplit('/').next().unwrap_or_default().to_string();
         }
         // The kubelet turns the uid's dashes into underscores: dashes nest slices in systemd.
         format!("kubepods-besteffort-pod{}.slice", escape_unit_name_part(&self.uid.replace('-', "_")))
     }
 
-    pub fn hostname(&self) -> &str {
-        if self.hostname.is_empty() { &self.name } else { &self.hostname }
+    /// The hostname the pod's config sets, if any: only then does the pod's UTS namespace get
+    /// a name of its own (a pod without one keeps the node's, as with containerd).
+    pub fn configured_hostname(&self) -> Option<&str> {
+        Some(self.hostname.as_str()).filter(|h| !h.is_empty())
+    }
+
+    /// The hostname the pod's containers see, for its /etc/hostname and /etc/hosts: the config's,
+    /// or else the node's (containerd writes `os.Hostname()` there too).
+    pub fn effective_hostname(&self) -> String {
+        match self.configured_hostname() {
+            Some(hostname) => hostname.to_string(),
+            None => nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
     }
 }
 
@@ -182,6 +218,34 @@ pub fn escape_unit_name_part(text: &str) -> String {
         }
     }
     escaped
+}
+
+/// Checks a cgroup_parent as the kubelet's systemd driver sends it: a slice's expanded path, each
+/// component the parent slice of the next, as systemd nests slices by their dash-separated
+/// prefixes (`/a.slice/a-b.slice/a-b-c.slice`); or a bare slice name (`a-b-c.slice`).
+fn check_cgroup_parent(parent: &str) -> Result<(), Error> {
+    let Some(path) = parent.strip_prefix('/') else { return check_slice_name(parent) };
+    let slice = path.rsplit('/').next().unwrap_or_default();
+    check_slice_name(slice)?;
+    let expected = expand_slice(slice);
+    if parent != expected {
+        return Err(Error::InvalidArgument(format!(
+            "cgroup_parent {parent:?} is not the path of systemd slice {slice:?}, which is {expected:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The cgroup path of a (valid) slice: its ancestors by dash-separated prefix, then itself.
+fn expand_slice(slice: &str) -> String {
+    let stem = slice.strip_suffix(".slice").unwrap_or(slice);
+    let mut path = String::new();
+    for (end, _) in stem.match_indices('-').chain([(stem.len(), "")]) {
+        path.push('/');
+        path.push_str(&stem[..end]);
+        path.push_str(".slice");
+    }
+    path
 }
 
 /// Checks that `name` is a valid systemd slice name, as the kubelet's systemd driver produces.
@@ -227,7 +291,32 @@ mod tests {
         let given = PodSpec { cgroup_parent: "kubepods-burstable-pod123.slice".into(), ..spec() };
         given.validate().unwrap();
         assert_eq!(given.slice_name(), "kubepods-burstable-pod123.slice");
-        for bad in ["/kubepods/pod123", "kubepods--x.slice", "-x.slice", "a b.slice"] {
+        // The kubelet's form: the expanded path; critest's `/test.slice`.
+        let path = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0b7c6a1e_2f3d.slice";
+        let kubelet = PodSpec { cgroup_parent: path.into(), ..spec() };
+        kubelet.validate().unwrap();
+        assert_eq!(kubelet.slice_name(), "kubepods-besteffort-pod0b7c6a1e_2f3d.slice");
+        let critest = PodSpec { cgroup_parent: "/test.slice".into(), ..spec() };
+        critest.validate().unwrap();
+        assert_eq!(critest.slice_name(), "test.slice");
+        let escaped = "/kubepods.slice/kubepods-pod\\x2da.slice";
+        PodSpec { cgroup_parent: escaped.into(), ..spec() }.validate().unwrap();
+        for bad in [
+            "/kubepods/pod123",
+            "kubepods--x.slice",
+            "-x.slice",
+            "a b.slice",
+            "/",
+            "/-.slice",
+            "//test.slice",
+            "/test.slice/",
+            // Components that are not each other's parents.
+            "/kubepods-besteffort-pod1.slice",
+            "/kubepods.slice/kubepods-besteffort-pod1.slice",
+            "/other.slice/kubepods-pod1.slice",
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-burstable-pod1.slice",
+            "/kubepods.slice/../kubepods-pod1.slice",
+        ] {
             let err = PodSpec { cgroup_parent: bad.into(), ..spec() }.validate().unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}: {err}");
         }
@@ -269,12 +358,16 @@ mod tests {
             ips: vec!["10.88.0.5".parse().unwrap()],
             userns: None,
             init_unit: None,
+            owns_slice: false,
         };
         let mut json = serde_json::to_value(&pod).unwrap();
         assert_eq!(json["ips"], serde_json::json!(["10.88.0.5"]));
         json.as_object_mut().unwrap().remove("ips");
+        json.as_object_mut().unwrap().remove("owns_slice");
         let old: Pod = serde_json::from_value(json).unwrap();
         assert!(old.ips.is_empty());
+        // Before it was recorded, the runtime had started every pod's slice.
+        assert!(old.owns_slice);
     }
 
     #[test]

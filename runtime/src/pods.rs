@@ -59,6 +59,7 @@ impl Runtime {
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
+        let mut half_done = Vec::new();
         for entry in entries.flatten() {
             let record_path = entry.path().join("pod.json");
             let mut pod: Pod = match read_json(&record_path) {
@@ -71,18 +72,8 @@ impl Runtime {
                 }
             };
             match pod.state {
-                PodState::Creating | PodState::Removing => {
-                    info!(pod = %pod.id, state = ?pod.state, "finishing the removal of a pod left half-done");
-                    match runtime.teardown(&pod, true).await {
-                        Ok(()) => continue,
-                        // Kept (as Removing, unlisted) so that RemovePodSandbox or the next
-                        // start can finish the job.
-                        Err(e) => {
-                            warn!(pod = %pod.id, "{e}; will try again");
-                            pod.state = PodState::Removing;
-                        }
-                    }
-                }
+                // Once every record is in the table: teardown looks for other pods in the slice.
+                PodState::Creating | PodState::Removing => half_done.push(pod.id.clone()),
                 PodState::Ready if !pod.namespaces.pins().all(|pin| namespaces::is_pinned(pin)) => {
                     info!(pod = %pod.id, "pod namespaces are gone (reboot?): pod is NotReady");
                     pod.state = PodState::NotReady;
@@ -98,6 +89,23 @@ impl Runtime {
                 }
             }
             runtime.insert_entry(pod);
+        }
+        for id in half_done {
+            let Some(entry) = runtime.entry(&id)? else { continue };
+            let mut pod = entry.get();
+            info!(pod = %pod.id, state = ?pod.state, "finishing the removal of a pod left half-done");
+            match runtime.teardown(&pod, true).await {
+                Ok(()) => {
+                    runtime.pods.lock().expect("pod table lock").remove(&id);
+                }
+                // Kept (as Removing, unlisted) so that RemovePodSandbox or the next start can
+                // finish the job.
+                Err(e) => {
+                    warn!(pod = %pod.id, "{e}; will try again");
+                    pod.state = PodState::Removing;
+                    entry.set(pod);
+                }
+            }
         }
         runtime.recover_containers(stored).await?;
         runtime.check_next_userns_range();
@@ -188,6 +196,7 @@ impl Runtime {
                 ips: Vec::new(),
                 userns: None,
                 init_unit: None,
+                owns_slice: false,
             };
             let entry = Entry::new(pod.clone());
             // Locked before it is visible, so that no other call on this pod runs before it exists.
@@ -232,15 +241,19 @@ impl Runtime {
     async fn create_pod(&self, entry: &Entry<Pod>, mut pod: Pod, network: Option<NetworkList>) -> Result<(), Error> {
         // The intent goes to disk first: a daemon killed from here on finds it and rolls back.
         self.save(entry, pod.clone())?;
-        self.systemd
-            .start_transient_unit(
-                &pod.slice,
-                vec![(
-                    "Description",
-                    Value::from(format!("pod {}/{} ({})", pod.spec.namespace, pod.spec.name, pod.id)),
-                )],
-            )
+        // With cgroupsPerQOS the kubelet has started the pod's slice (with the pod's limits)
+        // before asking: that one is used as it is, and never stopped by the runtime.
+        let description = format!("pod {}/{} ({})", pod.spec.namespace, pod.spec.name, pod.id);
+        let started = self
+            .systemd
+            .start_transient_unit_unless_loaded(&pod.slice, vec![("Description", Value::from(description))])
             .await?;
+        if started || self.slice_owned_by_another_pod(&pod) {
+            pod.owns_slice = true;
+            self.save(entry, pod.clone())?;
+        } else {
+            info!(pod = %pod.id, slice = %pod.slice, "the pod's slice exists already (the kubelet's): using it");
+        }
         let wanted = NewNamespaces {
             network: pod.spec.network != NamespaceMode::Node,
             ipc: pod.spec.ipc != NamespaceMode::Node,
@@ -248,10 +261,10 @@ impl Runtime {
             uts: pod.spec.network != NamespaceMode::Node,
         };
         let ns_dir = pod.files_dir.join("ns");
-        let hostname = pod.spec.hostname().to_string();
+        let hostname = pod.spec.configured_hostname().map(str::to_string);
         let range = pod.userns.map(|u| u.range);
         pod.namespaces =
-            tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, &hostname, range))
+            tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range))
                 .await
                 .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
                 .map_err(Error::io("cannot create pod namespaces"))?;
@@ -294,8 +307,15 @@ impl Runtime {
         // In a user namespace the pod's root is the first id of its range: it owns the pod's
         // files (a chown of three small files) and its /dev/shm, as root owns them elsewhere.
         let root = range.map(|r| r.host_id);
-        podfiles::write(&pod.files_dir, pod.spec.hostname(), pod.spec.dns.as_ref(), host_network, &pod.ips, root)
-            .map_err(Error::io("cannot write pod files"))?;
+        podfiles::write(
+            &pod.files_dir,
+            &pod.spec.effective_hostname(),
+            pod.spec.dns.as_ref(),
+            host_network,
+            &pod.ips,
+            root,
+        )
+        .map_err(Error::io("cannot write pod files"))?;
         if wanted.ipc {
             let shm = pod.files_dir.join("shm");
             mount_shm(&shm, root)
@@ -462,8 +482,11 @@ impl Runtime {
         self.teardown(&pod, true).await?;
         self.remove_pod_containers(&pod.id).await?;
         // The last container's removal took the pod's v1 hugetlb cgroup with it; this finds one
-        // left by anything else (its processes are dead: the slice stopped).
-        if let Err(e) = crate::hugetlb::remove(&pod.slice, None) {
+        // left by anything else (its processes are dead: the slice stopped). Only for a slice
+        // that teardown stopped: the kubelet's or a shared one is not the pod's to clean.
+        if self.stops_slice(&pod)
+            && let Err(e) = crate::hugetlb::remove(&pod.slice, None)
+        {
             warn!(pod = %pod.id, "{e}");
         }
         if let Err(e) = crate::cgroup_v1::remove(&pod.slice, None) {
@@ -481,8 +504,17 @@ impl Runtime {
     async fn teardown(&self, pod: &Pod, remove: bool) -> Result<(), Error> {
         let mut errors = Vec::new();
         // The pod's init unit is in the slice and stops with it, after the containers (their
-        // units are ordered after it): its end kills whatever is left in its PID namespace.
-        if let Err(e) = self.systemd.stop_unit(&pod.slice).await {
+        // units are ordered after it): its end kills whatever is left in its PID namespace. A
+        // slice that is not the runtime's, or that another pod still uses, stays: the init unit
+        // stops alone (the containers were stopped before).
+        let stopped = if self.stops_slice(pod) {
+            self.systemd.stop_unit(&pod.slice).await
+        } else if let Some(unit) = &pod.init_unit {
+            self.systemd.stop_unit(unit).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = stopped {
             errors.push(e.to_string());
         }
         if let Some(unit) = &pod.init_unit
@@ -525,6 +557,27 @@ impl Runtime {
         } else {
             Err(Error::Teardown { what: format!("cannot release pod {}", pod.id), errors })
         }
+    }
+
+    /// Whether another pod of the runtime in the same slice started it, or may have: a pod being
+    /// created has not recorded that yet. A pod that finds its slice loaded then shares it.
+    fn slice_owned_by_another_pod(&self, pod: &Pod) -> bool {
+        self.other_pods_in_slice(pod).iter().any(|other| other.owns_slice || other.state == PodState::Creating)
+    }
+
+    /// Whether teardown stops the pod's slice: when the runtime started it and no other pod of
+    /// its own (being created or ready) is in it.
+    fn stops_slice(&self, pod: &Pod) -> bool {
+        pod.owns_slice
+            && !self
+                .other_pods_in_slice(pod)
+                .iter()
+                .any(|other| matches!(other.state, PodState::Creating | PodState::Ready))
+    }
+
+    fn other_pods_in_slice(&self, pod: &Pod) -> Vec<Pod> {
+        let entries: Vec<Arc<Entry<Pod>>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
+        entries.iter().map(|entry| entry.get()).filter(|other| other.id != pod.id && other.slice == pod.slice).collect()
     }
 
     /// UpdateRuntimeConfig's pod CIDR (comma-separated for dual stack; empty clears it): passed to

@@ -171,6 +171,24 @@ impl Systemd {
         self.wait_for_job(&mut removed, &job, name, "start").await
     }
 
+    /// As [`Systemd::start_transient_unit`], but a unit of that name that systemd has already
+    /// loaded is left as it is: false then, true when this call started it.
+    pub async fn start_transient_unit_unless_loaded(
+        &self,
+        name: &str,
+        properties: UnitProperties,
+    ) -> Result<bool, Error> {
+        let job_error = |reason: String| Error::Unit { unit: name.to_string(), action: "start", reason };
+        let connection = self.connection().await?;
+        let manager = ManagerProxy::new(&connection).await.map_err(|e| job_error(e.to_string()))?;
+        let mut removed = manager.receive_job_removed().await.map_err(|e| job_error(e.to_string()))?;
+        match manager.start_transient_unit(name, "fail", &properties, &[]).await {
+            Ok(job) => self.wait_for_job(&mut removed, &job, name, "start").await.map(|()| true),
+            Err(e) if is_unit_exists(&e) => Ok(false),
+            Err(e) => Err(job_error(e.to_string())),
+        }
+    }
+
     /// Stops unit `name` (and, for a slice, every unit in it) and waits for the stop job. A unit
     /// that does not exist is already stopped.
     pub async fn stop_unit(&self, name: &str) -> Result<(), Error> {
@@ -279,6 +297,10 @@ impl Systemd {
 
 fn is_not_running(error: &zbus::Error) -> bool {
     matches!(error, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.systemd1.NoSuchProcess")
+}
+
+fn is_unit_exists(error: &zbus::Error) -> bool {
+    matches!(error, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.systemd1.UnitExists")
 }
 
 fn is_no_such_unit(error: &zbus::Error) -> bool {

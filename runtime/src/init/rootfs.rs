@@ -382,14 +382,14 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Pla
         } else {
             create_file(rootfd, &rel)?;
         }
-        let bind = MsFlags::MS_BIND | (opts.flags & MsFlags::MS_REC);
         open_in_root(rootfd, &rel, OFlag::O_PATH, Mode::empty())
             .and_then(|target| attach(&source.tree, &target))
             .ctx(|| format!("bind mount {} on {shown}", source.path.display()))?;
         // Flags other than bind (ro, nosuid, ...) need a remount of the new mount.
         let extra = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
-        let recursive_ro =
-            opts.recursive_readonly || (extra.contains(MsFlags::MS_RDONLY) && bind.contains(MsFlags::MS_REC));
+        // `ro` is the bind mount's own (as runc's remount): sub-mounts stay as they are unless
+        // `rro` asks for them too (CRI recursive_read_only; critest checks both).
+        let recursive_ro = opts.recursive_readonly;
         if !extra.is_empty() {
             at(rootfd, &rel, |target| remount(target, extra))
                 .ctx(|| format!("remount {shown} ({})", flag_names(extra)))?;
