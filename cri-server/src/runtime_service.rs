@@ -152,6 +152,8 @@ impl RuntimeService for RuntimeApi {
         let mut info = HashMap::new();
         if request.get_ref().verbose {
             info.insert("config".into(), serde_json::to_string(&*self.config).unwrap_or_default());
+            // Records startup recovery could not read, set aside under <state_root>/quarantine.
+            info.insert("quarantine".into(), serde_json::to_string(&self.runtime.quarantined()).unwrap_or_default());
             if let Ok(manager) = &manager {
                 let systemd = serde_json::json!({
                     "version": manager.version,

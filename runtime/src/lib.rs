@@ -45,6 +45,7 @@ pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use stdio::ContainerStdio;
+pub use store::Quarantined;
 pub use systemd::{ManagerInfo, Systemd};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
@@ -77,6 +78,8 @@ pub struct Runtime {
     userns_ranges: Arc<Mutex<userns::IdRanges>>,
     /// The daemon's ends of running containers' stdin and terminals.
     stdio: stdio::Table,
+    /// Records that startup recovery could not read and moved aside.
+    quarantined: Mutex<Vec<store::Quarantined>>,
     /// Container events to every subscriber (GetContainerEvents).
     events: tokio::sync::broadcast::Sender<ContainerEvent>,
     /// Running containers' directories, watched for their exit record (None: inotify failed).
