@@ -1,0 +1,165 @@
+//! Bounded memory against hostile registries, images and clients (issue 11, item 4): each test
+//! attacks a real daemon in a node and checks that it answers with a clear error, that its
+//! memory (VmHWM, the peak resident set, from /proc in the node) stays low, and that other calls
+//! keep working.
+//!
+//! The hostile registry is a tiny HTTP server of this test process listening on the node's
+//! loopback (its socket opened in the node's network namespace, as `e2e::registry` does): no
+//! byte goes anywhere else.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use e2e::registry::NodeNet;
+use e2e::{Node, cri, node_with_local_registry, pull_busybox};
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The hostile registry's port on the node's loopback (the real one is on 5000).
+const HOSTILE_PORT: u16 = 5001;
+/// How much the daemon's peak RSS may grow during an attack. The caps are 4 MiB (manifests,
+/// configs) and 1 MiB (tokens, error bodies); the attacks send hundreds of MiB.
+const RSS_GROWTH_LIMIT_KIB: u64 = 64 << 10;
+/// What a hostile answer streams: enough that reading it whole shows in the RSS, small enough
+/// not to hurt the test machine when it is read whole (before the fix).
+const HOSTILE_BODY_BYTES: u64 = 384 << 20;
+
+/// The daemon's (VmHWM, VmRSS) in KiB, read from /proc in the node.
+fn daemon_memory_kib(node: &Node) -> (u64, u64) {
+    let pid = node.sh("systemctl show -p MainPID --value cri-systemd");
+    let status = node.sh(&format!("cat /proc/{}/status", pid.trim()));
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the daemon's status:\n{status}"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// How the hostile registry answers a path.
+fn hostile_answer(path: &str, port: u16) -> (String, Vec<(String, String)>, Option<u64>) {
+    let endless = Some(HOSTILE_BODY_BYTES);
+    let index = ("Content-Type".to_string(), "application/vnd.oci.image.index.v1+json".to_string());
+    match path {
+        "/v2/" => ("200 OK".into(), vec![], None),
+        // An endless manifest, close-delimited (no Content-Length).
+        p if p.starts_with("/v2/endless/manifests/") => ("200 OK".into(), vec![index], endless),
+        // A Content-Length far over the cap, then the bytes to match.
+        p if p.starts_with("/v2/liar/manifests/") => {
+            let length = ("Content-Length".to_string(), HOSTILE_BODY_BYTES.to_string());
+            ("200 OK".into(), vec![index, length], endless)
+        }
+        // A 404 whose error body never ends.
+        p if p.starts_with("/v2/errorbody/") => ("404 Not Found".into(), vec![], endless),
+        // A token challenge whose token endpoint answers endlessly.
+        p if p.starts_with("/v2/tokened/") => {
+            let challenge = format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="hostile""#);
+            ("401 Unauthorized".into(), vec![("WWW-Authenticate".into(), challenge)], Some(0))
+        }
+        p if p.starts_with("/token") => ("200 OK".into(), vec![], endless),
+        _ => ("404 Not Found".into(), vec![], Some(0)),
+    }
+}
+
+/// Serves one connection: reads the request head, answers per [`hostile_answer`], and streams
+/// `{` until the body is sent or the daemon hangs up.
+fn serve_hostile(stream: TcpStream, port: u16) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone the socket"));
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (status, headers, body) = hostile_answer(&path, port);
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in &headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if body == Some(0) && !headers.iter().any(|(k, _)| k == "Content-Length") {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    head.push_str("\r\n");
+    let mut stream = stream;
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let chunk = vec![b'{'; 64 << 10];
+    let mut left = body.unwrap_or(0);
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if stream.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+}
+
+/// Starts the hostile registry on the node's loopback; it serves until the test process ends.
+fn start_hostile_registry(node: &Node, port: u16) {
+    let listener = NodeNet::of(node)
+        .run(move || TcpListener::bind(("127.0.0.1", port)))
+        .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port} in node {}: {e}", node.name()));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || serve_hostile(stream, port));
+        }
+    });
+}
+
+async fn pull(client: &mut e2e::CriClient, image: &str) -> Result<String, tonic::Status> {
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    client.image.pull_image(request).await.map(|r| r.into_inner().image_ref)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_registry_bodies_are_read_with_a_cap() {
+    let config =
+        format!("[images]\nretries = 0\n[images.registries.\"127.0.0.1:{HOSTILE_PORT}\"]\nplain_http = true\n");
+    let node = node_with_local_registry("hostile-reg", &config);
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    start_hostile_registry(&node, HOSTILE_PORT);
+    let (baseline, _) = daemon_memory_kib(&node);
+
+    let host = format!("127.0.0.1:{HOSTILE_PORT}");
+    let cases = [
+        ("endless", tonic::Code::ResourceExhausted, "4393216-byte limit"),
+        ("liar", tonic::Code::ResourceExhausted, "4393216-byte limit"),
+        ("tokened", tonic::Code::ResourceExhausted, "1048576-byte limit"),
+        ("errorbody", tonic::Code::NotFound, "errorbody"),
+    ];
+    for (repo, code, needle) in cases {
+        let started = Instant::now();
+        let status = pull(&mut client, &format!("{host}/{repo}:1")).await.expect_err("a hostile pull must fail");
+        let (peak, rss) = daemon_memory_kib(&node);
+        eprintln!(
+            "{repo}: {:?} {:?} in {:?}; daemon VmHWM {peak} KiB (baseline {baseline}), VmRSS {rss} KiB",
+            status.code(),
+            status.message(),
+            started.elapsed()
+        );
+        assert!(
+            peak < baseline + RSS_GROWTH_LIMIT_KIB,
+            "{repo}: the daemon's peak RSS grew from {baseline} to {peak} KiB"
+        );
+        assert_eq!(status.code(), code, "{repo}: {}", status.message());
+        assert!(status.message().contains(needle), "{repo}: {}", status.message());
+    }
+
+    // Other calls work: the daemon answers, and a real pull succeeds.
+    client.runtime.version(cri::VersionRequest::default()).await.expect("Version");
+    pull_busybox(&node, &mut client, "hostile-reg").await;
+}
