@@ -163,3 +163,46 @@ async fn hostile_registry_bodies_are_read_with_a_cap() {
     client.runtime.version(cri::VersionRequest::default()).await.expect("Version");
     pull_busybox(&node, &mut client, "hostile-reg").await;
 }
+
+/// The kubelet's gRPC receive limit for CRI answers (`maxMsgSize` in k8s.io/cri-client).
+const KUBELET_MAX_MESSAGE: usize = 16 << 20;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_sync_output_cap_holds_for_both_streams_together() {
+    let node = node_with_local_registry("hostile-exec", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let container = e2e::sleeping_container(&node, &mut client, "flood").await;
+    let (baseline, _) = daemon_memory_kib(&node);
+
+    // A client with the kubelet's receive limit, not tonic's 4 MiB default.
+    let channel = proto::connect(node.socket()).await.expect("connect");
+    let mut kubelet =
+        cri::runtime_service_client::RuntimeServiceClient::new(channel).max_decoding_message_size(KUBELET_MAX_MESSAGE);
+    // 100 MiB on stdout and 100 MiB on stderr at once.
+    let script = "/bin/busybox head -c 104857600 /dev/zero & /bin/busybox head -c 104857600 /dev/zero >&2; wait";
+    let request = cri::ExecSyncRequest {
+        container_id: container.clone(),
+        cmd: vec!["/bin/busybox".into(), "sh".into(), "-c".into(), script.into()],
+        timeout: 120,
+    };
+    let started = Instant::now();
+    let answer = kubelet.exec_sync(request).await;
+    let (peak, rss) = daemon_memory_kib(&node);
+    let answer = answer.expect("ExecSync's answer fits the kubelet's 16 MiB message limit").into_inner();
+    let total = answer.stdout.len() + answer.stderr.len();
+    eprintln!(
+        "exec flood: exit {} stdout {} + stderr {} = {total} bytes in {:?}; daemon VmHWM {peak} KiB (baseline {baseline}), VmRSS {rss} KiB",
+        answer.exit_code,
+        answer.stdout.len(),
+        answer.stderr.len(),
+        started.elapsed()
+    );
+    assert_eq!(answer.exit_code, 0);
+    assert!(total <= 16 << 20, "stdout+stderr {total} bytes over the 16 MiB cap");
+    assert!(total >= 15 << 20, "the cap is filled, not cut short: {total} bytes");
+    assert!(peak < baseline + RSS_GROWTH_LIMIT_KIB, "the daemon's peak RSS grew from {baseline} to {peak} KiB");
+
+    // Other calls work.
+    let (code, out, _) = e2e::crisimple::sh(&mut client, &container, "echo still here").await;
+    assert_eq!((code, out.as_str()), (0, "still here\n"));
+}
