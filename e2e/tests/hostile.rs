@@ -24,6 +24,14 @@ const RSS_GROWTH_LIMIT_KIB: u64 = 64 << 10;
 /// not to hurt the test machine when it is read whole (before the fix).
 const HOSTILE_BODY_BYTES: u64 = 384 << 20;
 
+/// Resets the daemon's VmHWM to its current RSS (`clear_refs` 5), so that a peak measured next
+/// is the attack's, not the setup's; returns the RSS then, in KiB.
+fn reset_daemon_peak_kib(node: &Node) -> u64 {
+    let pid = node.sh("systemctl show -p MainPID --value cri-systemd");
+    node.sh(&format!("echo 5 > /proc/{}/clear_refs", pid.trim()));
+    daemon_memory_kib(node).0
+}
+
 /// The daemon's (VmHWM, VmRSS) in KiB, read from /proc in the node.
 fn daemon_memory_kib(node: &Node) -> (u64, u64) {
     let pid = node.sh("systemctl show -p MainPID --value cri-systemd");
@@ -132,7 +140,7 @@ async fn hostile_registry_bodies_are_read_with_a_cap() {
     let node = node_with_local_registry("hostile-reg", &config);
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     start_hostile_registry(&node, HOSTILE_PORT);
-    let (baseline, _) = daemon_memory_kib(&node);
+    let baseline = reset_daemon_peak_kib(&node);
 
     let host = format!("127.0.0.1:{HOSTILE_PORT}");
     let cases = [
@@ -172,7 +180,7 @@ async fn exec_sync_output_cap_holds_for_both_streams_together() {
     let node = node_with_local_registry("hostile-exec", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let container = e2e::sleeping_container(&node, &mut client, "flood").await;
-    let (baseline, _) = daemon_memory_kib(&node);
+    let baseline = reset_daemon_peak_kib(&node);
 
     // A client with the kubelet's receive limit, not tonic's 4 MiB default.
     let channel = proto::connect(node.socket()).await.expect("connect");
@@ -205,4 +213,80 @@ async fn exec_sync_output_cap_holds_for_both_streams_together() {
     // Other calls work.
     let (code, out, _) = e2e::crisimple::sh(&mut client, &container, "echo still here").await;
     assert_eq!((code, out.as_str()), (0, "still here\n"));
+}
+
+/// How big the hostile image's /etc/passwd is: reading it whole shows in the RSS.
+const HUGE_PASSWD_BYTES: usize = 200 << 20;
+
+/// CreateContainer of `image` in a new pod, running as `user` (run_as_username).
+async fn create_as(
+    client: &mut e2e::CriClient,
+    pod_name: &str,
+    image: &str,
+    user: &str,
+) -> Result<String, tonic::Status> {
+    let pod = e2e::crisimple::run_pod(client, pod_name).await;
+    let mut config = e2e::crisimple::container_config("c", image, &["/bin/busybox", "sleep", "1000"]);
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: user.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    e2e::crisimple::create(client, &pod, config).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_passwd_is_read_inside_the_layers_with_a_cap() {
+    use e2e::oci::{Compression, ConfigOptions, Image, LayerBuilder, busybox_layer};
+    use e2e::registry::{Registry, RegistryOptions};
+
+    let node = node_with_local_registry("hostile-passwd", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    // A user of the node that the image does not define.
+    assert!(node.sh("cat /etc/passwd").starts_with("root:") && node.sh("getent passwd daemon").starts_with("daemon:"));
+    let registry = Registry::start(&node, "hostile-passwd", e2e::LOCAL_REGISTRY_PORT, RegistryOptions::default());
+    // `etc` replaced by a symlink out of the layer, to the node's /etc.
+    let mut escape = LayerBuilder::new();
+    escape.symlink("etc", "../../../../../../../../etc");
+    let escape = Image::new(
+        vec![busybox_layer(Compression::Gzip), escape.build(Compression::Gzip)],
+        ConfigOptions { ..Default::default() },
+    );
+    registry.push_image("escape", "1", &escape);
+    // A 200 MiB /etc/passwd.
+    let mut huge = LayerBuilder::new();
+    huge.dir("etc", 0o755).file("etc/passwd", 0o644, &vec![b'x'; HUGE_PASSWD_BYTES]);
+    let huge = Image::new(
+        vec![busybox_layer(Compression::Gzip), huge.build(Compression::None)],
+        ConfigOptions { ..Default::default() },
+    );
+    registry.push_image("huge", "1", &huge);
+    for repo in ["escape", "huge"] {
+        pull(&mut client, &registry.repo(&format!("{repo}:1"))).await.expect("PullImage");
+    }
+    let baseline = reset_daemon_peak_kib(&node);
+
+    // The node's user is not the image's.
+    let err = create_as(&mut client, "escape", &registry.repo("escape:1"), "daemon").await;
+    eprintln!("escape: {err:?}");
+    let err = err.expect_err("a user found through a symlink out of the image");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("unable to find user daemon"), "{err:?}");
+
+    // A huge passwd is refused, not read.
+    let err = create_as(&mut client, "huge", &registry.repo("huge:1"), "root").await;
+    let (peak, rss) = daemon_memory_kib(&node);
+    eprintln!("huge: {err:?}; daemon VmHWM {peak} KiB (baseline {baseline}), VmRSS {rss} KiB");
+    assert!(peak < baseline + RSS_GROWTH_LIMIT_KIB, "the daemon's peak RSS grew from {baseline} to {peak} KiB");
+    let err = err.expect_err("a 200 MiB passwd file");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("4194304"), "the message names the limit: {err:?}");
+
+    // Other calls work.
+    registry.push_image("plain", "1", &e2e::oci::busybox_image(""));
+    pull(&mut client, &registry.repo("plain:1")).await.expect("PullImage");
+    let ok = create_as(&mut client, "fine", &registry.repo("plain:1"), "www-data").await.expect("a user of the image");
+    assert!(!ok.is_empty());
 }
