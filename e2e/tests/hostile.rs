@@ -290,3 +290,124 @@ async fn image_passwd_is_read_inside_the_layers_with_a_cap() {
     let ok = create_as(&mut client, "fine", &registry.repo("plain:1"), "www-data").await.expect("a user of the image");
     assert!(!ok.is_empty());
 }
+
+/// The streaming server's `host:port` in the node, from an Exec URL for `container`.
+async fn streaming_url(client: &mut e2e::CriClient, container: &str) -> String {
+    let request = cri::ExecRequest {
+        container_id: container.into(),
+        cmd: vec!["/bin/busybox".into(), "true".into()],
+        stdout: true,
+        ..Default::default()
+    };
+    client.runtime.exec(request).await.expect("Exec").into_inner().url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streaming_server_sheds_slow_and_excess_connections() {
+    use std::io::Read;
+    let node = node_with_local_registry("hostile-slow", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let container = e2e::sleeping_container(&node, &mut client, "slowloris").await;
+    let (host, _) = e2e::streaming::split_url(&streaming_url(&mut client, &container).await);
+    let baseline = reset_daemon_peak_kib(&node);
+
+    // 300 clients that send half a request head and then nothing.
+    let net = NodeNet::of(&node);
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut socket = net.connect(&host).expect("connect to the streaming server");
+        let _ = socket.write_all(b"GET /exec/x HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        slow.push(socket);
+    }
+    // The CRI socket is another door: it keeps answering meanwhile.
+    let (code, out, _) = e2e::crisimple::sh(&mut client, &container, "echo busy").await;
+    assert_eq!((code, out.as_str()), (0, "busy\n"));
+    // Every slow connection is closed by the server: over the cap at once, the others when their
+    // head is not complete in time.
+    let started = Instant::now();
+    let closed = std::thread::spawn(move || {
+        slow.into_iter()
+            .filter(|socket| {
+                let mut socket = socket;
+                let left = Duration::from_secs(40).saturating_sub(started.elapsed()).max(Duration::from_millis(10));
+                let _ = socket.set_read_timeout(Some(left));
+                let mut byte = [0u8; 256];
+                loop {
+                    match socket.read(&mut byte) {
+                        Ok(0) => return true,
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .count()
+    })
+    .join()
+    .unwrap();
+    let (peak, _) = daemon_memory_kib(&node);
+    eprintln!(
+        "slowloris: {closed} of 300 closed by the server in {:?}; VmHWM {peak} KiB (baseline {baseline})",
+        started.elapsed()
+    );
+    assert_eq!(closed, 300, "slow connections left open");
+    assert!(peak < baseline + RSS_GROWTH_LIMIT_KIB, "the daemon's peak RSS grew from {baseline} to {peak} KiB");
+
+    // Once they are gone, streaming works again.
+    let url = streaming_url(&mut client, &container).await;
+    let upgrade = e2e::streaming::upgrade_request(
+        &node,
+        &url,
+        &[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", "v4.channel.k8s.io")],
+    )
+    .expect("an upgrade request");
+    assert_eq!(upgrade.status, 101, "{upgrade:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_bounds_pending_streams_and_queued_data() {
+    let node = node_with_local_registry("hostile-pf", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let container = e2e::sleeping_container(&node, &mut client, "pfflood").await;
+    let pod = client
+        .runtime
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .into_iter()
+        .find(|c| c.id == container)
+        .unwrap()
+        .pod_sandbox_id;
+    let request = cri::PortForwardRequest { pod_sandbox_id: pod, port: vec![] };
+    let url = client.runtime.port_forward(request).await.expect("PortForward").into_inner().url;
+    let baseline = reset_daemon_peak_kib(&node);
+
+    // 200 data streams that never get their error stream, each sent 8 frames of 256 KiB: the
+    // daemon would hold 400 MiB for them.
+    let (_, mut writer, _reader) = e2e::streaming::spdy_connect(&node, &url, &["portforward.k8s.io"]).expect("SPDY");
+    let flood = std::thread::spawn(move || {
+        let frame = vec![b'x'; 256 << 10];
+        for i in 0..200 {
+            let id = i.to_string();
+            let Ok(stream) = writer.open(&[("streamtype", "data"), ("port", "80"), ("requestid", &id)]) else { return };
+            for _ in 0..8 {
+                if writer.data(stream, &frame, false).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (peak, rss) = daemon_memory_kib(&node);
+    eprintln!(
+        "port-forward flood: VmHWM {peak} KiB (baseline {baseline}), VmRSS {rss} KiB, writer done: {}",
+        flood.is_finished()
+    );
+    assert!(peak < baseline + RSS_GROWTH_LIMIT_KIB, "the daemon's peak RSS grew from {baseline} to {peak} KiB");
+
+    // Other calls work.
+    let (code, out, _) = e2e::crisimple::sh(&mut client, &container, "echo fine").await;
+    assert_eq!((code, out.as_str()), (0, "fine\n"));
+}
