@@ -411,3 +411,52 @@ async fn port_forward_bounds_pending_streams_and_queued_data() {
     let (code, out, _) = e2e::crisimple::sh(&mut client, &container, "echo fine").await;
     assert_eq!((code, out.as_str()), (0, "fine\n"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_messages_are_bounded() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let node = node_with_local_registry("hostile-ws", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let container = e2e::sleeping_container(&node, &mut client, "wsflood").await;
+    let baseline = reset_daemon_peak_kib(&node);
+
+    // Four exec sessions, each sent one 60 MiB stdin message (tungstenite's default limit is 64 MiB).
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let request = cri::ExecRequest {
+            container_id: container.clone(),
+            cmd: vec!["/bin/busybox".into(), "sleep".into(), "30".into()],
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        };
+        let url = client.runtime.exec(request).await.expect("Exec").into_inner().url;
+        let (ws, _) = e2e::streaming::websocket(&node, &url, "v5.channel.k8s.io").await;
+        sessions.push(tokio::spawn(async move {
+            use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+            use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+            let mut ws = ws;
+            // Four 15 MiB fragments of one message (each under tungstenite's 16 MiB frame limit).
+            let mut first = vec![b'x'; 15 << 20];
+            first[0] = 0; // stdin
+            let _ = ws.send(Message::Frame(Frame::message(first, OpCode::Data(Data::Binary), false))).await;
+            for i in 1..4 {
+                let more = vec![b'x'; 15 << 20];
+                let _ = ws.send(Message::Frame(Frame::message(more, OpCode::Data(Data::Continue), i == 3))).await;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }));
+    }
+    for session in sessions {
+        let _ = session.await;
+    }
+    let (peak, rss) = daemon_memory_kib(&node);
+    eprintln!("websocket flood: VmHWM {peak} KiB (baseline {baseline}), VmRSS {rss} KiB");
+    assert!(peak < baseline + RSS_GROWTH_LIMIT_KIB, "the daemon's peak RSS grew from {baseline} to {peak} KiB");
+
+    // Other calls work.
+    let (code, out, _) = e2e::crisimple::sh(&mut client, &container, "echo fine").await;
+    assert_eq!((code, out.as_str()), (0, "fine\n"));
+}

@@ -44,6 +44,9 @@ const QUEUED_PIECE: usize = 64 * 1024;
 /// REFUSED_STREAM). An exec or attach uses up to 5, a port forward 2 per forwarded connection.
 /// With the queue above, a connection holds at most 32 MiB of the client's data.
 pub const MAX_OPEN_STREAMS: usize = 64;
+/// The largest WebSocket message (and frame) a client may send: tungstenite would assemble up to
+/// 64 MiB per connection; clients send stdin and port-forward data in pieces of 32 KiB or less.
+const MAX_WS_MESSAGE: usize = 1 << 20;
 /// Frames queued for the writer.
 const WRITE_QUEUE: usize = 32;
 
@@ -264,7 +267,10 @@ impl WsChannels {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_WS_MESSAGE))
+            .max_frame_size(Some(MAX_WS_MESSAGE));
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let (mut sink, mut stream) = socket.split();
         let activity = Arc::new(Activity::new());
         let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(WRITE_QUEUE);
