@@ -186,13 +186,13 @@ impl EndpointClient {
     /// [`MAX_MANIFEST_BYTES`]. Returns the raw bytes; the caller verifies them against the digest
     /// it expects.
     pub async fn manifest(&self, image: &ImageReference, digest: Option<&Digest>) -> Result<bytes::Bytes, Error> {
-        let reference = match (digest.or(image.digest.as_ref()), &image.tag) {
-            (Some(digest), _) => digest.to_string(),
-            (None, Some(tag)) => tag.clone(),
-            (None, None) => "latest".into(),
+        let (reference, separator) = match (digest.or(image.digest.as_ref()), &image.tag) {
+            (Some(digest), _) => (digest.to_string(), '@'),
+            (None, Some(tag)) => (tag.clone(), ':'),
+            (None, None) => ("latest".into(), ':'),
         };
         let url = self.url(image, "manifests", &reference);
-        let what = format!("{}:{reference}", image.name());
+        let what = format!("{}{separator}{reference}", image.name());
         self.retry("fetch manifest", || async {
             let response = self.get(image, &url, Some(&MANIFEST_MEDIA_TYPES.join(", ")), &what).await?;
             self.read_capped(response, MAX_MANIFEST_BYTES, &format!("manifest of {what}")).await
