@@ -53,8 +53,9 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecConfig {
-    /// Most bytes of stdout, and of stderr, that ExecSync returns; the rest is read and
-    /// discarded (the CRI asks for 16 MiB, see CVE-2022-1708).
+    /// Largest ExecSync answer: stdout and stderr together, plus a few bytes of framing; the
+    /// rest of the output is read and discarded (CVE-2022-1708). The default is the kubelet's
+    /// gRPC receive limit (16 MiB, `maxMsgSize` of k8s.io/cri-client).
     pub sync_max_output_bytes: u64,
 }
 

@@ -144,6 +144,10 @@ fn condition(kind: &str, outcome: Result<(), (&str, String)>) -> cri::RuntimeCon
     }
 }
 
+/// What an ExecSyncResponse adds to its output: a tag and a length of up to 5 bytes per stream,
+/// an exit code of up to 11 (a negative int32), rounded up.
+const EXEC_SYNC_FRAMING_BYTES: usize = 32;
+
 #[tonic::async_trait]
 impl RuntimeService for RuntimeApi {
     async fn version(&self, _: Request<cri::VersionRequest>) -> Result<Response<cri::VersionResponse>, Status> {
@@ -169,6 +173,8 @@ impl RuntimeService for RuntimeApi {
         let mut info = HashMap::new();
         if request.get_ref().verbose {
             info.insert("config".into(), serde_json::to_string(&*self.config).unwrap_or_default());
+            // Records startup recovery could not read, set aside under <state_root>/quarantine.
+            info.insert("quarantine".into(), serde_json::to_string(&self.runtime.quarantined()).unwrap_or_default());
             if let Ok(manager) = &manager {
                 let systemd = serde_json::json!({
                     "version": manager.version,
@@ -473,7 +479,11 @@ impl RuntimeService for RuntimeApi {
             seconds if seconds > 0 => Some(std::time::Duration::from_secs(seconds as u64)),
             seconds => return Err(Status::invalid_argument(format!("ExecSync timeout {seconds} is negative"))),
         };
-        let max_output = usize::try_from(self.config.exec.sync_max_output_bytes).unwrap_or(usize::MAX);
+        // The answer, framing included, must fit the client's gRPC limit (the kubelet's is 16 MiB,
+        // the default cap): the two streams share what the framing leaves.
+        let max_output = usize::try_from(self.config.exec.sync_max_output_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(EXEC_SYNC_FRAMING_BYTES);
         let output = self
             .runtime
             .exec_sync(&request.container_id, request.cmd, timeout, max_output)

@@ -143,7 +143,8 @@ async fn exec_sync_runs_in_the_container() {
     let left = exec_sync(&mut client, &id, &["busybox", "ps", "-o", "args"], 10).await.unwrap();
     assert!(!text(&left.stdout).contains("sleep 100\n"), "{}", text(&left.stdout));
 
-    // Output beyond 16 MiB per stream is read and dropped; the command goes on to the end.
+    // Output beyond 16 MiB (both streams together, less the answer's 32 bytes of framing) is read
+    // and dropped; the command goes on to the end.
     let mut big =
         CriClient { runtime: client.runtime.clone().max_decoding_message_size(64 << 20), image: client.image.clone() };
     let flood = exec_sync(
@@ -154,7 +155,7 @@ async fn exec_sync_runs_in_the_container() {
     )
     .await
     .unwrap();
-    assert_eq!((flood.stdout.len(), flood.stderr.len(), flood.exit_code), (16 << 20, 16 << 20, 0));
+    assert_eq!((flood.stdout.len(), flood.stderr.len(), flood.exit_code), ((16 << 20) - 32, 0, 0));
 
     // Many at once, each with its own output.
     let calls = (0..16).map(|i| {
@@ -181,9 +182,9 @@ async fn exec_sync_refuses_what_it_cannot_run() {
     let image = pull_busybox(&node, &mut client).await;
     let (pod, id) = sleeper(&mut client, &image, "execrefuse").await;
 
-    // The configured cap.
+    // The configured cap: the whole answer, 32 bytes of framing included.
     let capped = exec_sync(&mut client, &id, &["busybox", "head", "-c", "5000", "/dev/zero"], 10).await.unwrap();
-    assert_eq!((capped.stdout.len(), capped.exit_code), (1000, 0));
+    assert_eq!((capped.stdout.len(), capped.exit_code), (1000 - 32, 0));
 
     let code = |r: Result<cri::ExecSyncResponse, tonic::Status>| r.unwrap_err().code();
     assert_eq!(code(exec_sync(&mut client, &"f".repeat(64), &["true"], 0).await), tonic::Code::NotFound);

@@ -51,6 +51,10 @@ pub enum Error {
     #[error("registry {registry} failed: {detail}")]
     Registry { registry: String, detail: String },
 
+    /// A registry sent more than we read into memory (a hostile or broken registry).
+    #[error("registry {registry} sent a {what} over the {limit}-byte limit")]
+    TooLarge { registry: String, what: String, limit: u64 },
+
     #[error("{what} digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { what: String, expected: String, actual: String },
 
@@ -97,7 +101,7 @@ impl Error {
             | Error::Unsupported { .. }
             | Error::InvalidContent { .. }
             | Error::HostileLayer { .. } => ErrorKind::FailedPrecondition,
-            Error::LayerLimit { .. } => ErrorKind::ResourceExhausted,
+            Error::LayerLimit { .. } | Error::TooLarge { .. } => ErrorKind::ResourceExhausted,
             Error::CorruptMetadata { .. } | Error::Io { .. } => ErrorKind::Internal,
         }
     }

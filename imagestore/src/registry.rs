@@ -1,14 +1,9 @@
-//! Talking to registries through `oci-client`: endpoints (mirrors first, then the registry),
+//! Talking to registries over HTTP (reqwest): endpoints (mirrors first, then the registry),
 //! TLS settings per registry, credentials, retries of transient failures, and mapping of
 //! registry errors to store errors.
 
 use std::time::Duration;
 
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol, SizedStream};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use tracing::{debug, warn};
 
 use crate::config::{RegistryConfig, StoreConfig};
@@ -97,12 +92,37 @@ pub(crate) fn endpoints(registry: &str, config: &RegistryConfig) -> Vec<Endpoint
     out
 }
 
-/// A client for one endpoint of one pull (oci-client keeps credentials per client, so a client
-/// is never shared between pulls that may carry different credentials).
+/// Body limits, as containerd and CRI-O (containers/image) set them against registries that
+/// answer with endless or huge bodies (CVE-2023-25153, CVE-2022-31030 and CVE-2020-1702 classes):
+/// every body read into memory is read with one of these caps while streaming, and a
+/// `Content-Length` over the cap is refused before the first byte.
+///
+/// Manifests and indexes: containerd's `MaxManifestSize` (`4 * 1048 * 1048`, in
+/// `core/remotes/docker/resolver.go`; 4,393,216 bytes, the `1048` is containerd's).
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 4 * 1048 * 1048;
+/// Image configs: containers/image's `iolimits.MaxConfigBodySize` (4 MiB).
+pub(crate) const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// Token endpoint answers: containers/image's `iolimits.MaxAuthTokenBodySize` (1 MiB).
+pub(crate) const MAX_TOKEN_BYTES: u64 = 1 << 20;
+/// Error bodies (only their start is read, for the message): containers/image's
+/// `iolimits.MaxErrorBodySize` (1 MiB).
+pub(crate) const MAX_ERROR_BYTES: u64 = 1 << 20;
+
+/// A blob's body as it arrives.
+pub(crate) type BlobStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send>>;
+
+/// A client for one endpoint of one pull: plain HTTP requests of the distribution API (manifests,
+/// blobs) with the registry's token dance, every body in memory read with a cap (oci-client reads
+/// whole bodies). Credentials and tokens are per client, so a client is never shared between
+/// pulls that may carry different credentials.
 pub(crate) struct EndpointClient {
     pub endpoint: Endpoint,
-    client: Client,
-    auth: RegistryAuth,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    /// The `Authorization` header the registry accepted (or that we were given), for the next
+    /// requests of this pull.
+    authorization: std::sync::Mutex<Option<reqwest::header::HeaderValue>>,
     registry: String,
     retries: u32,
 }
@@ -125,65 +145,72 @@ impl EndpointClient {
         if let Some(ca_file) = &registry_config.ca_file {
             let data = std::fs::read(ca_file)
                 .map_err(|e| Error::io(format!("read ca_file {} of registry {registry}", ca_file.display()), e))?;
-            extra_roots.push(Certificate { encoding: CertificateEncoding::Pem, data });
+            extra_roots.push(data);
         }
-        let client_config = ClientConfig {
-            protocol: if endpoint.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
-            accept_invalid_certificates: registry_config.insecure,
-            extra_root_certificates: extra_roots.clone(),
-            platform_resolver: None,
-            read_timeout: Some(Duration::from_secs(config.read_timeout_secs.max(1))),
-            connect_timeout: Some(Duration::from_secs(10)),
-            user_agent: USER_AGENT,
-            ..ClientConfig::default()
-        };
-        let client = Client::try_from(client_config)
-            .map_err(|e| Error::InvalidConfig(format!("registry {registry}: {}", lower(&e.to_string()))))?;
-        let auth = match credentials {
-            None => RegistryAuth::Anonymous,
-            Some(Credentials::Basic { username, password }) => RegistryAuth::Basic(username.clone(), password.clone()),
-            Some(Credentials::RegistryToken(token)) => RegistryAuth::Bearer(token.clone()),
+        let tls = TlsSettings { insecure: registry_config.insecure, extra_roots };
+        let http = http_client(registry, &tls, config)?;
+        let bearer = match credentials {
+            Some(Credentials::RegistryToken(token)) => Some(token.clone()),
             Some(Credentials::IdentityToken(token)) => {
-                let tls = TlsSettings { insecure: registry_config.insecure, extra_roots };
-                RegistryAuth::Bearer(
-                    crate::token::exchange_identity_token(&endpoint, registry, token, &tls, config).await?,
-                )
+                Some(crate::token::exchange_identity_token(&endpoint, registry, token, &tls, config).await?)
             }
+            _ => None,
         };
-        Ok(EndpointClient { endpoint, client, auth, registry: registry.to_owned(), retries: config.retries })
+        let authorization = match bearer {
+            Some(token) => {
+                Some(reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    Error::InvalidConfig(format!("registry {registry}: the token is not a header value"))
+                })?)
+            }
+            None => None,
+        };
+        Ok(EndpointClient {
+            endpoint,
+            http,
+            credentials: credentials.cloned(),
+            authorization: std::sync::Mutex::new(authorization),
+            registry: registry.to_owned(),
+            retries: config.retries,
+        })
     }
 
-    fn reference(&self, image: &ImageReference, digest: Option<&Digest>) -> Reference {
-        let mut reference = match (digest.or(image.digest.as_ref()), &image.tag) {
-            (Some(digest), _) => {
-                Reference::with_digest(image.registry.clone(), image.repository.clone(), digest.to_string())
-            }
-            (None, Some(tag)) => Reference::with_tag(image.registry.clone(), image.repository.clone(), tag.clone()),
-            (None, None) => Reference::with_tag(image.registry.clone(), image.repository.clone(), "latest".into()),
-        };
-        if self.endpoint.is_mirror {
-            reference.set_mirror_registry(self.endpoint.host.clone());
-        }
-        reference
+    /// `<scheme>://<host>/v2/<repository>/<kind>/<reference>[?ns=<registry>]` (a mirror is told
+    /// which registry the image is from, as containerd and oci-client do).
+    fn url(&self, image: &ImageReference, kind: &str, reference: &str) -> String {
+        let scheme = if self.endpoint.plain_http { "http" } else { "https" };
+        let ns = if self.endpoint.is_mirror { format!("?ns={}", image.registry) } else { String::new() };
+        format!("{scheme}://{}/v2/{}/{kind}/{reference}{ns}", self.endpoint.host, image.repository)
     }
 
-    /// Fetches a manifest (or index) by the image's tag/digest, or by `digest`. Returns the raw
-    /// bytes; the caller verifies them against the digest it expects.
+    /// Fetches a manifest (or index) by the image's tag/digest, or by `digest`, reading at most
+    /// [`MAX_MANIFEST_BYTES`]. Returns the raw bytes; the caller verifies them against the digest
+    /// it expects.
     pub async fn manifest(&self, image: &ImageReference, digest: Option<&Digest>) -> Result<bytes::Bytes, Error> {
-        let reference = self.reference(image, digest);
+        let (reference, separator) = match (digest.or(image.digest.as_ref()), &image.tag) {
+            (Some(digest), _) => (digest.to_string(), '@'),
+            (None, Some(tag)) => (tag.clone(), ':'),
+            (None, None) => ("latest".into(), ':'),
+        };
+        let url = self.url(image, "manifests", &reference);
+        let what = format!("{}{separator}{reference}", image.name());
         self.retry("fetch manifest", || async {
-            self.client
-                .pull_manifest_raw(&reference, &self.auth, MANIFEST_MEDIA_TYPES)
-                .await
-                .map(|(body, _)| body)
-                .map_err(|e| self.map_error(e, &reference.whole()))
+            let response = self.get(image, &url, Some(&MANIFEST_MEDIA_TYPES.join(", ")), &what).await?;
+            self.read_capped(response, MAX_MANIFEST_BYTES, &format!("manifest of {what}")).await
         })
         .await
     }
 
-    /// Fetches a small blob (config) fully into memory, bounded by its declared size.
+    /// Fetches a small blob (config) fully into memory, bounded by its declared size, which may
+    /// be at most [`MAX_CONFIG_BYTES`].
     pub async fn small_blob(&self, image: &ImageReference, digest: &Digest, size: u64) -> Result<Vec<u8>, Error> {
         use futures_util::StreamExt;
+        if size > MAX_CONFIG_BYTES {
+            return Err(Error::TooLarge {
+                registry: self.endpoint.host.clone(),
+                what: format!("blob {digest} (declared {size} bytes)"),
+                limit: MAX_CONFIG_BYTES,
+            });
+        }
         self.retry("fetch blob", || async {
             let mut stream = self.blob_stream(image, digest, size).await?;
             let mut out = Vec::with_capacity(size.min(1 << 20) as usize);
@@ -203,17 +230,119 @@ impl EndpointClient {
         .await
     }
 
-    /// Starts streaming a blob (retrying the request, not the body).
-    pub async fn blob_stream(&self, image: &ImageReference, digest: &Digest, size: u64) -> Result<SizedStream, Error> {
-        let reference = self.reference(image, None);
-        let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..Default::default() };
+    /// Starts streaming a blob (retrying the request, not the body). The caller bounds and
+    /// verifies what it reads.
+    pub async fn blob_stream(&self, image: &ImageReference, digest: &Digest, _size: u64) -> Result<BlobStream, Error> {
+        let url = self.url(image, "blobs", &digest.to_string());
+        let what = format!("{}@{digest}", image.repository);
         self.retry("fetch blob", || async {
-            self.client
-                .pull_blob_stream(&reference, &descriptor)
-                .await
-                .map_err(|e| self.map_error(e, &format!("{}@{digest}", reference.repository())))
+            let response = self.get(image, &url, None, &what).await?;
+            let stream = futures_util::stream::unfold(Some(response), |response| async move {
+                let mut response = response?;
+                match response.chunk().await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), Some(response))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            });
+            Ok(Box::pin(stream) as BlobStream)
         })
         .await
+    }
+
+    /// A GET with this pull's authorization; on a 401, one more try after the challenge is
+    /// answered (a bearer token from the realm, or basic credentials). A non-success answer is
+    /// an error made from its status and the start of its body.
+    async fn get(
+        &self,
+        image: &ImageReference,
+        url: &str,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response, Error> {
+        let mut authorized = false;
+        loop {
+            let mut request = self.http.get(url);
+            if let Some(accept) = accept {
+                request = request.header(reqwest::header::ACCEPT, accept);
+            }
+            let authorization = self.authorization.lock().expect("authorization lock").clone();
+            if let Some(authorization) = authorization {
+                request = request.header(reqwest::header::AUTHORIZATION, authorization);
+            }
+            let response = request.send().await.map_err(|e| self.request_error(&e, what))?;
+            if response.status() == reqwest::StatusCode::UNAUTHORIZED
+                && !authorized
+                && let Some(authorization) = self.answer_challenge(image, response.headers()).await?
+            {
+                *self.authorization.lock().expect("authorization lock") = Some(authorization);
+                authorized = true;
+                continue;
+            }
+            if !response.status().is_success() {
+                return Err(self.error_response(response, what).await);
+            }
+            return Ok(response);
+        }
+    }
+
+    /// The `Authorization` header that answers a 401's `WWW-Authenticate` challenge, if we can.
+    async fn answer_challenge(
+        &self,
+        image: &ImageReference,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<Option<reqwest::header::HeaderValue>, Error> {
+        let basic = match &self.credentials {
+            Some(Credentials::Basic { username, password }) => Some((username.as_str(), password.as_str())),
+            // A given bearer token was refused: nothing else to try.
+            Some(_) => return Ok(None),
+            None => None,
+        };
+        let challenges: Vec<&str> =
+            headers.get_all(reqwest::header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).collect();
+        if let Some(challenge) = challenges.iter().find_map(|c| crate::token::parse_bearer_challenge(c)) {
+            let scope = format!("repository:{}:pull", image.repository);
+            let token = crate::token::fetch_bearer_token(&self.http, &self.endpoint, &challenge, &scope, basic).await?;
+            return Ok(reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok());
+        }
+        let offers_basic = challenges.iter().any(|c| c.trim_start().to_ascii_lowercase().starts_with("basic"));
+        match basic {
+            Some((username, password)) if offers_basic => {
+                use base64::Engine as _;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+                Ok(reqwest::header::HeaderValue::from_str(&format!("Basic {encoded}")).ok())
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads a success body into memory, failing as soon as it passes `limit` bytes.
+    async fn read_capped(&self, response: reqwest::Response, limit: u64, what: &str) -> Result<bytes::Bytes, Error> {
+        read_capped(response, limit).await.map_err(|e| match e {
+            CappedReadError::TooLarge => {
+                Error::TooLarge { registry: self.endpoint.host.clone(), what: what.to_owned(), limit }
+            }
+            CappedReadError::Request(e) => self.request_error(&e, what),
+        })
+    }
+
+    /// The error a non-success answer means, from its status and the OCI error envelope in the
+    /// first [`MAX_ERROR_BYTES`] of its body.
+    async fn error_response(&self, response: reqwest::Response, what: &str) -> Error {
+        let status = response.status().as_u16();
+        let body = read_prefix(response, MAX_ERROR_BYTES).await;
+        registry_error(status, &body, &self.endpoint.host, &self.registry, what)
+    }
+
+    fn request_error(&self, e: &reqwest::Error, what: &str) -> Error {
+        let mut detail = lower(&e.to_string());
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&lower(&s.to_string()));
+            source = s.source();
+        }
+        self.unavailable(format!("{what}: {detail}"))
     }
 
     pub fn unavailable(&self, detail: String) -> Error {
@@ -239,17 +368,107 @@ impl EndpointClient {
             }
         }
     }
+}
 
-    pub fn map_error(&self, e: OciDistributionError, what: &str) -> Error {
-        map_oci_error(e, &self.endpoint.host, &self.registry, what)
+/// The HTTP client of one registry's requests (and its token endpoint's).
+pub(crate) fn http_client(registry: &str, tls: &TlsSettings, config: &StoreConfig) -> Result<reqwest::Client, Error> {
+    let mut roots = Vec::new();
+    for cert in &tls.extra_roots {
+        roots.push(
+            reqwest::Certificate::from_pem(cert)
+                .map_err(|e| Error::InvalidConfig(format!("ca_file of registry {registry}: {e}")))?,
+        );
+    }
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .danger_accept_invalid_certs(tls.insecure)
+        .tls_certs_merge(roots)
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(config.read_timeout_secs.max(1)))
+        .build()
+        .map_err(|e| Error::InvalidConfig(format!("registry {registry}: {}", lower(&e.to_string()))))
+}
+
+#[derive(Debug)]
+pub(crate) enum CappedReadError {
+    TooLarge,
+    Request(reqwest::Error),
+}
+
+/// A whole body, read while it stays within `limit` bytes; a larger `Content-Length`, or more
+/// bytes than `limit` (whatever the header said), fail at once.
+pub(crate) async fn read_capped(mut response: reqwest::Response, limit: u64) -> Result<bytes::Bytes, CappedReadError> {
+    let declared = response.content_length().unwrap_or(0);
+    if declared > limit {
+        return Err(CappedReadError::TooLarge);
+    }
+    let mut out = bytes::BytesMut::with_capacity(declared.min(64 << 10) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(CappedReadError::Request)? {
+        if out.len() as u64 + chunk.len() as u64 > limit {
+            return Err(CappedReadError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+/// At most the first `limit` bytes of a body (the rest is not read); what arrived before a
+/// failure.
+pub(crate) async fn read_prefix(mut response: reqwest::Response, limit: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = (limit as usize).saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() as u64 >= limit {
+            break;
+        }
+    }
+    out
+}
+
+/// The error an HTTP status and an OCI error envelope (`{"errors":[{"code","message"}]}`) mean.
+fn registry_error(status: u16, body: &[u8], host: &str, registry: &str, what: &str) -> Error {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        errors: Vec<EnvelopeError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct EnvelopeError {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    let host = host.to_owned();
+    let envelope = serde_json::from_slice::<Envelope>(body).ok().filter(|e| !e.errors.is_empty());
+    let code = envelope.as_ref().map(|e| e.errors[0].code.to_ascii_uppercase()).unwrap_or_default();
+    let message = match &envelope {
+        Some(envelope) => envelope.errors.iter().map(|e| lower(&e.message)).collect::<Vec<_>>().join("; "),
+        None => {
+            // Only the start: an error page is no place for megabytes of text.
+            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_string();
+            lower(&text)
+        }
+    };
+    let detail = format!("{what}: http {status}: {message}");
+    debug!(host, status, code, "registry error");
+    match (status, code.as_str()) {
+        (_, "MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "BLOB_UNKNOWN" | "NOT_FOUND") | (404, _) => {
+            Error::NotFound { reference: what.to_owned(), detail: format!("registry {registry} does not have it") }
+        }
+        (_, "UNAUTHORIZED") | (401, _) => Error::Unauthenticated { registry: host, detail },
+        (_, "DENIED") | (403, _) => Error::PermissionDenied { registry: host, detail },
+        (_, "TOOMANYREQUESTS") | (408 | 429 | 500..=599, _) => Error::Unavailable { registry: host, detail },
+        _ => Error::Registry { registry: host, detail },
     }
 }
 
-/// TLS settings shared by the oci-client and the token exchange.
+/// TLS settings of a registry's requests and its token exchange.
 #[derive(Debug, Clone)]
 pub(crate) struct TlsSettings {
     pub insecure: bool,
-    pub extra_roots: Vec<Certificate>,
+    /// PEM files of the registry's `ca_file`.
+    pub extra_roots: Vec<Vec<u8>>,
 }
 
 pub(crate) fn is_transient(e: &Error) -> bool {
@@ -261,68 +480,6 @@ fn lower(s: &str) -> String {
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => String::new(),
-    }
-}
-
-fn map_oci_error(e: OciDistributionError, host: &str, registry: &str, what: &str) -> Error {
-    debug!(host, error = ?e, "registry error");
-    let host = host.to_owned();
-    match e {
-        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
-            Error::Unauthenticated { registry: host, detail: format!("{what}: {}", lower(&e.to_string())) }
-        }
-        OciDistributionError::RegistryError { ref envelope, .. } => {
-            let code = envelope.errors.first().map(|err| &err.code);
-            let detail = format!(
-                "{what}: {}",
-                envelope.errors.iter().map(|err| lower(&err.message)).collect::<Vec<_>>().join("; ")
-            );
-            match code {
-                Some(
-                    OciErrorCode::ManifestUnknown
-                    | OciErrorCode::NameUnknown
-                    | OciErrorCode::BlobUnknown
-                    | OciErrorCode::NotFound,
-                ) => Error::NotFound {
-                    reference: what.to_owned(),
-                    detail: format!("registry {registry} does not have it"),
-                },
-                Some(OciErrorCode::Unauthorized) => Error::Unauthenticated { registry: host, detail },
-                Some(OciErrorCode::Denied) => Error::PermissionDenied { registry: host, detail },
-                Some(OciErrorCode::Toomanyrequests) => Error::Unavailable { registry: host, detail },
-                _ => Error::Registry { registry: host, detail },
-            }
-        }
-        OciDistributionError::ServerError { code, ref message, .. } => {
-            let detail = format!("{what}: http {code}: {}", lower(message.trim()));
-            match code {
-                404 => Error::NotFound {
-                    reference: what.to_owned(),
-                    detail: format!("registry {registry} does not have it"),
-                },
-                401 => Error::Unauthenticated { registry: host, detail },
-                403 => Error::PermissionDenied { registry: host, detail },
-                408 | 429 | 500..=599 => Error::Unavailable { registry: host, detail },
-                _ => Error::Registry { registry: host, detail },
-            }
-        }
-        OciDistributionError::RequestError(ref inner) => {
-            let mut detail = lower(&inner.to_string());
-            let mut source = std::error::Error::source(inner);
-            while let Some(s) = source {
-                detail.push_str(": ");
-                detail.push_str(&lower(&s.to_string()));
-                source = s.source();
-            }
-            Error::Unavailable { registry: host, detail: format!("{what}: {detail}") }
-        }
-        OciDistributionError::IoError(ref inner) => {
-            Error::Unavailable { registry: host, detail: format!("{what}: {inner}") }
-        }
-        OciDistributionError::DigestError(ref inner) => {
-            Error::DigestMismatch { what: what.to_owned(), expected: String::new(), actual: lower(&inner.to_string()) }
-        }
-        other => Error::Registry { registry: host, detail: format!("{what}: {}", lower(&other.to_string())) },
     }
 }
 
@@ -341,6 +498,20 @@ mod tests {
         let config = RegistryConfig { mirrors: vec!["http://m1:1".into(), "m2".into()], ..Default::default() };
         let hosts: Vec<_> = endpoints("docker.io", &config).into_iter().map(|e| e.host).collect();
         assert_eq!(hosts, ["m1:1", "m2", "index.docker.io"]);
+    }
+
+    #[test]
+    fn registry_errors_from_status_and_envelope() {
+        let kind = |status, body: &str| registry_error(status, body.as_bytes(), "h", "r", "img").kind();
+        use crate::error::ErrorKind;
+        assert_eq!(kind(404, r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"x"}]}"#), ErrorKind::NotFound);
+        assert_eq!(kind(400, r#"{"errors":[{"code":"NAME_UNKNOWN","message":"x"}]}"#), ErrorKind::NotFound);
+        assert_eq!(kind(403, "{{{{"), ErrorKind::PermissionDenied);
+        assert_eq!(kind(401, ""), ErrorKind::Unauthenticated);
+        assert_eq!(kind(429, ""), ErrorKind::Unavailable);
+        let long = "x".repeat(100_000);
+        let message = registry_error(500, long.as_bytes(), "h", "r", "img").to_string();
+        assert!(message.len() < 1000, "an error page is cut: {} bytes", message.len());
     }
 
     #[test]

@@ -27,8 +27,6 @@ use crate::registry::{self, Credentials, EndpointClient};
 use crate::rootfs::Rootfs;
 use crate::unpack::Limits;
 
-/// Largest manifest, index or config we accept: real ones are a few kilobytes.
-const MAX_SMALL_BLOB: u64 = 8 << 20;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// An image id: the digest of the image's config (`sha256:...`).
@@ -305,7 +303,7 @@ impl ImageStore {
             });
         }
         let config_digest = parse_digest(&config_desc.digest, "config descriptor")?;
-        let config_size = descriptor_size(&config_desc, MAX_SMALL_BLOB)?;
+        let config_size = descriptor_size(&config_desc, registry::MAX_CONFIG_BYTES)?;
         let _config_active = self.activate(vec![config_digest.clone(), manifest_digest.clone()]);
         let config_bytes = self.small_blob(client, image_ref, &config_digest, config_size, "config").await?;
         let (config, diff_ids) = parse_image_config(&config_bytes).map_err(|e| invalid("image config", &e))?;
@@ -338,10 +336,13 @@ impl ImageStore {
         keys.extend(index.as_ref().map(|(_, d)| d.clone()));
         let _layers_active = self.activate(keys);
 
-        // All layers at once, bounded by the download semaphore; the first failure drops (and so
-        // cancels) the others.
-        futures_util::future::try_join_all(layers.iter().map(|layer| self.ensure_layer(client, image_ref, layer)))
-            .await?;
+        // All layers at once, bounded by the download semaphore. Each runs to its end, so that a
+        // failed pull returns only once every unpacker has cleaned up after itself (a dropped
+        // layer future would leave its blocking unpacker still writing into tmp/).
+        let results =
+            futures_util::future::join_all(layers.iter().map(|layer| self.ensure_layer(client, image_ref, layer)))
+                .await;
+        results.into_iter().collect::<Result<Vec<()>, Error>>()?;
 
         self.inner.blobs.put(&manifest_digest, &manifest_body, "manifest")?;
         if let Some((index_body, index_digest)) = &index {
@@ -502,8 +503,7 @@ impl ImageStore {
                     received += bytes.len() as u64;
                     Chunk::Data(bytes)
                 }
-                // oci-client verifies the digest itself and fails the stream's end on a mismatch;
-                // our unpacker verifies the same bytes and reports it better, so just end here.
+                // The unpacker verifies size and digest; an error after the whole blob is its end.
                 Err(_) if received == layer.size => break,
                 Err(e) => Chunk::Failed(StreamFailure::Download(client.unavailable(format!(
                     "download of layer {} interrupted after {received} bytes: {e}",
@@ -752,8 +752,9 @@ struct ParsedManifest {
 }
 
 fn parse_manifest(body: &Bytes, what: &str) -> Result<ParsedManifest, Error> {
-    if body.len() as u64 > MAX_SMALL_BLOB {
-        return Err(invalid("manifest", &format!("{what} is larger than {MAX_SMALL_BLOB} bytes")));
+    if body.len() as u64 > registry::MAX_MANIFEST_BYTES {
+        let limit = registry::MAX_MANIFEST_BYTES;
+        return Err(invalid("manifest", &format!("{what} is larger than {limit} bytes")));
     }
     let raw: RawManifest = serde_json::from_slice(body).map_err(|e| invalid("manifest", &format!("{what}: {e}")))?;
     if raw.schema_version != 2 {

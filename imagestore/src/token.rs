@@ -2,8 +2,6 @@
 //! oci-client does not implement: the token is exchanged for an access token at the realm the
 //! registry's `WWW-Authenticate: Bearer` challenge names, as docker and containerd do.
 
-use std::time::Duration;
-
 use serde::Deserialize;
 
 use crate::config::StoreConfig;
@@ -33,19 +31,7 @@ pub(crate) async fn exchange(
 ) -> Result<String, Error> {
     let unavailable = |detail: String| Error::Unavailable { registry: endpoint.host.clone(), detail };
     let unauthenticated = |detail: String| Error::Unauthenticated { registry: endpoint.host.clone(), detail };
-    let mut builder = reqwest::Client::builder()
-        .danger_accept_invalid_certs(tls.insecure)
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(config.read_timeout_secs.max(1)));
-    let mut roots = Vec::new();
-    for cert in &tls.extra_roots {
-        roots.push(
-            reqwest::Certificate::from_pem(&cert.data)
-                .map_err(|e| Error::InvalidConfig(format!("ca_file of registry {registry}: {e}")))?,
-        );
-    }
-    builder = builder.tls_certs_merge(roots);
-    let client = builder.build().map_err(|e| Error::InvalidConfig(format!("registry {registry}: {e}")))?;
+    let client = crate::registry::http_client(registry, tls, config)?;
     let scheme = if endpoint.plain_http { "http" } else { "https" };
     let ping = client
         .get(format!("{scheme}://{}/v2/", endpoint.host))
@@ -76,7 +62,7 @@ pub(crate) async fn exchange(
         .await
         .map_err(|e| unavailable(format!("token endpoint {}: {e}", challenge.realm)))?;
     let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| unavailable(format!("token endpoint: {e}")))?;
+    let bytes = read_token_body(response, endpoint).await?;
     if status == reqwest::StatusCode::UNAUTHORIZED
         || status == reqwest::StatusCode::FORBIDDEN
         || status == reqwest::StatusCode::BAD_REQUEST
@@ -86,6 +72,12 @@ pub(crate) async fn exchange(
     if !status.is_success() {
         return Err(unavailable(format!("token endpoint answered http {}", status.as_u16())));
     }
+    token_of(&bytes, endpoint)
+}
+
+/// The access token in a token endpoint's answer (`access_token`, or docker's `token`).
+fn token_of(body: &[u8], endpoint: &Endpoint) -> Result<String, Error> {
+    let unauthenticated = |detail: String| Error::Unauthenticated { registry: endpoint.host.clone(), detail };
     #[derive(Deserialize)]
     struct TokenResponse {
         #[serde(default)]
@@ -93,13 +85,68 @@ pub(crate) async fn exchange(
         #[serde(default)]
         token: Option<String>,
     }
-    let token: TokenResponse = serde_json::from_slice(&bytes)
+    let token: TokenResponse = serde_json::from_slice(body)
         .map_err(|e| unauthenticated(format!("token endpoint answer is not a token: {e}")))?;
     token
         .access_token
         .or(token.token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| unauthenticated("token endpoint answered without a token".into()))
+}
+
+/// A token endpoint's answer, read with [`MAX_TOKEN_BYTES`](crate::registry::MAX_TOKEN_BYTES).
+async fn read_token_body(response: reqwest::Response, endpoint: &Endpoint) -> Result<bytes::Bytes, Error> {
+    use crate::registry::{CappedReadError, MAX_TOKEN_BYTES};
+    crate::registry::read_capped(response, MAX_TOKEN_BYTES).await.map_err(|e| match e {
+        CappedReadError::TooLarge => Error::TooLarge {
+            registry: endpoint.host.clone(),
+            what: "token endpoint answer".into(),
+            limit: MAX_TOKEN_BYTES,
+        },
+        CappedReadError::Request(e) => {
+            Error::Unavailable { registry: endpoint.host.clone(), detail: format!("token endpoint: {e}") }
+        }
+    })
+}
+
+/// The docker token flow (what a 401's `Bearer` challenge asks for): GET the realm with the
+/// scope and service, with basic credentials when we have them.
+pub(crate) async fn fetch_bearer_token(
+    http: &reqwest::Client,
+    endpoint: &Endpoint,
+    challenge: &BearerChallenge,
+    scope: &str,
+    basic: Option<(&str, &str)>,
+) -> Result<String, Error> {
+    let mut query = vec![("scope", scope)];
+    if let Some(service) = challenge.service.as_deref() {
+        query.push(("service", service));
+    }
+    let query = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect::<Vec<_>>().join("&");
+    let separator = if challenge.realm.contains('?') { '&' } else { '?' };
+    let mut request = http.get(format!("{}{separator}{query}", challenge.realm));
+    if let Some((username, password)) = basic {
+        request = request.basic_auth(username, Some(password));
+    }
+    let response = request.send().await.map_err(|e| Error::Unavailable {
+        registry: endpoint.host.clone(),
+        detail: format!("token endpoint {}: {e}", challenge.realm),
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = crate::registry::read_prefix(response, 512).await;
+        let detail = format!(
+            "token endpoint {} answered http {}: {}",
+            challenge.realm,
+            status.as_u16(),
+            String::from_utf8_lossy(&body).trim()
+        );
+        return Err(match status.as_u16() {
+            401 | 403 => Error::Unauthenticated { registry: endpoint.host.clone(), detail },
+            _ => Error::Unavailable { registry: endpoint.host.clone(), detail },
+        });
+    }
+    token_of(&read_token_body(response, endpoint).await?, endpoint)
 }
 
 #[derive(Debug, PartialEq, Eq)]

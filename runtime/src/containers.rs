@@ -751,17 +751,31 @@ impl Runtime {
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
         for dir_entry in entries.flatten() {
-            let record: Container = match read_json(&dir_entry.path().join("container.json")) {
+            let record_path = dir_entry.path().join("container.json");
+            let record: Container = match read_json(&record_path) {
                 Ok(record) => record,
-                Err(e) => {
-                    warn!("removing container dir {} without a usable record: {e}", dir_entry.path().display());
+                // What a daemon killed between preparing the rootfs and the first write leaves.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    warn!("removing container dir {} without a record", dir_entry.path().display());
                     let _ = std::fs::remove_dir_all(dir_entry.path());
                     continue;
                 }
+                Err(e) => {
+                    let id = dir_entry.file_name().to_string_lossy().into_owned();
+                    let reason = format!("cannot read {}: {e}", record_path.display());
+                    self.quarantine("container", &id, &dir_entry.path(), reason);
+                    continue;
+                }
             };
-            let pod_gone = self.pod(&record.pod_id).is_err();
+            // The containers of a pod whose record was set aside are kept as they are: stopping
+            // them would act on a guess. They stay listed, so a client can stop and remove them.
+            let pod_quarantined = self.pod_quarantined(&record.pod_id);
+            let pod_gone = !pod_quarantined && self.pod(&record.pod_id).is_err();
             let entry = Entry::new(record.clone());
             self.containers.lock().expect("container table lock").insert(record.id.clone(), entry.clone());
+            if pod_quarantined && record.state == ContainerState::Running {
+                self.reserve_quarantined_userns(&record).await;
+            }
             if pod_gone || matches!(record.state, ContainerState::Creating | ContainerState::Removing) {
                 info!(container = %record.id, state = ?record.state, pod_gone, "removing a container left half-done");
                 if let Err(e) = self.remove_locked(&entry).await {
@@ -798,6 +812,23 @@ impl Runtime {
         }
         stored.close_rest();
         Ok(())
+    }
+}
+
+impl Runtime {
+    /// A running container of a pod whose record was set aside may be in that pod's user
+    /// namespace: its range (read from the main process's uid_map) stays reserved, so that no new
+    /// pod gets the same host ids.
+    async fn reserve_quarantined_userns(&self, record: &Container) {
+        let Ok(pid) = self.systemd.main_pid(&record.unit).await else { return };
+        let Ok(map) = std::fs::read_to_string(format!("/proc/{pid}/uid_map")) else { return };
+        let Some(range) = crate::userns::pod_range_of_uid_map(&map) else { return };
+        let mut ranges = self.userns_ranges.lock().expect("userns range lock");
+        if ranges.user_of(&range).is_none()
+            && let Err(e) = ranges.reserve(&record.pod_id, range)
+        {
+            warn!(pod = %record.pod_id, "user namespace range of a quarantined pod: {e}");
+        }
     }
 }
 

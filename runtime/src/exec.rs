@@ -8,6 +8,7 @@
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -199,8 +200,9 @@ impl Runtime {
         }
     }
 
-    /// ExecSync: runs `command` and returns its output, each stream capped at `max_output`
-    /// bytes (the rest is read and discarded, so the command never blocks on a full pipe). On
+    /// ExecSync: runs `command` and returns its output, stdout and stderr together capped at
+    /// `max_output` bytes, whichever stream comes first (the rest is read and discarded, so the
+    /// command never blocks on a full pipe; CVE-2022-1708 class). On
     /// `timeout` the command's process group is killed and the call fails with DeadlineExceeded.
     pub async fn exec_sync(
         &self,
@@ -215,8 +217,9 @@ impl Runtime {
             let exit_code = session.wait().await?;
             return Ok(ExecSyncOutput { stdout: Vec::new(), stderr: format!("{message}\n").into_bytes(), exit_code });
         }
-        let stdout = Captured::spawn(session.stdout.take(), max_output);
-        let stderr = Captured::spawn(session.stderr.take(), max_output);
+        let room = Arc::new(AtomicUsize::new(max_output));
+        let stdout = Captured::spawn(session.stdout.take(), room.clone());
+        let stderr = Captured::spawn(session.stderr.take(), room);
         let ended = match timeout {
             Some(limit) => tokio::time::timeout(limit, session.wait()).await.ok(),
             None => Some(session.wait().await),
@@ -248,14 +251,15 @@ fn excerpt(bytes: &[u8]) -> String {
     if bytes.len() > MAX { format!("{text}...") } else { text }
 }
 
-/// One output stream read to EOF in a task of its own, kept up to a cap.
+/// One output stream read to EOF in a task of its own, kept while `room` (the bytes left of a
+/// cap the streams share) lasts.
 struct Captured {
     data: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Captured {
-    fn spawn<R: AsyncRead + Unpin + Send + 'static>(reader: Option<R>, cap: usize) -> Captured {
+    fn spawn<R: AsyncRead + Unpin + Send + 'static>(reader: Option<R>, room: Arc<AtomicUsize>) -> Captured {
         let data = Arc::new(Mutex::new(Vec::new()));
         let sink = data.clone();
         let task = tokio::spawn(async move {
@@ -265,9 +269,13 @@ impl Captured {
                 match reader.read(&mut buffer).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        let mut data = sink.lock().expect("output lock");
-                        let room = cap.saturating_sub(data.len());
-                        data.extend_from_slice(&buffer[..n.min(room)]);
+                        let taken = room
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| Some(left - n.min(left)))
+                            .map(|left| n.min(left))
+                            .unwrap_or(0);
+                        if taken > 0 {
+                            sink.lock().expect("output lock").extend_from_slice(&buffer[..taken]);
+                        }
                     }
                 }
             }

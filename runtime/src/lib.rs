@@ -46,6 +46,7 @@ pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use stdio::ContainerStdio;
+pub use store::Quarantined;
 pub use systemd::{ManagerInfo, Systemd};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
@@ -80,6 +81,8 @@ pub struct Runtime {
     stdio: stdio::Table,
     /// The read ends of containers' output pipes (containers without a terminal).
     outputs: logs::Table,
+    /// Records that startup recovery could not read and moved aside.
+    quarantined: Mutex<Vec<store::Quarantined>>,
     /// Container events to every subscriber (GetContainerEvents).
     events: tokio::sync::broadcast::Sender<ContainerEvent>,
     /// Running containers' directories, watched for their exit record (None: inotify failed).

@@ -13,19 +13,68 @@ pub struct Identity {
     pub additional_gids: Vec<u32>,
 }
 
-/// Finds `relative` (e.g. `etc/passwd`) in the topmost layer that has it.
-fn image_file(lowerdirs: &[PathBuf], relative: &str) -> Option<String> {
+/// The largest /etc/passwd or /etc/group read from an image: real ones are a few KiB; the cap
+/// keeps a hostile image from filling the daemon's memory (as the manifest cap does for
+/// registries).
+pub(crate) const MAX_USER_DB_BYTES: u64 = 4 << 20;
+
+/// Reads `relative` (e.g. `etc/passwd`) from the topmost layer that has it, resolved beneath that
+/// layer's directory without following any symlink or crossing a mount (a layer's `etc` could
+/// be a symlink to the node's /etc, its `passwd` one to /proc/self/...), as a regular file only
+/// (never a device or fifo of the image: it is first opened O_PATH), at most
+/// [`MAX_USER_DB_BYTES`]. A symlink, whiteout or anything but a regular file hides lower copies,
+/// as in the merged root file system, where its target would be the container's, not ours.
+fn image_file(lowerdirs: &[PathBuf], relative: &str) -> Result<Option<String>, Error> {
+    use nix::errno::Errno;
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use std::io::Read;
+
     for dir in lowerdirs {
-        let path = dir.join(relative);
-        match std::fs::symlink_metadata(&path) {
-            // A regular file only: a symlink in a layer could point anywhere on the host.
-            Ok(meta) if meta.file_type().is_file() => return std::fs::read_to_string(path).ok(),
-            // An overlay whiteout (char device 0:0) or anything else hides lower copies.
-            Ok(_) => return None,
-            Err(_) => {}
+        let Ok(layer) = std::fs::File::open(dir) else { continue };
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_XDEV);
+        let path = loop {
+            match openat2(&layer, relative, how) {
+                // A rename raced with the resolution: try again.
+                Err(Errno::EAGAIN) => continue,
+                other => break other,
+            }
+        };
+        let path = match path {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => continue,
+            // A symlink on the way (ELOOP), or a component that is no directory: hidden.
+            Err(_) => return Ok(None),
+        };
+        let stat = nix::sys::stat::fstat(&path).map_err(|e| Error::Io {
+            what: format!("cannot stat the image's /{relative}"),
+            source: std::io::Error::from(e),
+        })?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(None);
         }
+        if stat.st_size as u64 > MAX_USER_DB_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the image's /{relative} is {} bytes, over the {MAX_USER_DB_BYTES}-byte limit",
+                stat.st_size
+            )));
+        }
+        // Reopened for reading through the O_PATH descriptor: the very file that was checked.
+        let file = std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&path)))
+            .map_err(|e| Error::Io { what: format!("cannot open the image's /{relative}"), source: e })?;
+        let mut bytes = Vec::with_capacity(stat.st_size as usize);
+        file.take(MAX_USER_DB_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::Io { what: format!("cannot read the image's /{relative}"), source: e })?;
+        if bytes.len() as u64 > MAX_USER_DB_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the image's /{relative} is over the {MAX_USER_DB_BYTES}-byte limit"
+            )));
+        }
+        return Ok(Some(String::from_utf8_lossy(&bytes).into_owned()));
     }
-    None
+    Ok(None)
 }
 
 struct PasswdEntry {
@@ -34,8 +83,8 @@ struct PasswdEntry {
     gid: u32,
 }
 
-fn passwd(lowerdirs: &[PathBuf]) -> Vec<PasswdEntry> {
-    image_file(lowerdirs, "etc/passwd")
+fn passwd(lowerdirs: &[PathBuf]) -> Result<Vec<PasswdEntry>, Error> {
+    Ok(image_file(lowerdirs, "etc/passwd")?
         .unwrap_or_default()
         .lines()
         .filter_map(|line| {
@@ -49,12 +98,12 @@ fn passwd(lowerdirs: &[PathBuf]) -> Vec<PasswdEntry> {
                 gid: fields[3].parse().ok()?,
             })
         })
-        .collect()
+        .collect())
 }
 
 /// (group name, gid, members)
-fn groups(lowerdirs: &[PathBuf]) -> Vec<(String, u32, Vec<String>)> {
-    image_file(lowerdirs, "etc/group")
+fn groups(lowerdirs: &[PathBuf]) -> Result<Vec<(String, u32, Vec<String>)>, Error> {
+    Ok(image_file(lowerdirs, "etc/group")?
         .unwrap_or_default()
         .lines()
         .filter_map(|line| {
@@ -65,7 +114,7 @@ fn groups(lowerdirs: &[PathBuf]) -> Vec<(String, u32, Vec<String>)> {
             let members = fields[3].split(',').filter(|m| !m.is_empty()).map(String::from).collect();
             Some((fields[0].to_string(), fields[2].parse().ok()?, members))
         })
-        .collect()
+        .collect())
 }
 
 /// Who the process runs as. `user` is a user name or number, `group` an optional group name or
@@ -73,7 +122,7 @@ fn groups(lowerdirs: &[PathBuf]) -> Vec<(String, u32, Vec<String>)> {
 /// run_as_group); `extra_gids` are the pod's supplemental groups. A named user or group that the
 /// image does not define is an error, as with runc; a numeric one needs no entry.
 pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gids: &[u32]) -> Result<Identity, Error> {
-    let users = passwd(lowerdirs);
+    let users = passwd(lowerdirs)?;
     let (uid, mut gid, name) = if user.is_empty() {
         (0, 0, users.iter().find(|u| u.uid == 0).map(|u| u.name.clone()))
     } else if let Ok(uid) = user.parse::<u32>() {
@@ -87,7 +136,7 @@ pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gid
         })?;
         (entry.uid, entry.gid, Some(entry.name.clone()))
     };
-    let all_groups = groups(lowerdirs);
+    let all_groups = groups(lowerdirs)?;
     if let Some(group) = group.filter(|g| !g.is_empty()) {
         gid = match group.parse::<u32>() {
             Ok(gid) => gid,
@@ -156,5 +205,35 @@ mod tests {
         assert!(resolve(&layers, "nobody-here", None, &[]).is_err());
         assert!(resolve(&layers, "app", Some("nogroup"), &[]).is_err());
         assert_eq!(split_user("www-data:1004"), ("www-data", Some("1004")));
+    }
+
+    #[test]
+    fn never_follows_a_symlink_out_of_a_layer_nor_reads_a_huge_file() {
+        let (dir, layers) = image();
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(host.join("etc")).unwrap();
+        std::fs::write(host.join("etc/passwd"), "hostonly:x:4711:4711::/:/bin/sh\n").unwrap();
+        // `etc` of the top layer is a symlink to the "node's" etc: hides the lower layers' too.
+        let top = dir.path().join("evil");
+        std::fs::create_dir_all(&top).unwrap();
+        std::os::unix::fs::symlink(host.join("etc"), top.join("etc")).unwrap();
+        let evil: Vec<PathBuf> = [top.clone()].into_iter().chain(layers.iter().cloned()).collect();
+        assert!(resolve(&evil, "hostonly", None, &[]).is_err());
+        assert!(resolve(&evil, "app", None, &[]).is_err(), "the symlinked etc hides the lower layers");
+        // `etc/passwd` a symlink to /proc/self/...
+        std::fs::remove_file(top.join("etc")).unwrap();
+        std::fs::create_dir(top.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/environ", top.join("etc/passwd")).unwrap();
+        assert!(image_file(&evil, "etc/passwd").unwrap().is_none());
+        // A fifo is not opened (it would block).
+        std::fs::remove_file(top.join("etc/passwd")).unwrap();
+        nix::unistd::mkfifo(&top.join("etc/passwd"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(image_file(&evil, "etc/passwd").unwrap().is_none());
+        // A file over the cap is refused, whatever it holds.
+        std::fs::remove_file(top.join("etc/passwd")).unwrap();
+        let file = std::fs::File::create(top.join("etc/passwd")).unwrap();
+        file.set_len(MAX_USER_DB_BYTES + 1).unwrap();
+        let err = resolve(&evil, "root", None, &[]).unwrap_err();
+        assert!(err.to_string().contains("4194304-byte limit"), "{err}");
     }
 }

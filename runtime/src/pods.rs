@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nix::mount::{MntFlags, MsFlags};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use zbus::zvariant::Value;
 
 use crate::cni::{self, Cni, NetworkList};
@@ -47,6 +47,7 @@ impl Runtime {
             containers: Mutex::new(BTreeMap::new()),
             stdio: Default::default(),
             outputs: Default::default(),
+            quarantined: Mutex::new(Vec::new()),
             events: tokio::sync::broadcast::channel(crate::EVENT_BUFFER).0,
             exit_watch: match crate::events::ExitWatch::new() {
                 Ok(watch) => Some(Arc::new(watch)),
@@ -56,6 +57,8 @@ impl Runtime {
                 }
             },
         };
+        *runtime.quarantined.lock().expect("quarantine lock") =
+            crate::store::list_quarantined(&runtime.config.state_root);
         let dir = runtime.pods_state_dir();
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
@@ -64,10 +67,20 @@ impl Runtime {
             let record_path = entry.path().join("pod.json");
             let mut pod: Pod = match read_json(&record_path) {
                 Ok(pod) => pod,
-                Err(e) => {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // A record-less dir is what a daemon killed before its first write leaves.
-                    warn!("removing pod dir {} without a usable record: {e}", entry.path().display());
+                    warn!("removing pod dir {} without a record", entry.path().display());
                     let _ = std::fs::remove_dir_all(entry.path());
+                    continue;
+                }
+                Err(e) => {
+                    let id = entry.file_name().to_string_lossy().into_owned();
+                    runtime.quarantine(
+                        "pod",
+                        &id,
+                        &entry.path(),
+                        format!("cannot read {}: {e}", record_path.display()),
+                    );
                     continue;
                 }
             };
@@ -110,6 +123,36 @@ impl Runtime {
         runtime.recover_containers(stored).await?;
         runtime.check_next_userns_range();
         Ok(runtime)
+    }
+
+    /// Sets aside the directory of a record that cannot be read (never deletes it: the record may
+    /// be the only trace of a pod whose containers still run) and says so in the journal and in
+    /// [`Runtime::quarantined`]. If even the move fails, the directory stays where it is, unlisted.
+    pub(crate) fn quarantine(&self, kind: &str, id: &str, dir: &Path, reason: String) {
+        match crate::store::quarantine(&self.config.state_root, kind, id, dir, &reason) {
+            Ok(moved) => {
+                error!(kind, id, path = %moved.path.display(), "{reason}: record moved to quarantine, its containers left running");
+                self.quarantined.lock().expect("quarantine lock").push(moved);
+            }
+            Err(e) => {
+                error!(kind, id, "{reason}; cannot move {} to quarantine ({e}): left in place, ignored", dir.display());
+                let path = dir.to_path_buf();
+                let reason = format!("{reason}; not moved to quarantine: {e}");
+                let kept = crate::store::Quarantined { kind: kind.into(), id: id.into(), path, reason };
+                self.quarantined.lock().expect("quarantine lock").push(kept);
+            }
+        }
+    }
+
+    /// The records startup recovery could not read, now or at an earlier start, and set aside
+    /// (Status' verbose info lists them).
+    pub fn quarantined(&self) -> Vec<crate::store::Quarantined> {
+        self.quarantined.lock().expect("quarantine lock").clone()
+    }
+
+    /// Whether pod `id`'s record was set aside: its containers are kept as they are.
+    pub(crate) fn pod_quarantined(&self, id: &str) -> bool {
+        self.quarantined.lock().expect("quarantine lock").iter().any(|q| q.kind == "pod" && q.id == id)
     }
 
     fn pods_state_dir(&self) -> PathBuf {

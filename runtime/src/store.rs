@@ -3,7 +3,7 @@
 //! version, never a torn one.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,6 +27,70 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<T> 
     serde_json::from_slice(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Where startup recovery sets aside a record it cannot read: `<state_root>/quarantine`.
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+/// The file in a quarantined directory that says why it is there.
+const QUARANTINE_REASON: &str = "quarantine-reason.txt";
+
+/// A pod's or container's directory that startup recovery could not read and moved aside (never
+/// deleted, its containers never stopped): an operator looks at it, then deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quarantined {
+    /// `pod` or `container`.
+    pub kind: String,
+    pub id: String,
+    /// Where it is now: `<state_root>/quarantine/<kind>-<id>-<unix seconds>`.
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Moves `dir` (the directory of a `kind` record `id`) to `<state_root>/quarantine/`, unchanged,
+/// with a file beside the record that says why.
+pub(crate) fn quarantine(
+    state_root: &Path,
+    kind: &str,
+    id: &str,
+    dir: &Path,
+    reason: &str,
+) -> std::io::Result<Quarantined> {
+    let parent = state_root.join(QUARANTINE_DIR);
+    std::fs::create_dir_all(&parent)?;
+    std::fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let path = parent.join(format!("{kind}-{id}-{seconds}"));
+    std::fs::rename(dir, &path)?;
+    std::fs::write(path.join(QUARANTINE_REASON), format!("{reason}\n"))?;
+    std::fs::File::open(&parent)?.sync_all()?;
+    if let Some(old_parent) = dir.parent() {
+        std::fs::File::open(old_parent)?.sync_all()?;
+    }
+    Ok(Quarantined { kind: kind.into(), id: id.into(), path, reason: reason.into() })
+}
+
+/// Everything in `<state_root>/quarantine/`, oldest first: what earlier starts set aside stays
+/// reported until an operator removes it.
+pub(crate) fn list_quarantined(state_root: &Path) -> Vec<Quarantined> {
+    let Ok(entries) = std::fs::read_dir(state_root.join(QUARANTINE_DIR)) else { return Vec::new() };
+    let mut found: Vec<(String, Quarantined)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let (kind, rest) = name.split_once('-')?;
+            let (id, seconds) = rest.rsplit_once('-')?;
+            let reason = std::fs::read_to_string(entry.path().join(QUARANTINE_REASON)).unwrap_or_default();
+            let quarantined = Quarantined {
+                kind: kind.into(),
+                id: id.into(),
+                path: entry.path(),
+                reason: reason.trim_end().to_string(),
+            };
+            Some((format!("{seconds:0>20}"), quarantined))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.into_iter().map(|(_, q)| q).collect()
+}
+
 /// A random 64-hex-digit id, as containerd and CRI-O make for pods and containers.
 pub(crate) fn new_id() -> String {
     let mut bytes = [0u8; 32];
@@ -48,6 +112,19 @@ mod tests {
         write_json(&path, &vec![4]).unwrap();
         assert_eq!(read_json::<Vec<i32>>(&path).unwrap(), vec![4]);
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn quarantine_moves_the_dir_unchanged_and_lists_it() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("pods/abc");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pod.json"), b"{\"id\": \"ab").unwrap();
+        let moved = quarantine(root.path(), "pod", "abc", &dir, "pod.json: EOF").unwrap();
+        assert!(!dir.exists());
+        assert_eq!(std::fs::read(moved.path.join("pod.json")).unwrap(), b"{\"id\": \"ab");
+        assert_eq!(list_quarantined(root.path()), vec![moved]);
+        assert!(list_quarantined(&root.path().join("nothing")).is_empty());
     }
 
     #[test]

@@ -117,6 +117,17 @@ impl IdRange {
     }
 }
 
+/// The pod range a process's `/proc/<pid>/uid_map` shows: its one line `0 <host> <size>`, unless
+/// that is the node's identity map (a process outside any pod user namespace).
+pub(crate) fn pod_range_of_uid_map(map: &str) -> Option<IdRange> {
+    let mut lines = map.lines();
+    let fields: Vec<u32> = lines.next()?.split_whitespace().map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    match (fields.as_slice(), lines.next()) {
+        ([0, host_id, size], None) if *host_id != 0 => Some(IdRange { host_id: *host_id, size: *size }),
+        _ => None,
+    }
+}
+
 /// What RunPodSandbox asks for (`NamespaceOption.userns_options`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UsernsMode {
@@ -410,6 +421,15 @@ mod tests {
         // Round robin: the released range is not the next one handed out.
         assert_eq!(ranges.allocate("b", |_| false).unwrap().host_id, 0xA_0000);
         assert_eq!(ranges.allocate("c", |id| id != 0x9_0000).unwrap().host_id, 0x9_0000);
+    }
+
+    #[test]
+    fn pod_range_of_uid_map_reads_one_shifted_line() {
+        let range = IdRange { host_id: 0x8_0000, size: RANGE_SIZE };
+        assert_eq!(pod_range_of_uid_map("         0     524288      65536\n"), Some(range));
+        assert_eq!(pod_range_of_uid_map("         0          0 4294967295\n"), None);
+        assert_eq!(pod_range_of_uid_map("0 1 1\n1 2 3\n"), None);
+        assert_eq!(pod_range_of_uid_map(""), None);
     }
 
     #[test]

@@ -81,6 +81,15 @@ pub enum StreamingError {
     Tls(String),
 }
 
+/// Most connections served at once; one more is closed as soon as it is accepted. The kubelet
+/// makes one per Exec/Attach/PortForward session, so this is far above what a node runs, and it
+/// bounds what slow or idle clients can hold (each connection's queues are bounded too, see
+/// transport.rs).
+const MAX_CONNECTIONS: usize = 128;
+/// How long a client has to send a whole request head (and, with TLS, to finish its handshake):
+/// a slowloris client that trickles its head is dropped then, freeing its slot.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Most tokens outstanding at once; beyond, the oldest are dropped (each is one RPC's answer).
 const MAX_TOKENS: usize = 10_000;
 
@@ -111,7 +120,9 @@ impl StreamingServer {
         });
         info!(url = %server.base_url, "streaming server listening");
         let accepting = server.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
+            let mut refused: u64 = 0;
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
@@ -121,15 +132,28 @@ impl StreamingServer {
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Logged once per 100, so that a flood does not flood the journal too.
+                    if refused.is_multiple_of(100) {
+                        warn!(%peer, refused = refused + 1, "streaming server: {MAX_CONNECTIONS} connections open, refusing more");
+                    }
+                    refused += 1;
+                    drop(stream);
+                    continue;
+                };
                 let server = accepting.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let _ = stream.set_nodelay(true);
                     match tls {
-                        Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(stream) => server.serve_connection(stream).await,
-                            Err(e) => debug!(%peer, "streaming TLS handshake: {e}"),
-                        },
+                        Some(acceptor) => {
+                            match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => server.serve_connection(stream).await,
+                                Ok(Err(e)) => debug!(%peer, "streaming TLS handshake: {e}"),
+                                Err(_) => debug!(%peer, "streaming TLS handshake: timed out"),
+                            }
+                        }
                         None => server.serve_connection(stream).await,
                     }
                 });
@@ -153,8 +177,11 @@ impl StreamingServer {
             let server = self.clone();
             async move { Ok::<_, Infallible>(server.handle(request)) }
         });
-        let connection =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades();
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
         if let Err(e) = connection.await {
             debug!("streaming connection: {e}");
         }

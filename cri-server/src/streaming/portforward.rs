@@ -18,6 +18,9 @@ use super::transport::{SpdyConnection, SpdyWriter, WsChannels};
 use super::{StreamRequest, StreamingServer};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Forwards (by request id) that have one of their two streams and wait for the other; a client
+/// opening streams that never pair is refused beyond this (kubectl opens the pair back to back).
+const MAX_PENDING_FORWARDS: usize = 16;
 
 /// Connects to `port` on the loopback of the pod's network namespace (the host's for
 /// hostNetwork pods), IPv4 first, then IPv6, as containerd does.
@@ -86,6 +89,11 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
         let kind = spdy::header(&stream.headers, "streamtype").unwrap_or_default().to_string();
         let request_id = spdy::header(&stream.headers, "requestid").unwrap_or_default().to_string();
         let port = spdy::header(&stream.headers, "port").unwrap_or_default().to_string();
+        if !pending.contains_key(&request_id) && pending.len() >= MAX_PENDING_FORWARDS {
+            debug!("port forward: {MAX_PENDING_FORWARDS} forwards wait for their second stream, refusing one more");
+            connection.writer.reset(stream.id, spdy::RST_REFUSED_STREAM).await;
+            continue;
+        }
         let entry = pending.entry(request_id.clone()).or_default();
         match kind.as_str() {
             "error" => entry.0 = Some(stream.id),

@@ -36,8 +36,17 @@ pub const RESIZE: u8 = 4;
 /// v5.channel.k8s.io: `[255, channel]` closes that channel (stdin's end of file).
 pub const CLOSE_SIGNAL: u8 = 255;
 
-/// Data from the client queued per stream before the connection's reader waits.
+/// Data from the client queued per stream before the connection's reader waits, in pieces of at
+/// most [`QUEUED_PIECE`] bytes (a frame may be up to 1 MiB): at most 512 KiB per stream.
 const STREAM_QUEUE: usize = 8;
+const QUEUED_PIECE: usize = 64 * 1024;
+/// Streams open at once on one SPDY connection; a SYN_STREAM beyond is refused (RST_STREAM
+/// REFUSED_STREAM). An exec or attach uses up to 5, a port forward 2 per forwarded connection.
+/// With the queue above, a connection holds at most 32 MiB of the client's data.
+pub const MAX_OPEN_STREAMS: usize = 64;
+/// The largest WebSocket message (and frame) a client may send: tungstenite would assemble up to
+/// 64 MiB per connection; clients send stdin and port-forward data in pieces of 32 KiB or less.
+const MAX_WS_MESSAGE: usize = 1 << 20;
 /// Frames queued for the writer.
 const WRITE_QUEUE: usize = 32;
 
@@ -152,6 +161,13 @@ impl SpdyConnection {
                             reader_writer.reset(stream_id, spdy::RST_PROTOCOL_ERROR).await;
                             continue;
                         }
+                        // Streams whose receiver is gone no longer count.
+                        open.retain(|_, tx| !tx.is_closed());
+                        if open.len() >= MAX_OPEN_STREAMS {
+                            debug!(stream_id, "spdy connection: {MAX_OPEN_STREAMS} streams open, refusing one more");
+                            reader_writer.reset(stream_id, spdy::RST_REFUSED_STREAM).await;
+                            continue;
+                        }
                         reader_last.store(stream_id as u64, Ordering::Relaxed);
                         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
                         if flags & spdy::FLAG_FIN == 0 {
@@ -169,8 +185,11 @@ impl SpdyConnection {
                     Frame::Data { stream_id, flags, data } => {
                         if let Some(tx) = open.get(&stream_id) {
                             // A receiver that is gone no longer wants the data.
-                            if !data.is_empty() && tx.send(data).await.is_err() {
-                                open.remove(&stream_id);
+                            for piece in data.chunks(QUEUED_PIECE) {
+                                if tx.send(piece.to_vec()).await.is_err() {
+                                    open.remove(&stream_id);
+                                    break;
+                                }
                             }
                         }
                         if flags & spdy::FLAG_FIN != 0 {
@@ -248,7 +267,10 @@ impl WsChannels {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_WS_MESSAGE))
+            .max_frame_size(Some(MAX_WS_MESSAGE));
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let (mut sink, mut stream) = socket.split();
         let activity = Arc::new(Activity::new());
         let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(WRITE_QUEUE);
