@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use imagestore::Image;
 use proto::cri;
+use runtime::apparmor::AppArmor;
 use runtime::{
     BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, HugepageLimit, Propagation, Resources,
     Seccomp,
@@ -60,6 +61,11 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     // Older clients still send the deprecated path form.
     #[allow(deprecated)]
     let seccomp = seccomp_of(security.seccomp.as_ref(), &security.seccomp_profile_path)?;
+    #[allow(deprecated)]
+    let apparmor = apparmor_of(security.apparmor.as_ref(), &security.apparmor_profile)?;
+    if let Some(refusal) = runtime::selinux::refusal("the container", security.selinux_options.is_some()) {
+        return Err(Status::failed_precondition(refusal));
+    }
     let capabilities = security.capabilities.unwrap_or_default();
     let image_name = config.image.map(|i| i.image).unwrap_or_default();
     Ok(ContainerSpec {
@@ -88,6 +94,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         masked_paths: (!security.masked_paths.is_empty()).then_some(security.masked_paths),
         readonly_paths: (!security.readonly_paths.is_empty()).then_some(security.readonly_paths),
         seccomp,
+        apparmor,
         stdin: config.stdin,
         // Without stdin there is nothing to close.
         stdin_once: config.stdin && config.stdin_once,
@@ -118,6 +125,36 @@ fn seccomp_of(profile: Option<&cri::SecurityProfile>, path: &str) -> Result<Secc
             "runtime/default" | "docker/default" => Ok(Seccomp::RuntimeDefault),
             path if path.starts_with("localhost/") => localhost(&path["localhost/".len()..]),
             other => Err(Status::invalid_argument(format!("unknown seccomp profile {other:?}"))),
+        },
+    }
+}
+
+/// The kubelet's AppArmor choice: the `apparmor` profile, or the deprecated string form when that
+/// is absent (`runtime/default`, `localhost/<name>`, `unconfined`). Absent both: unset, which the
+/// runtime turns into its default profile on a node with AppArmor (runtime::apparmor).
+fn apparmor_of(profile: Option<&cri::SecurityProfile>, deprecated: &str) -> Result<AppArmor, Status> {
+    use cri::security_profile::ProfileType;
+    let localhost = |name: &str| {
+        if name.is_empty() {
+            Err(Status::invalid_argument("a Localhost apparmor profile needs localhost_ref, the profile's name"))
+        } else {
+            // The kubelet sends the bare name; older clients may keep the prefix.
+            Ok(AppArmor::Localhost(name.strip_prefix("localhost/").unwrap_or(name).to_string()))
+        }
+    };
+    match profile {
+        Some(profile) => match ProfileType::try_from(profile.profile_type) {
+            Ok(ProfileType::RuntimeDefault) => Ok(AppArmor::RuntimeDefault),
+            Ok(ProfileType::Unconfined) => Ok(AppArmor::Unconfined),
+            Ok(ProfileType::Localhost) => localhost(&profile.localhost_ref),
+            Err(_) => Err(Status::invalid_argument(format!("unknown apparmor profile type {}", profile.profile_type))),
+        },
+        None => match deprecated {
+            "" => Ok(AppArmor::Unset),
+            "unconfined" => Ok(AppArmor::Unconfined),
+            "runtime/default" => Ok(AppArmor::RuntimeDefault),
+            name if name.starts_with("localhost/") => localhost(&name["localhost/".len()..]),
+            other => Err(Status::invalid_argument(format!("unknown apparmor profile {other:?}"))),
         },
     }
 }

@@ -18,6 +18,10 @@ pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     let metadata = config.metadata.unwrap_or_default();
     let linux = config.linux.unwrap_or_default();
     let namespace_options = linux.security_context.as_ref().and_then(|s| s.namespace_options.clone());
+    let selinux_options = linux.security_context.as_ref().is_some_and(|s| s.selinux_options.is_some());
+    if let Some(refusal) = runtime::selinux::refusal("the pod sandbox", selinux_options) {
+        return Err(Status::failed_precondition(refusal));
+    }
     let userns = userns_mode(namespace_options.as_ref().and_then(|o| o.userns_options.as_ref()))?;
     let (network, pid, ipc) = match &namespace_options {
         Some(options) => (mode(options.network)?, mode(options.pid)?, mode(options.ipc)?),

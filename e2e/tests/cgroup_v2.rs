@@ -316,6 +316,14 @@ fn cgroup_v2_smoke() {
     assert_eq!(exec["stdout"], format!("0::{cgroup}\n"), "{exec}");
     assert_eq!(exec["stderr"], "to-stderr\n", "{exec}");
 
+    // AppArmor: Debian's kernel has it on, so the busy container (which asked for nothing) and a
+    // command exec'd in it run confined by the runtime's default profile (the kernel's label of
+    // each process; what the profile allows is apparmor_parser's and the kernel's business).
+    assert_eq!(r.get("apparmor.enabled"), "Y", "the VM's kernel should have AppArmor enabled\n{dump}");
+    assert_eq!(r.get("busy.apparmor"), "cri-systemd-default (enforce)", "{dump}");
+    let exec: serde_json::Value = r.json("busy.exec.apparmor");
+    assert_eq!(exec["stdout"], "cri-systemd-default (enforce)\n", "{exec}");
+
     let running = r.json::<cri::ContainerStatusResponse>("busy.inspect").status.unwrap();
     assert_eq!(running.state, cri::ContainerState::ContainerRunning as i32);
     let listed: cri::ListContainersResponse = r.json("ps");

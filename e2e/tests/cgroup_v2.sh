@@ -120,6 +120,14 @@ out=$(cri statsp "$pod") || die "PodSandboxStats: $out"
 emit pod.stats "$out"
 mark stats
 
+# AppArmor (Debian's kernel has it on): a container that asks for nothing runs under the
+# runtime's default profile, and so do the commands exec'd in it.
+emit apparmor.enabled "$(cat /sys/module/apparmor/parameters/enabled 2>&1)"
+emit busy.apparmor "$(cat "/proc/$(systemctl show -P MainPID "$unit")/attr/current" 2>&1)"
+out=$(cri exec --timeout 30 "$busy" sh -c 'cat /proc/self/attr/current') ||
+	die "ExecSync apparmor: $out"
+emit busy.exec.apparmor "$out"
+
 # ExecSync: output, exit code, and the exec'd process in the container's cgroup.
 out=$(cri exec --timeout 30 "$busy" sh -c 'busybox cat /proc/self/cgroup; echo to-stderr >&2; exit 7') ||
 	die "ExecSync: $out"

@@ -264,6 +264,9 @@ pub struct ContainerSpec {
     /// Privileged containers run unconfined whatever this says, as with containerd.
     #[serde(default)]
     pub seccomp: Seccomp,
+    /// Applied, or refused at CreateContainer, by `crate::apparmor`.
+    #[serde(default)]
+    pub apparmor: crate::apparmor::AppArmor,
     /// The container reads stdin from attach sessions (kept open between them).
     #[serde(default)]
     pub stdin: bool,
@@ -728,10 +731,12 @@ pub(crate) fn oci_spec(
         Seccomp::RuntimeDefault => Some(crate::seccomp_profile::runtime_default(&caps)),
         Seccomp::Localhost(path) => Some(localhost_seccomp(path, &caps)?),
     };
+    let apparmor = crate::apparmor::resolve(&spec.apparmor, spec.privileged)?;
     let json = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
+            "apparmorProfile": apparmor,
             "user": {"uid": identity.uid, "gid": identity.gid, "additionalGids": identity.additional_gids},
             "args": spec.argv()?,
             "env": spec.environment(),

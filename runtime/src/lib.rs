@@ -5,6 +5,7 @@
 //! Concurrency: every pod has a lock of its own held across its slow work (systemd jobs, mounts);
 //! the table of pods is locked only to look up or insert an entry, never across slow work.
 
+pub mod apparmor;
 mod cgroup_v1;
 mod cni;
 mod container;
@@ -22,6 +23,7 @@ mod pod;
 mod podfiles;
 mod pods;
 mod seccomp_profile;
+pub mod selinux;
 pub mod stats;
 mod stdio;
 mod store;

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::ffi::CString;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
 use nix::errno::Errno;
@@ -27,9 +28,6 @@ pub(crate) fn validate(spec: &Spec) -> Result<()> {
     }
     if !process.cwd().is_absolute() {
         return Err(Error::new(format!("cwd {:?} is not an absolute path", process.cwd())));
-    }
-    if process.apparmor_profile().as_deref().is_some_and(|p| !p.is_empty()) {
-        return Err(Error::new("apparmor profiles are not supported"));
     }
     if process.selinux_label().as_deref().is_some_and(|l| !l.is_empty()) {
         return Err(Error::new("selinux labels are not supported"));
@@ -143,6 +141,9 @@ pub(crate) fn prepare_exec(
     if let Some(caps) = caps {
         drop_bounding(caps, last_cap)?;
     }
+    if let Some(profile) = process.apparmor_profile().as_deref().filter(|p| !p.is_empty()) {
+        apparmor_on_exec(profile)?;
+    }
     let chdir = |cwd: &std::path::Path| {
         nix::unistd::chdir(cwd)
             .map_err(|e| Error::new(format!("chdir to cwd ({:?}) set in config.json failed: {}", cwd, errno_desc(e))))
@@ -195,6 +196,18 @@ impl Exec {
             Err(e) => Error::new(format!("exec {}: {}", self.shown, errno_desc(e))),
         }
     }
+}
+
+/// Confines the process with an AppArmor profile from its next execve on (as runc does): the
+/// setup before it is not confined, the entrypoint is from its first instruction. Written before
+/// seccomp, the user change and no_new_privs, while the process is still unconfined root.
+fn apparmor_on_exec(profile: &str) -> Result<()> {
+    let command = format!("exec {profile}");
+    // The LSM-specific file since Linux 5.8; the shared one before (and where AppArmor is the LSM).
+    let write = |path: &str| std::fs::OpenOptions::new().write(true).open(path)?.write_all(command.as_bytes());
+    write("/proc/self/attr/apparmor/exec")
+        .or_else(|_| write("/proc/self/attr/exec"))
+        .map_err(|e| Error::new(format!("apply apparmor profile {profile:?}: {e}")))
 }
 
 /// Rust ignores SIGPIPE at start-up and ignored signals survive execve: give the container
