@@ -424,7 +424,9 @@ fn child_main(
             send(control, &Report::Tty, Some(master.as_raw_fd()));
         }
         process::prepare_child()?;
-        let exec = process::prepare_exec(process, seccomp, || match user_ns {
+        // Of the descriptors this child still owns, only the report pipe is needed from here on
+        // (the others are the parent's, never dropped here: the child execs or _exits).
+        let exec = process::prepare_exec(process, seccomp, &[report.as_raw_fd()], || match user_ns {
             Some(fd) => namespaces::join_user(fd, "of the container"),
             None => Ok(()),
         })?;

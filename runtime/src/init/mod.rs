@@ -332,7 +332,10 @@ fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: Own
         namespaces::enter_mount(plan)?;
         rootfs::setup(spec, plan)?;
         let console = console_socket(spec)?;
-        let exec = process::finish(&spec.oci, plan, console.as_ref())?;
+        use std::os::fd::AsRawFd;
+        let mut keep = vec![report.as_raw_fd(), go.as_raw_fd()];
+        keep.extend(console.as_ref().map(|c| c.as_raw_fd()));
+        let exec = process::finish(&spec.oci, plan, console.as_ref(), &keep)?;
         // Set up: tell the parent, which makes us the main PID, then wait for its go.
         write_all(&report, &[MSG_READY]);
         let mut tag = [0u8; 1];
