@@ -36,6 +36,8 @@ pub enum StartupError {
     Signals(std::io::Error),
     #[error("cannot open the image store: {0}")]
     Images(imagestore::Error),
+    #[error("cannot seal the daemon's binary for containers (run_root must allow mounts): {0}")]
+    SealBinary(runtime::Error),
     #[error("cannot recover pods: {0}")]
     Recover(#[from] runtime::Error),
     #[error("cannot start the streaming server: {0}")]
@@ -50,6 +52,9 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     info!(version = env!("CARGO_PKG_VERSION"), "cri-systemd starting");
     prepare_dir(&config.state_root, "state root", "state_root", 0o711)?;
     prepare_dir(&config.run_root, "run root", "run_root", 0o711)?;
+    // Every unit and exec-in runs the daemon's binary from this read-only mount (CVE-2019-5736).
+    let sealed = runtime::sealed_exe::seal(&config.run_root).map_err(StartupError::SealBinary)?;
+    info!(path = %sealed.display(), "the daemon's binary is sealed read-only for units and exec-in");
 
     let systemd = Arc::new(Systemd::new(config.systemd.bus_address.clone()));
     // The daemon serves even without systemd (Status then says why it is not ready), so that

@@ -122,3 +122,159 @@ async fn working_dir_through_a_descriptor_never_reaches_the_node() {
     }
     assert!(ran.is_empty(), "commands ran with a cwd reached through a descriptor: {ran:?}");
 }
+
+// ---- CVE-2019-5736 class: the node's binary through /proc/<pid>/exe ---------------------------
+
+/// The attacker, seeing its victims' processes (hostPID): it waits for processes named `evil`
+/// (the `#!/proc/self/exe` script, run as the daemon's binary), keeps a descriptor of their
+/// `/proc/<pid>/exe` (fds 5 and 6), and once the node says `go` (the daemon is stopped, so no
+/// process runs the binary any more) opens those descriptors for writing through /proc/self/fd.
+const ATTACKER: &str = r#"
+n=5; seen=
+while [ $n -le 6 ]; do
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    case " $seen " in *" $p "*) continue;; esac
+    read c < $d/comm 2>/dev/null || continue
+    [ "$c" = evil ] || continue
+    seen="$seen $p"
+    if eval "command exec $n<$d/exe" 2>>/shared/caught; then
+      echo "fd $n: opened /proc/$p/exe ($(readlink /proc/self/fd/$n))" >> /shared/caught
+    else
+      echo "fd $n: open /proc/$p/exe refused" >> /shared/caught
+    fi
+    n=$((n+1))
+  done
+done
+until [ -e /shared/go ]; do sleep 0.1; done
+for n in 5 6; do
+  if (eval "echo pwned > /proc/self/fd/$n") 2>>/shared/write; then echo "fd $n: written" >> /shared/write; fi
+done
+echo done > /shared/done
+exec sleep 100000
+"#;
+
+/// busybox plus the dynamic loader and libraries of the daemon's binary (as `ldd` names them), as
+/// an image with a C library has them: what the binary needs to run inside the container.
+fn image_with_the_daemons_libraries() -> Image {
+    let bin = std::env::var("CRI_SYSTEMD_BIN").unwrap_or_else(|_| {
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
+        format!("{target}/debug/cri-systemd")
+    });
+    let ldd = std::process::Command::new("ldd").arg(&bin).output().expect("run ldd");
+    let ldd = String::from_utf8_lossy(&ldd.stdout).into_owned();
+    let mut layer = LayerBuilder::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for word in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let path = std::path::Path::new(word);
+        for dir in path.ancestors().skip(1).filter(|d| d.as_os_str().len() > 1) {
+            dirs.insert(dir.to_string_lossy().trim_start_matches('/').to_string());
+        }
+        files.push((word.trim_start_matches('/').to_string(), std::fs::read(path).expect("read a library")));
+    }
+    assert!(files.len() >= 2, "ldd {bin} names the loader and libraries:\n{ldd}");
+    for dir in &dirs {
+        layer.dir(dir, 0o755);
+    }
+    for (path, data) in &files {
+        layer.file(path, 0o755, data);
+    }
+    Image::new(vec![oci::busybox_layer(Compression::Gzip), layer.build(Compression::Gzip)], ConfigOptions::default())
+}
+
+/// `#!/proc/self/exe` scripts, as a container's entrypoint (exec'd by init) and as an ExecSync
+/// command (exec'd by exec-in), run the binary that exec'd them. Another container keeps
+/// their `/proc/<pid>/exe` open and writes to it once the daemon stopped: the node's
+/// `/usr/local/bin/cri-systemd` stays unchanged, and the write is refused (read-only).
+#[tokio::test]
+async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
+    let node = e2e::node_with_local_registry("sec-exe", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = push_and_pull(&node, &mut client, "sec-exe", "libc", &image_with_the_daemons_libraries()).await;
+    let sha = || node.sh("sha256sum /usr/local/bin/cri-systemd").split_whitespace().next().unwrap().to_string();
+    let before = sha();
+    // The script is read by the binary as its config (`--config <script>`): a sparse tail of
+    // 64 MiB keeps it running long enough for the attacker to find it.
+    node.sh("mkdir -p /srv/sec-exe && chmod 777 /srv/sec-exe && cd /srv/sec-exe && \
+         printf '#!/proc/self/exe --config\\n' > evil && truncate -s 64M evil && chmod 755 evil");
+
+    let mut pod = pod_config("sec-exe");
+    // hostPID, so that the attacker sees its victims without a pod init (which would keep the
+    // binary busy: the attack needs a moment when nothing runs it, e.g. a daemon upgrade).
+    let shared_pid = || cri::NamespaceOption { pid: cri::NamespaceMode::Node as i32, ..Default::default() };
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(shared_pid()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod_id = run_pod(&mut client, pod.clone()).await;
+    let mut create = async |name: &str, command: &[&str]| {
+        let mut config = container_config(name, &image, command);
+        config.mounts = vec![cri::Mount {
+            container_path: "/shared".into(),
+            host_path: "/srv/sec-exe".into(),
+            ..Default::default()
+        }];
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(shared_pid()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod.clone()),
+        };
+        let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
+        crisimple::start(&mut client, &id).await.expect("StartContainer");
+        id
+    };
+    create("attacker", &["/bin/sh", "-c", ATTACKER]).await;
+    let victim = create("victim", &["/shared/evil"]).await;
+    let caught = |lines: usize| {
+        let node = &node;
+        e2e::eventually(Duration::from_secs(60), "the attacker to catch the script", move || {
+            let text = node.exec(&["cat", "/srv/sec-exe/caught"]).stdout;
+            async move { (text.lines().filter(|l| l.starts_with("fd ")).count() >= lines).then_some(text) }
+        })
+    };
+    caught(1).await;
+    // exec-in runs the same script in a running container.
+    let sleeper = create("sleeper", &["/bin/busybox", "sleep", "100000"]).await;
+    let request = cri::ExecSyncRequest { container_id: sleeper, cmd: vec!["/shared/evil".into()], timeout: 3 };
+    let _ = client.runtime.exec_sync(request).await;
+    let caught = caught(2).await;
+    // The attack needs a moment when no process runs the binary (a daemon upgrade, say).
+    let request = cri::StopContainerRequest { container_id: victim, timeout: 0 };
+    client.runtime.stop_container(request).await.expect("StopContainer");
+    node.sh("systemctl stop cri-systemd");
+    e2e::eventually(Duration::from_secs(30), "no process running the daemon's binary", || {
+        let running = node.sh("for p in /proc/[0-9]*; do [ \"$(readlink $p/exe)\" -ef /usr/local/bin/cri-systemd ] && echo $p; done; true");
+        async move { running.trim().is_empty().then_some(()) }
+    })
+    .await;
+    node.sh("touch /srv/sec-exe/go");
+    let done = e2e::eventually(Duration::from_secs(30), "the attacker's write attempts", || {
+        let text = node.exec(&["cat", "/srv/sec-exe/done"]).stdout;
+        async move { (!text.is_empty()).then_some(()) }
+    });
+    done.await;
+    let write = node.exec(&["cat", "/srv/sec-exe/write"]).stdout;
+    let after = sha();
+    assert_eq!(before, after, "the node's binary was changed from a container:\n{caught}\n{write}");
+    assert!(
+        caught.lines().filter(|l| l.contains("opened")).count() == 2,
+        "the attacker held both binaries open (the write below was really tried):\n{caught}"
+    );
+    assert_eq!(
+        write.lines().filter(|l| l.contains("Read-only file system")).count(),
+        2,
+        "both writes refused as read-only:\n{caught}\n{write}"
+    );
+}

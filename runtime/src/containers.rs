@@ -190,8 +190,7 @@ impl Runtime {
             return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
         }
         let dir = self.container_dir(&record.id);
-        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
-        let exe = exe.to_string_lossy().into_owned();
+        let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
         let init_args = vec![
             exe.clone(),
             crate::init::SUBCOMMAND.to_string(),

@@ -20,6 +20,7 @@ mod passwd;
 mod pod;
 mod podfiles;
 mod pods;
+pub mod sealed_exe;
 mod seccomp_profile;
 pub mod stats;
 mod stdio;

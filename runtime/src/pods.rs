@@ -312,8 +312,7 @@ impl Runtime {
         // Recorded first: a daemon killed from here on stops it with the slice on restart.
         pod.init_unit = Some(unit.clone());
         self.save(entry, pod.clone())?;
-        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
-        let exe = exe.to_string_lossy().into_owned();
+        let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
         let args = PodInitArgs {
             net: pod.namespaces.network.clone(),
             ipc: pod.namespaces.ipc.clone(),

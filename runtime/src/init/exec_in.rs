@@ -91,6 +91,7 @@ pub struct ExecInArgs {
 
 /// Runs exec-in. Never returns: exits 0 once the command's end was reported, 1 otherwise.
 pub fn run(args: &ExecInArgs) -> ! {
+    super::not_dumpable(SUBCOMMAND);
     // SAFETY: F_GETFD only queries a descriptor number; it is valid or EBADF.
     if unsafe { libc::fcntl(CONTROL_FD, libc::F_GETFD) } < 0 {
         eprintln!("cri-systemd {SUBCOMMAND}: no control socket on fd {CONTROL_FD}: it is started by the daemon only");

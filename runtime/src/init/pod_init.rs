@@ -72,6 +72,7 @@ const EMPTY_ROOT: &str = "/tmp";
 /// service's main process, 1 (message on stderr, in the unit's journal) on failure; the PID 1
 /// exits 0 on SIGTERM.
 pub fn run(args: &PodInitArgs) -> ! {
+    super::not_dumpable(SUBCOMMAND);
     match start(args) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
