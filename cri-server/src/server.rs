@@ -52,6 +52,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     info!(version = env!("CARGO_PKG_VERSION"), "cri-systemd starting");
     prepare_dir(&config.state_root, "state root", "state_root", 0o711)?;
     prepare_dir(&config.run_root, "run root", "run_root", 0o711)?;
+    runtime::tighten_modes(&config.state_root, &config.run_root);
     // Every unit and exec-in runs the daemon's binary from this read-only mount (CVE-2019-5736).
     let sealed = runtime::sealed_exe::seal(&config.run_root).map_err(StartupError::SealBinary)?;
     info!(path = %sealed.display(), "the daemon's binary is sealed read-only for units and exec-in");

@@ -278,3 +278,93 @@ async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
         "both writes refused as read-only:\n{caught}\n{write}"
     );
 }
+
+// ---- CVE-2021-41091 class: a container's files seen by other users of the node ----------------
+
+/// As `nobody` on the node: no record (init.json and container.json carry the env, i.e.
+/// Secrets), no CNI result, no directory listing, and no setuid-root binary a container wrote
+/// into its writable layer can be reached. Modes: records 0600, directories 0700, CRI log 0640.
+/// Modes of an older install are tightened when the daemon starts.
+#[tokio::test]
+async fn nothing_of_a_container_is_reachable_by_other_node_users() {
+    let node = e2e::node_with_local_registry("sec-perm", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "sec-perm").await;
+    let mut pod = pod_config("sec-perm");
+    pod.log_directory = "/var/log/pods/e2e_sec-perm".into();
+    let pod_id = run_pod(&mut client, pod).await;
+    let mut config = container_config(
+        "writer",
+        &image,
+        &["/bin/sh", "-c", "cp /bin/busybox /suid && chmod 4755 /suid && echo ready && exec sleep 100000"],
+    );
+    config.envs = vec![cri::KeyValue { key: "API_TOKEN".into(), value: "s3cr3t-token".into() }];
+    config.log_path = "writer/0.log".into();
+    let id = crisimple::create(&mut client, &pod_id, config).await.expect("CreateContainer");
+    crisimple::start(&mut client, &id).await.expect("StartContainer");
+    let state = "/var/lib/cri-systemd";
+    let dir = format!("{state}/containers/{id}");
+    e2e::eventually(Duration::from_secs(20), "the setuid binary in the writable layer", || {
+        let found = node.exec(&["test", "-u", &format!("{dir}/upper/suid")]).success();
+        async move { found.then_some(()) }
+    })
+    .await;
+    assert_eq!(node.sh(&format!("stat -c %U {dir}/upper/suid")).trim(), "root");
+
+    let check = |node: &Node| {
+        let as_nobody = |args: &str| node.exec(&["sh", "-c", &format!("runuser -u nobody -- {args}")]);
+        let mut reached = Vec::new();
+        for args in [
+            format!("cat {dir}/init.json"),
+            format!("cat {dir}/container.json"),
+            format!("cat {state}/pods/{pod_id}/pod.json"),
+            format!("ls {state}/containers"),
+            format!("ls {state}/pods"),
+            format!("ls {dir}"),
+            format!("ls {state}/cni/results"),
+            format!("cat {state}/cni/results/*"),
+            format!("{dir}/upper/suid id -u"),
+            format!("ls /run/cri-systemd/pods/{pod_id}"),
+            "ls /run/cri-systemd/pods".to_string(),
+            "cat /var/log/pods/e2e_sec-perm/writer/0.log".to_string(),
+        ] {
+            let run = as_nobody(&args);
+            if run.success() || run.stdout.contains("s3cr3t") {
+                let first: String = run.stdout.trim().lines().next().unwrap_or("").chars().take(40).collect();
+                reached.push(format!("{args} -> {first}"));
+            }
+        }
+        let modes = node.sh(&format!(
+            "stat -c '%a %n' {dir}/init.json {dir}/container.json {state}/pods/{pod_id}/pod.json {dir} \
+             {state}/containers {state}/pods /run/cri-systemd/pods /run/cri-systemd/pods/{pod_id} \
+             /var/log/pods/e2e_sec-perm/writer/0.log; \
+             for f in {state}/cni/results/*; do [ ! -e \"$f\" ] || stat -c '%a %n' \"$f\"; done"
+        ));
+        (reached, modes)
+    };
+    let (reached, modes) = check(&node);
+    assert!(
+        reached.is_empty(),
+        "nobody on the node reached a container's files:\n{}\nmodes:\n{modes}",
+        reached.join("\n")
+    );
+    let expected = |path: &str| match path {
+        p if p.ends_with(".log") => "640",
+        p if p.ends_with(".json") => "600",
+        _ => "700",
+    };
+    for line in modes.lines() {
+        let (mode, path) = line.split_once(' ').unwrap();
+        assert_eq!(mode, expected(path), "mode of {path}\n{modes}");
+    }
+
+    // An install from before: everything world-readable. A restart tightens it.
+    node.sh(&format!(
+        "systemctl stop cri-systemd && chmod 755 {state}/containers {state}/pods {dir} /run/cri-systemd/pods \
+         /run/cri-systemd/pods/{pod_id} && chmod 644 {dir}/init.json {dir}/container.json \
+         {state}/pods/{pod_id}/pod.json && systemctl start cri-systemd"
+    ));
+    node.cri(ANSWER_TIMEOUT).await;
+    let (reached, modes) = check(&node);
+    assert!(reached.is_empty(), "after a restart, nobody reached:\n{}\nmodes:\n{modes}", reached.join("\n"));
+}

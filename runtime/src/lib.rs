@@ -46,6 +46,7 @@ pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use stdio::ContainerStdio;
+pub use store::tighten_modes;
 pub use systemd::{ManagerInfo, Systemd};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 

@@ -188,7 +188,8 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)
 }
 
 /// One journal entry as CRI log lines: pieces of at most 16 KiB, all but the last tagged P, and

@@ -56,7 +56,7 @@ impl Runtime {
             },
         };
         let dir = runtime.pods_state_dir();
-        std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        crate::store::create_private_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
         for entry in entries.flatten() {
             let record_path = entry.path().join("pod.json");
