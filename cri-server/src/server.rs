@@ -77,6 +77,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         cni: config.cni.clone(),
         userns: config.userns.clone(),
         layer_uid_shift: config.images.layer_uid_shift,
+        tasks_max: config.containers.tasks_max,
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
     runtime.spawn_exit_watcher();

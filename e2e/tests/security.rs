@@ -368,3 +368,69 @@ async fn nothing_of_a_container_is_reachable_by_other_node_users() {
     let (reached, modes) = check(&node);
     assert!(reached.is_empty(), "after a restart, nobody reached:\n{}\nmodes:\n{modes}", reached.join("\n"));
 }
+
+// ---- issue 11 item 8: log paths, task limits, id ranges ----------------------------------------
+
+/// A log_path that is absolute or climbs out with `..` is refused (InvalidArgument) and nothing
+/// is created; a container's unit has the finite default TasksMax; a kubelet-chosen user
+/// namespace range over the image layers' ids is refused; a misaligned `images.layer_uid_shift`
+/// stops the daemon naming the key.
+#[tokio::test]
+async fn log_paths_task_limits_and_id_ranges_are_checked() {
+    let node = e2e::node_with_local_registry("sec-misc", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "sec-misc").await;
+    let mut pod = pod_config("sec-misc");
+    pod.log_directory = "/var/log/pods/e2e_sec-misc".into();
+    let pod_id = run_pod(&mut client, pod).await;
+    let containers = || node.sh("ls /var/lib/cri-systemd/containers | wc -l").trim().to_string();
+    let before = containers();
+    for log_path in ["/etc/sec-misc.log", "../../../../etc/sec-misc.log", "a/../../sec-misc.log"] {
+        let mut config = container_config("logger", &image, &["/bin/sh", "-c", "echo hello"]);
+        config.log_path = log_path.into();
+        let result = match crisimple::create(&mut client, &pod_id, config).await {
+            Ok(id) => crisimple::start(&mut client, &id).await.map(|()| id),
+            Err(status) => Err(status),
+        };
+        let status = result.expect_err(&format!("log_path {log_path:?} accepted"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{log_path}: {status:?}");
+        assert!(status.message().contains("log_path"), "{status:?}");
+    }
+    assert!(!node.exec(&["test", "-e", "/etc/sec-misc.log"]).success(), "a log file was created in /etc");
+    assert!(!node.exec(&["test", "-e", "/var/log/sec-misc.log"]).success(), "a log file was created in /var/log");
+    assert_eq!(containers(), before, "a refused container left a directory");
+
+    let id = crisimple::create(
+        &mut client,
+        &pod_id,
+        container_config("tasks", &image, &["/bin/busybox", "sleep", "100000"]),
+    )
+    .await
+    .expect("CreateContainer");
+    crisimple::start(&mut client, &id).await.expect("StartContainer");
+    assert_eq!(node.sh(&format!("systemctl show -p TasksMax --value cri-{id}.service")).trim(), "4096");
+
+    let mut userns_pod = pod_config("sec-misc-userns");
+    let layers = vec![cri::IdMapping { host_id: 0x7FFE_0000, container_id: 0, length: 65536 }];
+    userns_pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                userns_options: Some(cri::UserNamespace {
+                    mode: cri::NamespaceMode::Pod as i32,
+                    uids: layers.clone(),
+                    gids: layers,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(userns_pod), runtime_handler: String::new() };
+    let status = client.runtime.run_pod_sandbox(request).await.expect_err("a pod range over the layers' ids");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    node.write_file("/tmp/misaligned.toml", "[images]\nlayer_uid_shift = 2147352577\n");
+    let run = node.exec(&["cri-systemd", "--config", "/tmp/misaligned.toml", "config"]);
+    assert!(!run.success() && run.stderr.contains("images.layer_uid_shift"), "{run:?}");
+}

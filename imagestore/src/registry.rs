@@ -97,6 +97,26 @@ pub(crate) fn endpoints(registry: &str, config: &RegistryConfig) -> Vec<Endpoint
     out
 }
 
+/// The credentials to present to `endpoint`: none to a mirror over plain HTTP, where anyone on
+/// the way would read them (the pull goes on anonymously; a mirror that then wants them fails
+/// as Unauthenticated and the next endpoint is tried). The registry itself, when configured with
+/// `plain_http`, gets them: that was asked for by name.
+fn credentials_for<'c>(
+    endpoint: &Endpoint,
+    registry: &str,
+    credentials: Option<&'c Credentials>,
+) -> Option<&'c Credentials> {
+    if credentials.is_some() && endpoint.is_mirror && endpoint.plain_http {
+        warn!(
+            registry,
+            mirror = %endpoint.host,
+            "not sending the pull's registry credentials to a mirror over plain HTTP; pulling from it anonymously"
+        );
+        return None;
+    }
+    credentials
+}
+
 /// A client for one endpoint of one pull (oci-client keeps credentials per client, so a client
 /// is never shared between pulls that may carry different credentials).
 pub(crate) struct EndpointClient {
@@ -139,7 +159,7 @@ impl EndpointClient {
         };
         let client = Client::try_from(client_config)
             .map_err(|e| Error::InvalidConfig(format!("registry {registry}: {}", lower(&e.to_string()))))?;
-        let auth = match credentials {
+        let auth = match credentials_for(&endpoint, registry, credentials) {
             None => RegistryAuth::Anonymous,
             Some(Credentials::Basic { username, password }) => RegistryAuth::Basic(username.clone(), password.clone()),
             Some(Credentials::RegistryToken(token)) => RegistryAuth::Bearer(token.clone()),
@@ -341,6 +361,17 @@ mod tests {
         let config = RegistryConfig { mirrors: vec!["http://m1:1".into(), "m2".into()], ..Default::default() };
         let hosts: Vec<_> = endpoints("docker.io", &config).into_iter().map(|e| e.host).collect();
         assert_eq!(hosts, ["m1:1", "m2", "index.docker.io"]);
+    }
+
+    #[test]
+    fn no_credentials_to_a_plain_http_mirror() {
+        let creds = Credentials::Basic { username: "u".into(), password: "p".into() };
+        let plain_mirror = Endpoint::parse_mirror("http://10.0.0.1:5000").unwrap();
+        let tls_mirror = Endpoint::parse_mirror("https://mirror.example").unwrap();
+        let plain_registry = Endpoint { host: "127.0.0.1:5000".into(), plain_http: true, is_mirror: false };
+        assert!(credentials_for(&plain_mirror, "docker.io", Some(&creds)).is_none());
+        assert!(credentials_for(&tls_mirror, "docker.io", Some(&creds)) == Some(&creds));
+        assert!(credentials_for(&plain_registry, "127.0.0.1:5000", Some(&creds)) == Some(&creds));
     }
 
     #[test]

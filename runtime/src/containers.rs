@@ -226,7 +226,7 @@ impl Runtime {
             // Container output goes to journald (see crate::logs); it must never be dropped.
             ("LogRateLimitIntervalUSec", Value::from(0u64)),
         ];
-        properties.extend(container::resource_properties(&record.spec)?);
+        properties.extend(container::resource_properties(&record.spec, self.config.tasks_max)?);
         // stdin (a pipe) or the console socket on which init sends back its terminal.
         let prepared = if record.spec.stdin || record.spec.tty {
             let (ours, theirs) = crate::stdio::prepare(record.spec.tty)?;

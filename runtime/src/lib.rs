@@ -64,6 +64,8 @@ pub struct RuntimeConfig {
     /// `layer_uid_shift + n`. Containers see them unshifted (or in their pod's range) through
     /// idmapped mounts of the layers.
     pub layer_uid_shift: u32,
+    /// Every container unit's TasksMax; 0 for none.
+    pub tasks_max: u64,
 }
 
 /// The pods and containers of this node.

@@ -369,10 +369,7 @@ impl Runtime {
         let requested = mode.requested_range()?;
         if let Some(range) = requested {
             let layers = IdRange { host_id: self.config.layer_uid_shift, size: userns::RANGE_SIZE };
-            if self.config.layer_uid_shift != 0
-                && range.host_id <= layers.host_id
-                && layers.host_id - range.host_id < range.size
-            {
+            if self.config.layer_uid_shift != 0 && range.overlaps(&layers) {
                 return Err(Error::InvalidArgument(format!(
                     "user namespace mappings: host ids {}..+{} include the image layers' ids ({})",
                     range.host_id, range.size, layers.host_id
