@@ -30,6 +30,24 @@ pub struct Config {
     pub streaming: StreamingConfig,
     /// The pool of host id ranges for pods in user namespaces (the `[userns]` table).
     pub userns: runtime::UsernsConfig,
+    /// Limits of every container (the `[containers]` table).
+    pub containers: ContainersConfig,
+}
+
+/// Limits of every container (the `[containers]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainersConfig {
+    /// The unit's TasksMax (pids.max): a fork bomb stops there, not at the node's pid_max
+    /// (podman's default). 0: no limit of its own. The kubelet's pod pids limit (podPidsLimit,
+    /// which it writes on the pod's cgroup) still bounds all of a pod's containers together.
+    pub tasks_max: u64,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        Self { tasks_max: 4096 }
+    }
 }
 
 impl Default for Config {
@@ -45,6 +63,7 @@ impl Default for Config {
             exec: ExecConfig::default(),
             streaming: StreamingConfig::default(),
             userns: runtime::UsernsConfig::default(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -228,6 +247,14 @@ impl Config {
         if self.streaming.stream_creation_timeout_secs == 0 {
             return Err(bad("streaming.stream_creation_timeout_secs", "must be more than 0".into()));
         }
+        // Ranges of ids are 64K-aligned blocks (systemd's UIDS-GIDS.md): the layers' range must be
+        // one, or it could overlap a pod's range without either being told.
+        if !self.images.layer_uid_shift.is_multiple_of(65536) {
+            return Err(bad(
+                "images.layer_uid_shift",
+                format!("{} is not a multiple of 65536 (e.g. 2147352576, 0x7FFE0000)", self.images.layer_uid_shift),
+            ));
+        }
         self.userns.validate(self.images.layer_uid_shift).map_err(|(key, message)| bad(key, message))?;
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
@@ -297,6 +324,10 @@ mod tests {
         assert!(err.contains("`state_root`"), "{err}");
         let err = Config::parse("[cni]\nplugin_dirs = [\"/ok\", \"rel\"]\n", "c").unwrap_err().to_string();
         assert!(err.contains("`cni.plugin_dirs[1]`"), "{err}");
+        let err = Config::parse("[images]\nlayer_uid_shift = 2147352577\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`images.layer_uid_shift`") && err.contains("65536"), "{err}");
+        let err = Config::parse("[containers]\ntasks_maks = 1\n", "c").unwrap_err().to_string();
+        assert!(err.contains("tasks_maks"), "{err}");
         let err = Config::parse("[cni]\nplugin_timeout_secs = 0\n", "c").unwrap_err().to_string();
         assert!(err.contains("`cni.plugin_timeout_secs`"), "{err}");
         let err = Config::parse("[systemd]\nbus_address = 3\n", "c").unwrap_err().to_string();

@@ -68,6 +68,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     }
     let capabilities = security.capabilities.unwrap_or_default();
     let image_name = config.image.map(|i| i.image).unwrap_or_default();
+    check_log_path(&config.log_path)?;
     Ok(ContainerSpec {
         name: metadata.name,
         attempt: metadata.attempt,
@@ -310,4 +311,15 @@ pub fn container(c: &Container) -> cri::Container {
         annotations: map(&c.spec.annotations),
         image_id: c.spec.image.id.clone(),
     }
+}
+/// The CRI's log_path is relative to the pod's log_directory: an absolute path or `..` would put
+/// the log (created by the daemon as root) anywhere on the node.
+fn check_log_path(log_path: &str) -> Result<(), Status> {
+    let path = std::path::Path::new(log_path);
+    if path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(Status::invalid_argument(format!(
+            "log_path {log_path:?} must be relative to the pod's log_directory, without \"..\""
+        )));
+    }
+    Ok(())
 }

@@ -324,6 +324,7 @@ mod tests {
                 cni: Default::default(),
                 userns: Default::default(),
                 layer_uid_shift: config.layer_uid_shift,
+                tasks_max: 0,
             },
             Arc::new(runtime::Systemd::new("unix:path=/nonexistent")),
         )

@@ -37,6 +37,8 @@ pub enum StartupError {
     Signals(std::io::Error),
     #[error("cannot open the image store: {0}")]
     Images(imagestore::Error),
+    #[error("cannot seal the daemon's binary for containers (run_root must allow mounts): {0}")]
+    SealBinary(runtime::Error),
     #[error("cannot recover pods: {0}")]
     Recover(#[from] runtime::Error),
     #[error("cannot start the streaming server: {0}")]
@@ -51,6 +53,10 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     info!(version = env!("CARGO_PKG_VERSION"), "cri-systemd starting");
     prepare_dir(&config.state_root, "state root", "state_root", 0o711)?;
     prepare_dir(&config.run_root, "run root", "run_root", 0o711)?;
+    runtime::tighten_modes(&config.state_root, &config.run_root);
+    // Every unit and exec-in runs the daemon's binary from this read-only mount (CVE-2019-5736).
+    let sealed = runtime::sealed_exe::seal(&config.run_root).map_err(StartupError::SealBinary)?;
+    info!(path = %sealed.display(), "the daemon's binary is sealed read-only for units and exec-in");
 
     let systemd = Arc::new(Systemd::new(config.systemd.bus_address.clone()));
     // The daemon serves even without systemd (Status then says why it is not ready), so that
@@ -72,6 +78,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         cni: config.cni.clone(),
         userns: config.userns.clone(),
         layer_uid_shift: config.images.layer_uid_shift,
+        tasks_max: config.containers.tasks_max,
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
     runtime.spawn_exit_watcher();

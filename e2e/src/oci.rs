@@ -225,6 +225,8 @@ pub struct ConfigOptions {
     pub os: String,
     pub env: Vec<String>,
     pub cmd: Vec<String>,
+    /// The image's WORKDIR ("/" by default).
+    pub working_dir: String,
     /// Overrides the diff_ids computed from the layers (for mismatch tests).
     pub diff_ids: Option<Vec<String>>,
 }
@@ -237,6 +239,7 @@ impl Default for ConfigOptions {
             os: "linux".into(),
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
             cmd: vec!["/bin/sh".into()],
+            working_dir: "/".into(),
             diff_ids: None,
         }
     }
@@ -271,7 +274,7 @@ impl Image {
             "created": "2023-11-14T22:13:20Z",
             "architecture": options.architecture,
             "os": options.os,
-            "config": {"User": options.user, "Env": options.env, "Cmd": options.cmd, "WorkingDir": "/"},
+            "config": {"User": options.user, "Env": options.env, "Cmd": options.cmd, "WorkingDir": options.working_dir},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "history": layers.iter().map(|_| json!({"created_by": "cri-systemd e2e"})).collect::<Vec<_>>(),
         });

@@ -283,7 +283,7 @@ fn cgroup_v2_smoke() {
     assert_eq!(r.get("busy.cpu.max"), "50000 100000", "cpu.max from cpu_quota/cpu_period");
     // CPUShares=512 becomes a weight on v2: 512 * 100 / 1024.
     assert_eq!(r.get("busy.cpu.weight"), "50", "cpu.weight from cpu_shares");
-    assert_eq!(r.get("busy.pids.max"), "max", "TasksMax=infinity");
+    assert_eq!(r.get("busy.pids.max"), "4096", "TasksMax= from containers.tasks_max");
     assert_eq!(r.get("busy.hugetlb.2MB.max"), BUSY_HUGEPAGES.to_string(), "hugetlb.2MB.max\n{dump}");
     assert_eq!(r.get("busy.hugetlb.2MB.rsvd.max"), BUSY_HUGEPAGES.to_string(), "hugetlb.2MB.rsvd.max");
 

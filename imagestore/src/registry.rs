@@ -92,6 +92,26 @@ pub(crate) fn endpoints(registry: &str, config: &RegistryConfig) -> Vec<Endpoint
     out
 }
 
+/// The credentials to present to `endpoint`: none to a mirror over plain HTTP, where anyone on
+/// the way would read them (the pull goes on anonymously; a mirror that then wants them fails
+/// as Unauthenticated and the next endpoint is tried). The registry itself, when configured with
+/// `plain_http`, gets them: that was asked for by name.
+fn credentials_for<'c>(
+    endpoint: &Endpoint,
+    registry: &str,
+    credentials: Option<&'c Credentials>,
+) -> Option<&'c Credentials> {
+    if credentials.is_some() && endpoint.is_mirror && endpoint.plain_http {
+        warn!(
+            registry,
+            mirror = %endpoint.host,
+            "not sending the pull's registry credentials to a mirror over plain HTTP; pulling from it anonymously"
+        );
+        return None;
+    }
+    credentials
+}
+
 /// Body limits, as containerd and CRI-O (containers/image) set them against registries that
 /// answer with endless or huge bodies (CVE-2023-25153, CVE-2022-31030 and CVE-2020-1702 classes):
 /// every body read into memory is read with one of these caps while streaming, and a
@@ -140,6 +160,7 @@ impl EndpointClient {
         config: &StoreConfig,
         credentials: Option<&Credentials>,
     ) -> Result<Self, Error> {
+        let credentials = credentials_for(&endpoint, registry, credentials);
         let registry_config = config.registries.get(registry).cloned().unwrap_or_default();
         let mut extra_roots = Vec::new();
         if let Some(ca_file) = &registry_config.ca_file {

@@ -36,7 +36,17 @@ pub struct Rootfs {
 impl Rootfs {
     /// Prepares `container_dir` (`upper/`, `work/`, `empty/`) for `lowerdirs` (top first).
     pub(crate) fn prepare(mut lowerdirs: Vec<PathBuf>, container_dir: &Path, readonly: bool) -> Result<Rootfs, Error> {
-        fs::create_dir_all(container_dir).ctx(|| format!("create {}", container_dir.display()))?;
+        // 0700 (with any parent it makes): the writable layer, with whatever setuid binaries the
+        // container writes there, is no business of the node's other users. upper/ itself keeps
+        // 0755: it is the container's `/`.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(container_dir)
+                .ctx(|| format!("create {}", container_dir.display()))?;
+        }
         let (upperdir, workdir) = if readonly {
             (None, None)
         } else {

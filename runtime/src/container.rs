@@ -892,12 +892,17 @@ pub fn stop_signal(name: &str) -> Result<i32, Error> {
 }
 
 /// The unit properties that express the container's limits and stop behaviour.
-pub(crate) fn resource_properties(spec: &ContainerSpec) -> Result<Vec<(&'static str, Value<'static>)>, Error> {
+/// `tasks_max`: the config's `containers.tasks_max` (0: none of its own, only the pod's limits).
+pub(crate) fn resource_properties(
+    spec: &ContainerSpec,
+    tasks_max: u64,
+) -> Result<Vec<(&'static str, Value<'static>)>, Error> {
     let mut properties: Vec<(&'static str, Value<'static>)> = vec![
         ("KillSignal", Value::from(stop_signal(&spec.image.stop_signal)?)),
-        // Containers may run as many tasks as the pod's limits allow; systemd's default
-        // (15% of pid_max per service) is not a Kubernetes limit.
-        ("TasksMax", Value::from(u64::MAX)),
+        // A finite default, so that a fork bomb stops in its container; the kubelet's pod pids
+        // limit is on the pod's cgroup, above (systemd's own default, 15% of pid_max per service,
+        // is no Kubernetes limit).
+        ("TasksMax", Value::from(if tasks_max == 0 { u64::MAX } else { tasks_max })),
     ];
     properties.extend(limit_properties(&spec.resources));
     if spec.resources.oom_score_adj != 0 {

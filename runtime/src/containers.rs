@@ -140,7 +140,8 @@ impl Runtime {
         let _guard = entry.operation.clone().lock_owned().await;
         let mut record = entry.get();
         let dir = self.container_dir(id);
-        std::fs::create_dir_all(dir.join("rootfs")).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        crate::store::create_private_dir_all(&dir.join("rootfs"))
+            .map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let context = SpecContext { pod: &pod, rootfs_mountpoint: &dir.join("rootfs") };
         let oci = container::oci_spec(&record.spec, &record.rootfs, &context)?;
         let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> = serde_json::from_value(container::oci_mappings(
@@ -193,8 +194,7 @@ impl Runtime {
             return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
         }
         let dir = self.container_dir(&record.id);
-        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
-        let exe = exe.to_string_lossy().into_owned();
+        let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
         let init_args = vec![
             exe.clone(),
             crate::init::SUBCOMMAND.to_string(),
@@ -227,7 +227,7 @@ impl Runtime {
             ("MemoryAccounting", Value::from(true)),
             ("TasksAccounting", Value::from(true)),
         ];
-        properties.extend(container::resource_properties(&record.spec)?);
+        properties.extend(container::resource_properties(&record.spec, self.config.tasks_max)?);
         // stdin (a pipe) or the console socket on which init sends back its terminal.
         let prepared = if record.spec.stdin || record.spec.tty {
             let (ours, theirs) = crate::stdio::prepare(record.spec.tty)?;
@@ -251,10 +251,11 @@ impl Runtime {
         properties.extend(container::cpuset_properties(&record.spec.resources, container::cgroup_unified())?);
         // The kubelet reads the log file from the start; create it before the first line.
         if let Some(log) = self.log_path(&record.id) {
-            let created = log
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&log).map(drop));
+            let created = log.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+                use std::os::unix::fs::OpenOptionsExt;
+                // As containerd's: the node's root and group, not everyone (logs can hold secrets).
+                std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(&log).map(drop)
+            });
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
         }
         if record.spec.tty {
@@ -748,7 +749,7 @@ impl Runtime {
     /// daemon left half-done, and notices containers that ended (or vanished) meanwhile.
     pub(crate) async fn recover_containers(&self, mut stored: crate::stdio::Stored) -> Result<(), Error> {
         let dir = self.containers_state_dir();
-        std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        crate::store::create_private_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
         for dir_entry in entries.flatten() {
             let record_path = dir_entry.path().join("container.json");

@@ -132,7 +132,7 @@ impl Runtime {
 
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| Error::Io { what: "cannot create the exec control socket".into(), source: e.into() })?;
-        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
+        let exe = crate::sealed_exe::path()?;
         let mut command = std::process::Command::new(exe);
         command.arg(exec_in::SUBCOMMAND);
         if request.tty {

@@ -22,6 +22,7 @@ mod passwd;
 mod pod;
 mod podfiles;
 mod pods;
+pub mod sealed_exe;
 mod seccomp_profile;
 pub mod selinux;
 pub mod stats;
@@ -49,6 +50,7 @@ pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub use stdio::ContainerStdio;
 pub use store::Quarantined;
+pub use store::tighten_modes;
 pub use systemd::{ManagerInfo, Systemd};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
@@ -66,6 +68,8 @@ pub struct RuntimeConfig {
     /// `layer_uid_shift + n`. Containers see them unshifted (or in their pod's range) through
     /// idmapped mounts of the layers.
     pub layer_uid_shift: u32,
+    /// Every container unit's TasksMax; 0 for none.
+    pub tasks_max: u64,
 }
 
 /// The pods and containers of this node.

@@ -65,7 +65,7 @@ pub fn create_pinned(
     hostname: Option<&str>,
     userns: Option<IdRange>,
 ) -> std::io::Result<PodNamespaces> {
-    std::fs::create_dir_all(dir)?;
+    crate::store::create_private_dir_all(dir)?;
     if let Some(range) = userns {
         return create_in_user_namespace(dir, wanted, hostname, range);
     }

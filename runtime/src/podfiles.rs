@@ -19,7 +19,9 @@ pub(crate) fn write(
     ips: &[IpAddr],
     owner: Option<u32>,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    // The pod's run dir (parent of its /dev/shm too) is root's only; the files themselves stay
+    // readable, as bind mounts in containers whose root is not the node's.
+    crate::store::create_private_dir_all(dir)?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
     let hosts = if host_network {
         // Host-network pods see the node's own names, as with containerd.

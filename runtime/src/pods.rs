@@ -60,7 +60,7 @@ impl Runtime {
         *runtime.quarantined.lock().expect("quarantine lock") =
             crate::store::list_quarantined(&runtime.config.state_root);
         let dir = runtime.pods_state_dir();
-        std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        crate::store::create_private_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
         let mut half_done = Vec::new();
         for entry in entries.flatten() {
@@ -376,8 +376,7 @@ impl Runtime {
         // Recorded first: a daemon killed from here on stops it with the slice on restart.
         pod.init_unit = Some(unit.clone());
         self.save(entry, pod.clone())?;
-        let exe = std::env::current_exe().map_err(Error::io("cannot find the cri-systemd binary"))?;
-        let exe = exe.to_string_lossy().into_owned();
+        let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
         let args = PodInitArgs {
             net: pod.namespaces.network.clone(),
             ipc: pod.namespaces.ipc.clone(),
@@ -434,10 +433,7 @@ impl Runtime {
         let requested = mode.requested_range()?;
         if let Some(range) = requested {
             let layers = IdRange { host_id: self.config.layer_uid_shift, size: userns::RANGE_SIZE };
-            if self.config.layer_uid_shift != 0
-                && range.host_id <= layers.host_id
-                && layers.host_id - range.host_id < range.size
-            {
+            if self.config.layer_uid_shift != 0 && range.overlaps(&layers) {
                 return Err(Error::InvalidArgument(format!(
                     "user namespace mappings: host ids {}..+{} include the image layers' ids ({})",
                     range.host_id, range.size, layers.host_id

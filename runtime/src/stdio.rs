@@ -244,7 +244,13 @@ fn write_log(id: &str, path: Option<&PathBuf>, text: &[u8]) {
     if text.is_empty() {
         return;
     }
-    let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(text));
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .and_then(|mut f| f.write_all(text));
     if let Err(e) = written {
         warn!(container = %id, "cannot write log {}: {e}", path.display());
     }

@@ -10,16 +10,66 @@ use serde::de::DeserializeOwned;
 
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let dir = path.parent().expect("records live in a directory");
-    std::fs::create_dir_all(dir)?;
+    create_private_dir_all(dir)?;
     let temp = path.with_extension("json.tmp");
     {
-        let mut file = std::fs::File::create(&temp)?;
+        let mut file = create_private_file(&temp)?;
         serde_json::to_writer_pretty(&mut file, value)?;
         file.write_all(b"\n")?;
         file.sync_all()?;
     }
     std::fs::rename(&temp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates (truncates) a file only root can read: records carry the containers' env (Secrets).
+pub(crate) fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    // An existing file keeps its mode through open(O_CREAT): set it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Creates `dir` and its missing parents with mode 0700: nothing of a pod or container is for
+/// other users of the node (the CVE-2021-41091 class: a writable layer's setuid binaries, records).
+pub(crate) fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// At daemon start: the modes of an install from before they were private (directories of pods,
+/// containers and CNI results 0700, their records 0600). Failures are logged and skipped.
+pub fn tighten_modes(state_root: &Path, run_root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |path: &Path, mode: u32| match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o7777 != mode => {
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                tracing::warn!("cannot set mode {mode:o} on {}: {e}", path.display());
+            }
+        }
+        _ => {}
+    };
+    for parent in [state_root.join("containers"), state_root.join("pods"), run_root.join("pods")] {
+        set(&parent, 0o700);
+        let Ok(entries) = std::fs::read_dir(&parent) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let dir = entry.path();
+                set(&dir, 0o700);
+                for record in ["container.json", "init.json", "pod.json", "exit.json"] {
+                    set(&dir.join(record), 0o600);
+                }
+            }
+        }
+    }
+    let cni = state_root.join("cni");
+    set(&cni, 0o700);
+    let results = cni.join("results");
+    set(&results, 0o700);
+    for entry in std::fs::read_dir(&results).into_iter().flatten().flatten() {
+        set(&entry.path(), 0o600);
+    }
 }
 
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<T> {

@@ -112,7 +112,7 @@ impl IdRange {
         u64::from(self.host_id) + u64::from(self.size)
     }
 
-    fn overlaps(&self, other: &IdRange) -> bool {
+    pub(crate) fn overlaps(&self, other: &IdRange) -> bool {
         u64::from(self.host_id) < other.end() && u64::from(other.host_id) < self.end()
     }
 }

@@ -91,6 +91,7 @@ pub struct ExecInArgs {
 
 /// Runs exec-in. Never returns: exits 0 once the command's end was reported, 1 otherwise.
 pub fn run(args: &ExecInArgs) -> ! {
+    super::not_dumpable(SUBCOMMAND);
     // SAFETY: F_GETFD only queries a descriptor number; it is valid or EBADF.
     if unsafe { libc::fcntl(CONTROL_FD, libc::F_GETFD) } < 0 {
         eprintln!("cri-systemd {SUBCOMMAND}: no control socket on fd {CONTROL_FD}: it is started by the daemon only");
@@ -424,7 +425,9 @@ fn child_main(
             send(control, &Report::Tty, Some(master.as_raw_fd()));
         }
         process::prepare_child()?;
-        let exec = process::prepare_exec(process, seccomp, || match user_ns {
+        // Of the descriptors this child still owns, only the report pipe is needed from here on
+        // (the others are the parent's, never dropped here: the child execs or _exits).
+        let exec = process::prepare_exec(process, seccomp, &[report.as_raw_fd()], || match user_ns {
             Some(fd) => namespaces::join_user(fd, "of the container"),
             None => Ok(()),
         })?;

@@ -107,6 +107,16 @@ pub(crate) fn io_desc(e: &std::io::Error) -> String {
     }
 }
 
+/// Until it execs, a process running the daemon's binary is not dumpable: container processes
+/// cannot open its `/proc/<pid>/exe`, `fd/`, `cwd` or `root` (the CVE-2019-5736 class; see
+/// `crate::sealed_exe`). execve makes the container's process dumpable again, as usual.
+pub(crate) fn not_dumpable(who: &str) {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("cri-systemd {who}: cannot make the process not dumpable: {}", errno_desc(e));
+        std::process::exit(1);
+    }
+}
+
 /// Adds what was being done to a system error: `"mount proc on /proc: permission denied"`.
 pub(crate) trait Context<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
@@ -127,6 +137,7 @@ impl<T> Context<T> for std::result::Result<T, std::io::Error> {
 /// Runs `cri-systemd init <spec_path>`. Never returns: exits 0 once the entrypoint runs as the
 /// service's main process, non-zero (after writing the spec's `error_file`) on failure.
 pub fn run(spec_path: &Path) -> ! {
+    not_dumpable("init");
     let spec = match InitSpec::load(spec_path) {
         Ok(spec) => spec,
         Err(e) => {
@@ -349,7 +360,10 @@ fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: Own
         namespaces::enter_mount(plan)?;
         rootfs::setup(spec, plan)?;
         let console = console_socket(spec)?;
-        let exec = process::finish(&spec.oci, plan, console.as_ref())?;
+        use std::os::fd::AsRawFd;
+        let mut keep = vec![report.as_raw_fd(), go.as_raw_fd()];
+        keep.extend(console.as_ref().map(|c| c.as_raw_fd()));
+        let exec = process::finish(&spec.oci, plan, console.as_ref(), &keep)?;
         // Set up: tell the parent, which makes us the main PID, then wait for its go.
         write_all(&report, &[MSG_READY]);
         let mut tag = [0u8; 1];

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::os::unix::fs::PermissionsExt;
 
 use nix::errno::Errno;
@@ -70,7 +71,9 @@ pub(crate) struct Exec {
 }
 
 /// Everything after pivot_root up to (not including) the execve.
-pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::OwnedFd>) -> Result<Exec> {
+/// `keep`: the descriptors the caller still needs (report pipes, console socket); every other one
+/// above 2 is closed before the chdir.
+pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::OwnedFd>, keep: &[RawFd]) -> Result<Exec> {
     let process = spec.process().as_ref().ok_or_else(|| Error::new("spec has no process"))?;
     let linux = spec.linux().as_ref();
 
@@ -104,7 +107,7 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::Own
     // As runc: a missing working directory is created (while the root is still writable),
     // owned by the container's root.
     let cwd = process.cwd();
-    rootfs::create_dirs(cwd);
+    rootfs::create_cwd(cwd);
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
         rootfs::remount_root_readonly()?;
     }
@@ -112,7 +115,7 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::Own
     // root of the pod's user namespace at most (its capabilities are set like anyone's).
     // Mounts that propagate back to the node need the node's mount namespace as their owner.
     let shares_mounts = linux.and_then(|l| l.rootfs_propagation().as_deref()) == Some("rshared");
-    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()), || {
+    prepare_exec(process, linux.and_then(|l| l.seccomp().as_ref()), keep, || {
         namespaces::enter_user(plan)?;
         if !shares_mounts {
             namespaces::own_mounts_in_user_namespace(plan)?;
@@ -127,9 +130,14 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::Own
 /// a hard limit takes the node's CAP_SYS_RESOURCE, everything after runs as root of that
 /// namespace at most), bounding set, user and groups, cwd, capabilities, no_new_privs, umask,
 /// environment, and the lookup of the executable.
+///
+/// Before the chdir, every descriptor above 2 but `keep` (pipes and sockets of the caller's) is
+/// closed: none can be reached through `/proc/self/fd/N` by the working directory or the
+/// executable's path (CVE-2024-21626). `keep` must hold every descriptor the caller still owns.
 pub(crate) fn prepare_exec(
     process: &Process,
     seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+    keep: &[RawFd],
     enter_user: impl FnOnce() -> Result<()>,
 ) -> Result<Exec> {
     let cwd = process.cwd();
@@ -144,16 +152,20 @@ pub(crate) fn prepare_exec(
     if let Some(profile) = process.apparmor_profile().as_deref().filter(|p| !p.is_empty()) {
         apparmor_on_exec(profile)?;
     }
+    close_descriptors_except(keep)?;
     let chdir = |cwd: &std::path::Path| {
-        nix::unistd::chdir(cwd)
+        enter_cwd(cwd)
             .map_err(|e| Error::new(format!("chdir to cwd ({:?}) set in config.json failed: {}", cwd, errno_desc(e))))
     };
     // As runc: chdir as root first (a dir the user cannot reach), again as the user on EACCES/EPERM.
-    let chdir_later = match nix::unistd::chdir(cwd) {
+    let chdir_later = match enter_cwd(cwd) {
         Ok(()) => false,
         Err(Errno::EACCES | Errno::EPERM) => true,
         Err(_) => return chdir(cwd).map(|_| unreachable!()),
     };
+    if !chdir_later {
+        check_cwd_in_root(cwd)?;
+    }
     // Installed while still privileged (as runc does), so that no no_new_privs is needed; the
     // filter allows what is left to do: the user and capability changes and the execve.
     if let Some(programs) = &seccomp {
@@ -162,6 +174,7 @@ pub(crate) fn prepare_exec(
     set_user(process)?;
     if chdir_later {
         chdir(cwd)?;
+        check_cwd_in_root(cwd)?;
     }
     if let Some(caps) = caps {
         set_caps(caps, last_cap)?;
@@ -186,6 +199,56 @@ pub(crate) fn prepare_exec(
         env: env.iter().map(|e| cstring(e, "environment variable")).collect::<Result<_>>()?,
         shown: path,
     })
+}
+
+/// Closes every descriptor above 2 except `keep`.
+pub(crate) fn close_descriptors_except(keep: &[RawFd]) -> Result<()> {
+    let mut keep: Vec<libc::c_uint> = keep.iter().filter(|fd| **fd > 2).map(|fd| *fd as libc::c_uint).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let close_range = |first: libc::c_uint, last: libc::c_uint| {
+        // SAFETY: close_range only closes this process's descriptors; the caller keeps (and so
+        // still owns) only those in `keep`.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_uint) };
+        Errno::result(rc).map(drop).ctx(|| format!("close descriptors {first} to {last}"))
+    };
+    let mut first: libc::c_uint = 3;
+    for fd in keep {
+        if fd > first {
+            close_range(first, fd - 1)?;
+        }
+        first = fd + 1;
+    }
+    close_range(first, libc::c_uint::MAX)
+}
+
+/// chdir to `cwd` resolved inside the root (`/`): symlinks stay in it, magic links such as
+/// `/proc/self/fd/N` are refused (ELOOP).
+fn enter_cwd(cwd: &std::path::Path) -> std::result::Result<(), Errno> {
+    use nix::fcntl::OFlag;
+    let root = nix::fcntl::open("/", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let dir = rootfs::open_in_root(&root, cwd, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())?;
+    nix::unistd::fchdir(&dir)
+}
+
+/// The kernel's getcwd prefixes "(unreachable)" to a cwd outside the process's root: refuse to
+/// exec there, whatever path led to it.
+fn check_cwd_in_root(cwd: &std::path::Path) -> Result<()> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: the kernel writes at most buf.len() bytes into the buffer, which lives across the call.
+    let rc = unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) };
+    let refuse = |why: String| Err(Error::new(format!("chdir to cwd ({cwd:?}) set in config.json failed: {why}")));
+    if rc < 0 {
+        return refuse(format!("cannot verify the working directory: {}", errno_desc(Errno::last())));
+    }
+    if buf.first() != Some(&b'/') {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        return refuse(format!(
+            "the working directory {:?} is outside the container's root",
+            String::from_utf8_lossy(&buf[..end])
+        ));
+    }
+    Ok(())
 }
 
 impl Exec {

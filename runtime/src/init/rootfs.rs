@@ -114,7 +114,7 @@ fn clean(path: &Path) -> PathBuf {
 // --- resolution inside the rootfs ----------------------------------------------------------------
 
 /// Opens `rel` inside the rootfs, symlinks resolved as if the rootfs were `/` (never out of it).
-fn open_in_root(rootfd: &OwnedFd, rel: &Path, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
+pub(crate) fn open_in_root(rootfd: &OwnedFd, rel: &Path, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
     let how = OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC)
         .mode(mode)
@@ -1128,29 +1128,15 @@ pub(crate) fn mask_path(path: &str) -> Result<()> {
     }
 }
 
-/// Creates the directory `path` and its missing parents (the working directory, after
-/// pivot_root), owned by the container's root. Failures are left for chdir to report.
-pub(crate) fn create_dirs(path: &Path) {
-    let mut missing = Vec::new();
-    let mut current = Some(path);
-    while let Some(dir) = current {
-        if dir.as_os_str().is_empty() || std::fs::symlink_metadata(dir).is_ok() {
-            break;
-        }
-        missing.push(dir);
-        current = dir.parent();
-    }
-    for dir in missing.into_iter().rev() {
-        if std::fs::create_dir(dir).is_err() {
-            return;
-        }
-        if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name())
-            && let Ok(parent) =
-                nix::fcntl::open(parent, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        {
-            let _ = own_created(&parent, name);
-        }
-    }
+/// Creates the working directory `cwd` and its missing parents (owned by the container's root),
+/// resolved inside the container's root (`/`, after pivot_root) as openat2's RESOLVE_IN_ROOT does:
+/// never through a magic link such as `/proc/self/fd/N`, which could name a directory of the node.
+/// Failures are left to the chdir, which names the working directory.
+pub(crate) fn create_cwd(cwd: &Path) {
+    let Ok(root) = nix::fcntl::open("/", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) else {
+        return;
+    };
+    let _ = mkdir_all(&root, &clean(cwd));
 }
 
 /// Remounts the container's root read-only (root.readonly).

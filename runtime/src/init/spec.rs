@@ -78,6 +78,7 @@ impl InitSpec {
     /// Writes the spec as JSON to `path` (what the daemon does before starting the unit).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(path, text)
+        // 0600: the spec holds the container's env (Secrets).
+        std::io::Write::write_all(&mut crate::store::create_private_file(path)?, &text)
     }
 }

@@ -1,0 +1,436 @@
+//! Container breakout classes (issue 11), each tried as an attacker would in a throwaway node,
+//! through the real path: CRI calls to the daemon running as its production unit.
+
+use std::time::Duration;
+
+use e2e::crisimple::{self, container_config, pod_config};
+use e2e::oci::{self, Compression, ConfigOptions, Image, LayerBuilder};
+use e2e::registry::{Registry, RegistryOptions};
+use e2e::{CriClient, LOCAL_REGISTRY_PORT, Node, cri};
+
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pushes `image` as `busybox:<tag>` to registry `name` in the node and pulls it; returns its name.
+async fn push_and_pull(node: &Node, client: &mut CriClient, name: &str, tag: &str, image: &Image) -> String {
+    let registry = Registry::start(node, name, LOCAL_REGISTRY_PORT, RegistryOptions::default());
+    registry.push_image("busybox", tag, image);
+    let image = registry.repo(&format!("busybox:{tag}"));
+    let request = cri::PullImageRequest {
+        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+        ..Default::default()
+    };
+    client.image.pull_image(request).await.expect("PullImage");
+    image
+}
+
+async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> String {
+    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
+}
+
+fn out_mount(host_dir: &str) -> cri::Mount {
+    cri::Mount { container_path: "/out".into(), host_path: host_dir.into(), ..Default::default() }
+}
+
+// ---- CVE-2024-21626 class: a descriptor of init's as working directory -------------------------
+
+/// A working directory that goes through `/proc/self/fd/N` (from the pod spec, the image's
+/// WORKDIR, or a symlink of the image) must not put the entrypoint's cwd on the node: the start
+/// fails with an error naming the working directory, and nothing of the node is read. Then, in
+/// a running container whose working directory is replaced by such a symlink, ExecSync
+/// (exec-in) must not start there either.
+#[tokio::test]
+async fn working_dir_through_a_descriptor_never_reaches_the_node() {
+    let node = e2e::node_with_local_registry("sec-fd", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let machine_id = node.sh("cat /etc/machine-id").trim().to_string();
+    assert_eq!(machine_id.len(), 32, "the node's machine id: {machine_id:?}");
+
+    let mut extra = LayerBuilder::new();
+    extra.symlink("fdlink", "/proc/self/fd/3").dir("wd", 0o755).dir("out", 0o755);
+    let image = Image::new(
+        vec![oci::busybox_layer(Compression::Gzip), extra.build(Compression::Gzip)],
+        ConfigOptions { working_dir: "/proc/self/fd/3".into(), ..Default::default() },
+    );
+    let image = push_and_pull(&node, &mut client, "sec-fd", "fd", &image).await;
+    node.sh("mkdir -p /srv/sec-out && chmod 777 /srv/sec-out");
+    let pod = run_pod(&mut client, pod_config("sec-fd")).await;
+
+    // (case name, working_dir of the pod spec; "" takes the image's WORKDIR)
+    let mut cases: Vec<(String, String)> =
+        (3..=9).map(|fd| (format!("spec-fd{fd}"), format!("/proc/self/fd/{fd}"))).collect();
+    cases.push(("image-workdir".into(), String::new()));
+    cases.push(("image-symlink".into(), "/fdlink".into()));
+    cases.push(("spec-fd3-below".into(), "/proc/self/fd/3/sub".into()));
+    let mut started = Vec::new();
+    for (name, working_dir) in &cases {
+        let script = format!("pwd > /out/{name}; cat ../../../../../etc/machine-id >> /out/{name} 2>&1");
+        let mut config = container_config(name, &image, &["/bin/sh", "-c", &script]);
+        config.working_dir = working_dir.clone();
+        config.mounts = vec![out_mount("/srv/sec-out")];
+        let id = crisimple::create(&mut client, &pod, config).await.expect("CreateContainer");
+        match crisimple::start(&mut client, &id).await {
+            Ok(()) => {
+                crisimple::wait_exited(&mut client, &id).await;
+                started.push(name.clone());
+            }
+            Err(status) => {
+                assert!(
+                    status.message().contains("cwd") || status.message().contains("working dir"),
+                    "{name}: StartContainer's error names the working directory: {status:?}"
+                );
+            }
+        }
+    }
+    let outputs = node.sh("for f in /srv/sec-out/*; do [ -e \"$f\" ] && echo \"== $f\" && cat \"$f\"; done; true");
+    assert!(!outputs.contains(&machine_id), "the node's machine id was read from a container:\n{outputs}");
+    assert!(
+        started.is_empty(),
+        "containers started in a working directory reached through a descriptor: {started:?}\n{outputs}"
+    );
+
+    // exec-in: the container replaces its working directory by a symlink to one of its
+    // descriptors (the node says which through /ctl; the cwd of every exec is /wd).
+    node.sh("mkdir -p /srv/sec-ctl && chmod 777 /srv/sec-ctl");
+    let script = "last=; while :; do n=$(cat /ctl/n 2>/dev/null); if [ -n \"$n\" ] && [ \"$n\" != \"$last\" ]; then \
+                  rm -rf /wd; ln -sfn /proc/self/fd/$n /wd; echo $n > /ctl/ack; last=$n; fi; sleep 0.1; done";
+    let mut config = container_config("execin", &image, &["/bin/sh", "-c", script]);
+    config.working_dir = "/wd".into();
+    config.mounts =
+        vec![cri::Mount { container_path: "/ctl".into(), host_path: "/srv/sec-ctl".into(), ..Default::default() }];
+    let id = crisimple::create(&mut client, &pod, config).await.expect("CreateContainer");
+    crisimple::start(&mut client, &id).await.expect("StartContainer with a plain working dir");
+    let mut ran = Vec::new();
+    for fd in 0..=12 {
+        node.sh(&format!(
+            "echo {fd} > /srv/sec-ctl/n; i=0; until [ \"$(cat /srv/sec-ctl/ack 2>/dev/null)\" = {fd} ]; do \
+             i=$((i+1)); [ $i -lt 100 ] || exit 1; sleep 0.1; done"
+        ));
+        let result =
+            crisimple::exec_sync(&mut client, &id, &["/bin/sh", "-c", "pwd; cat ../../../../../etc/machine-id"]).await;
+        match result {
+            Ok(out) => {
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(
+                    !stdout.contains(&machine_id),
+                    "exec in cwd /proc/self/fd/{fd} read the node's machine id:\n{stdout}"
+                );
+                ran.push((fd, out.exit_code, stdout, String::from_utf8_lossy(&out.stderr).into_owned()));
+            }
+            Err(status) => assert!(status.message().contains("cwd"), "fd {fd}: the error names the cwd: {status:?}"),
+        }
+    }
+    assert!(ran.is_empty(), "commands ran with a cwd reached through a descriptor: {ran:?}");
+}
+
+// ---- CVE-2019-5736 class: the node's binary through /proc/<pid>/exe ---------------------------
+
+/// The attacker, seeing its victims' processes (hostPID): it waits for processes named `evil`
+/// (the `#!/proc/self/exe` script, run as the daemon's binary), keeps a descriptor of their
+/// `/proc/<pid>/exe` (fds 5 and 6), and once the node says `go` (the daemon is stopped, so no
+/// process runs the binary any more) opens those descriptors for writing through /proc/self/fd.
+const ATTACKER: &str = r#"
+n=5; seen=
+while [ $n -le 6 ]; do
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    case " $seen " in *" $p "*) continue;; esac
+    read c < $d/comm 2>/dev/null || continue
+    [ "$c" = evil ] || continue
+    seen="$seen $p"
+    if eval "command exec $n<$d/exe" 2>>/shared/caught; then
+      echo "fd $n: opened /proc/$p/exe ($(readlink /proc/self/fd/$n))" >> /shared/caught
+    else
+      echo "fd $n: open /proc/$p/exe refused" >> /shared/caught
+    fi
+    n=$((n+1))
+  done
+done
+until [ -e /shared/go ]; do sleep 0.1; done
+for n in 5 6; do
+  if (eval "echo pwned > /proc/self/fd/$n") 2>>/shared/write; then echo "fd $n: written" >> /shared/write; fi
+done
+echo done > /shared/done
+exec sleep 100000
+"#;
+
+/// busybox plus the dynamic loader and libraries of the daemon's binary (as `ldd` names them), as
+/// an image with a C library has them: what the binary needs to run inside the container.
+fn image_with_the_daemons_libraries() -> Image {
+    let bin = std::env::var("CRI_SYSTEMD_BIN").unwrap_or_else(|_| {
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
+        format!("{target}/debug/cri-systemd")
+    });
+    let ldd = std::process::Command::new("ldd").arg(&bin).output().expect("run ldd");
+    let ldd = String::from_utf8_lossy(&ldd.stdout).into_owned();
+    let mut layer = LayerBuilder::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for word in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let path = std::path::Path::new(word);
+        for dir in path.ancestors().skip(1).filter(|d| d.as_os_str().len() > 1) {
+            dirs.insert(dir.to_string_lossy().trim_start_matches('/').to_string());
+        }
+        files.push((word.trim_start_matches('/').to_string(), std::fs::read(path).expect("read a library")));
+    }
+    assert!(files.len() >= 2, "ldd {bin} names the loader and libraries:\n{ldd}");
+    for dir in &dirs {
+        layer.dir(dir, 0o755);
+    }
+    for (path, data) in &files {
+        layer.file(path, 0o755, data);
+    }
+    Image::new(vec![oci::busybox_layer(Compression::Gzip), layer.build(Compression::Gzip)], ConfigOptions::default())
+}
+
+/// `#!/proc/self/exe` scripts, as a container's entrypoint (exec'd by init) and as an ExecSync
+/// command (exec'd by exec-in), run the binary that exec'd them. Another container keeps
+/// their `/proc/<pid>/exe` open and writes to it once the daemon stopped: the node's
+/// `/usr/local/bin/cri-systemd` stays unchanged, and the write is refused (read-only).
+#[tokio::test]
+async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
+    let node = e2e::node_with_local_registry("sec-exe", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = push_and_pull(&node, &mut client, "sec-exe", "libc", &image_with_the_daemons_libraries()).await;
+    let sha = || node.sh("sha256sum /usr/local/bin/cri-systemd").split_whitespace().next().unwrap().to_string();
+    let before = sha();
+    // The script is read by the binary as its config (`--config <script>`): a sparse tail of
+    // 64 MiB keeps it running long enough for the attacker to find it.
+    node.sh("mkdir -p /srv/sec-exe && chmod 777 /srv/sec-exe && cd /srv/sec-exe && \
+         printf '#!/proc/self/exe --config\\n' > evil && truncate -s 64M evil && chmod 755 evil");
+
+    let mut pod = pod_config("sec-exe");
+    // hostPID, so that the attacker sees its victims without a pod init (which would keep the
+    // binary busy: the attack needs a moment when nothing runs it, e.g. a daemon upgrade).
+    let shared_pid = || cri::NamespaceOption { pid: cri::NamespaceMode::Node as i32, ..Default::default() };
+    pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(shared_pid()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod_id = run_pod(&mut client, pod.clone()).await;
+    let mut create = async |name: &str, command: &[&str]| {
+        let mut config = container_config(name, &image, command);
+        config.mounts = vec![cri::Mount {
+            container_path: "/shared".into(),
+            host_path: "/srv/sec-exe".into(),
+            ..Default::default()
+        }];
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(shared_pid()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod.clone()),
+        };
+        let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
+        crisimple::start(&mut client, &id).await.expect("StartContainer");
+        id
+    };
+    create("attacker", &["/bin/sh", "-c", ATTACKER]).await;
+    let victim = create("victim", &["/shared/evil"]).await;
+    let caught = |lines: usize| {
+        let node = &node;
+        e2e::eventually(Duration::from_secs(60), "the attacker to catch the script", move || {
+            let text = node.exec(&["cat", "/srv/sec-exe/caught"]).stdout;
+            async move { (text.lines().filter(|l| l.starts_with("fd ")).count() >= lines).then_some(text) }
+        })
+    };
+    caught(1).await;
+    // exec-in runs the same script in a running container.
+    let sleeper = create("sleeper", &["/bin/busybox", "sleep", "100000"]).await;
+    let request = cri::ExecSyncRequest { container_id: sleeper, cmd: vec!["/shared/evil".into()], timeout: 3 };
+    let _ = client.runtime.exec_sync(request).await;
+    let caught = caught(2).await;
+    // The attack needs a moment when no process runs the binary (a daemon upgrade, say).
+    let request = cri::StopContainerRequest { container_id: victim, timeout: 0 };
+    client.runtime.stop_container(request).await.expect("StopContainer");
+    node.sh("systemctl stop cri-systemd");
+    e2e::eventually(Duration::from_secs(30), "no process running the daemon's binary", || {
+        let running = node.sh("for p in /proc/[0-9]*; do [ \"$(readlink $p/exe)\" -ef /usr/local/bin/cri-systemd ] && echo $p; done; true");
+        async move { running.trim().is_empty().then_some(()) }
+    })
+    .await;
+    node.sh("touch /srv/sec-exe/go");
+    let done = e2e::eventually(Duration::from_secs(30), "the attacker's write attempts", || {
+        let text = node.exec(&["cat", "/srv/sec-exe/done"]).stdout;
+        async move { (!text.is_empty()).then_some(()) }
+    });
+    done.await;
+    let write = node.exec(&["cat", "/srv/sec-exe/write"]).stdout;
+    let after = sha();
+    assert_eq!(before, after, "the node's binary was changed from a container:\n{caught}\n{write}");
+    assert!(
+        caught.lines().filter(|l| l.contains("opened")).count() == 2,
+        "the attacker held both binaries open (the write below was really tried):\n{caught}"
+    );
+    assert_eq!(
+        write.lines().filter(|l| l.contains("Read-only file system")).count(),
+        2,
+        "both writes refused as read-only:\n{caught}\n{write}"
+    );
+}
+
+// ---- CVE-2021-41091 class: a container's files seen by other users of the node ----------------
+
+/// As `nobody` on the node: no record (init.json and container.json carry the env, i.e.
+/// Secrets), no CNI result, no directory listing, and no setuid-root binary a container wrote
+/// into its writable layer can be reached. Modes: records 0600, directories 0700, CRI log 0640.
+/// Modes of an older install are tightened when the daemon starts.
+#[tokio::test]
+async fn nothing_of_a_container_is_reachable_by_other_node_users() {
+    let node = e2e::node_with_local_registry("sec-perm", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "sec-perm").await;
+    let mut pod = pod_config("sec-perm");
+    pod.log_directory = "/var/log/pods/e2e_sec-perm".into();
+    let pod_id = run_pod(&mut client, pod).await;
+    let mut config = container_config(
+        "writer",
+        &image,
+        &["/bin/sh", "-c", "cp /bin/busybox /suid && chmod 4755 /suid && echo ready && exec sleep 100000"],
+    );
+    config.envs = vec![cri::KeyValue { key: "API_TOKEN".into(), value: "s3cr3t-token".into() }];
+    config.log_path = "writer/0.log".into();
+    let id = crisimple::create(&mut client, &pod_id, config).await.expect("CreateContainer");
+    crisimple::start(&mut client, &id).await.expect("StartContainer");
+    let state = "/var/lib/cri-systemd";
+    let dir = format!("{state}/containers/{id}");
+    e2e::eventually(Duration::from_secs(20), "the setuid binary in the writable layer", || {
+        let found = node.exec(&["test", "-u", &format!("{dir}/upper/suid")]).success();
+        async move { found.then_some(()) }
+    })
+    .await;
+    assert_eq!(node.sh(&format!("stat -c %U {dir}/upper/suid")).trim(), "root");
+
+    let check = |node: &Node| {
+        let as_nobody = |args: &str| node.exec(&["sh", "-c", &format!("runuser -u nobody -- {args}")]);
+        let mut reached = Vec::new();
+        for args in [
+            format!("cat {dir}/init.json"),
+            format!("cat {dir}/container.json"),
+            format!("cat {state}/pods/{pod_id}/pod.json"),
+            format!("ls {state}/containers"),
+            format!("ls {state}/pods"),
+            format!("ls {dir}"),
+            format!("ls {state}/cni/results"),
+            format!("cat {state}/cni/results/*"),
+            format!("{dir}/upper/suid id -u"),
+            format!("ls /run/cri-systemd/pods/{pod_id}"),
+            "ls /run/cri-systemd/pods".to_string(),
+            "cat /var/log/pods/e2e_sec-perm/writer/0.log".to_string(),
+        ] {
+            let run = as_nobody(&args);
+            if run.success() || run.stdout.contains("s3cr3t") {
+                let first: String = run.stdout.trim().lines().next().unwrap_or("").chars().take(40).collect();
+                reached.push(format!("{args} -> {first}"));
+            }
+        }
+        let modes = node.sh(&format!(
+            "stat -c '%a %n' {dir}/init.json {dir}/container.json {state}/pods/{pod_id}/pod.json {dir} \
+             {state}/containers {state}/pods /run/cri-systemd/pods /run/cri-systemd/pods/{pod_id} \
+             /var/log/pods/e2e_sec-perm/writer/0.log; \
+             for f in {state}/cni/results/*; do [ ! -e \"$f\" ] || stat -c '%a %n' \"$f\"; done"
+        ));
+        (reached, modes)
+    };
+    let (reached, modes) = check(&node);
+    assert!(
+        reached.is_empty(),
+        "nobody on the node reached a container's files:\n{}\nmodes:\n{modes}",
+        reached.join("\n")
+    );
+    let expected = |path: &str| match path {
+        p if p.ends_with(".log") => "640",
+        p if p.ends_with(".json") => "600",
+        _ => "700",
+    };
+    for line in modes.lines() {
+        let (mode, path) = line.split_once(' ').unwrap();
+        assert_eq!(mode, expected(path), "mode of {path}\n{modes}");
+    }
+
+    // An install from before: everything world-readable. A restart tightens it.
+    node.sh(&format!(
+        "systemctl stop cri-systemd && chmod 755 {state}/containers {state}/pods {dir} /run/cri-systemd/pods \
+         /run/cri-systemd/pods/{pod_id} && chmod 644 {dir}/init.json {dir}/container.json \
+         {state}/pods/{pod_id}/pod.json && systemctl start cri-systemd"
+    ));
+    node.cri(ANSWER_TIMEOUT).await;
+    let (reached, modes) = check(&node);
+    assert!(reached.is_empty(), "after a restart, nobody reached:\n{}\nmodes:\n{modes}", reached.join("\n"));
+}
+
+// ---- issue 11 item 8: log paths, task limits, id ranges ----------------------------------------
+
+/// A log_path that is absolute or climbs out with `..` is refused (InvalidArgument) and nothing
+/// is created; a container's unit has the finite default TasksMax; a kubelet-chosen user
+/// namespace range over the image layers' ids is refused; a misaligned `images.layer_uid_shift`
+/// stops the daemon naming the key.
+#[tokio::test]
+async fn log_paths_task_limits_and_id_ranges_are_checked() {
+    let node = e2e::node_with_local_registry("sec-misc", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "sec-misc").await;
+    let mut pod = pod_config("sec-misc");
+    pod.log_directory = "/var/log/pods/e2e_sec-misc".into();
+    let pod_id = run_pod(&mut client, pod).await;
+    let containers = || node.sh("ls /var/lib/cri-systemd/containers | wc -l").trim().to_string();
+    let before = containers();
+    for log_path in ["/etc/sec-misc.log", "../../../../etc/sec-misc.log", "a/../../sec-misc.log"] {
+        let mut config = container_config("logger", &image, &["/bin/sh", "-c", "echo hello"]);
+        config.log_path = log_path.into();
+        let result = match crisimple::create(&mut client, &pod_id, config).await {
+            Ok(id) => crisimple::start(&mut client, &id).await.map(|()| id),
+            Err(status) => Err(status),
+        };
+        let status = result.expect_err(&format!("log_path {log_path:?} accepted"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{log_path}: {status:?}");
+        assert!(status.message().contains("log_path"), "{status:?}");
+    }
+    assert!(!node.exec(&["test", "-e", "/etc/sec-misc.log"]).success(), "a log file was created in /etc");
+    assert!(!node.exec(&["test", "-e", "/var/log/sec-misc.log"]).success(), "a log file was created in /var/log");
+    assert_eq!(containers(), before, "a refused container left a directory");
+
+    let id = crisimple::create(
+        &mut client,
+        &pod_id,
+        container_config("tasks", &image, &["/bin/busybox", "sleep", "100000"]),
+    )
+    .await
+    .expect("CreateContainer");
+    crisimple::start(&mut client, &id).await.expect("StartContainer");
+    assert_eq!(node.sh(&format!("systemctl show -p TasksMax --value cri-{id}.service")).trim(), "4096");
+
+    let mut userns_pod = pod_config("sec-misc-userns");
+    let layers = vec![cri::IdMapping { host_id: 0x7FFE_0000, container_id: 0, length: 65536 }];
+    userns_pod.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                userns_options: Some(cri::UserNamespace {
+                    mode: cri::NamespaceMode::Pod as i32,
+                    uids: layers.clone(),
+                    gids: layers,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request = cri::RunPodSandboxRequest { config: Some(userns_pod), runtime_handler: String::new() };
+    let status = client.runtime.run_pod_sandbox(request).await.expect_err("a pod range over the layers' ids");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    node.write_file("/tmp/misaligned.toml", "[images]\nlayer_uid_shift = 2147352577\n");
+    let run = node.exec(&["cri-systemd", "--config", "/tmp/misaligned.toml", "config"]);
+    assert!(!run.success() && run.stderr.contains("images.layer_uid_shift"), "{run:?}");
+}
