@@ -1101,3 +1101,29 @@ async fn readonly_submounts_all_capabilities_and_group_without_user() {
     let refused = create(&mut client, &pod, group_only).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 }
+
+/// A container stopped right after its start, before its PID 1 installed its handler for the stop
+/// signal (critest's stop spec does this with busybox `top`): the kernel drops a signal a PID
+/// namespace's init has no handler for, so the stop signal must reach it once the handler is
+/// there rather than be lost, leaving the container to be killed at the end of the grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_signal_sent_before_the_entrypoint_handles_it_is_not_lost() {
+    let node = node("ctr-early-stop");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "early-stop").await;
+    // The handler comes 2 s after the start; the trap's exit code says the signal arrived.
+    let script = "sleep 2; trap 'exit 0' TERM; while :; do sleep 0.1; done";
+    let id = create(&mut client, &pod, container_config("late-trap", &image, &["/bin/busybox", "sh", "-c", script]))
+        .await
+        .unwrap();
+    start(&mut client, &id).await.unwrap();
+    let request = cri::StopContainerRequest { container_id: id.clone(), timeout: 30 };
+    client.runtime.stop_container(request).await.expect("StopContainer");
+    let stopped = status(&mut client, &id).await;
+    assert_eq!(
+        (stopped.state, stopped.exit_code, stopped.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, 0, "Completed"),
+        "the entrypoint's TERM trap never ran: {stopped:?}"
+    );
+}

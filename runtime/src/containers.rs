@@ -356,9 +356,22 @@ impl Runtime {
         if timeout_seconds > 0 {
             let signal = container::stop_signal(&record.spec.image.stop_signal)?;
             last_signal = signal;
-            self.systemd.kill_unit(&record.unit, "main", signal).await?;
+            let main_pid = self.systemd.main_pid(&record.unit).await.ok().filter(|&p| p != 0);
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_seconds as u64);
-            while tokio::time::Instant::now() < deadline && !exit_file.exists() {
+            // The PID 1 of a PID namespace gets from outside only the signals it has a handler
+            // for: the kernel drops the others. An entrypoint stopped right after its start (before
+            // it installed its handler) would lose the stop signal and sit out the whole grace
+            // period: it gets the signal once its handler is there (or never, if it has none,
+            // when the kernel would have dropped it anyway).
+            let mut sent = false;
+            loop {
+                if !sent && main_pid.is_none_or(|pid| stop_signal_reaches(pid, signal)) {
+                    self.systemd.kill_unit(&record.unit, "main", signal).await?;
+                    sent = true;
+                }
+                if exit_file.exists() || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -883,4 +896,50 @@ fn set_unit_affinity(record: &Container, cpus: &str) -> Result<(), Error> {
 
 fn now_nanos() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Whether `signal`, sent from the node, reaches process `pid` now: always, unless the process is
+/// the PID 1 of its PID namespace (the last `NSpid` field is 1) and has no handler for it
+/// (`SigCgt`), in which case the kernel drops it. Unknown (the process is gone, the file is
+/// unreadable): yes, so the signal is sent as it always was.
+fn stop_signal_reaches(pid: u32, signal: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => signal_reaches(&status, signal),
+        Err(_) => true,
+    }
+}
+
+fn signal_reaches(status: &str, signal: i32) -> bool {
+    if signal == libc::SIGKILL || signal == libc::SIGSTOP || !(1..=64).contains(&signal) {
+        return true;
+    }
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let namespace_init = field("NSpid:").and_then(|v| v.split_whitespace().last()) == Some("1");
+    if !namespace_init {
+        return true;
+    }
+    match field("SigCgt:").and_then(|v| u64::from_str_radix(v, 16).ok()) {
+        Some(caught) => caught & (1 << (signal - 1)) != 0,
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod stop_signal_tests {
+    use super::signal_reaches;
+
+    #[test]
+    fn a_namespace_init_gets_only_the_signals_it_catches() {
+        let init = |caught: &str| format!("Name:\tsh\nNSpid:\t4242\t1\nSigIgn:\t0000000000000004\nSigCgt:\t{caught}\n");
+        // No handler yet: SIGTERM would be dropped.
+        assert!(!signal_reaches(&init("0000000000000000"), libc::SIGTERM));
+        // `trap ... TERM`: bit 15 (SIGTERM) set.
+        assert!(signal_reaches(&init("0000000000004000"), libc::SIGTERM));
+        assert!(!signal_reaches(&init("0000000000004000"), libc::SIGINT));
+        assert!(signal_reaches(&init("0000000000000000"), libc::SIGKILL));
+        // Not a namespace's PID 1 (hostPID, a shared pod PID namespace): always delivered.
+        assert!(signal_reaches("NSpid:\t4242\t7\nSigCgt:\t0000000000000000\n", libc::SIGTERM));
+        assert!(signal_reaches("NSpid:\t4242\nSigCgt:\t0000000000000000\n", libc::SIGTERM));
+        assert!(signal_reaches("", libc::SIGTERM));
+    }
 }
