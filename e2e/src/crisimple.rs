@@ -103,3 +103,19 @@ pub async fn wait_exited(client: &mut CriClient, id: &str) -> cri::ContainerStat
     })
     .await
 }
+
+/// Every line of a CRI log file: (stream, tag, text), after checking the timestamp's form.
+pub fn parse_log(text: &str) -> Vec<(String, String, String)> {
+    text.lines()
+        .map(|line| {
+            let mut fields = line.splitn(4, ' ');
+            let (time, stream, tag) = (fields.next().unwrap(), fields.next().unwrap(), fields.next().unwrap());
+            let bytes = time.as_bytes();
+            assert!(
+                time.len() == 30 && bytes[4] == b'-' && bytes[10] == b'T' && bytes[19] == b'.' && time.ends_with('Z'),
+                "not an RFC3339Nano time: {line:?}"
+            );
+            (stream.to_string(), tag.to_string(), fields.next().unwrap_or("").to_string())
+        })
+        .collect()
+}

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use e2e::crisimple::{container_config, create, pod_config, run_pod, start, status, wait_exited};
+use e2e::crisimple::{container_config, create, parse_log, pod_config, run_pod, start, status, wait_exited};
 use e2e::{CriClient, Node, cri, eventually};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -223,22 +223,6 @@ async fn bad_requests_change_nothing_and_containers_outlive_the_daemon() {
         client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner().containers;
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(node.sh("ls -A /var/lib/cri-systemd/containers"), "");
-}
-
-/// Every line of a CRI log file: (stream, tag, text), after checking the timestamp's form.
-fn parse_log(text: &str) -> Vec<(String, String, String)> {
-    text.lines()
-        .map(|line| {
-            let mut fields = line.splitn(4, ' ');
-            let (time, stream, tag) = (fields.next().unwrap(), fields.next().unwrap(), fields.next().unwrap());
-            let bytes = time.as_bytes();
-            assert!(
-                time.len() == 30 && bytes[4] == b'-' && bytes[10] == b'T' && bytes[19] == b'.' && time.ends_with('Z'),
-                "not an RFC3339Nano time: {line:?}"
-            );
-            (stream.to_string(), tag.to_string(), fields.next().unwrap_or("").to_string())
-        })
-        .collect()
 }
 
 #[tokio::test]

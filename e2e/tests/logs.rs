@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::crisimple::{container_config, create, pod_config, start, wait_exited};
+use e2e::crisimple::{container_config, create, parse_log, pod_config, start, wait_exited};
 use e2e::oci::{Compression, ConfigOptions, Image, LayerBuilder, busybox_layer};
 use e2e::registry::{Registry, RegistryOptions};
 use e2e::{CriClient, LOCAL_REGISTRY_PORT, Node, cri, eventually};
@@ -14,22 +14,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn node(label: &str) -> Node {
     e2e::node_with_local_registry(label, "")
-}
-
-/// Every line of a CRI log file: (stream, tag, text), after checking the timestamp's form.
-fn parse_log(text: &str) -> Vec<(String, String, String)> {
-    text.lines()
-        .map(|line| {
-            let mut fields = line.splitn(4, ' ');
-            let (time, stream, tag) = (fields.next().unwrap(), fields.next().unwrap(), fields.next().unwrap());
-            let bytes = time.as_bytes();
-            assert!(
-                time.len() == 30 && bytes[4] == b'-' && bytes[10] == b'T' && bytes[19] == b'.' && time.ends_with('Z'),
-                "not an RFC3339Nano time: {line:?}"
-            );
-            (stream.to_string(), tag.to_string(), fields.next().unwrap_or("").to_string())
-        })
-        .collect()
 }
 
 /// The (stream, text) of every line of the log at `path` in the node.
