@@ -119,3 +119,9 @@ pub fn parse_log(text: &str) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// The id of the pod sandbox container `id` belongs to, as ListContainers says.
+pub async fn pod_of(client: &mut CriClient, id: &str) -> String {
+    let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.expect("ListContainers");
+    listed.into_inner().containers.into_iter().find(|c| c.id == id).expect("the container is listed").pod_sandbox_id
+}

@@ -369,17 +369,7 @@ async fn port_forward_bounds_pending_streams_and_queued_data() {
     let node = node_with_local_registry("hostile-pf", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let container = e2e::sleeping_container(&node, &mut client, "pfflood").await;
-    let pod = client
-        .runtime
-        .list_containers(cri::ListContainersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .containers
-        .into_iter()
-        .find(|c| c.id == container)
-        .unwrap()
-        .pod_sandbox_id;
+    let pod = e2e::crisimple::pod_of(&mut client, &container).await;
     let request = cri::PortForwardRequest { pod_sandbox_id: pod, port: vec![] };
     let url = client.runtime.port_forward(request).await.expect("PortForward").into_inner().url;
     let baseline = reset_daemon_peak_kib(&node);

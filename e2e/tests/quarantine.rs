@@ -14,17 +14,7 @@ async fn torn_pod_record_is_quarantined_and_its_container_keeps_running() {
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let container = sleeping_container(&node, &mut client, "torn").await;
     let pod = crisimple::status(&mut client, &container).await;
-    let pod_id = client
-        .runtime
-        .list_containers(cri::ListContainersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .containers
-        .into_iter()
-        .find(|c| c.id == container)
-        .expect("the container is listed")
-        .pod_sandbox_id;
+    let pod_id = e2e::crisimple::pod_of(&mut client, &container).await;
     assert_eq!(pod.state, cri::ContainerState::ContainerRunning as i32);
     let unit = format!("cri-{container}.service");
 

@@ -45,16 +45,7 @@ pub(crate) fn join_self(relative: &str) -> Result<(), String> {
             continue;
         }
         let dir = Path::new(&mount.mount_point).join(relative.trim_start_matches('/'));
-        // A concurrent removal of an empty parent (another pod's last container) can take a
-        // directory away mid-way: try again.
-        let mut made = std::fs::create_dir_all(&dir);
-        for _ in 0..3 {
-            if made.is_ok() {
-                break;
-            }
-            made = std::fs::create_dir_all(&dir);
-        }
-        made.map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        create_cgroup_dir(&dir)?;
         std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|e| format!("cannot join {}: {e}", dir.display()))?;
     }
@@ -68,6 +59,19 @@ pub(crate) fn remove(slice: &str, unit: Option<&str>) -> Result<(), Error> {
         crate::hugetlb::remove_in(Path::new(&mount.mount_point), slice, unit)?;
     }
     Ok(())
+}
+
+/// Creates a cgroup directory and its parents. A concurrent removal of an empty parent (another
+/// pod's last container) can take a directory away mid-way: it is tried again a few times.
+pub(crate) fn create_cgroup_dir(dir: &Path) -> Result<(), String> {
+    let mut made = std::fs::create_dir_all(dir);
+    for _ in 0..3 {
+        if made.is_ok() {
+            break;
+        }
+        made = std::fs::create_dir_all(dir);
+    }
+    made.map_err(|e| format!("cannot create {}: {e}", dir.display()))
 }
 
 #[cfg(test)]

@@ -147,16 +147,7 @@ fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, joi
     let dir = hierarchy.dir(relative);
     let files: (&str, &str) = match hierarchy {
         Hierarchy::V1(_) => {
-            // A concurrent removal of an empty parent (another pod's last container) can take a
-            // directory away mid-way: try again.
-            let mut made = std::fs::create_dir_all(&dir);
-            for _ in 0..3 {
-                if made.is_ok() {
-                    break;
-                }
-                made = std::fs::create_dir_all(&dir);
-            }
-            made.map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            crate::cgroup_v1::create_cgroup_dir(&dir)?;
             ("limit_in_bytes", "rsvd.limit_in_bytes")
         }
         Hierarchy::V2(mount) => {
