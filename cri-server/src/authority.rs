@@ -53,6 +53,12 @@ pub struct AuthorityFix<S> {
     eof: bool,
 }
 
+impl<S> std::fmt::Debug for AuthorityFix<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityFix").field("reencode", &self.reencode).field("given_up", &self.given_up).finish()
+    }
+}
+
 /// A header block being gathered: the HEADERS frame and its CONTINUATIONs.
 struct HeaderBlock {
     stream: u32,

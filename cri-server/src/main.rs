@@ -1,25 +1,13 @@
-//! `cri-systemd`: the daemon. It owns the configuration, the CRI gRPC services on a unix socket,
-//! and the handlers that translate CRI calls into calls on `runtime` (pods, containers, systemd)
-//! and `imagestore` (images). Handlers hold no logic of their own beyond that translation and the
-//! mapping of library errors to gRPC codes.
-
-mod authority;
-mod config;
-mod container_translate;
-mod errors;
-mod image_service;
-mod logging;
-mod pod_translate;
-mod runtime_service;
-mod server;
-mod streaming;
+//! `cri-systemd`: the daemon's command line. The work is in the `cri_server` library (src/lib.rs);
+//! this file only parses the arguments and dispatches, keeping the init steps single-threaded.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use cri_server::config::Config;
+use cri_server::{logging, server};
 
 #[derive(Debug, Parser)]
 #[command(name = "cri-systemd", version, about = "A Kubernetes container runtime (CRI) on systemd")]

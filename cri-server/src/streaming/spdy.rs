@@ -188,6 +188,12 @@ impl std::fmt::Debug for HeaderEncoder {
     }
 }
 
+impl Default for HeaderEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl HeaderEncoder {
     pub fn new() -> HeaderEncoder {
         let mut zlib = Compress::new(Compression::default(), true);
@@ -235,6 +241,12 @@ impl std::fmt::Debug for HeaderDecoder {
 
 fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
+impl Default for HeaderDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl HeaderDecoder {
