@@ -31,3 +31,14 @@ fn cni_status(error: runtime::CniError, message: String) -> Status {
         C::Spawn { .. } | C::Cache { .. } | C::BadCacheEntry { .. } => Status::internal(message),
     }
 }
+
+/// Errors of the node layer (runtime and image store together): each library's own mapping.
+pub fn node_status(error: crate::node::NodeError) -> Status {
+    use crate::node::NodeError as N;
+    match error {
+        N::Runtime(e) => runtime_status(e),
+        N::Images(e) => crate::image_service::image_status(e),
+        N::ImageNotFound(_) => Status::not_found(error.to_string()),
+        N::Task(_) => Status::internal(error.to_string()),
+    }
+}

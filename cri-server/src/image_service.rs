@@ -1,36 +1,26 @@
 //! The CRI `ImageService`: translates CRI image calls into `imagestore` calls.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use imagestore::{Credentials, ErrorKind, Image, ImageId, ImageStore};
+use imagestore::{Credentials, ErrorKind, Image, ImageStore};
 use proto::cri::{self, image_service_server::ImageService};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-/// Serves `runtime.v1.ImageService` from an [`ImageStore`].
+use crate::node::Node;
+
+/// Serves `runtime.v1.ImageService` from the node's [`ImageStore`].
 #[derive(Debug)]
 pub struct Images {
     store: ImageStore,
-    runtime: Arc<runtime::Runtime>,
+    node: Arc<Node>,
 }
 
 impl Images {
-    pub fn new(store: ImageStore, runtime: Arc<runtime::Runtime>) -> Self {
-        Images { store, runtime }
-    }
-}
-
-/// Removes what no image and no container needs any more: removed images whose last container
-/// is gone, and their layers and blobs. Called after anything that may free content.
-pub async fn collect_garbage(store: &ImageStore, runtime: &runtime::Runtime) {
-    let in_use: HashSet<ImageId> = runtime.images_in_use().iter().filter_map(|id| id.parse().ok()).collect();
-    let store = store.clone();
-    match tokio::task::spawn_blocking(move || store.gc(&in_use)).await {
-        Ok(Ok(report)) => tracing::debug!(?report, "garbage collected"),
-        Ok(Err(e)) => tracing::warn!("garbage collection: {e}"),
-        Err(e) => tracing::warn!("garbage collection task: {e}"),
+    pub fn new(node: Arc<Node>) -> Self {
+        Images { store: node.images().clone(), node }
     }
 }
 
@@ -215,10 +205,8 @@ impl ImageService for Images {
         &self,
         request: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
-        let store = self.store.clone();
-        let name = image_name(request.get_ref().image.as_ref())?.to_owned();
-        blocking(move || store.remove(&name)).await?;
-        collect_garbage(&self.store, &self.runtime).await;
+        let name = image_name(request.get_ref().image.as_ref())?;
+        self.node.remove_image(name).await.map_err(crate::errors::node_status)?;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }
 
@@ -330,7 +318,8 @@ mod tests {
         )
         .await
         .unwrap();
-        Images::new(ImageStore::open(dir, config).unwrap(), Arc::new(runtime))
+        let store = ImageStore::open(dir, config).unwrap();
+        Images::new(Arc::new(Node::new(Arc::new(runtime), store, runtime_dir.join("state"))))
     }
 
     #[tokio::test]

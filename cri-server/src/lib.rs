@@ -1,7 +1,8 @@
 //! The cri-systemd daemon: it owns the configuration, the CRI gRPC services on a unix socket,
-//! and the handlers that translate CRI calls into calls on `runtime` (pods, containers, systemd)
-//! and `imagestore` (images). Handlers hold no logic of their own beyond that translation and the
-//! mapping of library errors to gRPC codes.
+//! and the handlers that translate CRI calls into calls on `runtime` (pods, containers, systemd),
+//! `imagestore` (images), or `node` (what uses both: container creation from an image's layers,
+//! removals and image garbage collection, readiness, stats). Handlers hold no logic of their own
+//! beyond that translation and the mapping of library errors to gRPC codes.
 //!
 //! A library (with the `cri-systemd` binary in main.rs) so that fuzz targets and benchmarks can
 //! reach the parsers and translators; nothing outside this workspace is meant to link it.
@@ -12,6 +13,7 @@ pub mod container_translate;
 pub mod errors;
 pub mod image_service;
 pub mod logging;
+pub mod node;
 pub mod pod_translate;
 pub mod runtime_service;
 pub mod server;

@@ -4,16 +4,15 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use imagestore::ImageStore;
 use proto::cri::{self, runtime_service_server::RuntimeService};
-use runtime::{ContainerFilter, ContainerState, NetworkReadiness, PodFilter, RootfsLayers, Runtime, Systemd};
+use runtime::{ContainerFilter, PodFilter, Runtime};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::container_translate;
-use crate::errors::runtime_status;
-use crate::image_service::image_status;
+use crate::errors::{node_status, runtime_status};
+use crate::node::{self, Node, now_nanos};
 use crate::pod_translate;
 use crate::streaming::{StreamRequest, StreamingServer};
 
@@ -25,97 +24,71 @@ const RUNTIME_NAME: &str = "cri-systemd";
 #[derive(Debug)]
 pub struct RuntimeApi {
     config: Arc<Config>,
-    systemd: Arc<Systemd>,
+    node: Arc<Node>,
     runtime: Arc<Runtime>,
-    images: ImageStore,
-    sampler: runtime::stats::Sampler,
     streaming: Arc<StreamingServer>,
 }
 
 impl RuntimeApi {
-    fn container_stats_of(&self, container: &runtime::Container) -> cri::ContainerStats {
-        let cgroup = runtime::stats::cgroup_path(&container.slice, Some(&container.unit));
-        let usage = if container.state == ContainerState::Running {
-            self.sampler.sample(&cgroup)
-        } else {
-            runtime::stats::Usage { timestamp: now_nanos(), ..Default::default() }
-        };
-        let layer = runtime::stats::disk_usage(&container.rootfs.upperdir);
-        cri::ContainerStats {
-            attributes: Some(cri::ContainerAttributes {
-                id: container.id.clone(),
-                metadata: Some(cri::ContainerMetadata {
-                    name: container.spec.name.clone(),
-                    attempt: container.spec.attempt,
-                }),
-                labels: container.spec.labels.clone().into_iter().collect(),
-                annotations: container.spec.annotations.clone().into_iter().collect(),
-            }),
-            cpu: Some(cpu_usage(&usage)),
-            memory: Some(memory_usage(&usage)),
-            writable_layer: Some(cri::FilesystemUsage {
-                timestamp: usage.timestamp,
-                fs_id: Some(cri::FilesystemIdentifier {
-                    mountpoint: self.config.state_root.to_string_lossy().into_owned(),
-                }),
-                used_bytes: Some(cri::UInt64Value { value: layer.bytes }),
-                inodes_used: Some(cri::UInt64Value { value: layer.inodes }),
-            }),
-            swap: None,
-        }
+    pub fn new(config: Arc<Config>, node: Arc<Node>, streaming: Arc<StreamingServer>) -> Self {
+        Self { config, runtime: node.runtime().clone(), node, streaming }
     }
+}
 
-    fn pod_stats_of(&self, pod: &runtime::Pod) -> cri::PodSandboxStats {
-        let usage = self.sampler.sample(&runtime::stats::cgroup_path(&pod.slice, None));
-        let filter = ContainerFilter { pod_id: Some(pod.id.clone()), ..Default::default() };
-        let containers = self.runtime.containers(&filter).iter().map(|c| self.container_stats_of(c)).collect();
-        cri::PodSandboxStats {
-            attributes: Some(cri::PodSandboxAttributes {
-                id: pod.id.clone(),
-                metadata: Some(cri::PodSandboxMetadata {
-                    name: pod.spec.name.clone(),
-                    uid: pod.spec.uid.clone(),
-                    namespace: pod.spec.namespace.clone(),
-                    attempt: pod.spec.attempt,
-                }),
-                labels: pod.spec.labels.clone().into_iter().collect(),
-                annotations: pod.spec.annotations.clone().into_iter().collect(),
+fn container_stats(stats: &node::ContainerStats) -> cri::ContainerStats {
+    let container = &stats.container;
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: container.id.clone(),
+            metadata: Some(cri::ContainerMetadata {
+                name: container.spec.name.clone(),
+                attempt: container.spec.attempt,
             }),
-            linux: Some(cri::LinuxPodSandboxStats {
-                cpu: Some(cpu_usage(&usage)),
-                memory: Some(memory_usage(&usage)),
-                // A stopped pod's network namespace is gone with its pin.
-                network: (pod.state == runtime::PodState::Ready)
-                    .then_some(pod.namespaces.network.as_deref())
-                    .flatten()
-                    .and_then(|netns| network_usage_of(&pod.id, netns)),
-                process: None,
-                containers,
+            labels: container.spec.labels.clone().into_iter().collect(),
+            annotations: container.spec.annotations.clone().into_iter().collect(),
+        }),
+        cpu: Some(cpu_usage(&stats.usage)),
+        memory: Some(memory_usage(&stats.usage)),
+        writable_layer: Some(cri::FilesystemUsage {
+            timestamp: stats.usage.timestamp,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: stats.writable_layer_fs.to_string_lossy().into_owned(),
             }),
-            windows: None,
-        }
+            used_bytes: Some(cri::UInt64Value { value: stats.writable_layer.bytes }),
+            inodes_used: Some(cri::UInt64Value { value: stats.writable_layer.inodes }),
+        }),
+        swap: None,
     }
+}
 
-    pub fn new(
-        config: Arc<Config>,
-        runtime: Arc<Runtime>,
-        images: ImageStore,
-        streaming: Arc<StreamingServer>,
-    ) -> Self {
-        Self { config, systemd: runtime.systemd().clone(), runtime, images, sampler: Default::default(), streaming }
+fn pod_stats(stats: &node::PodStats) -> cri::PodSandboxStats {
+    let pod = &stats.pod;
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: pod.id.clone(),
+            metadata: Some(cri::PodSandboxMetadata {
+                name: pod.spec.name.clone(),
+                uid: pod.spec.uid.clone(),
+                namespace: pod.spec.namespace.clone(),
+                attempt: pod.spec.attempt,
+            }),
+            labels: pod.spec.labels.clone().into_iter().collect(),
+            annotations: pod.spec.annotations.clone().into_iter().collect(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: Some(cpu_usage(&stats.usage)),
+            memory: Some(memory_usage(&stats.usage)),
+            network: stats.network.as_deref().map(network_usage),
+            process: None,
+            containers: stats.containers.iter().map(container_stats).collect(),
+        }),
+        windows: None,
     }
 }
 
 /// The pod's network counters, as containerd gives them: eth0 (or the first interface) as the
-/// default one, and every interface but loopback. None for a pod on the node's network.
-fn network_usage_of(pod: &str, netns: &std::path::Path) -> Option<cri::NetworkUsage> {
-    let interfaces = match runtime::stats::network_usage(netns) {
-        Ok(interfaces) => interfaces,
-        Err(e) => {
-            tracing::warn!(pod, "cannot read the pod's network counters: {e}");
-            return None;
-        }
-    };
+/// default one, and every interface but loopback.
+fn network_usage(interfaces: &[runtime::stats::InterfaceUsage]) -> cri::NetworkUsage {
     let usage = |i: &runtime::stats::InterfaceUsage| cri::NetworkInterfaceUsage {
         name: i.name.clone(),
         rx_bytes: Some(cri::UInt64Value { value: i.rx_bytes }),
@@ -124,11 +97,11 @@ fn network_usage_of(pod: &str, netns: &std::path::Path) -> Option<cri::NetworkUs
         tx_errors: Some(cri::UInt64Value { value: i.tx_errors }),
     };
     let default = interfaces.iter().find(|i| i.name == "eth0").or(interfaces.first());
-    Some(cri::NetworkUsage {
+    cri::NetworkUsage {
         timestamp: now_nanos(),
         default_interface: default.map(usage),
         interfaces: interfaces.iter().map(usage).collect(),
-    })
+    }
 }
 
 fn not_yet(rpc: &str, why: &str) -> Status {
@@ -161,21 +134,15 @@ impl RuntimeService for RuntimeApi {
     }
 
     async fn status(&self, request: Request<cri::StatusRequest>) -> Result<Response<cri::StatusResponse>, Status> {
-        let manager = self.systemd.manager_info().await;
-        let runtime_ready = match &manager {
-            Ok(_) => Ok(()),
-            Err(e) => Err(("SystemdUnreachable", e.to_string())),
-        };
-        let network_ready = match self.runtime.network_readiness() {
-            NetworkReadiness::Ready { .. } => Ok(()),
-            NetworkReadiness::NotReady { message } => Err(("NetworkPluginNotReady", message)),
-        };
+        let readiness = self.node.readiness().await;
+        let runtime_ready = readiness.systemd.as_ref().map(|_| ()).map_err(|e| ("SystemdUnreachable", e.clone()));
+        let network_ready = readiness.network.map_err(|message| ("NetworkPluginNotReady", message));
         let mut info = HashMap::new();
         if request.get_ref().verbose {
             info.insert("config".into(), serde_json::to_string(&*self.config).unwrap_or_default());
             // Records startup recovery could not read, set aside under <state_root>/quarantine.
             info.insert("quarantine".into(), serde_json::to_string(&self.runtime.quarantined()).unwrap_or_default());
-            if let Ok(manager) = &manager {
+            if let Ok(manager) = &readiness.systemd {
                 let systemd = serde_json::json!({
                     "version": manager.version,
                     "features": manager.features,
@@ -233,7 +200,7 @@ impl RuntimeService for RuntimeApi {
         &self,
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        self.runtime.remove_pod(&request.into_inner().pod_sandbox_id).await.map_err(runtime_status)?;
+        self.node.remove_pod(&request.into_inner().pod_sandbox_id).await.map_err(node_status)?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
@@ -242,14 +209,7 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
-        let mut pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
-        // A pod whose init process ended has lost its PID namespace, and its containers with
-        // it: not ready, so that the kubelet makes a new one (as with a dead pause container).
-        if pod.state == runtime::PodState::Ready
-            && !self.runtime.pod_init_running(&pod).await.map_err(runtime_status)?
-        {
-            pod.state = runtime::PodState::NotReady;
-        }
+        let pod = self.node.pod_status(&request.pod_sandbox_id).await.map_err(node_status)?;
         let mut info = HashMap::new();
         if request.verbose {
             info.insert("info".into(), serde_json::to_string(&pod).unwrap_or_default());
@@ -286,30 +246,10 @@ impl RuntimeService for RuntimeApi {
         if image_name.is_empty() {
             return Err(Status::invalid_argument("container config names no image"));
         }
-        // Unknown pods fail before anything is prepared.
-        self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
-        let image = self
-            .images
-            .image(&image_name)
-            .map_err(image_status)?
-            .ok_or_else(|| Status::not_found(format!("image {image_name:?} not found: pull it first")))?;
+        let image = self.node.image_for_container(&request.pod_sandbox_id, &image_name).map_err(node_status)?;
         let spec = container_translate::container_spec(config, &image)?;
-        let id = self.runtime.new_container_id();
-        let dir = self.runtime.container_dir(&id);
-        let rootfs = match self.images.rootfs(&image.id, &dir, false) {
-            Ok(rootfs) => rootfs,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(image_status(e));
-            }
-        };
-        let (Some(upperdir), Some(workdir)) = (rootfs.upperdir.clone(), rootfs.workdir.clone()) else {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(Status::internal("the image store prepared no writable layer"));
-        };
-        let layers = RootfsLayers { lowerdirs: rootfs.lowerdirs.clone(), upperdir, workdir };
         let container_id =
-            self.runtime.create_container(id, &request.pod_sandbox_id, spec, layers).await.map_err(runtime_status)?;
+            self.node.create_container(&request.pod_sandbox_id, &image, spec).await.map_err(node_status)?;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
 
@@ -335,8 +275,7 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let id = request.into_inner().container_id;
-        self.runtime.remove_container(&id).await.map_err(runtime_status)?;
-        crate::image_service::collect_garbage(&self.images, &self.runtime).await;
+        self.node.remove_container(&id).await.map_err(node_status)?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
@@ -357,7 +296,9 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
         let container = self.runtime.container(&request.into_inner().container_id).map_err(runtime_status)?;
-        Ok(Response::new(cri::ContainerStatsResponse { stats: Some(self.container_stats_of(&container)) }))
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(container_stats(&self.node.container_stats(&container))),
+        }))
     }
 
     async fn list_container_stats(
@@ -370,7 +311,8 @@ impl RuntimeService for RuntimeApi {
             filter.pod_id = Some(cri_filter.pod_sandbox_id).filter(|id| !id.is_empty());
             filter.labels = cri_filter.label_selector.into_iter().collect();
         }
-        let stats = self.runtime.containers(&filter).iter().map(|c| self.container_stats_of(c)).collect();
+        let stats =
+            self.runtime.containers(&filter).iter().map(|c| container_stats(&self.node.container_stats(c))).collect();
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
 
@@ -379,7 +321,7 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let pod = self.runtime.pod(&request.into_inner().pod_sandbox_id).map_err(runtime_status)?;
-        Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(self.pod_stats_of(&pod)) }))
+        Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(pod_stats(&self.node.pod_stats(&pod))) }))
     }
 
     async fn list_pod_sandbox_stats(
@@ -391,7 +333,7 @@ impl RuntimeService for RuntimeApi {
             filter.id = Some(cri_filter.id).filter(|id| !id.is_empty());
             filter.labels = cri_filter.label_selector.into_iter().collect();
         }
-        let stats = self.runtime.pods(&filter).iter().map(|p| self.pod_stats_of(p)).collect();
+        let stats = self.runtime.pods(&filter).iter().map(|p| pod_stats(&self.node.pod_stats(p))).collect();
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
@@ -620,10 +562,6 @@ fn container_event(event: &runtime::ContainerEvent) -> cri::ContainerEventRespon
             .map(|c| container_translate::container_status(c, &log_directory))
             .collect(),
     }
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 fn value(v: Option<u64>) -> Option<cri::UInt64Value> {

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::image_service::Images;
+use crate::node::Node;
 use crate::runtime_service::RuntimeApi;
 
 /// Why the daemon could not start; each says what is wrong and what to do.
@@ -99,14 +100,10 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         sd_notify::NotifyState::Status(&format!("serving CRI on {}", config.socket.display())),
     ]);
     let socket = config.socket.clone();
+    let node = Arc::new(Node::new(runtime, images, config.state_root.clone()));
     let server = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(
-            config.clone(),
-            runtime.clone(),
-            images.clone(),
-            streaming,
-        )))
-        .add_service(ImageServiceServer::new(Images::new(images, runtime)))
+        .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), node.clone(), streaming)))
+        .add_service(ImageServiceServer::new(Images::new(node)))
         .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stopped.await;
         });

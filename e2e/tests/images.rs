@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use e2e::crisimple::{container_config, create, pod_config, start};
 use e2e::oci::{self, Compression, ConfigOptions, Image, LayerBuilder, listing_of_dir, listing_of_tar};
 use e2e::rawgrpc::RawChannel;
 use e2e::registry::{Registry, RegistryOptions, SlowProxy, node_pid1};
@@ -870,4 +871,135 @@ async fn concurrent_pulls_download_each_blob_once() {
     assert_eq!(list(&mut a, None).await.len(), 1);
     assert_store_sound(&node);
     assert_layers_match_source(&node, &image);
+}
+
+// ---- images and the containers that use them ------------------------------------------------
+
+/// A node with the registry and busybox pushed and pulled; returns (client, image reference).
+async fn node_with_busybox(node: &Node) -> (CriClient, String, Image) {
+    let registry = Registry::start(node, "main", 5000, RegistryOptions::default());
+    let busybox = oci::busybox_image("");
+    let reference = registry.push_image("e2e/busybox", "1", &busybox);
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    assert_eq!(pull(&mut client, &reference, None).await.expect("PullImage"), busybox.id());
+    (client, reference, busybox)
+}
+
+/// RemovePodSandbox removes its containers as RemoveContainer does: the daemon keeps no file of
+/// theirs open (their CRI logs), and an image removed while they used it is collected with them.
+#[tokio::test]
+async fn removing_a_pod_forgets_its_containers_logs_and_collects_their_removed_image() {
+    let node = node_with("img-podgc", "", &[plain_registry("127.0.0.1:5000", &[])]);
+    let (mut client, reference, busybox) = node_with_busybox(&node).await;
+    let mut pod = pod_config("podgc");
+    pod.log_directory = "/var/log/pods/e2e_podgc".into();
+    let request = cri::RunPodSandboxRequest { config: Some(pod), runtime_handler: String::new() };
+    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let ticker = ["/bin/busybox", "sh", "-c", "while :; do echo tick; /bin/busybox sleep 0.1; done"];
+    let mut config = container_config("ticker", &reference, &ticker);
+    config.log_path = "ticker/0.log".into();
+    let id = create(&mut client, &pod, config).await.expect("CreateContainer");
+    start(&mut client, &id).await.expect("StartContainer");
+    let log = "/var/log/pods/e2e_podgc/ticker/0.log";
+    eventually(Duration::from_secs(20), "ticks in the container's log", || {
+        let text = node.exec(&["cat", log]).stdout;
+        async move { text.contains("tick").then_some(()) }
+    })
+    .await;
+
+    // Removed while the container uses it: gone from the list, its content kept.
+    remove(&mut client, &reference).await.expect("RemoveImage");
+    assert_eq!(status(&mut client, &reference).await, None);
+    assert!(layer_dirs(&node).contains(&busybox.chain_ids()[0]), "the used image's layer was collected");
+
+    client
+        .runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+        .await
+        .expect("StopPodSandbox");
+    client
+        .runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .expect("RemovePodSandbox");
+    let open = node.sh("ls -l /proc/$(systemctl show -p MainPID --value cri-systemd)/fd/");
+    assert!(!open.contains(log), "the daemon still holds the removed container's log open:\n{open}");
+    assert_eq!(
+        (blobs(&node), layer_dirs(&node)),
+        Default::default(),
+        "the removed image outlived the pod whose container kept it"
+    );
+    assert_store_sound(&node);
+}
+
+/// A container record whose image id does not parse as a digest (a record written by hand or by
+/// another version) still keeps the layers the container mounts: collection never deletes them.
+#[tokio::test]
+async fn layers_of_a_container_whose_image_id_does_not_parse_are_kept() {
+    let node = node_with("img-badid", "", &[plain_registry("127.0.0.1:5000", &[])]);
+    let (mut client, reference, busybox) = node_with_busybox(&node).await;
+    let pod = e2e::crisimple::run_pod(&mut client, "badid").await;
+    let config = container_config("sleeper", &reference, &["/bin/busybox", "sleep", "100000"]);
+    let id = create(&mut client, &pod, config).await.expect("CreateContainer");
+    remove(&mut client, &reference).await.expect("RemoveImage");
+    assert!(layer_dirs(&node).contains(&busybox.chain_ids()[0]), "the used image's layer was collected");
+
+    // The record as another version might have written it: the image id is not a digest.
+    let record = format!("/var/lib/cri-systemd/containers/{id}/container.json");
+    node.sh(&format!(
+        "systemctl stop cri-systemd && grep -q '{id}' {record} && sed -i 's/{image_id}/busybox-of-an-older-version/g' {record} \
+         && ! grep -q '{image_id}' {record} && systemctl start cri-systemd",
+        image_id = busybox.id()
+    ));
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    // Anything that collects garbage: here RemoveImage of an absent image.
+    remove(&mut client, "127.0.0.1:5000/e2e/absent:1").await.expect("RemoveImage of an absent image");
+    assert!(
+        layer_dirs(&node).contains(&busybox.chain_ids()[0]),
+        "garbage collection deleted the layer of a container that uses it"
+    );
+    start(&mut client, &id).await.expect("StartContainer of the container whose record was changed");
+    let state = e2e::crisimple::status(&mut client, &id).await.state;
+    assert_eq!(state, cri::ContainerState::ContainerRunning as i32);
+    client.runtime.remove_container(cri::RemoveContainerRequest { container_id: id }).await.expect("RemoveContainer");
+    assert_eq!((blobs(&node), layer_dirs(&node)), Default::default(), "the image outlived its last container");
+}
+
+/// RemoveImage (and its garbage collection) at the same time as CreateContainer of the same
+/// image, many times: either CreateContainer fails with NotFound, or the container it created
+/// starts (its layers were not collected between their lookup and the container's record).
+#[tokio::test]
+async fn remove_image_racing_create_container_never_leaves_a_container_without_layers() {
+    let node = node_with("img-race", "", &[plain_registry("127.0.0.1:5000", &[])]);
+    let (mut client, reference, busybox) = node_with_busybox(&node).await;
+    let pod = e2e::crisimple::run_pod(&mut client, "race").await;
+    let (mut created, mut refused) = (0, 0);
+    for round in 0..40u32 {
+        assert_eq!(pull(&mut client, &reference, None).await.expect("PullImage"), busybox.id());
+        let config = container_config(&format!("c{round}"), &reference, &["/bin/busybox", "sleep", "100000"]);
+        let (mut creator, mut remover) = (client.clone(), client.clone());
+        let jitter = Duration::from_micros(u64::from(round % 8) * 300);
+        let (made, removed) = tokio::join!(create(&mut creator, &pod, config), async {
+            tokio::time::sleep(jitter).await;
+            remove(&mut remover, &reference).await
+        });
+        removed.expect("RemoveImage");
+        match made {
+            Ok(id) => {
+                created += 1;
+                if let Err(e) = start(&mut client, &id).await {
+                    panic!("round {round}: the container created while its image was removed cannot start: {e:?}");
+                }
+                let request = cri::RemoveContainerRequest { container_id: id };
+                client.runtime.remove_container(request).await.expect("RemoveContainer");
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::NotFound, "round {round}: {e:?}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("{created} containers created, {refused} refused for want of their image");
+    assert_eq!((blobs(&node), layer_dirs(&node)), Default::default(), "the image outlived its last container");
+    assert_store_sound(&node);
 }

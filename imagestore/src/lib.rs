@@ -1,7 +1,8 @@
 //! The image store of cri-systemd. It owns everything under `<state_root>/images`: blobs kept once
 //! by digest and verified, layers unpacked once and shared as overlayfs lower directories, image
 //! metadata (references -> manifest -> config -> layers), pulls from registries, garbage collection,
-//! and the assembly of container root filesystems from an image's layers.
+//! and leases on an image's layer directories for the containers the runtime builds on them (the
+//! store knows no containers: the daemon tells garbage collection what they use).
 //!
 //! Layout under the root:
 //! - `blobs/<alg>/<hex>`: manifests, indexes, configs and (with `keep_layer_blobs`) compressed layers;
@@ -18,7 +19,6 @@ mod meta;
 mod platform;
 mod reference;
 mod registry;
-mod rootfs;
 mod store;
 #[cfg(test)]
 mod store_tests;
@@ -38,5 +38,4 @@ pub use meta::ImageConfig;
 pub use platform::Platform;
 pub use reference::ImageReference;
 pub use registry::Credentials;
-pub use rootfs::Rootfs;
-pub use store::{GcReport, Image, ImageId, ImageStore, Usage};
+pub use store::{GcReport, Image, ImageId, ImageStore, InUse, LayerLease, Usage};

@@ -24,7 +24,6 @@ use crate::meta::{ImageConfig, ImageRecord, Metadata, parse_image_config};
 use crate::platform::{self, Platform};
 use crate::reference::ImageReference;
 use crate::registry::{self, Credentials, EndpointClient};
-use crate::rootfs::Rootfs;
 use crate::unpack::Limits;
 
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
@@ -122,16 +121,59 @@ struct ActiveGuard<'a> {
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        let mut active = lock(&self.inner.active);
-        for key in &self.keys {
-            if let Some(n) = active.get_mut(key) {
-                *n -= 1;
-                if *n == 0 {
-                    active.remove(key);
-                }
+        release(&self.inner.active, &self.keys);
+    }
+}
+
+fn release(active: &Mutex<HashMap<Digest, usize>>, keys: &[Digest]) {
+    let mut active = lock(active);
+    for key in keys {
+        if let Some(n) = active.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                active.remove(key);
             }
         }
     }
+}
+
+/// An image's layer directories, kept from garbage collection (with the image's record) for as
+/// long as the lease lives: what a container about to be created mounts, from the lookup until
+/// the runtime has recorded the container (whose record then keeps them, see [`InUse`]).
+#[must_use = "the layers may be collected as soon as the lease is dropped"]
+pub struct LayerLease {
+    inner: Arc<Inner>,
+    keys: Vec<Digest>,
+    lowerdirs: Vec<PathBuf>,
+}
+
+impl LayerLease {
+    /// The image's layer directories, the top layer first (overlayfs `lowerdir` order).
+    pub fn lowerdirs(&self) -> &[PathBuf] {
+        &self.lowerdirs
+    }
+}
+
+impl fmt::Debug for LayerLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerLease").field("lowerdirs", &self.lowerdirs).finish_non_exhaustive()
+    }
+}
+
+impl Drop for LayerLease {
+    fn drop(&mut self) {
+        release(&self.inner.active, &self.keys);
+    }
+}
+
+/// What containers use, as the runtime's records say: garbage collection keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InUse {
+    /// Images (their records, so removed images stay until their last container goes).
+    pub images: HashSet<ImageId>,
+    /// Layer directories containers mount (as [`LayerLease::lowerdirs`] gave them): kept even
+    /// when no image record names them any more.
+    pub layers: HashSet<PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -612,16 +654,25 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Deletes removed images no container uses (`in_use`), then every layer and blob no image
-    /// refers to. Visible images, and so pinned ones, are never deleted here; pulls in progress
-    /// keep what they need.
-    pub fn gc(&self, in_use: &HashSet<ImageId>) -> Result<GcReport, Error> {
+    /// Deletes removed images no container uses, then every layer and blob no image refers to
+    /// and no container uses. Visible images, and so pinned ones, are never deleted here; pulls in
+    /// progress and [`LayerLease`]s keep what they need.
+    ///
+    /// `in_use` is asked once the store is locked against leases ending: a lease dropped after
+    /// its container was recorded cannot slip between what `in_use` says and the deletion.
+    pub fn gc(&self, in_use: impl FnOnce() -> InUse) -> Result<GcReport, Error> {
         // Holding `active` while deleting makes a pull that starts now wait, then re-check.
         let active = lock(&self.inner.active);
+        let in_use = in_use();
         let mut meta = lock(&self.inner.meta);
         let doomed: Vec<Digest> = meta
             .records()
-            .filter(|r| r.removed && !in_use.contains(&ImageId(r.id.clone())) && !self.is_pinned(r))
+            .filter(|r| {
+                r.removed
+                    && !in_use.images.contains(&ImageId(r.id.clone()))
+                    && !active.contains_key(&r.id)
+                    && !self.is_pinned(r)
+            })
             .map(|r| r.id.clone())
             .collect();
         meta.update(|images| {
@@ -641,7 +692,7 @@ impl ImageStore {
         }
         let mut report = GcReport { images_removed: doomed.into_iter().map(ImageId).collect(), ..Default::default() };
         for chain_id in self.inner.layers.list()? {
-            if !live.contains(&chain_id) {
+            if !live.contains(&chain_id) && !in_use.layers.contains(&self.inner.layers.diff_path(&chain_id)) {
                 self.inner.layers.remove(&chain_id)?;
                 report.layers_removed += 1;
             }
@@ -692,15 +743,18 @@ impl ImageStore {
         Ok(Usage { used_bytes, inodes_used: seen.len() as u64, mountpoint: self.inner.root.clone() })
     }
 
-    /// Prepares a container's root filesystem from an image: returns the overlay to mount
-    /// (layers plus, unless `readonly`, upper and work directories made in `container_dir`).
-    pub fn rootfs(&self, image: &ImageId, container_dir: &Path, readonly: bool) -> Result<Rootfs, Error> {
+    /// The layer directories of an image (top first) for a container's root file system, kept
+    /// from garbage collection while the lease lives. The container's own writable layer is the
+    /// runtime's business.
+    pub fn lease_layers(&self, image: &ImageId) -> Result<LayerLease, Error> {
+        // `active` before `meta`, as gc takes them: a record found here is not collected.
+        let mut active = lock(&self.inner.active);
         let record = {
             let meta = lock(&self.inner.meta);
             meta.get(&image.0).cloned()
         }
         .ok_or_else(|| Error::NotFound { reference: image.to_string(), detail: "no such image in the store".into() })?;
-        let mut lowers = Vec::with_capacity(record.layers.len());
+        let mut lowerdirs = Vec::with_capacity(record.layers.len());
         for layer in record.layers.iter().rev() {
             let path = self.inner.layers.diff_path(&layer.chain_id);
             if !path.is_dir() {
@@ -709,9 +763,14 @@ impl ImageStore {
                     detail: format!("layer {} is missing from the store; pull the image again", layer.digest),
                 });
             }
-            lowers.push(path);
+            lowerdirs.push(path);
         }
-        Rootfs::prepare(lowers, container_dir, readonly)
+        let keys: Vec<Digest> =
+            std::iter::once(record.id.clone()).chain(record.layers.iter().map(|l| l.chain_id.clone())).collect();
+        for key in &keys {
+            *active.entry(key.clone()).or_default() += 1;
+        }
+        Ok(LayerLease { inner: self.inner.clone(), keys, lowerdirs })
     }
 }
 

@@ -1,7 +1,6 @@
 //! ImageStore against the in-process registry: pulls, names, platform selection, dedup,
 //! verification, cancellation, auth, mirrors, retries, GC and root filesystems.
 
-use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use std::time::Duration;
 use crate::config::{RegistryConfig, StoreConfig};
 use crate::error::ErrorKind;
 use crate::registry::Credentials;
-use crate::store::{ImageId, ImageStore};
+use crate::store::{ImageStore, InUse};
 use crate::test_registry::{Auth, FakeRegistry, push_image, push_index, tar_with};
 
 fn config_for(reg: &FakeRegistry) -> StoreConfig {
@@ -52,9 +51,9 @@ async fn pulls_by_tag_and_digest_and_keeps_one_image_for_two_names() {
     assert_eq!(image.layers.len(), 2);
     assert!(image.size > 0);
     assert_eq!(layer_count(dir.path()), 2);
-    let top = store.rootfs(&image.id, &dir.path().join("c1"), true).unwrap();
-    assert_eq!(fs::read(top.lowerdirs[0].join("app/run")).unwrap(), b"run");
-    assert_eq!(fs::read(top.lowerdirs[1].join("bin/sh")).unwrap(), b"shell");
+    let top = store.lease_layers(&image.id).unwrap();
+    assert_eq!(fs::read(top.lowerdirs()[0].join("app/run")).unwrap(), b"run");
+    assert_eq!(fs::read(top.lowerdirs()[1].join("bin/sh")).unwrap(), b"shell");
 
     let again = store.pull(&format!("{host}/k8s/pause:3.9"), None).await.unwrap();
     assert_eq!(again.id, image.id);
@@ -95,7 +94,7 @@ async fn can_drop_layer_blobs_after_unpacking() {
     assert_eq!(blobs.len(), 2, "only the manifest and the config: {blobs:?}");
     assert_eq!(layer_count(dir.path()), 2);
     assert!(tmp_is_empty(dir.path()));
-    store.rootfs(&image.id, &dir.path().join("c"), true).unwrap();
+    let _ = store.lease_layers(&image.id).unwrap();
 }
 
 #[tokio::test]
@@ -112,7 +111,7 @@ async fn metadata_and_layers_survive_reopen() {
     assert!(tmp_is_empty(dir.path()));
     let found = store.image(&format!("{}/app:1", reg.host())).unwrap().unwrap();
     assert_eq!(found, image);
-    store.rootfs(&image.id, &dir.path().join("c"), false).unwrap();
+    let _ = store.lease_layers(&image.id).unwrap();
     assert!(store.config_json(&image.id).unwrap().unwrap().starts_with(b"{"));
 }
 
@@ -317,22 +316,35 @@ async fn gc_keeps_what_is_used_or_pinned_and_deletes_the_rest() {
     assert!(pause.pinned && !used.pinned);
     let blobs_before = fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
 
+    let none = InUse::default;
     // Nothing is garbage while every image is visible.
-    assert_eq!(store.gc(&HashSet::new()).unwrap(), Default::default());
+    assert_eq!(store.gc(none).unwrap(), Default::default());
     // A removed image still used by a container keeps its content.
     store.remove(&used.id.to_string()).unwrap();
-    let in_use: HashSet<ImageId> = [used.id.clone()].into();
-    let report = store.gc(&in_use).unwrap();
+    let by_id = || InUse { images: [used.id.clone()].into(), ..Default::default() };
+    let report = store.gc(by_id).unwrap();
     assert!(report.images_removed.is_empty() && report.layers_removed == 0, "{report:?}");
-    store.rootfs(&used.id, &dir.path().join("c"), false).unwrap();
-    // Once unused it goes, with its layers and blobs; the pinned image stays.
-    let report = store.gc(&HashSet::new()).unwrap();
+    // So does a lease on its layers (a container being created), with the image's record.
+    let lease = store.lease_layers(&used.id).unwrap();
+    assert_eq!(lease.lowerdirs().len(), 2);
+    assert_eq!(store.gc(none).unwrap(), Default::default());
+    // And the layer directories a container mounts, even once no image names them: its record
+    // may not name its image in a way the store can read.
+    let lowerdirs = lease.lowerdirs().to_vec();
+    drop(lease);
+    let by_layers = || InUse { layers: lowerdirs.iter().cloned().collect(), ..Default::default() };
+    let report = store.gc(by_layers).unwrap();
     assert_eq!(report.images_removed, std::slice::from_ref(&used.id));
-    assert_eq!(report.layers_removed, 2);
+    assert_eq!(report.layers_removed, 0, "{report:?}");
     assert_eq!(report.blobs_removed, 4, "{report:?}"); // config, manifest, two layer blobs
+    assert!(lowerdirs.iter().all(|d| d.is_dir()));
+    assert_eq!(store.lease_layers(&used.id).unwrap_err().kind(), ErrorKind::NotFound);
+    // Once unused they go; the pinned image stays.
+    let report = store.gc(none).unwrap();
+    assert_eq!((report.layers_removed, report.blobs_removed), (2, 0), "{report:?}");
     assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), blobs_before - 4);
     assert_eq!(store.images().unwrap().len(), 1);
-    store.rootfs(&pause.id, &dir.path().join("p"), true).unwrap();
+    let _ = store.lease_layers(&pause.id).unwrap();
     let usage = store.usage().unwrap();
     assert!(usage.used_bytes > 0 && usage.inodes_used > 5, "{usage:?}");
     assert_eq!(usage.mountpoint, dir.path());
@@ -357,55 +369,6 @@ async fn refuses_what_it_cannot_run() {
     let err = store.pull("Upper:1", None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 }
-
-/// 128 layers: more lower directories than fit in one page of mount options with full paths.
-#[tokio::test]
-async fn mounts_an_image_of_128_layers() {
-    let reg = FakeRegistry::start().await;
-    let layers: Vec<Vec<u8>> = (0..128)
-        .map(|i| {
-            let n = i.to_string();
-            tar_with(&[("which", n.as_bytes()), (&format!("layer-{i}"), b"")])
-        })
-        .collect();
-    push_image(&reg, "tall", Some("1"), &layers, "", "amd64");
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path(), StoreConfig { max_concurrent_downloads: 8, ..config_for(&reg) });
-    let image = store.pull(&format!("{}/tall:1", reg.host()), None).await.unwrap();
-    let full_options: usize = store
-        .rootfs(&image.id, &dir.path().join("x"), false)
-        .unwrap()
-        .lowerdirs
-        .iter()
-        .map(|p| p.as_os_str().len() + 1)
-        .sum();
-    assert!(full_options > 4096, "the test must exceed a page of options ({full_options})");
-    for (readonly, legacy) in [(false, false), (true, false), (false, true), (true, true)] {
-        let container = dir.path().join(format!("c-{readonly}-{legacy}"));
-        let rootfs = store.rootfs(&image.id, &container, readonly).unwrap();
-        let target = container.join("rootfs");
-        fs::create_dir_all(&target).unwrap();
-        if legacy {
-            rootfs.mount_legacy(&target).unwrap()
-        } else {
-            rootfs.mount(&target).unwrap()
-        }
-        let top = fs::read(target.join("which"));
-        let all_layers = (0..128).all(|i| target.join(format!("layer-{i}")).exists());
-        let write = fs::write(target.join("new"), b"w");
-        crate::rootfs::Rootfs::unmount(&target).unwrap();
-        assert_eq!(top.unwrap(), b"127", "top layer must win");
-        assert!(all_layers, "a lower layer is missing from the merged view");
-        assert_eq!(write.is_ok(), !readonly, "readonly={readonly}");
-        if !readonly {
-            assert!(container.join("upper/new").exists());
-        }
-        assert!(!target.join("which").exists(), "still mounted");
-    }
-    Rootfs::unmount(&dir.path().join("never-mounted")).unwrap();
-}
-
-use crate::rootfs::Rootfs;
 
 #[tokio::test]
 async fn pulls_docker_schema2_manifests_and_lists() {
@@ -437,8 +400,8 @@ async fn pulls_docker_schema2_manifests_and_lists() {
     assert_eq!(image.id.0, config_digest);
     assert_eq!(image.manifest_digest, manifest_digest);
     assert_eq!(image.config.user, "www-data");
-    let rootfs = store.rootfs(&image.id, &dir.path().join("c"), true).unwrap();
-    assert_eq!(fs::read(rootfs.lowerdirs[0].join("hello")).unwrap(), b"docker");
+    let rootfs = store.lease_layers(&image.id).unwrap();
+    assert_eq!(fs::read(rootfs.lowerdirs()[0].join("hello")).unwrap(), b"docker");
 }
 
 #[tokio::test]

@@ -43,15 +43,9 @@ impl Runtime {
     }
 
     /// The directory of container `id`: records, init spec, exit record, rootfs mount point,
-    /// and the writable layer (which the image store prepares there).
-    pub fn container_dir(&self, id: &str) -> PathBuf {
+    /// and the writable layer (`upper/`, `work/`).
+    pub(crate) fn container_dir(&self, id: &str) -> PathBuf {
         self.containers_state_dir().join(id)
-    }
-
-    /// A fresh container id. The daemon prepares the container's root file system in
-    /// `container_dir(id)` before `create_container`.
-    pub fn new_container_id(&self) -> String {
-        new_id()
     }
 
     fn save_container(&self, entry: &Entry<Container>, container: Container) -> Result<(), Error> {
@@ -75,15 +69,18 @@ impl Runtime {
         }
     }
 
-    /// CreateContainer: checks the config against its pod and image, writes the init spec, and
-    /// records the container as Created. `rootfs` was prepared in `container_dir(id)`.
+    /// CreateContainer: checks the config against its pod and image, makes the container's
+    /// writable layer over `lowerdirs` (the image's layer directories, top first), writes the init
+    /// spec, and records the container as Created. The container is in the table (and so in
+    /// [`Runtime::layers_in_use`]) from before its first file until it is removed.
     pub async fn create_container(
         &self,
-        id: String,
         pod_id: &str,
         spec: ContainerSpec,
-        rootfs: RootfsLayers,
+        lowerdirs: Vec<PathBuf>,
     ) -> Result<String, Error> {
+        let id = new_id();
+        let rootfs = self.writable_layer(&id, lowerdirs);
         let result = self.create_container_inner(&id, pod_id, spec, rootfs).await;
         if result.is_err() {
             self.containers.lock().expect("container table lock").remove(&id);
@@ -140,8 +137,15 @@ impl Runtime {
         let _guard = entry.operation.clone().lock_owned().await;
         let mut record = entry.get();
         let dir = self.container_dir(id);
+        // 0700: the writable layer, with whatever setuid binaries the container writes there, is
+        // no business of the node's other users. upper/ itself keeps 0755: it is the container's `/`.
         crate::store::create_private_dir_all(&dir.join("rootfs"))
             .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        for layer in [&record.rootfs.upperdir, &record.rootfs.workdir].into_iter().chain(&record.rootfs.lowerdirs) {
+            if layer.starts_with(&dir) {
+                std::fs::create_dir_all(layer).map_err(Error::io(format!("cannot create {}", layer.display())))?;
+            }
+        }
         let context = SpecContext { pod: &pod, rootfs_mountpoint: &dir.join("rootfs") };
         let oci = container::oci_spec(&record.spec, &record.rootfs, &context)?;
         let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> = serde_json::from_value(container::oci_mappings(
@@ -708,6 +712,24 @@ impl Runtime {
     pub fn images_in_use(&self) -> HashSet<String> {
         let containers = self.containers.lock().expect("container table lock");
         containers.values().map(|e| e.get().spec.image.id).collect()
+    }
+
+    /// The layer directories that containers mount (their records' lower directories): the image
+    /// store must not collect them, whatever their records say of their images.
+    pub fn layers_in_use(&self) -> HashSet<PathBuf> {
+        let containers = self.containers.lock().expect("container table lock");
+        containers.values().flat_map(|e| e.get().rootfs.lowerdirs).collect()
+    }
+
+    /// Container `id`'s root file system: `lowerdirs` under a writable layer in its directory.
+    /// overlayfs needs a lower directory; an image may have no layer: an empty one of the
+    /// container's then stands in (it changes nothing in the merged view).
+    fn writable_layer(&self, id: &str, mut lowerdirs: Vec<PathBuf>) -> RootfsLayers {
+        let dir = self.container_dir(id);
+        if lowerdirs.is_empty() {
+            lowerdirs.push(dir.join("empty"));
+        }
+        RootfsLayers { lowerdirs, upperdir: dir.join("upper"), workdir: dir.join("work") }
     }
 
     /// After a pod's slice stopped: its containers' exit records are there now.
