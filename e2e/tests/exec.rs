@@ -906,3 +906,65 @@ async fn attach_to_a_shell_as_critest_does_and_half_close_stdin() {
     let exited = crisimple::wait_exited(&mut client, &id).await;
     assert_eq!((exited.exit_code, exited.reason.as_str()), (0, "Completed"), "{exited:?}");
 }
+
+/// How long after its last output an attach session to a tty container that exits may take to
+/// end: the terminal's end or the exit's event (the exit record's inotify watch) ends it, not a
+/// poll of the container's state every 500 ms (which ended it 500 ms after the last output).
+const ATTACH_END_BOUND: Duration = Duration::from_millis(400);
+/// The same without a terminal: the session ends with the output pipes or the exit's event, both
+/// of which follow the exit record that systemd's ExecStopPost writes (slower on a loaded node).
+const ATTACH_END_BOUND_PIPES: Duration = Duration::from_secs(1);
+
+/// Reads a WebSocket attach session until `needle` is on stdout, then until the server closes:
+/// how long the close took after the needle.
+async fn attach_end_after(ws: &mut Ws, needle: &str) -> Duration {
+    ws_read_until(ws, &[needle]).await;
+    let seen = Instant::now();
+    loop {
+        match tokio::time::timeout(ANSWER_TIMEOUT, ws.next()).await.expect("the session ends") {
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return seen.elapsed(),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// An attach session ends promptly when the container exits by itself, with or without a
+/// terminal, in several rounds.
+#[tokio::test]
+async fn attach_ends_promptly_when_the_container_exits() {
+    let node = node("attach-exit", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_logged_pod(&mut client, "attachexit").await;
+    let script = ["sh", "-c", "echo started; busybox sleep 3; echo bye"];
+    let mut latencies = Vec::new();
+    for round in 0..3 {
+        let mut sessions = Vec::new();
+        for tty in [false, true] {
+            let mut config = container_config(&format!("exits-{round}-{tty}"), &image, &script);
+            config.tty = tty;
+            config.log_path = format!("exits-{round}-{tty}/0.log");
+            let id = create(&mut client, &pod, config).await;
+            start(&mut client, &id).await;
+            let request =
+                cri::AttachRequest { container_id: id.clone(), stdin: false, tty, stdout: true, stderr: !tty };
+            let url = client.runtime.attach(request).await.expect("Attach").into_inner().url;
+            let (ws, _) = streaming::websocket(&node, &url, "v4.channel.k8s.io").await;
+            sessions.push((id, tty, ws));
+        }
+        let ended = futures_util::future::join_all(
+            sessions.iter_mut().map(|(_, _, ws)| async move { attach_end_after(ws, "bye").await }),
+        )
+        .await;
+        for ((id, tty, _), took) in sessions.iter().zip(ended) {
+            let exited = crisimple::wait_exited(&mut client, id).await;
+            assert_eq!(exited.exit_code, 0, "{exited:?}");
+            latencies.push((round, *tty, took));
+        }
+    }
+    eprintln!("attach ended after the container's last output: {latencies:?}");
+    for (round, tty, took) in &latencies {
+        let bound = if *tty { ATTACH_END_BOUND } else { ATTACH_END_BOUND_PIPES };
+        assert!(*took < bound, "round {round}, tty {tty}: the session ended {took:?} after the exit");
+    }
+}

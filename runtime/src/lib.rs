@@ -28,6 +28,7 @@ pub mod selinux;
 pub mod stats;
 mod stdio;
 mod store;
+pub mod streaming;
 mod systemd;
 mod userns;
 
@@ -51,6 +52,7 @@ pub use pods::PodFilter;
 pub use stdio::ContainerStdio;
 pub use store::Quarantined;
 pub use store::tighten_modes;
+pub use streaming::{StreamError, StreamingRuntime, Streams, TerminalSize};
 pub use systemd::{ManagerInfo, Systemd};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 

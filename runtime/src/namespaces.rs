@@ -354,6 +354,31 @@ pub fn is_pinned(pin: &Path) -> bool {
     nix::sys::statfs::statfs(pin).map(|fs| fs.filesystem_type().0 == NSFS_MAGIC).unwrap_or(false)
 }
 
+/// How long a connection to a pod's port may take to be made.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects to `port` on the loopback of network namespace `netns` (a pinned pod namespace; the
+/// daemon's own for `None`, as for hostNetwork pods), IPv4 first, then IPv6, as containerd does.
+/// The socket belongs to the namespace it was made in and is used from anywhere after. Blocks.
+pub fn connect_loopback(netns: Option<&Path>, port: u16) -> std::io::Result<std::net::TcpStream> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    let netns = netns.map(Path::to_path_buf);
+    // A thread of our own: setns moves only the calling thread, and this one ends right after
+    // (a pooled thread would be reused in the pod's namespace).
+    std::thread::spawn(move || -> std::io::Result<TcpStream> {
+        if let Some(netns) = &netns {
+            let file = std::fs::File::open(netns)?;
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        }
+        let v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT).or_else(|_| {
+            TcpStream::connect_timeout(&SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port), CONNECT_TIMEOUT)
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
+}
+
 /// Sets IFF_UP on `lo` in the calling thread's network namespace.
 fn bring_loopback_up() -> std::io::Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

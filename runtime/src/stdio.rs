@@ -43,8 +43,9 @@ pub struct ContainerStdio {
     pipe: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
     /// The pty master (tty).
     pty: Option<Arc<Pty>>,
-    /// The terminal's output, for attached clients.
-    output: Option<broadcast::Sender<Vec<u8>>>,
+    /// The terminal's output, for attached clients: the copier of the terminal holds the only
+    /// sender, so that attached clients see the channel close when the terminal does.
+    output: Option<broadcast::WeakSender<Vec<u8>>>,
     /// stdin_once: the first session with stdin has ended.
     stdin_closed: AtomicBool,
 }
@@ -72,9 +73,10 @@ impl ContainerStdio {
         }
     }
 
-    /// The terminal's output from now on (tty containers).
+    /// The terminal's output from now on, until every process of the container has closed the
+    /// terminal (tty containers; `None` once they have).
     pub fn subscribe(&self) -> Option<broadcast::Receiver<Vec<u8>>> {
-        self.output.as_ref().map(broadcast::Sender::subscribe)
+        self.output.as_ref().and_then(broadcast::WeakSender::upgrade).map(|sender| sender.subscribe())
     }
 
     /// Sets the terminal's size (tty containers; the container gets SIGWINCH).
@@ -182,13 +184,14 @@ fn adopt_pty(
 ) -> Result<Arc<ContainerStdio>, Error> {
     let pty = Arc::new(Pty::new(master)?);
     let (output, _) = broadcast::channel(OUTPUT_BACKLOG);
-    tokio::spawn(copy_terminal(id.to_string(), pty.clone(), output.clone(), log_path));
+    let weak = output.downgrade();
+    tokio::spawn(copy_terminal(id.to_string(), pty.clone(), output, log_path));
     Ok(Arc::new(ContainerStdio {
         id: id.to_string(),
         stdin_once,
         pipe: tokio::sync::Mutex::new(None),
         pty: Some(pty),
-        output: Some(output),
+        output: Some(weak),
         stdin_closed: AtomicBool::new(false),
     }))
 }

@@ -15,6 +15,11 @@
 //! With v4 and v5 the error channel carries a metav1.Status (Success, or Failure with reason
 //! NonZeroExitCode and the exit code as the message of its ExitCode cause); before v4, only the
 //! message of a failure.
+//!
+//! This module holds only the protocols: what a session does in a container or a pod is the
+//! backend's, [`runtime::StreamingRuntime`] (the kubelet's `streaming.Runtime` shape: exec,
+//! attach, port_forward), which the daemon's runtime implements. A session hands the backend
+//! channels of bytes and terminal sizes and reports how the backend's call ended.
 
 mod portforward;
 mod remote;
@@ -32,7 +37,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use runtime::Runtime;
+use runtime::StreamingRuntime;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
@@ -56,14 +61,14 @@ impl StreamRequest {
     }
 }
 
-/// The server: its address, its tokens, and the runtime its sessions use.
+/// The server: its address, its tokens, and the backend that runs its sessions.
 #[derive(Debug)]
 pub struct StreamingServer {
     base_url: String,
     stream_creation_timeout: Duration,
     idle_timeout: Option<Duration>,
     tokens: Tokens,
-    runtime: Arc<Runtime>,
+    backend: Arc<dyn StreamingRuntime>,
 }
 
 /// Single-use tokens, each standing for one request until it is used or expires.
@@ -97,7 +102,7 @@ impl StreamingServer {
     /// Binds the listener and serves in the background.
     pub async fn start(
         config: &StreamingConfig,
-        runtime: Arc<Runtime>,
+        backend: Arc<dyn StreamingRuntime>,
     ) -> Result<Arc<StreamingServer>, StreamingError> {
         let address = SocketAddr::new(config.address, config.port);
         let listener = TcpListener::bind(address).await.map_err(|source| StreamingError::Listen { address, source })?;
@@ -116,7 +121,7 @@ impl StreamingServer {
             stream_creation_timeout: Duration::from_secs(config.stream_creation_timeout_secs),
             idle_timeout: (config.idle_timeout_secs > 0).then(|| Duration::from_secs(config.idle_timeout_secs)),
             tokens: Tokens { ttl: Duration::from_secs(config.token_ttl_secs), live: Mutex::new(HashMap::new()) },
-            runtime,
+            backend,
         });
         info!(url = %server.base_url, "streaming server listening");
         let accepting = server.clone();

@@ -1,15 +1,9 @@
-//! Port forwarding: TCP connections to ports inside the pod's network namespace, opened from a
-//! short-lived thread that joined the pod's pinned namespace, then proxied on the daemon's
-//! runtime.
+//! Port forwarding over either transport: the client's streams (SPDY) or channels (WebSocket)
+//! paired with connections that the backend makes to ports in the pod (runtime::streaming).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -17,48 +11,11 @@ use super::spdy;
 use super::transport::{SpdyConnection, SpdyWriter, WsChannels};
 use super::{StreamRequest, StreamingServer};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Forwards (by request id) that have one of their two streams and wait for the other; a client
 /// opening streams that never pair is refused beyond this (kubectl opens the pair back to back).
 const MAX_PENDING_FORWARDS: usize = 16;
-
-/// Connects to `port` on the loopback of the pod's network namespace (the host's for
-/// hostNetwork pods), IPv4 first, then IPv6, as containerd does.
-async fn connect(netns: Option<PathBuf>, port: u16) -> std::io::Result<TcpStream> {
-    let stream = tokio::task::spawn_blocking(move || {
-        // A thread of our own: setns moves only the calling thread, and this one ends right
-        // after (a blocking-pool thread would be reused in the pod's namespace).
-        std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
-            if let Some(netns) = &netns {
-                let file = std::fs::File::open(netns)?;
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-            }
-            let v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-            std::net::TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT).or_else(|_| {
-                std::net::TcpStream::connect_timeout(
-                    &SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
-                    CONNECT_TIMEOUT,
-                )
-            })
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
-    })
-    .await
-    .map_err(std::io::Error::other)??;
-    stream.set_nonblocking(true)?;
-    let _ = stream.set_nodelay(true);
-    TcpStream::from_std(stream)
-}
-
-fn target(server: &StreamingServer, request: &StreamRequest) -> Result<(String, Option<PathBuf>, Vec<u16>), String> {
-    let StreamRequest::PortForward { pod_id, ports } = request else { return Err("not a port forward".into()) };
-    let pod = server.runtime.pod(pod_id).map_err(|e| e.to_string())?;
-    if pod.state != runtime::PodState::Ready {
-        return Err(format!("pod sandbox {pod_id} is not ready"));
-    }
-    Ok((pod.id, pod.namespaces.network.clone(), ports.clone()))
-}
+/// Pieces of a port's data queued between the backend and the transport.
+const FORWARD_QUEUE: usize = 8;
 
 fn forward_error(port: u16, pod: &str, error: impl std::fmt::Display) -> String {
     format!("error forwarding port {port} to pod {pod}, uid : {error}")
@@ -71,12 +28,8 @@ fn forward_error(port: u16, pod: &str, error: impl std::fmt::Display) -> String 
 type PendingForward = (Option<u32>, Option<(u32, mpsc::Receiver<Vec<u8>>)>);
 
 pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequest, mut connection: SpdyConnection) {
-    let (pod_id, netns, allowed) = match target(&server, &request) {
-        Ok(target) => target,
-        Err(e) => {
-            debug!("port forward: {e}");
-            return connection.finish().await;
-        }
+    let StreamRequest::PortForward { pod_id, ports: allowed } = request else {
+        return connection.finish().await;
     };
     let mut pending: HashMap<String, PendingForward> = HashMap::new();
     let mut forwards = tokio::task::JoinSet::new();
@@ -108,7 +61,7 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
                 continue;
             };
             let writer = connection.writer.clone();
-            let netns = netns.clone();
+            let backend = server.backend.clone();
             let pod_id = pod_id.clone();
             let port = match port.parse::<u16>() {
                 Ok(port) if port > 0 && (allowed.is_empty() || allowed.contains(&port)) => Ok(port),
@@ -117,16 +70,21 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
             };
             forwards.spawn(async move {
                 let result = match port {
-                    Ok(port) => forward_spdy(netns, port, data_id, data, &writer)
-                        .await
-                        .map_err(|e| forward_error(port, &pod_id, e)),
+                    Ok(port) => {
+                        let (output, from_pod) = mpsc::channel(FORWARD_QUEUE);
+                        let (forwarded, ()) = tokio::join!(
+                            backend.port_forward(&pod_id, port, data, output),
+                            to_spdy(from_pod, data_id, &writer)
+                        );
+                        forwarded.map_err(|e| forward_error(port, &pod_id, e))
+                    }
                     Err(e) => Err(e),
                 };
-                if let Err(message) = result {
+                if let Err(message) = &result {
                     debug!("{message}");
                     writer.data(error_id, message.as_bytes()).await;
-                    writer.fin(data_id).await;
                 }
+                writer.fin(data_id).await;
                 writer.fin(error_id).await;
             });
         }
@@ -135,51 +93,20 @@ pub(super) async fn serve_spdy(server: Arc<StreamingServer>, request: StreamRequ
     connection.finish().await;
 }
 
-async fn forward_spdy(
-    netns: Option<PathBuf>,
-    port: u16,
-    data_id: u32,
-    mut data: mpsc::Receiver<Vec<u8>>,
-    writer: &SpdyWriter,
-) -> std::io::Result<()> {
-    let tcp = connect(netns, port).await?;
-    let (mut from_pod, mut to_pod) = tcp.into_split();
-    let upstream = async {
-        while let Some(bytes) = data.recv().await {
-            if to_pod.write_all(&bytes).await.is_err() {
-                break;
-            }
+/// What comes from the pod, onto the data stream (its FIN follows, from the caller).
+async fn to_spdy(mut from_pod: mpsc::Receiver<Vec<u8>>, data_id: u32, writer: &SpdyWriter) {
+    while let Some(bytes) = from_pod.recv().await {
+        if !writer.data(data_id, &bytes).await {
+            return;
         }
-        // The client finished sending: so do we, towards the pod.
-        let _ = to_pod.shutdown().await;
-    };
-    let downstream = async {
-        let mut buffer = vec![0u8; spdy::MAX_DATA_CHUNK];
-        loop {
-            match from_pod.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if !writer.data(data_id, &buffer[..n]).await {
-                        break;
-                    }
-                }
-            }
-        }
-        writer.fin(data_id).await;
-    };
-    tokio::join!(upstream, downstream);
-    Ok(())
+    }
 }
 
 /// Over WebSocket: the request's ports, data on channel 2n and errors on 2n+1; the first
 /// message on each is the port (16-bit little endian).
 pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: StreamRequest, mut ws: WsChannels) {
-    let (pod_id, netns, ports) = match target(&server, &request) {
-        Ok(target) => target,
-        Err(e) => {
-            let _ = ws.outgoing.send((1, e.into_bytes())).await;
-            return ws.finish().await;
-        }
+    let StreamRequest::PortForward { pod_id, ports } = request else {
+        return ws.finish().await;
     };
     if ports.is_empty() {
         let _ = ws.outgoing.send((1, b"the PortForward request names no port".to_vec())).await;
@@ -191,45 +118,33 @@ pub(super) async fn serve_websocket(server: Arc<StreamingServer>, request: Strea
         let (data_channel, error_channel) = ((2 * index) as u8, (2 * index + 1) as u8);
         let _ = ws.outgoing.send((data_channel, port.to_le_bytes().to_vec())).await;
         let _ = ws.outgoing.send((error_channel, port.to_le_bytes().to_vec())).await;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(FORWARD_QUEUE);
         inputs.push(tx);
         let out = ws.outgoing.clone();
-        let netns = netns.clone();
+        let backend = server.backend.clone();
         let pod_id = pod_id.clone();
         forwards.spawn(async move {
-            let tcp = match connect(netns, port).await {
-                Ok(tcp) => tcp,
-                Err(e) => {
-                    let _ = out.send((error_channel, forward_error(port, &pod_id, e).into_bytes())).await;
-                    return;
-                }
-            };
-            let (mut from_pod, mut to_pod) = tcp.into_split();
-            let upstream = async {
-                while let Some(bytes) = rx.recv().await {
-                    if to_pod.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = to_pod.shutdown().await;
-            };
+            let (output, mut from_pod) = mpsc::channel::<Vec<u8>>(FORWARD_QUEUE);
             let downstream = async {
-                let mut buffer = vec![0u8; 32 * 1024];
-                loop {
-                    match from_pod.read(&mut buffer).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if out.send((data_channel, buffer[..n].to_vec())).await.is_err() {
-                                break;
-                            }
-                        }
+                while let Some(bytes) = from_pod.recv().await {
+                    if out.send((data_channel, bytes)).await.is_err() {
+                        return;
                     }
                 }
             };
-            // Either side ending ends this port's forward (a WebSocket cannot half-close).
+            let forward = backend.port_forward(&pod_id, port, rx, output);
+            tokio::pin!(downstream, forward);
+            // Either side ending ends this port's forward (a WebSocket cannot half-close): the
+            // pod's side has ended when the backend lets go of the output.
             tokio::select! {
-                _ = upstream => {}
-                _ = downstream => {}
+                biased;
+                forwarded = &mut forward => match forwarded {
+                    Ok(()) => downstream.await,
+                    Err(e) => {
+                        let _ = out.send((error_channel, forward_error(port, &pod_id, e).into_bytes())).await;
+                    }
+                },
+                () = &mut downstream => {}
             }
         });
     }

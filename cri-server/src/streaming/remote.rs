@@ -1,24 +1,23 @@
 //! Exec and attach sessions, over either transport: the client's stdin and terminal sizes in,
-//! the command's stdout and stderr out, and its end as a status on the error channel.
+//! the command's stdout and stderr out, and its end as a status on the error channel. What the
+//! session does in the container is the backend's (runtime::streaming).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime::{ContainerState, ContainerStdio, ExecRequest, Pty};
+use runtime::{Streams, TerminalSize};
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::spdy;
 use super::transport::{CLOSE_SIGNAL, ERROR, RESIZE, STDERR, STDIN, STDOUT, SpdyConnection, WsChannels};
 use super::{StreamRequest, StreamingServer};
 
-/// After the command ended, how long its output may take to reach EOF (a background process
-/// holding the pipes or the pty must not hold the session).
-const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
-/// How often attach checks whether the container still runs.
-const ATTACH_POLL: Duration = Duration::from_millis(500);
+/// After the backend's session ended, how long what it wrote may take to be queued on the
+/// transport (the backend has let go of the output streams, so this is a bound, not a wait).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
 /// How the end of the command is reported on the error channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,123 +256,104 @@ pub(super) async fn serve_websocket(
     ws.finish().await;
 }
 
-async fn run(server: &StreamingServer, request: StreamRequest, channels: Channels) {
-    match request {
-        StreamRequest::Exec { container_id, command, tty, .. } => {
-            exec(server, container_id, command, tty, channels).await
+/// Runs the session on the backend with the transport's channels; its outcome goes on the error
+/// channel once its output has. A client that goes away ends it (the backend's future is dropped:
+/// an exec's command is killed) without a status.
+async fn run(server: &StreamingServer, request: StreamRequest, mut channels: Channels) {
+    let mut forwarders = JoinSet::new();
+    let stdout = output_stream(channels.stdout, STDOUT, &channels.out, &mut forwarders);
+    let stderr = output_stream(channels.stderr, STDERR, &channels.out, &mut forwarders);
+    let mut inputs = JoinSet::new();
+    let resize = channels.resize.take().map(|raw| {
+        let (sizes, receiver) = mpsc::channel(8);
+        inputs.spawn(terminal_sizes(raw, sizes));
+        receiver
+    });
+    let tty = matches!(request, StreamRequest::Exec { tty: true, .. } | StreamRequest::Attach { tty: true, .. });
+    let streams = Streams { stdin: channels.stdin.take(), stdout, stderr, tty, resize };
+    let backend = &server.backend;
+    let session = async {
+        match request {
+            StreamRequest::Exec { container_id, command, .. } => {
+                match backend.exec(&container_id, command.clone(), streams).await {
+                    Ok(0) => Outcome::Success,
+                    Ok(code) => Outcome::ExitCode { command, code },
+                    Err(e) => Outcome::Error(e.to_string()),
+                }
+            }
+            StreamRequest::Attach { container_id, .. } => match backend.attach(&container_id, streams).await {
+                Ok(()) => Outcome::Success,
+                Err(e) => Outcome::Error(e.to_string()),
+            },
+            StreamRequest::PortForward { .. } => Outcome::Error("not an exec or attach request".into()),
         }
-        StreamRequest::Attach { container_id, .. } => attach(server, container_id, channels).await,
-        StreamRequest::PortForward { .. } => {}
+    };
+    let mut closed = channels.closed.clone();
+    let outcome = tokio::select! {
+        outcome = session => outcome,
+        _ = super::transport::until_closed(&mut closed) => {
+            debug!("streaming client disconnected; the session ends");
+            return;
+        }
+    };
+    inputs.abort_all();
+    // The output streams end once the backend has let go of them (it returned).
+    let drained = tokio::time::timeout(OUTPUT_DRAIN, async { while forwarders.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        forwarders.abort_all();
+        for channel in [STDOUT, STDERR] {
+            let _ = channels.out.send((channel, None)).await;
+        }
     }
+    channels.finish(&outcome).await;
+}
+
+/// A sender for one output stream of the session (if the client wants it), and the task that
+/// puts what comes through on `channel` of the transport, then ends that channel.
+fn output_stream(
+    wanted: bool,
+    channel: u8,
+    out: &mpsc::Sender<(u8, Option<Vec<u8>>)>,
+    forwarders: &mut JoinSet<()>,
+) -> Option<mpsc::Sender<Vec<u8>>> {
+    if !wanted {
+        return None;
+    }
+    let (sender, mut receiver) = mpsc::channel::<Vec<u8>>(16);
+    let out = out.clone();
+    forwarders.spawn(async move {
+        while let Some(bytes) = receiver.recv().await {
+            if out.send((channel, Some(bytes))).await.is_err() {
+                return;
+            }
+        }
+        let _ = out.send((channel, None)).await;
+    });
+    Some(sender)
 }
 
 /// Terminal sizes as client-go sends them, one JSON object per change.
 #[derive(Debug, Deserialize)]
-struct TerminalSize {
+struct JsonTerminalSize {
     #[serde(rename = "Width")]
     width: u16,
     #[serde(rename = "Height")]
     height: u16,
 }
 
-async fn exec(server: &StreamingServer, container_id: String, command: Vec<String>, tty: bool, mut channels: Channels) {
-    let request = ExecRequest {
-        command: command.clone(),
-        tty,
-        stdin: channels.stdin.is_some(),
-        stdout: channels.stdout,
-        stderr: channels.stderr,
-    };
-    let mut session = match server.runtime.exec(&container_id, request).await {
-        Ok(session) => session,
-        Err(e) => return channels.finish(&Outcome::Error(e.to_string())).await,
-    };
-    if let Some(message) = session.start_error().map(str::to_string) {
-        let channel = if channels.stderr { STDERR } else { STDOUT };
-        let _ = channels.out.send((channel, Some(format!("{message}\n").into_bytes()))).await;
-        let code = session.wait().await.unwrap_or(126);
-        return channels.finish(&Outcome::ExitCode { command, code }).await;
-    }
-    let mut outputs = tokio::task::JoinSet::new();
-    let pty = session.pty.clone();
-    if let Some(pty) = &pty {
-        if let Some(stdin) = channels.stdin.take() {
-            tokio::spawn(pty_input(pty.clone(), stdin));
-        }
-        if let Some(resize) = channels.resize.take() {
-            let pty = pty.clone();
-            tokio::spawn(resizes(resize, move |width, height| pty.resize(width, height)));
-        }
-        if channels.stdout {
-            outputs.spawn(pty_output(pty.clone(), channels.out.clone()));
-        }
-    } else {
-        if let (Some(stdin), Some(pipe)) = (channels.stdin.take(), session.stdin.take()) {
-            tokio::spawn(pipe_input(pipe, stdin));
-        }
-        if let Some(pipe) = session.stdout.take() {
-            outputs.spawn(pipe_output(pipe, STDOUT, channels.out.clone()));
-        }
-        if let Some(pipe) = session.stderr.take() {
-            outputs.spawn(pipe_output(pipe, STDERR, channels.out.clone()));
-        }
-    }
-    let mut closed = channels.closed.clone();
-    let ended = tokio::select! {
-        ended = session.wait() => ended,
-        _ = super::transport::until_closed(&mut closed) => {
-            // The client went away: the command goes too (dropping the session kills it).
-            debug!(container = %container_id, "exec client disconnected; killing the command");
-            session.kill();
-            return;
-        }
-    };
-    drop(pty);
-    let drained = tokio::time::timeout(OUTPUT_DRAIN, async { while outputs.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        outputs.abort_all();
-        for channel in [STDOUT, STDERR] {
-            let _ = channels.out.send((channel, None)).await;
-        }
-    }
-    let outcome = match ended {
-        Ok(0) => Outcome::Success,
-        Ok(code) => Outcome::ExitCode { command, code },
-        Err(e) => Outcome::Error(e.to_string()),
-    };
-    channels.finish(&outcome).await;
-    drop(session);
-}
-
-async fn pipe_input(mut pipe: tokio::process::ChildStdin, mut input: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = input.recv().await {
-        if pipe.write_all(&bytes).await.is_err() {
-            return;
-        }
-    }
-    // The client closed stdin: the command sees end of file (the pipe closes on drop).
-}
-
-async fn pty_input(pty: Arc<Pty>, mut input: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = input.recv().await {
-        if pty.write_all(&bytes).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn resizes(mut input: mpsc::Receiver<Vec<u8>>, resize: impl Fn(u16, u16) -> std::io::Result<()>) {
+/// The terminal sizes in the bytes of the resize stream (objects may be split across messages).
+async fn terminal_sizes(mut input: mpsc::Receiver<Vec<u8>>, sizes: mpsc::Sender<TerminalSize>) {
     let mut pending = Vec::new();
     while let Some(bytes) = input.recv().await {
         pending.extend_from_slice(&bytes);
-        let mut stream = serde_json::Deserializer::from_slice(&pending).into_iter::<TerminalSize>();
+        let mut stream = serde_json::Deserializer::from_slice(&pending).into_iter::<JsonTerminalSize>();
         let mut consumed = 0;
         loop {
             match stream.next() {
                 Some(Ok(size)) => {
                     consumed = stream.byte_offset();
-                    if let Err(e) = resize(size.width, size.height) {
-                        debug!("resize: {e}");
+                    if sizes.send(TerminalSize { width: size.width, height: size.height }).await.is_err() {
+                        return;
                     }
                 }
                 Some(Err(e)) if e.is_eof() => break,
@@ -389,192 +369,132 @@ async fn resizes(mut input: mpsc::Receiver<Vec<u8>>, resize: impl Fn(u16, u16) -
     }
 }
 
-async fn pipe_output<R: AsyncRead + Unpin>(mut pipe: R, channel: u8, out: mpsc::Sender<(u8, Option<Vec<u8>>)>) {
-    let mut buffer = vec![0u8; 32 * 1024];
-    loop {
-        match pipe.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if out.send((channel, Some(buffer[..n].to_vec()))).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    let _ = out.send((channel, None)).await;
-}
-
-async fn pty_output(pty: Arc<Pty>, out: mpsc::Sender<(u8, Option<Vec<u8>>)>) {
-    let mut buffer = vec![0u8; 32 * 1024];
-    loop {
-        match pty.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if out.send((STDOUT, Some(buffer[..n].to_vec()))).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    let _ = out.send((STDOUT, None)).await;
-}
-
-/// The client's input into the container's stdin or terminal; with stdin_once, the container's
-/// stdin closes when the client's does.
-async fn stdin_into(stdio: Arc<ContainerStdio>, mut input: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = input.recv().await {
-        if let Err(e) = stdio.write(&bytes).await {
-            debug!("attach stdin: {e}");
-            break;
-        }
-    }
-    stdio.session_ended().await;
-}
-
-/// Attach: input into the container's stdin or terminal, and its output: the terminal's (tty
-/// containers) or its stdout and stderr (its output pipes), until the container stops or the
-/// client goes.
-async fn attach(server: &StreamingServer, container_id: String, mut channels: Channels) {
-    let container = match server.runtime.container(&container_id) {
-        Ok(container) if container.state == ContainerState::Running => container,
-        Ok(container) => {
-            return channels.finish(&Outcome::Error(format!("container {} is not running", container.id))).await;
-        }
-        Err(e) => return channels.finish(&Outcome::Error(e.to_string())).await,
-    };
-    let stdio = server.runtime.stdio(&container.id);
-    // Without its terminal a tty container's output is out of reach; a stdin container's output
-    // is in its output pipes (its stdin was closed by stdin_once, or lost with the fd store).
-    if container.spec.tty && stdio.is_none() {
-        let message = format!("the terminal of container {} was lost (see the daemon's log)", container.id);
-        return channels.finish(&Outcome::Error(message)).await;
-    }
-    let input = match (channels.stdin.take(), &stdio) {
-        (Some(input), Some(stdio)) if stdio.stdin_open() => Some(tokio::spawn(stdin_into(stdio.clone(), input))),
-        _ => None,
-    };
-    let outcome = match stdio.clone().filter(|s| s.tty()) {
-        Some(stdio) => attach_terminal(server, &container_id, stdio, &mut channels).await,
-        None => attach_output(server, &container, &channels).await,
-    };
-    if let (Some(input), Some(stdio)) = (input, stdio) {
-        // The input ends with the session (stdin_once: the container's stdin closes).
-        input.abort();
-        stdio.session_ended().await;
-    }
-    let Some(outcome) = outcome else { return };
-    for channel in [STDOUT, STDERR] {
-        let _ = channels.out.send((channel, None)).await;
-    }
-    channels.finish(&outcome).await;
-}
-
-/// A tty container's output from the terminal, resizes to it. `None`: the client went away.
-async fn attach_terminal(
-    server: &StreamingServer,
-    container_id: &str,
-    stdio: Arc<ContainerStdio>,
-    channels: &mut Channels,
-) -> Option<Outcome> {
-    let mut output = stdio.subscribe().expect("a terminal has output");
-    let resize = channels.resize.take().map(|input| {
-        let stdio = stdio.clone();
-        tokio::spawn(resizes(input, move |width, height| stdio.resize(width, height)))
-    });
-    let mut closed = channels.closed.clone();
-    let outcome = loop {
-        tokio::select! {
-            received = output.recv() => match received {
-                Ok(bytes) => {
-                    if channels.stdout && channels.out.send((STDOUT, Some(bytes))).await.is_err() {
-                        break None;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
-                    debug!(container = %container_id, "attach fell behind the terminal by {lost} reads");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break Some(Outcome::Success),
-            },
-            _ = tokio::time::sleep(ATTACH_POLL) => {
-                let running = server.runtime.container(container_id).map(|c| c.state == ContainerState::Running).unwrap_or(false);
-                if !running {
-                    break Some(Outcome::Success);
-                }
-            }
-            _ = super::transport::until_closed(&mut closed) => break None,
-        }
-    };
-    if let Some(resize) = resize {
-        resize.abort();
-    }
-    outcome
-}
-
-/// The container's stdout and stderr as the daemon reads them from its output pipes, until they
-/// end (the container is gone). `None`: the client went away.
-async fn attach_output(
-    server: &StreamingServer,
-    container: &runtime::Container,
-    channels: &Channels,
-) -> Option<Outcome> {
-    let Some(mut output) = server.runtime.output(&container.id).and_then(|o| o.subscribe()) else {
-        if server.runtime.output(&container.id).is_none() {
-            let message = format!(
-                "the output of container {} is not read by this daemon (started by an older cri-systemd)",
-                container.id
-            );
-            return Some(Outcome::Error(message));
-        }
-        // Its output has ended already.
-        return Some(Outcome::Success);
-    };
-    let mut closed = channels.closed.clone();
-    loop {
-        tokio::select! {
-            received = output.recv() => match received {
-                Ok(chunk) => {
-                    let Some(channel) = channel_of(&chunk, channels) else { continue };
-                    if channels.out.send((channel, Some(chunk.bytes))).await.is_err() {
-                        return None;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
-                    debug!(container = %container.id, "attach fell behind the output by {lost} reads");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Some(Outcome::Success),
-            },
-            _ = tokio::time::sleep(ATTACH_POLL) => {
-                let running = server.runtime.container(&container.id).map(|c| c.state == ContainerState::Running).unwrap_or(false);
-                if !running {
-                    // Exited: its output was drained when that was noticed; what is still on its
-                    // way to us comes before the end, unless systemd holds the pipes a while.
-                    while let Ok(Ok(chunk)) = tokio::time::timeout(OUTPUT_DRAIN, output.recv()).await {
-                        let Some(channel) = channel_of(&chunk, channels) else { continue };
-                        if channels.out.send((channel, Some(chunk.bytes))).await.is_err() {
-                            return None;
-                        }
-                    }
-                    return Some(Outcome::Success);
-                }
-            }
-            _ = super::transport::until_closed(&mut closed) => return None,
-        }
-    }
-}
-
-/// The channel a piece of output goes to: its own, or stdout for stderr when the client asked for
-/// stdout only (as before, with the journal); `None` if the client wants neither.
-fn channel_of(chunk: &runtime::OutputChunk, channels: &Channels) -> Option<u8> {
-    match (chunk.stderr, channels.stdout, channels.stderr) {
-        (true, _, true) => Some(STDERR),
-        (true, true, false) | (false, true, _) => Some(STDOUT),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use futures_util::future::BoxFuture;
+    use runtime::{StreamError, StreamingRuntime};
+
     use super::*;
+
+    /// A backend that echoes one piece of stdin to stdout, writes to stderr and exits 3 (exec),
+    /// refuses attach, and never ends a port forward (noting when its future is dropped).
+    #[derive(Debug, Default)]
+    struct Scripted {
+        dropped: Arc<AtomicBool>,
+    }
+
+    struct DropFlag(Arc<AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl StreamingRuntime for Scripted {
+        fn exec<'a>(&'a self, _: &'a str, _: Vec<String>, streams: Streams) -> BoxFuture<'a, Result<i32, StreamError>> {
+            Box::pin(async move {
+                let mut stdin = streams.stdin.expect("stdin");
+                let input = stdin.recv().await.expect("input");
+                streams.stdout.as_ref().expect("stdout").send(input).await.unwrap();
+                streams.stderr.as_ref().expect("stderr").send(b"err".to_vec()).await.unwrap();
+                Ok(3)
+            })
+        }
+
+        fn attach<'a>(&'a self, _: &'a str, streams: Streams) -> BoxFuture<'a, Result<(), StreamError>> {
+            let flag = DropFlag(self.dropped.clone());
+            Box::pin(async move {
+                let _flag = flag;
+                let _streams = streams;
+                std::future::pending().await
+            })
+        }
+
+        fn port_forward<'a>(
+            &'a self,
+            _: &'a str,
+            _: u16,
+            _: mpsc::Receiver<Vec<u8>>,
+            _: mpsc::Sender<Vec<u8>>,
+        ) -> BoxFuture<'a, Result<(), StreamError>> {
+            Box::pin(async { Err(StreamError::Session("no".into())) })
+        }
+    }
+
+    fn server(backend: Arc<Scripted>) -> StreamingServer {
+        StreamingServer {
+            base_url: "http://127.0.0.1:1".into(),
+            stream_creation_timeout: Duration::from_secs(1),
+            idle_timeout: None,
+            tokens: super::super::Tokens { ttl: Duration::from_secs(1), live: Mutex::new(HashMap::new()) },
+            backend,
+        }
+    }
+
+    type Sent = mpsc::Receiver<(u8, Option<Vec<u8>>)>;
+
+    fn channels(stdin: Option<mpsc::Receiver<Vec<u8>>>) -> (Channels, Sent, watch::Sender<bool>) {
+        let (out, sent) = mpsc::channel(16);
+        let (closing, closed) = watch::channel(false);
+        let channels =
+            Channels { stdin, resize: None, stdout: true, stderr: true, out, closed, format: StatusFormat::Status };
+        (channels, sent, closing)
+    }
+
+    #[tokio::test]
+    async fn a_session_carries_the_backends_streams_then_its_exit_code_last() {
+        let server = server(Arc::default());
+        let (stdin_tx, stdin_rx) = mpsc::channel(1);
+        let (channels, mut sent, _closing) = channels(Some(stdin_rx));
+        stdin_tx.send(b"hello".to_vec()).await.unwrap();
+        let command = vec!["sh".to_string()];
+        let request = StreamRequest::Exec {
+            container_id: "c".into(),
+            command,
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        };
+        run(&server, request, channels).await;
+        let mut messages = Vec::new();
+        while let Some(message) = sent.recv().await {
+            messages.push(message);
+        }
+        // The status, then the end of the error channel, come after all of the output.
+        assert_eq!(messages.pop(), Some((ERROR, None)), "{messages:?}");
+        let Some((ERROR, Some(status))) = messages.pop() else { panic!("no status last: {messages:?}") };
+        let status: serde_json::Value = serde_json::from_slice(&status).unwrap();
+        assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+        messages.sort();
+        assert_eq!(
+            messages,
+            [(STDOUT, None), (STDOUT, Some(b"hello".to_vec())), (STDERR, None), (STDERR, Some(b"err".to_vec()))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_ends_the_backends_session_without_a_status() {
+        let backend = Arc::new(Scripted::default());
+        let server = server(backend.clone());
+        let (channels, mut sent, closing) = channels(None);
+        let request =
+            StreamRequest::Attach { container_id: "c".into(), stdin: false, tty: false, stdout: true, stderr: true };
+        let session = tokio::spawn(async move { run(&server, request, channels).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!backend.dropped.load(Ordering::SeqCst));
+        closing.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), session).await.expect("the session ends").unwrap();
+        assert!(backend.dropped.load(Ordering::SeqCst), "the backend's session was dropped");
+        while let Ok(message) = sent.try_recv() {
+            assert_ne!(message.0, ERROR, "no status for a client that is gone: {message:?}");
+        }
+    }
 
     #[test]
     fn statuses_are_what_client_go_parses() {
