@@ -604,14 +604,14 @@ impl Runtime {
     }
 
     /// The daemon's end of a running container's stdin or terminal, if it has one.
-    pub fn stdio(&self, id: &str) -> Option<Arc<crate::ContainerStdio>> {
+    pub(crate) fn stdio(&self, id: &str) -> Option<Arc<crate::ContainerStdio>> {
         let id = self.container_entry(id).ok()?.get().id;
         self.stdio.lock().expect("stdio table lock").get(&id).cloned()
     }
 
     /// The daemon's side of a container's output (containers without a terminal, started by
     /// this version of cri-systemd).
-    pub fn output(&self, id: &str) -> Option<Arc<crate::ContainerOutput>> {
+    pub(crate) fn output(&self, id: &str) -> Option<Arc<crate::ContainerOutput>> {
         let id = self.container_entry(id).ok()?.get().id;
         self.outputs.lock().expect("output table lock").get(&id).cloned()
     }

@@ -104,7 +104,7 @@ impl ExecSession {
 impl Runtime {
     /// Starts `request.command` in running container `id`, in all its namespaces, its cgroup,
     /// with its user, environment, working dir, capabilities and no_new_privs.
-    pub async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecSession, Error> {
+    pub(crate) async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecSession, Error> {
         if request.command.is_empty() {
             return Err(Error::InvalidArgument("exec needs a command".into()));
         }

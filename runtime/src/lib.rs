@@ -44,12 +44,13 @@ pub use container::{
 pub use containers::ContainerFilter;
 pub use error::Error;
 pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
-pub use exec::{ExecRequest, ExecSession, ExecSyncOutput, Pty};
-pub use logs::{ContainerOutput, OutputChunk};
+pub use exec::ExecSyncOutput;
+// The daemon's ends of containers' stdio: reached from outside only through StreamingRuntime.
+pub(crate) use logs::{ContainerOutput, OutputChunk};
 pub use namespaces::PodNamespaces;
 pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
-pub use stdio::ContainerStdio;
+pub(crate) use stdio::ContainerStdio;
 pub use store::Quarantined;
 pub use store::tighten_modes;
 pub use streaming::{StreamError, StreamingRuntime, Streams, TerminalSize};
