@@ -493,3 +493,27 @@ mod sysctl_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod connect_tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    #[test]
+    fn connects_to_the_loopback_of_the_callers_namespace_without_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = connect_loopback(None, port).expect("connected");
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        drop(listener);
+        drop(server);
+        // Nobody listens there any more (nor on ::1): refused, not hung.
+        assert!(connect_loopback(None, port).is_err());
+        assert!(connect_loopback(Some(Path::new("/nonexistent/netns")), port).is_err());
+    }
+}
