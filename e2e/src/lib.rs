@@ -1,8 +1,10 @@
 //! End-to-end test support: throwaway systemd nodes (the `e2e/node` command) with cri-systemd
 //! running inside as its production unit, and CRI clients that reach it over its socket.
 //!
-//! Tests need root and build nothing themselves: build the daemon first (`cargo build -p cri-server`),
-//! as the README's test command does.
+//! Tests need root and systemd-nspawn, and build nothing themselves: build the daemon first
+//! (`cargo build -p cri-server`), as the README's test command does. Where root or nspawn is
+//! missing (a developer's `cargo test`), the tests skip with a message ([`require_machine`]);
+//! with `CRI_SYSTEMD_E2E_REQUIRED` set (scripts/test-all sets it) they fail instead.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -20,6 +22,53 @@ pub mod streaming;
 /// The `e2e/node` command.
 pub fn node_command() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("node")
+}
+
+/// Set (to anything) by scripts/test-all: an e2e test whose prerequisites are missing then fails
+/// instead of skipping, so that the suite cannot pass without having run.
+pub const E2E_REQUIRED_VAR: &str = "CRI_SYSTEMD_E2E_REQUIRED";
+
+/// What the machine lacks of root and the `commands` (looked up in PATH), if anything.
+fn missing_prerequisites(commands: &[&str]) -> Vec<String> {
+    let mut missing = Vec::new();
+    let uid = rustix::process::geteuid();
+    if !uid.is_root() {
+        missing.push(format!("not root (uid {})", uid.as_raw()));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for command in commands {
+        if !std::env::split_paths(&path).any(|dir| dir.join(command).is_file()) {
+            missing.push(format!("no {command} in PATH"));
+        }
+    }
+    missing
+}
+
+/// Makes sure the machine can run an e2e test: root and `commands` (Node::up asks for
+/// systemd-nspawn; the VM test for QEMU). When something is missing, the test fails if
+/// [`E2E_REQUIRED_VAR`] is set; otherwise the whole test binary stops here with a message and
+/// success: every e2e test needs a node, so none of its tests could run (libtest has no run-time
+/// skip, and one check here spares every test its own).
+pub fn require_machine(commands: &[&str]) {
+    let missing = missing_prerequisites(commands);
+    if missing.is_empty() {
+        return;
+    }
+    let needs = format!("root and {}", commands.join(", "));
+    if std::env::var_os(E2E_REQUIRED_VAR).is_some() {
+        panic!("the e2e tests need {needs} ({E2E_REQUIRED_VAR} is set, so they may not skip): {}", missing.join("; "));
+    }
+    static SKIP: std::sync::Once = std::sync::Once::new();
+    SKIP.call_once(|| {
+        // Past libtest's output capture, which an exit would swallow.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: needs {needs} (run scripts/test-all as root): {}",
+            missing.join("; ")
+        );
+        std::process::exit(0);
+    });
 }
 
 /// How a node is brought up.
@@ -69,6 +118,7 @@ impl Node {
 
     /// Boots a node with exactly this name (which must not be running).
     pub fn up_named(name: &str, options: NodeOptions) -> Node {
+        require_machine(&["systemd-nspawn"]);
         let name = name.to_string();
         let mut command = Command::new(node_command());
         command.arg("up").arg(&name);
@@ -242,6 +292,7 @@ pub const LOCAL_REGISTRY_PORT: u16 = 5000;
 /// A node whose daemon pulls from the plain-HTTP registry on the node's loopback;
 /// `extra_config` is more daemon config TOML (may be empty).
 pub fn node_with_local_registry(label: &str, extra_config: &str) -> Node {
+    require_machine(&["systemd-nspawn"]);
     let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
     let text = format!("{extra_config}\n[images.registries.\"127.0.0.1:{LOCAL_REGISTRY_PORT}\"]\nplain_http = true\n");
     std::fs::write(&config, text).expect("write the node's daemon config");

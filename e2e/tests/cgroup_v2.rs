@@ -185,6 +185,7 @@ fn write_layout(dir: &Path, image: &Image) {
 }
 
 fn run_in_vm(script: &str) -> Report {
+    e2e::require_machine(&["qemu-system-x86_64"]);
     let dir = tempfile_dir();
     let path = dir.join("cgroup_v2.sh");
     std::fs::write(&path, script).unwrap();
