@@ -380,21 +380,35 @@ impl<'n> Registry<'n> {
     }
 }
 
-/// A TCP proxy in a node that forwards to a registry at a limited rate: a slow registry, so that
-/// a pull reliably takes long enough to be interrupted (deadline, SIGKILL) or overlapped, however
-/// fast the daemon is. It listens on 127.0.0.1:`port` in the node and connects to `target` there;
-/// the test process only moves bytes between two sockets of the node's namespace. The rate
-/// (server to client, all connections together) is `bytes_per_sec`. Stops accepting when dropped;
-/// open connections end when either side closes.
+/// A TCP proxy in a node that forwards to a registry, and records what clients sent it. It
+/// listens on 127.0.0.1:`port` in the node and connects to `target` there; the test process only
+/// moves bytes between two sockets of the node's namespace. Stops accepting when dropped; open
+/// connections end when either side closes.
+///
+/// [`Proxy::throttled`]: a slow registry, so that a pull reliably takes long enough to be
+/// interrupted (deadline, SIGKILL) or overlapped, however fast the daemon is. [`Proxy::start`]
+/// at full speed: a mirror whose requests (e.g. their `Authorization` headers) a test reads.
 #[derive(Debug)]
-pub struct SlowProxy {
+pub struct Proxy {
     port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Every byte clients sent, all connections together.
+    requests: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
-impl SlowProxy {
-    pub fn start(node: &Node, port: u16, target: &str, bytes_per_sec: u64) -> SlowProxy {
+impl Proxy {
+    /// A proxy at full speed.
+    pub fn start(node: &Node, port: u16, target: &str) -> Proxy {
+        Proxy::spawn(node, port, target, None)
+    }
+
+    /// A proxy sending at most `bytes_per_sec` from the server to the clients, all connections together.
+    pub fn throttled(node: &Node, port: u16, target: &str, bytes_per_sec: u64) -> Proxy {
+        Proxy::spawn(node, port, target, Some(bytes_per_sec))
+    }
+
+    fn spawn(node: &Node, port: u16, target: &str, bytes_per_sec: Option<u64>) -> Proxy {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
 
@@ -407,7 +421,8 @@ impl SlowProxy {
             })
             .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port} in node {}: {e}", node.name()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (target, stop_c) = (target.to_owned(), stop.clone());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (target, stop_c, requests_c) = (target.to_owned(), stop.clone(), requests.clone());
         // When the link is free again: every chunk sent books its time on it, so the rate holds
         // from the first byte on, without a burst after idle time.
         let free_at = Arc::new(Mutex::new(Instant::now()));
@@ -425,25 +440,36 @@ impl SlowProxy {
                 let Ok(upstream) = net.connect(&target) else { continue };
                 let _ = upstream.set_read_timeout(None);
                 let (Ok(client2), Ok(upstream2)) = (client.try_clone(), upstream.try_clone()) else { continue };
-                std::thread::spawn(move || pipe(client, upstream, None));
-                let free_at = free_at.clone();
-                std::thread::spawn(move || pipe(upstream2, client2, Some((free_at, bytes_per_sec))));
+                let requests = requests_c.clone();
+                std::thread::spawn(move || pipe(client, upstream, None, Some(requests)));
+                let throttle = bytes_per_sec.map(|rate| (free_at.clone(), rate));
+                std::thread::spawn(move || pipe(upstream2, client2, throttle, None));
             }
         });
-        SlowProxy { port, stop, thread: Some(thread) }
+        Proxy { port, stop, thread: Some(thread), requests }
     }
 
     /// `127.0.0.1:<port>`
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// What clients sent so far (request lines, headers and bodies of all connections), as text.
+    pub fn requests(&self) -> String {
+        String::from_utf8_lossy(&self.requests.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
 }
 
 type Throttle = (std::sync::Arc<std::sync::Mutex<Instant>>, u64);
 
 /// Copies `from` to `to` until EOF or an error, then shuts both down; with a throttle, keeps all
-/// the pipes sharing it under its rate.
-fn pipe(mut from: TcpStream, mut to: TcpStream, throttle: Option<Throttle>) {
+/// the pipes sharing it under its rate; with a record, appends what it copies to it.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    throttle: Option<Throttle>,
+    record: Option<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>,
+) {
     let mut buffer = vec![0u8; 16 << 10];
     loop {
         let n = match from.read(&mut buffer) {
@@ -458,6 +484,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, throttle: Option<Throttle>) {
             };
             std::thread::sleep(done.saturating_duration_since(Instant::now()));
         }
+        if let Some(record) = &record {
+            record.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&buffer[..n]);
+        }
         if to.write_all(&buffer[..n]).is_err() {
             break;
         }
@@ -466,7 +495,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, throttle: Option<Throttle>) {
     let _ = from.shutdown(std::net::Shutdown::Read);
 }
 
-impl Drop for SlowProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use e2e::crisimple::{container_config, create, pod_config, start};
 use e2e::oci::{self, Compression, ConfigOptions, Image, LayerBuilder, listing_of_dir, listing_of_tar};
 use e2e::rawgrpc::RawChannel;
-use e2e::registry::{Registry, RegistryOptions, SlowProxy, node_pid1};
+use e2e::registry::{Proxy, Registry, RegistryOptions, node_pid1};
 use e2e::{CriClient, Node, NodeOptions, cri, eventually};
 use tonic::Code;
 
@@ -564,6 +564,32 @@ async fn credentials_mirrors_and_unreachable_registries() {
     assert_store_sound(&node);
 }
 
+/// Registry credentials are never sent to a mirror over plain HTTP (issue 11, item 8), where
+/// anyone on the way would read them: the registry's mirror here is a recording proxy in front of
+/// the registry itself, so a daemon that answered the mirror's 401 with the pull's credentials
+/// would pull through it. The mirror is asked first and sees no `Authorization` header; the pull
+/// succeeds from the registry itself (plain HTTP too, but asked for by name), which refuses
+/// anonymous pulls.
+#[tokio::test]
+async fn credentials_never_reach_a_plain_http_mirror() {
+    let node = node_with("img-mirror-creds", "", &[plain_registry("127.0.0.1:5001", &["http://127.0.0.1:5002"])]);
+    let (user, password) = ("e2e-user", "e2e-Mirr0r-Secret");
+    let private =
+        Registry::start(&node, "auth", 5001, RegistryOptions { basic_auth: Some((user.into(), password.into())) });
+    let mirror = Proxy::start(&node, 5002, &private.host());
+    let image = oci::busybox_image("");
+    let reference = private.push_image("e2e/private", "1", &image);
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+
+    let auth = cri::AuthConfig { username: user.into(), password: password.into(), ..Default::default() };
+    assert_eq!(pull(&mut client, &reference, Some(auth)).await.expect("pull with credentials"), image.id());
+    let asked = mirror.requests();
+    assert!(asked.contains("/v2/e2e/private/manifests/1"), "the mirror was not asked first:\n{asked}");
+    let sent: Vec<&str> = asked.lines().filter(|l| l.to_ascii_lowercase().starts_with("authorization:")).collect();
+    assert!(sent.is_empty(), "credentials went to the plain-HTTP mirror: {sent:?}");
+    assert!(!asked.contains(password));
+}
+
 /// Layers that try to write outside their directory, a decompression bomb, and corrupt layers
 /// are refused with an error naming the layer (and the entry), and leave nothing behind: not
 /// outside the store, not in it.
@@ -754,7 +780,7 @@ async fn status_of(client: &mut CriClient, image: &str) -> Option<String> {
 async fn interrupted_pulls_leave_nothing_behind() {
     let node = node_with("img-interrupt", "", &[plain_registry("127.0.0.1:5100", &[])]);
     let registry = Registry::start(&node, "main", 5000, RegistryOptions::default());
-    let proxy = SlowProxy::start(&node, 5100, &registry.host(), 12 << 20);
+    let proxy = Proxy::throttled(&node, 5100, &registry.host(), 12 << 20);
     let big = oci::big_image(1, 3, 8 << 20);
     registry.push_image("e2e/big", "1", &big);
     let reference = format!("{}/e2e/big:1", proxy.host());
@@ -843,7 +869,7 @@ fn partial_layer_file(tmp: &Path) -> Option<PathBuf> {
 async fn concurrent_pulls_download_each_blob_once() {
     let node = node_with("img-concurrent", "", &[plain_registry("127.0.0.1:5100", &[])]);
     let registry = Registry::start(&node, "main", 5000, RegistryOptions::default());
-    let proxy = SlowProxy::start(&node, 5100, &registry.host(), 8 << 20);
+    let proxy = Proxy::throttled(&node, 5100, &registry.host(), 8 << 20);
     let image = oci::big_image(2, 3, 4 << 20);
     registry.push_image("e2e/shared", "1", &image);
     let reference = format!("{}/e2e/shared:1", proxy.host());

@@ -536,6 +536,17 @@ mod tests {
     }
 
     #[test]
+    fn no_credentials_to_a_plain_http_mirror() {
+        let creds = Credentials::Basic { username: "u".into(), password: "p".into() };
+        let plain_mirror = Endpoint::parse_mirror("http://10.0.0.1:5000").unwrap();
+        let tls_mirror = Endpoint::parse_mirror("https://mirror.example").unwrap();
+        let plain_registry = Endpoint { host: "127.0.0.1:5000".into(), plain_http: true, is_mirror: false };
+        assert!(credentials_for(&plain_mirror, "docker.io", Some(&creds)).is_none());
+        assert!(credentials_for(&tls_mirror, "docker.io", Some(&creds)) == Some(&creds));
+        assert!(credentials_for(&plain_registry, "127.0.0.1:5000", Some(&creds)) == Some(&creds));
+    }
+
+    #[test]
     fn docker_auth_field() {
         assert_eq!(
             Credentials::from_docker_auth("dXNlcjpwYTpzcw==").unwrap(),
