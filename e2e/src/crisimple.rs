@@ -8,7 +8,18 @@ use crate::{CriClient, cri, eventually};
 
 /// A pod config with a name-derived uid, in namespace `e2e`.
 pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
+    pod(name).build()
+}
+
+/// `pod_config(name)` in a user namespace of its own (mode POD, a range from the daemon's pool)
+/// with a PID namespace per container, as the kubelet asks for `hostUsers: false`.
+pub fn userns_pod_config(name: &str) -> cri::PodSandboxConfig {
+    kubelet_pod(name).userns(cri::NamespaceMode::Pod, None).build()
+}
+
+/// A pod config to build on: `pod(name)` is [`pod_config`]`(name)`; each method sets one thing.
+pub fn pod(name: &str) -> PodConfig {
+    PodConfig(cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: name.into(),
             uid: format!("{name}-0000-1111-2222-333344445555"),
@@ -17,25 +28,82 @@ pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
         }),
         hostname: name.into(),
         ..Default::default()
+    })
+}
+
+/// `pod(name)` with a PID namespace per container, as the kubelet asks for a pod without
+/// `shareProcessNamespace`.
+pub fn kubelet_pod(name: &str) -> PodConfig {
+    pod(name).pid(cri::NamespaceMode::Container)
+}
+
+/// A pod config being built (see [`pod`]).
+#[derive(Debug, Clone)]
+pub struct PodConfig(cri::PodSandboxConfig);
+
+impl PodConfig {
+    pub fn build(self) -> cri::PodSandboxConfig {
+        self.0
+    }
+
+    fn metadata(&mut self) -> &mut cri::PodSandboxMetadata {
+        self.0.metadata.get_or_insert_with(Default::default)
+    }
+
+    fn namespace_options(&mut self) -> &mut cri::NamespaceOption {
+        let linux = self.0.linux.get_or_insert_with(Default::default);
+        let context = linux.security_context.get_or_insert_with(Default::default);
+        context.namespace_options.get_or_insert_with(Default::default)
+    }
+
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.metadata().uid = uid.into();
+        self
+    }
+
+    /// The Kubernetes namespace (`e2e` by default).
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.metadata().namespace = namespace.into();
+        self
+    }
+
+    pub fn hostname(mut self, hostname: &str) -> Self {
+        self.0.hostname = hostname.into();
+        self
+    }
+
+    pub fn log_directory(mut self, dir: &str) -> Self {
+        self.0.log_directory = dir.into();
+        self
+    }
+
+    /// The PID namespace mode (the kubelet's default is `Container`, one per container).
+    pub fn pid(mut self, mode: cri::NamespaceMode) -> Self {
+        self.namespace_options().pid = mode as i32;
+        self
+    }
+
+    /// The network namespace mode (`Node` for `hostNetwork: true`).
+    pub fn network(mut self, mode: cri::NamespaceMode) -> Self {
+        self.namespace_options().network = mode as i32;
+        self
+    }
+
+    /// The user namespace: `mode`, and with `Some((host_id, length))` the kubelet's mapping of
+    /// container id 0 (for uids and gids alike) instead of a range from the daemon's pool.
+    pub fn userns(mut self, mode: cri::NamespaceMode, mapping: Option<(u32, u32)>) -> Self {
+        let ids: Vec<cri::IdMapping> =
+            mapping.into_iter().map(|(host_id, length)| cri::IdMapping { host_id, container_id: 0, length }).collect();
+        self.namespace_options().userns_options =
+            Some(cri::UserNamespace { mode: mode as i32, uids: ids.clone(), gids: ids });
+        self
     }
 }
 
-/// `pod_config(name)` in a user namespace of its own (mode POD, a range from the daemon's pool)
-/// with a PID namespace per container, as the kubelet asks for `hostUsers: false`.
-pub fn userns_pod_config(name: &str) -> cri::PodSandboxConfig {
-    let mut config = pod_config(name);
-    config.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Container as i32,
-                userns_options: Some(cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    config
+impl From<PodConfig> for cri::PodSandboxConfig {
+    fn from(config: PodConfig) -> Self {
+        config.build()
+    }
 }
 
 /// A container config running `command` in `image`, labelled `container=<name>`.
@@ -51,8 +119,28 @@ pub fn container_config(name: &str, image: &str, command: &[&str]) -> cri::Conta
 
 /// RunPodSandbox of `pod_config(name)`; returns the pod id.
 pub async fn run_pod(client: &mut CriClient, name: &str) -> String {
-    let request = cri::RunPodSandboxRequest { config: Some(pod_config(name)), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
+    run_pod_sandbox(client, pod_config(name)).await.expect("RunPodSandbox")
+}
+
+/// RunPodSandbox of `config`; returns the pod id or the daemon's refusal.
+pub async fn run_pod_sandbox(
+    client: &mut CriClient,
+    config: impl Into<cri::PodSandboxConfig>,
+) -> Result<String, tonic::Status> {
+    let request = cri::RunPodSandboxRequest { config: Some(config.into()), runtime_handler: String::new() };
+    client.runtime.run_pod_sandbox(request).await.map(|r| r.into_inner().pod_sandbox_id)
+}
+
+/// StopPodSandbox, which must succeed.
+pub async fn stop_pod(client: &mut CriClient, id: &str) {
+    let request = cri::StopPodSandboxRequest { pod_sandbox_id: id.into() };
+    client.runtime.stop_pod_sandbox(request).await.expect("StopPodSandbox");
+}
+
+/// RemovePodSandbox, which must succeed.
+pub async fn remove_pod(client: &mut CriClient, id: &str) {
+    let request = cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() };
+    client.runtime.remove_pod_sandbox(request).await.expect("RemovePodSandbox");
 }
 
 /// CreateContainer; returns the container id or the daemon's refusal.

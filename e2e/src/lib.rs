@@ -286,6 +286,12 @@ pub fn busybox_rootfs(node: &Node, dir: &str, applets: &[&str]) {
 
 // --- A node with a local registry and the busybox image -----------------------------------------
 
+/// The CNI config the README deploys (bridge, host-local, portmap, bandwidth: the node's real
+/// plugins), and where a test writes it in a node to give its pods networking (nodes start
+/// without one; the daemon reads it at each RunPodSandbox).
+pub const CNI_CONFLIST: &str = include_str!("../../deploy/cni/10-cri-systemd.conflist");
+pub const CNI_CONFLIST_PATH: &str = "/etc/cni/net.d/10-cri-systemd.conflist";
+
 /// The port of the plain-HTTP registry the tests start on a node's loopback.
 pub const LOCAL_REGISTRY_PORT: u16 = 5000;
 

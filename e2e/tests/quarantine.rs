@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::{cri, crisimple, node_with_local_registry, sleeping_container};
+use e2e::{cri, crisimple, node_with_local_registry, pull_busybox, sleeping_container};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -79,4 +79,61 @@ async fn torn_pod_record_is_quarantined_and_its_container_keeps_running() {
     let status = client.runtime.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
     assert!(status.info.get("quarantine").is_some_and(|i| i.contains(&pod_id)));
     assert_eq!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
+}
+
+/// The first host id and length of a pod's user namespace, as PodSandboxStatus reports it.
+async fn userns_range(client: &mut e2e::CriClient, pod: &str) -> (u32, u32) {
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: false };
+    let status = client.runtime.pod_sandbox_status(request).await.expect("PodSandboxStatus").into_inner();
+    let options = status.status.unwrap().linux.unwrap().namespaces.unwrap().options.unwrap();
+    let uids = options.userns_options.expect("userns_options in the status").uids;
+    let [cri::IdMapping { container_id: 0, host_id, length }] = uids[..] else {
+        panic!("one mapping expected: {uids:?}")
+    };
+    (host_id, length)
+}
+
+/// A quarantined pod's user-namespace range stays reserved: its container keeps running in that
+/// range, so a new pod in a user namespace of its own must not get the same host ids (the
+/// allocator starts again from the first range after a restart).
+#[tokio::test(flavor = "multi_thread")]
+async fn quarantined_pods_userns_range_stays_reserved() {
+    let node = node_with_local_registry("quarantine-userns", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client, "quarantine-userns").await;
+    let torn = crisimple::run_pod_sandbox(&mut client, crisimple::userns_pod_config("torn-userns"))
+        .await
+        .expect("RunPodSandbox");
+    let (host_id, length) = userns_range(&mut client, &torn).await;
+    let config = crisimple::container_config("sleeper", &image, &["/bin/busybox", "sleep", "100000"]);
+    let container = crisimple::create(&mut client, &torn, config).await.expect("CreateContainer");
+    crisimple::start(&mut client, &container).await.expect("StartContainer");
+    let unit = format!("cri-{container}.service");
+    let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
+    let uid_map = node.sh(&format!("cat /proc/{}/uid_map", pid.trim()));
+    assert!(uid_map.split_whitespace().eq(["0", &host_id.to_string(), &length.to_string()]), "{uid_map}");
+
+    node.sh(&format!("truncate -s 100 /var/lib/cri-systemd/pods/{torn}/pod.json"));
+    node.sh("systemctl restart cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    node.sh(&format!("test -e /var/lib/cri-systemd/quarantine/pod-{torn}-*/pod.json"));
+    assert_eq!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
+
+    // And again after a second restart, which finds the pod already in quarantine.
+    for (round, name) in [(1, "after-userns"), (2, "after-second-restart")] {
+        if round == 2 {
+            node.sh("systemctl restart cri-systemd");
+            client = node.cri(ANSWER_TIMEOUT).await;
+        }
+        let new =
+            crisimple::run_pod_sandbox(&mut client, crisimple::userns_pod_config(name)).await.expect("RunPodSandbox");
+        let (new_host_id, new_length) = userns_range(&mut client, &new).await;
+        let disjoint = u64::from(new_host_id) + u64::from(new_length) <= u64::from(host_id)
+            || u64::from(host_id) + u64::from(length) <= u64::from(new_host_id);
+        assert!(
+            disjoint,
+            "restart {round}: the new pod got host ids {new_host_id}+{new_length}, over the quarantined pod's \
+             {host_id}+{length}, in which its container still runs"
+        );
+    }
 }

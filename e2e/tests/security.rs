@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use e2e::crisimple::{self, container_config, pod_config};
+use e2e::crisimple::{self, container_config, pod, pod_config, run_pod_sandbox};
 use e2e::oci::{self, Compression, ConfigOptions, Image, LayerBuilder};
 use e2e::registry::{Registry, RegistryOptions};
 use e2e::{CriClient, LOCAL_REGISTRY_PORT, Node, cri};
@@ -21,11 +21,6 @@ async fn push_and_pull(node: &Node, client: &mut CriClient, name: &str, tag: &st
     };
     client.image.pull_image(request).await.expect("PullImage");
     image
-}
-
-async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> String {
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
 }
 
 fn out_mount(host_dir: &str) -> cri::Mount {
@@ -54,7 +49,7 @@ async fn working_dir_through_a_descriptor_never_reaches_the_node() {
     );
     let image = push_and_pull(&node, &mut client, "sec-fd", "fd", &image).await;
     node.sh("mkdir -p /srv/sec-out && chmod 777 /srv/sec-out");
-    let pod = run_pod(&mut client, pod_config("sec-fd")).await;
+    let pod = run_pod_sandbox(&mut client, pod_config("sec-fd")).await.expect("RunPodSandbox");
 
     // (case name, working_dir of the pod spec; "" takes the image's WORKDIR)
     let mut cases: Vec<(String, String)> =
@@ -200,18 +195,11 @@ async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
     node.sh("mkdir -p /srv/sec-exe && chmod 777 /srv/sec-exe && cd /srv/sec-exe && \
          printf '#!/proc/self/exe --config\\n' > evil && truncate -s 64M evil && chmod 755 evil");
 
-    let mut pod = pod_config("sec-exe");
     // hostPID, so that the attacker sees its victims without a pod init (which would keep the
     // binary busy: the attack needs a moment when nothing runs it, e.g. a daemon upgrade).
+    let pod = pod("sec-exe").pid(cri::NamespaceMode::Node).build();
     let shared_pid = || cri::NamespaceOption { pid: cri::NamespaceMode::Node as i32, ..Default::default() };
-    pod.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(shared_pid()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let pod_id = run_pod(&mut client, pod.clone()).await;
+    let pod_id = run_pod_sandbox(&mut client, pod.clone()).await.expect("RunPodSandbox");
     let mut create = async |name: &str, command: &[&str]| {
         let mut config = container_config(name, &image, command);
         config.mounts = vec![cri::Mount {
@@ -282,21 +270,30 @@ async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
 // ---- CVE-2021-41091 class: a container's files seen by other users of the node ----------------
 
 /// As `nobody` on the node: no record (init.json and container.json carry the env, i.e.
-/// Secrets), no CNI result, no directory listing, and no setuid-root binary a container wrote
-/// into its writable layer can be reached. Modes: records 0600, directories 0700, CRI log 0640.
-/// Modes of an older install are tightened when the daemon starts.
+/// Secrets), no CNI result (the pod's, which must exist), no directory listing, and no
+/// setuid-root binary a container wrote into its writable layer can be reached. Modes: records
+/// and CNI results 0600, directories 0700, CRI log 0640. The directory modes are the only guard:
+/// loosened as an older install had them, the same probes reach everything (so they can fail);
+/// a daemon restart tightens them again.
 #[tokio::test]
 async fn nothing_of_a_container_is_reachable_by_other_node_users() {
     let node = e2e::node_with_local_registry("sec-perm", "");
+    // Pod networking, so that the pod has a CNI result.
+    node.write_file(e2e::CNI_CONFLIST_PATH, e2e::CNI_CONFLIST);
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = e2e::pull_busybox(&node, &mut client, "sec-perm").await;
-    let mut pod = pod_config("sec-perm");
-    pod.log_directory = "/var/log/pods/e2e_sec-perm".into();
-    let pod_id = run_pod(&mut client, pod).await;
+    let pod_id = run_pod_sandbox(&mut client, pod("sec-perm").log_directory("/var/log/pods/e2e_sec-perm"))
+        .await
+        .expect("RunPodSandbox");
     let mut config = container_config(
         "writer",
         &image,
-        &["/bin/sh", "-c", "cp /bin/busybox /suid && chmod 4755 /suid && echo ready && exec sleep 100000"],
+        // Named busybox, so that it runs the applet its first argument names.
+        &[
+            "/bin/sh",
+            "-c",
+            "mkdir /suid && cp /bin/busybox /suid/busybox && chmod 4755 /suid/busybox && exec sleep 100000",
+        ],
     );
     config.envs = vec![cri::KeyValue { key: "API_TOKEN".into(), value: "s3cr3t-token".into() }];
     config.log_path = "writer/0.log".into();
@@ -305,11 +302,14 @@ async fn nothing_of_a_container_is_reachable_by_other_node_users() {
     let state = "/var/lib/cri-systemd";
     let dir = format!("{state}/containers/{id}");
     e2e::eventually(Duration::from_secs(20), "the setuid binary in the writable layer", || {
-        let found = node.exec(&["test", "-u", &format!("{dir}/upper/suid")]).success();
+        let found = node.exec(&["test", "-u", &format!("{dir}/upper/suid/busybox")]).success();
         async move { found.then_some(()) }
     })
     .await;
-    assert_eq!(node.sh(&format!("stat -c %U {dir}/upper/suid")).trim(), "root");
+    assert_eq!(node.sh(&format!("stat -c %U {dir}/upper/suid/busybox")).trim(), "root");
+    let cni_results = format!("{state}/cni/results");
+    let results = node.sh(&format!("ls {cni_results}"));
+    assert!(results.contains(&pod_id), "no CNI result of pod {pod_id} in {cni_results}: {results}");
 
     let check = |node: &Node| {
         let as_nobody = |args: &str| node.exec(&["sh", "-c", &format!("runuser -u nobody -- {args}")]);
@@ -323,7 +323,7 @@ async fn nothing_of_a_container_is_reachable_by_other_node_users() {
             format!("ls {dir}"),
             format!("ls {state}/cni/results"),
             format!("cat {state}/cni/results/*"),
-            format!("{dir}/upper/suid id -u"),
+            format!("{dir}/upper/suid/busybox id -u"),
             format!("ls /run/cri-systemd/pods/{pod_id}"),
             "ls /run/cri-systemd/pods".to_string(),
             "cat /var/log/pods/e2e_sec-perm/writer/0.log".to_string(),
@@ -337,8 +337,7 @@ async fn nothing_of_a_container_is_reachable_by_other_node_users() {
         let modes = node.sh(&format!(
             "stat -c '%a %n' {dir}/init.json {dir}/container.json {state}/pods/{pod_id}/pod.json {dir} \
              {state}/containers {state}/pods /run/cri-systemd/pods /run/cri-systemd/pods/{pod_id} \
-             /var/log/pods/e2e_sec-perm/writer/0.log; \
-             for f in {state}/cni/results/*; do [ ! -e \"$f\" ] || stat -c '%a %n' \"$f\"; done"
+             /var/log/pods/e2e_sec-perm/writer/0.log {state}/cni {cni_results} {cni_results}/*"
         ));
         (reached, modes)
     };
@@ -358,12 +357,22 @@ async fn nothing_of_a_container_is_reachable_by_other_node_users() {
         assert_eq!(mode, expected(path), "mode of {path}\n{modes}");
     }
 
-    // An install from before: everything world-readable. A restart tightens it.
+    // An install from before: everything world-readable. The probes reach it all (the setuid
+    // binary through the loosened directories alone: upper/ is 0755, the container's `/`).
     node.sh(&format!(
-        "systemctl stop cri-systemd && chmod 755 {state}/containers {state}/pods {dir} /run/cri-systemd/pods \
-         /run/cri-systemd/pods/{pod_id} && chmod 644 {dir}/init.json {dir}/container.json \
-         {state}/pods/{pod_id}/pod.json && systemctl start cri-systemd"
+        "systemctl stop cri-systemd && chmod 755 {state}/containers {state}/pods {state}/pods/{pod_id} {dir} \
+         /run/cri-systemd/pods /run/cri-systemd/pods/{pod_id} {state}/cni {cni_results} && chmod 644 {dir}/init.json \
+         {dir}/container.json {state}/pods/{pod_id}/pod.json {cni_results}/*"
     ));
+    let (reached, modes) = check(&node);
+    for probe in ["suid/busybox id -u", "init.json", "container.json", "pod.json", "cat /var/lib/cri-systemd/cni/"] {
+        assert!(
+            reached.iter().any(|r| r.contains(probe)),
+            "loosened modes, yet nobody did not reach {probe:?}: the probe cannot fail\nreached: {reached:#?}\nmodes:\n{modes}"
+        );
+    }
+    // A restart tightens it.
+    node.sh("systemctl start cri-systemd");
     node.cri(ANSWER_TIMEOUT).await;
     let (reached, modes) = check(&node);
     assert!(reached.is_empty(), "after a restart, nobody reached:\n{}\nmodes:\n{modes}", reached.join("\n"));
@@ -380,9 +389,9 @@ async fn log_paths_task_limits_and_id_ranges_are_checked() {
     let node = e2e::node_with_local_registry("sec-misc", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = e2e::pull_busybox(&node, &mut client, "sec-misc").await;
-    let mut pod = pod_config("sec-misc");
-    pod.log_directory = "/var/log/pods/e2e_sec-misc".into();
-    let pod_id = run_pod(&mut client, pod).await;
+    let pod_id = run_pod_sandbox(&mut client, pod("sec-misc").log_directory("/var/log/pods/e2e_sec-misc"))
+        .await
+        .expect("RunPodSandbox");
     let containers = || node.sh("ls /var/lib/cri-systemd/containers | wc -l").trim().to_string();
     let before = containers();
     for log_path in ["/etc/sec-misc.log", "../../../../etc/sec-misc.log", "a/../../sec-misc.log"] {
@@ -410,23 +419,8 @@ async fn log_paths_task_limits_and_id_ranges_are_checked() {
     crisimple::start(&mut client, &id).await.expect("StartContainer");
     assert_eq!(node.sh(&format!("systemctl show -p TasksMax --value cri-{id}.service")).trim(), "4096");
 
-    let mut userns_pod = pod_config("sec-misc-userns");
-    let layers = vec![cri::IdMapping { host_id: 0x7FFE_0000, container_id: 0, length: 65536 }];
-    userns_pod.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                userns_options: Some(cri::UserNamespace {
-                    mode: cri::NamespaceMode::Pod as i32,
-                    uids: layers.clone(),
-                    gids: layers,
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let request = cri::RunPodSandboxRequest { config: Some(userns_pod), runtime_handler: String::new() };
+    let layers = pod("sec-misc-userns").userns(cri::NamespaceMode::Pod, Some((0x7FFE_0000, 65536)));
+    let request = cri::RunPodSandboxRequest { config: Some(layers.build()), runtime_handler: String::new() };
     let status = client.runtime.run_pod_sandbox(request).await.expect_err("a pod range over the layers' ids");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
