@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use e2e::cri;
+use e2e::crisimple::pod;
 use e2e::oci::{Image, busybox_image, many_layers_image};
 use serde::de::DeserializeOwned;
 
@@ -69,34 +70,6 @@ impl Report {
         serde_json::from_str(self.get(name))
             .unwrap_or_else(|e| panic!("section {name:?} is not the JSON expected: {e}\n{}", self.dump()))
     }
-}
-
-fn pod_config() -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "v2".into(),
-            uid: "c9200000-0000-4000-8000-000000000002".into(),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: "v2".into(),
-        log_directory: "/var/log/pods/e2e_v2".into(),
-        ..Default::default()
-    }
-}
-
-/// The same pod in a user namespace of its own (KEP-127 `hostUsers: false`): a range of the pool.
-fn userns_pod_config() -> cri::PodSandboxConfig {
-    let mut config = pod_config();
-    config.metadata = Some(cri::PodSandboxMetadata {
-        name: "v2-userns".into(),
-        uid: "c9200000-0000-4000-8000-000000000003".into(),
-        namespace: "e2e".into(),
-        attempt: 0,
-    });
-    config.log_directory = "/var/log/pods/e2e_v2-userns".into();
-    config.linux = e2e::crisimple::userns_pod_config("v2-userns").linux;
-    config
 }
 
 fn container_config(name: &str, script: &str, resources: cri::LinuxContainerResources) -> cri::ContainerConfig {
@@ -159,11 +132,19 @@ fn vm_script(repo: &Path) -> String {
         "DAEMON=/cri-vm/share/cri-systemd\nCRI=/cri-vm/share/cri\nPUSH=/cri-vm/share/push\nDEPLOY=/cri-vm/share\n";
     script += &format!("LAYOUT=/cri-vm/share/{LAYOUT}\nDEEP_LAYOUT=/cri-vm/share/{DEEP_LAYOUT}\n");
     script += "WORK=$(mktemp -d)\n";
+    let v2_pod = pod("v2").uid("c9200000-0000-4000-8000-000000000002").log_directory("/var/log/pods/e2e_v2");
+    // The same pod in a user namespace of its own (KEP-127 `hostUsers: false`): a range of the pool.
+    let userns_pod = pod("v2-userns")
+        .uid("c9200000-0000-4000-8000-000000000003")
+        .hostname("v2")
+        .log_directory("/var/log/pods/e2e_v2-userns")
+        .pid(cri::NamespaceMode::Container)
+        .userns(cri::NamespaceMode::Pod, None);
     for (file, json) in [
-        ("pod.json", serde_json::to_string_pretty(&pod_config()).unwrap()),
+        ("pod.json", serde_json::to_string_pretty(&v2_pod.build()).unwrap()),
         ("busy.json", serde_json::to_string_pretty(&busy).unwrap()),
         ("hog.json", serde_json::to_string_pretty(&hog).unwrap()),
-        ("userns-pod.json", serde_json::to_string_pretty(&userns_pod_config()).unwrap()),
+        ("userns-pod.json", serde_json::to_string_pretty(&userns_pod.build()).unwrap()),
         ("uns.json", serde_json::to_string_pretty(&uns).unwrap()),
     ] {
         script += &format!("cat >\"$WORK/{file}\" <<'END_OF_JSON'\n{json}\nEND_OF_JSON\n");

@@ -422,18 +422,8 @@ async fn a_128_layer_image_pulls_and_runs() {
 /// Runs `command` in a new container of `image` in a new pod, and returns its status once it
 /// exited.
 async fn run_container(client: &mut CriClient, name: &str, image: &str, command: &[&str]) -> cri::ContainerStatus {
-    let pod_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-0000-1111-2222-333344445555"),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        ..Default::default()
-    };
-    let request = cri::RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() };
-    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let pod_config = e2e::crisimple::pod_config(name);
+    let pod = e2e::crisimple::run_pod_sandbox(client, pod_config.clone()).await.expect("RunPodSandbox");
     let config = cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
         image: spec(image),

@@ -8,14 +8,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use e2e::oci::busybox_image;
-use e2e::registry::{Registry, RegistryOptions};
-use e2e::{CriClient, Node, NodeOptions, cri, eventually};
+use e2e::crisimple::{kubelet_pod, remove_pod, run_pod_sandbox, stop_pod};
+use e2e::{CriClient, Node, cri, eventually, node_with_local_registry, pull_busybox};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-const REGISTRY_PORT: u16 = 5000;
-const CONFLIST: &str = include_str!("../../deploy/cni/10-cri-systemd.conflist");
-const CONFLIST_PATH: &str = "/etc/cni/net.d/10-cri-systemd.conflist";
+const CONFLIST: &str = e2e::CNI_CONFLIST;
+const CONFLIST_PATH: &str = e2e::CNI_CONFLIST_PATH;
 /// host-local's allocations for the network of deploy/cni/10-cri-systemd.conflist.
 const IPAM_DIR: &str = "/var/lib/cni/networks/cri-systemd";
 const CACHE_DIR: &str = "/var/lib/cri-systemd/cni/results";
@@ -23,17 +21,6 @@ const CACHE_DIR: &str = "/var/lib/cri-systemd/cni/results";
 const GATEWAY: &str = "10.88.0.1";
 /// An address of the node's own, on an interface in its root network namespace.
 const NODE_IP: &str = "192.168.123.1";
-
-/// A node whose daemon pulls from the plain-HTTP registry on the node's loopback; `extra` is
-/// more daemon config.
-fn node(label: &str, extra: &str) -> Node {
-    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
-        .unwrap();
-    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
-    let _ = std::fs::remove_file(config);
-    node
-}
 
 /// Writes `script` as plugin `name` into the node's /opt/cni/bin (the first plugin dir).
 fn install_plugin(node: &Node, name: &str, script: &str) {
@@ -52,62 +39,8 @@ fn conflist_with(extra: &[&str]) -> String {
     list.to_string()
 }
 
-async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
-    let registry = Registry::start(node, "network", REGISTRY_PORT, RegistryOptions::default());
-    registry.push_image("busybox", "1", &busybox_image(""));
-    let image = registry.repo("busybox:1");
-    let request = cri::PullImageRequest {
-        image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
-        ..Default::default()
-    };
-    client.image.pull_image(request).await.expect("PullImage");
-    image
-}
-
-fn pod_config(name: &str, host_network: bool) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-0000-1111-2222-333344445555"),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: if host_network { cri::NamespaceMode::Node } else { cri::NamespaceMode::Pod } as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 fn port(host_port: i32, container_port: i32, host_ip: &str) -> cri::PortMapping {
     cri::PortMapping { protocol: cri::Protocol::Tcp as i32, container_port, host_port, host_ip: host_ip.into() }
-}
-
-async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Result<String, tonic::Status> {
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.map(|r| r.into_inner().pod_sandbox_id)
-}
-
-async fn remove_pod(client: &mut CriClient, id: &str) {
-    client
-        .runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.into() })
-        .await
-        .expect("StopPodSandbox");
-    client
-        .runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
-        .await
-        .expect("RemovePodSandbox");
 }
 
 /// The pod IP and the additional IPs of PodSandboxStatus.
@@ -138,7 +71,7 @@ async fn start_container(
     let request = cri::CreateContainerRequest {
         pod_sandbox_id: pod.into(),
         config: Some(config),
-        sandbox_config: Some(pod_config(pod_name, false)),
+        sandbox_config: Some(kubelet_pod(pod_name).build()),
     };
     let id = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
     client
@@ -201,7 +134,7 @@ fn assert_no_pod_leftovers(node: &Node) {
 
 #[tokio::test]
 async fn bridge_network_pods_node_port_mappings_and_host_network() {
-    let node = node("net-bridge", "");
+    let node = node_with_local_registry("net-bridge", "");
     node.write_file(CONFLIST_PATH, CONFLIST);
     // A veth pair gives the node an address of its own (the node has no dummy driver).
     node.sh(&format!(
@@ -210,12 +143,12 @@ async fn bridge_network_pods_node_port_mappings_and_host_network() {
     ));
     node.sh("mkdir -p /srv/out /srv/www && echo hello-from-the-node > /srv/www/index.html");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
-    let image = pull_busybox(&node, &mut client).await;
+    let image = pull_busybox(&node, &mut client, "network").await;
 
     // A server pod with port mappings: on every node address, and on one only.
-    let mut server_config = pod_config("server", false);
+    let mut server_config = kubelet_pod("server").build();
     server_config.port_mappings = vec![port(8080, 80, ""), port(9443, 80, NODE_IP)];
-    let server = run_pod(&mut client, server_config).await.expect("RunPodSandbox");
+    let server = run_pod_sandbox(&mut client, server_config).await.expect("RunPodSandbox");
     let (server_ip, additional) = pod_ips(&mut client, &server).await;
     let server_ip: IpAddr = server_ip.parse().expect("the pod IP is an address");
     assert!(server_ip.to_string().starts_with("10.88."), "{server_ip}");
@@ -233,7 +166,7 @@ async fn bridge_network_pods_node_port_mappings_and_host_network() {
     ));
 
     // A client pod: to the other pod by IP (HTTP and ping), and to the node.
-    let client_pod = run_pod(&mut client, pod_config("client", false)).await.expect("RunPodSandbox");
+    let client_pod = run_pod_sandbox(&mut client, kubelet_pod("client")).await.expect("RunPodSandbox");
     let (client_ip, _) = pod_ips(&mut client, &client_pod).await;
     assert_ne!(client_ip, server_ip.to_string());
     let script = format!(
@@ -260,7 +193,9 @@ async fn bridge_network_pods_node_port_mappings_and_host_network() {
     assert_eq!(node_get(&node, "http://127.0.0.1:9443/"), None);
 
     // A host-network pod: the node's interfaces, no pod IP, no CNI call.
-    let host = run_pod(&mut client, pod_config("host", true)).await.expect("RunPodSandbox");
+    let host = run_pod_sandbox(&mut client, kubelet_pod("host").network(cri::NamespaceMode::Node))
+        .await
+        .expect("RunPodSandbox");
     assert_eq!(pod_ips(&mut client, &host).await, (String::new(), Vec::new()));
     let id = start_container(&mut client, &host, "host", "links", &image, "busybox ip -o link > /out/host-links").await;
     assert_eq!(wait_exit_code(&mut client, &id).await, 0);
@@ -274,6 +209,7 @@ async fn bridge_network_pods_node_port_mappings_and_host_network() {
     assert_eq!(pod_ips(&mut client, &server).await.0, "");
     assert!(!node.sh(&format!("ls {IPAM_DIR}")).contains(&server_ip.to_string()));
     for pod in [&server, &client_pod, &host] {
+        stop_pod(&mut client, pod).await;
         remove_pod(&mut client, pod).await;
     }
     assert_no_network_leftovers(&node, &[&server, &client_pod]);
@@ -293,15 +229,15 @@ esac
 
 #[tokio::test]
 async fn a_daemon_killed_during_add_rolls_the_pod_back_with_del() {
-    let node = node("net-kill", "");
+    let node = node_with_local_registry("net-kill", "");
     install_plugin(&node, "e2e-slow", SLOW_PLUGIN);
     node.write_file(CONFLIST_PATH, &conflist_with(&["e2e-slow"]));
     let client = node.cri(ANSWER_TIMEOUT).await;
 
-    let mut config = pod_config("doomed", false);
+    let mut config = kubelet_pod("doomed").build();
     config.port_mappings = vec![port(8080, 80, "")];
     let mut caller = client.clone();
-    let run = tokio::spawn(async move { run_pod(&mut caller, config).await });
+    let run = tokio::spawn(async move { run_pod_sandbox(&mut caller, config).await });
     eventually(Duration::from_secs(30), "the slow plugin's ADD", || async {
         node.exec(&["test", "-e", "/run/e2e-slow-add"]).success().then_some(())
     })
@@ -338,7 +274,7 @@ async fn a_daemon_killed_during_add_rolls_the_pod_back_with_del() {
 
     // And the node still networks pods.
     node.write_file(CONFLIST_PATH, CONFLIST);
-    let pod = run_pod(&mut client, pod_config("after", false)).await.expect("RunPodSandbox");
+    let pod = run_pod_sandbox(&mut client, kubelet_pod("after")).await.expect("RunPodSandbox");
     assert!(pod_ips(&mut client, &pod).await.0.starts_with("10.88."));
 }
 
@@ -357,16 +293,16 @@ exit 0
 
 #[tokio::test]
 async fn failing_plugins_fail_the_pod_and_leave_nothing() {
-    let node = node("net-broken", "[cni]\nplugin_timeout_secs = 3\n");
+    let node = node_with_local_registry("net-broken", "[cni]\nplugin_timeout_secs = 3\n");
     install_plugin(&node, "e2e-broken", BROKEN_PLUGIN);
     install_plugin(&node, "e2e-hang", HANGING_PLUGIN);
     let mut client = node.cri(ANSWER_TIMEOUT).await;
 
     // The plugin's own error reaches the caller; bridge's work before it is undone.
     node.write_file(CONFLIST_PATH, &conflist_with(&["e2e-broken"]));
-    let mut config = pod_config("broken", false);
+    let mut config = kubelet_pod("broken").build();
     config.port_mappings = vec![port(8080, 80, "")];
-    let err = run_pod(&mut client, config).await.unwrap_err();
+    let err = run_pod_sandbox(&mut client, config).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unknown, "{err:?}");
     assert!(err.message().contains("e2e broken plugin: refusing on purpose"), "{}", err.message());
     assert!(err.message().contains("e2e-broken ADD"), "{}", err.message());
@@ -376,7 +312,7 @@ async fn failing_plugins_fail_the_pod_and_leave_nothing() {
     // A plugin that hangs is killed after cni.plugin_timeout_secs.
     node.write_file(CONFLIST_PATH, &conflist_with(&["e2e-hang"]));
     let started = Instant::now();
-    let err = run_pod(&mut client, pod_config("hanging", false)).await.unwrap_err();
+    let err = run_pod_sandbox(&mut client, kubelet_pod("hanging")).await.unwrap_err();
     assert!(err.message().contains("e2e-hang ADD did not finish within 3 s"), "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
     assert_no_pod_leftovers(&node);
@@ -385,7 +321,7 @@ async fn failing_plugins_fail_the_pod_and_leave_nothing() {
 
     // A config naming a plugin that is not installed: the network is not ready, nothing is tried.
     node.write_file(CONFLIST_PATH, &conflist_with(&["e2e-not-installed"]));
-    let err = run_pod(&mut client, pod_config("unready", false)).await.unwrap_err();
+    let err = run_pod_sandbox(&mut client, kubelet_pod("unready")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("e2e-not-installed"), "{}", err.message());
     assert_no_pod_leftovers(&node);
@@ -393,7 +329,7 @@ async fn failing_plugins_fail_the_pod_and_leave_nothing() {
 
 #[tokio::test]
 async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
-    let node = node("net-cidr", "");
+    let node = node_with_local_registry("net-cidr", "");
     // host-local takes the runtime's ranges before its own: a config for the kubelet's pod CIDR
     // has none of its own, and declares the ipRanges capability.
     let mut list: serde_json::Value = serde_json::from_str(CONFLIST).unwrap();
@@ -413,7 +349,7 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
     };
     let not_ready = network_ready(&mut client).await;
     assert!(!not_ready.status && not_ready.message.contains("pod CIDR"), "{not_ready:?}");
-    let err = run_pod(&mut client, pod_config("early", false)).await.unwrap_err();
+    let err = run_pod_sandbox(&mut client, kubelet_pod("early")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("pod CIDR"), "{}", err.message());
     assert_no_pod_leftovers(&node);
@@ -427,7 +363,7 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
     let bad = client.runtime.update_runtime_config(update("10.99.8.1/24")).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
     assert!(bad.message().contains("host bits"), "{}", bad.message());
-    let pod = run_pod(&mut client, pod_config("ranged", false)).await.expect("RunPodSandbox");
+    let pod = run_pod_sandbox(&mut client, kubelet_pod("ranged")).await.expect("RunPodSandbox");
     let (ip, additional) = pod_ips(&mut client, &pod).await;
     assert!(ip.starts_with("10.99.7."), "{ip}");
     assert_eq!(additional.len(), 1, "{additional:?}");
@@ -441,9 +377,9 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
     // The pod CIDR outlives a daemon restart (the kubelet does not send it again).
     node.sh("systemctl restart cri-systemd");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
-    let mut limited = pod_config("limited", false);
+    let mut limited = kubelet_pod("limited").build();
     limited.annotations = HashMap::from([("kubernetes.io/ingress-bandwidth".into(), "2M".into())]);
-    let limited = run_pod(&mut client, limited).await.expect("RunPodSandbox");
+    let limited = run_pod_sandbox(&mut client, limited).await.expect("RunPodSandbox");
     let (ip, additional) = pod_ips(&mut client, &limited).await;
     assert!(ip.starts_with("10.99.7.") && additional.len() == 1, "{ip} {additional:?}");
 
@@ -452,13 +388,14 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
     assert!(qdiscs.contains("tbf") && qdiscs.contains("rate 2Mbit"), "{qdiscs}");
 
     // A bad annotation is refused before anything is made.
-    let mut bad = pod_config("bad-bandwidth", false);
+    let mut bad = kubelet_pod("bad-bandwidth").build();
     bad.annotations = HashMap::from([("kubernetes.io/egress-bandwidth".into(), "fast".into())]);
-    let err = run_pod(&mut client, bad).await.unwrap_err();
+    let err = run_pod_sandbox(&mut client, bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("kubernetes.io/egress-bandwidth"), "{}", err.message());
 
     for id in [&pod, &limited] {
+        stop_pod(&mut client, id).await;
         remove_pod(&mut client, id).await;
     }
     assert_no_network_leftovers(&node, &[&pod, &limited]);
@@ -471,12 +408,12 @@ async fn pod_cidr_from_update_runtime_config_and_bandwidth_annotations() {
 /// but loopback in the list.
 #[tokio::test]
 async fn pod_sandbox_stats_count_the_pods_network_traffic() {
-    let node = node("net-stats", "");
+    let node = node_with_local_registry("net-stats", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
-    let image = pull_busybox(&node, &mut client).await;
+    let image = pull_busybox(&node, &mut client, "network").await;
     node.write_file(CONFLIST_PATH, CONFLIST);
     node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
-    let pod = run_pod(&mut client, pod_config("netstats", false)).await.unwrap();
+    let pod = run_pod_sandbox(&mut client, kubelet_pod("netstats")).await.unwrap();
     // Traffic to the bridge's address, the node's own: 20 pings of 1000 bytes each way.
     let script =
         format!("busybox ping -c 20 -i 0.2 -s 1000 {GATEWAY} > /out/ping.txt 2>&1; echo done >> /out/ping.txt");
@@ -512,5 +449,6 @@ async fn pod_sandbox_stats_count_the_pods_network_traffic() {
         .stats;
     let listed = listed[0].linux.clone().unwrap().network.unwrap().default_interface.unwrap();
     assert!(value(&listed.rx_bytes).unwrap() >= value(&eth0.rx_bytes).unwrap());
+    stop_pod(&mut client, &pod).await;
     remove_pod(&mut client, &pod).await;
 }

@@ -4,19 +4,15 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use e2e::crisimple::{kubelet_pod, run_pod_sandbox};
 use e2e::{CriClient, Node, NodeOptions, cri};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn pod_config(name: &str, uid: &str) -> cri::PodSandboxConfig {
+/// A pod as the kubelet sends one, with the DNS config, labels and annotations the lifecycle
+/// checks look for.
+fn labelled_pod(name: &str, uid: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: uid.into(),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: format!("{name}-host"),
         dns_config: Some(cri::DnsConfig {
             servers: vec!["10.96.0.10".into()],
             searches: vec!["e2e.svc.cluster.local".into()],
@@ -24,23 +20,8 @@ fn pod_config(name: &str, uid: &str) -> cri::PodSandboxConfig {
         }),
         labels: HashMap::from([("app".into(), name.into()), ("tier".into(), "test".into())]),
         annotations: HashMap::from([("note".into(), "hello".into())]),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: cri::NamespaceMode::Container as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..kubelet_pod(name).uid(uid).hostname(&format!("{name}-host")).build()
     }
-}
-
-async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Result<String, tonic::Status> {
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.map(|r| r.into_inner().pod_sandbox_id)
 }
 
 async fn pod_status(client: &mut CriClient, id: &str) -> Result<cri::PodSandboxStatusResponse, tonic::Status> {
@@ -60,7 +41,7 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     let mut client = node.cri(ANSWER_TIMEOUT).await;
 
     let uid = "5f0c7e4a-1111-4c2d-9e8f-0123456789ab";
-    let id = run_pod(&mut client, pod_config("web", uid)).await.expect("RunPodSandbox");
+    let id = run_pod_sandbox(&mut client, labelled_pod("web", uid)).await.expect("RunPodSandbox");
     let slice = "kubepods-besteffort-pod5f0c7e4a_1111_4c2d_9e8f_0123456789ab.slice";
     assert_eq!(node.sh(&format!("systemctl is-active {slice}")).trim(), "active");
 
@@ -102,10 +83,10 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     assert!(node.sh(&format!("findmnt -n -o FSTYPE {files}/shm")).contains("tmpfs"));
 
     // The same pod attempt again is the same pod.
-    assert_eq!(run_pod(&mut client, pod_config("web", uid)).await.unwrap(), id);
+    assert_eq!(run_pod_sandbox(&mut client, labelled_pod("web", uid)).await.unwrap(), id);
 
     // Listing, with filters.
-    let other = run_pod(&mut client, pod_config("db", "9a9a9a9a-2222-4c2d-9e8f-0123456789ab")).await.unwrap();
+    let other = run_pod_sandbox(&mut client, labelled_pod("db", "9a9a9a9a-2222-4c2d-9e8f-0123456789ab")).await.unwrap();
     assert_eq!(list_pods(&mut client, None).await, vec![id.clone(), other.clone()]);
     let by_label =
         cri::PodSandboxFilter { label_selector: HashMap::from([("app".into(), "db".into())]), ..Default::default() };
@@ -146,29 +127,30 @@ async fn pods_survive_a_daemon_kill_and_bad_requests_change_nothing() {
     let mut client = node.cri(ANSWER_TIMEOUT).await;
 
     // The kubelet's systemd cgroup driver names the slice itself.
-    let mut config = pod_config("kubelet-style", "0000aaaa-3333-4c2d-9e8f-0123456789ab");
+    let mut config = labelled_pod("kubelet-style", "0000aaaa-3333-4c2d-9e8f-0123456789ab");
     config.linux.as_mut().unwrap().cgroup_parent = "kubepods-burstable-pod0000aaaa_3333.slice".into();
-    let id = run_pod(&mut client, config).await.unwrap();
+    let id = run_pod_sandbox(&mut client, config).await.unwrap();
     assert_eq!(node.sh("systemctl is-active kubepods-burstable-pod0000aaaa_3333.slice").trim(), "active");
 
     // Host network: no network namespace of its own.
-    let mut host = pod_config("hostnet", "0000bbbb-3333-4c2d-9e8f-0123456789ab");
+    let mut host = labelled_pod("hostnet", "0000bbbb-3333-4c2d-9e8f-0123456789ab");
     host.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap().network =
         cri::NamespaceMode::Node as i32;
-    let host_id = run_pod(&mut client, host).await.unwrap();
+    let host_id = run_pod_sandbox(&mut client, host).await.unwrap();
     node.sh(&format!("test ! -e /run/cri-systemd/pods/{host_id}/ns/net"));
 
     // Bad requests: the right codes, and nothing created.
     let before = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
-    let mut nameless = pod_config("x", "0000cccc-3333-4c2d-9e8f-0123456789ab");
+    let mut nameless = labelled_pod("x", "0000cccc-3333-4c2d-9e8f-0123456789ab");
     nameless.metadata.as_mut().unwrap().name.clear();
-    assert_eq!(run_pod(&mut client, nameless).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    let mut bad_parent = pod_config("y", "0000dddd-3333-4c2d-9e8f-0123456789ab");
+    assert_eq!(run_pod_sandbox(&mut client, nameless).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let mut bad_parent = labelled_pod("y", "0000dddd-3333-4c2d-9e8f-0123456789ab");
     bad_parent.linux.as_mut().unwrap().cgroup_parent = "/kubepods/burstable".into();
-    assert_eq!(run_pod(&mut client, bad_parent).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(run_pod_sandbox(&mut client, bad_parent).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     let no_config = cri::RunPodSandboxRequest { config: None, runtime_handler: String::new() };
     assert_eq!(client.runtime.run_pod_sandbox(no_config).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    let odd_handler = cri::RunPodSandboxRequest { config: Some(pod_config("z", "1")), runtime_handler: "kata".into() };
+    let odd_handler =
+        cri::RunPodSandboxRequest { config: Some(labelled_pod("z", "1")), runtime_handler: "kata".into() };
     assert_eq!(client.runtime.run_pod_sandbox(odd_handler).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(pod_status(&mut client, &"0".repeat(64)).await.unwrap_err().code(), tonic::Code::NotFound);
     let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
@@ -207,10 +189,10 @@ async fn a_pod_without_a_hostname_has_the_nodes_whatever_its_name() {
     assert_eq!(long_name.len(), 100);
     for (index, userns) in [false, true].into_iter().enumerate() {
         let mut config =
-            if userns { e2e::crisimple::userns_pod_config(&long_name) } else { pod_config(&long_name, "unused") };
+            if userns { e2e::crisimple::userns_pod_config(&long_name) } else { labelled_pod(&long_name, "unused") };
         config.hostname.clear();
         config.metadata.as_mut().unwrap().uid = format!("0000eeee-4444-4c2d-9e8f-00000000000{index}");
-        let id = run_pod(&mut client, config).await.expect("RunPodSandbox of a pod named with 100 bytes");
+        let id = run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox of a pod named with 100 bytes");
         let pins = format!("/run/cri-systemd/pods/{id}/ns");
         assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), node_hostname, "userns {userns}");
         assert_eq!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hostname")), format!("{node_hostname}\n"));
@@ -219,9 +201,9 @@ async fn a_pod_without_a_hostname_has_the_nodes_whatever_its_name() {
     }
 
     let before = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
-    let mut too_long = pod_config("long-hostname", "0000ffff-4444-4c2d-9e8f-0123456789ab");
+    let mut too_long = labelled_pod("long-hostname", "0000ffff-4444-4c2d-9e8f-0123456789ab");
     too_long.hostname = "h".repeat(65);
-    let refused = run_pod(&mut client, too_long).await.unwrap_err();
+    let refused = run_pod_sandbox(&mut client, too_long).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
     assert_eq!(before, after);
@@ -269,17 +251,18 @@ async fn cgroup_parent_as_the_kubelet_sends_it() {
     // A RunPodSandbox that fails after the slice step rolls back without stopping it (the bare
     // slice name, an older form, is taken too).
     for parent in [path.as_str(), slice] {
-        let mut failing = with_cgroup_parent(pod_config("kubelet-bad", "0000abcd-5555-4c2d-9e8f-0123456789ab"), parent);
+        let mut failing =
+            with_cgroup_parent(labelled_pod("kubelet-bad", "0000abcd-5555-4c2d-9e8f-0123456789ab"), parent);
         failing.linux.as_mut().unwrap().sysctls = HashMap::from([("net.ipv4.ip_local_port_range".into(), "x".into())]);
-        let refused = run_pod(&mut client, failing).await.unwrap_err();
+        let refused = run_pod_sandbox(&mut client, failing).await.unwrap_err();
         assert!(refused.message().contains("ip_local_port_range"), "{refused:?}");
         assert!(is_active(&node, slice), "a failed RunPodSandbox stopped the kubelet's slice");
     }
 
-    let mut config = with_cgroup_parent(pod_config("kubelet", "0000abcd-5555-4c2d-9e8f-0123456789ab"), &path);
+    let mut config = with_cgroup_parent(labelled_pod("kubelet", "0000abcd-5555-4c2d-9e8f-0123456789ab"), &path);
     config.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap().pid =
         cri::NamespaceMode::Pod as i32;
-    let pod = run_pod(&mut client, config).await.expect("RunPodSandbox in the kubelet's slice");
+    let pod = run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox in the kubelet's slice");
     let container = create(&mut client, &pod, sleeper("in-kubelet-slice")).await.unwrap();
     start(&mut client, &container).await.unwrap();
     for unit in [format!("cri-{container}.service"), format!("cri-pod-{pod}.service")] {
@@ -298,18 +281,20 @@ async fn cgroup_parent_as_the_kubelet_sends_it() {
     // A slice that does not exist: the runtime starts it, and stops it with the pod.
     let own = "kubepods-burstable-pod0000dcba_5555_4c2d_9e8f_0123456789ab.slice";
     let config = with_cgroup_parent(
-        pod_config("own", "0000dcba-5555-4c2d-9e8f-0123456789ab"),
+        labelled_pod("own", "0000dcba-5555-4c2d-9e8f-0123456789ab"),
         &format!("/kubepods.slice/kubepods-burstable.slice/{own}"),
     );
-    let pod = run_pod(&mut client, config).await.unwrap();
+    let pod = run_pod_sandbox(&mut client, config).await.unwrap();
     assert!(is_active(&node, own));
     client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
     assert!(!is_active(&node, own), "the runtime's own slice outlived its pod");
     client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
 
     // critest's pods all name /test.slice: the first pod's stop leaves the second's container running.
-    let first = run_pod(&mut client, with_cgroup_parent(pod_config("first", "1"), "/test.slice")).await.unwrap();
-    let second = run_pod(&mut client, with_cgroup_parent(pod_config("second", "2"), "/test.slice")).await.unwrap();
+    let first =
+        run_pod_sandbox(&mut client, with_cgroup_parent(labelled_pod("first", "1"), "/test.slice")).await.unwrap();
+    let second =
+        run_pod_sandbox(&mut client, with_cgroup_parent(labelled_pod("second", "2"), "/test.slice")).await.unwrap();
     let survivor = create(&mut client, &second, sleeper("survivor")).await.unwrap();
     start(&mut client, &survivor).await.unwrap();
     client.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: first.clone() }).await.unwrap();
@@ -327,7 +312,8 @@ async fn cgroup_parent_as_the_kubelet_sends_it() {
         "/kubepods/besteffort/pod0000eeee",
         "/kubepods.slice/../x.slice",
     ] {
-        let refused = run_pod(&mut client, with_cgroup_parent(pod_config("bad", "3"), bad)).await.unwrap_err();
+        let refused =
+            run_pod_sandbox(&mut client, with_cgroup_parent(labelled_pod("bad", "3"), bad)).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad}: {refused:?}");
     }
     let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend '*.slice'");

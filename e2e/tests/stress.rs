@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use e2e::crisimple::{PodConfig, pod, run_pod_sandbox};
 use e2e::{CriClient, Node, cri};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -15,16 +16,9 @@ async fn pull_busybox(node: &Node, client: &mut CriClient) -> String {
     e2e::pull_busybox(node, client, "stress").await
 }
 
-fn pod_config(name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-uid"),
-            namespace: "stress".into(),
-            attempt: 0,
-        }),
-        ..Default::default()
-    }
+/// The pods of these tests: in namespace `stress`, without a hostname.
+fn stress_pod(name: &str) -> PodConfig {
+    pod(name).uid(&format!("{name}-uid")).namespace("stress").hostname("")
 }
 
 /// Runs a pod with two sleeping containers; with `shared_pid`, in one PID namespace (the pod's
@@ -35,25 +29,12 @@ async fn pod_with_two_containers(
     name: &str,
     shared_pid: bool,
 ) -> Result<String, tonic::Status> {
-    let mut config = pod_config(name);
+    let mut config = stress_pod(name);
     if shared_pid {
-        config.linux = Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        config = config.pid(cri::NamespaceMode::Pod);
     }
-    let pod = client
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
+    let config = config.build();
+    let pod = run_pod_sandbox(client, config.clone()).await?;
     for container in ["a", "b"] {
         let request = cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -231,9 +212,8 @@ async fn exit_codes_are_exact_when_many_containers_end_at_once() {
         let mut client = node.cri(ANSWER_TIMEOUT).await;
         let image = image.clone();
         clients.spawn(async move {
-            let config = pod_config(&format!("exits-{c}"));
-            let request = cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
-            let pod = client.runtime.run_pod_sandbox(request).await.unwrap().into_inner().pod_sandbox_id;
+            let config = stress_pod(&format!("exits-{c}")).build();
+            let pod = run_pod_sandbox(&mut client, config.clone()).await.unwrap();
             let mut expected = Vec::new();
             for n in 0..8 {
                 let code = (c * 8 + n) % 5;

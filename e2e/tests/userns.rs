@@ -5,27 +5,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use e2e::cri::NamespaceMode;
+use e2e::crisimple::{kubelet_pod, remove_pod, run_pod_sandbox};
 use e2e::oci::{Compression, ConfigOptions, Image, LayerBuilder, busybox_layer};
 use e2e::registry::{Registry, RegistryOptions};
-use e2e::{CriClient, Node, NodeOptions, cri, eventually};
+use e2e::{CriClient, Node, cri, eventually, node_with_local_registry};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-const REGISTRY_PORT: u16 = 5000;
 const RANGE: u32 = 65536;
 const FOREIGN: u32 = 0x7FFE_0000;
 /// systemd's container range, the default pool.
 const POOL: std::ops::Range<u64> = 0x0008_0000..0x7000_0000;
-
-/// A node whose daemon pulls from the plain-HTTP registry on the node's loopback; `extra` is
-/// appended to its config.
-fn node(label: &str, extra: &str) -> Node {
-    let config = std::env::temp_dir().join(format!("cri-e2e-{label}-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("{extra}\n[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
-        .unwrap();
-    let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
-    let _ = std::fs::remove_file(config);
-    node
-}
 
 /// A static x86-64 program that exits with its effective uid (low 8 bits): 0 when a setuid-root
 /// copy runs as someone else and setuid works. geteuid(); exit(euid).
@@ -75,7 +65,7 @@ fn owners_image() -> Image {
 
 /// Pushes busybox (and the owners image) to a registry in the node and pulls both.
 async fn pull_images(node: &Node, client: &mut CriClient) -> (String, String) {
-    let registry = Registry::start(node, "userns", REGISTRY_PORT, RegistryOptions::default());
+    let registry = Registry::start(node, "userns", e2e::LOCAL_REGISTRY_PORT, RegistryOptions::default());
     registry.push_image("busybox", "1", &e2e::oci::busybox_image(""));
     registry.push_image("owners", "1", &owners_image());
     let mut names = Vec::new();
@@ -89,55 +79,6 @@ async fn pull_images(node: &Node, client: &mut CriClient) -> (String, String) {
         names.push(image);
     }
     (names[0].clone(), names[1].clone())
-}
-
-/// A pod like the kubelet's: its own network, IPC, per-container PID; `userns`: None for mode
-/// NODE, Some(None) for mode POD without mappings, Some(Some((host, length))) with them.
-fn pod_config(name: &str, userns: Option<Option<(u32, u32)>>) -> cri::PodSandboxConfig {
-    let userns_options = match userns {
-        None => cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() },
-        Some(mapping) => {
-            let ids: Vec<cri::IdMapping> = mapping
-                .into_iter()
-                .map(|(host_id, length)| cri::IdMapping { host_id, container_id: 0, length })
-                .collect();
-            cri::UserNamespace { mode: cri::NamespaceMode::Pod as i32, uids: ids.clone(), gids: ids }
-        }
-    };
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("{name}-0000-1111-2222-333344445555"),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: cri::NamespaceMode::Container as i32,
-                    userns_options: Some(userns_options),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-async fn run_pod(client: &mut CriClient, config: cri::PodSandboxConfig) -> Result<String, tonic::Status> {
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.map(|r| r.into_inner().pod_sandbox_id)
-}
-
-async fn remove_pod(client: &mut CriClient, id: &str) {
-    client
-        .runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
-        .await
-        .expect("RemovePodSandbox");
 }
 
 /// The pod's user namespace as PodSandboxStatus reports it: (mode, uid mappings), after checking
@@ -232,7 +173,7 @@ fn pod_traces(node: &Node) -> String {
 
 #[tokio::test]
 async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
-    let node = node("userns-ranges", "");
+    let node = node_with_local_registry("userns-ranges", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let status = client.runtime.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner();
     assert!(status.runtime_handlers[0].features.as_ref().unwrap().user_namespaces, "user namespaces are advertised");
@@ -243,11 +184,11 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
     let stored = node.sh("stat -c %u:%g /var/lib/cri-systemd/images/layers/sha256/*/diff/bin/busybox /var/lib/cri-systemd/images/layers/sha256/*/diff | sort -u");
     assert_eq!(stored.trim(), format!("{FOREIGN}:{FOREIGN}"));
 
-    let a = run_pod(&mut client, pod_config("a", Some(None))).await.unwrap();
-    let b = run_pod(&mut client, pod_config("b", Some(None))).await.unwrap();
+    let a = run_pod_sandbox(&mut client, kubelet_pod("a").userns(NamespaceMode::Pod, None)).await.unwrap();
+    let b = run_pod_sandbox(&mut client, kubelet_pod("b").userns(NamespaceMode::Pod, None)).await.unwrap();
     let (ra, rb) = (pool_range(&mut client, &a).await, pool_range(&mut client, &b).await);
     assert_ne!(ra, rb, "two pods share a range");
-    let node_pod = run_pod(&mut client, pod_config("n", None)).await.unwrap();
+    let node_pod = run_pod_sandbox(&mut client, kubelet_pod("n").userns(NamespaceMode::Node, None)).await.unwrap();
     assert_eq!(pod_userns(&mut client, &node_pod).await, (cri::NamespaceMode::Node as i32, vec![]));
 
     let script = "busybox id > /out/$P.id; busybox stat -c %u:%g /bin/busybox /etc/passwd / /dev/null /dev/shm /dev /etc/hostname > /out/$P.owners; \
@@ -350,67 +291,65 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
 #[tokio::test]
 async fn kubelet_mappings_are_used_verbatim_and_bad_or_overlapping_ones_refused() {
     // A small pool starting where the kubelet's range is: the pool must go around it.
-    let node = node("userns-kubelet", "[userns]\npool_start = 2097152\npool_ranges = 2\n");
+    let node = node_with_local_registry("userns-kubelet", "[userns]\npool_start = 2097152\npool_ranges = 2\n");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (busybox, _) = pull_images(&node, &mut client).await;
 
-    let kubelet = run_pod(&mut client, pod_config("k", Some(Some((0x20_0000, RANGE))))).await.unwrap();
+    let kubelet = run_pod_sandbox(&mut client, kubelet_pod("k").userns(NamespaceMode::Pod, Some((0x20_0000, RANGE))))
+        .await
+        .unwrap();
     assert_eq!(pod_userns(&mut client, &kubelet).await, (cri::NamespaceMode::Pod as i32, vec![(0, 0x20_0000, RANGE)]));
     let container =
         start_container(&mut client, &kubelet, "k", &busybox, "exec busybox sleep 1000", vec![], None).await;
     assert_eq!(host_uids(&node, &container), vec![0x20_0000; 4]);
     // Bigger kubelet ranges (idsPerPod a multiple of 65536) are taken as they are.
-    let wide = run_pod(&mut client, pod_config("w", Some(Some((0x40_0000, 2 * RANGE))))).await.unwrap();
+    let wide = run_pod_sandbox(&mut client, kubelet_pod("w").userns(NamespaceMode::Pod, Some((0x40_0000, 2 * RANGE))))
+        .await
+        .unwrap();
     assert_eq!(pod_userns(&mut client, &wide).await.1, vec![(0, 0x40_0000, 2 * RANGE)]);
 
     let before = pod_traces(&node);
     // Overlaps with ranges in use: refused.
     for (name, host, length) in [("o1", 0x20_0000, RANGE), ("o2", 0x1F_0000, 2 * RANGE), ("o3", 0x41_0000, RANGE)] {
-        let err = run_pod(&mut client, pod_config(name, Some(Some((host, length))))).await.unwrap_err();
+        let err = run_pod_sandbox(&mut client, kubelet_pod(name).userns(NamespaceMode::Pod, Some((host, length))))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{name}: {err:?}");
         assert!(err.message().contains("overlap"), "{err:?}");
     }
     // Malformed mappings and modes: refused as invalid.
     let mut bad = Vec::new();
     for (host, length) in [(0, RANGE), (0x50_8000, RANGE), (0x50_0000, 1000), (FOREIGN, RANGE)] {
-        bad.push(pod_config("bad", Some(Some((host, length)))));
+        bad.push(kubelet_pod("bad").userns(NamespaceMode::Pod, Some((host, length))).build());
     }
-    let mut not_root = pod_config("bad", Some(Some((0x50_0000, RANGE))));
+    let mut not_root = kubelet_pod("bad").userns(NamespaceMode::Pod, Some((0x50_0000, RANGE))).build();
     let options =
         not_root.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
     options.userns_options.as_mut().unwrap().uids[0].container_id = 1;
     bad.push(not_root.clone());
-    let mut differing = pod_config("bad", Some(Some((0x50_0000, RANGE))));
+    let mut differing = kubelet_pod("bad").userns(NamespaceMode::Pod, Some((0x50_0000, RANGE))).build();
     let options =
         differing.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
     options.userns_options.as_mut().unwrap().gids[0].host_id = 0x60_0000;
     bad.push(differing);
-    let mut container_mode = pod_config("bad", Some(None));
-    let options =
-        container_mode.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
-    options.userns_options.as_mut().unwrap().mode = cri::NamespaceMode::Container as i32;
-    bad.push(container_mode);
-    let mut host_network = pod_config("bad", Some(None));
-    let options =
-        host_network.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
-    options.network = cri::NamespaceMode::Node as i32;
-    bad.push(host_network);
+    bad.push(kubelet_pod("bad").userns(NamespaceMode::Container, None).build());
+    bad.push(kubelet_pod("bad").userns(NamespaceMode::Pod, None).network(NamespaceMode::Node).build());
     for config in bad {
-        let err = run_pod(&mut client, config.clone()).await.unwrap_err();
+        let err = run_pod_sandbox(&mut client, config.clone()).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{config:?}: {err:?}");
     }
     assert_eq!(pod_traces(&node), before, "refused pods leave nothing");
 
     // The pool skips the kubelet's range at its start: one pool range is left, then none.
-    let pooled = run_pod(&mut client, pod_config("p", Some(None))).await.unwrap();
+    let pooled = run_pod_sandbox(&mut client, kubelet_pod("p").userns(NamespaceMode::Pod, None)).await.unwrap();
     assert_eq!(pool_range(&mut client, &pooled).await, 0x21_0000);
-    let err = run_pod(&mut client, pod_config("q", Some(None))).await.unwrap_err();
+    let err = run_pod_sandbox(&mut client, kubelet_pod("q").userns(NamespaceMode::Pod, None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
 }
 
 #[tokio::test]
 async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owned() {
-    let node = node("userns-volumes", "");
+    let node = node_with_local_registry("userns-volumes", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (busybox, _) = pull_images(&node, &mut client).await;
     node.sh("mkdir -p /srv/shared /srv/out && chmod 1777 /srv/shared && chmod 777 /srv/out");
@@ -418,8 +357,8 @@ async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owne
     // overlay root): a directory and a file of the node's root.
     node.sh("mkdir -p /var/lib/cri-systemd/e2e-vol && echo from-the-node > /var/lib/cri-systemd/e2e-vol/hostfile && chmod 755 /var/lib/cri-systemd/e2e-vol");
 
-    let a = run_pod(&mut client, pod_config("a", Some(None))).await.unwrap();
-    let b = run_pod(&mut client, pod_config("b", Some(None))).await.unwrap();
+    let a = run_pod_sandbox(&mut client, kubelet_pod("a").userns(NamespaceMode::Pod, None)).await.unwrap();
+    let b = run_pod_sandbox(&mut client, kubelet_pod("b").userns(NamespaceMode::Pod, None)).await.unwrap();
     let (ra, rb) = (pool_range(&mut client, &a).await, pool_range(&mut client, &b).await);
 
     // Pod a writes a private and a public file into the shared (plain) volume.
@@ -503,12 +442,12 @@ async fn pods_cannot_touch_each_others_files_and_idmapped_volumes_look_root_owne
 
 #[tokio::test]
 async fn ranges_survive_a_daemon_kill_and_an_exhausted_pool_leaves_nothing() {
-    let node = node("userns-restart", "[userns]\npool_ranges = 3\n");
+    let node = node_with_local_registry("userns-restart", "[userns]\npool_ranges = 3\n");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (busybox, _) = pull_images(&node, &mut client).await;
 
-    let a = run_pod(&mut client, pod_config("a", Some(None))).await.unwrap();
-    let b = run_pod(&mut client, pod_config("b", Some(None))).await.unwrap();
+    let a = run_pod_sandbox(&mut client, kubelet_pod("a").userns(NamespaceMode::Pod, None)).await.unwrap();
+    let b = run_pod_sandbox(&mut client, kubelet_pod("b").userns(NamespaceMode::Pod, None)).await.unwrap();
     let (ra, rb) = (pool_range(&mut client, &a).await, pool_range(&mut client, &b).await);
     let container = start_container(&mut client, &b, "b", &busybox, "exec busybox sleep 1000", vec![], None).await;
 
@@ -520,35 +459,35 @@ async fn ranges_survive_a_daemon_kill_and_an_exhausted_pool_leaves_nothing() {
     assert_eq!(host_uids(&node, &container), vec![rb; 4], "the container kept running in its range");
 
     // A new pod gets the one range nobody uses, then the pool is empty.
-    let c = run_pod(&mut client, pod_config("c", Some(None))).await.unwrap();
+    let c = run_pod_sandbox(&mut client, kubelet_pod("c").userns(NamespaceMode::Pod, None)).await.unwrap();
     let rc = pool_range(&mut client, &c).await;
     assert!(rc != ra && rc != rb, "{rc:#x} is in use");
     let before = pod_traces(&node);
     for _ in 0..2 {
-        let err = run_pod(&mut client, pod_config("d", Some(None))).await.unwrap_err();
+        let err = run_pod_sandbox(&mut client, kubelet_pod("d").userns(NamespaceMode::Pod, None)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
         assert!(err.message().contains("userns.pool_ranges"), "{err:?}");
     }
     assert_eq!(pod_traces(&node), before, "an exhausted pool leaves nothing behind");
     // Pods without a user namespace need no range.
-    run_pod(&mut client, pod_config("n", None)).await.unwrap();
+    run_pod_sandbox(&mut client, kubelet_pod("n").userns(NamespaceMode::Node, None)).await.unwrap();
 
     // Still full after another kill; removing a pod gives its range back.
     node.sh("systemctl kill -s KILL cri-systemd");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     assert_eq!(
-        run_pod(&mut client, pod_config("d", Some(None))).await.unwrap_err().code(),
+        run_pod_sandbox(&mut client, kubelet_pod("d").userns(NamespaceMode::Pod, None)).await.unwrap_err().code(),
         tonic::Code::ResourceExhausted
     );
     remove_pod(&mut client, &a).await;
-    let d = run_pod(&mut client, pod_config("d", Some(None))).await.unwrap();
+    let d = run_pod_sandbox(&mut client, kubelet_pod("d").userns(NamespaceMode::Pod, None)).await.unwrap();
     assert_eq!(pool_range(&mut client, &d).await, ra);
 }
 
 #[tokio::test]
 async fn image_owners_and_setuid_behave_the_same_in_node_and_pod_mode() {
-    let node = node("userns-owners", "");
+    let node = node_with_local_registry("userns-owners", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (_, owners) = pull_images(&node, &mut client).await;
     node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
@@ -559,8 +498,8 @@ async fn image_owners_and_setuid_behave_the_same_in_node_and_pod_mode() {
                   busybox grep -c /layers/ /proc/self/mountinfo; } > /out/$P.result; touch /out/$P.done";
     let mut results = HashMap::new();
     let mut uppers = HashMap::new();
-    for (name, userns) in [("node", None), ("pod", Some(None))] {
-        let pod = run_pod(&mut client, pod_config(name, userns)).await.unwrap();
+    for (name, mode) in [("node", NamespaceMode::Node), ("pod", NamespaceMode::Pod)] {
+        let pod = run_pod_sandbox(&mut client, kubelet_pod(name).userns(mode, None)).await.unwrap();
         let id = start_container(
             &mut client,
             &pod,
@@ -597,15 +536,15 @@ async fn image_owners_and_setuid_behave_the_same_in_node_and_pod_mode() {
 
 #[tokio::test]
 async fn a_userns_pod_on_the_bridge_network() {
-    let node = node("userns-network", "");
-    node.write_file("/etc/cni/net.d/10-cri-systemd.conflist", include_str!("../../deploy/cni/10-cri-systemd.conflist"));
+    let node = node_with_local_registry("userns-network", "");
+    node.write_file(e2e::CNI_CONFLIST_PATH, e2e::CNI_CONFLIST);
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (busybox, _) = pull_images(&node, &mut client).await;
     node.sh("mkdir -p /srv/out && chmod 777 /srv/out");
 
     // CNI (run as the node's root) wires up a network namespace that belongs to the pod's user
     // namespace; inside, sysfs shows the pod's interfaces and root may use raw sockets (ping).
-    let pod = run_pod(&mut client, pod_config("net", Some(None))).await.unwrap();
+    let pod = run_pod_sandbox(&mut client, kubelet_pod("net").userns(NamespaceMode::Pod, None)).await.unwrap();
     pool_range(&mut client, &pod).await;
     let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
     let ip = client.runtime.pod_sandbox_status(request).await.unwrap().into_inner().status.unwrap().network.unwrap().ip;
@@ -623,13 +562,11 @@ async fn a_userns_pod_on_the_bridge_network() {
 
 #[tokio::test]
 async fn a_userns_pod_shares_a_pid_namespace_that_its_user_namespace_owns() {
-    let node = node("userns-pidns", "");
+    let node = node_with_local_registry("userns-pidns", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (busybox, _) = pull_images(&node, &mut client).await;
-    let mut config = pod_config("sharedpid", Some(None));
-    let options = config.linux.as_mut().unwrap().security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
-    options.pid = cri::NamespaceMode::Pod as i32;
-    let pod = run_pod(&mut client, config).await.expect("RunPodSandbox");
+    let config = kubelet_pod("sharedpid").userns(NamespaceMode::Pod, None).pid(NamespaceMode::Pod);
+    let pod = run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox");
     let host = pool_range(&mut client, &pod).await;
 
     // The pod's init is the pod's root, not the node's, in the pod's user namespace, and the
@@ -680,10 +617,10 @@ async fn a_userns_pod_shares_a_pid_namespace_that_its_user_namespace_owns() {
 /// its mount namespace stays the node's.
 #[tokio::test]
 async fn a_userns_pod_owns_its_mount_namespace_but_not_the_mounts_it_was_given() {
-    let node = node("userns-mounts", "");
+    let node = node_with_local_registry("userns-mounts", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let (busybox, _) = pull_images(&node, &mut client).await;
-    let pod = run_pod(&mut client, pod_config("mounts", Some(None))).await.unwrap();
+    let pod = run_pod_sandbox(&mut client, kubelet_pod("mounts").userns(NamespaceMode::Pod, None)).await.unwrap();
     node.sh("mkdir -p /srv/mounts && chmod 777 /srv/mounts");
     let script = "{ busybox mkdir -p /tmp/m; busybox mount -t tmpfs none /tmp/m && echo tmpfs-mounted; \
                    busybox umount /proc/kcore 2>/dev/null && echo kcore-uncovered || echo kcore-locked; \
@@ -744,9 +681,9 @@ fn file_caps_image() -> Image {
 
 #[tokio::test]
 async fn file_capabilities_of_image_binaries_work_in_node_and_pod_mode() {
-    let node = node("userns-filecaps", "");
+    let node = node_with_local_registry("userns-filecaps", "");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
-    let registry = Registry::start(&node, "filecaps", REGISTRY_PORT, RegistryOptions::default());
+    let registry = Registry::start(&node, "filecaps", e2e::LOCAL_REGISTRY_PORT, RegistryOptions::default());
     registry.push_image("filecaps", "1", &file_caps_image());
     let image = registry.repo("filecaps:1");
     let request = cri::PullImageRequest {
@@ -762,8 +699,8 @@ async fn file_capabilities_of_image_binaries_work_in_node_and_pod_mode() {
                   if busybox kill -0 $pid 2>/dev/null; then echo bound; busybox kill $pid; else echo refused; fi; wait; }; \
                   { echo v2 $(serve /opt/v2/httpd); echo v3 $(serve /opt/v3/httpd); echo none $(serve busybox httpd); \
                   busybox id -u; } > /out/$P.result; touch /out/$P.done";
-    for (name, userns) in [("node", None), ("pod", Some(None))] {
-        let pod = run_pod(&mut client, pod_config(name, userns)).await.unwrap();
+    for (name, mode) in [("node", NamespaceMode::Node), ("pod", NamespaceMode::Pod)] {
+        let pod = run_pod_sandbox(&mut client, kubelet_pod(name).userns(mode, None)).await.unwrap();
         start_container(
             &mut client,
             &pod,
