@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use e2e::crisimple::{container_config, create, pod_config, start};
+use e2e::crisimple::{container_config, create, pod, run_pod_sandbox, start};
 use e2e::oci::{self, Compression, ConfigOptions, Image, LayerBuilder, listing_of_dir, listing_of_tar};
 use e2e::rawgrpc::RawChannel;
 use e2e::registry::{Proxy, Registry, RegistryOptions, node_pid1};
@@ -907,10 +907,9 @@ async fn node_with_busybox(node: &Node) -> (CriClient, String, Image) {
 async fn removing_a_pod_forgets_its_containers_logs_and_collects_their_removed_image() {
     let node = node_with("img-podgc", "", &[plain_registry("127.0.0.1:5000", &[])]);
     let (mut client, reference, busybox) = node_with_busybox(&node).await;
-    let mut pod = pod_config("podgc");
-    pod.log_directory = "/var/log/pods/e2e_podgc".into();
-    let request = cri::RunPodSandboxRequest { config: Some(pod), runtime_handler: String::new() };
-    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let pod = run_pod_sandbox(&mut client, pod("podgc").log_directory("/var/log/pods/e2e_podgc"))
+        .await
+        .expect("RunPodSandbox");
     let ticker = ["/bin/busybox", "sh", "-c", "while :; do echo tick; /bin/busybox sleep 0.1; done"];
     let mut config = container_config("ticker", &reference, &ticker);
     config.log_path = "ticker/0.log".into();

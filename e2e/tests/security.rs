@@ -420,8 +420,7 @@ async fn log_paths_task_limits_and_id_ranges_are_checked() {
     assert_eq!(node.sh(&format!("systemctl show -p TasksMax --value cri-{id}.service")).trim(), "4096");
 
     let layers = pod("sec-misc-userns").userns(cri::NamespaceMode::Pod, Some((0x7FFE_0000, 65536)));
-    let request = cri::RunPodSandboxRequest { config: Some(layers.build()), runtime_handler: String::new() };
-    let status = client.runtime.run_pod_sandbox(request).await.expect_err("a pod range over the layers' ids");
+    let status = run_pod_sandbox(&mut client, layers).await.expect_err("a pod range over the layers' ids");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
     node.write_file("/tmp/misaligned.toml", "[images]\nlayer_uid_shift = 2147352577\n");
