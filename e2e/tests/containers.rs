@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use e2e::crisimple::{container_config, create, parse_log, pod_config, run_pod, start, status, wait_exited};
+use e2e::crisimple::{
+    self, container_config, create, parse_log, pod_config, run_pod, run_pod_sandbox, start, status, wait_exited,
+};
 use e2e::{CriClient, Node, cri, eventually};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -230,10 +232,8 @@ async fn logs_in_the_cri_format_survive_restarts_and_reopen() {
     let node = node("ctr-logs");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = pull_busybox(&node, &mut client).await;
-    let mut pod = pod_config("logs");
-    pod.log_directory = "/var/log/pods/e2e_logs".into();
-    let request = cri::RunPodSandboxRequest { config: Some(pod), runtime_handler: String::new() };
-    let pod = client.runtime.run_pod_sandbox(request).await.unwrap().into_inner().pod_sandbox_id;
+    let pod =
+        run_pod_sandbox(&mut client, crisimple::pod("logs").log_directory("/var/log/pods/e2e_logs")).await.unwrap();
 
     // stdout and stderr, a line over 16 KiB, and a last line without a newline.
     let script = "echo out-1; echo err-1 >&2; s=; i=0; while [ $i -lt 2000 ]; do s=${s}xxxxxxxxxx; i=$((i+1)); done; echo $s; printf no-newline";
@@ -559,8 +559,7 @@ async fn pod_sysctls_are_set_in_the_pods_namespaces_only() {
         sysctls: sysctls.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ..Default::default()
     });
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let pod = run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox");
     node.sh("mkdir -p /srv/sysctl-out && chmod 777 /srv/sysctl-out");
     let files = "/proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/net/core/somaxconn \
                  /proc/sys/net/ipv4/ping_group_range /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max";
@@ -591,8 +590,7 @@ async fn pod_sysctls_are_set_in_the_pods_namespaces_only() {
             }),
             ..Default::default()
         });
-        let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-        let error = client.runtime.run_pod_sandbox(request).await.unwrap_err();
+        let error = run_pod_sandbox(&mut client, config).await.unwrap_err();
         assert_eq!(error.code(), tonic::Code::InvalidArgument, "{name}: {error:?}");
         assert!(error.message().contains(says), "{name}: {}", error.message());
     }
@@ -627,16 +625,8 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     let image = pull_busybox(&node, &mut client).await;
 
     // shareProcessNamespace: one pod-level init, PID 1 of the pod's PID namespace, in the slice.
-    let mut config = pod_config("shared");
-    config.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption { pid: cri::NamespaceMode::Pod as i32, ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    let pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let config = crisimple::pod("shared").pid(cri::NamespaceMode::Pod);
+    let pod = run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox");
     let slice = "kubepods-besteffort-podshared_0000_1111_2222_333344445555.slice";
     let init_unit = format!("cri-pod-{pod}.service");
     assert_eq!(node.sh(&format!("systemctl is-active {init_unit}")).trim(), "active");
@@ -747,19 +737,8 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     assert_eq!(slice_processes(&node, plain_slice), vec![alone_main]);
 
     // hostPID (pid NODE): the node's PID namespace, no init either.
-    let mut host_config = pod_config("hostpid");
-    host_config.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Node as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let request = cri::RunPodSandboxRequest { config: Some(host_config), runtime_handler: String::new() };
-    let host_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let host_config = crisimple::pod("hostpid").pid(cri::NamespaceMode::Node);
+    let host_pod = run_pod_sandbox(&mut client, host_config).await.expect("RunPodSandbox");
     let on_host =
         create(&mut client, &host_pod, container_config("onhost", &image, &["/bin/busybox", "sleep", "1000"]))
             .await
@@ -771,16 +750,8 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: host_pod }).await.unwrap();
 
     // A pod whose init died has lost its PID namespace: NotReady, and no container starts in it.
-    let mut doomed_config = pod_config("doomed");
-    doomed_config.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption { pid: cri::NamespaceMode::Pod as i32, ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let request = cri::RunPodSandboxRequest { config: Some(doomed_config), runtime_handler: String::new() };
-    let doomed = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let doomed_config = crisimple::pod("doomed").pid(cri::NamespaceMode::Pod);
+    let doomed = run_pod_sandbox(&mut client, doomed_config).await.expect("RunPodSandbox");
     let late =
         create(&mut client, &doomed, container_config("late", &image, &["/bin/busybox", "sleep", "1"])).await.unwrap();
     node.sh(&format!("systemctl kill -s KILL cri-pod-{doomed}.service"));
