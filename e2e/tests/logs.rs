@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::crisimple::{container_config, create, parse_log, pod_config, start, wait_exited};
+use e2e::crisimple::{container_config, create, parse_log, pod, run_pod_sandbox, start, wait_exited};
 use e2e::oci::{Compression, ConfigOptions, Image, LayerBuilder, busybox_layer};
 use e2e::registry::{Registry, RegistryOptions};
 use e2e::{CriClient, LOCAL_REGISTRY_PORT, Node, cri, eventually};
@@ -23,11 +23,8 @@ fn log_lines(node: &Node, path: &str) -> Vec<(String, String)> {
 
 /// RunPodSandbox of `pod_config(name)` with its logs under /var/log/pods/e2e_<name>.
 async fn run_logging_pod(client: &mut CriClient, name: &str) -> (String, String) {
-    let mut config = pod_config(name);
     let dir = format!("/var/log/pods/e2e_{name}");
-    config.log_directory = dir.clone();
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    (client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id, dir)
+    (run_pod_sandbox(client, pod(name).log_directory(&dir)).await.expect("RunPodSandbox"), dir)
 }
 
 /// Creates and starts a container logging to `<name>/0.log`; returns its id.
