@@ -67,28 +67,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any config, logging or async runtime: init must stay single-threaded (it forks).
     if let Some(Command::Init { spec }) = &cli.command {
-        runtime::init::run(spec);
+        init::run(spec);
     }
     // Single-threaded too: it joins a user namespace and forks.
     if let Some(Command::PodInit { net, ipc, uts, user }) = &cli.command {
-        let args = runtime::init::pod_init::PodInitArgs {
-            net: net.clone(),
-            ipc: ipc.clone(),
-            uts: uts.clone(),
-            user: user.clone(),
-        };
-        runtime::init::pod_init::run(&args);
+        let args =
+            init::pod_init::PodInitArgs { net: net.clone(), ipc: ipc.clone(), uts: uts.clone(), user: user.clone() };
+        init::pod_init::run(&args);
     }
     // Single-threaded too: it joins the container's mount namespace.
     if let Some(Command::ExecIn { tty, init_spec, unit, main_pid, command }) = &cli.command {
-        let args = runtime::init::exec_in::ExecInArgs {
+        let args = init::exec_in::ExecInArgs {
             init_spec: init_spec.clone(),
             unit: unit.clone(),
             main_pid: *main_pid,
             tty: *tty,
             command: command.clone(),
         };
-        runtime::init::exec_in::run(&args);
+        init::exec_in::run(&args);
     }
     if let Some(Command::RecordExit { file }) = &cli.command {
         return ExitCode::from(runtime::exit_record::record(file) as u8);

@@ -45,19 +45,20 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Error, InitSpec, Result, errno_desc, namespaces, process};
+use crate::cgroup::{cgroup_mounts, systemd_cgroup};
+use crate::{Context, Error, InitSpec, Result, errno_desc, namespaces, process};
 
 /// The hidden subcommand's name.
 pub const SUBCOMMAND: &str = "exec-in";
 /// The control socket (SOCK_SEQPACKET, one message per record) is this descriptor in exec-in.
 pub const CONTROL_FD: RawFd = 3;
 /// Daemon to exec-in: kill the command (the timeout expired, the client went away).
-pub(crate) const MSG_KILL: u8 = b'K';
+pub const MSG_KILL: u8 = b'K';
 
 /// exec-in (and its child) to the daemon, one JSON record each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) enum Report {
+pub enum Report {
     /// Sent with the pty master as SCM_RIGHTS, before `Started`.
     Tty,
     /// The command runs (execve succeeded); `pid` in the host's PID namespace.
@@ -91,7 +92,7 @@ pub struct ExecInArgs {
 
 /// Runs exec-in. Never returns: exits 0 once the command's end was reported, 1 otherwise.
 pub fn run(args: &ExecInArgs) -> ! {
-    super::not_dumpable(SUBCOMMAND);
+    crate::not_dumpable(SUBCOMMAND);
     // SAFETY: F_GETFD only queries a descriptor number; it is valid or EBADF.
     if unsafe { libc::fcntl(CONTROL_FD, libc::F_GETFD) } < 0 {
         eprintln!("cri-systemd {SUBCOMMAND}: no control socket on fd {CONTROL_FD}: it is started by the daemon only");
@@ -324,51 +325,6 @@ fn wait(child: Pid, control: &OwnedFd, signalfd: &SignalFd) -> Result<()> {
     }
 }
 
-/// The path of the systemd unit's cgroup in a /proc/<pid>/cgroup text: the `name=systemd`
-/// hierarchy on cgroup v1 (hybrid), the unified `0::` one otherwise.
-pub(crate) fn systemd_cgroup(cgroups: &str) -> Option<String> {
-    let path = |line: &str| line.splitn(3, ':').nth(2).map(str::to_string);
-    cgroups
-        .lines()
-        .find(|l| l.split(':').nth(1) == Some("name=systemd"))
-        .or_else(|| cgroups.lines().find(|l| l.starts_with("0::")))
-        .and_then(path)
-}
-
-/// A cgroup file system mounted here: v1 (with its controllers or `name=`) or v2.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct CgroupMount {
-    /// "" for cgroup2, else the super options naming the hierarchy (`memory`, `name=systemd`).
-    pub(crate) controllers: Vec<String>,
-    /// The cgroup at the mount's root, and where it is mounted.
-    pub(crate) root: String,
-    pub(crate) mount_point: String,
-}
-
-pub(crate) fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
-    let mut mounts = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((before, after)) = line.split_once(" - ") else { continue };
-        let fields: Vec<&str> = before.split(' ').collect();
-        let rest: Vec<&str> = after.split(' ').collect();
-        if fields.len() < 5 || rest.len() < 3 {
-            continue;
-        }
-        let unescape = |s: &str| s.replace("\\040", " ");
-        let controllers = match rest[0] {
-            "cgroup2" => Vec::new(),
-            "cgroup" => rest[2]
-                .split(',')
-                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent"))
-                .map(str::to_string)
-                .collect(),
-            _ => continue,
-        };
-        mounts.push(CgroupMount { controllers, root: unescape(fields[3]), mount_point: unescape(fields[4]) });
-    }
-    mounts
-}
-
 /// Writes this process into the cgroups listed in `cgroups` (another process's
 /// /proc/<pid>/cgroup), in every hierarchy mounted here.
 fn join_cgroups(cgroups: &str) -> Result<()> {
@@ -491,35 +447,6 @@ mod tests {
         assert_eq!(command_fault("exec: \"/nope\": stat /nope: no such file or directory"), Some(127));
         assert_eq!(command_fault("exec /etc/passwd: permission denied"), Some(126));
         assert_eq!(command_fault("join mnt namespace: operation not permitted"), None);
-    }
-
-    #[test]
-    fn systemd_cgroup_line_is_found_on_v1_and_v2() {
-        let v1 = "12:memory:/a.slice/cri-x.service\n1:name=systemd:/a.slice/cri-x.service\n0::/\n";
-        assert_eq!(systemd_cgroup(v1).as_deref(), Some("/a.slice/cri-x.service"));
-        assert_eq!(systemd_cgroup("0::/a.slice/cri-y.service\n").as_deref(), Some("/a.slice/cri-y.service"));
-        assert_eq!(systemd_cgroup("5:cpu:/\n"), None);
-    }
-
-    #[test]
-    fn cgroup_mounts_are_read_from_mountinfo() {
-        let mountinfo = "\
-30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate
-31 25 0:27 / /sys/fs/cgroup/systemd rw,nosuid shared:6 - cgroup cgroup rw,xattr,name=systemd
-34 25 0:30 /sub /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:9 - cgroup cgroup rw,cpu,cpuacct
-40 25 0:40 / /proc rw - proc proc rw
-";
-        let mounts = cgroup_mounts(mountinfo);
-        assert_eq!(mounts.len(), 3);
-        assert_eq!(
-            mounts[0],
-            CgroupMount { controllers: vec![], root: "/".into(), mount_point: "/sys/fs/cgroup/unified".into() }
-        );
-        assert_eq!(mounts[1].controllers, ["xattr", "name=systemd"]);
-        assert_eq!(
-            (mounts[2].controllers.clone(), mounts[2].root.as_str()),
-            (vec!["cpu".to_string(), "cpuacct".to_string()], "/sub")
-        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid};
 use oci_spec::runtime::{LinuxIdMapping, Mount, Spec};
 
-use super::spec::InitSpec;
-use super::{Context, Error, Result, errno_desc};
+use crate::spec::InitSpec;
+use crate::{Context, Error, Result, errno_desc};
 
 /// uid and gid mappings, as a user namespace's uid_map and gid_map.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

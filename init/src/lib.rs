@@ -34,8 +34,12 @@
 //! forked child, not init, becomes the main process, so the flow stays the same.
 //!
 //! init is single-threaded and starts no async runtime: the child of `fork` may use the allocator.
+//! This crate has no async runtime or thread pool among its dependencies (a unit test below checks
+//! it), so that stays true; the daemon's `main` runs these subcommands before it starts tokio.
 
+pub mod cgroup;
 pub mod exec_in;
+pub mod hugetlb;
 mod idmap;
 mod namespaces;
 mod notify;
@@ -58,7 +62,7 @@ use nix::fcntl::OFlag;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 
-pub use spec::{InitSpec, OverlayRootfs};
+pub use spec::{HugepageLimit, InitSpec, OverlayRootfs};
 
 /// The hidden subcommand's name: `cri-systemd init <spec.json>`.
 pub const SUBCOMMAND: &str = "init";
@@ -84,14 +88,14 @@ impl std::error::Error for Error {}
 pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 /// Whether a seccomp profile (OCI form) compiles as init would compile it.
-pub(crate) fn check_seccomp(profile: &serde_json::Value) -> std::result::Result<(), String> {
+pub fn check_seccomp(profile: &serde_json::Value) -> std::result::Result<(), String> {
     let profile: oci_spec::runtime::LinuxSeccomp =
         serde_json::from_value(profile.clone()).map_err(|e| e.to_string())?;
     seccomp::compile(&profile).map(drop).map_err(|e| e.to_string())
 }
 
 /// An errno as Go (and so runc) spells it: "no such file or directory".
-pub(crate) fn errno_desc(errno: Errno) -> String {
+pub fn errno_desc(errno: Errno) -> String {
     let desc = errno.desc();
     let mut chars = desc.chars();
     match chars.next() {
@@ -109,7 +113,7 @@ pub(crate) fn io_desc(e: &std::io::Error) -> String {
 
 /// Until it execs, a process running the daemon's binary is not dumpable: container processes
 /// cannot open its `/proc/<pid>/exe`, `fd/`, `cwd` or `root` (the CVE-2019-5736 class; see
-/// `crate::sealed_exe`). execve makes the container's process dumpable again, as usual.
+/// `runtime::sealed_exe`). execve makes the container's process dumpable again, as usual.
 pub(crate) fn not_dumpable(who: &str) {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("cri-systemd {who}: cannot make the process not dumpable: {}", errno_desc(e));
@@ -163,7 +167,7 @@ pub fn run(spec_path: &Path) -> ! {
     }
 }
 
-/// When stdout and stderr are the daemon's output pipes (crate::logs), replaces each with the
+/// When stdout and stderr are the daemon's output pipes (`runtime::logs`), replaces each with the
 /// same pipe opened read-write, through the host's /proc while it is still in view. The pipe
 /// then never lacks a reader, so a container whose daemon lost its read ends (a `systemctl
 /// stop` of the daemon before systemd 254) is never killed by SIGPIPE: its writes wait in the
@@ -254,13 +258,13 @@ fn supervise(spec: &InitSpec) -> Result<()> {
     let notifier = notify::Notifier::open()?;
     // First, while init is root in the node's namespaces and sees its cgroup file systems: the
     // entrypoint forked below inherits the (v1) cgroup and starts limited.
-    if crate::hugetlb::wanted(&spec.hugepage_limits) {
-        crate::hugetlb::apply_to_self(&spec.hugepage_limits).map_err(Error)?;
+    if hugetlb::wanted(&spec.hugepage_limits) {
+        hugetlb::apply_to_self(&spec.hugepage_limits)?;
     }
     // The v1 hierarchies systemd leaves the unit out of (cpuacct of its own: the pod's CPU).
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    if let Some(relative) = crate::init::exec_in::systemd_cgroup(&cgroups) {
-        crate::cgroup_v1::join_self(&relative).map_err(Error)?;
+    if let Some(relative) = cgroup::systemd_cgroup(&cgroups) {
+        cgroup::join_unmanaged_v1(&relative)?;
     }
     let mut plan = namespaces::open(&spec.oci)?;
     // Before any namespace is entered: the helpers of the idmaps must be seen in init's /proc
@@ -432,4 +436,29 @@ fn write_all(fd: &OwnedFd, mut bytes: &[u8]) {
 fn exit_now(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and always allowed.
     unsafe { libc::_exit(code) }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Crates that start threads behind the caller's back (async runtimes, thread pools). init
+    /// forks and runs arbitrary code in the child, which is only safe single-threaded: none of
+    /// them may ever be a (normal) dependency of this crate.
+    const THREADED: &[&str] =
+        &["tokio", "async-std", "smol", "async-executor", "async-global-executor", "futures-executor", "rayon"];
+
+    #[test]
+    fn no_async_runtime_or_thread_pool_in_the_dependency_tree() {
+        let output = std::process::Command::new(env!("CARGO"))
+            .args(["tree", "--offline", "-e", "normal", "--prefix", "none", "--format", "{p}", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .args(["-p", env!("CARGO_PKG_NAME")])
+            .output()
+            .expect("run cargo tree");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&output.stderr));
+        let names: Vec<&str> = stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        assert!(names.contains(&"nix"), "cargo tree listed no dependencies: {stdout}");
+        let threaded: Vec<&str> = names.iter().copied().filter(|n| THREADED.contains(n)).collect();
+        assert!(threaded.is_empty(), "init must stay single-threaded, but depends on {threaded:?}");
+    }
 }

@@ -17,8 +17,8 @@ use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use super::idmap::{IdmapNamespaces, Mappings};
-use super::{Context, Error, Result};
+use crate::idmap::{IdmapNamespaces, Mappings};
+use crate::{Context, Error, Result};
 
 /// What the child needs to know about the namespaces it lives in.
 #[derive(Debug)]

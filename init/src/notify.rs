@@ -10,7 +10,7 @@ use std::time::Duration;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, socket};
 
-use super::{Context, Error, Result, errno_desc};
+use crate::{Context, Error, Result, errno_desc};
 
 /// How long systemd may take to process a message before init gives up waiting for it.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(25);

@@ -36,7 +36,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::ForkResult;
 
-use super::{Context, Error, Result, namespaces, notify};
+use crate::{Context, Error, Result, namespaces, notify};
 
 /// The hidden subcommand's name.
 pub const SUBCOMMAND: &str = "pod-init";
@@ -72,7 +72,7 @@ const EMPTY_ROOT: &str = "/tmp";
 /// service's main process, 1 (message on stderr, in the unit's journal) on failure; the PID 1
 /// exits 0 on SIGTERM.
 pub fn run(args: &PodInitArgs) -> ! {
-    super::not_dumpable(SUBCOMMAND);
+    crate::not_dumpable(SUBCOMMAND);
     match start(args) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
@@ -157,7 +157,7 @@ fn handled_signals() -> SigSet {
 fn pid1(report: OwnedFd, signals: &SigSet) -> ! {
     use std::os::fd::AsRawFd;
     // Nothing of the node's stays open in a process the containers can see (ps).
-    if let Err(e) = super::process::close_descriptors_except(&[report.as_raw_fd()]).and_then(|()| isolate()) {
+    if let Err(e) = crate::process::close_descriptors_except(&[report.as_raw_fd()]).and_then(|()| isolate()) {
         let mut file = std::fs::File::from(report);
         let _ = file.write_all(format!("E{e}").as_bytes());
         // SAFETY: _exit is always allowed; the forked child must not run the parent's exit handlers.

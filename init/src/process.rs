@@ -12,8 +12,8 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{Capability, LinuxCapabilities, PosixRlimitType, Process, Spec};
 
-use super::namespaces::{self, Plan};
-use super::{Context, Error, Result, errno_desc, rootfs};
+use crate::namespaces::{self, Plan};
+use crate::{Context, Error, Result, errno_desc, rootfs};
 
 /// The PATH used to find the entrypoint when the spec's env has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -40,7 +40,7 @@ pub(crate) fn validate(spec: &Spec) -> Result<()> {
     if let Some(linux) = spec.linux() {
         if let Some(profile) = linux.seccomp() {
             // Compiled here too, so that a bad profile fails before anything is set up.
-            super::seccomp::compile(profile)?;
+            crate::seccomp::compile(profile)?;
         }
         if linux.mount_label().as_deref().is_some_and(|l| !l.is_empty()) {
             return Err(Error::new("selinux mount labels are not supported"));
@@ -121,7 +121,7 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::Own
             namespaces::own_mounts_in_user_namespace(plan)?;
         }
         // As root of the pod's user namespace, so that the terminal is the container's own.
-        console.map_or(Ok(()), super::open_terminal)
+        console.map_or(Ok(()), crate::open_terminal)
     })
 }
 
@@ -141,7 +141,7 @@ pub(crate) fn prepare_exec(
     enter_user: impl FnOnce() -> Result<()>,
 ) -> Result<Exec> {
     let cwd = process.cwd();
-    let seccomp = seccomp.map(super::seccomp::compile).transpose()?;
+    let seccomp = seccomp.map(crate::seccomp::compile).transpose()?;
     set_rlimits(process)?;
     enter_user()?;
     let caps = process.capabilities().as_ref();
@@ -169,7 +169,7 @@ pub(crate) fn prepare_exec(
     // Installed while still privileged (as runc does), so that no no_new_privs is needed; the
     // filter allows what is left to do: the user and capability changes and the execve.
     if let Some(programs) = &seccomp {
-        super::seccomp::install(programs)?;
+        crate::seccomp::install(programs)?;
     }
     set_user(process)?;
     if chdir_later {

@@ -13,9 +13,9 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag};
 use oci_spec::runtime::{LinuxDeviceType, Mount};
 
-use super::idmap::{self, Mappings};
-use super::namespaces::Plan;
-use super::{Context, Error, InitSpec, OverlayRootfs, Result, errno_desc};
+use crate::idmap::{self, Mappings};
+use crate::namespaces::Plan;
+use crate::{Context, Error, InitSpec, OverlayRootfs, Result, errno_desc};
 
 /// The host uid and gid of the container's root when it runs in a user namespace: what init
 /// creates in the container's tree (mount points, devices, the working directory) is owned by

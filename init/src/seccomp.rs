@@ -15,8 +15,8 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
-use super::syscalls;
-use super::{Error, Result};
+use crate::syscalls;
+use crate::{Error, Result};
 
 fn action(action: LinuxSeccompAction, errno: Option<u32>, default_errno: u32) -> Result<SeccompAction> {
     Ok(match action {

@@ -43,9 +43,18 @@ pub struct InitSpec {
     pub console_socket: bool,
     /// Hugepage limits that init applies to its own (the unit's) cgroup before it forks the
     /// entrypoint, creating and joining the v1 hugetlb cgroup if that is where the controller is
-    /// (see crate::hugetlb). Empty, or only zeros: nothing is done.
+    /// (see `hugetlb.rs`). Empty, or only zeros: nothing is done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub hugepage_limits: Vec<crate::container::HugepageLimit>,
+    pub hugepage_limits: Vec<HugepageLimit>,
+}
+
+/// The most hugepage memory of one page size the container may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HugepageLimit {
+    /// As CRI names it: "2MB", "1GB", "64KB".
+    pub page_size: String,
+    /// Bytes.
+    pub limit: u64,
 }
 
 /// An overlay root file system: read-only image layers under a per-container writable layer.
@@ -71,14 +80,18 @@ impl InitSpec {
     /// Reads and parses the spec file.
     pub fn load(path: &Path) -> Result<InitSpec, String> {
         let text =
-            std::fs::read(path).map_err(|e| format!("read init spec {}: {}", path.display(), super::io_desc(&e)))?;
+            std::fs::read(path).map_err(|e| format!("read init spec {}: {}", path.display(), crate::io_desc(&e)))?;
         serde_json::from_slice(&text).map_err(|e| format!("parse init spec {}: {e}", path.display()))
     }
 
     /// Writes the spec as JSON to `path` (what the daemon does before starting the unit).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        // 0600: the spec holds the container's env (Secrets).
-        std::io::Write::write_all(&mut crate::store::create_private_file(path)?, &text)
+        // 0600: the spec holds the container's env (Secrets). An existing file keeps its mode
+        // through open(O_CREAT): it is set too.
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        std::io::Write::write_all(&mut file, &text)
     }
 }

@@ -95,14 +95,8 @@ pub struct Resources {
     pub hugepage_limits: Vec<HugepageLimit>,
 }
 
-/// The most hugepage memory of one page size the container may use.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HugepageLimit {
-    /// As CRI names it: "2MB", "1GB", "64KB".
-    pub page_size: String,
-    /// Bytes.
-    pub limit: u64,
-}
+/// The most hugepage memory of one page size the container may use (a type of `init.json`).
+pub use init::HugepageLimit;
 
 /// A host device node made available in the container (CRI `devices`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -620,7 +614,7 @@ fn localhost_seccomp(path: &Path, caps: &[String]) -> Result<serde_json::Value, 
     }
     let text = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
     let profile = crate::seccomp_profile::localhost(&text, caps).map_err(invalid)?;
-    crate::init::check_seccomp(&profile).map_err(invalid)?;
+    init::check_seccomp(&profile).map_err(invalid)?;
     Ok(profile)
 }
 

@@ -18,10 +18,10 @@ use crate::container::{
 };
 use crate::events::ContainerEventKind;
 use crate::exit_record::{self, ExitRecord};
-use crate::init::{InitSpec, OverlayRootfs};
 use crate::pod::PodState;
 use crate::store::{new_id, read_json, write_json};
 use crate::{Entry, Error, Runtime};
+use init::{InitSpec, OverlayRootfs};
 
 /// Next to a container's record: the inode numbers of its output pipes (stdout, stderr), by
 /// which a restarted daemon that lost their read ends finds them again.
@@ -199,11 +199,8 @@ impl Runtime {
         }
         let dir = self.container_dir(&record.id);
         let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
-        let init_args = vec![
-            exe.clone(),
-            crate::init::SUBCOMMAND.to_string(),
-            dir.join("init.json").to_string_lossy().into_owned(),
-        ];
+        let init_args =
+            vec![exe.clone(), init::SUBCOMMAND.to_string(), dir.join("init.json").to_string_lossy().into_owned()];
         let record_args = vec![
             exe.clone(),
             exit_record::SUBCOMMAND.to_string(),

@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::debug;
 
 use crate::container::ContainerState;
-use crate::init::exec_in::{self, MSG_KILL, Report};
 use crate::{Error, Runtime};
+use init::exec_in::{self, MSG_KILL, Report};
 
 /// What to run and which stdio the caller wants.
 #[derive(Debug, Clone, Default)]

@@ -15,7 +15,6 @@ mod events;
 mod exec;
 pub mod exit_record;
 mod hugetlb;
-pub mod init;
 mod logs;
 mod namespaces;
 mod passwd;

@@ -11,12 +11,12 @@ use zbus::zvariant::Value;
 
 use crate::cni::{self, Cni, NetworkList};
 use crate::events::ContainerEventKind;
-use crate::init::pod_init::{self, PodInitArgs};
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState, init_unit_name};
 use crate::store::{new_id, read_json, write_json};
 use crate::userns::{self, IdRange, IdRanges, PodUserns, UsernsMode};
 use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, Systemd, podfiles};
+use init::pod_init::{self, PodInitArgs};
 
 /// The size of a pod's /dev/shm, the kubelet's default.
 const SHM_SIZE: &str = "size=65536k";
