@@ -80,7 +80,7 @@ pub fn mounts() -> Vec<CgroupMount> {
 /// hierarchy it is not in yet.
 pub(crate) fn join_unmanaged_v1(relative: &str) -> Result<()> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| Error::new(format!("cannot read /proc/self/cgroup: {e}")))?;
+        .map_err(|source| Error::File { what: "cannot read /proc/self/cgroup".into(), source })?;
     for mount in mounts().iter().filter(|m| unmanaged(m)) {
         // The line of this hierarchy in /proc/self/cgroup: "N:cpuacct:/path".
         let key = mount.controllers.join(",");
@@ -95,7 +95,7 @@ pub(crate) fn join_unmanaged_v1(relative: &str) -> Result<()> {
         let dir = Path::new(&mount.mount_point).join(relative.trim_start_matches('/'));
         create_cgroup_dir(&dir)?;
         std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(|e| Error::new(format!("cannot join {}: {e}", dir.display())))?;
+            .map_err(|source| Error::File { what: format!("cannot join {}", dir.display()), source })?;
     }
     Ok(())
 }
@@ -110,7 +110,7 @@ pub fn create_cgroup_dir(dir: &Path) -> Result<()> {
         }
         made = std::fs::create_dir_all(dir);
     }
-    made.map_err(|e| Error::new(format!("cannot create {}: {e}", dir.display())))
+    made.map_err(|source| Error::File { what: format!("cannot create {}", dir.display()), source })
 }
 
 #[cfg(test)]

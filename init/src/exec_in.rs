@@ -156,7 +156,7 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).ctx(|| "block signals".into())?;
     let signalfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).ctx(|| "create signalfd".into())?;
 
-    let spec = InitSpec::load(&args.init_spec).map_err(Error::new)?;
+    let spec = InitSpec::load(&args.init_spec)?;
     let mut process = spec.oci.process().clone().ok_or_else(|| Error::new("the container's spec has no process"))?;
     if args.command.is_empty() {
         return Err(Error::new("no command given"));

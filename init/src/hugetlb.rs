@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::HugepageLimit;
+use crate::{Error, HugepageLimit, Result};
 
 const CONTROLLER: &str = "hugetlb";
 
@@ -63,9 +63,9 @@ pub enum Hierarchy {
 }
 
 impl Hierarchy {
-    pub fn find() -> Result<Hierarchy, String> {
+    pub fn find() -> Result<Hierarchy> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+            .map_err(|source| Error::File { what: "cannot read /proc/self/mountinfo".into(), source })?;
         let mounts = crate::cgroup::cgroup_mounts(&mountinfo);
         if let Some(m) = mounts.iter().find(|m| m.controllers.iter().any(|c| c == CONTROLLER)) {
             return Ok(Hierarchy::V1(PathBuf::from(&m.mount_point)));
@@ -77,9 +77,10 @@ impl Hierarchy {
                 return Ok(Hierarchy::V2(PathBuf::from(&m.mount_point)));
             }
         }
-        Err("this node has no hugetlb controller (no cgroup v1 hierarchy with it, and not in the cgroup2 root's \
-             cgroup.controllers)"
-            .into())
+        Err(Error::new(
+            "this node has no hugetlb controller (no cgroup v1 hierarchy with it, and not in the cgroup2 root's \
+             cgroup.controllers)",
+        ))
     }
 
     pub fn dir(&self, relative: &str) -> PathBuf {
@@ -88,22 +89,23 @@ impl Hierarchy {
     }
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+fn write(path: &Path, value: &str) -> Result<()> {
+    std::fs::write(path, value)
+        .map_err(|source| Error::File { what: format!("cannot write {value:?} to {}", path.display()), source })
 }
 
 /// Applies `limits` to the cgroup at `relative` (a unit's cgroup path, as in /proc/<pid>/cgroup),
 /// creating it on cgroup v1; `join`: also moves these processes into it on v1 (on v2 they are in
 /// the unit's cgroup already).
-pub fn apply_at(limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<(), String> {
+pub fn apply_at(limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<()> {
     apply_in(&Hierarchy::find()?, limits, relative, join)
 }
 
-fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<(), String> {
+fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<()> {
     let dir = hierarchy.dir(relative);
     let files: (&str, &str) = match hierarchy {
         Hierarchy::V1(_) => {
-            crate::cgroup::create_cgroup_dir(&dir).map_err(|e| e.to_string())?;
+            crate::cgroup::create_cgroup_dir(&dir)?;
             ("limit_in_bytes", "rsvd.limit_in_bytes")
         }
         Hierarchy::V2(mount) => {
@@ -124,7 +126,8 @@ fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, joi
         }
     };
     for limit in limits {
-        let kib = page_size_kib(&limit.page_size).ok_or_else(|| format!("bad hugepage size {:?}", limit.page_size))?;
+        let kib = page_size_kib(&limit.page_size)
+            .ok_or_else(|| Error::invalid(format!("bad hugepage size {:?}", limit.page_size)))?;
         let name = cri_name(kib);
         let value = limit.limit.to_string();
         write(&dir.join(format!("hugetlb.{name}.{}", files.0)), &value)?;
@@ -139,7 +142,12 @@ fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, joi
                 Ok(()) => {}
                 // Gone meanwhile.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => return Err(format!("cannot move process {pid} into {}: {e}", dir.display())),
+                Err(source) => {
+                    return Err(Error::File {
+                        what: format!("cannot move process {pid} into {}", dir.display()),
+                        source,
+                    });
+                }
             }
         }
     }
@@ -148,12 +156,12 @@ fn apply_in(hierarchy: &Hierarchy, limits: &[HugepageLimit], relative: &str, joi
 
 /// init: applies the limits to its own cgroup (the unit's) and, on v1, joins it, so that the
 /// entrypoint it forks next starts limited.
-pub(crate) fn apply_to_self(limits: &[HugepageLimit]) -> crate::Result<()> {
+pub(crate) fn apply_to_self(limits: &[HugepageLimit]) -> Result<()> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| crate::Error::new(format!("cannot read /proc/self/cgroup: {e}")))?;
+        .map_err(|source| Error::File { what: "cannot read /proc/self/cgroup".into(), source })?;
     let relative = crate::cgroup::systemd_cgroup(&cgroups)
-        .ok_or_else(|| crate::Error::new("/proc/self/cgroup names no systemd cgroup"))?;
-    apply_at(limits, &relative, &[std::process::id()]).map_err(|e| crate::Error::new(format!("hugepage limits: {e}")))
+        .ok_or_else(|| Error::new("/proc/self/cgroup names no systemd cgroup"))?;
+    apply_at(limits, &relative, &[std::process::id()]).map_err(|e| e.context("hugepage limits"))
 }
 
 #[cfg(test)]

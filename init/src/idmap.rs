@@ -17,7 +17,7 @@ use nix::unistd::{ForkResult, Pid};
 use oci_spec::runtime::{LinuxIdMapping, Mount, Spec};
 
 use crate::spec::InitSpec;
-use crate::{Context, Error, Result, errno_desc};
+use crate::{Context, Error, Result};
 
 /// uid and gid mappings, as a user namespace's uid_map and gid_map.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -46,17 +46,17 @@ impl Mappings {
     pub(crate) fn check(&self, what: &str) -> Result<()> {
         for (kind, map) in [("uid", &self.uids), ("gid", &self.gids)] {
             if map.is_empty() {
-                return Err(Error::new(format!(
+                return Err(Error::invalid(format!(
                     "{what}: {kind} mappings are missing (uid and gid mappings go together)"
                 )));
             }
             if map.len() > 340 {
-                return Err(Error::new(format!("{what}: more than 340 {kind} mappings")));
+                return Err(Error::invalid(format!("{what}: more than 340 {kind} mappings")));
             }
             for line in map {
                 let fits = |start: u32| u64::from(start) + u64::from(line.size()) <= u64::from(u32::MAX);
                 if line.size() == 0 || !fits(line.container_id()) || !fits(line.host_id()) {
-                    return Err(Error::new(format!(
+                    return Err(Error::invalid(format!(
                         "{what}: {kind} mapping {} {} {} is empty or goes beyond 4294967294",
                         line.container_id(),
                         line.host_id(),
@@ -114,7 +114,7 @@ impl IdmapNamespaces {
             mappings.check(&what)?;
             if made.get(&mappings).is_none() {
                 let fd = user_namespace(&mappings)
-                    .map_err(|e| Error::new(format!("{what}: user namespace for the id mapping: {e}")))?;
+                    .map_err(|e| e.context(format!("{what}: user namespace for the id mapping")))?;
                 made.namespaces.push((mappings, fd));
             }
         }
@@ -135,7 +135,7 @@ pub(crate) fn mount_mappings(spec: &Spec, m: &Mount) -> Result<Option<Mappings>>
         Some(mappings) => Ok(Some(mappings)),
         None if asks => match Mappings::of_spec(spec) {
             Some(mappings) => Ok(Some(mappings)),
-            None => Err(Error::new(format!(
+            None => Err(Error::invalid(format!(
                 "mount on {}: option idmap needs uidMappings and gidMappings (on the mount or the container)",
                 m.destination().display()
             ))),
@@ -145,11 +145,11 @@ pub(crate) fn mount_mappings(spec: &Spec, m: &Mount) -> Result<Option<Mappings>>
 }
 
 /// A new user namespace with `mappings`, held by the returned fd (nothing else keeps it).
-fn user_namespace(mappings: &Mappings) -> std::result::Result<OwnedFd, String> {
-    let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(errno_desc)?;
-    let (done_r, done_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(errno_desc)?;
+fn user_namespace(mappings: &Mappings) -> Result<OwnedFd> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(Error::Errno)?;
+    let (done_r, done_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(Error::Errno)?;
     // SAFETY: init is single-threaded: the child may do anything; it only unshares and waits.
-    let child = match unsafe { nix::unistd::fork() }.map_err(errno_desc)? {
+    let child = match unsafe { nix::unistd::fork() }.map_err(Error::Errno)? {
         ForkResult::Child => {
             drop(ready_r);
             drop(done_w);
@@ -177,26 +177,26 @@ fn user_namespace(mappings: &Mappings) -> std::result::Result<OwnedFd, String> {
         let n = read_retrying(&ready_r, &mut reply)?;
         match n {
             1 => {}
-            4 => return Err(format!("unshare: {}", errno_desc(Errno::from_raw(i32::from_ne_bytes(reply))))),
-            _ => return Err("the helper process died".into()),
+            4 => return Err(Errno::from_raw(i32::from_ne_bytes(reply))).ctx(|| "unshare".into()),
+            _ => return Err(Error::new("the helper process died")),
         }
         for (file, map) in [("uid_map", &mappings.uids), ("gid_map", &mappings.gids)] {
             std::fs::write(format!("/proc/{child}/{file}"), Mappings::text(map))
-                .map_err(|e| format!("write {file}: {e}"))?;
+                .map_err(|source| Error::File { what: format!("write {file}"), source })?;
         }
         nix::fcntl::open(format!("/proc/{child}/ns/user").as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("open the namespace: {}", errno_desc(e)))
+            .ctx(|| "open the namespace".into())
     })();
     drop(done_w);
     reap(child);
     result
 }
 
-fn read_retrying(fd: &OwnedFd, buf: &mut [u8]) -> std::result::Result<usize, String> {
+fn read_retrying(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize> {
     loop {
         match nix::unistd::read(fd.as_fd(), buf) {
             Err(Errno::EINTR) => continue,
-            other => return other.map_err(errno_desc),
+            other => return other.map_err(Error::Errno),
         }
     }
 }

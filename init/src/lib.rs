@@ -38,6 +38,7 @@
 //! it), so that stays true; the daemon's `main` runs these subcommands before it starts tokio.
 
 pub mod cgroup;
+mod error;
 pub mod exec_in;
 pub mod hugetlb;
 mod idmap;
@@ -51,7 +52,6 @@ mod spec;
 mod syscalls;
 
 use std::ffi::OsStr;
-use std::fmt;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -62,53 +62,18 @@ use nix::fcntl::OFlag;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 
+pub(crate) use error::Context;
+pub use error::{Error, Result, errno_desc};
 pub use spec::{HugepageLimit, InitSpec, OverlayRootfs};
 
 /// The hidden subcommand's name: `cri-systemd init <spec.json>`.
 pub const SUBCOMMAND: &str = "init";
 
-/// A failure of the init step: one human-readable line, naming the step or path that failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Error(String);
-
-impl Error {
-    pub(crate) fn new(message: impl Into<String>) -> Error {
-        Error(message.into())
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
-
-pub(crate) type Result<T> = std::result::Result<T, Error>;
-
 /// Whether a seccomp profile (OCI form) compiles as init would compile it.
-pub fn check_seccomp(profile: &serde_json::Value) -> std::result::Result<(), String> {
+pub fn check_seccomp(profile: &serde_json::Value) -> Result<()> {
     let profile: oci_spec::runtime::LinuxSeccomp =
-        serde_json::from_value(profile.clone()).map_err(|e| e.to_string())?;
-    seccomp::compile(&profile).map(drop).map_err(|e| e.to_string())
-}
-
-/// An errno as Go (and so runc) spells it: "no such file or directory".
-pub fn errno_desc(errno: Errno) -> String {
-    let desc = errno.desc();
-    let mut chars = desc.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => format!("errno {}", errno as i32),
-    }
-}
-
-pub(crate) fn io_desc(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => errno_desc(Errno::from_raw(code)),
-        None => e.to_string(),
-    }
+        serde_json::from_value(profile.clone()).map_err(|e| Error::invalid(e.to_string()))?;
+    seccomp::compile(&profile).map(drop)
 }
 
 /// Until it execs, a process running the daemon's binary is not dumpable: container processes
@@ -118,23 +83,6 @@ pub(crate) fn not_dumpable(who: &str) {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("cri-systemd {who}: cannot make the process not dumpable: {}", errno_desc(e));
         std::process::exit(1);
-    }
-}
-
-/// Adds what was being done to a system error: `"mount proc on /proc: permission denied"`.
-pub(crate) trait Context<T> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T> Context<T> for std::result::Result<T, Errno> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error(format!("{}: {}", what(), errno_desc(e))))
-    }
-}
-
-impl<T> Context<T> for std::result::Result<T, std::io::Error> {
-    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error(format!("{}: {}", what(), io_desc(&e))))
     }
 }
 
@@ -295,9 +243,9 @@ fn supervise(spec: &InitSpec) -> Result<()> {
         Report::Ready => {}
         Report::Error(message) => {
             reap(child);
-            return Err(Error(message));
+            return Err(Error::Failed(message));
         }
-        Report::Eof => return Err(Error(format!("container process died during setup ({})", reap(child)))),
+        Report::Eof => return Err(Error::new(format!("container process died during setup ({})", reap(child)))),
     }
 
     // Phase 2: the child is alive and blocked on "go": make it the main PID before it can exit.
@@ -312,8 +260,8 @@ fn supervise(spec: &InitSpec) -> Result<()> {
             notifier.notify("READY=1")?;
             Ok(())
         }
-        Report::Error(message) => Err(Error(message)),
-        Report::Ready => Err(Error("container process: unexpected message after go".into())),
+        Report::Error(message) => Err(Error::Failed(message)),
+        Report::Ready => Err(Error::new("container process: unexpected message after go")),
     }
 }
 
@@ -330,7 +278,7 @@ fn read_report(pipe: &mut std::fs::File) -> Result<Report> {
             Ok(0) => return Ok(Report::Eof),
             Ok(_) => break,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error(format!("read report of container process: {}", io_desc(&e)))),
+            Err(e) => return Err(e).ctx(|| "read report of container process".into()),
         }
     }
     match tag[0] {
@@ -340,7 +288,7 @@ fn read_report(pipe: &mut std::fs::File) -> Result<Report> {
             pipe.read_to_end(&mut message).ctx(|| "read error of container process".into())?;
             Ok(Report::Error(String::from_utf8_lossy(&message).trim().to_string()))
         }
-        other => Err(Error(format!("container process sent an unknown message {other:#x}"))),
+        other => Err(Error::new(format!("container process sent an unknown message {other:#x}"))),
     }
 }
 

@@ -85,12 +85,12 @@ pub(crate) fn open(spec: &Spec) -> Result<Plan> {
     for ns in &namespaces {
         let typ = ns.typ();
         if typ == LinuxNamespaceType::User && ns.path().is_none() {
-            return Err(Error::new(
+            return Err(Error::invalid(
                 "new user namespaces are not supported: join a prepared one (a user namespace with a path)",
             ));
         }
         if seen.contains(&typ) {
-            return Err(Error::new(format!("namespace {typ} is listed twice")));
+            return Err(Error::invalid(format!("namespace {typ} is listed twice")));
         }
         seen.push(typ);
         match ns.path() {
@@ -116,7 +116,7 @@ pub(crate) fn open(spec: &Spec) -> Result<Plan> {
     if let Some(i) = joins.iter().position(|(typ, _, _)| *typ == LinuxNamespaceType::User) {
         let (_, path, fd) = joins.remove(i);
         let mappings = Mappings::of_spec(spec).ok_or_else(|| {
-            Error::new(format!(
+            Error::invalid(format!(
                 "user namespace {}: linux.uidMappings and gidMappings must say what it maps",
                 path.display()
             ))
@@ -124,7 +124,7 @@ pub(crate) fn open(spec: &Spec) -> Result<Plan> {
         mappings.check("linux.uidMappings/gidMappings")?;
         plan.user = Some((path, fd, mappings));
     } else if Mappings::of_spec(spec).is_some() {
-        return Err(Error::new("linux.uidMappings/gidMappings are given but no user namespace is joined"));
+        return Err(Error::invalid("linux.uidMappings/gidMappings are given but no user namespace is joined"));
     }
     plan.joins = joins;
     plan.unshare = unshare;
@@ -166,7 +166,7 @@ pub(crate) fn enter_user(plan: &Plan) -> Result<()> {
             .collect();
         let wanted: Vec<(u32, u32, u32)> = expected.iter().map(|m| (m.container_id(), m.host_id(), m.size())).collect();
         if actual != wanted {
-            return Err(Error::new(format!(
+            return Err(Error::invalid(format!(
                 "user namespace {} maps {file} {actual:?}, not {wanted:?} as the spec says",
                 path.display()
             )));

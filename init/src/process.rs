@@ -20,22 +20,22 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// Refuses what init does not implement rather than silently running the container without it.
 pub(crate) fn validate(spec: &Spec) -> Result<()> {
-    let process = spec.process().as_ref().ok_or_else(|| Error::new("spec has no process"))?;
+    let process = spec.process().as_ref().ok_or_else(|| Error::invalid("spec has no process"))?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err(Error::new("process.args must not be empty"));
+        return Err(Error::invalid("process.args must not be empty"));
     }
     if process.terminal() == Some(true) {
-        return Err(Error::new("process.terminal is not supported yet"));
+        return Err(Error::invalid("process.terminal is not supported yet"));
     }
     if !process.cwd().is_absolute() {
-        return Err(Error::new(format!("cwd {:?} is not an absolute path", process.cwd())));
+        return Err(Error::invalid(format!("cwd {:?} is not an absolute path", process.cwd())));
     }
     if process.selinux_label().as_deref().is_some_and(|l| !l.is_empty()) {
-        return Err(Error::new("selinux labels are not supported"));
+        return Err(Error::invalid("selinux labels are not supported"));
     }
-    let root = spec.root().as_ref().ok_or_else(|| Error::new("spec has no root"))?;
+    let root = spec.root().as_ref().ok_or_else(|| Error::invalid("spec has no root"))?;
     if !root.path().is_absolute() {
-        return Err(Error::new(format!("root.path {} is not an absolute path", root.path().display())));
+        return Err(Error::invalid(format!("root.path {} is not an absolute path", root.path().display())));
     }
     if let Some(linux) = spec.linux() {
         if let Some(profile) = linux.seccomp() {
@@ -43,7 +43,7 @@ pub(crate) fn validate(spec: &Spec) -> Result<()> {
             crate::seccomp::compile(profile)?;
         }
         if linux.mount_label().as_deref().is_some_and(|l| !l.is_empty()) {
-            return Err(Error::new("selinux mount labels are not supported"));
+            return Err(Error::invalid("selinux mount labels are not supported"));
         }
     }
     Ok(())

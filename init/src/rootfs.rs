@@ -287,7 +287,7 @@ fn parse_options(options: &[String], dest: &Path) -> Result<MountOptions> {
             MountOption::RecursiveReadonly => parsed.recursive_readonly = true,
             MountOption::Ignored => {}
             MountOption::Unsupported => {
-                return Err(Error::new(format!("mount {}: option {option:?} is not supported", dest.display())));
+                return Err(Error::invalid(format!("mount {}: option {option:?} is not supported", dest.display())));
             }
             MountOption::Data => parsed.data.push(option.clone()),
         }
@@ -407,8 +407,9 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Pla
         mkdir_all(rootfd, &rel)?;
         let source = m.source().as_ref().map(|s| s.as_os_str()).unwrap_or(OsStr::new(typ));
         let data = match plan.userns() {
-            Some(userns) => data_in_userns(typ, &opts.data, userns)
-                .map_err(|e| Error::new(format!("mount {typ} on {shown}: {e}")))?,
+            Some(userns) => {
+                data_in_userns(typ, &opts.data, userns).map_err(|e| e.context(format!("mount {typ} on {shown}")))?
+            }
             None => opts.data.join(","),
         };
         let flags = opts.flags & !MsFlags::MS_REMOUNT;
@@ -430,16 +431,17 @@ fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Pla
 /// Mount data for a mount init makes as the node's root on behalf of a container in a user
 /// namespace: `uid=`/`gid=` options name container ids, translated to host ids; a tmpfs root
 /// belongs to the container's root (who would have mounted it).
-fn data_in_userns(typ: &str, data: &[String], userns: &Mappings) -> std::result::Result<String, String> {
+fn data_in_userns(typ: &str, data: &[String], userns: &Mappings) -> Result<String> {
     let mut out = Vec::with_capacity(data.len() + 2);
     let (mut uid_given, mut gid_given) = (false, false);
     for option in data {
         let translated = match option.split_once('=') {
             Some((key @ ("uid" | "gid"), value)) => {
-                let id: u32 = value.parse().map_err(|_| format!("option {option}: not an id"))?;
+                let id: u32 = value.parse().map_err(|_| Error::invalid(format!("option {option}: not an id")))?;
                 let host = if key == "uid" { userns.host_uid(id) } else { userns.host_gid(id) };
-                let host =
-                    host.ok_or_else(|| format!("option {option}: id {id} is not mapped in the user namespace"))?;
+                let host = host.ok_or_else(|| {
+                    Error::invalid(format!("option {option}: id {id} is not mapped in the user namespace"))
+                })?;
                 if key == "uid" {
                     uid_given = true
                 } else {
@@ -856,7 +858,7 @@ fn mount_cgroup(rootfd: &OwnedFd, rel: &Path, opts: &MountOptions, plan: &Plan) 
     let own = own_cgroups()?;
     if statfs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         return mount_hierarchy(rootfd, rel, host, "cgroup2", "", flags, plan, &own)
-            .map_err(|e| Error::new(format!("cgroup on {shown}: {e}")));
+            .map_err(|e| e.context(format!("cgroup on {shown}")));
     }
     at(rootfd, rel, |t| mount(Some("tmpfs"), t, Some("tmpfs"), flags & !MsFlags::MS_RDONLY, Some("mode=755")))
         .ctx(|| format!("mount tmpfs for cgroups on {shown}"))?;
@@ -880,7 +882,7 @@ fn mount_cgroup(rootfd: &OwnedFd, rel: &Path, opts: &MountOptions, plan: &Plan) 
         let sub = rel.join(name);
         mkdir_all(rootfd, &sub)?;
         mount_hierarchy(rootfd, &sub, Path::new(mount_point), fstype, &options, flags, plan, &own)
-            .map_err(|e| Error::new(format!("cgroup {name} on {shown}/{name}: {e}")))?;
+            .map_err(|e| e.context(format!("cgroup {name} on {shown}/{name}")))?;
     }
     let entries = std::fs::read_dir(host).ctx(|| "read /sys/fs/cgroup".into())?;
     for entry in entries.flatten() {
@@ -911,11 +913,11 @@ fn mount_hierarchy(
     flags: MsFlags,
     plan: &Plan,
     own: &[(String, String)],
-) -> std::result::Result<(), String> {
+) -> Result<()> {
     if plan.new_cgroup {
         let data = Some(options).filter(|o| !o.is_empty());
         return at(rootfd, rel, |t| mount(Some("cgroup"), t, Some(fstype), flags, data))
-            .map_err(|e| format!("mount {fstype}: {}", errno_desc(e)));
+            .ctx(|| format!("mount {fstype}"));
     }
     // The hierarchy's line in /proc/self/cgroup: "0::/path" for cgroup2, else the controllers
     // (or name=...) listed in the mount's super options.
@@ -932,12 +934,12 @@ fn mount_hierarchy(
             }
         })
         .map(|(_, path)| path.clone())
-        .ok_or_else(|| format!("no entry in /proc/self/cgroup for {}", host_mount.display()))?;
+        .ok_or_else(|| Error::new(format!("no entry in /proc/self/cgroup for {}", host_mount.display())))?;
     let source = host_mount.join(path.trim_start_matches('/'));
     at(rootfd, rel, |t| mount(Some(&source), t, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>))
-        .map_err(|e| format!("bind {}: {}", source.display(), errno_desc(e)))?;
+        .ctx(|| format!("bind {}", source.display()))?;
     at(rootfd, rel, |t| remount(t, flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC))
-        .map_err(|e| format!("remount {}: {}", source.display(), errno_desc(e)))
+        .ctx(|| format!("remount {}", source.display()))
 }
 
 /// (controllers, path) of each line of /proc/self/cgroup.
@@ -1182,7 +1184,7 @@ mod tests {
         assert_eq!(data("tmpfs", &["uid=1000", "mode=1777"]).unwrap(), "uid=590824,mode=1777,gid=589824");
         assert_eq!(data("devpts", &["newinstance", "gid=5"]).unwrap(), "newinstance,gid=589829");
         assert_eq!(data("mqueue", &[]).unwrap(), "");
-        assert!(data("devpts", &["gid=70000"]).unwrap_err().contains("not mapped"));
+        assert!(data("devpts", &["gid=70000"]).unwrap_err().to_string().contains("not mapped"));
     }
 
     #[test]

@@ -26,13 +26,13 @@ fn action(action: LinuxSeccompAction, errno: Option<u32>, default_errno: u32) ->
         LinuxSeccompAction::ScmpActKillProcess => SeccompAction::KillProcess,
         LinuxSeccompAction::ScmpActTrap => SeccompAction::Trap,
         LinuxSeccompAction::ScmpActLog => SeccompAction::Log,
-        other => return Err(Error::new(format!("seccomp action {other} is not supported"))),
+        other => return Err(Error::invalid(format!("seccomp action {other} is not supported"))),
     })
 }
 
 fn condition(arg: &oci_spec::runtime::LinuxSeccompArg) -> Result<SeccompCondition> {
     let index = u8::try_from(arg.index())
-        .map_err(|_| Error::new(format!("seccomp argument index {} is out of range", arg.index())))?;
+        .map_err(|_| Error::invalid(format!("seccomp argument index {} is out of range", arg.index())))?;
     let (op, value) = match arg.op() {
         LinuxSeccompOperator::ScmpCmpNe => (SeccompCmpOp::Ne, arg.value()),
         LinuxSeccompOperator::ScmpCmpLt => (SeccompCmpOp::Lt, arg.value()),
@@ -44,7 +44,7 @@ fn condition(arg: &oci_spec::runtime::LinuxSeccompArg) -> Result<SeccompConditio
         LinuxSeccompOperator::ScmpCmpMaskedEq => (SeccompCmpOp::MaskedEq(arg.value()), arg.value_two().unwrap_or(0)),
     };
     SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value)
-        .map_err(|e| Error::new(format!("seccomp argument: {e}")))
+        .map_err(|e| Error::invalid(format!("seccomp argument: {e}")))
 }
 
 /// The rules of one action: per syscall, alternatives (conditions ANDed within each); an empty
@@ -67,7 +67,7 @@ impl Rules {
                 self.by_syscall.insert(number, Vec::new());
             } else if !self.unconditional.contains(&number) {
                 let rule = SeccompRule::new(conditions.clone())
-                    .map_err(|e| Error::new(format!("seccomp rule for {name}: {e}")))?;
+                    .map_err(|e| Error::invalid(format!("seccomp rule for {name}: {e}")))?;
                 self.by_syscall.entry(number).or_default().push(rule);
             }
         }
@@ -77,7 +77,7 @@ impl Rules {
 
 /// Compiles a profile into the filters to install, in order.
 pub(crate) fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| Error::new(format!("seccomp: {e}")))?;
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| Error::invalid(format!("seccomp: {e}")))?;
     let default_errno = profile.default_errno_ret().unwrap_or(libc::EPERM as u32);
     let default = action(profile.default_action(), profile.default_errno_ret(), default_errno)?;
     // Rules grouped by their action; allow first.
@@ -106,8 +106,8 @@ pub(crate) fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>> {
         } else {
             SeccompFilter::new(rules.by_syscall, SeccompAction::Allow, group_action, arch)
         };
-        let filter = filter.map_err(|e| Error::new(format!("seccomp filter: {e}")))?;
-        programs.push(BpfProgram::try_from(filter).map_err(|e| Error::new(format!("seccomp filter: {e}")))?);
+        let filter = filter.map_err(|e| Error::invalid(format!("seccomp filter: {e}")))?;
+        programs.push(BpfProgram::try_from(filter).map_err(|e| Error::invalid(format!("seccomp filter: {e}")))?);
     }
     Ok(programs)
 }
@@ -115,7 +115,7 @@ pub(crate) fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>> {
 /// Installs the filters on the calling thread (init and exec-in are single-threaded).
 pub(crate) fn install(programs: &[BpfProgram]) -> Result<()> {
     for program in programs {
-        seccompiler::apply_filter(program).map_err(|e| Error::new(format!("install seccomp filter: {e}")))?;
+        seccompiler::apply_filter(program).map_err(|e| Error::invalid(format!("install seccomp filter: {e}")))?;
     }
     Ok(())
 }

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Context, Error};
+
 /// Everything `cri-systemd init <spec.json>` needs to set a container up and exec its entrypoint.
 ///
 /// The daemon writes it (e.g. to `<container dir>/init.json`) before starting the container's
@@ -78,10 +80,9 @@ pub struct OverlayRootfs {
 
 impl InitSpec {
     /// Reads and parses the spec file.
-    pub fn load(path: &Path) -> Result<InitSpec, String> {
-        let text =
-            std::fs::read(path).map_err(|e| format!("read init spec {}: {}", path.display(), crate::io_desc(&e)))?;
-        serde_json::from_slice(&text).map_err(|e| format!("parse init spec {}: {e}", path.display()))
+    pub fn load(path: &Path) -> crate::Result<InitSpec> {
+        let text = std::fs::read(path).ctx(|| format!("read init spec {}", path.display()))?;
+        serde_json::from_slice(&text).map_err(|source| Error::ParseSpec { path: path.to_path_buf(), source })
     }
 
     /// Writes the spec as JSON to `path` (what the daemon does before starting the unit).

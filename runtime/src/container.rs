@@ -614,7 +614,7 @@ fn localhost_seccomp(path: &Path, caps: &[String]) -> Result<serde_json::Value, 
     }
     let text = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
     let profile = crate::seccomp_profile::localhost(&text, caps).map_err(invalid)?;
-    init::check_seccomp(&profile).map_err(invalid)?;
+    init::check_seccomp(&profile).map_err(|e| invalid(e.to_string()))?;
     Ok(profile)
 }
 

@@ -474,7 +474,7 @@ impl Runtime {
         } else if hugepages_changed {
             // Created: init applies what its spec says at the start.
             let path = self.container_dir(&record.id).join("init.json");
-            let mut init = InitSpec::load(&path).map_err(Error::FailedPrecondition)?;
+            let mut init = InitSpec::load(&path).map_err(|e| Error::FailedPrecondition(e.to_string()))?;
             init.hugepage_limits = resources.hugepage_limits.clone();
             init.save(&path).map_err(Error::io("cannot write the init spec"))?;
         }
