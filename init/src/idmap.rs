@@ -7,7 +7,7 @@
 //! namespace kept through an open fd), before it enters any namespace: the child must not become
 //! PID 1 of the container's PID namespace, and init's /proc must show it.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -208,30 +208,9 @@ fn reap(child: Pid) {
 /// mount_setattr(MOUNT_ATTR_IDMAP) on a detached mount `tree` (from open_tree(OPEN_TREE_CLONE)):
 /// the mapping of `userns` applies to the mount (and, with `recursive`, to its submounts).
 pub(crate) fn idmap_tree(tree: &OwnedFd, userns: &OwnedFd, recursive: bool) -> Result<()> {
-    #[repr(C)]
-    struct MountAttr {
-        attr_set: u64,
-        attr_clr: u64,
-        propagation: u64,
-        userns_fd: u64,
-    }
-    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-    let attr =
-        MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
     let flags = libc::AT_EMPTY_PATH as libc::c_uint | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
-    // SAFETY: a valid fd, an empty NUL-terminated path (AT_EMPTY_PATH) and a mount_attr of the
-    // size passed, all alive for the duration of the call; the kernel only reads them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            flags,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    Errno::result(rc).map(drop).ctx(|| "set the id mapping (mount_setattr MOUNT_ATTR_IDMAP)".into())
+    crate::mount_setattr::mount_setattr(tree.as_fd(), c"", flags, libc::MOUNT_ATTR_IDMAP, Some(userns.as_fd()))
+        .ctx(|| "set the id mapping (mount_setattr MOUNT_ATTR_IDMAP)".into())
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ mod error;
 pub mod exec_in;
 pub mod hugetlb;
 mod idmap;
+mod mount_setattr;
 mod namespaces;
 mod notify;
 pub mod pod_init;

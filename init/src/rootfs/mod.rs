@@ -31,6 +31,11 @@ use resolve::clean;
 pub(crate) use pivot::{create_cwd, mask_path, readonly_path, remount_root_readonly};
 pub(crate) use resolve::open_in_root;
 
+/// A rustix error as nix's, which the rest of init uses.
+fn nix_errno(e: rustix::io::Errno) -> nix::errno::Errno {
+    nix::errno::Errno::from_raw(e.raw_os_error())
+}
+
 /// The host uid and gid of the container's root when it runs in a user namespace: what init
 /// creates in the container's tree (mount points, devices, the working directory) is owned by
 /// them, as it would be had root of the namespace made it. Set once, by `setup` (init is a

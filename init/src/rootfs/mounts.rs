@@ -2,7 +2,7 @@
 //! their remounts (read-only, locked flags kept), and the propagation of the rootfs's parent.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -11,12 +11,14 @@ use nix::fcntl::OFlag;
 use nix::mount::{MsFlags, mount};
 use nix::sys::stat::Mode;
 use oci_spec::runtime::Mount;
+use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
 use crate::idmap::{self, Mappings};
 use crate::namespaces::Plan;
 use crate::{Context, Error, Result};
 
 use super::cgroupfs::mount_cgroup;
+use super::nix_errno;
 use super::options::parse_options;
 use super::resolve::{at, clean, create_file, mkdir_all, open_in_root};
 
@@ -45,17 +47,16 @@ pub(super) fn clone_bind_source(spec: &oci_spec::runtime::Spec, m: &Mount, plan:
     let path = std::fs::canonicalize(source).ctx(|| format!("bind mount source {} for {dest}", source.display()))?;
     let is_dir = std::fs::metadata(&path).ctx(|| format!("bind mount source {}", path.display()))?.is_dir();
     let recursive = m.options().as_deref().unwrap_or_default().iter().any(|o| o == "rbind");
-    const OPEN_TREE_CLONE: libc::c_uint = 1;
-    let flags = OPEN_TREE_CLONE
-        | libc::O_CLOEXEC as libc::c_uint
-        | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::new(format!("bind mount source for {dest} contains NUL")))?;
-    // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
-    let fd = Errno::result(fd).ctx(|| format!("clone bind mount source {} for {dest}", path.display()))?;
-    // SAFETY: open_tree returned a new fd that nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(Error::new(format!("bind mount source for {dest} contains NUL")));
+    }
+    let tree = rustix::mount::open_tree(rustix::fs::CWD, &path, flags)
+        .map_err(nix_errno)
+        .ctx(|| format!("clone bind mount source {} for {dest}", path.display()))?;
     if let Some(mappings) = idmap::mount_mappings(spec, m)? {
         let userns = plan
             .idmaps
@@ -70,20 +71,8 @@ pub(super) fn clone_bind_source(spec: &oci_spec::runtime::Spec, m: &Mount, plan:
 
 /// move_mount of a detached tree onto `target` (an fd of the mount point).
 pub(super) fn attach(tree: &OwnedFd, target: &OwnedFd) -> nix::Result<()> {
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
-    // SAFETY: two valid fds and empty NUL-terminated paths, alive during the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            target.as_raw_fd(),
-            c"".as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-        )
-    };
-    Errno::result(rc).map(drop)
+    let flags = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH;
+    rustix::mount::move_mount(tree, c"", target, c"", flags).map_err(nix_errno)
 }
 
 pub(super) fn mount_one(rootfd: &OwnedFd, m: &Mount, source: Option<BindSource>, plan: &Plan) -> Result<()> {
@@ -223,29 +212,9 @@ pub(super) fn statvfs_flags(path: &str) -> nix::Result<MsFlags> {
 
 /// mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY): the mount at `target` and all its submounts.
 pub(super) fn set_readonly_recursive(target: &str) -> nix::Result<()> {
-    #[repr(C)]
-    struct MountAttr {
-        attr_set: u64,
-        attr_clr: u64,
-        propagation: u64,
-        userns_fd: u64,
-    }
-    const MOUNT_ATTR_RDONLY: u64 = 0x1;
-    let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
     let path = CString::new(target).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: a NUL-terminated path and a mount_attr struct of the size passed, both alive for
-    // the duration of the call; the kernel only reads them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::AT_RECURSIVE as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    Errno::result(rc).map(drop)
+    let recursive = libc::AT_RECURSIVE as libc::c_uint;
+    crate::mount_setattr::mount_setattr(rustix::fs::CWD, &path, recursive, libc::MOUNT_ATTR_RDONLY, None)
 }
 
 pub(super) fn flag_names(flags: MsFlags) -> String {

@@ -1,8 +1,8 @@
 //! The overlay root file system: mount(2) when its options fit a page, else the new mount API
 //! (fsopen/fsconfig), and idmapped lower dirs staged as detached mounts.
 
-use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -10,12 +10,14 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags};
 
 use crate::idmap::{self, Mappings};
 use crate::namespaces::Plan;
 use crate::{Context, Error, OverlayRootfs, Result, errno_desc};
 
 use super::mounts::attach;
+use super::nix_errno;
 
 /// mount(2) copies its data argument into one page: longer overlay options need the new mount API.
 const MOUNT_DATA_MAX: usize = 4096 - 1;
@@ -146,20 +148,8 @@ pub(super) fn stage_and_mount_overlay(overlay: &OverlayRootfs, trees: &[OwnedFd]
 
 /// open_tree(OPEN_TREE_CLONE) of `path`: a detached copy of the mount there (not its submounts).
 pub(super) fn open_tree_clone(path: &Path) -> nix::Result<OwnedFd> {
-    const OPEN_TREE_CLONE: libc::c_uint = 1;
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: a NUL-terminated path alive during the call; returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-        )
-    };
-    let fd = Errno::result(fd)?;
-    // SAFETY: open_tree returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    let flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    rustix::mount::open_tree(rustix::fs::CWD, path, flags).map_err(nix_errno)
 }
 
 /// The new mount API: one `lowerdir+` per layer (Linux >= 6.8), no page limit on the options.
@@ -173,34 +163,14 @@ pub(super) fn mount_overlay_fsconfig(
     shown: &Path,
     too_long: bool,
 ) -> Result<()> {
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
     let layers = overlay.lowerdirs.len();
 
-    // SAFETY: a NUL-terminated file system name; the kernel returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) };
-    let fd = Errno::result(fd).ctx(|| "fsopen overlay".into())?;
-    // SAFETY: fsopen returned a new fd that nothing else owns.
-    let fsfd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let fsfd = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(nix_errno)
+        .ctx(|| "fsopen overlay".into())?;
 
     let set = |key: &str, value: &OsStr| -> nix::Result<()> {
-        let key = CString::new(key).map_err(|_| Errno::EINVAL)?;
-        let value = CString::new(value.as_bytes()).map_err(|_| Errno::EINVAL)?;
-        // SAFETY: a valid fs context fd and two NUL-terminated strings alive during the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                fsfd.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                key.as_ptr(),
-                value.as_ptr(),
-                0 as libc::c_int,
-            )
-        };
-        Errno::result(rc).map(drop)
+        rustix::mount::fsconfig_set_string(&fsfd, key, value).map_err(nix_errno)
     };
     let log = |fsfd: &OwnedFd| fs_context_log(fsfd);
 
@@ -227,39 +197,18 @@ pub(super) fn mount_overlay_fsconfig(
     set("workdir", overlay.workdir.as_os_str()).map_err(|e| {
         Error::new(format!("overlay rootfs: workdir {}: {}{}", overlay.workdir.display(), errno_desc(e), log(&fsfd)))
     })?;
-    // SAFETY: a valid fs context fd; no key or value for FSCONFIG_CMD_CREATE.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fsfd.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_void>(),
-            0 as libc::c_int,
-        )
-    };
-    Errno::result(rc).map_err(|e| {
+    rustix::mount::fsconfig_create(&fsfd).map_err(nix_errno).map_err(|e| {
         Error::new(format!("create overlay rootfs ({layers} lower dirs): {}{}", errno_desc(e), log(&fsfd)))
     })?;
-    // SAFETY: a valid, created fs context fd; returns a new mount fd or -1.
-    let rc = unsafe { libc::syscall(libc::SYS_fsmount, fsfd.as_raw_fd(), FSMOUNT_CLOEXEC, 0 as libc::c_uint) };
-    let mfd = Errno::result(rc).ctx(|| "fsmount overlay rootfs".into())?;
-    // SAFETY: fsmount returned a new fd that nothing else owns.
-    let mfd = unsafe { OwnedFd::from_raw_fd(mfd as libc::c_int) };
-    let target_c = CString::new(target.as_os_str().as_bytes()).map_err(|_| Error::new("rootfs path contains NUL"))?;
-    // SAFETY: a valid mount fd with an empty path (MOVE_MOUNT_F_EMPTY_PATH) and a NUL-terminated
-    // target path, alive during the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            mfd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            target_c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    Errno::result(rc).ctx(|| format!("move overlay rootfs to {}", shown.display()))?;
+    let mfd = rustix::mount::fsmount(&fsfd, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())
+        .map_err(nix_errno)
+        .ctx(|| "fsmount overlay rootfs".into())?;
+    if target.as_os_str().as_bytes().contains(&0) {
+        return Err(Error::new("rootfs path contains NUL"));
+    }
+    rustix::mount::move_mount(&mfd, c"", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(nix_errno)
+        .ctx(|| format!("move overlay rootfs to {}", shown.display()))?;
     Ok(())
 }
 
