@@ -1,20 +1,7 @@
-//! Hugepage limits (CRI `hugepage_limits`) through the kernel's hugetlb controller, which
-//! systemd 252 does not manage (no unit property, and it never places units in a v1 hugetlb
-//! hierarchy). Used by init (the limits are in place before the entrypoint runs: `init/src/hugetlb.rs`), by
-//! UpdateContainerResources (live changes) and by removals (v1 directories are ours to delete).
-//!
-//! - cgroup v1 (a hierarchy with the `hugetlb` controller mounted): the container's cgroup is
-//!   created there at the same relative path as its unit's cgroup in the other hierarchies,
-//!   `hugetlb.<size>.limit_in_bytes` is written, and init writes itself into it before it forks
-//!   the entrypoint (exec-in joins every hierarchy of the main process, this one included).
-//! - cgroup v2, pure or the unified hierarchy of a hybrid node whose v1 mounts do not take
-//!   hugetlb: the controller is enabled in `cgroup.subtree_control` of every ancestor of the
-//!   unit's cgroup (as runc's systemd driver does for controllers systemd does not know; systemd
-//!   only writes the controllers it knows there, so it never takes it away), then
-//!   `hugetlb.<size>.max` is written in the unit's cgroup, which systemd creates and removes.
-//!
-//! The reservation limits (`rsvd`, Linux 5.7+) get the same value when the kernel has them, as
-//! runc does: with them a mapping beyond the limit fails at mmap rather than at the first touch.
+//! Hugepage limits (CRI `hugepage_limits`), the daemon's side: page sizes checked at
+//! CreateContainer, live changes by UpdateContainerResources, and the removal of a container's v1
+//! hugetlb cgroup (ours to delete). init applies the limits before the entrypoint runs; how, on
+//! cgroup v1 and v2, is in `init/src/hugetlb.rs`, whose hierarchy lookup and writes this reuses.
 
 use std::path::Path;
 
