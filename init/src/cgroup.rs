@@ -20,7 +20,7 @@ use crate::{Error, Result};
 /// Controllers systemd never puts a unit's processes in on cgroup v1.
 const UNMANAGED: &[&str] = &["cpuacct", "freezer", "net_cls", "net_prio", "perf_event", "rdma", "misc"];
 
-/// The path of the systemd unit's cgroup in a /proc/<pid>/cgroup text: the `name=systemd`
+/// The path of the systemd unit's cgroup in a `/proc/<pid>/cgroup` text: the `name=systemd`
 /// hierarchy on cgroup v1 (hybrid), the unified `0::` one otherwise.
 pub fn systemd_cgroup(cgroups: &str) -> Option<String> {
     let path = |line: &str| line.splitn(3, ':').nth(2).map(str::to_string);

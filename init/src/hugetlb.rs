@@ -94,7 +94,7 @@ fn write(path: &Path, value: &str) -> Result<()> {
         .map_err(|source| Error::File { what: format!("cannot write {value:?} to {}", path.display()), source })
 }
 
-/// Applies `limits` to the cgroup at `relative` (a unit's cgroup path, as in /proc/<pid>/cgroup),
+/// Applies `limits` to the cgroup at `relative` (a unit's cgroup path, as in `/proc/<pid>/cgroup`),
 /// creating it on cgroup v1; `join`: also moves these processes into it on v1 (on v2 they are in
 /// the unit's cgroup already).
 pub fn apply_at(limits: &[HugepageLimit], relative: &str, join: &[u32]) -> Result<()> {
