@@ -101,6 +101,12 @@ impl<T> Context<T> for std::result::Result<T, Errno> {
     }
 }
 
+impl<T> Context<T> for std::result::Result<T, rustix::io::Errno> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::Sys { what: what(), source: Errno::from_raw(e.raw_os_error()) })
+    }
+}
+
 impl<T> Context<T> for std::result::Result<T, std::io::Error> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Io { what: what(), source })

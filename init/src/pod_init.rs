@@ -214,18 +214,9 @@ fn isolate() -> Result<()> {
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) };
     Errno::result(rc).ctx(|| "clear ambient capabilities".into())?;
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let data = [0u32; 6];
-    // SAFETY: a version-3 header and the two (all-zero) data structs of three u32 that version
-    // takes, alive during the call; the kernel only reads the data.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
-    Errno::result(rc).ctx(|| "drop capabilities (capset)".into())?;
+    let none = rustix::thread::CapabilitySet::empty();
+    let sets = rustix::thread::CapabilitySets { effective: none, permitted: none, inheritable: none };
+    rustix::thread::set_capabilities(None, sets).ctx(|| "drop capabilities (capset)".into())?;
     nix::sys::prctl::set_no_new_privs().ctx(|| "set no_new_privs".into())?;
     nix::sys::prctl::set_dumpable(false).ctx(|| "make the process not dumpable".into())?;
     Ok(())

@@ -458,34 +458,16 @@ fn drop_bounding(caps: &LinuxCapabilities, last_cap: u32) -> Result<()> {
 
 /// Sets the effective, permitted, inheritable and ambient sets exactly as in the spec.
 fn set_caps(caps: &LinuxCapabilities, last_cap: u32) -> Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut data = [Data::default(); 2];
-    for cap in numbers(caps.effective().as_ref(), last_cap) {
-        data[(cap / 32) as usize].effective |= 1 << (cap % 32);
-    }
-    for cap in numbers(caps.permitted().as_ref(), last_cap) {
-        data[(cap / 32) as usize].permitted |= 1 << (cap % 32);
-    }
-    for cap in numbers(caps.inheritable().as_ref(), last_cap) {
-        data[(cap / 32) as usize].inheritable |= 1 << (cap % 32);
-    }
-    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    // SAFETY: a version-3 header and the two data structs that version takes, alive during the
-    // call; the kernel only reads the data.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
-    Errno::result(rc).ctx(|| "set capabilities (capset)".into())?;
+    let set = |caps: Option<&HashSet<Capability>>| {
+        let bits = numbers(caps, last_cap).into_iter().fold(0u64, |bits, cap| bits | 1 << cap);
+        rustix::thread::CapabilitySet::from_bits_retain(bits)
+    };
+    let sets = rustix::thread::CapabilitySets {
+        effective: set(caps.effective().as_ref()),
+        permitted: set(caps.permitted().as_ref()),
+        inheritable: set(caps.inheritable().as_ref()),
+    };
+    rustix::thread::set_capabilities(None, sets).ctx(|| "set capabilities (capset)".into())?;
 
     prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0)
         .ctx(|| "clear ambient capabilities".into())?;
