@@ -1,4 +1,4 @@
-//! `cri-systemd init <spec.json>` (runtime::init) driven as the daemon drives it: one transient
+//! `cri-systemd init <spec.json>` (the `init` crate) driven as the daemon drives it: one transient
 //! `Type=notify` unit per container, in a pod slice, in a throwaway systemd node, with a busybox
 //! rootfs as the overlay's lower dir. Containers write what they see to a bind-mounted `out/`.
 
