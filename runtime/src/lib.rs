@@ -14,8 +14,12 @@ mod error;
 mod events;
 mod exec;
 pub mod exit_record;
+#[cfg(test)]
+mod fake_systemd;
 mod hugetlb;
 pub mod init;
+#[cfg(test)]
+mod lifecycle_tests;
 mod logs;
 mod namespaces;
 mod passwd;
@@ -54,7 +58,7 @@ pub(crate) use stdio::ContainerStdio;
 pub use store::Quarantined;
 pub use store::tighten_modes;
 pub use streaming::{StreamError, StreamingRuntime, Streams, TerminalSize};
-pub use systemd::{ManagerInfo, Systemd};
+pub use systemd::{ManagerInfo, Systemd, UnitManager, UnitProperties};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
 /// Where the runtime keeps its state.
@@ -79,7 +83,8 @@ pub struct RuntimeConfig {
 #[derive(Debug)]
 pub struct Runtime {
     config: RuntimeConfig,
-    systemd: Arc<Systemd>,
+    /// systemd's unit manager ([`Systemd`] in the daemon; a fake in unit tests).
+    systemd: Arc<dyn UnitManager>,
     /// Pod networking: the CNI plugins, the result cache, the pod CIDRs.
     cni: cni::Cni,
     pods: Mutex<BTreeMap<String, Arc<Entry<Pod>>>>,
@@ -121,7 +126,7 @@ impl<T: Clone> Entry<T> {
 }
 
 impl Runtime {
-    pub fn systemd(&self) -> &Arc<Systemd> {
+    pub fn systemd(&self) -> &Arc<dyn UnitManager> {
         &self.systemd
     }
 

@@ -16,7 +16,7 @@ use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState, init_unit_name};
 use crate::store::{new_id, read_json, write_json};
 use crate::userns::{self, IdRange, IdRanges, PodUserns, UsernsMode};
-use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, Systemd, podfiles};
+use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, UnitManager, podfiles};
 
 /// The size of a pod's /dev/shm, the kubelet's default.
 const SHM_SIZE: &str = "size=65536k";
@@ -34,7 +34,7 @@ pub struct PodFilter {
 impl Runtime {
     /// Opens the runtime: reads every pod record, rolls half-done operations of a daemon that
     /// died forward or back, and marks pods whose namespaces are gone (after a reboot) NotReady.
-    pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
+    pub async fn open(config: RuntimeConfig, systemd: Arc<dyn UnitManager>) -> Result<Runtime, Error> {
         // Before anything is spawned (CNI plugins on recovery): the stored descriptors are not
         // close-on-exec until taken.
         let stored = crate::stdio::Stored::take();

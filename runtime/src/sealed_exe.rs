@@ -73,3 +73,9 @@ pub fn path() -> Result<&'static Path, Error> {
         Error::FailedPrecondition("the daemon's binary is not sealed (sealed_exe::seal was not called at start)".into())
     })
 }
+
+/// Unit tests start units only in a fake systemd: any path stands for the sealed binary.
+#[cfg(test)]
+pub(crate) fn set_for_tests() {
+    let _ = SEALED.set(PathBuf::from("/nonexistent/cri-systemd"));
+}
