@@ -46,7 +46,7 @@ pub use container::{
     Propagation, Resources, RootfsLayers, Seccomp, parse_cpu_list,
 };
 pub use containers::ContainerFilter;
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::ExecSyncOutput;
 // The daemon's ends of containers' stdio: reached from outside only through StreamingRuntime.

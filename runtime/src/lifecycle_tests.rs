@@ -214,7 +214,7 @@ async fn create_container_failing_after_its_files_were_made_leaves_no_record() {
     // container's directory and writable layer exist, cannot be.
     let no_command = ContainerSpec { args: vec![], image: ContainerImage::default(), ..container("c") };
     let error = node.runtime.create_container(&pod, no_command, node.layers()).await.unwrap_err();
-    assert!(matches!(error, Error::InvalidArgument(ref m) if m.contains("no command")), "{error}");
+    assert!(matches!(error, Error::InvalidSpec(ref m) if m.contains("no command")), "{error}");
     assert!(node.container_dirs().is_empty(), "left: {:?}", node.container_dirs());
     assert!(node.runtime.containers(&ContainerFilter::default()).is_empty());
     // Its name and attempt are free again.
@@ -227,7 +227,7 @@ async fn create_container_refuses_a_pod_that_is_not_ready_and_keeps_nothing() {
     let pod = node.ready_pod("h").await;
     node.runtime.stop_pod(&pod).await.unwrap();
     let error = node.runtime.create_container(&pod, container("c"), node.layers()).await.unwrap_err();
-    assert!(matches!(error, Error::FailedPrecondition(_)), "{error}");
+    assert!(matches!(error, Error::PodNotReady { .. }), "{error}");
     assert!(node.container_dirs().is_empty(), "left: {:?}", node.container_dirs());
 }
 
@@ -239,7 +239,7 @@ async fn a_failed_start_leaves_the_container_exited_with_start_error_and_no_unit
     let unit = format!("cri-{id}.service");
     node.systemd.fail("start", &unit);
     let error = node.runtime.start_container(&id).await.unwrap_err();
-    assert!(matches!(error, Error::FailedPrecondition(_)), "{error}");
+    assert!(matches!(error, Error::StartFailed { .. }), "{error}");
     let record = node.runtime.container(&id).unwrap();
     assert_eq!((record.state, record.reason.as_str(), record.exit_code), (ContainerState::Exited, "StartError", 128));
     assert!(node.systemd.calls().contains(&Call::ResetFailed(unit.clone())));
@@ -260,7 +260,7 @@ async fn a_container_removal_that_failed_is_finished_at_restart() {
     let node = node.restart().await;
     assert!(node.systemd.calls().contains(&Call::Stop(unit.clone())), "{:?}", node.systemd.calls());
     assert!(node.container_dirs().is_empty(), "left: {:?}", node.container_dirs());
-    assert!(matches!(node.runtime.container(&id), Err(Error::NotFound(_))));
+    assert!(matches!(node.runtime.container(&id), Err(Error::ContainerNotFound { .. })));
     // The pod itself is untouched.
     assert_eq!(node.runtime.pod(&pod).unwrap().state, PodState::Ready);
 }
@@ -292,7 +292,7 @@ async fn removing_a_running_container_kills_and_stops_its_unit() {
     assert!(calls.contains(&kill), "{calls:?}");
     assert!(!node.systemd.is_loaded(&unit));
     assert!(node.container_dirs().is_empty(), "left: {:?}", node.container_dirs());
-    assert!(matches!(node.runtime.container(&id), Err(Error::NotFound(_))));
+    assert!(matches!(node.runtime.container(&id), Err(Error::ContainerNotFound { .. })));
 }
 
 #[tokio::test]

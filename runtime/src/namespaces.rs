@@ -16,6 +16,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
 use crate::userns::IdRange;
 
 /// The namespaces a pod shares among its containers, each pinned at a path.
@@ -330,21 +331,21 @@ fn namespace_child(
 }
 
 /// Unpins the namespaces (they die with their last user) and removes the pin files. Missing pins
-/// are fine; every pin is tried, and the errors are reported together.
-pub fn release(pins: &PodNamespaces) -> Result<(), String> {
+/// are fine; every pin is tried, and every failure is returned (none: all released).
+pub(crate) fn release(pins: &PodNamespaces) -> Vec<Error> {
     let mut errors = Vec::new();
     for pin in pins.pins() {
         match nix::mount::umount2(pin, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => errors.push(format!("unmount {}: {e}", pin.display())),
+            Err(e) => errors.push(Error::Io { what: format!("unmount {}", pin.display()), source: e.into() }),
         }
         match std::fs::remove_file(pin) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("remove {}: {e}", pin.display())),
+            Err(e) => errors.push(Error::Io { what: format!("remove {}", pin.display()), source: e }),
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+    errors
 }
 
 /// Whether `pin` still holds a namespace (it is gone after a reboot, with /run).

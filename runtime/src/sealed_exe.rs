@@ -69,9 +69,7 @@ pub fn seal(run_root: &Path) -> Result<PathBuf, Error> {
 
 /// The sealed binary, for ExecStart/ExecStopPost and exec-in.
 pub fn path() -> Result<&'static Path, Error> {
-    SEALED.get().map(PathBuf::as_path).ok_or_else(|| {
-        Error::FailedPrecondition("the daemon's binary is not sealed (sealed_exe::seal was not called at start)".into())
-    })
+    SEALED.get().map(PathBuf::as_path).ok_or(Error::NotSealed)
 }
 
 /// Unit tests start units only in a fake systemd: any path stands for the sealed binary.

@@ -76,6 +76,24 @@ pub enum CniError {
     BadCacheEntry { path: PathBuf, reason: String },
 }
 
+impl CniError {
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            // The node's network is not set up (yet): the kubelet waits for NetworkReady.
+            CniError::NotReady(_) | CniError::PluginNotFound { .. } => K::FailedPrecondition,
+            // CNI error code 11: "try again later".
+            CniError::Plugin { code: 11, .. } => K::Unavailable,
+            // Failures of another program (the plugin), not of this daemon.
+            CniError::Plugin { .. }
+            | CniError::Failed { .. }
+            | CniError::Timeout { .. }
+            | CniError::BadResult { .. } => K::External,
+            CniError::Spawn { .. } | CniError::Cache { .. } | CniError::BadCacheEntry { .. } => K::Internal,
+        }
+    }
+}
+
 /// What one pod brings to its ADD.
 #[derive(Debug, Clone)]
 pub(crate) struct Attachment {
@@ -169,7 +187,7 @@ impl Cni {
     /// Sets the pod CIDRs (comma-separated; empty clears them) that ADDs pass as
     /// `runtimeConfig.ipRanges`. Bad input changes nothing.
     pub(crate) fn set_pod_cidrs(&self, text: &str) -> Result<Vec<String>, Error> {
-        let cidrs = capabilities::parse_pod_cidrs(text).map_err(Error::InvalidArgument)?;
+        let cidrs = capabilities::parse_pod_cidrs(text).map_err(Error::InvalidSpec)?;
         let mut current = self.pod_cidrs.write().expect("pod CIDR lock");
         if *current != cidrs {
             write_json(&self.pod_cidrs_file, &PodCidrs { pod_cidrs: cidrs.clone() })
@@ -534,7 +552,7 @@ mod tests {
         let fixture = Fixture::new();
         fixture.cni.set_pod_cidrs("10.244.3.0/24,fd00:3::/64").unwrap();
         let err = fixture.cni.set_pod_cidrs("10.244.3.1/24").unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(matches!(err, Error::InvalidSpec(_)), "{err}");
         let reopened = Cni::open(fixture.cni.config.clone(), &fixture.dir.path().join("state"));
         assert_eq!(reopened.pod_cidrs(), vec!["10.244.3.0/24", "fd00:3::/64"]);
         reopened.set_pod_cidrs("").unwrap();
