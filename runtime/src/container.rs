@@ -618,7 +618,7 @@ fn localhost_seccomp(path: &Path, caps: &[String]) -> Result<serde_json::Value, 
         return Err(invalid("not an absolute path".into()));
     }
     let text = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
-    let profile = crate::seccomp_profile::localhost(&text, caps).map_err(invalid)?;
+    let profile = crate::seccomp_profile::localhost(&text, caps).map_err(|e| invalid(e.to_string()))?;
     crate::init::check_seccomp(&profile).map_err(invalid)?;
     Ok(profile)
 }

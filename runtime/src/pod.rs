@@ -139,7 +139,7 @@ impl PodSpec {
             )));
         }
         for (key, _) in &self.sysctls {
-            let (namespace, _) = crate::namespaces::sysctl_file(key).map_err(Error::InvalidSpec)?;
+            let (namespace, _) = crate::namespaces::sysctl_file(key)?;
             let (kind, mode) = match namespace {
                 crate::namespaces::SysctlNamespace::Network => ("network", self.network),
                 crate::namespaces::SysctlNamespace::Ipc => ("IPC", self.ipc),
@@ -154,9 +154,9 @@ impl PodSpec {
             for (field, value) in
                 [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)]
             {
-                crate::cni::check_cni_arg(field, value).map_err(Error::InvalidSpec)?;
+                crate::cni::check_cni_arg(field, value)?;
             }
-            crate::cni::capability_args(&self.port_mappings, &self.annotations, &[]).map_err(Error::InvalidSpec)?;
+            crate::cni::capability_args(&self.port_mappings, &self.annotations, &[])?;
         }
         if self.userns != UsernsMode::Node {
             // The node's namespaces belong to the node's user namespace: a pod in a user
@@ -336,7 +336,7 @@ mod tests {
             }],
             ..spec()
         };
-        assert!(matches!(bad_mapping.validate(), Err(Error::InvalidSpec(_))));
+        assert_eq!(bad_mapping.validate().unwrap_err().kind(), crate::ErrorKind::InvalidArgument);
         let odd_name = PodSpec { name: "a;b".into(), ..spec() };
         assert!(odd_name.validate().unwrap_err().to_string().contains("CNI"));
         // Host-network pods make no CNI call: nothing to check.

@@ -327,8 +327,7 @@ impl Runtime {
                         &pod.spec.port_mappings,
                         &pod.spec.annotations,
                         &self.cni.pod_cidrs(),
-                    )
-                    .map_err(Error::InvalidSpec)?,
+                    )?,
                 };
                 pod.ips = self.cni.add(network, &attachment).await?;
                 self.save(entry, pod.clone())?;
@@ -343,8 +342,7 @@ impl Runtime {
             let (pins, sysctls) = (pod.namespaces.clone(), pod.spec.sysctls.clone());
             tokio::task::spawn_blocking(move || namespaces::apply_sysctls(&pins, &sysctls))
                 .await
-                .map_err(|e| Error::Io { what: "sysctl task".into(), source: std::io::Error::other(e) })?
-                .map_err(Error::InvalidSpec)?;
+                .map_err(|e| Error::Io { what: "sysctl task".into(), source: std::io::Error::other(e) })??;
         }
         let host_network = pod.spec.network == NamespaceMode::Node;
         // In a user namespace the pod's root is the first id of its range: it owns the pod's

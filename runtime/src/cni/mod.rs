@@ -74,6 +74,9 @@ pub enum CniError {
     Cache { path: PathBuf, source: std::io::Error },
     #[error("cni result cache {}: {reason}", .path.display())]
     BadCacheEntry { path: PathBuf, reason: String },
+    /// What the pod would pass to plugins cannot be passed (CNI_ARGS, capability args, pod CIDRs).
+    #[error("{0}")]
+    InvalidArgs(String),
 }
 
 impl CniError {
@@ -90,6 +93,7 @@ impl CniError {
             | CniError::Timeout { .. }
             | CniError::BadResult { .. } => K::External,
             CniError::Spawn { .. } | CniError::Cache { .. } | CniError::BadCacheEntry { .. } => K::Internal,
+            CniError::InvalidArgs(_) => K::InvalidArgument,
         }
     }
 }
@@ -187,7 +191,7 @@ impl Cni {
     /// Sets the pod CIDRs (comma-separated; empty clears them) that ADDs pass as
     /// `runtimeConfig.ipRanges`. Bad input changes nothing.
     pub(crate) fn set_pod_cidrs(&self, text: &str) -> Result<Vec<String>, Error> {
-        let cidrs = capabilities::parse_pod_cidrs(text).map_err(Error::InvalidSpec)?;
+        let cidrs = capabilities::parse_pod_cidrs(text)?;
         let mut current = self.pod_cidrs.write().expect("pod CIDR lock");
         if *current != cidrs {
             write_json(&self.pod_cidrs_file, &PodCidrs { pod_cidrs: cidrs.clone() })
@@ -552,7 +556,7 @@ mod tests {
         let fixture = Fixture::new();
         fixture.cni.set_pod_cidrs("10.244.3.0/24,fd00:3::/64").unwrap();
         let err = fixture.cni.set_pod_cidrs("10.244.3.1/24").unwrap_err();
-        assert!(matches!(err, Error::InvalidSpec(_)), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{err}");
         let reopened = Cni::open(fixture.cni.config.clone(), &fixture.dir.path().join("state"));
         assert_eq!(reopened.pod_cidrs(), vec!["10.244.3.0/24", "fd00:3::/64"]);
         reopened.set_pod_cidrs("").unwrap();
