@@ -263,7 +263,7 @@ impl Cni {
                 Err(reason) => self.fallback_entry(container_id, &path, reason)?,
             };
             let network = NetworkList::from_list(entry.config.clone())
-                .map_err(|reason| CniError::BadCacheEntry { path: path.clone(), reason })?;
+                .map_err(|e| CniError::BadCacheEntry { path: path.clone(), reason: e.to_string() })?;
             let prev_result = if network.del_gets_prev_result() { entry.result.as_ref() } else { None };
             for index in (0..network.plugins.len()).rev() {
                 self.invoke(&network, index, CniCommand::Del, &entry, netns, prev_result).await?;
