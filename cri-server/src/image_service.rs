@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use imagestore::{Credentials, ErrorKind, Image, ImageStore};
+use imagestore::{Credentials, Image, ImageStore};
 use proto::cri::{self, image_service_server::ImageService};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -24,20 +24,7 @@ impl Images {
     }
 }
 
-/// imagestore errors -> gRPC status codes, in one place.
-pub fn image_status(error: imagestore::Error) -> Status {
-    let message = error.to_string();
-    match error.kind() {
-        ErrorKind::NotFound => Status::not_found(message),
-        ErrorKind::InvalidArgument => Status::invalid_argument(message),
-        ErrorKind::Unauthenticated => Status::unauthenticated(message),
-        ErrorKind::PermissionDenied => Status::permission_denied(message),
-        ErrorKind::Unavailable => Status::unavailable(message),
-        ErrorKind::FailedPrecondition => Status::failed_precondition(message),
-        ErrorKind::ResourceExhausted => Status::resource_exhausted(message),
-        ErrorKind::Internal => Status::internal(message),
-    }
-}
+pub use crate::errors::image_status;
 
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.trim()) {

@@ -18,3 +18,6 @@ pub mod pod_translate;
 pub mod runtime_service;
 pub mod server;
 pub mod streaming;
+
+#[cfg(test)]
+mod translate_tests;

@@ -77,10 +77,10 @@ fn resolve_on(
     if let NodeAppArmor::Unavailable(why) = node {
         return match requested {
             AppArmor::Unset | AppArmor::Unconfined => Ok(None),
-            AppArmor::RuntimeDefault => Err(Error::FailedPrecondition(format!(
+            AppArmor::RuntimeDefault => Err(Error::NodeUnsupported(format!(
                 "apparmor profile RuntimeDefault cannot be applied: {why} (ask for Unconfined, or none)"
             ))),
-            AppArmor::Localhost(name) => Err(Error::FailedPrecondition(format!(
+            AppArmor::Localhost(name) => Err(Error::NodeUnsupported(format!(
                 "apparmor profile {name:?} cannot be applied: {why} (ask for Unconfined, or none)"
             ))),
         };
@@ -97,7 +97,7 @@ fn resolve_on(
             check_name(name)?;
             match loaded(name) {
                 Ok(true) => Ok(Some(name.clone())),
-                Ok(false) => Err(Error::FailedPrecondition(format!(
+                Ok(false) => Err(Error::NodeUnsupported(format!(
                     "apparmor profile {name:?} is not loaded on this node (load it with apparmor_parser first)"
                 ))),
                 Err(e) => Err(Error::Io { what: format!("cannot read {PROFILES}"), source: e }),
@@ -109,7 +109,7 @@ fn resolve_on(
 /// A profile name goes into `/proc/self/attr/apparmor/exec` as `exec <name>`: one line, no NUL.
 fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.contains(['\n', '\0']) {
-        return Err(Error::InvalidArgument(format!("apparmor profile name {name:?} is not a valid profile name")));
+        return Err(Error::InvalidSpec(format!("apparmor profile name {name:?} is not a valid profile name")));
     }
     Ok(())
 }
@@ -130,7 +130,7 @@ fn ensure_default_loaded() -> Result<(), Error> {
         return Ok(());
     }
     let failed = |why: String| {
-        Error::FailedPrecondition(format!("cannot load the default apparmor profile {DEFAULT_PROFILE}: {why}"))
+        Error::NodeUnsupported(format!("cannot load the default apparmor profile {DEFAULT_PROFILE}: {why}"))
     };
     // -K: no cache files written on the node; -r: replace (or add).
     let mut child = Command::new("apparmor_parser")
@@ -220,9 +220,9 @@ mod tests {
         assert_eq!(resolve_on(node, &AppArmor::Unset, false, never_loaded, no_load).unwrap(), None);
         assert_eq!(resolve_on(node, &AppArmor::Unconfined, false, never_loaded, no_load).unwrap(), None);
         let e = resolve_on(node, &AppArmor::RuntimeDefault, false, never_loaded, no_load).unwrap_err();
-        assert!(matches!(&e, Error::FailedPrecondition(m) if m.contains("not here")), "{e}");
+        assert!(matches!(&e, Error::NodeUnsupported(m) if m.contains("not here")), "{e}");
         let e = resolve_on(node, &AppArmor::Localhost("p".into()), true, never_loaded, no_load).unwrap_err();
-        assert!(matches!(&e, Error::FailedPrecondition(m) if m.contains("\"p\"")), "{e}");
+        assert!(matches!(&e, Error::NodeUnsupported(m) if m.contains("\"p\"")), "{e}");
     }
 
     #[test]
@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(resolve_on(node, &AppArmor::RuntimeDefault, false, never_loaded, no_load).unwrap(), default);
         assert_eq!(resolve_on(node, &AppArmor::Unset, true, never_loaded, no_load).unwrap(), None);
         assert_eq!(resolve_on(node, &AppArmor::Unconfined, false, never_loaded, no_load).unwrap(), None);
-        let failing_load = || Err(Error::FailedPrecondition("no parser".into()));
+        let failing_load = || Err(Error::NodeUnsupported("no parser".into()));
         assert!(resolve_on(node, &AppArmor::Unset, false, never_loaded, failing_load).is_err());
     }
 
@@ -244,9 +244,9 @@ mod tests {
         let got = resolve_on(node, &AppArmor::Localhost("mine".into()), false, only_mine, no_load).unwrap();
         assert_eq!(got.as_deref(), Some("mine"));
         let e = resolve_on(node, &AppArmor::Localhost("other".into()), false, only_mine, no_load).unwrap_err();
-        assert!(matches!(&e, Error::FailedPrecondition(m) if m.contains("not loaded")), "{e}");
+        assert!(matches!(&e, Error::NodeUnsupported(m) if m.contains("not loaded")), "{e}");
         let e = resolve_on(node, &AppArmor::Localhost("a\nb".into()), false, only_mine, no_load).unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(_)));
+        assert!(matches!(e, Error::InvalidSpec(_)));
     }
 
     #[test]

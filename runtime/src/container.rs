@@ -133,19 +133,18 @@ impl Device {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         check_device_path(container_path)?;
         let permissions = device_permissions(permissions).ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::InvalidSpec(format!(
                 "device {host_path}: permissions {permissions:?} must be a non-empty subset of \"rwm\""
             ))
         })?;
         if !Path::new(host_path).is_absolute() {
-            return Err(Error::InvalidArgument(format!("device host path {host_path:?} is not absolute")));
+            return Err(Error::InvalidSpec(format!("device host path {host_path:?} is not absolute")));
         }
         // metadata follows symlinks (/dev/disk/by-id/... names the device itself).
-        let meta =
-            std::fs::metadata(host_path).map_err(|e| Error::InvalidArgument(format!("device {host_path}: {e}")))?;
+        let meta = std::fs::metadata(host_path).map_err(|e| Error::InvalidSpec(format!("device {host_path}: {e}")))?;
         let kind = meta.file_type();
         if !kind.is_char_device() && !kind.is_block_device() {
-            return Err(Error::InvalidArgument(format!("device {host_path} is not a character or block device node")));
+            return Err(Error::InvalidSpec(format!("device {host_path} is not a character or block device node")));
         }
         let rdev = meta.rdev();
         Ok(Device {
@@ -183,7 +182,7 @@ fn check_device_path(path: &str) -> Result<(), Error> {
     let p = Path::new(path);
     let clean = p.is_absolute() && !p.components().any(|c| matches!(c, std::path::Component::ParentDir));
     if !clean || !p.starts_with("/dev") || p == Path::new("/dev") {
-        return Err(Error::InvalidArgument(format!("device container path {path:?} must be a path under /dev")));
+        return Err(Error::InvalidSpec(format!("device container path {path:?} must be a path under /dev")));
     }
     Ok(())
 }
@@ -192,7 +191,7 @@ fn check_device_path(path: &str) -> Result<(), Error> {
 pub fn parse_cpu_list(list: &str) -> Result<Vec<u32>, Error> {
     // The kernel's limit on CPU numbers (NR_CPUS is at most 8192): larger ones are typos.
     const MAX: u32 = 8192;
-    let bad = || Error::InvalidArgument(format!("cpuset {list:?} is not a list such as \"0-3,6\""));
+    let bad = || Error::InvalidSpec(format!("cpuset {list:?} is not a list such as \"0-3,6\""));
     let mut ids = Vec::new();
     if list.trim().is_empty() {
         return Ok(ids);
@@ -388,18 +387,18 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 impl ContainerSpec {
     pub fn validate(&self) -> Result<(), Error> {
         if self.name.is_empty() {
-            return Err(Error::InvalidArgument("container config has no metadata.name".into()));
+            return Err(Error::InvalidSpec("container config has no metadata.name".into()));
         }
         for mount in &self.mounts {
             check_container_path(&mount.container_path)?;
             if mount.recursive_readonly && (!mount.readonly || mount.propagation != Propagation::Private) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidSpec(format!(
                     "mount at {}: a recursive read-only mount must be read-only with private propagation",
                     mount.container_path
                 )));
             }
             if !mount.host_path.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidSpec(format!(
                     "mount host path {:?} is not absolute",
                     mount.host_path.display()
                 )));
@@ -411,7 +410,7 @@ impl ContainerSpec {
         for device in &self.devices {
             check_device_path(&device.container_path)?;
             if device.node.is_none() || device_permissions(&device.permissions).is_none() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidSpec(format!(
                     "device {} was not resolved with valid permissions",
                     device.host_path.display()
                 )));
@@ -425,14 +424,14 @@ impl ContainerSpec {
             && self.run_as_user.is_none()
             && self.run_as_username.is_empty()
         {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "run_as_group {group} is specified without run_as_user or run_as_username"
             )));
         }
         for cap in self.add_capabilities.iter().chain(&self.drop_capabilities) {
             let name = capability_name(cap);
             if name != "CAP_ALL" && !ALL_CAPABILITIES.contains(&name.as_str()) {
-                return Err(Error::InvalidArgument(format!("unknown capability {cap:?}")));
+                return Err(Error::InvalidSpec(format!("unknown capability {cap:?}")));
             }
         }
         Ok(())
@@ -449,7 +448,7 @@ impl ContainerSpec {
             self.image.entrypoint.iter().chain(&self.image.cmd).cloned().collect()
         };
         if argv.is_empty() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "container {:?} has no command: neither the config nor the image {} gives one",
                 self.name, self.image.name
             )));
@@ -493,7 +492,7 @@ impl ContainerSpec {
         }
         if let Some(uid) = self.run_as_user {
             let uid =
-                u32::try_from(uid).map_err(|_| Error::InvalidArgument(format!("run_as_user {uid} is out of range")))?;
+                u32::try_from(uid).map_err(|_| Error::InvalidSpec(format!("run_as_user {uid} is out of range")))?;
             return passwd::resolve(lowerdirs, &uid.to_string(), group.as_deref(), &extra);
         }
         let (user, image_group) = passwd::split_user(&self.image.user);
@@ -550,14 +549,14 @@ fn capability_name(name: &str) -> String {
 fn check_container_path(path: &str) -> Result<(), Error> {
     let p = Path::new(path);
     if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(Error::InvalidArgument(format!("mount container path {path:?} must be absolute without \"..\"")));
+        return Err(Error::InvalidSpec(format!("mount container path {path:?} must be absolute without \"..\"")));
     }
     Ok(())
 }
 
 /// Id mappings of an idmapped mount: uids and gids together, lines that fit 32 bits.
 fn check_mount_mappings(mount: &BindMount) -> Result<(), Error> {
-    let bad = |why: String| Err(Error::InvalidArgument(format!("mount at {}: {why}", mount.container_path)));
+    let bad = |why: String| Err(Error::InvalidSpec(format!("mount at {}: {why}", mount.container_path)));
     match (mount.uid_mappings.is_empty(), mount.gid_mappings.is_empty()) {
         (true, true) => return Ok(()),
         (false, false) => {}
@@ -608,12 +607,12 @@ pub(crate) struct SpecContext<'a> {
 /// A Localhost profile, read and checked now (at CreateContainer): one that would not compile is
 /// refused here rather than failing every start.
 fn localhost_seccomp(path: &Path, caps: &[String]) -> Result<serde_json::Value, Error> {
-    let invalid = |e: String| Error::InvalidArgument(format!("seccomp profile {}: {e}", path.display()));
+    let invalid = |e: String| Error::InvalidSpec(format!("seccomp profile {}: {e}", path.display()));
     if !path.is_absolute() {
         return Err(invalid("not an absolute path".into()));
     }
     let text = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
-    let profile = crate::seccomp_profile::localhost(&text, caps).map_err(invalid)?;
+    let profile = crate::seccomp_profile::localhost(&text, caps).map_err(|e| invalid(e.to_string()))?;
     init::check_seccomp(&profile).map_err(|e| invalid(e.to_string()))?;
     Ok(profile)
 }
@@ -661,7 +660,7 @@ pub(crate) fn oci_spec(
         // A host path given as a symlink is resolved before it is mounted (here, as root on the
         // host, so that the container cannot swap it later).
         let source = std::fs::canonicalize(&mount.host_path)
-            .map_err(|e| Error::InvalidArgument(format!("mount host path {}: {e}", mount.host_path.display())))?;
+            .map_err(|e| Error::InvalidSpec(format!("mount host path {}: {e}", mount.host_path.display())))?;
         let mut options = vec!["rbind", propagation, if mount.readonly { "ro" } else { "rw" }];
         if mount.recursive_readonly {
             options.push("rro");
@@ -685,7 +684,7 @@ pub(crate) fn oci_spec(
         // The PID namespace of the pod's init process, which all its containers join.
         (NamespaceMode::Pod, Some(pin)) => namespaces.push(serde_json::json!({"type": "pid", "path": pin})),
         (NamespaceMode::Pod, None) => {
-            return Err(Error::FailedPrecondition(format!("pod {} shares a PID namespace but has none", pod.id)));
+            return Err(Error::PodInit(format!("pod {} shares a PID namespace but has none", pod.id)));
         }
     }
     for (kind, pin) in [
@@ -701,10 +700,7 @@ pub(crate) fn oci_spec(
     let userns_mappings = match (&pod.userns, &pod.namespaces.user) {
         (Some(userns), Some(_)) => oci_mappings(&[userns.range.mapping()]),
         (Some(_), None) => {
-            return Err(Error::FailedPrecondition(format!(
-                "pod {} has a user namespace range but no user namespace",
-                pod.id
-            )));
+            return Err(Error::PodInit(format!("pod {} has a user namespace range but no user namespace", pod.id)));
         }
         _ => serde_json::json!([]),
     };
@@ -754,7 +750,7 @@ pub(crate) fn oci_spec(
             "readonlyPaths": readonly,
         },
     });
-    serde_json::from_value(json).map_err(|e| Error::InvalidArgument(format!("cannot build the OCI spec: {e}")))
+    serde_json::from_value(json).map_err(|e| Error::InvalidSpec(format!("cannot build the OCI spec: {e}")))
 }
 
 /// OCI linux.devices: init makes each node in the container's /dev (as the node's root, before it
@@ -829,7 +825,7 @@ pub(crate) fn check_cpuset_on_node(r: &Resources) -> Result<(), Error> {
         let online_text = std::fs::read_to_string(online).unwrap_or_else(|_| "0".into());
         let have = parse_cpu_list(online_text.trim())?;
         if let Some(missing) = wanted.iter().find(|id| !have.contains(id)) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "{what} {list:?} names {missing}, which is not online on this node ({})",
                 online_text.trim()
             )));
@@ -881,7 +877,7 @@ pub fn stop_signal(name: &str) -> Result<i32, Error> {
     let short = upper.strip_prefix("SIG").unwrap_or(&upper);
     let signal: nix::sys::signal::Signal = format!("SIG{short}")
         .parse()
-        .map_err(|_| Error::InvalidArgument(format!("image stop signal {name:?} is not a signal")))?;
+        .map_err(|_| Error::InvalidSpec(format!("image stop signal {name:?} is not a signal")))?;
     Ok(signal as i32)
 }
 
@@ -956,7 +952,7 @@ mod tests {
         let mut none = spec();
         none.image.entrypoint.clear();
         none.image.cmd.clear();
-        assert!(matches!(none.argv(), Err(Error::InvalidArgument(_))));
+        assert!(matches!(none.argv(), Err(Error::InvalidSpec(_))));
     }
 
     #[test]
@@ -996,7 +992,7 @@ mod tests {
     #[test]
     fn a_group_needs_a_user() {
         let group_only = ContainerSpec { run_as_group: Some(1002), ..spec() };
-        assert!(matches!(group_only.validate(), Err(Error::InvalidArgument(_))));
+        assert!(matches!(group_only.validate(), Err(Error::InvalidSpec(_))));
         ContainerSpec { run_as_group: Some(1002), run_as_user: Some(1001), ..spec() }.validate().unwrap();
         ContainerSpec { run_as_group: Some(1002), run_as_username: "www".into(), ..spec() }.validate().unwrap();
     }
@@ -1008,7 +1004,7 @@ mod tests {
         assert_eq!(parse_cpu_list("0-2,5, 9-10").unwrap(), [0, 1, 2, 5, 9, 10]);
         assert_eq!(parse_cpu_list("3,1-3").unwrap(), [1, 2, 3]);
         for bad in ["0-", "-1", "1-0", "a", "0,,1", "+1", "0-99999", "1 2"] {
-            assert!(matches!(parse_cpu_list(bad), Err(Error::InvalidArgument(_))), "{bad:?} was accepted");
+            assert!(matches!(parse_cpu_list(bad), Err(Error::InvalidSpec(_))), "{bad:?} was accepted");
         }
         assert_eq!(cpu_mask(&[]), Vec::<u8>::new());
         assert_eq!(cpu_mask(&[0]), [1]);
@@ -1033,7 +1029,7 @@ mod tests {
             ("/dev/null", "/dev/../x", "r"),
             ("/dev/null", "/dev/x", "rwx"),
         ] {
-            assert!(matches!(Device::resolve(host, container, permissions), Err(Error::InvalidArgument(_))), "{host}");
+            assert!(matches!(Device::resolve(host, container, permissions), Err(Error::InvalidSpec(_))), "{host}");
         }
         let unprivileged = ContainerSpec { devices: vec![null], ..spec() };
         let properties = device_properties(&unprivileged);

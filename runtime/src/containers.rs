@@ -64,8 +64,8 @@ impl Runtime {
             containers.range(id.to_string()..).take_while(|(key, _)| !id.is_empty() && key.starts_with(id));
         match (matches.next(), matches.next()) {
             (Some((_, entry)), None) => Ok(entry.clone()),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!("container id prefix {id:?} is ambiguous"))),
-            (None, _) => Err(Error::NotFound(format!("container {id:?} not found"))),
+            (Some(_), Some(_)) => Err(Error::AmbiguousId { what: "container", prefix: id.to_string() }),
+            (None, _) => Err(Error::ContainerNotFound { id: id.to_string() }),
         }
     }
 
@@ -101,7 +101,7 @@ impl Runtime {
         crate::hugetlb::check(&spec.resources.hugepage_limits)?;
         let pod = self.pod(pod_id)?;
         if pod.state != PodState::Ready {
-            return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
+            return Err(Error::PodNotReady { id: pod.id });
         }
         let entry = {
             let mut containers = self.containers.lock().expect("container table lock");
@@ -110,7 +110,7 @@ impl Runtime {
                 .map(|e| e.get())
                 .find(|c| c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt);
             if let Some(existing) = taken {
-                return Err(Error::AlreadyExists(format!(
+                return Err(Error::ContainerExists(format!(
                     "container {:?} attempt {} already exists in pod {} as {}",
                     spec.name, spec.attempt, pod.id, existing.id
                 )));
@@ -151,7 +151,7 @@ impl Runtime {
         let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> = serde_json::from_value(container::oci_mappings(
             &container::lower_mappings(&pod, self.config.layer_uid_shift),
         ))
-        .map_err(|e| Error::InvalidArgument(format!("cannot build the layers' id mapping: {e}")))?;
+        .map_err(|e| Error::InvalidSpec(format!("cannot build the layers' id mapping: {e}")))?;
         if let Some(userns) = &pod.userns {
             // The writable layer's root is the container's "/": its root user owns it. Only the
             // directory itself: the image layers below are idmapped, never chowned.
@@ -188,14 +188,14 @@ impl Runtime {
         let _guard = entry.operation.clone().lock_owned().await;
         let mut record = entry.get();
         if record.state != ContainerState::Created {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::ContainerState(format!(
                 "container {} is {:?}, not Created: it can be started once",
                 record.id, record.state
             )));
         }
         let pod = self.pod(&record.pod_id)?;
         if pod.state != PodState::Ready {
-            return Err(Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)));
+            return Err(Error::PodNotReady { id: pod.id });
         }
         let dir = self.container_dir(&record.id);
         let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
@@ -241,7 +241,7 @@ impl Runtime {
             // Its PID namespace dies with the pod's init: a stop of the slice stops the
             // containers first (stop order is the reverse of start order).
             if !self.pod_init_running(&pod).await? {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::PodInit(format!(
                     "the init process of pod {} ({init_unit}) is not running: its PID namespace is gone",
                     pod.id
                 )));
@@ -327,7 +327,7 @@ impl Runtime {
                 self.save_container(&entry, record.clone())?;
                 self.emit(&record.id, &record.pod_id, ContainerEventKind::Stopped);
                 let _ = self.systemd.reset_failed_unit(&record.unit).await;
-                Err(Error::FailedPrecondition(format!("cannot start container {}: {message}", record.id)))
+                Err(Error::StartFailed { id: record.id, message })
             }
         }
     }
@@ -338,7 +338,7 @@ impl Runtime {
     pub async fn stop_container(&self, id: &str, timeout_seconds: i64) -> Result<(), Error> {
         let entry = match self.container_entry(id) {
             Ok(entry) => entry,
-            Err(Error::NotFound(_)) => return Ok(()),
+            Err(Error::ContainerNotFound { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
         let _guard = entry.operation.clone().lock_owned().await;
@@ -413,7 +413,7 @@ impl Runtime {
         let _guard = entry.operation.clone().lock_owned().await;
         let mut record = self.refresh(&entry);
         if !matches!(record.state, ContainerState::Created | ContainerState::Running) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::ContainerState(format!(
                 "container {} is {:?}: nothing to update",
                 record.id, record.state
             )));
@@ -455,7 +455,7 @@ impl Runtime {
         if record.state == ContainerState::Running {
             let unified = container::cgroup_unified();
             if !unified && resources.cpuset_mems != record.spec.resources.cpuset_mems {
-                return Err(Error::FailedPrecondition(format!(
+                return Err(Error::NodeUnsupported(format!(
                     "container {}: cpuset_mems cannot change while it runs on cgroup v1 (a NUMA policy set at start)",
                     record.id
                 )));
@@ -474,7 +474,7 @@ impl Runtime {
         } else if hugepages_changed {
             // Created: init applies what its spec says at the start.
             let path = self.container_dir(&record.id).join("init.json");
-            let mut init = InitSpec::load(&path).map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+            let mut init = InitSpec::load(&path).map_err(|e| Error::InitSpec(e.to_string()))?;
             init.hugepage_limits = resources.hugepage_limits.clone();
             init.save(&path).map_err(Error::io("cannot write the init spec"))?;
         }
@@ -487,7 +487,7 @@ impl Runtime {
     pub async fn remove_container(&self, id: &str) -> Result<(), Error> {
         let entry = match self.container_entry(id) {
             Ok(entry) => entry,
-            Err(Error::NotFound(_)) => return Ok(()),
+            Err(Error::ContainerNotFound { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
         let _guard = entry.operation.clone().lock_owned().await;
@@ -617,16 +617,16 @@ impl Runtime {
     pub fn reopen_container_log(&self, id: &str) -> Result<(), Error> {
         let container = self.container(id)?;
         if container.state != ContainerState::Running {
-            return Err(Error::FailedPrecondition(format!("container {} is not running", container.id)));
+            return Err(Error::ContainerState(format!("container {} is not running", container.id)));
         }
         let path = self
             .log_path(&container.id)
-            .ok_or_else(|| Error::FailedPrecondition(format!("container {} has no log path", container.id)))?;
+            .ok_or_else(|| Error::ContainerState(format!("container {} has no log path", container.id)))?;
         match self.output(&container.id) {
             Some(output) => output.reopen(&path).map_err(Error::io(format!("cannot reopen log {}", path.display()))),
             // A terminal's copier opens the file at each write.
             None if container.spec.tty => Ok(()),
-            None => Err(Error::FailedPrecondition(format!(
+            None => Err(Error::ContainerState(format!(
                 "the output of container {} is not read by this daemon (started by an older cri-systemd, \
                  whose journal-based output it keeps)",
                 container.id
@@ -767,7 +767,7 @@ impl Runtime {
         for entry in entries.iter().filter(|e| e.get().pod_id == pod_id) {
             let _guard = entry.operation.clone().lock_owned().await;
             if let Err(e) = self.remove_locked(entry).await {
-                errors.push(e.to_string());
+                errors.push(e);
             }
         }
         if errors.is_empty() {
@@ -883,7 +883,7 @@ fn set_unit_affinity(record: &Container, cpus: &str) -> Result<(), Error> {
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     let ids = if ids.is_empty() { container::parse_cpu_list(online.trim())? } else { ids };
     for id in ids {
-        set.set(id as usize).map_err(|e| Error::InvalidArgument(format!("cpuset_cpus {cpus:?}: cpu {id}: {e}")))?;
+        set.set(id as usize).map_err(|e| Error::InvalidSpec(format!("cpuset_cpus {cpus:?}: cpu {id}: {e}")))?;
     }
     let tasks_file = Path::new("/sys/fs/cgroup/systemd")
         .join(crate::stats::cgroup_path(&record.slice, Some(&record.unit)).trim_start_matches('/'))

@@ -106,24 +106,24 @@ impl Runtime {
     /// with its user, environment, working dir, capabilities and no_new_privs.
     pub(crate) async fn exec(&self, id: &str, request: ExecRequest) -> Result<ExecSession, Error> {
         if request.command.is_empty() {
-            return Err(Error::InvalidArgument("exec needs a command".into()));
+            return Err(Error::InvalidSpec("exec needs a command".into()));
         }
         if request.command.iter().any(|a| a.contains('\0')) {
-            return Err(Error::InvalidArgument("exec command contains a NUL byte".into()));
+            return Err(Error::InvalidSpec("exec command contains a NUL byte".into()));
         }
         if request.command.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_COMMAND_BYTES {
-            return Err(Error::InvalidArgument(format!("exec command is longer than {MAX_COMMAND_BYTES} bytes")));
+            return Err(Error::InvalidSpec(format!("exec command is longer than {MAX_COMMAND_BYTES} bytes")));
         }
         let container = self.container(id)?;
         if container.state != ContainerState::Running {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::ContainerState(format!(
                 "container {} is {:?}, not running: cannot exec in it",
                 container.id, container.state
             )));
         }
         let main_pid = self.systemd.main_pid(&container.unit).await?;
         if main_pid == 0 {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::ContainerState(format!(
                 "container {} is not running: its unit has no main process",
                 container.id
             )));
@@ -185,7 +185,7 @@ impl Runtime {
                 Some((Report::Failed { message, exit_code: None }, _)) => {
                     let _ = session.helper.wait().await;
                     return Err(match self.systemd.main_pid(&container.unit).await {
-                        Ok(0) => Error::FailedPrecondition(format!("container {} stopped: {message}", container.id)),
+                        Ok(0) => Error::ContainerState(format!("container {} stopped: {message}", container.id)),
                         _ => Error::Exec(format!("cannot exec in container {}: {message}", container.id)),
                     });
                 }
@@ -228,7 +228,7 @@ impl Runtime {
             session.kill();
             let _ = tokio::time::timeout(KILL_WAIT, session.wait()).await;
             let (out, err) = (stdout.finish(OUTPUT_DRAIN).await, stderr.finish(OUTPUT_DRAIN).await);
-            return Err(Error::DeadlineExceeded(format!(
+            return Err(Error::ExecTimeout(format!(
                 "command {command:?} in container {id} timed out after {}s and was killed; output so far: stdout {:?}, stderr {:?}",
                 timeout.unwrap_or_default().as_secs(),
                 excerpt(&out),

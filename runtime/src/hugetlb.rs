@@ -40,7 +40,7 @@ pub(crate) fn check(limits: &[HugepageLimit]) -> Result<(), Error> {
     for limit in limits {
         let known = page_size_kib(&limit.page_size).is_some_and(|kib| sizes.contains(&cri_name(kib)));
         if !known {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "hugepage size {:?} is not one of this node's ({})",
                 limit.page_size,
                 if sizes.is_empty() { "none".to_string() } else { sizes.join(", ") }
@@ -49,7 +49,7 @@ pub(crate) fn check(limits: &[HugepageLimit]) -> Result<(), Error> {
     }
     if let Some(limit) = limits.iter().find(|l| l.limit != 0) {
         Hierarchy::find().map_err(|why| {
-            Error::FailedPrecondition(format!(
+            Error::NodeUnsupported(format!(
                 "cannot limit {} hugepages to {} bytes: {why}",
                 limit.page_size, limit.limit
             ))
@@ -76,7 +76,7 @@ pub(crate) fn apply_to_unit(limits: &[HugepageLimit], slice: &str, unit: &str) -
         _ => Vec::new(),
     };
     apply_at(limits, &relative, &procs)
-        .map_err(|e| Error::FailedPrecondition(format!("cannot set the hugepage limits of {unit}: {e}")))
+        .map_err(|e| Error::NodeUnsupported(format!("cannot set the hugepage limits of {unit}: {e}")))
 }
 
 /// Removes a container's v1 hugetlb cgroup (its unit stopped) and the parents it leaves empty.
@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn unknown_page_sizes_are_refused() {
         let limit = |size: &str| vec![HugepageLimit { page_size: size.into(), limit: 0 }];
-        assert!(matches!(check(&limit("3MB")), Err(Error::InvalidArgument(m)) if m.contains("\"3MB\"")));
-        assert!(matches!(check(&limit("bogus")), Err(Error::InvalidArgument(_))));
+        assert!(matches!(check(&limit("3MB")), Err(Error::InvalidSpec(m)) if m.contains("\"3MB\"")));
+        assert!(matches!(check(&limit("bogus")), Err(Error::InvalidSpec(_))));
     }
 }

@@ -14,7 +14,11 @@ mod error;
 mod events;
 mod exec;
 pub mod exit_record;
+#[cfg(test)]
+mod fake_systemd;
 mod hugetlb;
+#[cfg(test)]
+mod lifecycle_tests;
 mod logs;
 mod namespaces;
 mod passwd;
@@ -41,7 +45,7 @@ pub use container::{
     Propagation, Resources, RootfsLayers, Seccomp, parse_cpu_list,
 };
 pub use containers::ContainerFilter;
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::ExecSyncOutput;
 // The daemon's ends of containers' stdio: reached from outside only through StreamingRuntime.
@@ -53,7 +57,7 @@ pub(crate) use stdio::ContainerStdio;
 pub use store::Quarantined;
 pub use store::tighten_modes;
 pub use streaming::{StreamError, StreamingRuntime, Streams, TerminalSize};
-pub use systemd::{ManagerInfo, Systemd};
+pub use systemd::{ManagerInfo, Systemd, UnitManager, UnitProperties};
 pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
 
 /// Where the runtime keeps its state.
@@ -78,7 +82,8 @@ pub struct RuntimeConfig {
 #[derive(Debug)]
 pub struct Runtime {
     config: RuntimeConfig,
-    systemd: Arc<Systemd>,
+    /// systemd's unit manager ([`Systemd`] in the daemon; a fake in unit tests).
+    systemd: Arc<dyn UnitManager>,
     /// Pod networking: the CNI plugins, the result cache, the pod CIDRs.
     cni: cni::Cni,
     pods: Mutex<BTreeMap<String, Arc<Entry<Pod>>>>,
@@ -120,7 +125,7 @@ impl<T: Clone> Entry<T> {
 }
 
 impl Runtime {
-    pub fn systemd(&self) -> &Arc<Systemd> {
+    pub fn systemd(&self) -> &Arc<dyn UnitManager> {
         &self.systemd
     }
 

@@ -16,6 +16,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
 use crate::userns::IdRange;
 
 /// The namespaces a pod shares among its containers, each pinned at a path.
@@ -330,21 +331,21 @@ fn namespace_child(
 }
 
 /// Unpins the namespaces (they die with their last user) and removes the pin files. Missing pins
-/// are fine; every pin is tried, and the errors are reported together.
-pub fn release(pins: &PodNamespaces) -> Result<(), String> {
+/// are fine; every pin is tried, and every failure is returned (none: all released).
+pub(crate) fn release(pins: &PodNamespaces) -> Vec<Error> {
     let mut errors = Vec::new();
     for pin in pins.pins() {
         match nix::mount::umount2(pin, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => errors.push(format!("unmount {}: {e}", pin.display())),
+            Err(e) => errors.push(Error::Io { what: format!("unmount {}", pin.display()), source: e.into() }),
         }
         match std::fs::remove_file(pin) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("remove {}: {e}", pin.display())),
+            Err(e) => errors.push(Error::Io { what: format!("remove {}", pin.display()), source: e }),
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+    errors
 }
 
 /// Whether `pin` still holds a namespace (it is gone after a reboot, with /run).
@@ -421,17 +422,21 @@ const IPC_KERNEL_SYSCTLS: &[&str] =
 /// A pod sysctl's namespace and its file under /proc/sys. Keys come dotted
 /// (`net.ipv4.ip_forward`) or, when a name has dots of its own, with slashes
 /// (`net/ipv4/conf/eth0.100/rp_filter`), as the kubelet allows.
-pub fn sysctl_file(key: &str) -> Result<(SysctlNamespace, PathBuf), String> {
+pub fn sysctl_file(key: &str) -> Result<(SysctlNamespace, PathBuf), Error> {
     let slashed = key.find(['.', '/']).is_some_and(|i| key.as_bytes()[i] == b'/');
     let parts: Vec<&str> = if slashed { key.split('/').collect() } else { key.split('.').collect() };
     if parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains(['\0', '/'])) || parts.len() < 2 {
-        return Err(format!("sysctl {key:?} is not a sysctl name"));
+        return Err(Error::InvalidSpec(format!("sysctl {key:?} is not a sysctl name")));
     }
     let namespace = match parts.as_slice() {
         ["net", ..] => SysctlNamespace::Network,
         ["fs", "mqueue", _, ..] => SysctlNamespace::Ipc,
         ["kernel", name] if IPC_KERNEL_SYSCTLS.contains(name) => SysctlNamespace::Ipc,
-        _ => return Err(format!("sysctl {key} is not namespaced: setting it for a pod would change the node")),
+        _ => {
+            return Err(Error::InvalidSpec(format!(
+                "sysctl {key} is not namespaced: setting it for a pod would change the node"
+            )));
+        }
     };
     Ok((namespace, parts.iter().collect()))
 }
@@ -440,17 +445,21 @@ pub fn sysctl_file(key: &str) -> Result<(SysctlNamespace, PathBuf), String> {
 /// joins them (files under /proc/sys/net and the IPC ones answer for the namespaces of the
 /// thread that opens them). The thread writes through a procfs of its own, in a mount namespace
 /// of its own that ends with it: where the node itself is a container (kind, systemd-nspawn),
-/// the node's /proc/sys is read-only.
-pub fn apply_sysctls(pins: &PodNamespaces, sysctls: &[(String, String)]) -> Result<(), String> {
+/// the node's /proc/sys is read-only. A value the kernel refuses is the request's fault; the
+/// steps before it are the node's.
+pub fn apply_sysctls(pins: &PodNamespaces, sysctls: &[(String, String)]) -> Result<(), Error> {
     let pins = pins.clone();
     let sysctls = sysctls.to_vec();
-    std::thread::spawn(move || -> Result<(), String> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNS)
-            .map_err(|e| format!("sysctls: unshare the mount namespace: {e}"))?;
+    let node = |what: &str| {
+        let what = format!("sysctls: {what}");
+        move |e: nix::errno::Errno| Error::Io { what, source: e.into() }
+    };
+    std::thread::spawn(move || -> Result<(), Error> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(node("unshare the mount namespace"))?;
         nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-            .map_err(|e| format!("sysctls: make mounts private: {e}"))?;
+            .map_err(node("make mounts private"))?;
         nix::mount::mount(Some("proc"), "/proc", Some("proc"), MsFlags::empty(), None::<&str>)
-            .map_err(|e| format!("sysctls: mount a procfs: {e}"))?;
+            .map_err(node("mount a procfs"))?;
         let mut joined = (false, false);
         for (key, value) in &sysctls {
             let (namespace, file) = sysctl_file(key)?;
@@ -459,19 +468,20 @@ pub fn apply_sysctls(pins: &PodNamespaces, sysctls: &[(String, String)]) -> Resu
                 SysctlNamespace::Ipc => (&pins.ipc, "IPC", CloneFlags::CLONE_NEWIPC, &mut joined.1),
             };
             if !*done {
-                let pin =
-                    pin.as_ref().ok_or_else(|| format!("sysctl {key}: the pod has no {kind} namespace of its own"))?;
-                let ns = std::fs::File::open(pin).map_err(|e| format!("open {}: {e}", pin.display()))?;
-                nix::sched::setns(ns, flag).map_err(|e| format!("join the pod's {kind} namespace: {e}"))?;
+                let pin = pin.as_ref().ok_or_else(|| {
+                    Error::InvalidSpec(format!("sysctl {key}: the pod has no {kind} namespace of its own"))
+                })?;
+                let ns = std::fs::File::open(pin).map_err(Error::io(format!("open {}", pin.display())))?;
+                nix::sched::setns(ns, flag).map_err(node(&format!("join the pod's {kind} namespace")))?;
                 *done = true;
             }
             std::fs::write(Path::new("/proc/sys").join(&file), value)
-                .map_err(|e| format!("sysctl {key}={value:?}: {e}"))?;
+                .map_err(|e| Error::InvalidSpec(format!("sysctl {key}={value:?}: {e}")))?;
         }
         Ok(())
     })
     .join()
-    .unwrap_or_else(|_| Err("the sysctl thread panicked".into()))
+    .unwrap_or_else(|_| Err(Error::Io { what: "sysctls".into(), source: std::io::Error::other("the thread panicked") }))
 }
 
 #[cfg(test)]
@@ -480,7 +490,7 @@ mod sysctl_tests {
 
     #[test]
     fn namespaced_sysctls_and_their_files() {
-        let file = |key| sysctl_file(key).map(|(ns, path)| (ns, path.display().to_string()));
+        let file = |key| sysctl_file(key).map(|(ns, path)| (ns, path.display().to_string())).map_err(|e| e.to_string());
         assert_eq!(file("net.ipv4.ip_forward"), Ok((SysctlNamespace::Network, "net/ipv4/ip_forward".into())));
         assert_eq!(
             file("net/ipv4/conf/eth0.100/rp_filter"),

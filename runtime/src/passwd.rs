@@ -55,7 +55,7 @@ fn image_file(lowerdirs: &[PathBuf], relative: &str) -> Result<Option<String>, E
             return Ok(None);
         }
         if stat.st_size as u64 > MAX_USER_DB_BYTES {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "the image's /{relative} is {} bytes, over the {MAX_USER_DB_BYTES}-byte limit",
                 stat.st_size
             )));
@@ -68,7 +68,7 @@ fn image_file(lowerdirs: &[PathBuf], relative: &str) -> Result<Option<String>, E
             .read_to_end(&mut bytes)
             .map_err(|e| Error::Io { what: format!("cannot read the image's /{relative}"), source: e })?;
         if bytes.len() as u64 > MAX_USER_DB_BYTES {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "the image's /{relative} is over the {MAX_USER_DB_BYTES}-byte limit"
             )));
         }
@@ -132,7 +132,7 @@ pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gid
         }
     } else {
         let entry = users.iter().find(|u| u.name == user).ok_or_else(|| {
-            Error::InvalidArgument(format!("unable to find user {user}: no matching entries in passwd file"))
+            Error::InvalidSpec(format!("unable to find user {user}: no matching entries in passwd file"))
         })?;
         (entry.uid, entry.gid, Some(entry.name.clone()))
     };
@@ -141,7 +141,7 @@ pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gid
         gid = match group.parse::<u32>() {
             Ok(gid) => gid,
             Err(_) => all_groups.iter().find(|(n, _, _)| n == group).map(|(_, gid, _)| *gid).ok_or_else(|| {
-                Error::InvalidArgument(format!("unable to find group {group}: no matching entries in group file"))
+                Error::InvalidSpec(format!("unable to find group {group}: no matching entries in group file"))
             })?,
         };
     }

@@ -125,27 +125,27 @@ impl PodSpec {
             [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)]
         {
             if value.is_empty() {
-                return Err(Error::InvalidArgument(format!("pod sandbox config has no {field}")));
+                return Err(Error::InvalidSpec(format!("pod sandbox config has no {field}")));
             }
         }
         if !self.cgroup_parent.is_empty() {
             check_cgroup_parent(&self.cgroup_parent)?;
         }
         if self.hostname.len() > HOST_NAME_MAX {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidSpec(format!(
                 "hostname {:?} is {} bytes long: a hostname has at most {HOST_NAME_MAX}",
                 self.hostname,
                 self.hostname.len()
             )));
         }
         for (key, _) in &self.sysctls {
-            let (namespace, _) = crate::namespaces::sysctl_file(key).map_err(Error::InvalidArgument)?;
+            let (namespace, _) = crate::namespaces::sysctl_file(key)?;
             let (kind, mode) = match namespace {
                 crate::namespaces::SysctlNamespace::Network => ("network", self.network),
                 crate::namespaces::SysctlNamespace::Ipc => ("IPC", self.ipc),
             };
             if mode == NamespaceMode::Node {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidSpec(format!(
                     "sysctl {key} would change the node: the pod uses the node's {kind} namespace"
                 )));
             }
@@ -154,16 +154,16 @@ impl PodSpec {
             for (field, value) in
                 [("metadata.name", &self.name), ("metadata.uid", &self.uid), ("metadata.namespace", &self.namespace)]
             {
-                crate::cni::check_cni_arg(field, value).map_err(Error::InvalidArgument)?;
+                crate::cni::check_cni_arg(field, value)?;
             }
-            crate::cni::capability_args(&self.port_mappings, &self.annotations, &[]).map_err(Error::InvalidArgument)?;
+            crate::cni::capability_args(&self.port_mappings, &self.annotations, &[])?;
         }
         if self.userns != UsernsMode::Node {
             // The node's namespaces belong to the node's user namespace: a pod in a user
             // namespace of its own cannot administer them (Kubernetes refuses these too).
             for (kind, mode) in [("network", self.network), ("IPC", self.ipc), ("PID", self.pid)] {
                 if mode == NamespaceMode::Node {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::InvalidSpec(format!(
                         "a pod in a user namespace cannot use the node's {kind} namespace"
                     )));
                 }
@@ -229,7 +229,7 @@ fn check_cgroup_parent(parent: &str) -> Result<(), Error> {
     check_slice_name(slice)?;
     let expected = expand_slice(slice);
     if parent != expected {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidSpec(format!(
             "cgroup_parent {parent:?} is not the path of systemd slice {slice:?}, which is {expected:?}"
         )));
     }
@@ -250,8 +250,7 @@ fn expand_slice(slice: &str) -> String {
 
 /// Checks that `name` is a valid systemd slice name, as the kubelet's systemd driver produces.
 fn check_slice_name(name: &str) -> Result<(), Error> {
-    let bad =
-        |why: &str| Err(Error::InvalidArgument(format!("cgroup_parent {name:?} is not a systemd slice name: {why}")));
+    let bad = |why: &str| Err(Error::InvalidSpec(format!("cgroup_parent {name:?} is not a systemd slice name: {why}")));
     let Some(stem) = name.strip_suffix(".slice") else { return bad("it does not end in .slice") };
     if name.len() > 255 {
         return bad("longer than 255 characters");
@@ -318,7 +317,7 @@ mod tests {
             "/kubepods.slice/../kubepods-pod1.slice",
         ] {
             let err = PodSpec { cgroup_parent: bad.into(), ..spec() }.validate().unwrap_err();
-            assert!(matches!(err, Error::InvalidArgument(_)), "{bad}: {err}");
+            assert!(matches!(err, Error::InvalidSpec(_)), "{bad}: {err}");
         }
     }
 
@@ -337,7 +336,7 @@ mod tests {
             }],
             ..spec()
         };
-        assert!(matches!(bad_mapping.validate(), Err(Error::InvalidArgument(_))));
+        assert_eq!(bad_mapping.validate().unwrap_err().kind(), crate::ErrorKind::InvalidArgument);
         let odd_name = PodSpec { name: "a;b".into(), ..spec() };
         assert!(odd_name.validate().unwrap_err().to_string().contains("CNI"));
         // Host-network pods make no CNI call: nothing to check.
@@ -375,7 +374,7 @@ mod tests {
         let userns = UsernsMode::Pod { uid_mappings: vec![], gid_mappings: vec![] };
         PodSpec { userns: userns.clone(), ..spec() }.validate().unwrap();
         let host_network = PodSpec { userns, network: NamespaceMode::Node, ..spec() };
-        assert!(matches!(host_network.validate(), Err(Error::InvalidArgument(m)) if m.contains("network")));
+        assert!(matches!(host_network.validate(), Err(Error::InvalidSpec(m)) if m.contains("network")));
     }
 
     #[test]
@@ -385,7 +384,7 @@ mod tests {
             PodSpec { uid: "".into(), ..spec() },
             PodSpec { namespace: "".into(), ..spec() },
         ] {
-            assert!(matches!(spec.validate(), Err(Error::InvalidArgument(_))));
+            assert!(matches!(spec.validate(), Err(Error::InvalidSpec(_))));
         }
     }
 }

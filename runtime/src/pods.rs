@@ -15,7 +15,7 @@ use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState, init_unit_name};
 use crate::store::{new_id, read_json, write_json};
 use crate::userns::{self, IdRange, IdRanges, PodUserns, UsernsMode};
-use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, Systemd, podfiles};
+use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, UnitManager, podfiles};
 use init::pod_init::{self, PodInitArgs};
 
 /// The size of a pod's /dev/shm, the kubelet's default.
@@ -34,7 +34,7 @@ pub struct PodFilter {
 impl Runtime {
     /// Opens the runtime: reads every pod record, rolls half-done operations of a daemon that
     /// died forward or back, and marks pods whose namespaces are gone (after a reboot) NotReady.
-    pub async fn open(config: RuntimeConfig, systemd: Arc<Systemd>) -> Result<Runtime, Error> {
+    pub async fn open(config: RuntimeConfig, systemd: Arc<dyn UnitManager>) -> Result<Runtime, Error> {
         // Before anything is spawned (CNI plugins on recovery): the stored descriptors are not
         // close-on-exec until taken.
         let stored = crate::stdio::Stored::take();
@@ -193,7 +193,7 @@ impl Runtime {
         match (matches.next(), matches.next()) {
             (Some((_, entry)), None) => Ok(Some(entry.clone())),
             (None, _) => Ok(None),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!("pod id prefix {id:?} is ambiguous"))),
+            (Some(_), Some(_)) => Err(Error::AmbiguousId { what: "pod", prefix: id.to_string() }),
         }
     }
 
@@ -218,7 +218,7 @@ impl Runtime {
                 let pod = existing.record.read().expect("pod record lock");
                 return match pod.state {
                     PodState::Ready => Ok(pod.id.clone()),
-                    state => Err(Error::AlreadyExists(format!(
+                    state => Err(Error::PodExists(format!(
                         "pod {}/{} (uid {}, attempt {}) already exists as {} in state {state:?}; remove it first",
                         spec.namespace, spec.name, spec.uid, spec.attempt, pod.id
                     ))),
@@ -327,8 +327,7 @@ impl Runtime {
                         &pod.spec.port_mappings,
                         &pod.spec.annotations,
                         &self.cni.pod_cidrs(),
-                    )
-                    .map_err(Error::InvalidArgument)?,
+                    )?,
                 };
                 pod.ips = self.cni.add(network, &attachment).await?;
                 self.save(entry, pod.clone())?;
@@ -343,8 +342,7 @@ impl Runtime {
             let (pins, sysctls) = (pod.namespaces.clone(), pod.spec.sysctls.clone());
             tokio::task::spawn_blocking(move || namespaces::apply_sysctls(&pins, &sysctls))
                 .await
-                .map_err(|e| Error::Io { what: "sysctl task".into(), source: std::io::Error::other(e) })?
-                .map_err(Error::InvalidArgument)?;
+                .map_err(|e| Error::Io { what: "sysctl task".into(), source: std::io::Error::other(e) })??;
         }
         let host_network = pod.spec.network == NamespaceMode::Node;
         // In a user namespace the pod's root is the first id of its range: it owns the pod's
@@ -404,13 +402,13 @@ impl Runtime {
         // Recorded before the pin is made, so that a rollback releases it.
         self.save(entry, pod.clone())?;
         if pid == 0 {
-            return Err(Error::FailedPrecondition(format!("the init process of pod {} ended at once", pod.id)));
+            return Err(Error::PodInit(format!("the init process of pod {} ended at once", pod.id)));
         }
         namespaces::pin_process_namespace(pid, "pid", &pin).map_err(Error::io("cannot pin the pod's PID namespace"))?;
         // The PID may have been reused if the process died meanwhile: then the pin is not the
         // pod's, and the pod fails.
         if self.systemd.main_pid(&unit).await? != pid {
-            return Err(Error::FailedPrecondition(format!("the init process of pod {} ended at once", pod.id)));
+            return Err(Error::PodInit(format!("the init process of pod {} ended at once", pod.id)));
         }
         info!(pod = %pod.id, unit = %unit, pid, "pod init process started");
         Ok(())
@@ -434,7 +432,7 @@ impl Runtime {
         if let Some(range) = requested {
             let layers = IdRange { host_id: self.config.layer_uid_shift, size: userns::RANGE_SIZE };
             if self.config.layer_uid_shift != 0 && range.overlaps(&layers) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidSpec(format!(
                     "user namespace mappings: host ids {}..+{} include the image layers' ids ({})",
                     range.host_id, range.size, layers.host_id
                 )));
@@ -450,8 +448,8 @@ impl Runtime {
                 Some(range) => ranges.reserve(&pod_id, range).map(|()| PodUserns { range, from_pool: false }),
                 // NSS lookups may block (LDAP and such): hence the blocking thread.
                 None => ranges.allocate(&pod_id, userns::known_to_nss).map(|range| PodUserns { range, from_pool: true }).ok_or_else(|| {
-                    Error::ResourceExhausted(format!(
-                        "no free user namespace id range: all {} ranges of the pool from host id {} are in use (or taken by users the node knows); remove pods or raise userns.pool_ranges",
+                    Error::IdRangesExhausted(format!(
+                        "all {} ranges of the pool from host id {} are in use (or taken by users the node knows); remove pods or raise userns.pool_ranges",
                         pool.pool_ranges, pool.pool_start
                     ))
                 }),
@@ -554,33 +552,31 @@ impl Runtime {
             Ok(())
         };
         if let Err(e) = stopped {
-            errors.push(e.to_string());
+            errors.push(e);
         }
         if let Some(unit) = &pod.init_unit
             && let Err(e) = self.systemd.reset_failed_unit(unit).await
         {
-            errors.push(e.to_string());
+            errors.push(e);
         }
         // While the namespace is still pinned, so that plugins can remove the pod's interface;
         // without it (after a reboot) they still release what lives outside (IPAM, iptables).
         let netns = pod.namespaces.network.as_deref().filter(|pin| namespaces::is_pinned(pin));
         if let Err(e) = self.cni.del(&pod.id, netns).await {
-            errors.push(e.to_string());
+            errors.push(e.into());
         }
-        if let Err(e) = namespaces::release(&pod.namespaces) {
-            errors.push(e);
-        }
+        errors.extend(namespaces::release(&pod.namespaces));
         let shm = pod.files_dir.join("shm");
         match nix::mount::umount2(&shm, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => errors.push(format!("unmount {}: {e}", shm.display())),
+            Err(e) => errors.push(Error::Io { what: format!("unmount {}", shm.display()), source: e.into() }),
         }
         if remove && errors.is_empty() {
             for dir in [&pod.files_dir, &self.pod_state_dir(&pod.id)] {
                 match std::fs::remove_dir_all(dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => errors.push(format!("remove {}: {e}", dir.display())),
+                    Err(e) => errors.push(Error::Io { what: format!("remove {}", dir.display()), source: e }),
                 }
             }
             // The range goes back to the pool only once nothing of the pod is left, its record
@@ -640,7 +636,7 @@ impl Runtime {
     pub fn pod(&self, id: &str) -> Result<Pod, Error> {
         match self.entry(id)? {
             Some(entry) => Ok(entry.record.read().expect("pod record lock").clone()),
-            None => Err(Error::NotFound(format!("pod sandbox {id:?} not found"))),
+            None => Err(Error::PodNotFound { id: id.to_string() }),
         }
     }
 

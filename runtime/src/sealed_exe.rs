@@ -69,7 +69,11 @@ pub fn seal(run_root: &Path) -> Result<PathBuf, Error> {
 
 /// The sealed binary, for ExecStart/ExecStopPost and exec-in.
 pub fn path() -> Result<&'static Path, Error> {
-    SEALED.get().map(PathBuf::as_path).ok_or_else(|| {
-        Error::FailedPrecondition("the daemon's binary is not sealed (sealed_exe::seal was not called at start)".into())
-    })
+    SEALED.get().map(PathBuf::as_path).ok_or(Error::NotSealed)
+}
+
+/// Unit tests start units only in a fake systemd: any path stands for the sealed binary.
+#[cfg(test)]
+pub(crate) fn set_for_tests() {
+    let _ = SEALED.set(PathBuf::from("/nonexistent/cri-systemd"));
 }

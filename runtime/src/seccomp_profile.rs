@@ -453,23 +453,40 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// Why a Localhost profile cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("not a seccomp profile: {0}")]
+    NotAProfile(#[from] serde_json::Error),
+    #[error("seccomp notify listeners (listenerPath) are not supported")]
+    Listener,
+    #[error("a profile may give architectures or archMap, not both")]
+    ArchitecturesAndArchMap,
+    #[error("syscalls[{0}] gives both name and names")]
+    NameAndNames(usize),
+    #[error("syscalls[{0}] names no syscall")]
+    NoSyscall(usize),
+    #[error("bad minKernel {0:?}")]
+    BadMinKernel(String),
+}
+
 impl Filter {
     /// Whether this filter, read as `includes`, admits the entry.
-    fn includes(&self, caps: &[String], kernel: (u32, u32)) -> Result<bool, String> {
+    fn includes(&self, caps: &[String], kernel: (u32, u32)) -> Result<bool, ProfileError> {
         Ok(self.caps.iter().all(|c| caps.contains(c))
             && (self.arches.is_empty() || self.arches.iter().any(|a| native_arch_names().contains(&a.as_str())))
             && match &self.min_kernel {
-                Some(min) => kernel >= parse_version(min).ok_or_else(|| format!("bad minKernel {min:?}"))?,
+                Some(min) => kernel >= parse_version(min).ok_or_else(|| ProfileError::BadMinKernel(min.clone()))?,
                 None => true,
             })
     }
 
     /// Whether this filter, read as `excludes`, rules the entry out.
-    fn excludes(&self, caps: &[String], kernel: (u32, u32)) -> Result<bool, String> {
+    fn excludes(&self, caps: &[String], kernel: (u32, u32)) -> Result<bool, ProfileError> {
         Ok(self.caps.iter().any(|c| caps.contains(c))
             || self.arches.iter().any(|a| native_arch_names().contains(&a.as_str()))
             || match &self.min_kernel {
-                Some(min) => kernel >= parse_version(min).ok_or_else(|| format!("bad minKernel {min:?}"))?,
+                Some(min) => kernel >= parse_version(min).ok_or_else(|| ProfileError::BadMinKernel(min.clone()))?,
                 None => false,
             })
     }
@@ -478,17 +495,17 @@ impl Filter {
 /// A Localhost profile (Docker's format) for a container with capabilities `caps`, in the OCI
 /// form; entries whose includes/excludes do not fit this container and machine are left out, as
 /// Docker and containerd do.
-pub fn localhost(text: &[u8], caps: &[String]) -> Result<Value, String> {
+pub fn localhost(text: &[u8], caps: &[String]) -> Result<Value, ProfileError> {
     localhost_on(text, caps, kernel_version())
 }
 
-fn localhost_on(text: &[u8], caps: &[String], kernel: (u32, u32)) -> Result<Value, String> {
-    let profile: DockerProfile = serde_json::from_slice(text).map_err(|e| format!("not a seccomp profile: {e}"))?;
+fn localhost_on(text: &[u8], caps: &[String], kernel: (u32, u32)) -> Result<Value, ProfileError> {
+    let profile: DockerProfile = serde_json::from_slice(text)?;
     if profile.listener_path.as_deref().is_some_and(|p| !p.is_empty()) {
-        return Err("seccomp notify listeners (listenerPath) are not supported".into());
+        return Err(ProfileError::Listener);
     }
     if !profile.architectures.is_empty() && !profile.arch_map.is_empty() {
-        return Err("a profile may give architectures or archMap, not both".into());
+        return Err(ProfileError::ArchitecturesAndArchMap);
     }
     let mut syscalls = Vec::new();
     for (index, call) in profile.syscalls.iter().enumerate() {
@@ -498,8 +515,8 @@ fn localhost_on(text: &[u8], caps: &[String], kernel: (u32, u32)) -> Result<Valu
         let names = match (call.name.is_empty(), call.names.is_empty()) {
             (false, true) => vec![call.name.clone()],
             (true, false) => call.names.clone(),
-            (false, false) => return Err(format!("syscalls[{index}] gives both name and names")),
-            (true, true) => return Err(format!("syscalls[{index}] names no syscall")),
+            (false, false) => return Err(ProfileError::NameAndNames(index)),
+            (true, true) => return Err(ProfileError::NoSyscall(index)),
         };
         let mut rule = json!({"names": names, "action": call.action, "args": call.args});
         if let Some(errno) = call.errno_ret {
@@ -551,7 +568,7 @@ mod tests {
             (br#"{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"action": "SCMP_ACT_ALLOW"}]}"#, "names no syscall"),
             (br#"{"defaultAction": "SCMP_ACT_ERRNO", "listenerPath": "/run/x.sock"}"#, "listenerPath"),
         ] {
-            let error = localhost_on(profile, &[], (6, 1)).unwrap_err();
+            let error = localhost_on(profile, &[], (6, 1)).unwrap_err().to_string();
             assert!(error.contains(message), "{error}");
         }
     }

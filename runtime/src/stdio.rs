@@ -217,7 +217,7 @@ fn receive_master(socket: &OwnedFd) -> Result<OwnedFd, Error> {
             return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
-    Err(Error::FailedPrecondition("init sent no terminal on the console socket".into()))
+    Err(Error::ContainerState("init sent no terminal on the console socket".into()))
 }
 
 /// Copies the terminal's output to the CRI log file (stream stdout, one log line per line of

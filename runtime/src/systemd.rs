@@ -154,6 +154,63 @@ impl Systemd {
 /// The unit property values the runtime sets: `(name, value)` pairs as StartTransientUnit takes them.
 pub type UnitProperties = Vec<(&'static str, Value<'static>)>;
 
+/// The unit-manager calls the runtime makes: [`Systemd`] over D-Bus in the daemon, an in-memory
+/// fake in unit tests (the roll-back and roll-forward of pods and containers, without systemd).
+/// The semantics are systemd's, as [`Systemd`]'s methods document them: stopping, killing,
+/// changing or resetting a unit that does not exist succeeds.
+#[async_trait::async_trait]
+pub trait UnitManager: std::fmt::Debug + Send + Sync {
+    /// The manager's version, features, virtualization and state (CRI `Status`).
+    async fn manager_info(&self) -> Result<ManagerInfo, Error>;
+    /// Starts a transient unit and waits for its start job.
+    async fn start_transient_unit(&self, name: &str, properties: UnitProperties) -> Result<(), Error>;
+    /// As `start_transient_unit`; false, and nothing done, when the unit is loaded already.
+    async fn start_transient_unit_unless_loaded(&self, name: &str, properties: UnitProperties) -> Result<bool, Error>;
+    /// Stops a unit (a slice: with its units) and waits for the stop job.
+    async fn stop_unit(&self, name: &str) -> Result<(), Error>;
+    /// Signals the unit's processes (`whom`: "main" or "all").
+    async fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> Result<(), Error>;
+    /// Changes properties of a loaded unit until it is unloaded.
+    async fn set_unit_properties(&self, name: &str, properties: UnitProperties) -> Result<(), Error>;
+    /// Forgets a failed unit's state.
+    async fn reset_failed_unit(&self, name: &str) -> Result<(), Error>;
+    /// Whether the unit is loaded.
+    async fn unit_exists(&self, name: &str) -> Result<bool, Error>;
+    /// The service's main PID; 0 when it has none.
+    async fn main_pid(&self, name: &str) -> Result<u32, Error>;
+}
+
+#[async_trait::async_trait]
+impl UnitManager for Systemd {
+    async fn manager_info(&self) -> Result<ManagerInfo, Error> {
+        Systemd::manager_info(self).await
+    }
+    async fn start_transient_unit(&self, name: &str, properties: UnitProperties) -> Result<(), Error> {
+        Systemd::start_transient_unit(self, name, properties).await
+    }
+    async fn start_transient_unit_unless_loaded(&self, name: &str, properties: UnitProperties) -> Result<bool, Error> {
+        Systemd::start_transient_unit_unless_loaded(self, name, properties).await
+    }
+    async fn stop_unit(&self, name: &str) -> Result<(), Error> {
+        Systemd::stop_unit(self, name).await
+    }
+    async fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> Result<(), Error> {
+        Systemd::kill_unit(self, name, whom, signal).await
+    }
+    async fn set_unit_properties(&self, name: &str, properties: UnitProperties) -> Result<(), Error> {
+        Systemd::set_unit_properties(self, name, properties).await
+    }
+    async fn reset_failed_unit(&self, name: &str) -> Result<(), Error> {
+        Systemd::reset_failed_unit(self, name).await
+    }
+    async fn unit_exists(&self, name: &str) -> Result<bool, Error> {
+        Systemd::unit_exists(self, name).await
+    }
+    async fn main_pid(&self, name: &str) -> Result<u32, Error> {
+        Systemd::main_pid(self, name).await
+    }
+}
+
 /// How long a start or stop job may take before the runtime gives up waiting (the job goes on).
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -146,7 +146,7 @@ impl UsernsMode {
     /// were given (the daemon then allocates one).
     pub fn requested_range(&self) -> Result<Option<IdRange>, Error> {
         let UsernsMode::Pod { uid_mappings, gid_mappings } = self else { return Ok(None) };
-        let bad = |why: String| Err(Error::InvalidArgument(format!("user namespace mappings: {why}")));
+        let bad = |why: String| Err(Error::InvalidSpec(format!("user namespace mappings: {why}")));
         match (uid_mappings.as_slice(), gid_mappings.as_slice()) {
             ([], []) => Ok(None),
             ([uid], [gid]) => {
@@ -233,7 +233,7 @@ impl IdRanges {
     pub(crate) fn reserve(&mut self, pod: &str, range: IdRange) -> Result<(), Error> {
         if let Some(other) = self.user_of(&range) {
             let what = if other == pod { "this pod already".to_string() } else { format!("pod {other}") };
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::IdRangeInUse(format!(
                 "user namespace host ids {}..{} overlap the range {what} uses",
                 range.host_id,
                 range.end() - 1
@@ -439,7 +439,7 @@ mod tests {
         ranges.reserve("k", IdRange { host_id: 0x8_0000, size: 2 * RANGE_SIZE }).unwrap();
         ranges.reserve("outside", IdRange { host_id: 0x1_0000, size: RANGE_SIZE }).unwrap();
         let err = ranges.reserve("k2", IdRange { host_id: 0x9_0000, size: RANGE_SIZE }).unwrap_err();
-        assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("pod k")), "{err}");
+        assert!(matches!(&err, Error::IdRangeInUse(m) if m.contains("pod k")), "{err}");
         assert_eq!(ranges.user_of(&IdRange { host_id: 0, size: 0x2_0000 }), Some("outside"));
         assert_eq!(ranges.user_of(&IdRange { host_id: 0x2_0000, size: RANGE_SIZE }), None);
         assert_eq!(ranges.allocate("a", |_| false).unwrap().host_id, 0xA_0000);
@@ -475,7 +475,7 @@ mod tests {
         ];
         for mode in bad {
             let err = mode.requested_range().unwrap_err();
-            assert!(matches!(err, Error::InvalidArgument(_)), "{mode:?}: {err}");
+            assert!(matches!(err, Error::InvalidSpec(_)), "{mode:?}: {err}");
         }
     }
 

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use serde_json::{Map, Value, json};
 
+use super::CniError;
 use crate::pod::PortMapping;
 
 /// The kubelet's bandwidth annotations, in bits per second (resource quantities such as `10M`).
@@ -33,9 +34,11 @@ pub(crate) fn k8s_args(namespace: &str, name: &str, pod_id: &str, uid: &str) -> 
 }
 
 /// Checks that a value can go into CNI_ARGS, whose `K=V;K=V` form has no escaping.
-pub(crate) fn check_cni_arg(field: &str, value: &str) -> Result<(), String> {
+pub(crate) fn check_cni_arg(field: &str, value: &str) -> Result<(), CniError> {
     if value.contains([';', '=']) || value.chars().any(char::is_control) {
-        return Err(format!("{field} {value:?} cannot be passed to CNI plugins (no ';', '=' or control characters)"));
+        return Err(CniError::InvalidArgs(format!(
+            "{field} {value:?} cannot be passed to CNI plugins (no ';', '=' or control characters)"
+        )));
     }
     Ok(())
 }
@@ -46,13 +49,13 @@ pub(crate) fn capability_args(
     port_mappings: &[PortMapping],
     annotations: &BTreeMap<String, String>,
     pod_cidrs: &[String],
-) -> Result<Map<String, Value>, String> {
+) -> Result<Map<String, Value>, CniError> {
     let mut args = Map::new();
-    let mappings = port_mappings_arg(port_mappings)?;
+    let mappings = port_mappings_arg(port_mappings).map_err(CniError::InvalidArgs)?;
     if !mappings.is_empty() {
         args.insert("portMappings".into(), Value::Array(mappings));
     }
-    if let Some(bandwidth) = bandwidth_arg(annotations)? {
+    if let Some(bandwidth) = bandwidth_arg(annotations).map_err(CniError::InvalidArgs)? {
         args.insert("bandwidth".into(), bandwidth);
     }
     if !pod_cidrs.is_empty() {
@@ -169,10 +172,10 @@ fn div_ceil(value: u128, divisor: u128) -> u128 {
 
 /// The pod CIDRs of UpdateRuntimeConfig's `pod_cidr` (comma-separated for dual stack), each a
 /// network address with its prefix length. Empty text means none.
-pub(crate) fn parse_pod_cidrs(text: &str) -> Result<Vec<String>, String> {
+pub(crate) fn parse_pod_cidrs(text: &str) -> Result<Vec<String>, CniError> {
     let mut cidrs = Vec::new();
     for cidr in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        let bad = |why: &str| format!("pod CIDR {cidr:?} {why}");
+        let bad = |why: &str| CniError::InvalidArgs(format!("pod CIDR {cidr:?} {why}"));
         let (address, prefix) = cidr.split_once('/').ok_or_else(|| bad("has no prefix length"))?;
         let address: IpAddr = address.parse().map_err(|_| bad("is not an IP address with a prefix length"))?;
         let prefix: u32 = prefix.parse().map_err(|_| bad("has a bad prefix length"))?;
@@ -233,7 +236,7 @@ mod tests {
             (mapping("TCP", 0, 8080, ""), "out of range"),
             (mapping("TCP", 80, 8080, "localhost"), "host IP"),
         ] {
-            let err = capability_args(&[bad], &BTreeMap::new(), &[]).unwrap_err();
+            let err = capability_args(&[bad], &BTreeMap::new(), &[]).unwrap_err().to_string();
             assert!(err.contains(expected), "{err}");
         }
     }
@@ -288,7 +291,7 @@ mod tests {
             ("pods/24", "not an IP"),
             ("10.0.0.0/x", "bad prefix"),
         ] {
-            let err = parse_pod_cidrs(bad).unwrap_err();
+            let err = parse_pod_cidrs(bad).unwrap_err().to_string();
             assert!(err.contains(expected), "{bad}: {err}");
         }
     }

@@ -10,6 +10,35 @@ use serde_json::{Map, Value};
 /// results have another shape (ip4/ip6 objects) and are not supported.
 const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 
+/// Why a network config file cannot be used (one line of NotReady's message per file).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("no {0:?}")]
+    Missing(&'static str),
+    #[error("\"plugins\" is not a list")]
+    PluginsNotAList,
+    #[error("\"plugins\" is empty")]
+    NoPlugins,
+    #[error("a plugin is not a JSON object")]
+    PluginNotAnObject,
+    #[error("a plugin has no \"type\"")]
+    PluginWithoutType,
+    #[error("has \"plugins\": a network config list must be a .conflist file")]
+    ListInSingle,
+    #[error("network name {0:?} is not [a-zA-Z0-9][a-zA-Z0-9_.-]*")]
+    BadName(String),
+    #[error("cniVersion {version:?} is not supported (supported: {})", SUPPORTED_VERSIONS.join(", "))]
+    UnsupportedVersion { version: String },
+    #[error("plugin {kind:?} not found in {dirs:?}")]
+    PluginNotFound { kind: String, dirs: Vec<PathBuf> },
+}
+
 /// Where CNI configs and plugins live (the `[cni]` table of the daemon's config).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,16 +134,16 @@ impl CniConfig {
     }
 
     /// Reads and validates one config file; every plugin it names must be installed.
-    fn read_config_file(&self, file: &Path) -> Result<NetworkList, String> {
-        let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    fn read_config_file(&self, file: &Path) -> Result<NetworkList, ConfigError> {
+        let text = std::fs::read_to_string(file)?;
+        let value: Value = serde_json::from_str(&text)?;
         let network = match config_kind(file) {
             Some(ConfigKind::List) => NetworkList::from_list(value)?,
             _ => NetworkList::from_single(value)?,
         };
         for kind in network.plugin_types() {
             if self.find_plugin(kind).is_none() {
-                return Err(format!("plugin {kind:?} not found in {:?}", self.plugin_dirs));
+                return Err(ConfigError::PluginNotFound { kind: kind.into(), dirs: self.plugin_dirs.clone() });
             }
         }
         Ok(network)
@@ -151,20 +180,24 @@ fn config_kind(path: &Path) -> Option<ConfigKind> {
 
 impl NetworkList {
     /// A `.conflist`: `{"cniVersion", "name", "plugins": [...]}`.
-    pub(crate) fn from_list(value: Value) -> Result<NetworkList, String> {
-        let object = value.as_object().ok_or("not a JSON object")?;
+    pub(crate) fn from_list(value: Value) -> Result<NetworkList, ConfigError> {
+        let object = value.as_object().ok_or(ConfigError::NotAnObject)?;
         let name = network_name(object)?;
         let cni_version = cni_version(object)?;
-        let plugins = object.get("plugins").ok_or("no \"plugins\"")?.as_array().ok_or("\"plugins\" is not a list")?;
+        let plugins = object
+            .get("plugins")
+            .ok_or(ConfigError::Missing("plugins"))?
+            .as_array()
+            .ok_or(ConfigError::PluginsNotAList)?;
         if plugins.is_empty() {
-            return Err("\"plugins\" is empty".into());
+            return Err(ConfigError::NoPlugins);
         }
         let mut checked = Vec::new();
         for plugin in plugins {
-            let plugin = plugin.as_object().ok_or("a plugin is not a JSON object")?;
+            let plugin = plugin.as_object().ok_or(ConfigError::PluginNotAnObject)?;
             match plugin.get("type").and_then(|t| t.as_str()) {
                 Some(kind) if !kind.is_empty() => {}
-                _ => return Err("a plugin has no \"type\"".into()),
+                _ => return Err(ConfigError::PluginWithoutType),
             }
             checked.push(plugin.clone());
         }
@@ -172,10 +205,10 @@ impl NetworkList {
     }
 
     /// A single-plugin `.conf`, wrapped into a list as libcni does.
-    fn from_single(value: Value) -> Result<NetworkList, String> {
-        let object = value.as_object().ok_or("not a JSON object")?;
+    fn from_single(value: Value) -> Result<NetworkList, ConfigError> {
+        let object = value.as_object().ok_or(ConfigError::NotAnObject)?;
         if object.contains_key("plugins") {
-            return Err("has \"plugins\": a network config list must be a .conflist file".into());
+            return Err(ConfigError::ListInSingle);
         }
         let list = serde_json::json!({
             "cniVersion": object.get("cniVersion").cloned().unwrap_or(Value::Null),
@@ -245,22 +278,22 @@ impl NetworkList {
     }
 }
 
-fn network_name(object: &Map<String, Value>) -> Result<String, String> {
-    let name = object.get("name").and_then(|n| n.as_str()).ok_or("no \"name\"")?;
+fn network_name(object: &Map<String, Value>) -> Result<String, ConfigError> {
+    let name = object.get("name").and_then(|n| n.as_str()).ok_or(ConfigError::Missing("name"))?;
     // As libcni validates it; the name is also part of the result cache's file names.
     let mut chars = name.chars();
     let valid = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !valid {
-        return Err(format!("network name {name:?} is not [a-zA-Z0-9][a-zA-Z0-9_.-]*"));
+        return Err(ConfigError::BadName(name.into()));
     }
     Ok(name.to_string())
 }
 
-fn cni_version(object: &Map<String, Value>) -> Result<String, String> {
-    let version = object.get("cniVersion").and_then(|v| v.as_str()).ok_or("no \"cniVersion\"")?;
+fn cni_version(object: &Map<String, Value>) -> Result<String, ConfigError> {
+    let version = object.get("cniVersion").and_then(|v| v.as_str()).ok_or(ConfigError::Missing("cniVersion"))?;
     if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(format!("cniVersion {version:?} is not supported (supported: {})", SUPPORTED_VERSIONS.join(", ")));
+        return Err(ConfigError::UnsupportedVersion { version: version.into() });
     }
     Ok(version.to_string())
 }

@@ -74,6 +74,28 @@ pub enum CniError {
     Cache { path: PathBuf, source: std::io::Error },
     #[error("cni result cache {}: {reason}", .path.display())]
     BadCacheEntry { path: PathBuf, reason: String },
+    /// What the pod would pass to plugins cannot be passed (CNI_ARGS, capability args, pod CIDRs).
+    #[error("{0}")]
+    InvalidArgs(String),
+}
+
+impl CniError {
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            // The node's network is not set up (yet): the kubelet waits for NetworkReady.
+            CniError::NotReady(_) | CniError::PluginNotFound { .. } => K::FailedPrecondition,
+            // CNI error code 11: "try again later".
+            CniError::Plugin { code: 11, .. } => K::Unavailable,
+            // Failures of another program (the plugin), not of this daemon.
+            CniError::Plugin { .. }
+            | CniError::Failed { .. }
+            | CniError::Timeout { .. }
+            | CniError::BadResult { .. } => K::External,
+            CniError::Spawn { .. } | CniError::Cache { .. } | CniError::BadCacheEntry { .. } => K::Internal,
+            CniError::InvalidArgs(_) => K::InvalidArgument,
+        }
+    }
 }
 
 /// What one pod brings to its ADD.
@@ -169,7 +191,7 @@ impl Cni {
     /// Sets the pod CIDRs (comma-separated; empty clears them) that ADDs pass as
     /// `runtimeConfig.ipRanges`. Bad input changes nothing.
     pub(crate) fn set_pod_cidrs(&self, text: &str) -> Result<Vec<String>, Error> {
-        let cidrs = capabilities::parse_pod_cidrs(text).map_err(Error::InvalidArgument)?;
+        let cidrs = capabilities::parse_pod_cidrs(text)?;
         let mut current = self.pod_cidrs.write().expect("pod CIDR lock");
         if *current != cidrs {
             write_json(&self.pod_cidrs_file, &PodCidrs { pod_cidrs: cidrs.clone() })
@@ -241,7 +263,7 @@ impl Cni {
                 Err(reason) => self.fallback_entry(container_id, &path, reason)?,
             };
             let network = NetworkList::from_list(entry.config.clone())
-                .map_err(|reason| CniError::BadCacheEntry { path: path.clone(), reason })?;
+                .map_err(|e| CniError::BadCacheEntry { path: path.clone(), reason: e.to_string() })?;
             let prev_result = if network.del_gets_prev_result() { entry.result.as_ref() } else { None };
             for index in (0..network.plugins.len()).rev() {
                 self.invoke(&network, index, CniCommand::Del, &entry, netns, prev_result).await?;
@@ -534,7 +556,7 @@ mod tests {
         let fixture = Fixture::new();
         fixture.cni.set_pod_cidrs("10.244.3.0/24,fd00:3::/64").unwrap();
         let err = fixture.cni.set_pod_cidrs("10.244.3.1/24").unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{err}");
         let reopened = Cni::open(fixture.cni.config.clone(), &fixture.dir.path().join("state"));
         assert_eq!(reopened.pod_cidrs(), vec!["10.244.3.0/24", "fd00:3::/64"]);
         reopened.set_pod_cidrs("").unwrap();
