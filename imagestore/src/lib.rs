@@ -22,11 +22,12 @@ mod registry;
 mod store;
 #[cfg(test)]
 mod store_tests;
-mod tarstream;
+// Public for the fuzz targets (imagestore/fuzz): the tar reader and the layer unpacker.
+pub mod tarstream;
 #[cfg(test)]
 mod test_registry;
 mod token;
-mod unpack;
+pub mod unpack;
 #[cfg(test)]
 mod unpack_tests;
 
@@ -38,4 +39,7 @@ pub use meta::ImageConfig;
 pub use platform::Platform;
 pub use reference::ImageReference;
 pub use registry::Credentials;
-pub use store::{GcReport, Image, ImageId, ImageStore, InUse, LayerLease, Usage};
+pub use store::{
+    GcReport, Image, ImageId, ImageManifest, ImageStore, InUse, LayerLease, ManifestPlan, Usage, image_layers,
+    read_manifest,
+};

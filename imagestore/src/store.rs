@@ -314,66 +314,31 @@ impl ImageStore {
     async fn pull_from(&self, client: &EndpointClient, image_ref: &ImageReference) -> Result<Image, Error> {
         let body = client.manifest(image_ref, None).await?;
         let top_digest = verify_manifest_digest(&body, image_ref.digest.as_ref(), &image_ref.to_string())?;
-        let top = parse_manifest(&body, &image_ref.to_string())?;
-        let (manifest_body, manifest_digest, manifest, index) = if top.is_index {
-            let entries = top.raw.manifests.clone().unwrap_or_default();
-            let chosen = platform::select(&self.inner.platform, entries.iter().map(|e| e.platform.as_ref()))
-                .ok_or_else(|| Error::NoMatchingPlatform {
-                    reference: image_ref.to_string(),
-                    platform: self.inner.platform.to_string(),
-                })?;
-            let digest: Digest = parse_digest(&entries[chosen].digest, "manifest list entry")?;
-            let body = client.manifest(image_ref, Some(&digest)).await?;
-            verify_manifest_digest(&body, Some(&digest), &format!("{}@{digest}", image_ref.name()))?;
-            let manifest = parse_manifest(&body, &format!("{}@{digest}", image_ref.name()))?;
-            if manifest.is_index {
-                return Err(Error::Unsupported {
-                    what: "image index".into(),
-                    detail: format!("{digest} is an index inside an index"),
-                });
-            }
-            (body, digest, manifest, Some((body_clone(&top.body), top_digest)))
-        } else {
-            (body.clone(), top_digest, top, None)
-        };
+        let (manifest_body, manifest_digest, manifest, index) =
+            match read_manifest(&body, &self.inner.platform, &image_ref.to_string())? {
+                ManifestPlan::Index { manifest: digest } => {
+                    let what = format!("{}@{digest}", image_ref.name());
+                    let manifest_body = client.manifest(image_ref, Some(&digest)).await?;
+                    verify_manifest_digest(&manifest_body, Some(&digest), &what)?;
+                    match read_manifest(&manifest_body, &self.inner.platform, &what)? {
+                        ManifestPlan::Index { .. } => {
+                            return Err(Error::Unsupported {
+                                what: "image index".into(),
+                                detail: format!("{digest} is an index inside an index"),
+                            });
+                        }
+                        ManifestPlan::Image(manifest) => {
+                            (manifest_body, digest, manifest, Some((body_clone(&body), top_digest)))
+                        }
+                    }
+                }
+                ManifestPlan::Image(manifest) => (body.clone(), top_digest, manifest, None),
+            };
 
-        let config_desc = manifest.raw.config.clone().ok_or_else(|| invalid("manifest", "no config descriptor"))?;
-        if !CONFIG_TYPES.contains(&config_desc.media_type.as_str()) {
-            return Err(Error::Unsupported {
-                what: "config media type".into(),
-                detail: format!("{:?} (not a container image)", config_desc.media_type),
-            });
-        }
-        let config_digest = parse_digest(&config_desc.digest, "config descriptor")?;
-        let config_size = descriptor_size(&config_desc, registry::MAX_CONFIG_BYTES)?;
+        let ImageManifest { config: config_digest, config_size, layers: layer_descriptors } = manifest;
         let _config_active = self.activate(vec![config_digest.clone(), manifest_digest.clone()]);
         let config_bytes = self.small_blob(client, image_ref, &config_digest, config_size, "config").await?;
-        let (config, diff_ids) = parse_image_config(&config_bytes).map_err(|e| invalid("image config", &e))?;
-
-        let raw_layers = manifest.raw.layers.clone().unwrap_or_default();
-        if raw_layers.len() != diff_ids.len() {
-            return Err(invalid(
-                "image",
-                &format!("manifest lists {} layers but the config has {} diff_ids", raw_layers.len(), diff_ids.len()),
-            ));
-        }
-        let chains = chain_ids(&diff_ids);
-        let mut layers = Vec::with_capacity(raw_layers.len());
-        for ((desc, diff_id), chain_id) in raw_layers.iter().zip(diff_ids).zip(chains) {
-            if !layers::supported_layer_media_type(&desc.media_type) {
-                return Err(Error::Unsupported {
-                    what: "layer media type".into(),
-                    detail: format!("{:?} of layer {}", desc.media_type, desc.digest),
-                });
-            }
-            layers.push(Layer {
-                digest: parse_digest(&desc.digest, "layer descriptor")?,
-                size: descriptor_size(desc, u64::MAX)?,
-                media_type: desc.media_type.clone(),
-                diff_id,
-                chain_id,
-            });
-        }
+        let (config, layers) = image_layers(&layer_descriptors, &config_bytes)?;
         let mut keys: Vec<Digest> = layers.iter().flat_map(|l| [l.chain_id.clone(), l.digest.clone()]).collect();
         keys.extend(index.as_ref().map(|(_, d)| d.clone()));
         let _layers_active = self.activate(keys);
@@ -807,10 +772,9 @@ fn descriptor_size(desc: &RawDescriptor, max: u64) -> Result<u64, Error> {
 struct ParsedManifest {
     raw: RawManifest,
     is_index: bool,
-    body: Bytes,
 }
 
-fn parse_manifest(body: &Bytes, what: &str) -> Result<ParsedManifest, Error> {
+fn parse_manifest(body: &[u8], what: &str) -> Result<ParsedManifest, Error> {
     if body.len() as u64 > registry::MAX_MANIFEST_BYTES {
         let limit = registry::MAX_MANIFEST_BYTES;
         return Err(invalid("manifest", &format!("{what} is larger than {limit} bytes")));
@@ -838,7 +802,85 @@ fn parse_manifest(body: &Bytes, what: &str) -> Result<ParsedManifest, Error> {
     if !is_index && (raw.config.is_none() || raw.layers.is_none()) {
         return Err(invalid("manifest", &format!("{what} has no config or layers")));
     }
-    Ok(ParsedManifest { raw, is_index, body: body.clone() })
+    Ok(ParsedManifest { raw, is_index })
+}
+
+/// A manifest or index body as a pull reads it, before it downloads anything else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestPlan {
+    /// An image index (manifest list): the manifest of the platform asked for.
+    Index { manifest: Digest },
+    /// An image manifest, its config and layer descriptors checked.
+    Image(ImageManifest),
+}
+
+/// What an image manifest names: its config and, bottom first, its layers (digest, size, media type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageManifest {
+    pub config: Digest,
+    pub config_size: u64,
+    pub layers: Vec<(Digest, u64, String)>,
+}
+
+/// Reads a registry's manifest or index body (`what` names it in errors); for an index, chooses
+/// the manifest for `platform`. Pure: imagestore/fuzz feeds it arbitrary bytes.
+pub fn read_manifest(body: &[u8], platform: &Platform, what: &str) -> Result<ManifestPlan, Error> {
+    let parsed = parse_manifest(body, what)?;
+    if parsed.is_index {
+        let entries = parsed.raw.manifests.unwrap_or_default();
+        let chosen = platform::select(platform, entries.iter().map(|e| e.platform.as_ref()))
+            .ok_or_else(|| Error::NoMatchingPlatform { reference: what.to_owned(), platform: platform.to_string() })?;
+        let manifest = parse_digest(&entries[chosen].digest, "manifest list entry")?;
+        return Ok(ManifestPlan::Index { manifest });
+    }
+    let config_desc = parsed.raw.config.ok_or_else(|| invalid("manifest", "no config descriptor"))?;
+    if !CONFIG_TYPES.contains(&config_desc.media_type.as_str()) {
+        return Err(Error::Unsupported {
+            what: "config media type".into(),
+            detail: format!("{:?} (not a container image)", config_desc.media_type),
+        });
+    }
+    let config = parse_digest(&config_desc.digest, "config descriptor")?;
+    let config_size = descriptor_size(&config_desc, registry::MAX_CONFIG_BYTES)?;
+    let mut layers = Vec::new();
+    for desc in parsed.raw.layers.unwrap_or_default() {
+        if !layers::supported_layer_media_type(&desc.media_type) {
+            return Err(Error::Unsupported {
+                what: "layer media type".into(),
+                detail: format!("{:?} of layer {}", desc.media_type, desc.digest),
+            });
+        }
+        let digest = parse_digest(&desc.digest, "layer descriptor")?;
+        let size = descriptor_size(&desc, u64::MAX)?;
+        layers.push((digest, size, desc.media_type));
+    }
+    Ok(ManifestPlan::Image(ImageManifest { config, config_size, layers }))
+}
+
+/// Reads an image config for the manifest's `layers`: the image's settings, and its layers with
+/// their diff and chain ids. Pure: imagestore/fuzz feeds it arbitrary bytes.
+pub fn image_layers(layers: &[(Digest, u64, String)], config: &[u8]) -> Result<(ImageConfig, Vec<Layer>), Error> {
+    let (config, diff_ids) = parse_image_config(config).map_err(|e| invalid("image config", &e))?;
+    if layers.len() != diff_ids.len() {
+        return Err(invalid(
+            "image",
+            &format!("manifest lists {} layers but the config has {} diff_ids", layers.len(), diff_ids.len()),
+        ));
+    }
+    let chains = chain_ids(&diff_ids);
+    let layers = layers
+        .iter()
+        .zip(diff_ids)
+        .zip(chains)
+        .map(|(((digest, size, media_type), diff_id), chain_id)| Layer {
+            digest: digest.clone(),
+            size: *size,
+            media_type: media_type.clone(),
+            diff_id,
+            chain_id,
+        })
+        .collect();
+    Ok((config, layers))
 }
 
 fn verify_manifest_digest(body: &[u8], expected: Option<&Digest>, what: &str) -> Result<Digest, Error> {

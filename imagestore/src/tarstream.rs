@@ -78,6 +78,7 @@ fn malformed(entry: &[u8], reason: impl Into<String>) -> TarError {
 
 /// Reads entries one at a time; the caller reads each entry's data with [`TarReader::data`]
 /// before asking for the next header (unread data is skipped).
+#[derive(Debug)]
 pub struct TarReader<R: Read> {
     inner: R,
     /// Bytes of the current entry's data not yet read, then its padding.
@@ -290,6 +291,7 @@ impl<R: Read> TarReader<R> {
 }
 
 /// The data of the current entry; reads end at the entry's size.
+#[derive(Debug)]
 pub struct EntryData<'a, R: Read> {
     reader: &'a mut TarReader<R>,
 }

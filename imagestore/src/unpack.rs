@@ -69,14 +69,14 @@ fn shifted_file_caps(value: &[u8], shift: IdShift) -> Result<Vec<u8>, String> {
 
 /// Per-layer limits against decompression bombs.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// File contents plus xattr values, in bytes.
     pub max_bytes: u64,
     pub max_entries: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct UnpackStats {
+pub struct UnpackStats {
     pub entries: u64,
     pub bytes: u64,
 }
@@ -84,7 +84,7 @@ pub(crate) struct UnpackStats {
 /// Unpacks the tar stream `reader` into the existing empty directory `dest`.
 /// `layer` names the layer in errors. On error `dest` is left for the caller to remove.
 /// Returns the reader positioned after the end-of-archive marker, so the caller can hash the rest.
-pub(crate) fn unpack<R: Read>(
+pub fn unpack<R: Read>(
     reader: R,
     dest: &Path,
     layer: &str,

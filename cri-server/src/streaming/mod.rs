@@ -24,7 +24,7 @@
 mod portforward;
 mod remote;
 pub mod spdy;
-mod transport;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -31,8 +31,10 @@ pub const RST_REFUSED_STREAM: u32 = 3;
 
 /// The largest frame accepted from a peer (the format allows 16 MiB; clients write 32 KiB).
 pub const MAX_FRAME: usize = 1 << 20;
-/// The largest decompressed header block accepted.
+/// The largest decompressed header block accepted, and the most its headers may take.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// What one header entry costs beyond its bytes (its two Strings).
+const HEADER_ENTRY_COST: usize = 48;
 /// Data frames written carry at most this much.
 pub const MAX_DATA_CHUNK: usize = 32 * 1024;
 
@@ -291,6 +293,10 @@ fn parse_header_block(block: &[u8]) -> io::Result<Headers> {
     };
     let count = u32_at(&mut at)?;
     let mut headers = Vec::new();
+    // Each NUL-separated value becomes an entry with its own copy of the name: without a bound,
+    // a 256 KiB block (a few hundred compressed bytes) of one long name and many NULs would make
+    // gigabytes of headers. The entries may take what the block may.
+    let mut decoded = 0usize;
     for _ in 0..count {
         let length = u32_at(&mut at)?;
         let name = block.get(at..at + length).ok_or_else(|| invalid("truncated header name"))?;
@@ -300,6 +306,10 @@ fn parse_header_block(block: &[u8]) -> io::Result<Headers> {
         at += length;
         let name = String::from_utf8_lossy(name).to_ascii_lowercase();
         for value in value.split(|b| *b == 0) {
+            decoded += name.len() + value.len() + HEADER_ENTRY_COST;
+            if decoded > MAX_HEADER_BLOCK {
+                return Err(invalid("header block decodes into too many headers"));
+            }
             headers.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
         }
     }
@@ -503,6 +513,30 @@ mod tests {
         let Frame::SynReply { headers, .. } = read else { panic!("{read:?}") };
         assert_eq!(headers, vec![("x-many".to_string(), "a".to_string()), ("x-many".to_string(), "b".to_string())]);
         assert_eq!(header(&headers, "X-MANY"), Some("a"));
+    }
+
+    /// Seen while writing the spdy_headers fuzz target (whose bound it breaks): one long name
+    /// with a value of NULs became one header entry, with its own copy of the name, per NUL.
+    #[test]
+    fn a_header_block_cannot_multiply_a_long_name() {
+        // A 68 KiB block: 4097 copies of a 64 KiB name (256 MiB) before the fix.
+        let name = vec![b'a'; 64 * 1024];
+        let mut block = 1u32.to_be_bytes().to_vec();
+        block.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        block.extend_from_slice(&name);
+        block.extend_from_slice(&4096u32.to_be_bytes());
+        block.extend_from_slice(&[0u8; 4096]);
+        match parse_header_block(&block) {
+            Ok(headers) => panic!("a {} byte block decoded into {} headers", block.len(), headers.len()),
+            Err(error) => assert!(error.to_string().contains("too many headers"), "{error}"),
+        }
+        // What clients send still reads.
+        let mut block = 1u32.to_be_bytes().to_vec();
+        for part in [&b"streamtype"[..], b"error"] {
+            block.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            block.extend_from_slice(part);
+        }
+        assert_eq!(parse_header_block(&block).unwrap(), vec![("streamtype".to_string(), "error".to_string())]);
     }
 
     #[tokio::test]
