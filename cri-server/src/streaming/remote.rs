@@ -341,36 +341,77 @@ struct JsonTerminalSize {
     height: u16,
 }
 
+/// At most this many bytes of an unfinished size object are kept: one is about 30 bytes, so a
+/// client that never finishes one (or pads it with whitespace) cannot grow the buffer.
+const MAX_PENDING_RESIZE: usize = 4096;
+
 /// The terminal sizes in the bytes of the resize stream (objects may be split across messages).
 async fn terminal_sizes(mut input: mpsc::Receiver<Vec<u8>>, sizes: mpsc::Sender<TerminalSize>) {
-    let mut pending = Vec::new();
+    let mut decoder = ResizeDecoder::default();
     while let Some(bytes) = input.recv().await {
-        pending.extend_from_slice(&bytes);
-        let mut stream = serde_json::Deserializer::from_slice(&pending).into_iter::<JsonTerminalSize>();
+        for size in decoder.push(&bytes) {
+            if sizes.send(size).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Splits the resize stream into terminal sizes, keeping an unfinished object for the next bytes.
+#[derive(Debug, Default)]
+struct ResizeDecoder {
+    pending: Vec<u8>,
+}
+
+impl ResizeDecoder {
+    fn push(&mut self, bytes: &[u8]) -> Vec<TerminalSize> {
+        self.pending.extend_from_slice(bytes);
+        let mut found = Vec::new();
+        let mut stream = serde_json::Deserializer::from_slice(&self.pending).into_iter::<JsonTerminalSize>();
         let mut consumed = 0;
         loop {
             match stream.next() {
                 Some(Ok(size)) => {
                     consumed = stream.byte_offset();
-                    if sizes.send(TerminalSize { width: size.width, height: size.height }).await.is_err() {
-                        return;
-                    }
+                    found.push(TerminalSize { width: size.width, height: size.height });
                 }
                 Some(Err(e)) if e.is_eof() => break,
                 Some(Err(_)) => {
                     // Not a size: drop what we have and start over.
-                    consumed = pending.len();
+                    consumed = self.pending.len();
                     break;
                 }
                 None => break,
             }
         }
-        pending.drain(..consumed);
+        // Whitespace between objects means nothing: only an unfinished object is kept.
+        let blank = self.pending[consumed..].iter().take_while(|b| b.is_ascii_whitespace()).count();
+        self.pending.drain(..consumed + blank);
+        if self.pending.len() > MAX_PENDING_RESIZE {
+            debug!("dropping {} bytes of an unfinished terminal size", self.pending.len());
+            self.pending.clear();
+        }
+        found
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unfinished_terminal_size_cannot_grow_without_bound() {
+        let mut decoder = super::ResizeDecoder::default();
+        assert!(decoder.push(br#"{"Width": 1"#).is_empty());
+        for _ in 0..256 {
+            assert!(decoder.push(&[b' '; 4096]).is_empty());
+            assert!(decoder.pending.len() <= super::MAX_PENDING_RESIZE, "kept {} bytes", decoder.pending.len());
+        }
+        // Sizes split across messages still arrive, after the dropped bytes as before them.
+        assert!(decoder.push(br#"{"Width": 80, "He"#).is_empty());
+        let sizes = decoder.push(br#"ight": 24}{"Width": 100, "Height": 30}"#);
+        let sizes: Vec<_> = sizes.iter().map(|s| (s.width, s.height)).collect();
+        assert_eq!(sizes, [(80, 24), (100, 30)]);
+    }
+
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
