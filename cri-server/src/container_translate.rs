@@ -69,6 +69,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     let capabilities = security.capabilities.unwrap_or_default();
     let image_name = config.image.map(|i| i.image).unwrap_or_default();
     check_log_path(&config.log_path)?;
+    refuse_stop_signal(config.stop_signal)?;
     Ok(ContainerSpec {
         name: metadata.name,
         attempt: metadata.attempt,
@@ -76,7 +77,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         command: config.command,
         args: config.args,
         working_dir: config.working_dir,
-        env: config.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        env: config.envs.into_iter().map(env_var).collect::<Result<_, _>>()?,
         mounts,
         devices,
         labels: config.labels.into_iter().collect(),
@@ -295,6 +296,8 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
         }),
         image_id: c.spec.image.id.clone(),
         user: None,
+        // Containers stop with the image's STOPSIGNAL (a config's stop_signal is refused).
+        stop_signal: cri::Signal::RuntimeDefault as i32,
     }
 }
 
@@ -314,6 +317,31 @@ pub fn container(c: &Container) -> cri::Container {
 }
 /// The CRI's log_path is relative to the pod's log_directory: an absolute path or `..` would put
 /// the log (created by the daemon as root) anywhere on the node.
+/// An environment variable of the config. Since cri-api 1.36.2 values are bytes; this runtime keeps
+/// them as text (the container's record is JSON), so a value that is not UTF-8 is refused, naming it.
+fn env_var(kv: cri::KeyValue) -> Result<(String, String), Status> {
+    match String::from_utf8(kv.value) {
+        Ok(value) => Ok((kv.key, value)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "envs: the value of {} is not UTF-8, which cri-systemd does not support",
+            kv.key
+        ))),
+    }
+}
+
+/// `stop_signal` (cri-api 1.33): a signal other than the image's default is not honoured yet, so it
+/// is refused rather than silently replaced by the image's STOPSIGNAL at StopContainer.
+fn refuse_stop_signal(stop_signal: i32) -> Result<(), Status> {
+    match cri::Signal::try_from(stop_signal) {
+        Ok(cri::Signal::RuntimeDefault) => Ok(()),
+        Ok(signal) => Err(Status::invalid_argument(format!(
+            "stop_signal {}: a container stop signal is not supported yet by cri-systemd",
+            signal.as_str_name()
+        ))),
+        Err(_) => Err(Status::invalid_argument(format!("stop_signal {stop_signal}: unknown signal"))),
+    }
+}
+
 fn check_log_path(log_path: &str) -> Result<(), Status> {
     let path = std::path::Path::new(log_path);
     if path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {

@@ -120,6 +120,17 @@ impl ImageService for Images {
         Ok(Response::new(cri::ListImagesResponse { images: images.iter().map(to_cri).collect() }))
     }
 
+    /// cri-api 1.36: ListImages's answer as a stream (see list_streaming.rs).
+    type StreamImagesStream = crate::list_streaming::ListStream<cri::StreamImagesResponse>;
+    async fn stream_images(
+        &self,
+        request: Request<cri::StreamImagesRequest>,
+    ) -> Result<Response<Self::StreamImagesStream>, Status> {
+        let list = cri::ListImagesRequest { filter: request.into_inner().filter };
+        let images = self.list_images(Request::new(list)).await?.into_inner().images;
+        Ok(Response::new(crate::list_streaming::chunked(images, |images| cri::StreamImagesResponse { images })))
+    }
+
     async fn image_status(
         &self,
         request: Request<cri::ImageStatusRequest>,

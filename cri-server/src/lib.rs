@@ -12,6 +12,7 @@ pub mod config;
 pub mod container_translate;
 pub mod errors;
 pub mod image_service;
+pub mod list_streaming;
 pub mod logging;
 pub mod node;
 pub mod pod_translate;

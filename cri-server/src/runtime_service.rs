@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::config::Config;
 use crate::container_translate;
 use crate::errors::{node_status, runtime_status};
+use crate::list_streaming::{ListStream, chunked};
 use crate::node::{self, Node, now_nanos};
 use crate::pod_translate;
 use crate::streaming::{StreamRequest, StreamingServer};
@@ -58,6 +59,7 @@ fn container_stats(stats: &node::ContainerStats) -> cri::ContainerStats {
             inodes_used: Some(cri::UInt64Value { value: stats.writable_layer.inodes }),
         }),
         swap: None,
+        io: None,
     }
 }
 
@@ -81,6 +83,7 @@ fn pod_stats(stats: &node::PodStats) -> cri::PodSandboxStats {
             network: stats.network.as_deref().map(network_usage),
             process: None,
             containers: stats.containers.iter().map(container_stats).collect(),
+            io: None,
         }),
         windows: None,
     }
@@ -166,7 +169,11 @@ impl RuntimeService for RuntimeApi {
                     user_namespaces: true,
                 }),
             }],
-            features: Some(cri::RuntimeFeatures { supplemental_groups_policy: false }),
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+                // A pod in a user namespace with the host's network: not tried end to end.
+                user_namespaces_host_network: false,
+            }),
         }))
     }
 
@@ -539,6 +546,64 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
     }
+
+    // cri-api 1.36: the streaming forms of the List RPCs (see list_streaming.rs) answer what the
+    // unary ones answer.
+    type StreamPodSandboxesStream = ListStream<cri::StreamPodSandboxesResponse>;
+    async fn stream_pod_sandboxes(
+        &self,
+        request: Request<cri::StreamPodSandboxesRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxesStream>, Status> {
+        let list = cri::ListPodSandboxRequest { filter: request.into_inner().filter };
+        let items = self.list_pod_sandbox(Request::new(list)).await?.into_inner().items;
+        Ok(Response::new(chunked(items, |pod_sandboxes| cri::StreamPodSandboxesResponse { pod_sandboxes })))
+    }
+    type StreamContainersStream = ListStream<cri::StreamContainersResponse>;
+    async fn stream_containers(
+        &self,
+        request: Request<cri::StreamContainersRequest>,
+    ) -> Result<Response<Self::StreamContainersStream>, Status> {
+        let list = cri::ListContainersRequest { filter: request.into_inner().filter };
+        let items = self.list_containers(Request::new(list)).await?.into_inner().containers;
+        Ok(Response::new(chunked(items, |containers| cri::StreamContainersResponse { containers })))
+    }
+    type StreamContainerStatsStream = ListStream<cri::StreamContainerStatsResponse>;
+    async fn stream_container_stats(
+        &self,
+        request: Request<cri::StreamContainerStatsRequest>,
+    ) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
+        let list = cri::ListContainerStatsRequest { filter: request.into_inner().filter };
+        let items = self.list_container_stats(Request::new(list)).await?.into_inner().stats;
+        Ok(Response::new(chunked(items, |container_stats| cri::StreamContainerStatsResponse { container_stats })))
+    }
+    type StreamPodSandboxStatsStream = ListStream<cri::StreamPodSandboxStatsResponse>;
+    async fn stream_pod_sandbox_stats(
+        &self,
+        request: Request<cri::StreamPodSandboxStatsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
+        let list = cri::ListPodSandboxStatsRequest { filter: request.into_inner().filter };
+        let items = self.list_pod_sandbox_stats(Request::new(list)).await?.into_inner().stats;
+        Ok(Response::new(chunked(items, |pod_sandbox_stats| cri::StreamPodSandboxStatsResponse { pod_sandbox_stats })))
+    }
+    type StreamPodSandboxMetricsStream = ListStream<cri::StreamPodSandboxMetricsResponse>;
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _: Request<cri::StreamPodSandboxMetricsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
+        let items =
+            self.list_pod_sandbox_metrics(Request::new(cri::ListPodSandboxMetricsRequest {})).await?.into_inner();
+        Ok(Response::new(chunked(items.pod_metrics, |pod_sandbox_metrics| cri::StreamPodSandboxMetricsResponse {
+            pod_sandbox_metrics,
+        })))
+    }
+    /// Best effort for the kubelet (it has already resized the pod's slice and goes on when this
+    /// fails); nothing here records pod-level resources yet.
+    async fn update_pod_sandbox_resources(
+        &self,
+        _: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
+        Err(not_yet("UpdatePodSandboxResources", "pod-level resources are not recorded or applied by the runtime"))
+    }
 }
 
 /// A runtime event as the CRI gives it: with the pod's status and its containers' statuses as
@@ -573,6 +638,7 @@ fn cpu_usage(usage: &runtime::stats::Usage) -> cri::CpuUsage {
         timestamp: usage.timestamp,
         usage_core_nano_seconds: value(usage.cpu_total_nanos),
         usage_nano_cores: value(usage.cpu_nano_cores),
+        psi: None,
     }
 }
 
@@ -585,5 +651,6 @@ fn memory_usage(usage: &runtime::stats::Usage) -> cri::MemoryUsage {
         rss_bytes: value(usage.memory_rss_bytes),
         page_faults: value(usage.page_faults),
         major_page_faults: value(usage.major_page_faults),
+        psi: None,
     }
 }
