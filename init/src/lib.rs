@@ -41,6 +41,40 @@
 //! init is single-threaded and starts no async runtime: the child of `fork` may use the allocator.
 //! This crate has no async runtime or thread pool among its dependencies (a unit test below checks
 //! it), so that stays true; the daemon's `main` runs these subcommands before it starts tokio.
+//!
+//! # Breakout defences
+//!
+//! *Descriptors and cwd* (the CVE-2024-21626 class): init, exec-in and pod-init close every
+//! descriptor above 2 but their own report pipes and console socket before the chdir
+//! (`process::close_descriptors_except`); the working directory is created and opened inside the
+//! container's root with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` (so a `/proc/self/fd/N`
+//! in the pod spec, the image's WORKDIR or an image symlink is refused), entered with fchdir, and
+//! checked with getcwd (the kernel prefixes "(unreachable)" outside the root) before exec; a
+//! refusal fails StartContainer/ExecSync with "chdir to cwd (...) failed: ...".
+//!
+//! *The node's binary* (the CVE-2019-5736 class): at every start the daemon bind-mounts its own
+//! running binary (`/proc/self/exe`) read-only, nosuid, nodev at `<run_root>/exe/cri-systemd`
+//! (`runtime/src/sealed_exe.rs`; earlier mounts there are lazily detached), and every unit's
+//! `ExecStart`/`ExecStopPost` and every exec-in run that path. A `#!/proc/self/exe` script run by
+//! init or exec-in, or any process holding a descriptor of `/proc/<pid>/exe`, reaches the file only
+//! through that mount: opening it for writing fails with EROFS, even once nothing runs the binary;
+//! the container cannot remount it (not in its mount namespace). runc copies itself into a sealed
+//! memfd at every start instead; one mount per daemon start costs nothing per container. init,
+//! exec-in and pod-init are also not dumpable until they exec.
+//!
+//! *Other users of the node* (the CVE-2021-41091 class): the directories of pods and containers
+//! (`<state_root>/{pods,containers}/<id>`, `<run_root>/pods/<id>`, the parent of the pod's
+//! `/dev/shm`) and of CNI results are 0700, records (`pod.json`, `container.json`, `init.json` with
+//! the env, exit and CNI results) 0600, CRI log files 0640; a container's `upper/` (its `/`) keeps
+//! 0755 behind its 0700 directory. The daemon tightens these modes of an older install at start
+//! (`runtime::tighten_modes`). Pod files bind-mounted into containers (hosts, resolv.conf) stay
+//! readable for containers in user namespaces.
+//!
+//! *Requests and config*: a CRI `log_path` must be relative to the pod's log directory without `..`
+//! (InvalidArgument before anything is made); container units get `TasksMax=` from
+//! `containers.tasks_max` (4096), below the kubelet's podPidsLimit on the pod's cgroup;
+//! `images.layer_uid_shift` must be 64K-aligned and a kubelet-chosen user namespace range may not
+//! overlap it; credentials are never sent to a plain-HTTP mirror. Tests: `e2e/tests/security.rs`.
 
 pub mod cgroup;
 mod error;

@@ -11,6 +11,17 @@
 //! the entrypoint's execve (`/proc/self/attr/apparmor/exec`, as runc does), not with systemd's
 //! `AppArmorProfile=`: that would confine init itself, and the default profile denies the mounts
 //! init makes.
+//!
+//! # When and how
+//!
+//! Resolved at CreateContainer (so a profile the node cannot apply fails there): the default
+//! profile `cri-systemd-default` for containers that ask for nothing or `RuntimeDefault` on an
+//! AppArmor node (loaded once per daemon with `apparmor_parser -K -r` from the text the daemon
+//! generates, so it never depends on the node's /etc/apparmor.d), a loaded `Localhost` profile, or
+//! none; refused where the kernel has no AppArmor. The profile goes into `init.json` as
+//! `process.apparmorProfile`, and init (and exec-in) write `exec <profile>` to
+//! `/proc/self/attr/apparmor/exec` just before the execve, as runc does: systemd's
+//! `AppArmorProfile=` would confine init itself, and the profile denies the mounts init makes.
 
 use std::io::Write;
 use std::path::Path;

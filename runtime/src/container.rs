@@ -1,6 +1,27 @@
 //! Containers: what the kubelet asks for (`ContainerSpec`), what the runtime records
 //! (`Container`), and how a container becomes an OCI spec for `cri-systemd init` and the unit
 //! properties of its transient service.
+//!
+//! # Devices
+//!
+//! An unprivileged container's unit has `DevicePolicy=strict` and runc's default `DeviceAllow=`
+//! list (mknod of anything; read/write of null, zero, full, random, urandom, tty, ptmx, the devpts
+//! ptys and /dev/net/tun), by number (`/dev/char/1:3`, `char-pts`) so that systemd need not find
+//! the paths in its own /dev; systemd writes the v1 devices controller or attaches a BPF program on
+//! v2. `exec-in` joins the unit's devices cgroup like the others. Privileged containers get no
+//! policy. A CRI device is resolved by CreateContainer (symlinks followed; it must be a char or
+//! block node) into its number, mode and owner, kept in the record; init mknods it at its container
+//! path under /dev (as the node's root, before joining a pod's user namespace, owner translated
+//! into the pod's range, so the pod's root owns it), and the unit gets
+//! `DeviceAllow=/dev/{char,block}/MAJ:MIN` with exactly its permissions. CDI names are refused.
+//!
+//! # CPU and memory node sets
+//!
+//! cgroup v2: `AllowedCPUs=`/`AllowedMemoryNodes=`, live. cgroup v1 (systemd does not manage the v1
+//! cpuset controller): `CPUAffinity=` at exec, and on an update the daemon sets the affinity of
+//! every task of the unit; `exec-in` copies the main process's affinity; memory nodes are
+//! `NUMAPolicy=bind`+`NUMAMask=` at exec, for the entrypoint and its children only (not exec'd
+//! commands), and cannot change on a running container.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,17 @@
 //! is `cri-systemd init <init.json>`, which sets the container up and execs the entrypoint, so
 //! the entrypoint is the service's main process; its `ExecStopPost` is `cri-systemd record-exit
 //! <exit.json>`, so systemd itself records how it ended.
+//!
+//! # Stop
+//!
+//! The image's stop signal to the main process, SIGKILL to the unit after the grace period, then
+//! `StopUnit` (systemd's own stop timeout cannot be changed on a running unit). The kernel drops a
+//! signal sent from outside to the PID 1 of a PID namespace that has no handler for it, so an
+//! entrypoint stopped before it installed its handler (critest stops `top` the moment it started)
+//! would lose the signal and be killed at the end of the grace period: when the main process is
+//! such a PID 1 and `SigCgt` in its `/proc/<pid>/status` lacks the signal, the daemon waits
+//! (polling every 50 ms, within the grace period) until the handler is there and sends it then.
+//! runc and containerd send once and lose it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! Container events (the CRI's GetContainerEvents, the kubelet's evented PLEG): every lifecycle
 //! change of a container is broadcast to all subscribers with a snapshot of its pod and the
-//! pod's containers taken when it happened.
+//! pod's containers taken when it happened, like containerd's.
 //!
 //! Pods have events too, as with containerd (whose kubelet counterpart expects them): CREATED and
 //! STARTED at RunPodSandbox, STOPPED at StopPodSandbox, DELETED at RemovePodSandbox, with the

@@ -4,6 +4,18 @@
 //! The daemon spawns exec-in with the session's stdio (pipes) and a SOCK_SEQPACKET control
 //! socket as fd 3, on which exec-in reports the pty, the start and the end of the command.
 //! Dropping an [`ExecSession`] closes the control socket, which kills the command.
+//!
+//! # How exec-in enters a container
+//!
+//! ExecSync and Exec spawn `cri-systemd exec-in` (single-threaded, as `setns` into a mount
+//! namespace needs): it checks that the unit's main PID is still the container's, writes itself
+//! into that process's cgroup in every mounted hierarchy (systemd's `AttachProcessesToUnit` refuses
+//! units without `Delegate=yes`), joins the PID namespace, forks a child that joins
+//! ipc/uts/net/mnt, chroots to the main process's root, and runs init's process setup (rlimits,
+//! then the container's user namespace if it has its own, user, capabilities, no_new_privs, cwd,
+//! env from `init.json`) before `execve`. The end of the command comes back on a SOCK_SEQPACKET
+//! control socket; closing it kills the command's process group (`runtime/src/exec.rs`,
+//! `init/src/exec_in.rs`).
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};

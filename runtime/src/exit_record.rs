@@ -1,6 +1,7 @@
 //! How a container ended, recorded by systemd itself: the container unit's `ExecStopPost=` runs
 //! `cri-systemd record-exit <file>`, which writes what systemd passes it ($SERVICE_RESULT,
-//! $EXIT_CODE, $EXIT_STATUS) and whether the cgroup saw an OOM kill. The record is written even
+//! $EXIT_CODE, $EXIT_STATUS) and whether the cgroup saw an OOM kill (cgroup v1
+//! `memory.oom_control`, v2 `memory.events`). The record is written even
 //! while the daemon is down, and outlives the unit, which systemd unloads once it is inactive.
 
 use std::path::Path;

@@ -2,6 +2,30 @@
 //! CreateContainer, live changes by UpdateContainerResources, and the removal of a container's v1
 //! hugetlb cgroup (ours to delete). init applies the limits before the entrypoint runs; how, on
 //! cgroup v1 and v2, is in `init/src/hugetlb.rs`, whose hierarchy lookup and writes this reuses.
+//!
+//! # Hugepage limits, end to end
+//!
+//! systemd 252 has no property for the hugetlb controller and never places units in a v1 hugetlb
+//! hierarchy, so cri-systemd drives it itself, from init (`hugepage_limits` in `init.json`): init
+//! is the unit's first process and still root in the node's namespaces, so the limit is in place
+//! before the entrypoint is forked, whatever the daemon does meanwhile. cgroup v1 (a hierarchy with
+//! `hugetlb` mounted): init creates `<hugetlb mount>/<the unit's cgroup path>`, writes
+//! `hugetlb.<size>.limit_in_bytes` and joins it (`cgroup.procs`); the entrypoint inherits it,
+//! exec-in joins it like every hierarchy of the main process. The daemon removes that directory,
+//! and the parents it leaves empty, with the container (RemoveContainer, pod removal, recovery of
+//! half-done removals). cgroup v2, or the unified hierarchy of a hybrid node whose v1 mounts do not
+//! take hugetlb (the test machines: the nodes enable it down to their cgroup): init enables
+//! `+hugetlb` in `cgroup.subtree_control` of every ancestor of its cgroup (as runc's systemd driver
+//! does for controllers systemd does not know; systemd only writes the controllers it knows there,
+//! so it never takes it back) and writes `hugetlb.<size>.max` in the unit's cgroup, which systemd
+//! creates and removes. The `rsvd` (reservation) limits get the same value when the kernel has
+//! them. UpdateContainerResources writes the same files live (on v1 it also moves the unit's
+//! processes in) or, for a created container, its `init.json`. Page sizes must be the node's
+//! (`/sys/kernel/mm/hugepages`, InvalidArgument otherwise); a non-zero limit on a node without the
+//! controller is refused (FailedPrecondition, naming the page size). Limits that are all 0 (what
+//! the kubelet sends for every page size when a pod asks for no hugepages) are accepted and not
+//! enforced: no cgroup work for every container, but such a pod is not kept from hugepages the node
+//! has free.
 
 use std::path::Path;
 

@@ -1,18 +1,47 @@
 //! Container output: the pipes of a container's stdout and stderr, read by the daemon into the
 //! kubelet's CRI log file and to attached clients.
 //!
-//! Every container without a terminal gets two pipes, as runc gives them: their write ends are
-//! the unit's stdout and stderr (`StandardOutputFileDescriptor`, `StandardErrorFileDescriptor`),
-//! so `/dev/stdout`, `/dev/stderr` and `/proc/self/fd/1` can be opened again by path (the upstream
-//! nginx and httpd images link their log files there). The daemon keeps the read ends in its
-//! systemd fd store (`FDNAME=<id>-stdout|<id>-stderr`, see crate::stdio) and reads them, writing
-//! `<RFC3339Nano> <stdout|stderr> <F|P> <text>` lines (16 KiB pieces at most) to the container's
-//! log path. While the daemon is down a writer fills the pipe (up to 1 MiB, `F_SETPIPE_SZ`) and
-//! then blocks until a restarted daemon reads again: nothing is lost, as with containerd's shim.
+//! A container without a terminal gets two pipes, as runc gives them: their write ends are the
+//! unit's stdout and stderr (`StandardOutputFileDescriptor`, `StandardErrorFileDescriptor`, fds
+//! passed over D-Bus), so `/dev/stdout`, `/dev/stderr` and `/proc/self/fd/1` open again by path
+//! (the upstream nginx and httpd images link their log files there; a journald stream socket
+//! refused that with ENXIO). init reopens each through `/proc/self/fd` read-write, so a pipe never
+//! lacks a reader and a writer is never killed by SIGPIPE. The daemon stores the read ends in its
+//! fd store (`FDNAME=<id>-stdout|<id>-stderr`, see crate::stdio) before the unit starts, reads them
+//! (one task per pipe, at most 256 KiB per turn so that a flooding container does not starve the
+//! others) and writes the kubelet's format (`<RFC3339Nano> <stream> <F|P> <text>`, 16 KiB pieces, a
+//! last unfinished line as P, as containerd writes it) to the container's log path;
+//! ReopenContainerLog swaps the file; Attach subscribes to the same reader.
 //!
-//! When the container ends (its exit record is seen) the pipes are drained before its status
-//! says exited, so the kubelet finds every line in the log; end of file comes once systemd drops
-//! its own copy of the write ends with the unit.
+//! **While the daemon is down** (crashed, killed, restarting) a writer fills its pipe (raised to 1
+//! MiB with `F_SETPIPE_SZ`, capped by `/proc/sys/fs/pipe-max-size`) and then blocks until the
+//! restarted daemon reads again: nothing written meanwhile is lost or repeated, as with
+//! containerd's shim, but a container that logs a lot stalls while the daemon is away. (A kill of
+//! the daemon itself can lose what it had read and not yet written: an unfinished line it was
+//! holding, or one read's worth; containerd's reader has the same window.) The order of stdout
+//! lines against stderr lines is the order they were read in, as with any two pipes. The inode
+//! numbers of the two pipes are noted in `output-pipes` next to the container's record: if systemd
+//! dropped the stored read ends (an explicit `systemctl stop` before systemd 254), the restarted
+//! daemon opens the pipes again through `/proc/<pid>/fd/<n>` of the unit's processes.
+//!
+//! **End of a container**: its processes are gone once `record-exit` ran (`ExecStopPost` runs after
+//! the unit's cgroup is empty), so when the exit record is seen the pipes are drained into the log
+//! *before* the status says exited: the kubelet finds every line of a short-lived container. End of
+//! file comes when systemd drops its own copy of the write ends, with the unit; the read ends then
+//! leave the fd store.
+//!
+//! **The journal is not in the path**: `journalctl -u cri-<id>.service` shows systemd's messages
+//! about the unit (and init's for tty containers; for the others a failed start's message goes to
+//! the CRI log and ContainerStatus), not the container's output, so a container printing without
+//! pause (`yes`) fills only its own log file, which the kubelet rotates, and cannot evict the
+//! node's journal (e2e `logs.rs` measures it: ~210 MB of CRI log in 10 s from `yes`, while another
+//! container's log keeps flowing within a second, ContainerStatus answers within 25 ms and a
+//! `logger` line of the node stays in the journal; as with containerd, such a log grows that fast
+//! between the kubelet's rotation checks). Containers started by versions that wrote output to the
+//! journal keep doing so after an upgrade; their CRI log is no longer written (the daemon says so
+//! at start; Attach and ReopenContainerLog refuse them with that reason) until they are recreated;
+//! containers created but not started before the upgrade get pipes (checked by hand with main's
+//! build at 70f5bb0).
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -7,6 +7,17 @@
 //! no page tables are copied), which then creates the pod's network, IPC and UTS
 //! namespaces from inside it, so that they belong to it: root in the pod administers its own
 //! network, and nothing of the node's.
+//!
+//! # No pause process, no shim
+//!
+//! Pod namespaces are created on a short-lived thread and pinned by bind mounts (like CRI-O's
+//! pinns); the pod's sysctls (only namespaced ones: `net.*`, IPC) are written once, after CNI, by a
+//! thread that joins those namespaces and mounts a procfs of its own (a node that is itself a
+//! container has a read-only /proc/sys). A container's unit starts `cri-systemd init`, which joins
+//! the pod's namespaces, mounts the overlay rootfs *inside the container's own mount namespace*
+//! (nothing to leak on the host), forks the future PID 1, sends systemd `MAINPID=<child>` and
+//! `READY=1` once the child exec'd, and exits. systemd adopts the entrypoint as the service's main
+//! process.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -1,5 +1,17 @@
 //! Pod lifecycle: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and listing, and the
 //! recovery of pods from disk and systemd when the daemon starts.
+//!
+//! # The pod's slice
+//!
+//! The kubelet's systemd driver sends `cgroup_parent` as the slice's expanded path
+//! (`/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`; critest
+//! `/test.slice`): the last component is the slice, and the path must be its parents' by systemd's
+//! dash-prefix nesting (InvalidArgument otherwise). With `cgroupsPerQOS` the kubelet has started
+//! that slice, with the pod's limits, before RunPodSandbox: the pod uses it and the runtime never
+//! stops it. A slice the runtime started (none given: `kubepods-besteffort-pod<uid>.slice`; or one
+//! that did not exist) is recorded as the pod's (`owns_slice`) and stopped with the last of the
+//! runtime's pods in it (critest's pods share one); when the slice stays, teardown stops the pod's
+//! init unit itself.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,15 @@
 //! Localhost: a profile file on the node in Docker's seccomp format (the one the kubelet's
 //! `localhost/` profiles and containerd use; the OCI form is a subset of it), read once at
 //! CreateContainer, so that a later change of the file does not change a created container.
+//!
+//! # From the daemon to init
+//!
+//! seccomp RuntimeDefault is built by the daemon as an OCI profile (`seccomp_profile.rs`:
+//! containerd's allowlist, capability-gated syscalls only with the capability) and compiled by init
+//! with `seccompiler` into stacked BPF filters, installed just before the change of user. Localhost
+//! profiles (Docker's format, as the kubelet's are) are read, filtered by their includes/excludes
+//! and compiled once at CreateContainer, so a bad profile fails there and a later edit of the file
+//! does not change a created container (as with containerd).
 
 use serde::Deserialize;
 use serde_json::{Value, json};

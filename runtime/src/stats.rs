@@ -1,6 +1,16 @@
 //! Resource usage of pods and containers, read from their cgroups (what the kubelet's CRI stats
 //! provider asks for): CPU time and rate, memory usage and working set, writable layer size.
 //! cgroup v1 (hybrid, per-controller hierarchies) and v2 (unified) are both read.
+//!
+//! # Limits, stats and network counters
+//!
+//! Resource limits are unit properties (`MemoryMax`, `CPUShares`, `CPUQuotaPerSecUSec`), changed
+//! live by UpdateContainerResources; stats are read from the unit's and the slice's cgroups (v1
+//! controllers, or v2; on hybrid nodes CPU time comes from the unified hierarchy).
+//!
+//! A ready pod's stats carry its network counters (rx/tx bytes and errors of each interface but
+//! loopback, eth0 as the default one, as containerd), read from /proc/thread-self/net/dev by a
+//! short-lived thread that joins the pod's pinned network namespace.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

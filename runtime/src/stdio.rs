@@ -1,18 +1,36 @@
 //! Containers with stdin or a tty: the daemon's ends of their stdio, kept across restarts in the
 //! daemon's systemd file descriptor store.
 //!
-//! - stdin without a tty: a pipe whose read end is the unit's stdin
-//!   (`StandardInputFileDescriptor`); the daemon keeps the write end. stdout and stderr are the
-//!   output pipes of every container without a terminal (crate::logs).
-//! - tty: the unit's stdin is one end of a socketpair (the "console socket"); init opens a pty in
-//!   the container's devpts once it is root of the pod's user namespace (so the terminal is the
-//!   container's own), makes the slave its controlling terminal and stdin/stdout/stderr, and sends
-//!   the master back over the socket (SCM_RIGHTS) before exec. The daemon reads the master and
-//!   writes what it gets to the CRI log file (stream `stdout`) and to attached clients.
+//! A container with `stdin` and no `tty` gets a pipe as the unit's stdin
+//! (`StandardInputFileDescriptor`, an fd passed over D-Bus); the daemon keeps the write end, Attach
+//! writes into it, and its stdout and stderr are the output pipes of crate::logs. With
+//! `stdin_once`, the end of the first attach session that carried stdin closes the write end: the
+//! container sees end of file. A `tty` container's unit stdin is instead one end of a socketpair,
+//! the "console socket" (runc's way): init, once it is root of the pod's user namespace, opens a
+//! pty in the container's own devpts (so the terminal is `/dev/pts/0`, owned by the container's
+//! root, in user-namespaced pods too; a pty of the node would show as nobody's and be invisible to
+//! `tty`), makes the slave its controlling terminal (setsid + TIOCSCTTY) and stdin/stdout/stderr,
+//! and sends the master back with SCM_RIGHTS before exec. The daemon reads the master: each line
+//! goes to the CRI log file as stream `stdout` (as containerd does) and to attached clients; Attach
+//! writes input and sets sizes (TIOCSWINSZ) on it; `stdin_once` sends VEOF (^D) when the first
+//! session ends.
 //!
-//! The write ends and masters go into the fd store (`FDSTORE=1`, `FDNAME=<id>-stdin|<id>-tty`),
-//! and so do the read ends of the output pipes (`<id>-stdout`, `<id>-stderr`); a restarted daemon
-//! gets them back through `LISTEN_FDS`/`LISTEN_FDNAMES`.
+//! No process stays per container: write ends and masters (and the output pipes' read ends) are
+//! kept in the daemon's systemd fd store (`FDSTORE=1`,
+//! `FDNAME=<id>-stdin|<id>-tty|<id>-stdout|<id>-stderr`; the unit has `FileDescriptorStoreMax=`),
+//! handed back on restart through `LISTEN_FDS`/`LISTEN_FDNAMES` and removed with `FDSTOREREMOVE=1`
+//! with the container; stored fds no running container claims are closed at start.
+//!
+//! Trade-offs: while the daemon is down, a terminal's output waits in the kernel's pty buffer (a
+//! few KiB) and the container blocks on write once it is full (as it does on its output pipes,
+//! after 1 MiB); and the fd store survives a crash or kill (systemd restarts the daemon) and
+//! `systemctl restart` (both checked on systemd 252), but, before systemd 254's
+//! `FileDescriptorStorePreserve=yes` (set in the unit, ignored by older versions), not an explicit
+//! `systemctl stop`: systemd then closes the last write end or master, so a stdin container sees
+//! end of file and a tty container's terminal hangs up (SIGHUP to its session, which ends a shell).
+//! A daemon killed between the start of a tty container's unit and receiving the master loses it
+//! the same way. Without systemd (no `NOTIFY_SOCKET`) all of this works but does not survive a
+//! restart, which the daemon logs once.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Write};

@@ -1,6 +1,18 @@
 //! Crash-safe records: every record is one JSON file replaced atomically (write a temp file,
 //! fsync, rename over, fsync the directory), so a SIGKILL at any point leaves the old or the new
 //! version, never a torn one.
+//!
+//! # Records, roll-back and quarantine
+//!
+//! `<state_root>/pods/<id>/pod.json` and `<state_root>/containers/<id>/container.json` are replaced
+//! atomically. Each operation writes its intent first (state `Creating`/`Removing`); on start the
+//! daemon rolls such records back or forward and notices containers that ended. A record that
+//! exists but cannot be read (torn by a disk, edited by hand) is never deleted: its directory
+//! moves, unchanged, to `<state_root>/quarantine/<pod|container>-<id>-<unix time>/` with a
+//! `quarantine-reason.txt`, the reason goes to the journal (error level) and to Status' verbose
+//! info (`quarantine`, every entry of that directory, until an operator removes it). The containers
+//! of a quarantined pod are not stopped; they stay listed (a client may stop and remove them) and a
+//! running one's user namespace range stays reserved (read from its main process's `uid_map`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -20,6 +20,27 @@
 //! backend's, [`runtime::StreamingRuntime`] (the kubelet's `streaming.Runtime` shape: exec,
 //! attach, port_forward), which the daemon's runtime implements. A session hands the backend
 //! channels of bytes and terminal sizes and reports how the backend's call ended.
+//!
+//! # Sessions and bounds
+//!
+//! Exec, Attach and PortForward return a URL with a single-use token on the daemon's streaming
+//! server (`cri-server/src/streaming/`): the Kubernetes remote command protocols over SPDY/3.1
+//! (framing and zlib header compression in `spdy.rs`) and WebSocket (v4/v5 channels), and port
+//! forwarding over both. The server holds only the protocols; what a session does is the runtime's,
+//! behind `runtime::StreamingRuntime` (`runtime/src/streaming.rs`, the kubelet's
+//! `streaming.Runtime` shape: exec, attach, port_forward over channels of bytes and terminal sizes;
+//! its module doc says why the trait lives in `runtime`). Port forwarding connects from a thread
+//! inside the pod's pinned network namespace (`runtime::namespaces::connect_loopback`). Attach
+//! streams the container's output pipes as the daemon reads them, or its terminal, and carries
+//! stdin and terminal sizes to containers created with `stdin`/`tty` (`runtime/src/stdio.rs`); it
+//! ends when the output or the terminal ends or the container's Stopped event comes (the exit
+//! watch, `runtime/src/events.rs`), at once.
+//!
+//! Bounds against hostile clients: 128 connections at once (more are closed at accept), 10 s to
+//! send a request head or finish a TLS handshake (slowloris), SPDY frames and WebSocket messages of
+//! at most 1 MiB, SPDY header blocks of 256 KiB, 64 open streams per connection, each queuing at
+//! most 512 KiB of the client's data, and 16 port forwards waiting for their second stream (e2e
+//! `hostile::streaming_server_*`, `hostile::port_forward_*`, `hostile::websocket_*`).
 
 mod portforward;
 mod remote;

@@ -6,6 +6,16 @@
 //! One network per pod, on interface eth0 of the pod's pinned network namespace. The pod's
 //! operation lock serialises its ADD and DEL; plugins of different pods run concurrently (IPAM
 //! plugins lock their own stores).
+//!
+//! # ADD and DEL, crash-safe
+//!
+//! After the namespaces are pinned (and the record saved, state `Creating`), CNI ADD runs the
+//! network's plugins on the pinned netns file, each with the previous one's result. The result
+//! cache (`<state_root>/cni/results/`) is written before the first plugin and after each, so DEL
+//! undoes whatever part ran, with the config and runtimeConfig of the ADD, even after a kill or a
+//! config change. Plugins run in a process group of their own (killed on timeout) with
+//! `PR_SET_PDEATHSIG`, so no ADD of a killed daemon races the DEL of the restarted one. The pod's
+//! IPs go into its record, PodSandboxStatus and its `/etc/hosts`.
 
 mod cache;
 mod capabilities;
