@@ -137,3 +137,38 @@ async fn quarantined_pods_userns_range_stays_reserved() {
         );
     }
 }
+
+/// The same for a quarantined pod with no container but a process of its own: the init of a pod
+/// that shares one PID namespace runs in the pod's user namespace, so its range stays reserved.
+#[tokio::test(flavor = "multi_thread")]
+async fn quarantined_pods_init_keeps_its_userns_range_reserved() {
+    let node = e2e::Node::up("quarantine-podinit", Default::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let shared = crisimple::kubelet_pod("torn-podinit")
+        .pid(cri::NamespaceMode::Pod)
+        .userns(cri::NamespaceMode::Pod, None)
+        .build();
+    let torn = crisimple::run_pod_sandbox(&mut client, shared).await.expect("RunPodSandbox");
+    let (host_id, length) = userns_range(&mut client, &torn).await;
+    let unit = format!("cri-pod-{torn}.service");
+    let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
+    let uid_map = node.sh(&format!("cat /proc/{}/uid_map", pid.trim()));
+    assert!(uid_map.split_whitespace().eq(["0", &host_id.to_string(), &length.to_string()]), "{uid_map}");
+
+    node.sh(&format!("truncate -s 100 /var/lib/cri-systemd/pods/{torn}/pod.json"));
+    node.sh("systemctl restart cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    node.sh(&format!("test -e /var/lib/cri-systemd/quarantine/pod-{torn}-*/pod.json"));
+    assert_eq!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
+    let new = crisimple::run_pod_sandbox(&mut client, crisimple::userns_pod_config("after-podinit"))
+        .await
+        .expect("RunPodSandbox");
+    let (new_host_id, new_length) = userns_range(&mut client, &new).await;
+    let disjoint = u64::from(new_host_id) + u64::from(new_length) <= u64::from(host_id)
+        || u64::from(host_id) + u64::from(length) <= u64::from(new_host_id);
+    assert!(
+        disjoint,
+        "the new pod got host ids {new_host_id}+{new_length}, over the quarantined pod's {host_id}+{length}, \
+         in which its init still runs"
+    );
+}

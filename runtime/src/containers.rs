@@ -818,7 +818,7 @@ impl Runtime {
             let entry = Entry::new(record.clone());
             self.containers.lock().expect("container table lock").insert(record.id.clone(), entry.clone());
             if pod_quarantined && record.state == ContainerState::Running {
-                self.reserve_quarantined_userns(&record).await;
+                self.reserve_quarantined_userns(&record.pod_id, &record.unit).await;
             }
             if pod_gone || matches!(record.state, ContainerState::Creating | ContainerState::Removing) {
                 info!(container = %record.id, state = ?record.state, pod_gone, "removing a container left half-done");
@@ -861,17 +861,18 @@ impl Runtime {
 
 impl Runtime {
     /// A running container of a pod whose record was set aside may be in that pod's user
-    /// namespace: its range (read from the main process's uid_map) stays reserved, so that no new
-    /// pod gets the same host ids.
-    async fn reserve_quarantined_userns(&self, record: &Container) {
-        let Ok(pid) = self.systemd.main_pid(&record.unit).await else { return };
+    /// namespace, and so is the init of such a pod that shares one PID namespace: the range (read
+    /// from the unit's main process's uid_map) stays reserved, so that no new pod gets the same
+    /// host ids.
+    pub(crate) async fn reserve_quarantined_userns(&self, pod_id: &str, unit: &str) {
+        let Ok(pid) = self.systemd.main_pid(unit).await else { return };
         let Ok(map) = std::fs::read_to_string(format!("/proc/{pid}/uid_map")) else { return };
         let Some(range) = crate::userns::pod_range_of_uid_map(&map) else { return };
         let mut ranges = self.userns_ranges.lock().expect("userns range lock");
         if ranges.user_of(&range).is_none()
-            && let Err(e) = ranges.reserve(&record.pod_id, range)
+            && let Err(e) = ranges.reserve(pod_id, range)
         {
-            warn!(pod = %record.pod_id, "user namespace range of a quarantined pod: {e}");
+            warn!(pod = %pod_id, "user namespace range of a quarantined pod: {e}");
         }
     }
 }

@@ -133,6 +133,13 @@ impl Runtime {
             }
         }
         runtime.recover_containers(stored).await?;
+        // A quarantined pod's init (shared PID namespace) runs in its user namespace, with or
+        // without containers.
+        let quarantined_pods: Vec<String> =
+            runtime.quarantined().into_iter().filter(|q| q.kind == "pod").map(|q| q.id).collect();
+        for id in quarantined_pods {
+            runtime.reserve_quarantined_userns(&id, &init_unit_name(&id)).await;
+        }
         runtime.check_next_userns_range();
         Ok(runtime)
     }
