@@ -23,25 +23,16 @@
 //! Processes of the containers whose parent dies are reparented to this PID 1 (the containers'
 //! main processes themselves are systemd's: their parent, init, is outside the namespace).
 //!
-//! # The shared PID namespace, end to end
+//! # Around it, in the daemon
 //!
-//! Only such a pod has a process of its own: the unit `cri-pod-<pod id>.service` (`Type=notify`, in
-//! the pod's slice) runs `cri-systemd pod-init`, which joins the pod's net/ipc/uts namespaces and
-//! then its user namespace (so the new PID namespace belongs to it), unshares a PID namespace and
-//! forks its PID 1. That PID 1 moves to an empty read-only tmpfs root in a mount namespace of its
-//! own, drops every capability, sets no_new_privs and is not dumpable (so `/proc/1/root` shows a
-//! container nothing), then only reaps children until SIGTERM. The daemon pins
-//! `/proc/<main pid>/ns/pid` as the pod's `pid` namespace file; container init joins it by path
-//! (setns, then the fork puts the entrypoint in it); exec-in joins the main process's as always.
-//! Container processes orphaned in the namespace are reparented to that PID 1 (the entrypoints
-//! themselves are systemd's children: their parent, init, is outside the namespace). Container
-//! units are ordered `After=` the init unit, so a stop of the slice stops them first: the end of a
-//! PID namespace's init SIGKILLs everything left in it. (StopPodSandbox itself first kills every
-//! running container through that container's own stop path, as containerd does, so each records
-//! exit 137; the ordering covers the slice being stopped by anything else.) The unit's name is in
-//! the pod record before it starts (a daemon killed meanwhile stops it with the slice on restart).
-//! PodSandboxStatus says NotReady and StartContainer refuses once the init is gone (its namespace
-//! is dead), as with a dead pause container elsewhere.
+//! Container units are ordered `After=` the init unit, so a stop of the slice stops them first:
+//! the end of a PID namespace's init SIGKILLs everything left in it. (StopPodSandbox itself first
+//! kills every running container through that container's own stop path, as containerd does, so
+//! each records exit 137; the ordering covers the slice being stopped by anything else.) The
+//! unit's name is in the pod record before it starts (a daemon killed meanwhile stops it with the
+//! slice on restart). PodSandboxStatus says NotReady and StartContainer refuses once the init is
+//! gone (its namespace is dead), as with a dead pause container elsewhere. If the pod's record is
+//! quarantined, the init keeps running and its user-namespace range stays reserved.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
