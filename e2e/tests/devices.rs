@@ -236,8 +236,7 @@ async fn cri_devices_appear_with_exactly_their_permissions() {
     // In a pod with its own user namespace, the node init makes belongs to the pod's root (a
     // bound host node would stay the host root's, which the pod cannot open through 0660).
     let userns_pod = e2e::crisimple::userns_pod_config("devuserns");
-    let request = cri::RunPodSandboxRequest { config: Some(userns_pod), runtime_handler: String::new() };
-    let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let userns_pod = e2e::crisimple::run_pod_sandbox(&mut client, userns_pod).await.expect("RunPodSandbox");
     node.sh(&format!("chmod 0660 {}", loop_device.path));
     let in_userns = running(
         &mut client,

@@ -615,8 +615,7 @@ async fn port_forward_and_tokens() {
 async fn run_logged_pod(client: &mut CriClient, name: &str) -> String {
     let mut config = pod_config(name);
     config.log_directory = format!("/var/log/pods/e2e_{name}");
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id
+    crisimple::run_pod_sandbox(client, config).await.expect("RunPodSandbox")
 }
 
 /// A container reading stdin (and with `tty`, a terminal), logging to `<name>/0.log`.
@@ -789,8 +788,7 @@ async fn attach_to_a_tty_with_resize_and_across_a_daemon_kill() {
     // In a pod with its own user namespace the terminal is the container's own: its devpts, and
     // owned by the container's root (a pty of the node would show as nobody's).
     let config = crisimple::userns_pod_config("attachuserns");
-    let request = cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-    let userns_pod = client.runtime.run_pod_sandbox(request).await.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let userns_pod = crisimple::run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox");
     let contained = create(&mut client, &userns_pod, interactive_config("shell", &image, &["sh"], false, true)).await;
     start(&mut client, &contained).await;
     let url = attach_url(&mut client, &contained, true).await;
