@@ -93,6 +93,26 @@ async fn userns_range(client: &mut e2e::CriClient, pod: &str) -> (u32, u32) {
     (host_id, length)
 }
 
+/// Checks that `unit`'s main process runs in the pod's range, tears the pod's record, restarts the
+/// daemon, and checks that the pod went to quarantine while `unit` kept running.
+async fn quarantine_pod_running_in_its_range(
+    node: &e2e::Node,
+    torn: &str,
+    unit: &str,
+    (host_id, length): (u32, u32),
+) -> e2e::CriClient {
+    let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
+    let uid_map = node.sh(&format!("cat /proc/{}/uid_map", pid.trim()));
+    assert!(uid_map.split_whitespace().eq(["0", &host_id.to_string(), &length.to_string()]), "{uid_map}");
+
+    node.sh(&format!("truncate -s 100 /var/lib/cri-systemd/pods/{torn}/pod.json"));
+    node.sh("systemctl restart cri-systemd");
+    let client = node.cri(ANSWER_TIMEOUT).await;
+    node.sh(&format!("test -e /var/lib/cri-systemd/quarantine/pod-{torn}-*/pod.json"));
+    assert_eq!(node.exec(&["systemctl", "is-active", unit]).stdout.trim(), "active");
+    client
+}
+
 /// A quarantined pod's user-namespace range stays reserved: its container keeps running in that
 /// range, so a new pod in a user namespace of its own must not get the same host ids (the
 /// allocator starts again from the first range after a restart).
@@ -109,15 +129,7 @@ async fn quarantined_pods_userns_range_stays_reserved() {
     let container = crisimple::create(&mut client, &torn, config).await.expect("CreateContainer");
     crisimple::start(&mut client, &container).await.expect("StartContainer");
     let unit = format!("cri-{container}.service");
-    let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
-    let uid_map = node.sh(&format!("cat /proc/{}/uid_map", pid.trim()));
-    assert!(uid_map.split_whitespace().eq(["0", &host_id.to_string(), &length.to_string()]), "{uid_map}");
-
-    node.sh(&format!("truncate -s 100 /var/lib/cri-systemd/pods/{torn}/pod.json"));
-    node.sh("systemctl restart cri-systemd");
-    let mut client = node.cri(ANSWER_TIMEOUT).await;
-    node.sh(&format!("test -e /var/lib/cri-systemd/quarantine/pod-{torn}-*/pod.json"));
-    assert_eq!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
+    let mut client = quarantine_pod_running_in_its_range(&node, &torn, &unit, (host_id, length)).await;
 
     // And again after a second restart, which finds the pod already in quarantine.
     for (round, name) in [(1, "after-userns"), (2, "after-second-restart")] {
@@ -151,15 +163,7 @@ async fn quarantined_pods_init_keeps_its_userns_range_reserved() {
     let torn = crisimple::run_pod_sandbox(&mut client, shared).await.expect("RunPodSandbox");
     let (host_id, length) = userns_range(&mut client, &torn).await;
     let unit = format!("cri-pod-{torn}.service");
-    let pid = node.sh(&format!("systemctl show -p MainPID --value {unit}"));
-    let uid_map = node.sh(&format!("cat /proc/{}/uid_map", pid.trim()));
-    assert!(uid_map.split_whitespace().eq(["0", &host_id.to_string(), &length.to_string()]), "{uid_map}");
-
-    node.sh(&format!("truncate -s 100 /var/lib/cri-systemd/pods/{torn}/pod.json"));
-    node.sh("systemctl restart cri-systemd");
-    let mut client = node.cri(ANSWER_TIMEOUT).await;
-    node.sh(&format!("test -e /var/lib/cri-systemd/quarantine/pod-{torn}-*/pod.json"));
-    assert_eq!(node.exec(&["systemctl", "is-active", &unit]).stdout.trim(), "active");
+    let mut client = quarantine_pod_running_in_its_range(&node, &torn, &unit, (host_id, length)).await;
     let new = crisimple::run_pod_sandbox(&mut client, crisimple::userns_pod_config("after-podinit"))
         .await
         .expect("RunPodSandbox");

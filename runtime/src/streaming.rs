@@ -310,7 +310,7 @@ impl Runtime {
         }
         let netns = pod.namespaces.network.clone();
         let tcp = connect(netns, port).await.map_err(StreamError::Connect)?;
-        let (mut from_pod, mut to_pod) = tcp.into_split();
+        let (from_pod, mut to_pod) = tcp.into_split();
         let upstream = async {
             while let Some(bytes) = input.recv().await {
                 if to_pod.write_all(&bytes).await.is_err() {
@@ -320,20 +320,7 @@ impl Runtime {
             // The client finished sending: so do we, towards the pod.
             let _ = to_pod.shutdown().await;
         };
-        let downstream = async {
-            let mut buffer = vec![0u8; READ_SIZE];
-            loop {
-                match from_pod.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if output.send(buffer[..n].to_vec()).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            drop(output);
-        };
+        let downstream = pipe_output(from_pod, output);
         tokio::join!(upstream, downstream);
         Ok(())
     }
