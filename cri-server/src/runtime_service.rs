@@ -142,7 +142,7 @@ impl RuntimeService for RuntimeApi {
         let network_ready = readiness.network.map_err(|message| ("NetworkPluginNotReady", message));
         let mut info = HashMap::new();
         if request.get_ref().verbose {
-            info.insert("config".into(), serde_json::to_string(&*self.config).unwrap_or_default());
+            info.insert("config".into(), verbose_config(&self.config));
             // Records startup recovery could not read, set aside under <state_root>/quarantine.
             info.insert("quarantine".into(), serde_json::to_string(&self.runtime.quarantined()).unwrap_or_default());
             if let Ok(manager) = &readiness.systemd {
@@ -653,4 +653,17 @@ fn memory_usage(usage: &runtime::stats::Usage) -> cri::MemoryUsage {
         major_page_faults: value(usage.major_page_faults),
         psi: None,
     }
+}
+
+/// The effective config as Status' verbose `config`, plus containerd's `rootDir` and `stateDir`
+/// keys: clients read those to find the runtime's filesystem (critest's user-namespace specs probe
+/// idmapped-mount support on the parent of `stateDir`; containers' rootfs and idmapped layer mounts
+/// live under `<state_root>/containers`, so that is ours).
+fn verbose_config(config: &Config) -> String {
+    let mut json = serde_json::to_value(config).unwrap_or_default();
+    if let Some(map) = json.as_object_mut() {
+        map.insert("rootDir".into(), config.state_root.display().to_string().into());
+        map.insert("stateDir".into(), config.state_root.join("containers").display().to_string().into());
+    }
+    json.to_string()
 }

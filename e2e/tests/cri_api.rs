@@ -186,3 +186,18 @@ async fn cri_api_1_36_rpcs_and_fields() {
         .expect("ExecSync");
     assert_eq!((out.exit_code, String::from_utf8_lossy(&out.stdout).trim()), (0, "grüße"));
 }
+
+/// Status(verbose) names the runtime's directories with containerd's keys, as clients expect:
+/// critest's user-namespace specs probe idmapped-mount support on the parent of `stateDir`, and
+/// skip when that probe lands on a filesystem the runtime does not use.
+#[tokio::test(flavor = "multi_thread")]
+async fn verbose_status_names_the_state_dir_as_containerd_does() {
+    let node = e2e::Node::up("cri-api-statedir", e2e::NodeOptions::default());
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let status = client.runtime.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
+    let config: serde_json::Value = serde_json::from_str(&status.info["config"]).expect("config is JSON");
+    assert_eq!(config["rootDir"], "/var/lib/cri-systemd", "{config}");
+    assert_eq!(config["stateDir"], "/var/lib/cri-systemd/containers", "{config}");
+    // The containers' dir exists and is where their rootfs mounts are made.
+    assert!(node.exec(&["test", "-d", "/var/lib/cri-systemd/containers"]).success());
+}

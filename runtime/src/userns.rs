@@ -25,8 +25,9 @@
 //! (CreateContainer+StartContainer 22–26 ms either way in `bench userns`, alternating builds;
 //! commit 8297964).
 //!
-//! A pod with `userns_options` mode POD gets 65536 host ids of its own, aligned to 64K: the
-//! kubelet's mappings (checked, never overlapping a range in use) or a free range of the `[userns]`
+//! A pod with `userns_options` mode POD gets host ids of its own: the kubelet's mappings (at least
+//! 65536 ids, taken as given like containerd does, never overlapping a range in use: the kubelet
+//! sends 64K-aligned multiples of 65536, critest 1000..+100000) or a free 64K-aligned range of the `[userns]`
 //! pool (systemd's container range 0x00080000–0x6FFFFFFF by default, ranges whose first id NSS
 //! knows skipped; a bitmap; the NSS lookup of the next range is done in the background after each
 //! allocation, so a pod start does not wait for it). The range is written in the pod record before
@@ -181,8 +182,8 @@ pub enum UsernsMode {
 
 impl UsernsMode {
     /// The range a kubelet's mappings give, after checking they are what the kubelet sends: one
-    /// mapping, the same for uids and gids, container id 0, a multiple of 65536 ids at a base
-    /// aligned to 65536 above 0..65535, not the images' foreign range. `None` when no mappings
+    /// mapping, the same for uids and gids, container id 0, at least 65536 ids, not host id 0,
+    /// not the images' foreign range. `None` when no mappings
     /// were given (the daemon then allocates one).
     pub fn requested_range(&self) -> Result<Option<IdRange>, Error> {
         let UsernsMode::Pod { uid_mappings, gid_mappings } = self else { return Ok(None) };
@@ -196,11 +197,16 @@ impl UsernsMode {
                 if uid.container_id != 0 {
                     return bad(format!("the mapping must start at container id 0, not {}", uid.container_id));
                 }
-                if uid.size == 0 || !uid.size.is_multiple_of(RANGE_SIZE) {
-                    return bad(format!("length {} is not a positive multiple of 65536", uid.size));
+                // The kubelet sends multiples of 65536 at aligned bases; other clients (critest:
+                // 1000..+100000) need not, and containerd and CRI-O take them as given.
+                if uid.size < RANGE_SIZE {
+                    return bad(format!(
+                        "length {} maps fewer than the 65536 ids image files may have (0..65535)",
+                        uid.size
+                    ));
                 }
-                if !uid.host_id.is_multiple_of(RANGE_SIZE) || uid.host_id < RANGE_SIZE {
-                    return bad(format!("host id {} is not a multiple of 65536 above 0..65535", uid.host_id));
+                if uid.host_id == 0 {
+                    return bad("the mapping must not include the node's root (host id 0)".into());
                 }
                 let range = IdRange { host_id: uid.host_id, size: uid.size };
                 if range.end() > u64::from(u32::MAX) {
@@ -335,6 +341,19 @@ impl IdRanges {
         if self.in_use.get(&range.host_id).is_some_and(|(r, p)| r == range && p == pod) {
             self.in_use.remove(&range.host_id);
             self.mark(range, false);
+            // A pool range partly covered by an unaligned neighbour stays in use.
+            let neighbours: Vec<IdRange> = self
+                .in_use
+                .values()
+                .map(|(r, _)| *r)
+                .filter(|r| {
+                    r.end() + u64::from(RANGE_SIZE) > u64::from(range.host_id)
+                        && u64::from(r.host_id) < range.end() + u64::from(RANGE_SIZE)
+                })
+                .collect();
+            for neighbour in neighbours {
+                self.mark(&neighbour, true);
+            }
         }
     }
 
@@ -473,6 +492,20 @@ mod tests {
     }
 
     #[test]
+    fn releasing_an_unaligned_range_keeps_the_pool_range_its_neighbour_shares() {
+        let mut ranges = pool(0x8_0000, 4);
+        // Two unaligned kubelet ranges sharing the pool's second 64K range.
+        ranges.reserve("a", IdRange { host_id: 0x8_8000, size: RANGE_SIZE }).unwrap();
+        ranges.reserve("b", IdRange { host_id: 0x9_8000, size: RANGE_SIZE }).unwrap();
+        assert_eq!(ranges.pool_in_use(), 3);
+        ranges.release("a", &IdRange { host_id: 0x8_8000, size: RANGE_SIZE });
+        assert_eq!(ranges.pool_in_use(), 2, "b still covers part of 0x90000..0x9FFFF");
+        assert_eq!(ranges.allocate("c", |_| false).unwrap().host_id, 0x8_0000);
+        assert_eq!(ranges.allocate("d", |_| false).unwrap().host_id, 0xB_0000);
+        assert_eq!(ranges.allocate("e", |_| false), None);
+    }
+
+    #[test]
     fn reserved_ranges_are_never_handed_out_and_overlaps_are_refused() {
         let mut ranges = pool(0x8_0000, 200);
         // A kubelet range of 2x64K inside the pool, and one outside it.
@@ -507,12 +540,19 @@ mod tests {
             pod(IdMapping { container_id: 1, ..good }, IdMapping { container_id: 1, ..good }),
             pod(IdMapping { size: 1000, ..good }, IdMapping { size: 1000, ..good }),
             pod(IdMapping { host_id: 0, ..good }, IdMapping { host_id: 0, ..good }),
-            pod(IdMapping { host_id: 0xA_8000, ..good }, IdMapping { host_id: 0xA_8000, ..good }),
             pod(IdMapping { host_id: FOREIGN_BASE, ..good }, IdMapping { host_id: FOREIGN_BASE, ..good }),
             pod(IdMapping { host_id: 0xFFFF_0000, ..good }, IdMapping { host_id: 0xFFFF_0000, ..good }),
             UsernsMode::Pod { uid_mappings: vec![good, good], gid_mappings: vec![good, good] },
             UsernsMode::Pod { uid_mappings: vec![good], gid_mappings: vec![] },
         ];
+        // What critest's NamespaceMode_POD spec sends: unaligned, not a multiple of 65536.
+        let critest = IdMapping { container_id: 0, host_id: 1000, size: 100_000 };
+        assert_eq!(pod(critest, critest).requested_range().unwrap(), Some(IdRange { host_id: 1000, size: 100_000 }));
+        let unaligned = IdMapping { host_id: 0xA_8000, ..good };
+        assert_eq!(
+            pod(unaligned, unaligned).requested_range().unwrap(),
+            Some(IdRange { host_id: 0xA_8000, size: RANGE_SIZE })
+        );
         for mode in bad {
             let err = mode.requested_range().unwrap_err();
             assert!(matches!(err, Error::InvalidSpec(_)), "{mode:?}: {err}");
