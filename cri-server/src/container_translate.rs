@@ -34,10 +34,15 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     }
     let resources = linux.resources.unwrap_or_default();
     let mut mounts = Vec::with_capacity(config.mounts.len());
-    for mount in config.mounts {
+    let mut image_volumes = Vec::new();
+    for (index, mount) in config.mounts.into_iter().enumerate() {
         if mount.image.is_some() {
+            image_volumes.push(image_volume(index, mount)?);
+            continue;
+        }
+        if !mount.image_sub_path.is_empty() {
             return Err(Status::invalid_argument(format!(
-                "mount at {}: image mounts are not supported yet",
+                "mounts[{index}] at {}: image_sub_path is only for image volumes (a mount with an image)",
                 mount.container_path
             )));
         }
@@ -79,6 +84,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         working_dir: config.working_dir,
         env: config.envs.into_iter().map(env_var).collect::<Result<_, _>>()?,
         mounts,
+        image_volumes,
         devices,
         labels: config.labels.into_iter().collect(),
         annotations: config.annotations.into_iter().collect(),
@@ -272,6 +278,7 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
                 gid_mappings: crate::pod_translate::cri_id_mappings(&m.gid_mappings),
                 ..Default::default()
             })
+            .chain(c.spec.image_volumes.iter().map(image_volume_status))
             .collect(),
         log_path,
         resources: Some(cri::ContainerResources {
@@ -350,4 +357,42 @@ fn check_log_path(log_path: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// An image volume of the config (`mounts[index]` with an `image`): read-only, no host path.
+/// The node resolves the image and leases its layers (node::create_container).
+fn image_volume(index: usize, mount: cri::Mount) -> Result<runtime::ImageVolume, Status> {
+    let at = format!("mounts[{index}] at {}", mount.container_path);
+    let image = mount.image.map(|i| i.image).unwrap_or_default();
+    if image.is_empty() {
+        return Err(Status::invalid_argument(format!("{at}: image.image names no image")));
+    }
+    // The kubelet always sends image volumes read-only; containerd refuses them otherwise too.
+    if !mount.readonly {
+        return Err(Status::invalid_argument(format!("{at}: an image volume must be read-only (readonly: true)")));
+    }
+    if !mount.host_path.is_empty() {
+        return Err(Status::invalid_argument(format!("{at}: an image volume takes no host_path")));
+    }
+    // Propagation, recursive_read_only and id mappings do not apply: the volume is a read-only
+    // overlay with no submounts, idmapped like the rootfs's layers.
+    Ok(runtime::ImageVolume {
+        container_path: mount.container_path,
+        image,
+        image_id: String::new(),
+        sub_path: mount.image_sub_path,
+        lowerdirs: Vec::new(),
+    })
+}
+
+/// An image volume as ContainerStatus reports it: `image.image_ref` is the image's id, what
+/// PullImage answered for it (KEP-5365; critest compares them).
+fn image_volume_status(v: &runtime::ImageVolume) -> cri::Mount {
+    cri::Mount {
+        container_path: v.container_path.clone(),
+        readonly: true,
+        image: Some(cri::ImageSpec { image: v.image.clone(), image_ref: v.image_id.clone(), ..Default::default() }),
+        image_sub_path: v.sub_path.clone(),
+        ..Default::default()
+    }
 }

@@ -44,7 +44,7 @@ pub fn node_status(error: crate::node::NodeError) -> Status {
     match error {
         N::Runtime(e) => runtime_status(e),
         N::Images(e) => image_status(e),
-        N::ImageNotFound(_) => Status::not_found(error.to_string()),
+        N::ImageNotFound(_) | N::ImageVolumeNotFound { .. } => Status::not_found(error.to_string()),
         N::Task(_) => Status::internal(error.to_string()),
     }
 }

@@ -32,6 +32,9 @@ pub enum NodeError {
     Images(#[from] imagestore::Error),
     #[error("image {0:?} not found: pull it first")]
     ImageNotFound(String),
+    /// An image volume's image is not in the store (the kubelet pulls it before CreateContainer).
+    #[error("image volume at {container_path}: image {image:?} not found: pull it first")]
+    ImageVolumeNotFound { container_path: String, image: String },
     #[error("image store task failed: {0}")]
     Task(String),
 }
@@ -96,16 +99,32 @@ impl Node {
 
     /// CreateContainer: the image's layers, leased from the store until the runtime has the
     /// container in its records (which then keep the layers from collection), under a writable
-    /// layer the runtime makes. A failed creation leaves nothing (the runtime cleans its part).
+    /// layer the runtime makes. The images of its image volumes are resolved and their layers
+    /// leased the same way (the record keeps them too: RemoveImage of such an image hides it, and
+    /// its layers stay until the container is removed, as containerd's pod lease keeps them).
+    /// A failed creation leaves nothing (the runtime cleans its part).
     pub async fn create_container(
         &self,
         pod_id: &str,
         image: &Image,
         spec: ContainerSpec,
     ) -> Result<String, NodeError> {
+        let mut spec = spec;
+        let mut leases = Vec::with_capacity(spec.image_volumes.len() + 1);
+        for volume in &mut spec.image_volumes {
+            let found = self.images.image(&volume.image)?.ok_or_else(|| NodeError::ImageVolumeNotFound {
+                container_path: volume.container_path.clone(),
+                image: volume.image.clone(),
+            })?;
+            let lease = self.images.lease_layers(&found.id)?;
+            volume.image_id = found.id.to_string();
+            volume.lowerdirs = lease.lowerdirs().to_vec();
+            leases.push(lease);
+        }
         let lease = self.images.lease_layers(&image.id)?;
         let created = self.runtime.create_container(pod_id, spec, lease.lowerdirs().to_vec()).await;
         drop(lease);
+        drop(leases);
         Ok(created?)
     }
 

@@ -213,3 +213,9 @@ pub async fn pod_of(client: &mut CriClient, id: &str) -> String {
     let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.expect("ListContainers");
     listed.into_inner().containers.into_iter().find(|c| c.id == id).expect("the container is listed").pod_sandbox_id
 }
+
+/// RemoveContainer, which must succeed.
+pub async fn remove_container(client: &mut CriClient, id: &str) {
+    let request = cri::RemoveContainerRequest { container_id: id.into() };
+    client.runtime.remove_container(request).await.expect("RemoveContainer");
+}

@@ -104,6 +104,13 @@ impl IdmapNamespaces {
             let mappings = Mappings { uids: overlay.uid_mappings.clone(), gids: overlay.gid_mappings.clone() };
             wanted.push(("overlay rootfs lower dirs".into(), mappings));
         }
+        for volume in &spec.image_volumes {
+            if !volume.overlay.uid_mappings.is_empty() || !volume.overlay.gid_mappings.is_empty() {
+                let mappings =
+                    Mappings { uids: volume.overlay.uid_mappings.clone(), gids: volume.overlay.gid_mappings.clone() };
+                wanted.push((format!("image volume on {}", volume.destination.display()), mappings));
+            }
+        }
         for m in spec.oci.mounts().as_deref().unwrap_or_default() {
             if let Some(mappings) = mount_mappings(&spec.oci, m)? {
                 wanted.push((format!("idmapped mount on {}", m.destination().display()), mappings));

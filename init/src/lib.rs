@@ -104,7 +104,7 @@ use nix::unistd::{ForkResult, Pid};
 
 pub(crate) use error::Context;
 pub use error::{Error, Result, errno_desc};
-pub use spec::{HugepageLimit, InitSpec, OverlayRootfs};
+pub use spec::{HugepageLimit, ImageVolumeMount, InitSpec, OverlayRootfs};
 
 /// The hidden subcommand's name: `cri-systemd init <spec.json>`.
 pub const SUBCOMMAND: &str = "init";

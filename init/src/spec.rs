@@ -48,6 +48,32 @@ pub struct InitSpec {
     /// (see `hugetlb.rs`). Empty, or only zeros: nothing is done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hugepage_limits: Vec<HugepageLimit>,
+    /// Images mounted read-only in the container (CRI image volumes), after the spec's mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_volumes: Vec<ImageVolumeMount>,
+}
+
+/// An image's root file system (or a directory of it) mounted read-only in the container. init
+/// mounts `overlay` (the image's layers, idmapped like the rootfs's, over an upper dir nothing
+/// can write to) on `staging` in the container's mount namespace, opens `sub_path` beneath that
+/// root (RESOLVE_IN_ROOT: symlinks and `..` in the image stay in the image), and attaches a
+/// read-only clone of it at `destination`, resolved inside the container's rootfs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageVolumeMount {
+    /// Where it appears in the container (an absolute container path).
+    pub destination: PathBuf,
+    pub overlay: OverlayRootfs,
+    /// An empty directory (a host path) where the overlay is mounted, in the container's mount
+    /// namespace only.
+    pub staging: PathBuf,
+    /// The directory of the image to mount, relative to its root; empty: the whole image.
+    #[serde(default, skip_serializing_if = "crate::spec::is_empty_path")]
+    pub sub_path: PathBuf,
+}
+
+fn is_empty_path(path: &Path) -> bool {
+    path.as_os_str().is_empty()
 }
 
 /// The most hugepage memory of one page size the container may use.

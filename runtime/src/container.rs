@@ -255,6 +255,9 @@ pub struct ContainerSpec {
     pub working_dir: String,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<BindMount>,
+    /// Images mounted read-only (CRI `Mount.image`), after `mounts` (crate::image_volume).
+    #[serde(default)]
+    pub image_volumes: Vec<crate::ImageVolume>,
     /// Host devices (CRI `devices`), resolved by `Device::resolve`.
     #[serde(default)]
     pub devices: Vec<Device>,
@@ -427,6 +430,9 @@ impl ContainerSpec {
         }
         for mount in &self.mounts {
             check_mount_mappings(mount)?;
+        }
+        for volume in &self.image_volumes {
+            crate::image_volume::validate(volume)?;
         }
         for device in &self.devices {
             check_device_path(&device.container_path)?;

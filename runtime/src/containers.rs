@@ -108,6 +108,9 @@ impl Runtime {
         rootfs: RootfsLayers,
     ) -> Result<(), Error> {
         spec.validate()?;
+        for volume in &spec.image_volumes {
+            crate::image_volume::check_sub_path(volume)?;
+        }
         container::check_cpuset_on_node(&spec.resources)?;
         crate::hugetlb::check(&spec.resources.hugepage_limits)?;
         let pod = self.pod(pod_id)?;
@@ -170,6 +173,20 @@ impl Runtime {
             std::os::unix::fs::chown(&record.rootfs.upperdir, root, root)
                 .map_err(Error::io(format!("cannot give {} to the pod's root", record.rootfs.upperdir.display())))?;
         }
+        let image_volumes = record
+            .spec
+            .image_volumes
+            .iter()
+            .enumerate()
+            .map(|(i, volume)| {
+                crate::image_volume::prepare(
+                    volume,
+                    &dir.join("image-volumes").join(i.to_string()),
+                    &pod,
+                    &lower_mappings,
+                )
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let init = InitSpec {
             oci,
             rootfs: Some(OverlayRootfs {
@@ -182,6 +199,7 @@ impl Runtime {
             error_file: dir.join("start-error"),
             console_socket: record.spec.tty,
             hugepage_limits: record.spec.resources.hugepage_limits.clone(),
+            image_volumes,
         };
         init.save(&dir.join("init.json")).map_err(Error::io("cannot write the init spec"))?;
         record.state = ContainerState::Created;
@@ -716,17 +734,31 @@ impl Runtime {
         Some(pod.spec.log_directory.join(&container.spec.log_path))
     }
 
-    /// The image ids that containers use: the image store must not collect them.
+    /// The image ids that containers use (their own and their image volumes'): the image store
+    /// must not collect them.
     pub fn images_in_use(&self) -> HashSet<String> {
         let containers = self.containers.lock().expect("container table lock");
-        containers.values().map(|e| e.get().spec.image.id).collect()
+        containers
+            .values()
+            .flat_map(|e| {
+                let spec = e.get().spec;
+                std::iter::once(spec.image.id).chain(spec.image_volumes.into_iter().map(|v| v.image_id))
+            })
+            .collect()
     }
 
-    /// The layer directories that containers mount (their records' lower directories): the image
-    /// store must not collect them, whatever their records say of their images.
+    /// The layer directories that containers mount (their records' lower directories, and their
+    /// image volumes'): the image store must not collect them, whatever their records say of
+    /// their images.
     pub fn layers_in_use(&self) -> HashSet<PathBuf> {
         let containers = self.containers.lock().expect("container table lock");
-        containers.values().flat_map(|e| e.get().rootfs.lowerdirs).collect()
+        containers
+            .values()
+            .flat_map(|e| {
+                let c = e.get();
+                c.rootfs.lowerdirs.into_iter().chain(c.spec.image_volumes.into_iter().flat_map(|v| v.lowerdirs))
+            })
+            .collect()
     }
 
     /// Container `id`'s root file system: `lowerdirs` under a writable layer in its directory.

@@ -17,6 +17,7 @@ pub mod exit_record;
 #[cfg(test)]
 mod fake_systemd;
 mod hugetlb;
+mod image_volume;
 #[cfg(test)]
 mod lifecycle_tests;
 mod logs;
@@ -48,6 +49,7 @@ pub use containers::ContainerFilter;
 pub use error::{Error, ErrorKind};
 pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::ExecSyncOutput;
+pub use image_volume::ImageVolume;
 // The daemon's ends of containers' stdio: reached from outside only through StreamingRuntime.
 pub(crate) use logs::{ContainerOutput, OutputChunk};
 pub use namespaces::PodNamespaces;

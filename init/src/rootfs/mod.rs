@@ -1,6 +1,7 @@
 //! The container's file system, set up by the forked child in its new mount namespace: `/` made
 //! rslave (nothing propagates back to the host), the overlay rootfs, the spec's mounts resolved
-//! inside the rootfs, /dev, pivot_root; then (after pivot_root) masked and read-only paths.
+//! inside the rootfs, image volumes (`image_volume.rs`), /dev, pivot_root; then (after
+//! pivot_root) masked and read-only paths.
 
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
@@ -15,6 +16,7 @@ use crate::{Context, Error, InitSpec, Result};
 
 mod cgroupfs;
 mod devices;
+mod image_volume;
 mod mounts;
 mod options;
 mod overlay;
@@ -22,6 +24,7 @@ mod pivot;
 mod resolve;
 
 use devices::setup_dev;
+use image_volume::mount_image_volume;
 use mounts::{clone_bind_source, is_bind, make_parent_mount_private, mount_one};
 use options::{MountOption, parse_option};
 use overlay::mount_overlay;
@@ -103,6 +106,9 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
         if clean(m.destination()) == Path::new("dev") {
             dev_tmpfs = !is_bind(m);
         }
+    }
+    for volume in &spec.image_volumes {
+        mount_image_volume(&rootfd, volume, plan)?;
     }
     if dev_tmpfs {
         setup_dev(&rootfd, linux.and_then(|l| l.devices().as_deref()).unwrap_or_default(), plan.userns())?;
