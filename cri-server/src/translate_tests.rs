@@ -249,3 +249,49 @@ fn container_requests_that_are_refused() {
     config.mounts[0].host_path = "relative/dir".into();
     assert_eq!(code_of(container_spec(config, &image()).unwrap().validate()), Code::InvalidArgument);
 }
+
+/// Image volumes as the kubelet sends them (`getImageVolumes`: image = the pulled image's ref,
+/// readonly, no host path), and the ones refused before any lookup.
+#[test]
+fn image_volumes_are_read_only_image_mounts() {
+    let image_mount = |readonly: bool, host_path: &str, image: &str, sub_path: &str| cri::Mount {
+        container_path: "/mnt/vol".into(),
+        host_path: host_path.into(),
+        readonly,
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            user_specified_image: "data:1".into(),
+            ..Default::default()
+        }),
+        image_sub_path: sub_path.into(),
+        ..Default::default()
+    };
+    let mut config = secured_container();
+    let bind_mounts = config.mounts.len();
+    config.mounts.push(image_mount(true, "", "sha256:0123", "etc"));
+    let spec = container_spec(config, &image()).unwrap();
+    assert_eq!(spec.mounts.len(), bind_mounts, "an image volume is not a bind mount");
+    let volume = &spec.image_volumes[0];
+    assert_eq!((volume.container_path.as_str(), volume.image.as_str()), ("/mnt/vol", "sha256:0123"));
+    assert_eq!(volume.sub_path, "etc");
+
+    for (mount, words) in [
+        (image_mount(false, "", "sha256:0123", ""), "must be read-only"),
+        (image_mount(true, "/srv", "sha256:0123", ""), "takes no host_path"),
+        (image_mount(true, "", "", ""), "names no image"),
+        (
+            cri::Mount { image: None, ..image_mount(true, "/srv", "", "etc") },
+            "image_sub_path is only for image volumes",
+        ),
+    ] {
+        let mut config = secured_container();
+        config.mounts.push(mount);
+        let at = config.mounts.len() - 1;
+        let refused = container_spec(config, &image()).unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused.message().contains(&format!("mounts[{at}]")) && refused.message().contains(words),
+            "{refused:?}"
+        );
+    }
+}
