@@ -191,6 +191,8 @@ pub fn resources_of(r: &cri::LinuxContainerResources) -> Result<Resources, Statu
         cpuset_cpus: r.cpuset_cpus.clone(),
         cpuset_mems: r.cpuset_mems.clone(),
         hugepage_limits,
+        unified: r.unified.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        memory_swap_limit_in_bytes: r.memory_swap_limit_in_bytes,
     })
 }
 
@@ -297,7 +299,8 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
                     .iter()
                     .map(|h| cri::HugepageLimit { page_size: h.page_size.clone(), limit: h.limit })
                     .collect(),
-                ..Default::default()
+                unified: map(&c.spec.resources.unified),
+                memory_swap_limit_in_bytes: c.spec.resources.memory_swap_limit_in_bytes,
             }),
             ..Default::default()
         }),

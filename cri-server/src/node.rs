@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use imagestore::{Image, ImageStore, InUse};
+use runtime::cgroup_detail::{CgroupDetail, FsInfo};
 use runtime::stats::{DiskUsage, InterfaceUsage, Sampler, Usage};
 use runtime::{Container, ContainerFilter, ContainerSpec, ContainerState, ManagerInfo, NetworkReadiness, Pod, Runtime};
 use tracing::{debug, warn};
@@ -65,6 +66,8 @@ pub struct ContainerStats {
     pub writable_layer: DiskUsage,
     /// The file system the writable layer is on.
     pub writable_layer_fs: PathBuf,
+    /// Processes, swap, pressure (running containers only).
+    pub detail: Option<CgroupDetail>,
 }
 
 /// A pod's usage as PodSandboxStats reports it.
@@ -75,6 +78,8 @@ pub struct PodStats {
     /// The pod's interfaces but loopback; None for a pod that is not ready or on the node's network.
     pub network: Option<Vec<InterfaceUsage>>,
     pub containers: Vec<ContainerStats>,
+    /// Processes, swap, pressure of the pod's slice.
+    pub detail: CgroupDetail,
 }
 
 impl Node {
@@ -210,36 +215,45 @@ impl Node {
     /// The usage of a container: its cgroup's while it runs, and its writable layer's.
     pub fn container_stats(&self, container: &Container) -> ContainerStats {
         let cgroup = runtime::stats::cgroup_path(&container.slice, Some(&container.unit));
-        let usage = if container.state == ContainerState::Running {
-            self.sampler.sample(&cgroup)
-        } else {
-            Usage { timestamp: now_nanos(), ..Default::default() }
-        };
+        let running = container.state == ContainerState::Running;
+        let usage =
+            if running { self.sampler.sample(&cgroup) } else { Usage { timestamp: now_nanos(), ..Default::default() } };
         ContainerStats {
             container: container.clone(),
             usage,
             writable_layer: runtime::stats::disk_usage(&container.rootfs.upperdir),
             writable_layer_fs: self.state_root.clone(),
+            detail: running.then(|| runtime::cgroup_detail::sample(&cgroup)),
         }
     }
 
     /// The usage of a pod: its slice's, its network's (while ready), and each container's.
     pub fn pod_stats(&self, pod: &Pod) -> PodStats {
-        let usage = self.sampler.sample(&runtime::stats::cgroup_path(&pod.slice, None));
+        let slice = runtime::stats::cgroup_path(&pod.slice, None);
+        let usage = self.sampler.sample(&slice);
         let filter = ContainerFilter { pod_id: Some(pod.id.clone()), ..Default::default() };
         let containers = self.runtime.containers(&filter).iter().map(|c| self.container_stats(c)).collect();
-        // A stopped pod's network namespace is gone with its pin.
-        let network = (pod.state == runtime::PodState::Ready)
-            .then_some(pod.namespaces.network.as_deref())
-            .flatten()
-            .and_then(|netns| match runtime::stats::network_usage(netns) {
+        let network = self.pod_network(pod);
+        PodStats { pod: pod.clone(), usage, network, containers, detail: runtime::cgroup_detail::sample(&slice) }
+    }
+
+    /// The counters of a ready pod's interfaces (None: not ready, on the node's network, or
+    /// unreadable; a stopped pod's network namespace is gone with its pin).
+    pub fn pod_network(&self, pod: &Pod) -> Option<Vec<InterfaceUsage>> {
+        (pod.state == runtime::PodState::Ready).then_some(pod.namespaces.network.as_deref()).flatten().and_then(
+            |netns| match runtime::stats::network_usage(netns) {
                 Ok(interfaces) => Some(interfaces),
                 Err(e) => {
                     warn!(pod = %pod.id, "cannot read the pod's network counters: {e}");
                     None
                 }
-            });
-        PodStats { pod: pod.clone(), usage, network, containers }
+            },
+        )
+    }
+
+    /// The file system writable layers live on (the state root's).
+    pub fn writable_layer_fs(&self) -> Option<FsInfo> {
+        runtime::cgroup_detail::fs_info(&self.state_root)
     }
 }
 

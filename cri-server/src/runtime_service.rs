@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use proto::cri::{self, runtime_service_server::RuntimeService};
+use runtime::cgroup_detail::CgroupDetail;
 use runtime::{ContainerFilter, PodFilter, Runtime};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -48,8 +49,8 @@ fn container_stats(stats: &node::ContainerStats) -> cri::ContainerStats {
             labels: container.spec.labels.clone().into_iter().collect(),
             annotations: container.spec.annotations.clone().into_iter().collect(),
         }),
-        cpu: Some(cpu_usage(&stats.usage)),
-        memory: Some(memory_usage(&stats.usage)),
+        cpu: Some(cpu_usage(&stats.usage, stats.detail.as_ref())),
+        memory: Some(memory_usage(&stats.usage, stats.detail.as_ref())),
         writable_layer: Some(cri::FilesystemUsage {
             timestamp: stats.usage.timestamp,
             fs_id: Some(cri::FilesystemIdentifier {
@@ -58,8 +59,8 @@ fn container_stats(stats: &node::ContainerStats) -> cri::ContainerStats {
             used_bytes: Some(cri::UInt64Value { value: stats.writable_layer.bytes }),
             inodes_used: Some(cri::UInt64Value { value: stats.writable_layer.inodes }),
         }),
-        swap: None,
-        io: None,
+        swap: stats.detail.as_ref().map(|d| swap_usage(stats.usage.timestamp, d, &container.spec.resources)),
+        io: stats.detail.as_ref().map(|d| io_usage(stats.usage.timestamp, d)),
     }
 }
 
@@ -78,12 +79,15 @@ fn pod_stats(stats: &node::PodStats) -> cri::PodSandboxStats {
             annotations: pod.spec.annotations.clone().into_iter().collect(),
         }),
         linux: Some(cri::LinuxPodSandboxStats {
-            cpu: Some(cpu_usage(&stats.usage)),
-            memory: Some(memory_usage(&stats.usage)),
+            cpu: Some(cpu_usage(&stats.usage, Some(&stats.detail))),
+            memory: Some(memory_usage(&stats.usage, Some(&stats.detail))),
             network: stats.network.as_deref().map(network_usage),
-            process: None,
+            process: Some(cri::ProcessUsage {
+                timestamp: stats.usage.timestamp,
+                process_count: Some(cri::UInt64Value { value: stats.detail.pids.len() as u64 }),
+            }),
             containers: stats.containers.iter().map(container_stats).collect(),
-            io: None,
+            io: Some(io_usage(stats.usage.timestamp, &stats.detail)),
         }),
         windows: None,
     }
@@ -534,17 +538,23 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
         Err(not_yet("CheckpointContainer", "checkpointing is not supported"))
     }
+    /// cadvisor's metrics (see metrics.rs).
     async fn list_metric_descriptors(
         &self,
         _: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        Err(not_yet("ListMetricDescriptors", "stats are not implemented yet"))
+        Ok(Response::new(cri::ListMetricDescriptorsResponse { descriptors: crate::metrics::descriptors() }))
     }
     async fn list_pod_sandbox_metrics(
         &self,
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Err(not_yet("ListPodSandboxMetrics", "stats are not implemented yet"))
+        let node = self.node.clone();
+        // Reads many files (every process's fds): off the async workers.
+        let pod_metrics = tokio::task::spawn_blocking(move || crate::metrics::list(&node))
+            .await
+            .map_err(|e| Status::internal(format!("metrics collection failed: {e}")))?;
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics }))
     }
 
     // cri-api 1.36: the streaming forms of the List RPCs (see list_streaming.rs) answer what the
@@ -596,13 +606,25 @@ impl RuntimeService for RuntimeApi {
             pod_sandbox_metrics,
         })))
     }
-    /// Best effort for the kubelet (it has already resized the pod's slice and goes on when this
-    /// fails); nothing here records pod-level resources yet.
+    /// The pod-level resources the kubelet sends after resizing a pod (1.33+, in-place pod
+    /// resize): validated as a container's, recorded, and applied to a slice of the pod's own
+    /// (`Runtime::update_pod_resources`). Either part may be absent.
     async fn update_pod_sandbox_resources(
         &self,
-        _: Request<cri::UpdatePodSandboxResourcesRequest>,
+        request: Request<cri::UpdatePodSandboxResourcesRequest>,
     ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
-        Err(not_yet("UpdatePodSandboxResources", "pod-level resources are not recorded or applied by the runtime"))
+        let request = request.into_inner();
+        let part = |what: &str, r: Option<cri::LinuxContainerResources>| {
+            container_translate::resources_of(&r.unwrap_or_default())
+                .map_err(|e| Status::invalid_argument(format!("{what}: {}", e.message())))
+        };
+        let resources = part("resources", request.resources)?;
+        let overhead = part("overhead", request.overhead)?;
+        self.runtime
+            .update_pod_resources(&request.pod_sandbox_id, resources, overhead)
+            .await
+            .map_err(runtime_status)?;
+        Ok(Response::new(cri::UpdatePodSandboxResourcesResponse {}))
     }
 }
 
@@ -633,16 +655,45 @@ fn value(v: Option<u64>) -> Option<cri::UInt64Value> {
     v.map(|value| cri::UInt64Value { value })
 }
 
-fn cpu_usage(usage: &runtime::stats::Usage) -> cri::CpuUsage {
+fn cpu_usage(usage: &runtime::stats::Usage, detail: Option<&CgroupDetail>) -> cri::CpuUsage {
     cri::CpuUsage {
         timestamp: usage.timestamp,
         usage_core_nano_seconds: value(usage.cpu_total_nanos),
         usage_nano_cores: value(usage.cpu_nano_cores),
-        psi: None,
+        psi: detail.and_then(|d| d.cpu_pressure).map(psi),
     }
 }
 
-fn memory_usage(usage: &runtime::stats::Usage) -> cri::MemoryUsage {
+/// PSI as the CRI gives it: the `some` and `full` lines, totals in microseconds.
+fn psi(p: runtime::cgroup_detail::Pressure) -> cri::PsiStats {
+    let data = |l: runtime::cgroup_detail::PressureLine| cri::PsiData {
+        total: l.total_usec,
+        avg10: l.avg10,
+        avg60: l.avg60,
+        avg300: l.avg300,
+    };
+    cri::PsiStats { full: Some(data(p.full)), some: Some(data(p.some)) }
+}
+
+fn io_usage(timestamp: i64, detail: &CgroupDetail) -> cri::IoUsage {
+    cri::IoUsage { timestamp, psi: detail.io_pressure.map(psi) }
+}
+
+/// Swap in use, and what is left of the container's swap limit (none without a limit or
+/// without swap accounting).
+fn swap_usage(timestamp: i64, detail: &CgroupDetail, resources: &runtime::Resources) -> cri::SwapUsage {
+    let limit = runtime::memory_qos::swap_max(resources).ok().filter(|l| *l != u64::MAX);
+    cri::SwapUsage {
+        timestamp,
+        swap_available_bytes: detail
+            .memory_swap
+            .zip(limit)
+            .map(|(used, limit)| cri::UInt64Value { value: limit.saturating_sub(used) }),
+        swap_usage_bytes: value(detail.memory_swap),
+    }
+}
+
+fn memory_usage(usage: &runtime::stats::Usage, detail: Option<&CgroupDetail>) -> cri::MemoryUsage {
     cri::MemoryUsage {
         timestamp: usage.timestamp,
         working_set_bytes: value(usage.memory_working_set_bytes),
@@ -651,7 +702,7 @@ fn memory_usage(usage: &runtime::stats::Usage) -> cri::MemoryUsage {
         rss_bytes: value(usage.memory_rss_bytes),
         page_faults: value(usage.page_faults),
         major_page_faults: value(usage.major_page_faults),
-        psi: None,
+        psi: detail.and_then(|d| d.memory_pressure).map(psi),
     }
 }
 

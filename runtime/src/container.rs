@@ -114,6 +114,12 @@ pub struct Resources {
     /// Hugepage limits per page size (crate::hugetlb); enforced when one is not 0.
     #[serde(default)]
     pub hugepage_limits: Vec<HugepageLimit>,
+    /// cgroup v2 files by name (CRI `unified`), from the allow-list of `crate::memory_qos`.
+    #[serde(default)]
+    pub unified: std::collections::BTreeMap<String, String>,
+    /// Memory plus swap, as runc's on cgroup v1 (0: not set, -1: unlimited); `crate::memory_qos`.
+    #[serde(default)]
+    pub memory_swap_limit_in_bytes: i64,
 }
 
 /// The most hugepage memory of one page size the container may use (a type of `init.json`).
@@ -922,6 +928,7 @@ pub(crate) fn resource_properties(
         ("TasksMax", Value::from(if tasks_max == 0 { u64::MAX } else { tasks_max })),
     ];
     properties.extend(limit_properties(&spec.resources));
+    properties.extend(crate::memory_qos::properties(&spec.resources, cgroup_unified())?);
     if spec.resources.oom_score_adj != 0 {
         // Applied when the process starts; the kubelet never changes it later.
         properties.push(("OOMScoreAdjust", Value::from(spec.resources.oom_score_adj.clamp(-1000, 1000) as i32)));

@@ -112,6 +112,8 @@ impl Runtime {
             crate::image_volume::check_sub_path(volume)?;
         }
         container::check_cpuset_on_node(&spec.resources)?;
+        crate::memory_qos::check(&spec.resources)?;
+        crate::memory_qos::check_on_node(&spec.resources, container::cgroup_unified())?;
         crate::hugetlb::check(&spec.resources.hugepage_limits)?;
         let pod = self.pod(pod_id)?;
         if pod.state != PodState::Ready {
@@ -458,7 +460,9 @@ impl Runtime {
             && resources.cpu_period == 0
             && resources.cpu_quota == 0
             && resources.cpu_shares == 0
-            && resources.memory_limit_in_bytes == 0;
+            && resources.memory_limit_in_bytes == 0
+            && resources.memory_swap_limit_in_bytes == 0
+            && resources.unified.is_empty();
         let resources = if cpuset_only {
             Resources {
                 cpuset_cpus: resources.cpuset_cpus,
@@ -477,6 +481,8 @@ impl Runtime {
             ..resources
         };
         container::check_cpuset_on_node(&resources)?;
+        crate::memory_qos::check(&resources)?;
+        crate::memory_qos::check_on_node(&resources, container::cgroup_unified())?;
         crate::hugetlb::check(&resources.hugepage_limits)?;
         // Lowering every limit to 0 is enforced too once limits were set.
         let hugepages_changed = resources.hugepage_limits != old.hugepage_limits
@@ -490,6 +496,7 @@ impl Runtime {
                 )));
             }
             let mut properties = container::limit_properties(&resources);
+            properties.extend(crate::memory_qos::properties(&resources, unified)?);
             if unified {
                 properties.extend(container::cpuset_properties(&resources, true)?);
             }

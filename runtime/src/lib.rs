@@ -6,6 +6,7 @@
 //! the table of pods is locked only to look up or insert an entry, never across slow work.
 
 pub mod apparmor;
+pub mod cgroup_detail;
 mod cgroup_v1;
 mod cni;
 mod container;
@@ -21,6 +22,7 @@ mod image_volume;
 #[cfg(test)]
 mod lifecycle_tests;
 mod logs;
+pub mod memory_qos;
 mod namespaces;
 mod passwd;
 mod pod;
@@ -53,7 +55,7 @@ pub use image_volume::ImageVolume;
 // The daemon's ends of containers' stdio: reached from outside only through StreamingRuntime.
 pub(crate) use logs::{ContainerOutput, OutputChunk};
 pub use namespaces::PodNamespaces;
-pub use pod::{DnsConfig, NamespaceMode, Pod, PodSpec, PodState, PortMapping};
+pub use pod::{DnsConfig, NamespaceMode, Pod, PodResources, PodSpec, PodState, PortMapping};
 pub use pods::PodFilter;
 pub(crate) use stdio::ContainerStdio;
 pub use store::Quarantined;

@@ -112,6 +112,17 @@ pub struct Pod {
     /// records from before this field owned theirs.
     #[serde(default = "records_before_ownership_owned_their_slice")]
     pub owns_slice: bool,
+    /// The pod-level resources of the last UpdatePodSandboxResources (none before one).
+    #[serde(default)]
+    pub resources: Option<PodResources>,
+}
+
+/// Pod-level resources (UpdatePodSandboxResources): the sum of its containers' and the pod's
+/// overhead, as the kubelet sends them after resizing the pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodResources {
+    pub resources: crate::container::Resources,
+    pub overhead: crate::container::Resources,
 }
 
 fn records_before_ownership_owned_their_slice() -> bool {
@@ -358,6 +369,7 @@ mod tests {
             userns: None,
             init_unit: None,
             owns_slice: false,
+            resources: None,
         };
         let mut json = serde_json::to_value(&pod).unwrap();
         assert_eq!(json["ips"], serde_json::json!(["10.88.0.5"]));

@@ -259,6 +259,7 @@ impl Runtime {
                 userns: None,
                 init_unit: None,
                 owns_slice: false,
+                resources: None,
             };
             let entry = Entry::new(pod.clone());
             // Locked before it is visible, so that no other call on this pod runs before it exists.
@@ -632,6 +633,35 @@ impl Runtime {
     fn other_pods_in_slice(&self, pod: &Pod) -> Vec<Pod> {
         let entries: Vec<Arc<Entry<Pod>>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
         entries.iter().map(|entry| entry.get()).filter(|other| other.id != pod.id && other.slice == pod.slice).collect()
+    }
+
+    /// UpdatePodSandboxResources: the pod-level resources the kubelet sends after resizing a pod,
+    /// recorded in the pod's record. A slice of the pod's own (no `cgroup_parent`) gets their
+    /// sum's limits from systemd at once; a slice the kubelet or another client named is theirs:
+    /// the kubelet has resized it before this call (as containerd, the runtime only records).
+    pub async fn update_pod_resources(
+        &self,
+        id: &str,
+        resources: crate::container::Resources,
+        overhead: crate::container::Resources,
+    ) -> Result<(), Error> {
+        let entry = self.entry(id)?.ok_or_else(|| Error::PodNotFound { id: id.to_string() })?;
+        let _guard = entry.operation.clone().lock_owned().await;
+        let mut pod = entry.get();
+        for r in [&resources, &overhead] {
+            crate::container::check_cpuset_on_node(r)?;
+            crate::memory_qos::check(r)?;
+            crate::memory_qos::check_on_node(r, crate::container::cgroup_unified())?;
+        }
+        if pod.state != PodState::Ready {
+            return Err(Error::PodNotReady { id: pod.id.clone() });
+        }
+        if pod.spec.cgroup_parent.is_empty() && pod.owns_slice {
+            let slice = crate::memory_qos::pod_slice_resources(&resources, &overhead);
+            self.systemd.set_unit_properties(&pod.slice, crate::container::limit_properties(&slice)).await?;
+        }
+        pod.resources = Some(crate::pod::PodResources { resources, overhead });
+        self.save(&entry, pod)
     }
 
     /// UpdateRuntimeConfig's pod CIDR (comma-separated for dual stack; empty clears it): passed to

@@ -37,9 +37,13 @@ pub struct Usage {
 pub struct InterfaceUsage {
     pub name: String,
     pub rx_bytes: u64,
+    pub rx_packets: u64,
     pub rx_errors: u64,
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
+    pub tx_packets: u64,
     pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// The interfaces of the network namespace pinned at `netns`, loopback left out, from its
@@ -66,12 +70,16 @@ fn parse_net_dev(text: &str) -> Vec<InterfaceUsage> {
             let (name, counters) = line.split_once(':')?;
             let counters: Vec<u64> = counters.split_whitespace().filter_map(|c| c.parse().ok()).collect();
             let name = name.trim();
-            (name != "lo" && counters.len() >= 11).then(|| InterfaceUsage {
+            (name != "lo" && counters.len() >= 12).then(|| InterfaceUsage {
                 name: name.to_owned(),
                 rx_bytes: counters[0],
+                rx_packets: counters[1],
                 rx_errors: counters[2],
+                rx_dropped: counters[3],
                 tx_bytes: counters[8],
+                tx_packets: counters[9],
                 tx_errors: counters[10],
+                tx_dropped: counters[11],
             })
         })
         .collect()
@@ -218,7 +226,17 @@ mod tests {
              eth0:   25318     31    1    0    0     0          0         0    23410      27    2    0    0     0       0          0\n";
         assert_eq!(
             parse_net_dev(text),
-            vec![InterfaceUsage { name: "eth0".into(), rx_bytes: 25318, rx_errors: 1, tx_bytes: 23410, tx_errors: 2 }]
+            vec![InterfaceUsage {
+                name: "eth0".into(),
+                rx_bytes: 25318,
+                rx_packets: 31,
+                rx_errors: 1,
+                rx_dropped: 0,
+                tx_bytes: 23410,
+                tx_packets: 27,
+                tx_errors: 2,
+                tx_dropped: 0,
+            }]
         );
     }
 
