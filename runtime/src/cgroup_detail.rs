@@ -89,8 +89,22 @@ fn field(text: &Option<String>, key: &str) -> Option<u64> {
     })
 }
 
-fn pids_of(path: &Path) -> Option<Vec<i32>> {
-    Some(read(path)?.lines().filter_map(|l| l.trim().parse().ok()).collect())
+/// The ids in `file` (cgroup.procs, tasks, cgroup.threads) of the cgroup `dir` and of every
+/// cgroup below it (a pod's slice holds no process itself); None without the file.
+fn pids_of(dir: &Path, file: &str) -> Option<Vec<i32>> {
+    let mut ids: Vec<i32> = read(&dir.join(file))?.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for child in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            let path = child.path();
+            if let Some(text) = read(&path.join(file)) {
+                ids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            stack.push(path);
+        }
+    }
+    Some(ids)
 }
 
 /// A `*.pressure` file: `some avg10=0.00 avg60=0.00 avg300=0.00 total=0` and a `full` line.
@@ -219,8 +233,8 @@ fn sample_v2(dir: &Path) -> CgroupDetail {
         pgfault: field(&memory, "pgfault"),
         pgmajfault: field(&memory, "pgmajfault"),
         oom_kills: field(&events, "oom_kill"),
-        pids: pids_of(&dir.join("cgroup.procs")).unwrap_or_default(),
-        threads: pids_of(&dir.join("cgroup.threads")).map(|t| t.len() as u64),
+        pids: pids_of(dir, "cgroup.procs").unwrap_or_default(),
+        threads: pids_of(dir, "cgroup.threads").map(|t| t.len() as u64),
         threads_max: read(&dir.join("pids.max")).map(|v| v.trim().parse().unwrap_or(0)),
         io: read(&dir.join("io.stat")).map(|t| parse_io_stat(&t)).unwrap_or_default(),
         cpu_pressure: pressure(dir, "cpu.pressure"),
@@ -271,10 +285,10 @@ fn sample_v1(rel: &str) -> CgroupDetail {
         pgfault: field(&memory, "total_pgfault"),
         pgmajfault: field(&memory, "total_pgmajfault"),
         oom_kills: field(&memory_dir.as_ref().and_then(|d| read(&d.join("memory.oom_control"))), "oom_kill"),
-        pids: procs_dir.as_ref().and_then(|d| pids_of(&d.join("cgroup.procs"))).unwrap_or_default(),
+        pids: procs_dir.as_ref().and_then(|d| pids_of(d, "cgroup.procs")).unwrap_or_default(),
         threads: procs_dir
             .as_ref()
-            .and_then(|d| pids_of(&d.join("tasks")).or_else(|| pids_of(&d.join("cgroup.threads"))))
+            .and_then(|d| pids_of(d, "tasks").or_else(|| pids_of(d, "cgroup.threads")))
             .map(|t| t.len() as u64),
         threads_max: v1_dir(&["pids"], rel)
             .or_else(|| hybrid.clone())
