@@ -4,8 +4,8 @@
 //!
 //! # Limits, stats and network counters
 //!
-//! Resource limits are unit properties (`MemoryMax`, `CPUShares`, `CPUQuotaPerSecUSec`), changed
-//! live by UpdateContainerResources; stats are read from the unit's and the slice's cgroups (v1
+//! Resource limits are unit properties (`MemoryMax`, `CPUShares`, `CPUQuotaPerSecUSec`; memory QoS
+//! and swap in `memory_qos.rs`), changed live by UpdateContainerResources; stats are read from the unit's and the slice's cgroups (v1
 //! controllers, or v2; on hybrid nodes CPU time comes from the unified hierarchy).
 //!
 //! A ready pod's stats carry its network counters (rx/tx bytes and errors of each interface but
