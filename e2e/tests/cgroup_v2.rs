@@ -30,6 +30,9 @@ const REGISTRY: &str = "127.0.0.1:5000";
 const BUSY_MEMORY: i64 = 64 << 20;
 const HOG_MEMORY: i64 = 32 << 20;
 const BUSY_HUGEPAGES: u64 = 4 << 20;
+const BUSY_UNIFIED: [(&str, &str); 3] =
+    [("memory.high", "50331648"), ("memory.min", "4194304"), ("memory.oom.group", "1")];
+const BUSY_SWAP: i64 = 16 << 20;
 
 /// What the script printed: section name -> text (without the trailing newline).
 struct Report {
@@ -108,6 +111,9 @@ fn vm_script(repo: &Path) -> String {
             cpu_shares: 512,
             // Enforced through the hugetlb controller, which systemd leaves to cri-systemd.
             hugepage_limits: vec![cri::HugepageLimit { page_size: "2MB".into(), limit: BUSY_HUGEPAGES }],
+            // Memory QoS as the kubelet sends it on v2, and memory plus swap (runtime::memory_qos).
+            unified: BUSY_UNIFIED.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            memory_swap_limit_in_bytes: BUSY_MEMORY + BUSY_SWAP,
             ..Default::default()
         },
     );
@@ -269,6 +275,27 @@ fn cgroup_v2_smoke() {
     assert_eq!(r.get("busy.pids.max"), "4096", "TasksMax= from containers.tasks_max");
     assert_eq!(r.get("busy.hugetlb.2MB.max"), BUSY_HUGEPAGES.to_string(), "hugetlb.2MB.max\n{dump}");
     assert_eq!(r.get("busy.hugetlb.2MB.rsvd.max"), BUSY_HUGEPAGES.to_string(), "hugetlb.2MB.rsvd.max");
+    // unified through MemoryHigh=/MemoryMin=, the swap limit (memory plus swap) as MemorySwapMax=.
+    assert_eq!(r.get("busy.memory.high"), "50331648", "memory.high\n{dump}");
+    assert_eq!(r.get("busy.memory.min"), "4194304", "memory.min");
+    assert_eq!(r.get("busy.memory.low"), "0", "memory.low");
+    assert_eq!(r.get("busy.memory.swap.max"), BUSY_SWAP.to_string(), "memory.swap.max");
+    assert_eq!(r.get("busy.memory.oom.group"), "1", "memory.oom.group");
+    // Metrics through the CRI, from the v2 files: the container's memory and its pressure (PSI).
+    let metrics: cri::ListPodSandboxMetricsResponse = r.json("metrics");
+    let names: Vec<&str> = metrics
+        .pod_metrics
+        .iter()
+        .flat_map(|p| p.container_metrics.iter().filter(|c| c.container_id == busy).flat_map(|c| c.metrics.iter()))
+        .map(|m| m.name.as_str())
+        .collect();
+    for name in [
+        "container_memory_working_set_bytes",
+        "container_memory_swap",
+        "container_pressure_memory_waiting_seconds_total",
+    ] {
+        assert!(names.contains(&name), "no {name} for busy: {names:?}");
+    }
 
     // ContainerStats from cpu.stat, memory.current and memory.stat.
     let current: u64 = r.get("busy.memory.current").parse().unwrap();
@@ -308,6 +335,9 @@ fn cgroup_v2_smoke() {
     assert_eq!(exec["stdout"], "cri-systemd-default (enforce)\n", "{exec}");
 
     let running = r.json::<cri::ContainerStatusResponse>("busy.inspect").status.unwrap();
+    let reported = running.resources.as_ref().unwrap().linux.as_ref().unwrap();
+    assert_eq!(reported.unified.get("memory.high").map(String::as_str), Some("50331648"));
+    assert_eq!(reported.memory_swap_limit_in_bytes, BUSY_MEMORY + BUSY_SWAP);
     assert_eq!(running.state, cri::ContainerState::ContainerRunning as i32);
     let listed: cri::ListContainersResponse = r.json("ps");
     assert!(listed.containers.iter().any(|c| c.id == busy));

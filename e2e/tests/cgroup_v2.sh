@@ -98,7 +98,7 @@ emit busy.id "$busy"
 emit busy.unit.cgroup "$cg"
 emit busy.unit.slice "$(systemctl show -P Slice "$unit")"
 emit pod.slice.cgroup "$(systemctl show -P ControlGroup "$(systemctl show -P Slice "$unit")")"
-for f in cgroup.controllers memory.max memory.swap.max cpu.max cpu.weight pids.max hugetlb.2MB.max hugetlb.2MB.rsvd.max; do
+for f in cgroup.controllers memory.max memory.swap.max memory.high memory.min memory.low memory.oom.group cpu.max cpu.weight pids.max hugetlb.2MB.max hugetlb.2MB.rsvd.max; do
 	emit "busy.$f" "$(cat "/sys/fs/cgroup$cg/$f" 2>&1)"
 done
 # Wait until it holds its 8 MiB (the cgroup's own count), then sample twice, a second apart (the
@@ -118,6 +118,8 @@ emit busy.cpu.stat "$(cat "/sys/fs/cgroup$cg/cpu.stat")"
 emit busy.memory.stat "$(grep -E '^(anon|file|inactive_file) ' "/sys/fs/cgroup$cg/memory.stat")"
 out=$(cri statsp "$pod") || die "PodSandboxStats: $out"
 emit pod.stats "$out"
+out=$(cri metrics) || die "ListPodSandboxMetrics: $out"
+emit metrics "$out"
 mark stats
 
 # AppArmor (Debian's kernel has it on): a container that asks for nothing runs under the

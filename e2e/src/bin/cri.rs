@@ -10,7 +10,7 @@ const USAGE: &str = "usage: cri [--socket PATH] COMMAND
   version | status | runtime-config | images | image-fs-info | pull IMAGE
   runp POD.json | pods | inspectp POD | stopp POD | rmp POD
   create POD CONTAINER.json | start ID | stop ID [TIMEOUT] | rm ID | ps | inspect ID
-  exec [--timeout SECS] ID CMD... (ExecSync: {exit_code, stdout, stderr}) | stats ID | statsp POD
+  exec [--timeout SECS] ID CMD... (ExecSync: {exit_code, stdout, stderr}) | stats ID | statsp POD | metrics
 (POD.json is a PodSandboxConfig, CONTAINER.json a ContainerConfig, as JSON with snake_case keys)";
 
 #[tokio::main(flavor = "current_thread")]
@@ -102,6 +102,7 @@ async fn main() -> ExitCode {
         ["stats", id] => {
             client.runtime.container_stats(cri::ContainerStatsRequest { container_id: id.to_string() }).await.map(json)
         }
+        ["metrics"] => client.runtime.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {}).await.map(json),
         ["statsp", id] => client
             .runtime
             .pod_sandbox_stats(cri::PodSandboxStatsRequest { pod_sandbox_id: id.to_string() })
