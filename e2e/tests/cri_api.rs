@@ -1,7 +1,6 @@
 //! What cri-api 1.36 added over 1.32 (proto/README.md has the table), through the real gRPC path to
-//! a daemon in a throwaway node: the streaming list RPCs answer what the List RPCs answer, the new
-//! RPCs the runtime does not do answer Unimplemented saying what is missing, and new request fields
-//! it cannot honour are InvalidArgument naming the field.
+//! a daemon in a throwaway node: the streaming list RPCs answer what the List RPCs answer, the RPCs
+//! 1.36 added answer, and new request fields it cannot honour are InvalidArgument naming the field.
 
 use std::time::Duration;
 
@@ -123,18 +122,33 @@ async fn cri_api_1_36_rpcs_and_fields() {
 
     streams_match_lists(&mut client).await;
 
-    // New RPCs the runtime does not do: Unimplemented, saying what is missing.
+    // The RPCs 1.36 added: UpdatePodSandboxResources (e2e/tests/resources_qos.rs has its effect)
+    // and StreamPodSandboxMetrics, which answers what ListPodSandboxMetrics answers.
     let request = cri::UpdatePodSandboxResourcesRequest { pod_sandbox_id: pod.clone(), ..Default::default() };
+    client.runtime.update_pod_sandbox_resources(request).await.expect("UpdatePodSandboxResources");
+    let request = cri::UpdatePodSandboxResourcesRequest { pod_sandbox_id: "no-such-pod".into(), ..Default::default() };
     let refused = client.runtime.update_pod_sandbox_resources(request).await.unwrap_err();
-    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
-    assert!(
-        refused.message().contains("UpdatePodSandboxResources") && refused.message().contains("pod-level resources"),
-        "{refused:?}"
-    );
-    let refused =
-        all(client.runtime.stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest {}).await).await.unwrap_err();
-    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
-    assert!(refused.message().contains("ListPodSandboxMetrics"), "{refused:?}");
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    let listed: Vec<String> = client
+        .runtime
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_metrics
+        .into_iter()
+        .map(|m| m.pod_sandbox_id)
+        .collect();
+    let streamed: Vec<String> =
+        all(client.runtime.stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest {}).await)
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|m| m.pod_sandbox_metrics)
+            .map(|m| m.pod_sandbox_id)
+            .collect();
+    assert_eq!(streamed, listed);
+    assert!(listed.contains(&pod), "{listed:?}");
 
     // New request fields that cannot be honoured: InvalidArgument naming them, nothing created.
     let image = client
