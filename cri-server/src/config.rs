@@ -1,6 +1,7 @@
 //! The daemon's configuration: a TOML file whose every key has a default, so no file is needed.
 //! An unknown key or a bad value is a startup error naming the key and the file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,43 @@ pub struct Config {
     pub userns: runtime::UsernsConfig,
     /// Limits of every container (the `[containers]` table).
     pub containers: ContainersConfig,
+    /// Runtime handlers besides the default one (`""`), the `[runtimes.<name>]` tables: what a
+    /// RuntimeClass's `handler` names. RunPodSandbox with a handler not listed here is refused.
+    pub runtimes: BTreeMap<String, RuntimeHandlerConfig>,
+    /// Container Device Interface specs (the `[cdi]` table).
+    pub cdi: CdiConfig,
+}
+
+/// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
+/// handler gives. Every key defaults to the default handler's behaviour.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeHandlerConfig {
+    /// Every pod of this handler gets a user namespace of its own (a range from the `[userns]`
+    /// pool) even when the kubelet asks for none (hostUsers unset or true). Such a pod cannot
+    /// have the node's network, PID or IPC namespace: RunPodSandbox refuses it.
+    pub user_namespace: bool,
+    /// Containers of this handler's pods that would run without a seccomp filter (profile
+    /// Unconfined, or none given: the kubelet sends Unconfined unless SeccompDefault is on) get
+    /// RuntimeDefault instead. Localhost profiles are kept; privileged containers stay
+    /// unconfined, as with every handler.
+    pub seccomp_runtime_default: bool,
+}
+
+/// Where CDI specs are read (the `[cdi]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdiConfig {
+    /// Directories of CDI spec files (`*.json`, `*.yaml`), read when a container asks for CDI
+    /// devices; a device in a later directory replaces one of the same name in an earlier one
+    /// (the CDI library's priority: /var/run/cdi, generated, over /etc/cdi, static).
+    pub spec_dirs: Vec<PathBuf>,
+}
+
+impl Default for CdiConfig {
+    fn default() -> Self {
+        Self { spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")] }
+    }
 }
 
 /// Limits of every container (the `[containers]` table).
@@ -64,6 +102,8 @@ impl Default for Config {
             streaming: StreamingConfig::default(),
             userns: runtime::UsernsConfig::default(),
             containers: ContainersConfig::default(),
+            runtimes: BTreeMap::new(),
+            cdi: CdiConfig::default(),
         }
     }
 }
@@ -256,6 +296,25 @@ impl Config {
             ));
         }
         self.userns.validate(self.images.layer_uid_shift).map_err(|(key, message)| bad(key, message))?;
+        for name in self.runtimes.keys() {
+            if !is_dns_label(name) {
+                return Err(bad(
+                    &format!("runtimes.{name}"),
+                    format!(
+                        "{name:?} is not a runtime handler name: a RuntimeClass handler is a lowercase RFC 1123 \
+                         label (a-z, 0-9 and '-', at most 63 characters); the default handler \"\" needs no table"
+                    ),
+                ));
+            }
+        }
+        for (index, dir) in self.cdi.spec_dirs.iter().enumerate() {
+            if !dir.is_absolute() {
+                return Err(bad(
+                    &format!("cdi.spec_dirs[{index}]"),
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
                 "systemd.bus_address",
@@ -272,6 +331,17 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the config always serializes")
     }
+}
+
+/// What the API server accepts as a RuntimeClass handler (a DNS label, RFC 1123).
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
+    !name.is_empty()
+        && name.len() <= 63
+        && bytes.iter().all(inner)
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-')
 }
 
 /// toml's own message, with the line it points at; its multi-line source excerpt reads badly in
@@ -347,6 +417,26 @@ mod tests {
         assert!(err.contains("`userns.pool_ranges`") && err.contains("layer_uid_shift"), "{err}");
         let err = Config::parse("[userns]\npool_size = 2\n", "c").unwrap_err().to_string();
         assert!(err.contains("pool_size"), "{err}");
+    }
+
+    #[test]
+    fn runtime_handlers_are_tables_named_as_runtime_class_handlers() {
+        let config = Config::parse(
+            "[runtimes.userns]\nuser_namespace = true\n[runtimes.hardened]\nseccomp_runtime_default = true\n",
+            "c",
+        )
+        .unwrap();
+        assert_eq!(config.runtimes.keys().collect::<Vec<_>>(), ["hardened", "userns"]);
+        assert!(config.runtimes["userns"].user_namespace && !config.runtimes["userns"].seccomp_runtime_default);
+        assert_eq!(Config::parse(&config.to_toml(), "printed").unwrap(), config);
+        for bad in ["[runtimes.Upper]\n", "[runtimes.\"\"]\n", "[runtimes.-x]\n", "[runtimes.a_b]\n"] {
+            let err = Config::parse(bad, "c").unwrap_err().to_string();
+            assert!(err.contains("`runtimes.") && err.contains("RFC 1123"), "{bad}: {err}");
+        }
+        let err = Config::parse("[runtimes.x]\nuserns = true\n", "c").unwrap_err().to_string();
+        assert!(err.contains("userns"), "{err}");
+        let err = Config::parse("[cdi]\nspec_dirs = [\"etc/cdi\"]\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`cdi.spec_dirs[0]`"), "{err}");
     }
 
     #[test]

@@ -13,13 +13,8 @@ use tonic::Status;
 
 /// Reads a CRI ContainerConfig, and the image it names, as a runtime ContainerSpec.
 pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<ContainerSpec, Status> {
-    if !config.cdi_devices.is_empty() {
-        let names: Vec<&str> = config.cdi_devices.iter().map(|d| d.name.as_str()).collect();
-        return Err(Status::invalid_argument(format!(
-            "CDI devices are not supported (asked for {}): give host devices in `devices`",
-            names.join(", ")
-        )));
-    }
+    // CDI devices (`cdi_devices`, cdi.k8s.io/ annotations) are injected by the caller afterwards
+    // (crate::cdi), from spec files on the node.
     let devices = config
         .devices
         .iter()
@@ -61,6 +56,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
             propagation,
             uid_mappings: crate::pod_translate::id_mappings(&mount.uid_mappings),
             gid_mappings: crate::pod_translate::id_mappings(&mount.gid_mappings),
+            extra_options: Vec::new(),
         });
     }
     // Older clients still send the deprecated path form.
@@ -397,5 +393,14 @@ fn image_volume_status(v: &runtime::ImageVolume) -> cri::Mount {
         image: Some(cri::ImageSpec { image: v.image.clone(), image_ref: v.image_id.clone(), ..Default::default() }),
         image_sub_path: v.sub_path.clone(),
         ..Default::default()
+    }
+}
+
+/// What the pod's runtime handler (`[runtimes.<name>]`) changes in its containers: no container
+/// of a `seccomp_runtime_default` handler runs without a seccomp filter (privileged ones run
+/// unconfined whatever the spec says, as with every handler).
+pub fn apply_runtime_handler(spec: &mut ContainerSpec, handler: &crate::config::RuntimeHandlerConfig) {
+    if handler.seccomp_runtime_default && spec.seccomp == Seccomp::Unconfined {
+        spec.seccomp = Seccomp::RuntimeDefault;
     }
 }

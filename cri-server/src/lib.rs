@@ -8,6 +8,7 @@
 //! reach the parsers and translators; nothing outside this workspace is meant to link it.
 
 pub mod authority;
+pub mod cdi;
 pub mod config;
 pub mod container_translate;
 pub mod errors;

@@ -1,20 +1,26 @@
 //! CRI pod messages <-> `runtime` pods.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use proto::cri;
 use runtime::{DnsConfig, IdMapping, NamespaceMode, Pod, PodSpec, PodState, PortMapping, UsernsMode};
 use tonic::Status;
 
-/// Reads a CRI RunPodSandboxRequest as a runtime PodSpec.
+use crate::config::RuntimeHandlerConfig;
+
+/// Reads a CRI RunPodSandboxRequest as a runtime PodSpec, with only the default handler (`""`).
 pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
+    pod_spec_with_handlers(request, &BTreeMap::new())
+}
+
+/// Reads a CRI RunPodSandboxRequest as a runtime PodSpec; `runtimes` are the configured handlers
+/// besides the default one (`""`), whose settings apply to the pod.
+pub fn pod_spec_with_handlers(
+    request: cri::RunPodSandboxRequest,
+    runtimes: &BTreeMap<String, RuntimeHandlerConfig>,
+) -> Result<PodSpec, Status> {
     let config = request.config.ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a config"))?;
-    if !request.runtime_handler.is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "runtime handler {:?} is not configured (cri-systemd has only the default handler \"\")",
-            request.runtime_handler
-        )));
-    }
+    let handler = runtime_handler(&request.runtime_handler, runtimes)?;
     let metadata = config.metadata.unwrap_or_default();
     let linux = config.linux.unwrap_or_default();
     let namespace_options = linux.security_context.as_ref().and_then(|s| s.namespace_options.clone());
@@ -22,13 +28,26 @@ pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     if let Some(refusal) = runtime::selinux::refusal("the pod sandbox", selinux_options) {
         return Err(Status::failed_precondition(refusal));
     }
-    let userns = userns_mode(namespace_options.as_ref().and_then(|o| o.userns_options.as_ref()))?;
+    let mut userns = userns_mode(namespace_options.as_ref().and_then(|o| o.userns_options.as_ref()))?;
     let (network, pid, ipc) = match &namespace_options {
         Some(options) => (mode(options.network)?, mode(options.pid)?, mode(options.ipc)?),
         // No namespace options at all (crictl's minimal configs): the kubelet's defaults, which
         // give each container its own PID namespace.
         None => (NamespaceMode::Pod, NamespaceMode::Container, NamespaceMode::Pod),
     };
+    if handler.user_namespace && userns == UsernsMode::Node {
+        for (what, mode) in [("network", network), ("PID", pid), ("IPC", ipc)] {
+            if mode == NamespaceMode::Node {
+                return Err(Status::invalid_argument(format!(
+                    "runtime handler {:?} gives every pod a user namespace, which a pod with the node's {what} \
+                     namespace cannot have",
+                    request.runtime_handler
+                )));
+            }
+        }
+        // A range from the pool, as for hostUsers: false without the kubelet's mappings.
+        userns = UsernsMode::Pod { uid_mappings: Vec::new(), gid_mappings: Vec::new() };
+    }
     let port_mappings = config
         .port_mappings
         .iter()
@@ -58,6 +77,26 @@ pub fn pod_spec(request: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         runtime_handler: request.runtime_handler,
         // Sorted, so that a record and its errors do not depend on a map's order.
         sysctls: linux.sysctls.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect(),
+    })
+}
+
+/// The settings of the pod's runtime handler: the default handler's (`""`) or a configured one's;
+/// any other name is refused, naming the handlers there are.
+pub fn runtime_handler(
+    name: &str,
+    runtimes: &BTreeMap<String, RuntimeHandlerConfig>,
+) -> Result<RuntimeHandlerConfig, Status> {
+    if name.is_empty() {
+        return Ok(RuntimeHandlerConfig::default());
+    }
+    runtimes.get(name).cloned().ok_or_else(|| {
+        let known: Vec<String> =
+            std::iter::once(String::new()).chain(runtimes.keys().cloned()).map(|n| format!("{n:?}")).collect();
+        Status::invalid_argument(format!(
+            "runtime_handler {name:?} is not configured (cri-systemd has the handlers {}; see [runtimes.<name>] in \
+             its config)",
+            known.join(", ")
+        ))
     })
 }
 

@@ -111,6 +111,21 @@ fn network_usage(interfaces: &[runtime::stats::InterfaceUsage]) -> cri::NetworkU
     }
 }
 
+/// The runtime handlers Status lists: the default one (`""`) and the configured ones, sorted by
+/// name as containerd lists them. They all run on the same runtime, so they share its features;
+/// only features that work end to end are advertised.
+fn runtime_handlers(config: &Config) -> Vec<cri::RuntimeHandler> {
+    let features = cri::RuntimeHandlerFeatures {
+        recursive_read_only_mounts: true,
+        // Pods in user namespaces, and idmapped volume mounts (KEP-127).
+        user_namespaces: true,
+    };
+    std::iter::once(String::new())
+        .chain(config.runtimes.keys().cloned())
+        .map(|name| cri::RuntimeHandler { name, features: Some(features) })
+        .collect()
+}
+
 fn not_yet(rpc: &str, why: &str) -> Status {
     Status::unimplemented(format!("{rpc} is not implemented yet by cri-systemd ({why})"))
 }
@@ -164,15 +179,7 @@ impl RuntimeService for RuntimeApi {
                 conditions: vec![condition("RuntimeReady", runtime_ready), condition("NetworkReady", network_ready)],
             }),
             info,
-            // Only features that work end to end are advertised.
-            runtime_handlers: vec![cri::RuntimeHandler {
-                name: String::new(),
-                features: Some(cri::RuntimeHandlerFeatures {
-                    recursive_read_only_mounts: true,
-                    // Pods in user namespaces, and idmapped volume mounts (KEP-127).
-                    user_namespaces: true,
-                }),
-            }],
+            runtime_handlers: runtime_handlers(&self.config),
             features: Some(cri::RuntimeFeatures {
                 supplemental_groups_policy: false,
                 // A pod in a user namespace with the host's network: not tried end to end.
@@ -194,7 +201,7 @@ impl RuntimeService for RuntimeApi {
         &self,
         request: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        let spec = pod_translate::pod_spec(request.into_inner())?;
+        let spec = pod_translate::pod_spec_with_handlers(request.into_inner(), &self.config.runtimes)?;
         let pod_sandbox_id = self.runtime.run_pod(spec).await.map_err(runtime_status)?;
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
     }
@@ -258,7 +265,16 @@ impl RuntimeService for RuntimeApi {
             return Err(Status::invalid_argument("container config names no image"));
         }
         let image = self.node.image_for_container(&request.pod_sandbox_id, &image_name).map_err(node_status)?;
-        let spec = container_translate::container_spec(config, &image)?;
+        let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
+        // The handler's settings as configured now; a handler removed from the config since the
+        // pod was made is an error rather than a silent loss of what it enforced.
+        let handler = pod_translate::runtime_handler(&pod.spec.runtime_handler, &self.config.runtimes)
+            .map_err(|e| Status::failed_precondition(format!("pod sandbox {}: {}", pod.id, e.message())))?;
+        let cdi_devices = crate::cdi::requested(&config)?;
+        let mut spec = container_translate::container_spec(config, &image)?;
+        container_translate::apply_runtime_handler(&mut spec, &handler);
+        let pod_userns = pod.userns.map(|u| u.range.mapping());
+        crate::cdi::inject(&self.config.cdi.spec_dirs, &cdi_devices, pod_userns, &mut spec)?;
         let container_id =
             self.node.create_container(&request.pod_sandbox_id, &image, spec).await.map_err(node_status)?;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))

@@ -232,10 +232,6 @@ fn container_requests_that_are_refused() {
     assert_eq!(refused(&|c| c.log_path = "/etc/shadow".into()), Code::InvalidArgument);
     assert_eq!(refused(&|c| c.log_path = "sec/../../x.log".into()), Code::InvalidArgument);
     assert_eq!(refused(&|c| c.metadata = None), Code::InvalidArgument);
-    assert_eq!(
-        refused(&|c| c.cdi_devices.push(cri::CdiDevice { name: "vendor.com/gpu=0".into() })),
-        Code::InvalidArgument
-    );
     assert_eq!(refused(&|c| c.mounts[0].propagation = 7), Code::InvalidArgument);
     assert_eq!(
         refused(&|c| {

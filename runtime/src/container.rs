@@ -84,7 +84,13 @@ pub struct BindMount {
     pub uid_mappings: Vec<IdMapping>,
     #[serde(default)]
     pub gid_mappings: Vec<IdMapping>,
+    /// More mount flags: `nosuid`, `nodev`, `noexec` (a CDI spec's mount options).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_options: Vec<String>,
 }
+
+/// The flags a bind mount may add through `BindMount::extra_options`.
+pub const EXTRA_MOUNT_OPTIONS: &[&str] = &["nosuid", "nodev", "noexec"];
 
 /// The seccomp filter a container runs under.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,13 +138,19 @@ pub struct Device {
     pub host_path: PathBuf,
     /// Where it appears in the container: a path under /dev.
     pub container_path: String,
-    /// What the container may do with it, in the device cgroup: a non-empty subset of "rwm",
-    /// normalized to that order.
+    /// What the container may do with it, in the device cgroup: a subset of "rwm", normalized
+    /// to that order; empty (only from a CDI spec's "none") for a node the cgroup does not allow.
     pub permissions: String,
     /// The host node, read by CreateContainer: init makes the container's node from it, and the
     /// unit's `DeviceAllow=` names its number, so a restart or a later start needs no host path.
     #[serde(default)]
     pub node: Option<DeviceNode>,
+    /// The node's owner is the container process's uid (gid), not `node.uid` (`node.gid`): a CDI
+    /// device node that names no owner belongs to the process's user, as the CDI library does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uid_from_process: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gid_from_process: bool,
 }
 
 /// The number, type, mode and owner of a device node.
@@ -186,6 +198,8 @@ impl Device {
                 uid: meta.uid(),
                 gid: meta.gid(),
             }),
+            uid_from_process: false,
+            gid_from_process: false,
         })
     }
 }
@@ -440,9 +454,19 @@ impl ContainerSpec {
         for volume in &self.image_volumes {
             crate::image_volume::validate(volume)?;
         }
+        for mount in &self.mounts {
+            if let Some(option) = mount.extra_options.iter().find(|o| !EXTRA_MOUNT_OPTIONS.contains(&o.as_str())) {
+                return Err(Error::InvalidSpec(format!(
+                    "mount at {}: option {option:?} is not one of {}",
+                    mount.container_path,
+                    EXTRA_MOUNT_OPTIONS.join(", ")
+                )));
+            }
+        }
         for device in &self.devices {
             check_device_path(&device.container_path)?;
-            if device.node.is_none() || device_permissions(&device.permissions).is_none() {
+            let permissions_ok = device.permissions.is_empty() || device_permissions(&device.permissions).is_some();
+            if device.node.is_none() || !permissions_ok {
                 return Err(Error::InvalidSpec(format!(
                     "device {} was not resolved with valid permissions",
                     device.host_path.display()
@@ -701,6 +725,7 @@ pub(crate) fn oci_spec(
         if !mount.uid_mappings.is_empty() {
             options.push("idmap");
         }
+        options.extend(mount.extra_options.iter().map(String::as_str));
         let mut oci_mount = serde_json::json!({
             "destination": mount.container_path, "type": "bind", "source": source, "options": options,
         });
@@ -778,7 +803,7 @@ pub(crate) fn oci_spec(
             "seccomp": seccomp,
             "uidMappings": userns_mappings,
             "gidMappings": userns_mappings,
-            "devices": oci_devices(&spec.devices),
+            "devices": oci_devices(&spec.devices, &identity),
             "maskedPaths": masked,
             "readonlyPaths": readonly,
         },
@@ -791,14 +816,16 @@ pub(crate) fn oci_spec(
 /// range). mknod rather than a bind mount of the host node: the node then belongs to the
 /// container's root in a user namespace as well, where a bound host node would stay the host
 /// root's and be unusable unless world-accessible.
-fn oci_devices(devices: &[Device]) -> serde_json::Value {
+fn oci_devices(devices: &[Device], process: &passwd::Identity) -> serde_json::Value {
     devices
         .iter()
         .filter_map(|d| d.node.map(|n| (d, n)))
         .map(|(d, n)| {
+            let uid = if d.uid_from_process { process.uid } else { n.uid };
+            let gid = if d.gid_from_process { process.gid } else { n.gid };
             serde_json::json!({
                 "path": d.container_path, "type": if n.block { "b" } else { "c" },
-                "major": n.major, "minor": n.minor, "fileMode": n.mode, "uid": n.uid, "gid": n.gid,
+                "major": n.major, "minor": n.minor, "fileMode": n.mode, "uid": uid, "gid": gid,
             })
         })
         .collect()
@@ -835,7 +862,7 @@ pub(crate) fn device_properties(spec: &ContainerSpec) -> Vec<(&'static str, Valu
     let mut allow: Vec<(String, String)> =
         DEFAULT_DEVICE_ALLOW.iter().map(|(path, perms)| (path.to_string(), perms.to_string())).collect();
     for device in &spec.devices {
-        if let Some(n) = device.node {
+        if let Some(n) = device.node.filter(|_| !device.permissions.is_empty()) {
             let kind = if n.block { "block" } else { "char" };
             allow.push((format!("/dev/{kind}/{}:{}", n.major, n.minor), device.permissions.clone()));
         }

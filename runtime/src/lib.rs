@@ -44,8 +44,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
-    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, HugepageLimit,
-    Propagation, Resources, RootfsLayers, Seccomp, parse_cpu_list,
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS,
+    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, parse_cpu_list,
 };
 pub use containers::ContainerFilter;
 pub use error::{Error, ErrorKind};
