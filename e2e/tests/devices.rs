@@ -5,51 +5,10 @@
 
 use std::time::Duration;
 
-use e2e::crisimple::{container_config, create, run_pod, sh, start};
+use e2e::crisimple::{LOOP_TEXT, LoopDevice as Loop, container_config, create, run_pod, sh, start};
 use e2e::{CriClient, Node, cri};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A loop device of the host attached, from inside `node`, to a 1 MiB file on the node's tmpfs
-/// that starts with `LOOP_TEXT`; detached on drop. (The machine's own disk cannot be opened even by
-/// the host's root, so a disk would prove nothing; any loop device can be.)
-struct Loop<'n> {
-    node: &'n Node,
-    path: String,
-    /// "MAJ MIN"
-    number: String,
-}
-
-const LOOP_TEXT: &str = "hello-device";
-
-impl<'n> Loop<'n> {
-    fn attach(node: &'n Node) -> Loop<'n> {
-        // The node's /dev (nspawn's tmpfs) has no loop nodes: make those the kernel has, then
-        // attach (again if another user took the free device meanwhile).
-        let path = node.sh(&format!(
-            "test -e /dev/loop-control || mknod /dev/loop-control c 10 237; \
-             printf {LOOP_TEXT} > /tmp/loop.img && truncate -s 1M /tmp/loop.img; \
-             for try in 1 2 3 4 5; do \
-               for f in /sys/class/block/loop*/dev; do d=/dev/${{f#/sys/class/block/}}; d=${{d%/dev}}; \
-                 test -e $d || mknod $d b $(tr : ' ' < $f); done; \
-               if l=$(losetup -f --show /tmp/loop.img 2>/dev/null); then echo $l; exit 0; fi; \
-             done; exit 1"
-        ));
-        let path = path.trim().to_string();
-        let name = path.trim_start_matches("/dev/");
-        let number = node.sh(&format!("tr : ' ' < /sys/class/block/{name}/dev")).trim().to_string();
-        Loop { node, path, number }
-    }
-}
-
-impl Drop for Loop<'_> {
-    fn drop(&mut self) {
-        let run = self.node.exec(&["losetup", "-d", &self.path]);
-        if !run.success() {
-            eprintln!("cannot detach {}: {}", self.path, run.stderr);
-        }
-    }
-}
 
 /// The devices.list of a container's unit in the node's v1 devices hierarchy.
 fn devices_list(node: &Node, id: &str) -> String {
