@@ -13,7 +13,9 @@
 //! block node) into its number, mode and owner, kept in the record; init mknods it at its container
 //! path under /dev (as the node's root, before joining a pod's user namespace, owner translated
 //! into the pod's range, so the pod's root owns it), and the unit gets
-//! `DeviceAllow=/dev/{char,block}/MAJ:MIN` with exactly its permissions. CDI names are refused.
+//! `DeviceAllow=/dev/{char,block}/MAJ:MIN` with exactly its permissions. CDI device nodes
+//! (cri-server's `cdi.rs`) arrive as the same devices, read from their spec file; theirs may have
+//! no cgroup permissions (CDI "none": no `DeviceAllow=`) and be owned by the process's user.
 //!
 //! # CPU and memory node sets
 //!
