@@ -223,6 +223,7 @@ pub async fn remove_container(client: &mut CriClient, id: &str) {
 /// A loop device of the host attached, from inside `node`, to a 1 MiB file on the node's tmpfs
 /// that starts with `LOOP_TEXT`; detached on drop. (The machine's own disk cannot be opened even by
 /// the host's root, so a disk would prove nothing; any loop device can be.)
+#[derive(Debug)]
 pub struct LoopDevice<'n> {
     node: &'n crate::Node,
     pub path: String,
