@@ -1099,7 +1099,21 @@ mod tests {
         assert_eq!(properties[0].1, Value::from("strict"));
         let allow = format!("{:?}", properties[1].1);
         assert!(allow.contains("/dev/char/1:3") && allow.contains("char-pts"), "{allow}");
-        assert!(device_properties(&ContainerSpec { privileged: true, ..unprivileged }).is_empty());
+        assert!(device_properties(&ContainerSpec { privileged: true, ..unprivileged.clone() }).is_empty());
+        // A CDI node with no cgroup permissions ("none") is made, but not allowed.
+        let mut none = unprivileged.devices[0].clone();
+        (none.permissions, none.container_path) = (String::new(), "/dev/none".into());
+        none.node = none.node.map(|n| DeviceNode { major: 250, minor: 7, ..n });
+        let with_none = ContainerSpec { devices: vec![none], ..unprivileged };
+        with_none.validate().unwrap();
+        assert!(!format!("{:?}", device_properties(&with_none)[1].1).contains("/dev/char/250:7"));
+        // A CDI node that names no owner belongs to the container process's user and group.
+        let process = passwd::Identity { uid: 1000, gid: 2000, additional_gids: Vec::new() };
+        let mut owned = with_none.devices[0].clone();
+        owned.node = owned.node.map(|n| DeviceNode { uid: 5, gid: 6, ..n });
+        owned.uid_from_process = true;
+        let json = oci_devices(&[owned], &process);
+        assert_eq!((json[0]["uid"].as_u64(), json[0]["gid"].as_u64()), (Some(1000), Some(6)));
     }
 
     #[test]
