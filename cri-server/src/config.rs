@@ -38,6 +38,8 @@ pub struct Config {
     pub runtimes: BTreeMap<String, RuntimeHandlerConfig>,
     /// Container Device Interface specs (the `[cdi]` table).
     pub cdi: CdiConfig,
+    /// CheckpointContainer and restores (the `[checkpoint]` table).
+    pub checkpoint: CheckpointConfig,
 }
 
 /// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
@@ -69,6 +71,21 @@ pub struct CdiConfig {
 impl Default for CdiConfig {
     fn default() -> Self {
         Self { spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")] }
+    }
+}
+
+/// CheckpointContainer and restores with CRIU (the `[checkpoint]` table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// The CRIU binary; a bare name is looked up on PATH. It must pass `criu check` on the node's
+    /// kernel (Debian 12's 3.17 does not on >= 6.13: scripts/setup-criu builds 4.1.1).
+    pub criu_path: PathBuf,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { criu_path: PathBuf::from("criu") }
     }
 }
 
@@ -104,6 +121,7 @@ impl Default for Config {
             containers: ContainersConfig::default(),
             runtimes: BTreeMap::new(),
             cdi: CdiConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }

@@ -550,9 +550,24 @@ impl RuntimeService for RuntimeApi {
     }
     async fn checkpoint_container(
         &self,
-        _: Request<cri::CheckpointContainerRequest>,
+        request: Request<cri::CheckpointContainerRequest>,
     ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
-        Err(not_yet("CheckpointContainer", "checkpointing is not supported"))
+        let request = request.into_inner();
+        if request.container_id.is_empty() {
+            return Err(Status::invalid_argument("container_id is empty"));
+        }
+        let location = std::path::PathBuf::from(&request.location);
+        if !location.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "location {:?}: the checkpoint archive must be an absolute path",
+                request.location
+            )));
+        }
+        // `timeout` is not applied: a CRIU dump cut short would leave the container frozen.
+        let options =
+            runtime::checkpoint::CheckpointOptions { location, criu: self.config.checkpoint.criu_path.clone() };
+        self.runtime.checkpoint_container(&request.container_id, &options).await.map_err(runtime_status)?;
+        Ok(Response::new(cri::CheckpointContainerResponse {}))
     }
     /// cadvisor's metrics (see metrics.rs).
     async fn list_metric_descriptors(

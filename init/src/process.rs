@@ -121,7 +121,12 @@ pub(crate) fn finish(spec: &Spec, plan: &Plan, console: Option<&std::os::fd::Own
             namespaces::own_mounts_in_user_namespace(plan)?;
         }
         // As root of the pod's user namespace, so that the terminal is the container's own.
-        console.map_or(Ok(()), crate::open_terminal)
+        match console {
+            Some(console) => crate::open_terminal(console),
+            // A session of its own, as runc's init makes: CRIU refuses to checkpoint a container
+            // whose session leader is outside its PID namespace (init's parent was).
+            None => nix::unistd::setsid().map(drop).ctx(|| "setsid".into()),
+        }
     })
 }
 

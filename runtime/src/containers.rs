@@ -66,7 +66,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn container_entry(&self, id: &str) -> Result<Arc<Entry<Container>>, Error> {
+    pub(crate) fn container_entry(&self, id: &str) -> Result<Arc<Entry<Container>>, Error> {
         let containers = self.containers.lock().expect("container table lock");
         if let Some(entry) = containers.get(id) {
             return Ok(entry.clone());

@@ -8,6 +8,7 @@
 pub mod apparmor;
 pub mod cgroup_detail;
 mod cgroup_v1;
+pub mod checkpoint;
 mod cni;
 mod container;
 mod containers;

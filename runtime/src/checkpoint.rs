@@ -1,0 +1,460 @@
+//! Checkpoint of a running container with CRIU (CheckpointContainer: the kubelet's checkpoint
+//! API, `crictl checkpoint`), into the archive layout that checkpointctl reads and that
+//! containerd and CRI-O write:
+//!
+//! ```text
+//! config.dump       checkpointctl's ContainerConfig: id, name, image, times
+//! spec.dump         the OCI runtime spec the container runs with (init.json's `oci`)
+//! status.dump       the container's CRI status (Go JSON field names, as containerd marshals it)
+//! checkpoint/       CRIU's images (`criu dump --leave-running`: the container keeps running)
+//! rootfs-diff.tar   the writable layer's files (overlay whiteouts left out)
+//! deleted.files     JSON list of the paths the writable layer deletes (its whiteouts)
+//! dump.log          CRIU's log; container.log: the CRI log so far
+//! ```
+//!
+//! What CRIU is told about a container of ours:
+//! - its tree is the unit's main process and its children (the entrypoint is PID 1 of its own
+//!   PID namespace; init made it a session leader, which CRIU requires);
+//! - the pod's network namespace is external (`--external net[<inode>]:extRootNetNS`, runc's key);
+//! - every bind mount of the spec (the pod's /dev/shm, /etc/hosts, volumes...) is external
+//!   (`--external mnt[<destination>]:<destination>`); the overlay root is the mount namespace's root;
+//! - cgroups belong to systemd (`--manage-cgroups=ignore`);
+//! - stdout and stderr are pipes whose read ends the daemon holds: their inodes are in
+//!   `descriptors.json` (as runc writes it) for a restore to hand the new pipes in their place.
+//!
+//! Refused with FailedPrecondition: a container that is not running, one with a terminal (its pty
+//! master is the daemon's), and one in a pod with a user namespace (not supported yet: CRIU must
+//! then run inside that namespace's ID mapping for the restored files).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+use tracing::info;
+
+use crate::container::{Container, ContainerState};
+use crate::{Error, Runtime};
+
+/// The archive's members, as checkpointctl's `lib/metadata.go` names them.
+pub const CONFIG_DUMP: &str = "config.dump";
+pub const SPEC_DUMP: &str = "spec.dump";
+pub const STATUS_DUMP: &str = "status.dump";
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+pub const ROOTFS_DIFF_TAR: &str = "rootfs-diff.tar";
+pub const DELETED_FILES: &str = "deleted.files";
+pub const DUMP_LOG: &str = "dump.log";
+/// runc's name: the targets of fds 0, 1 and 2 at dump time (`pipe:[inode]`, `/dev/null`...).
+pub const DESCRIPTORS_JSON: &str = "descriptors.json";
+
+/// What CheckpointContainer needs besides the container.
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    /// The archive to write (the request's `location`): an absolute path.
+    pub location: PathBuf,
+    /// The CRIU binary (config `[checkpoint] criu_path`); a bare name is looked up on PATH.
+    pub criu: PathBuf,
+}
+
+impl Runtime {
+    /// CheckpointContainer: dumps the running container `id` with CRIU, leaving it running, and
+    /// writes the archive at `options.location`. Nothing is left behind on failure (a location
+    /// that cannot be written is refused before CRIU runs).
+    pub async fn checkpoint_container(&self, id: &str, options: &CheckpointOptions) -> Result<(), Error> {
+        let entry = self.container_entry(id)?;
+        let _guard = entry.operation.clone().lock_owned().await;
+        let record = self.refresh(&entry);
+        if record.state != ContainerState::Running {
+            return Err(Error::ContainerState(format!(
+                "container {} is {:?}: only running containers can be checkpointed",
+                record.id, record.state
+            )));
+        }
+        if record.spec.tty {
+            return Err(Error::ContainerState(format!(
+                "container {} has a terminal: its checkpoint is not supported (the pty's master is the daemon's)",
+                record.id
+            )));
+        }
+        let pod = self.pod(&record.pod_id)?;
+        if pod.userns.is_some() {
+            return Err(Error::ContainerState(format!(
+                "container {} is in pod {} with a user namespace: its checkpoint is not supported yet",
+                record.id, pod.id
+            )));
+        }
+        let main_pid = self.systemd.main_pid(&record.unit).await?;
+        if main_pid == 0 {
+            return Err(Error::ContainerState(format!("container {} has no main process", record.id)));
+        }
+        // The archive first: a location that cannot be written fails before anything happens.
+        let archive = create_archive_file(&options.location)?;
+        let work = self.container_dir(&record.id).join("checkpoint");
+        let result = self.checkpoint_into(&record, main_pid, &work, options, archive).await;
+        let _ = std::fs::remove_dir_all(&work);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&options.location);
+        }
+        result?;
+        info!(container = %record.id, location = %options.location.display(), "container checkpointed");
+        Ok(())
+    }
+
+    async fn checkpoint_into(
+        &self,
+        record: &Container,
+        main_pid: u32,
+        work: &Path,
+        options: &CheckpointOptions,
+        archive: std::fs::File,
+    ) -> Result<(), Error> {
+        let _ = std::fs::remove_dir_all(work);
+        let images = work.join(CHECKPOINT_DIR);
+        crate::store::create_private_dir_all(&images)
+            .map_err(Error::io(format!("cannot create {}", images.display())))?;
+        let init = init::InitSpec::load(&self.container_dir(&record.id).join("init.json"))
+            .map_err(|e| Error::InitSpec(e.to_string()))?;
+        let descriptors = descriptors(main_pid);
+        write_file(&images.join(DESCRIPTORS_JSON), &serde_json::to_vec(&descriptors).unwrap_or_default())?;
+        let mut args = dump_args(main_pid, &images, work, &netns_inode(main_pid)?, &bind_destinations(&init.oci));
+        for file in external_std_files(main_pid) {
+            args.extend(["--external".to_string(), file]);
+        }
+        let criu = options.criu.clone();
+        let output = tokio::task::spawn_blocking(move || Command::new(&criu).args(&args).output())
+            .await
+            .map_err(|e| Error::Exec(format!("criu dump: {e}")))?
+            .map_err(|e| Error::Exec(format!("cannot run {}: {e}", options.criu.display())))?;
+        if !output.status.success() {
+            return Err(Error::Exec(format!(
+                "criu dump of container {} failed ({}): {}",
+                record.id,
+                output.status,
+                criu_error(&work.join(DUMP_LOG), &output.stderr)
+            )));
+        }
+        let spec = serde_json::to_vec_pretty(&init.oci).map_err(|e| Error::InitSpec(e.to_string()))?;
+        write_file(&work.join(SPEC_DUMP), &spec)?;
+        write_file(&work.join(CONFIG_DUMP), &serde_json::to_vec_pretty(&config_dump(record, now_nanos())).unwrap())?;
+        write_file(&work.join(STATUS_DUMP), &serde_json::to_vec_pretty(&status_dump(record)).unwrap())?;
+        let deleted = write_rootfs_diff(&record.rootfs.upperdir, &work.join(ROOTFS_DIFF_TAR))?;
+        write_file(&work.join(DELETED_FILES), &serde_json::to_vec(&deleted).unwrap())?;
+        if let Some(log) = self.log_path(&record.id) {
+            let _ = std::fs::copy(log, work.join("container.log"));
+        }
+        let work = work.to_path_buf();
+        let location = options.location.clone();
+        tokio::task::spawn_blocking(move || write_archive(archive, &work))
+            .await
+            .map_err(|e| Error::Exec(format!("checkpoint archive: {e}")))?
+            .map_err(Error::io(format!("cannot write the checkpoint archive {}", location.display())))
+    }
+}
+
+/// Creates (or truncates) the archive file, 0600 as containerd's: a checkpoint holds the
+/// container's memory.
+fn create_archive_file(location: &Path) -> Result<std::fs::File, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !location.is_absolute() {
+        return Err(Error::InvalidSpec(format!("location {:?}: not an absolute path", location.display())));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(location)
+        .map_err(|e| Error::InvalidSpec(format!("location {}: cannot be written: {e}", location.display())))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    std::fs::write(path, bytes).map_err(Error::io(format!("cannot write {}", path.display())))
+}
+
+/// CRIU's arguments for a dump of the tree of `pid` into `images`, the container left running.
+pub(crate) fn dump_args(
+    pid: u32,
+    images: &Path,
+    work: &Path,
+    netns_inode: &str,
+    bind_destinations: &[String],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "dump".into(),
+        "--tree".into(),
+        pid.to_string(),
+        "--images-dir".into(),
+        images.to_string_lossy().into_owned(),
+        "--work-dir".into(),
+        work.to_string_lossy().into_owned(),
+        "--log-file".into(),
+        DUMP_LOG.into(),
+        "-v4".into(),
+        "--leave-running".into(),
+        "--manage-cgroups=ignore".into(),
+        "--tcp-established".into(),
+        "--file-locks".into(),
+        "--external".into(),
+        format!("net[{netns_inode}]:extRootNetNS"),
+    ];
+    for destination in bind_destinations {
+        args.push("--external".into());
+        args.push(format!("mnt[{destination}]:{destination}"));
+    }
+    args
+}
+
+/// The destinations of the spec's bind mounts: mounts whose source is outside the container.
+pub(crate) fn bind_destinations(oci: &oci_spec::runtime::Spec) -> Vec<String> {
+    let mounts = oci.mounts().as_deref().unwrap_or_default();
+    mounts
+        .iter()
+        .filter(|m| {
+            m.typ().as_deref() == Some("bind")
+                || m.options().as_deref().unwrap_or_default().iter().any(|o| o == "bind" || o == "rbind")
+        })
+        .map(|m| m.destination().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The inode of the network namespace `pid` is in (the pod's).
+fn netns_inode(pid: u32) -> Result<String, Error> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map_err(Error::io(format!("cannot read the network namespace of process {pid}")))?;
+    let link = link.to_string_lossy();
+    link.strip_prefix("net:[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .map(str::to_string)
+        .ok_or_else(|| Error::Exec(format!("unexpected network namespace link {link:?}")))
+}
+
+/// The targets of fds 0, 1 and 2 of `pid`, as runc's descriptors.json.
+fn descriptors(pid: u32) -> Vec<String> {
+    (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "/dev/null".into())
+        })
+        .collect()
+}
+
+/// CRIU's keys (`file[<mnt_id>:<inode>]`, hex) of the files among fds 0, 1 and 2 of `pid` that
+/// are not pipes: systemd's /dev/null for stdin is the node's, on a mount outside the
+/// container's mount namespace, which CRIU cannot dump ("Can't lookup mount").
+fn external_std_files(pid: u32) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut keys = Vec::new();
+    for fd in 0..3 {
+        let Ok(target) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) else { continue };
+        if !target.is_absolute() {
+            continue; // pipe:[...], socket:[...]
+        }
+        let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")) else { continue };
+        let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let mnt_id = fdinfo.lines().find_map(|l| l.strip_prefix("mnt_id:")).and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(mnt_id) = mnt_id {
+            let key = format!("file[{mnt_id:x}:{:x}]", meta.ino());
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys
+}
+
+/// The first error lines of CRIU's log (or its stderr), for the caller's message.
+fn criu_error(log: &Path, stderr: &[u8]) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|_| String::from_utf8_lossy(stderr).into_owned());
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).take(3).collect();
+    if errors.is_empty() { text.lines().last().unwrap_or("").to_string() } else { errors.join("; ") }
+}
+
+/// checkpointctl's ContainerConfig (Go `time.Time` fields as RFC 3339).
+pub(crate) fn config_dump(record: &Container, checkpointed_at: i64) -> serde_json::Value {
+    json!({
+        "id": record.id,
+        "name": record.spec.name,
+        "rootfsImage": record.spec.image.name,
+        "rootfsImageRef": record.spec.image.id,
+        "rootfsImageName": record.spec.image.name,
+        "runtime": "cri-systemd",
+        "createdTime": crate::logs::rfc3339_nanos(record.created_at),
+        "checkpointedTime": crate::logs::rfc3339_nanos(checkpointed_at),
+        "restoredTime": "0001-01-01T00:00:00Z",
+        "restored": false,
+    })
+}
+
+/// The container's CRI status as containerd's `json.Marshal` of it writes (Go field names of
+/// the generated CRI types, empty fields left out).
+pub(crate) fn status_dump(record: &Container) -> serde_json::Value {
+    json!({
+        "id": record.id,
+        "metadata": {"name": record.spec.name, "attempt": record.spec.attempt},
+        "state": 1,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "image": {"image": record.spec.image.name},
+        "image_ref": record.spec.image.repo_digest,
+        "labels": record.spec.labels,
+        "annotations": record.spec.annotations,
+        "log_path": record.spec.log_path,
+        "image_id": record.spec.image.id,
+    })
+}
+
+/// Writes the writable layer `upper` as a tar at `target`, leaving out overlay whiteouts
+/// (character devices 0/0), and returns the paths they delete ("/" + path in the container).
+pub(crate) fn write_rootfs_diff(upper: &Path, target: &Path) -> Result<Vec<String>, Error> {
+    let file = std::fs::File::create(target).map_err(Error::io(format!("cannot create {}", target.display())))?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    builder.follow_symlinks(false);
+    let mut deleted = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let dir = upper.join(&relative);
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(Error::io(format!("cannot read {}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        names.sort();
+        for name in names {
+            let path = relative.join(&name);
+            let full = upper.join(&path);
+            let meta =
+                std::fs::symlink_metadata(&full).map_err(Error::io(format!("cannot stat {}", full.display())))?;
+            if is_whiteout(&meta) {
+                deleted.push(format!("/{}", path.display()));
+                continue;
+            }
+            builder
+                .append_path_with_name(&full, &path)
+                .map_err(Error::io(format!("cannot archive {}", full.display())))?;
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    builder
+        .into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(Error::io(format!("cannot write {}", target.display())))?;
+    deleted.sort();
+    Ok(deleted)
+}
+
+fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// The archive: every file of `dir`, under names relative to it.
+fn write_archive(file: std::fs::File, dir: &Path) -> std::io::Result<()> {
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    builder.follow_symlinks(false);
+    let mut names: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+    names.sort();
+    // Names relative to the archive's root, without a "./" entry, as containerd's archive.Diff writes.
+    for name in names {
+        let path = dir.join(&name);
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            builder.append_dir_all(&name, &path)?;
+        } else {
+            builder.append_path_with_name(&path, &name)?;
+        }
+    }
+    let mut writer = builder.into_inner()?;
+    writer.flush()?;
+    writer.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_mounts_are_external_and_the_pod_netns_too() {
+        let oci: oci_spec::runtime::Spec = serde_json::from_value(json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind"]},
+                {"destination": "/data", "source": "/srv/data", "options": ["rbind", "ro"]},
+            ]
+        }))
+        .unwrap();
+        let binds = bind_destinations(&oci);
+        assert_eq!(binds, ["/dev/shm", "/data"]);
+        let args = dump_args(42, Path::new("/w/checkpoint"), Path::new("/w"), "4026532314", &binds);
+        let joined = args.join(" ");
+        assert!(joined.starts_with("dump --tree 42 --images-dir /w/checkpoint --work-dir /w"), "{joined}");
+        assert!(joined.contains("--leave-running"));
+        assert!(joined.contains("--external net[4026532314]:extRootNetNS"));
+        assert!(joined.contains("--external mnt[/dev/shm]:/dev/shm --external mnt[/data]:/data"));
+    }
+
+    #[test]
+    fn the_rootfs_diff_leaves_whiteouts_out_and_lists_them_as_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        std::fs::write(upper.join("count"), "7\n").unwrap();
+        std::fs::write(upper.join("etc/motd"), "hi").unwrap();
+        // A whiteout needs CAP_MKNOD; without it (an unprivileged run) only the files are checked.
+        let whiteout = nix::sys::stat::mknod(
+            &upper.join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            0,
+        )
+        .is_ok();
+        let target = dir.path().join("diff.tar");
+        let deleted = write_rootfs_diff(&upper, &target).unwrap();
+        let mut archive = tar::Archive::new(std::fs::File::open(&target).unwrap());
+        let mut names: Vec<String> =
+            archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["count", "etc", "etc/motd"]);
+        if whiteout {
+            assert_eq!(deleted, ["/etc/gone"]);
+        } else {
+            assert!(deleted.is_empty());
+        }
+    }
+
+    #[test]
+    fn config_dump_has_checkpointctl_field_names() {
+        let spec = crate::ContainerSpec {
+            name: "counter".into(),
+            image: crate::ContainerImage { name: "reg/busybox:1".into(), id: "sha256:1".into(), ..Default::default() },
+            ..Default::default()
+        };
+        let record = Container {
+            id: "abc".into(),
+            pod_id: "p".into(),
+            spec,
+            rootfs: crate::RootfsLayers { lowerdirs: vec![], upperdir: "/u".into(), workdir: "/w".into() },
+            state: ContainerState::Running,
+            created_at: 1_700_000_000_000_000_000,
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            unit: "cri-abc.service".into(),
+            slice: "s.slice".into(),
+        };
+        let config = config_dump(&record, 1_700_000_001_000_000_000);
+        assert_eq!(config["id"], "abc");
+        assert_eq!(config["name"], "counter");
+        assert_eq!(config["rootfsImageName"], "reg/busybox:1");
+        assert_eq!(config["createdTime"], "2023-11-14T22:13:20.000000000Z");
+        assert_eq!(config["checkpointedTime"], "2023-11-14T22:13:21.000000000Z");
+    }
+}
