@@ -48,6 +48,9 @@ enum Command {
         #[arg(long)]
         user: Option<PathBuf>,
     },
+    /// The ExecStart of a container restored from a checkpoint: mount its root, exec CRIU.
+    #[command(hide = true, name = "restore-in")]
+    RestoreIn { init_spec: PathBuf, restore_dir: PathBuf, criu: PathBuf },
     /// Spawned by the daemon for ExecSync and Exec: run COMMAND in the running container whose
     /// init spec is INIT_SPEC, unit UNIT and main process MAIN_PID (control socket on fd 3).
     #[command(hide = true, name = "exec-in")]
@@ -86,6 +89,15 @@ fn main() -> ExitCode {
         };
         init::exec_in::run(&args);
     }
+    // Single-threaded too: it unshares its mount namespace and execs CRIU.
+    if let Some(Command::RestoreIn { init_spec, restore_dir, criu }) = &cli.command {
+        let args = init::restore::RestoreArgs {
+            init_spec: init_spec.clone(),
+            restore_dir: restore_dir.clone(),
+            criu: criu.clone(),
+        };
+        init::restore::run(&args);
+    }
     if let Some(Command::RecordExit { file }) = &cli.command {
         return ExitCode::from(runtime::exit_record::record(file) as u8);
     }
@@ -102,7 +114,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Init { .. } | Command::RecordExit { .. } | Command::ExecIn { .. } | Command::PodInit { .. }) => {
+        Some(
+            Command::Init { .. }
+            | Command::RecordExit { .. }
+            | Command::ExecIn { .. }
+            | Command::PodInit { .. }
+            | Command::RestoreIn { .. },
+        ) => {
             unreachable!("handled above")
         }
         Some(Command::Config { .. }) => {

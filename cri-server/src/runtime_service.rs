@@ -259,10 +259,17 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
         let request = request.into_inner();
-        let config = request.config.ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
-        let image_name = config.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        let mut config = request.config.ok_or_else(|| Status::invalid_argument("CreateContainer needs a config"))?;
+        let mut image_name = config.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
         if image_name.is_empty() {
             return Err(Status::invalid_argument("container config names no image"));
+        }
+        // A checkpoint archive in place of the image: the container runs the checkpointed image
+        // and StartContainer restores it (runtime/src/checkpoint.rs).
+        let archive = runtime::checkpoint::archive_path(&image_name);
+        if let (Some(archive), Some(spec)) = (&archive, config.image.as_mut()) {
+            image_name = runtime::checkpoint::archive_image(archive).map_err(runtime_status)?;
+            spec.image = image_name.clone();
         }
         let image = self.node.image_for_container(&request.pod_sandbox_id, &image_name).map_err(node_status)?;
         let pod = self.runtime.pod(&request.pod_sandbox_id).map_err(runtime_status)?;
@@ -277,6 +284,13 @@ impl RuntimeService for RuntimeApi {
         crate::cdi::inject(&self.config.cdi.spec_dirs, &cdi_devices, pod_userns, &mut spec)?;
         let container_id =
             self.node.create_container(&request.pod_sandbox_id, &image, spec).await.map_err(node_status)?;
+        if let Some(archive) = archive {
+            let criu = &self.config.checkpoint.criu_path;
+            if let Err(e) = self.runtime.prepare_restore(&container_id, &archive, criu).await {
+                let _ = self.node.remove_container(&container_id).await;
+                return Err(runtime_status(e));
+            }
+        }
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
 

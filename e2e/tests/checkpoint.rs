@@ -95,4 +95,61 @@ async fn checkpoint_refuses_unknown_and_stopped_containers_and_bad_locations_lea
     assert!(stopped.message().contains("only running containers"), "{stopped:?}");
     assert!(node.exec(&["test", "-e", "/var/tmp/stopped.tar"]).status.code() == Some(1), "an archive was left");
     assert!(node.exec(&["test", "-e", "/var/tmp/x.tar"]).status.code() == Some(1), "an archive was left");
+
+    // A file that is not a checkpoint archive, in place of an image: InvalidArgument naming it.
+    node.sh("echo not-a-tar > /var/tmp/junk.tar");
+    let pod = run_pod_sandbox(&mut client, pod("junk")).await.expect("RunPodSandbox");
+    let junk = create(&mut client, &pod, container_config("c", "/var/tmp/junk.tar", &["sh"])).await.unwrap_err();
+    assert_eq!(junk.code(), tonic::Code::InvalidArgument, "{junk:?}");
+    assert!(junk.message().contains("image /var/tmp/junk.tar: not a checkpoint archive"), "{junk:?}");
+    let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.containers.len(), 1, "a container was left: {listed:?}");
+}
+
+#[tokio::test]
+async fn a_container_created_from_the_archive_in_a_new_pod_continues_counting_with_its_files() {
+    let node = e2e::node_with_local_registry("ckpt-rst", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "ckpt-rst").await;
+    let (_pod, id, log) = run_counter(&mut client, "original", &image).await;
+    eventually(ANSWER_TIMEOUT, "the counter to count", || async { (last_count(&node, &log) >= 5).then_some(()) }).await;
+    checkpoint(&mut client, &id, "/var/tmp/original.tar").await.expect("CheckpointContainer");
+    let stop = cri::StopContainerRequest { container_id: id.clone(), timeout: 0 };
+    client.runtime.stop_container(stop).await.expect("StopContainer");
+    let stopped_at = last_count(&node, &log);
+
+    let dir = "/var/log/pods/e2e_restored";
+    let pod = run_pod_sandbox(&mut client, pod("restored").log_directory(dir)).await.expect("RunPodSandbox");
+    // As the kubelet and crictl pass it: the archive's path in place of the image.
+    let mut config = container_config("counter", "/var/tmp/original.tar", &["never", "run"]);
+    config.log_path = "counter/0.log".into();
+    let restored = create(&mut client, &pod, config).await.expect("CreateContainer from the archive");
+    // What StartContainer restores is on disk: a daemon killed in between still restores it.
+    node.sh("systemctl kill -s KILL cri-systemd; systemctl restart cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    if let Err(e) = start(&mut client, &restored).await {
+        let restore_log =
+            node.exec(&["sh", "-c", "grep -h Error /var/lib/cri-systemd/containers/*/restore/restore.log"]);
+        panic!("StartContainer (restore) failed: {e:?}\nrestore.log errors:\n{}\n{}", restore_log.stdout, node.logs());
+    }
+    let new_log = format!("{dir}/counter/0.log");
+    eventually(ANSWER_TIMEOUT, "the restored counter to count", || async {
+        (last_count(&node, &new_log) >= 3).then_some(())
+    })
+    .await;
+    let text = node.exec(&["cat", &new_log]).stdout;
+    let first = text.lines().find_map(|l| l.rsplit_once("count ").and_then(|(_, n)| n.trim().parse::<u64>().ok()));
+    let first = first.expect("a count in the restored log");
+    // It goes on from the checkpoint (taken before the stop), not from 1.
+    assert!(
+        first > 3 && first <= stopped_at + 1,
+        "the restored counter starts at {first} (stopped at {stopped_at}):\n{text}"
+    );
+    let status = e2e::crisimple::status(&mut client, &restored).await;
+    assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
+    assert_eq!(status.image.map(|i| i.image).unwrap_or_default(), image);
+    // The file it wrote in its writable layer before the checkpoint is there, and goes on.
+    let (code, out, _) = e2e::crisimple::sh(&mut client, &restored, "cat /count").await;
+    assert_eq!(code, 0);
+    assert!(out.trim().parse::<u64>().unwrap() >= first, "/count is {out:?}");
 }

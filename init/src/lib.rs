@@ -86,6 +86,7 @@ mod namespaces;
 mod notify;
 pub mod pod_init;
 mod process;
+pub mod restore;
 mod rootfs;
 mod seccomp;
 mod spec;

@@ -45,7 +45,9 @@ pub const ROOTFS_DIFF_TAR: &str = "rootfs-diff.tar";
 pub const DELETED_FILES: &str = "deleted.files";
 pub const DUMP_LOG: &str = "dump.log";
 /// runc's name: the targets of fds 0, 1 and 2 at dump time (`pipe:[inode]`, `/dev/null`...).
-pub const DESCRIPTORS_JSON: &str = "descriptors.json";
+pub const DESCRIPTORS_JSON: &str = init::restore::DESCRIPTORS_JSON;
+/// In a container's directory: what a container created from a checkpoint archive restores.
+pub const RESTORE_DIR: &str = "restore";
 
 /// What CheckpointContainer needs besides the container.
 #[derive(Debug, Clone)]
@@ -117,9 +119,11 @@ impl Runtime {
         let descriptors = descriptors(main_pid);
         write_file(&images.join(DESCRIPTORS_JSON), &serde_json::to_vec(&descriptors).unwrap_or_default())?;
         let mut args = dump_args(main_pid, &images, work, &netns_inode(main_pid)?, &bind_destinations(&init.oci));
-        for file in external_std_files(main_pid) {
-            args.extend(["--external".to_string(), file]);
+        let external_files = external_std_files(main_pid);
+        for (_, key) in &external_files {
+            args.extend(["--external".to_string(), key.clone()]);
         }
+        write_file(&images.join(init::restore::EXTERNAL_FILES_JSON), &serde_json::to_vec(&external_files).unwrap())?;
         let criu = options.criu.clone();
         let output = tokio::task::spawn_blocking(move || Command::new(&criu).args(&args).output())
             .await
@@ -243,7 +247,7 @@ fn descriptors(pid: u32) -> Vec<String> {
 /// CRIU's keys (`file[<mnt_id>:<inode>]`, hex) of the files among fds 0, 1 and 2 of `pid` that
 /// are not pipes: systemd's /dev/null for stdin is the node's, on a mount outside the
 /// container's mount namespace, which CRIU cannot dump ("Can't lookup mount").
-fn external_std_files(pid: u32) -> Vec<String> {
+fn external_std_files(pid: u32) -> Vec<(i32, String)> {
     use std::os::unix::fs::MetadataExt;
     let mut keys = Vec::new();
     for fd in 0..3 {
@@ -255,10 +259,7 @@ fn external_std_files(pid: u32) -> Vec<String> {
         let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
         let mnt_id = fdinfo.lines().find_map(|l| l.strip_prefix("mnt_id:")).and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(mnt_id) = mnt_id {
-            let key = format!("file[{mnt_id:x}:{:x}]", meta.ino());
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
+            keys.push((fd, format!("file[{mnt_id:x}:{:x}]", meta.ino())));
         }
     }
     keys
@@ -372,6 +373,138 @@ fn write_archive(file: std::fs::File, dir: &Path) -> std::io::Result<()> {
 
 fn now_nanos() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The archive a CreateContainer's image names, if it names one: an absolute path to a file
+/// (as CRI-O and containerd 2.x accept a checkpoint archive in place of an image).
+pub fn archive_path(image: &str) -> Option<PathBuf> {
+    let path = Path::new(image);
+    (path.is_absolute() && path.is_file()).then(|| path.to_path_buf())
+}
+
+/// The image the checkpointed container ran (config.dump's `rootfsImageName`), which must be on
+/// the node for a restore.
+pub fn archive_image(archive: &Path) -> Result<String, Error> {
+    let bad = |why: String| Error::InvalidSpec(format!("image {}: not a checkpoint archive: {why}", archive.display()));
+    let file = std::fs::File::open(archive).map_err(|e| bad(e.to_string()))?;
+    let mut tar = tar::Archive::new(file);
+    for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
+        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+        let path = entry.path().map_err(|e| bad(e.to_string()))?.into_owned();
+        if path.as_os_str() == CONFIG_DUMP || path == Path::new("./").join(CONFIG_DUMP) {
+            let mut text = Vec::new();
+            std::io::Read::read_to_end(&mut (&mut entry).take(1 << 20), &mut text).map_err(|e| bad(e.to_string()))?;
+            let config: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| bad(format!("{CONFIG_DUMP}: {e}")))?;
+            return ["rootfsImageName", "rootfsImage"]
+                .iter()
+                .find_map(|k| config[k].as_str().filter(|s| !s.is_empty()).map(str::to_string))
+                .ok_or_else(|| bad(format!("{CONFIG_DUMP} names no image")));
+        }
+    }
+    Err(bad(format!("no {CONFIG_DUMP}")))
+}
+
+use std::io::Read as _;
+
+impl Runtime {
+    /// The rest of CreateContainer from a checkpoint archive: CRIU's images into the container's
+    /// `restore/` (StartContainer then restores instead of running the entrypoint), the
+    /// checkpointed writable layer onto the new one, its deletions as overlay whiteouts.
+    pub async fn prepare_restore(&self, id: &str, archive: &Path, criu: &Path) -> Result<(), Error> {
+        let record = self.container(id)?;
+        let pod = self.pod(&record.pod_id)?;
+        if pod.userns.is_some() {
+            return Err(Error::ContainerState(format!(
+                "pod {} has a user namespace: restoring a checkpoint into it is not supported yet",
+                pod.id
+            )));
+        }
+        let dir = self.container_dir(id).join(RESTORE_DIR);
+        let upper = record.rootfs.upperdir.clone();
+        let archive = archive.to_path_buf();
+        let criu = criu.to_path_buf();
+        tokio::task::spawn_blocking(move || unpack_for_restore(&archive, &dir, &upper, &criu))
+            .await
+            .map_err(|e| Error::Exec(format!("checkpoint archive: {e}")))?
+    }
+}
+
+fn unpack_for_restore(archive: &Path, dir: &Path, upper: &Path, criu: &Path) -> Result<(), Error> {
+    let what = |e: std::io::Error| Error::InvalidSpec(format!("image {}: {e}", archive.display()));
+    crate::store::create_private_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+    let file = std::fs::File::open(archive).map_err(what)?;
+    let mut tar = tar::Archive::new(file);
+    let mut deleted: Vec<String> = Vec::new();
+    for entry in tar.entries().map_err(what)? {
+        let mut entry = entry.map_err(what)?;
+        let path = entry.path().map_err(what)?.into_owned();
+        let path = path.strip_prefix("./").unwrap_or(&path).to_path_buf();
+        if path.starts_with(CHECKPOINT_DIR) {
+            // unpack_in refuses paths that leave `dir`.
+            entry.unpack_in(dir).map_err(what)?;
+        } else if path.as_os_str() == ROOTFS_DIFF_TAR {
+            let mut diff = tar::Archive::new(&mut entry);
+            diff.set_preserve_permissions(true);
+            diff.set_preserve_ownerships(true);
+            diff.set_overwrite(true);
+            for file in diff.entries().map_err(what)? {
+                file.map_err(what)?.unpack_in(upper).map_err(what)?;
+            }
+        } else if path.as_os_str() == DELETED_FILES {
+            let mut text = Vec::new();
+            entry.take(16 << 20).read_to_end(&mut text).map_err(what)?;
+            deleted = serde_json::from_slice(&text).map_err(|e| what(std::io::Error::other(e)))?;
+        }
+    }
+    if !dir.join(CHECKPOINT_DIR).join("inventory.img").exists() {
+        return Err(Error::InvalidSpec(format!("image {}: no CRIU images in the archive", archive.display())));
+    }
+    for path in deleted {
+        let relative = Path::new(&path).strip_prefix("/").unwrap_or(Path::new(&path));
+        if relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            continue;
+        }
+        let target = upper.join(relative);
+        if let Some(parent) = target.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0);
+    }
+    write_file(&dir.join("criu"), criu.as_os_str().as_encoded_bytes())
+}
+
+/// The restore directory of a container created from a checkpoint archive (None for others).
+pub(crate) fn restore_dir(container_dir: &Path) -> Option<PathBuf> {
+    let dir = container_dir.join(RESTORE_DIR);
+    dir.join(CHECKPOINT_DIR).is_dir().then_some(dir)
+}
+
+/// StartContainer of a container created from a checkpoint archive: the unit's ExecStart is
+/// `restore-in` (init/src/restore.rs), which ends in `criu restore --restore-detached`; the unit
+/// is `Type=forking` with CRIU's PID file, so systemd supervises the restored tree.
+pub(crate) fn restore_properties(
+    properties: &mut Vec<(&'static str, zbus::zvariant::Value<'static>)>,
+    container_dir: &Path,
+    restore: &Path,
+) -> Result<(), Error> {
+    use zbus::zvariant::Value;
+    let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
+    let criu = std::fs::read_to_string(restore.join("criu")).unwrap_or_else(|_| "criu".into());
+    let pid_file = restore.join("pid");
+    let _ = std::fs::remove_file(&pid_file);
+    let args = vec![
+        exe.clone(),
+        init::restore::SUBCOMMAND.to_string(),
+        container_dir.join("init.json").to_string_lossy().into_owned(),
+        restore.to_string_lossy().into_owned(),
+        criu,
+    ];
+    properties.retain(|(key, _)| !matches!(*key, "Type" | "NotifyAccess" | "ExecStart"));
+    properties.push(("Type", Value::from("forking")));
+    properties.push(("PIDFile", Value::from(pid_file.to_string_lossy().into_owned())));
+    properties.push(("ExecStart", Value::from(vec![(exe, args, false)])));
+    Ok(())
 }
 
 #[cfg(test)]

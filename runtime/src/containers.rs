@@ -260,6 +260,9 @@ impl Runtime {
             ("TasksAccounting", Value::from(true)),
         ];
         properties.extend(container::resource_properties(&record.spec, self.config.tasks_max)?);
+        if let Some(restore) = crate::checkpoint::restore_dir(&dir) {
+            crate::checkpoint::restore_properties(&mut properties, &dir, &restore)?;
+        }
         // stdin (a pipe) or the console socket on which init sends back its terminal.
         let prepared = if record.spec.stdin || record.spec.tty {
             let (ours, theirs) = crate::stdio::prepare(record.spec.tty)?;

@@ -59,6 +59,12 @@ fn own_created(dir: &impl AsFd, name: &OsStr) -> nix::Result<()> {
     }
 }
 
+/// The overlay root alone, mounted at `target` in the caller's mount namespace, as [`setup`]
+/// mounts it (a restore: CRIU then builds the container's mounts on it).
+pub(crate) fn mount_overlay_at(overlay: &crate::OverlayRootfs, target: &Path, plan: &Plan) -> Result<()> {
+    mount_overlay(overlay, target, plan)
+}
+
 /// Sets the rootfs up at `root.path` and pivots into it. On return, `/` is the container's root
 /// and the host's file system is unreachable.
 pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
