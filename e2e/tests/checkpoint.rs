@@ -21,7 +21,10 @@ async fn checkpoint(client: &mut CriClient, id: &str, location: &str) -> Result<
 /// The counter's last value in its log (0 before the first line).
 fn last_count(node: &Node, log: &str) -> u64 {
     let text = node.exec(&["cat", log]).stdout;
-    text.lines().filter_map(|l| l.rsplit_once("count ").and_then(|(_, n)| n.trim().parse().ok())).last().unwrap_or(0)
+    text.lines()
+        .filter_map(|l| l.rsplit_once("count ").and_then(|(_, n)| n.trim().parse().ok()))
+        .next_back()
+        .unwrap_or(0)
 }
 
 /// Runs pod `name` with the counter in it; returns (pod, container, log path in the node).

@@ -1,6 +1,6 @@
 //! The processes cri-systemd runs inside units, each a hidden subcommand of the daemon's binary
-//! run before anything else in its `main`: `init` (this module), `exec-in` ([`exec_in`]) and
-//! `pod-init` ([`pod_init`]); and `init.json` ([`InitSpec`]), which the runtime writes and init
+//! run before anything else in its `main`: `init` (this module), `exec-in` ([`exec_in`]),
+//! `pod-init` ([`pod_init`]) and `restore-in` ([`restore`], a container restored by CRIU); and `init.json` ([`InitSpec`]), which the runtime writes and init
 //! reads. The runtime depends on this crate, never the reverse.
 //!
 //! `cri-systemd init <spec.json>`: the `ExecStart` of every container unit. It sets the container

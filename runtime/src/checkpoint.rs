@@ -22,6 +22,18 @@
 //! - stdout and stderr are pipes whose read ends the daemon holds: their inodes are in
 //!   `descriptors.json` (as runc writes it) for a restore to hand the new pipes in their place.
 //!
+//! - stdin is systemd's /dev/null, a file of the node: `--external file[<mnt_id>:<inode>]`, its key
+//!   kept in `checkpoint/external-files.json`.
+//!
+//! Restore: CreateContainer whose image is the path of such an archive creates a container of the
+//! checkpointed image (config.dump's `rootfsImageName`), unpacks `checkpoint/` into its
+//! `restore/` directory, `rootfs-diff.tar` onto its writable layer and `deleted.files` as overlay
+//! whiteouts there. StartContainer sees `restore/checkpoint/` and makes the unit `Type=forking`
+//! with `restore-in` as ExecStart (`init/src/restore.rs`: the root, then `criu restore
+//! --restore-detached --pidfile`), so systemd supervises the restored tree like an entrypoint.
+//! Everything a restore needs is in the container's directory: a daemon restarted between the
+//! two calls restores all the same.
+//!
 //! Refused with FailedPrecondition: a container that is not running, one with a terminal (its pty
 //! master is the daemon's), and one in a pod with a user namespace (not supported yet: CRIU must
 //! then run inside that namespace's ID mapping for the restored files).
