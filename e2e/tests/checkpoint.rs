@@ -99,6 +99,21 @@ async fn checkpoint_refuses_unknown_and_stopped_containers_and_bad_locations_lea
     assert!(node.exec(&["test", "-e", "/var/tmp/stopped.tar"]).status.code() == Some(1), "an archive was left");
     assert!(node.exec(&["test", "-e", "/var/tmp/x.tar"]).status.code() == Some(1), "an archive was left");
 
+    // A pod with a user namespace: checkpointed (CRIU dumps the user namespace too), but a restore
+    // into such a pod is refused, saying why, and leaves no container.
+    let userns_pod =
+        run_pod_sandbox(&mut client, e2e::crisimple::userns_pod_config("userns")).await.expect("RunPodSandbox");
+    let in_userns =
+        create(&mut client, &userns_pod, container_config("c", &image, &["sh", "-c", COUNTER])).await.unwrap();
+    start(&mut client, &in_userns).await.expect("StartContainer");
+    checkpoint(&mut client, &in_userns, "/var/tmp/userns.tar").await.expect("CheckpointContainer in a userns pod");
+    node.sh("tar -tf /var/tmp/userns.tar checkpoint/inventory.img config.dump");
+    let mut config = container_config("r", "/var/tmp/userns.tar", &["sh"]);
+    config.log_path = String::new();
+    let refused = create(&mut client, &userns_pod, config).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("user namespace"), "{refused:?}");
+
     // A file that is not a checkpoint archive, in place of an image: InvalidArgument naming it.
     node.sh("echo not-a-tar > /var/tmp/junk.tar");
     let pod = run_pod_sandbox(&mut client, pod("junk")).await.expect("RunPodSandbox");
@@ -106,7 +121,7 @@ async fn checkpoint_refuses_unknown_and_stopped_containers_and_bad_locations_lea
     assert_eq!(junk.code(), tonic::Code::InvalidArgument, "{junk:?}");
     assert!(junk.message().contains("image /var/tmp/junk.tar: not a checkpoint archive"), "{junk:?}");
     let listed = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
-    assert_eq!(listed.containers.len(), 1, "a container was left: {listed:?}");
+    assert_eq!(listed.containers.len(), 2, "a container was left: {listed:?}");
 }
 
 #[tokio::test]

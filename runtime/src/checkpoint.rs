@@ -34,9 +34,11 @@
 //! Everything a restore needs is in the container's directory: a daemon restarted between the
 //! two calls restores all the same.
 //!
-//! Refused with FailedPrecondition: a container that is not running, one with a terminal (its pty
-//! master is the daemon's), and one in a pod with a user namespace (not supported yet: CRIU must
-//! then run inside that namespace's ID mapping for the restored files).
+//! Refused with FailedPrecondition: a container that is not running, and one with a terminal (its
+//! pty master is the daemon's). A container in a pod with a user namespace is checkpointed (CRIU
+//! dumps the user namespace with the rest), but not restored: the new pod has another ID range
+//! and its layers are idmapped into it, which `restore-in` does not do (FailedPrecondition at
+//! CreateContainer).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,13 +90,6 @@ impl Runtime {
             return Err(Error::ContainerState(format!(
                 "container {} has a terminal: its checkpoint is not supported (the pty's master is the daemon's)",
                 record.id
-            )));
-        }
-        let pod = self.pod(&record.pod_id)?;
-        if pod.userns.is_some() {
-            return Err(Error::ContainerState(format!(
-                "container {} is in pod {} with a user namespace: its checkpoint is not supported yet",
-                record.id, pod.id
             )));
         }
         let main_pid = self.systemd.main_pid(&record.unit).await?;
@@ -428,7 +423,7 @@ impl Runtime {
         let pod = self.pod(&record.pod_id)?;
         if pod.userns.is_some() {
             return Err(Error::ContainerState(format!(
-                "pod {} has a user namespace: restoring a checkpoint into it is not supported yet",
+                "pod {} has a user namespace: restoring a checkpoint into it is not supported (its ID range and idmapped layers differ from the checkpointed container's)",
                 pod.id
             )));
         }
