@@ -126,10 +126,6 @@ fn runtime_handlers(config: &Config) -> Vec<cri::RuntimeHandler> {
         .collect()
 }
 
-fn not_yet(rpc: &str, why: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented yet by cri-systemd ({why})"))
-}
-
 fn condition(kind: &str, outcome: Result<(), (&str, String)>) -> cri::RuntimeCondition {
     match outcome {
         Ok(()) => cri::RuntimeCondition { r#type: kind.into(), status: true, ..Default::default() },
