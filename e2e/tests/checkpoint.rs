@@ -170,4 +170,14 @@ async fn a_container_created_from_the_archive_in_a_new_pod_continues_counting_wi
     let (code, out, _) = e2e::crisimple::sh(&mut client, &restored, "cat /count").await;
     assert_eq!(code, 0);
     assert!(out.trim().parse::<u64>().unwrap() >= first, "/count is {out:?}");
+
+    // systemd supervises the restored tree as it does an entrypoint: stop, exit status, removal.
+    let stop = cri::StopContainerRequest { container_id: restored.clone(), timeout: 5 };
+    client.runtime.stop_container(stop).await.expect("StopContainer of the restored container");
+    let status = e2e::crisimple::status(&mut client, &restored).await;
+    assert_eq!(status.state, cri::ContainerState::ContainerExited as i32, "{status:?}");
+    let remove = cri::RemoveContainerRequest { container_id: restored.clone() };
+    client.runtime.remove_container(remove).await.expect("RemoveContainer of the restored container");
+    let gone = node.exec(&["test", "-e", &format!("/var/lib/cri-systemd/containers/{restored}")]);
+    assert_eq!(gone.status.code(), Some(1), "the restored container's directory is left");
 }
