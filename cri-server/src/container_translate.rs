@@ -24,9 +24,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     let metadata = config.metadata.ok_or_else(|| Status::invalid_argument("container config has no metadata"))?;
     let linux = config.linux.unwrap_or_default();
     let security = linux.security_context.unwrap_or_default();
-    if security.namespace_options.as_ref().is_some_and(|o| !o.target_id.is_empty()) {
-        return Err(Status::invalid_argument("targeting another container's namespaces is not supported yet"));
-    }
+    let pid_target = pid_target_of(security.namespace_options.as_ref())?;
     let resources = linux.resources.unwrap_or_default();
     let mut mounts = Vec::with_capacity(config.mounts.len());
     let mut image_volumes = Vec::new();
@@ -70,7 +68,8 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
     let capabilities = security.capabilities.unwrap_or_default();
     let image_name = config.image.map(|i| i.image).unwrap_or_default();
     check_log_path(&config.log_path)?;
-    refuse_stop_signal(config.stop_signal)?;
+    let stop_signal = stop_signal_of(config.stop_signal)?;
+    let supplemental_groups_policy = supplemental_groups_policy_of(security.supplemental_groups_policy)?;
     Ok(ContainerSpec {
         name: metadata.name,
         attempt: metadata.attempt,
@@ -90,6 +89,7 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         run_as_group: security.run_as_group.map(|v| v.value),
         run_as_username: security.run_as_username,
         supplemental_groups: security.supplemental_groups,
+        supplemental_groups_policy,
         readonly_rootfs: security.readonly_rootfs,
         no_new_privs: security.no_new_privs,
         privileged: security.privileged,
@@ -103,6 +103,8 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         // Without stdin there is nothing to close.
         stdin_once: config.stdin && config.stdin_once,
         tty: config.tty,
+        stop_signal,
+        pid_target,
     })
 }
 
@@ -301,9 +303,14 @@ pub fn container_status(c: &Container, pod_log_directory: &std::path::Path) -> c
             ..Default::default()
         }),
         image_id: c.spec.image.id.clone(),
-        user: None,
-        // Containers stop with the image's STOPSIGNAL (a config's stop_signal is refused).
-        stop_signal: cri::Signal::RuntimeDefault as i32,
+        user: c.user.as_ref().map(|u| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: u.uid.into(),
+                gid: u.gid.into(),
+                supplemental_groups: u.additional_gids.iter().map(|&g| g.into()).collect(),
+            }),
+        }),
+        stop_signal: cri_stop_signal(&c.spec),
     }
 }
 
@@ -335,16 +342,55 @@ fn env_var(kv: cri::KeyValue) -> Result<(String, String), Status> {
     }
 }
 
-/// `stop_signal` (cri-api 1.33): a signal other than the image's default is not honoured yet, so it
-/// is refused rather than silently replaced by the image's STOPSIGNAL at StopContainer.
-fn refuse_stop_signal(stop_signal: i32) -> Result<(), Status> {
+/// `stop_signal` (cri-api 1.33) as the runtime keeps it: the CRI's name with `PLUS`/`MINUS` as
+/// `+`/`-` (`SIGRTMIN+1`, as containerd writes it in the OCI spec); RUNTIME_DEFAULT: None, the
+/// image's STOPSIGNAL.
+fn stop_signal_of(stop_signal: i32) -> Result<Option<String>, Status> {
     match cri::Signal::try_from(stop_signal) {
-        Ok(cri::Signal::RuntimeDefault) => Ok(()),
-        Ok(signal) => Err(Status::invalid_argument(format!(
-            "stop_signal {}: a container stop signal is not supported yet by cri-systemd",
-            signal.as_str_name()
-        ))),
+        Ok(cri::Signal::RuntimeDefault) => Ok(None),
+        Ok(signal) => Ok(Some(signal.as_str_name().replacen("PLUS", "+", 1).replacen("MINUS", "-", 1))),
         Err(_) => Err(Status::invalid_argument(format!("stop_signal {stop_signal}: unknown signal"))),
+    }
+}
+
+/// ContainerStatus.stop_signal: the config's, else the image's STOPSIGNAL, else SIGTERM, as
+/// containerd reports it (an image signal the CRI has no name for: RUNTIME_DEFAULT).
+fn cri_stop_signal(spec: &runtime::ContainerSpec) -> i32 {
+    let name = match &spec.stop_signal {
+        Some(name) => Some(name.clone()),
+        None => runtime::stop_signal(&spec.image.stop_signal).ok().and_then(runtime::signal_name),
+    };
+    name.and_then(|n| cri::Signal::from_str_name(&n.replacen('+', "PLUS", 1).replacen('-', "MINUS", 1)))
+        .unwrap_or(cri::Signal::RuntimeDefault) as i32
+}
+
+/// PID namespace mode TARGET (`kubectl debug --target`, which the kubelet sends for an ephemeral
+/// container with a target in a pod without a shared PID namespace): the target's id. The other
+/// modes are the pod's (this runtime takes them from the pod's config, as the kubelet sends the
+/// same).
+fn pid_target_of(options: Option<&cri::NamespaceOption>) -> Result<Option<String>, Status> {
+    let Some(options) = options else { return Ok(None) };
+    match (cri::NamespaceMode::try_from(options.pid), options.target_id.is_empty()) {
+        (Ok(cri::NamespaceMode::Target), false) => Ok(Some(options.target_id.clone())),
+        (Ok(cri::NamespaceMode::Target), true) => Err(Status::invalid_argument(
+            "namespace_options.pid is TARGET but namespace_options.target_id names no container",
+        )),
+        (_, false) => Err(Status::invalid_argument(format!(
+            "namespace_options.target_id {:?} is only for namespace_options.pid TARGET",
+            options.target_id
+        ))),
+        (_, true) => Ok(None),
+    }
+}
+
+/// SupplementalGroupsPolicy (KEP-3619): Merge adds the image's /etc/group groups of the user.
+fn supplemental_groups_policy_of(policy: i32) -> Result<runtime::SupplementalGroupsPolicy, Status> {
+    match cri::SupplementalGroupsPolicy::try_from(policy) {
+        Ok(cri::SupplementalGroupsPolicy::Merge) => Ok(runtime::SupplementalGroupsPolicy::Merge),
+        Ok(cri::SupplementalGroupsPolicy::Strict) => Ok(runtime::SupplementalGroupsPolicy::Strict),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "linux.security_context.supplemental_groups_policy {policy}: unknown policy"
+        ))),
     }
 }
 

@@ -177,7 +177,8 @@ impl RuntimeService for RuntimeApi {
             info,
             runtime_handlers: runtime_handlers(&self.config),
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                // Merge and Strict (runtime::passwd), with ContainerStatus.user filled.
+                supplemental_groups_policy: true,
                 // A pod in a user namespace with the host's network: not tried end to end.
                 user_namespaces_host_network: false,
             }),

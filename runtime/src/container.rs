@@ -315,6 +315,27 @@ pub struct ContainerSpec {
     /// stdin, stdout and stderr are a terminal.
     #[serde(default)]
     pub tty: bool,
+    /// The config's stop signal (cri-api 1.33), as [`stop_signal`] reads it (`SIGQUIT`,
+    /// `SIGRTMIN+1`); None: the image's STOPSIGNAL, else SIGTERM.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// Whether the image's /etc/group adds groups to `supplemental_groups` (records without it: Merge).
+    #[serde(default)]
+    pub supplemental_groups_policy: SupplementalGroupsPolicy,
+    /// PID namespace mode TARGET (`kubectl debug --target`): the id of the container of the same
+    /// pod whose PID namespace this one joins (checked and made a full id at CreateContainer).
+    #[serde(default)]
+    pub pid_target: Option<String>,
+}
+
+/// The CRI's SupplementalGroupsPolicy (KEP-3619).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupplementalGroupsPolicy {
+    /// The groups the image's /etc/group gives the user, plus `supplemental_groups`.
+    #[default]
+    Merge,
+    /// Only the primary group and `supplemental_groups`.
+    Strict,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,6 +366,10 @@ pub struct Container {
     pub message: String,
     /// The transient service, `cri-<id>.service`.
     pub unit: String,
+    /// Who the container's processes run as (its init spec's `process.user`), fixed at
+    /// CreateContainer; None in records written before it was kept.
+    #[serde(default)]
+    pub user: Option<crate::passwd::Identity>,
     /// The pod's slice at creation time.
     pub slice: String,
 }
@@ -477,6 +502,9 @@ impl ContainerSpec {
         }
         parse_cpu_list(&self.resources.cpuset_cpus)?;
         parse_cpu_list(&self.resources.cpuset_mems)?;
+        if let Some(signal) = &self.stop_signal {
+            stop_signal(signal)?;
+        }
         // A group alone would leave the user to the image, which is not what was asked (containerd
         // and CRI-O refuse it too).
         if let Some(group) = self.run_as_group
@@ -537,25 +565,32 @@ impl ContainerSpec {
         env
     }
 
+    /// The signal StopContainer sends first: the config's, else the image's STOPSIGNAL, else SIGTERM.
+    pub fn stop_signal(&self) -> Result<i32, Error> {
+        stop_signal(self.stop_signal.as_deref().unwrap_or(&self.image.stop_signal))
+    }
+
     pub fn cwd(&self) -> String {
         let dir = if !self.working_dir.is_empty() { &self.working_dir } else { &self.image.working_dir };
         if dir.is_empty() { "/".into() } else { dir.clone() }
     }
 
-    /// The identity: run_as_username, else run_as_user (+ run_as_group), else the image USER.
+    /// The identity: run_as_username, else run_as_user (+ run_as_group), else the image USER;
+    /// supplementary groups as `supplemental_groups_policy` says.
     pub fn identity(&self, lowerdirs: &[PathBuf]) -> Result<passwd::Identity, Error> {
         let extra: Vec<u32> = self.supplemental_groups.iter().filter_map(|g| u32::try_from(*g).ok()).collect();
         let group = self.run_as_group.map(|g| g.to_string());
+        let merge = self.supplemental_groups_policy == SupplementalGroupsPolicy::Merge;
         if !self.run_as_username.is_empty() {
-            return passwd::resolve(lowerdirs, &self.run_as_username, group.as_deref(), &extra);
+            return passwd::resolve(lowerdirs, &self.run_as_username, group.as_deref(), &extra, merge);
         }
         if let Some(uid) = self.run_as_user {
             let uid =
                 u32::try_from(uid).map_err(|_| Error::InvalidSpec(format!("run_as_user {uid} is out of range")))?;
-            return passwd::resolve(lowerdirs, &uid.to_string(), group.as_deref(), &extra);
+            return passwd::resolve(lowerdirs, &uid.to_string(), group.as_deref(), &extra, merge);
         }
         let (user, image_group) = passwd::split_user(&self.image.user);
-        passwd::resolve(lowerdirs, user, group.as_deref().or(image_group), &extra)
+        passwd::resolve(lowerdirs, user, group.as_deref().or(image_group), &extra, merge)
     }
 
     fn capabilities(&self) -> Vec<String> {
@@ -660,6 +695,9 @@ pub(crate) fn oci_mappings(mappings: &[IdMapping]) -> serde_json::Value {
 pub(crate) struct SpecContext<'a> {
     pub pod: &'a Pod,
     pub rootfs_mountpoint: &'a Path,
+    /// Where StartContainer pins the target's PID namespace, for a container with `pid_target`
+    /// in a pod whose containers have PID namespaces of their own.
+    pub target_pid_pin: &'a Path,
 }
 
 /// Builds the OCI runtime spec `cri-systemd init` applies.
@@ -740,6 +778,10 @@ pub(crate) fn oci_spec(
     let mut namespaces = vec![serde_json::json!({"type": "mount"})];
     match (pod.spec.pid, &pod.namespaces.pid) {
         (NamespaceMode::Node, _) => {}
+        // The target container's, pinned for the start (crate::containers, "PID namespace target").
+        (NamespaceMode::Container, _) if spec.pid_target.is_some() => {
+            namespaces.push(serde_json::json!({"type": "pid", "path": context.target_pid_pin}))
+        }
         (NamespaceMode::Container, _) => namespaces.push(serde_json::json!({"type": "pid"})),
         // The PID namespace of the pod's init process, which all its containers join.
         (NamespaceMode::Pod, Some(pin)) => namespaces.push(serde_json::json!({"type": "pid", "path": pin})),
@@ -927,20 +969,57 @@ pub(crate) fn cpuset_properties(r: &Resources, unified: bool) -> Result<Vec<(&'s
     Ok(properties)
 }
 
-/// The signal number of an image's StopSignal (`SIGTERM`, `TERM`, `15`); SIGTERM when unset.
+/// The signal number of a stop signal: an image's StopSignal (`SIGTERM`, `TERM`, `15`) or a
+/// config's (`SIGRTMIN+1`, as containerd spells the CRI's `SIGRTMINPLUS1`); SIGTERM when unset.
+/// Real-time signals count from glibc's SIGRTMIN (34), as runc and moby's signal tables do.
 pub fn stop_signal(name: &str) -> Result<i32, Error> {
     if name.is_empty() {
         return Ok(libc::SIGTERM);
     }
+    let invalid = || Error::InvalidSpec(format!("stop signal {name:?} is not a signal"));
     if let Ok(number) = name.parse::<i32>() {
-        return Ok(number);
+        return if (1..=libc::SIGRTMAX()).contains(&number) { Ok(number) } else { Err(invalid()) };
     }
     let upper = name.to_ascii_uppercase();
     let short = upper.strip_prefix("SIG").unwrap_or(&upper);
-    let signal: nix::sys::signal::Signal = format!("SIG{short}")
-        .parse()
-        .map_err(|_| Error::InvalidSpec(format!("image stop signal {name:?} is not a signal")))?;
+    let realtime = |base: i32, rest: &str| -> Option<i32> {
+        let number = match rest.as_bytes().first() {
+            None => base,
+            Some(b'+') => base.checked_add(rest[1..].parse::<i32>().ok()?)?,
+            Some(b'-') => base.checked_sub(rest[1..].parse::<i32>().ok()?)?,
+            Some(_) => return None,
+        };
+        (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&number).then_some(number)
+    };
+    if let Some(rest) = short.strip_prefix("RTMIN") {
+        return realtime(libc::SIGRTMIN(), rest).ok_or_else(invalid);
+    }
+    if let Some(rest) = short.strip_prefix("RTMAX") {
+        return realtime(libc::SIGRTMAX(), rest).ok_or_else(invalid);
+    }
+    // The aliases the CRI's Signal enum lists, which nix parses under their other names.
+    let short = match short {
+        "CLD" => "CHLD",
+        "POLL" => "IO",
+        "IOT" => "ABRT",
+        other => other,
+    };
+    let signal: nix::sys::signal::Signal = format!("SIG{short}").parse().map_err(|_| invalid())?;
     Ok(signal as i32)
+}
+
+/// The name of signal `number` as the CRI's Signal enum spells it once `PLUS` and `MINUS` are
+/// written `+` and `-` (`SIGTERM`, `SIGRTMIN+3`, `SIGRTMAX-1`); None for no signal of this node.
+pub fn signal_name(number: i32) -> Option<String> {
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    match number {
+        n if n == min => Some("SIGRTMIN".into()),
+        n if n == max => Some("SIGRTMAX".into()),
+        // The CRI names SIGRTMIN+1..+15, then SIGRTMAX-14..-1.
+        n if n > min && n - min <= 15 => Some(format!("SIGRTMIN+{}", n - min)),
+        n if n > min && n < max => Some(format!("SIGRTMAX-{}", max - n)),
+        n => nix::sys::signal::Signal::try_from(n).ok().map(|s| s.as_str().to_string()),
+    }
 }
 
 /// The unit properties that express the container's limits and stop behaviour.
@@ -950,7 +1029,7 @@ pub(crate) fn resource_properties(
     tasks_max: u64,
 ) -> Result<Vec<(&'static str, Value<'static>)>, Error> {
     let mut properties: Vec<(&'static str, Value<'static>)> = vec![
-        ("KillSignal", Value::from(stop_signal(&spec.image.stop_signal)?)),
+        ("KillSignal", Value::from(spec.stop_signal()?)),
         // A finite default, so that a fork bomb stops in its container; the kubelet's pod pids
         // limit is on the pod's cgroup, above (systemd's own default, 15% of pid_max per service,
         // is no Kubernetes limit).
@@ -1140,5 +1219,26 @@ mod tests {
         assert_eq!(stop_signal("KILL").unwrap(), 9);
         assert_eq!(stop_signal("2").unwrap(), 2);
         assert!(stop_signal("SIGNOPE").is_err());
+        assert!(stop_signal("0").is_err());
+        assert_eq!(stop_signal("SIGRTMIN").unwrap(), 34);
+        assert_eq!(stop_signal("SIGRTMIN+1").unwrap(), 35);
+        assert_eq!(stop_signal("SIGRTMAX-14").unwrap(), 50);
+        assert_eq!(stop_signal("SIGRTMAX").unwrap(), 64);
+        assert!(stop_signal("SIGRTMAX+1").is_err());
+        assert!(stop_signal("SIGRTMIN-1").is_err());
+        assert_eq!(stop_signal("SIGIOT").unwrap(), libc::SIGABRT);
+        assert_eq!(stop_signal("SIGCLD").unwrap(), libc::SIGCHLD);
+        assert_eq!(stop_signal("SIGPOLL").unwrap(), libc::SIGIO);
+        for n in 1..=64 {
+            if n == 32 || n == 33 {
+                // glibc's own real-time signals: no name, as for runc.
+                assert_eq!(signal_name(n), None);
+                continue;
+            }
+            let name = signal_name(n).unwrap();
+            assert_eq!(stop_signal(&name).unwrap(), n, "{name}");
+        }
+        assert_eq!(signal_name(50).unwrap(), "SIGRTMAX-14");
+        assert_eq!(signal_name(49).unwrap(), "SIGRTMIN+15");
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! # Stop
 //!
-//! The image's stop signal to the main process, SIGKILL to the unit after the grace period, then
+//! The stop signal (the config's `stop_signal`, else the image's STOPSIGNAL, else SIGTERM) to the
+//! main process, SIGKILL to the unit after the grace period, then
 //! `StopUnit` (systemd's own stop timeout cannot be changed on a running unit). The kernel drops a
 //! signal sent from outside to the PID 1 of a PID namespace that has no handler for it, so an
 //! entrypoint stopped before it installed its handler (critest stops `top` the moment it started)
@@ -16,6 +17,20 @@
 //! such a PID 1 and `SigCgt` in its `/proc/<pid>/status` lacks the signal, the daemon waits
 //! (polling every 50 ms, within the grace period) until the handler is there and sends it then.
 //! runc and containerd send once and lose it.
+//!
+//! # PID namespace target (`kubectl debug --target`)
+//!
+//! A container with `pid_target` (CRI namespace mode TARGET, which the kubelet sends for an
+//! ephemeral container with a target in a pod without a shared PID namespace) joins the PID
+//! namespace of that container of the same pod, which must be running at CreateContainer (as
+//! containerd checks) and again at StartContainer. Its init spec names `target-pid-ns` in the
+//! container's directory, where StartContainer pins the target's `/proc/<main pid>/ns/pid` just
+//! before the start and unpins it once init has joined (the start job is done): the main PID is
+//! read again after the pin is made, so that a target that ended meanwhile, its PID perhaps
+//! reused, is an error and not another process's namespace. In a pod user namespace the target's
+//! PID namespace belongs to that user namespace, which the new container joins too. When the
+//! target ends, the kernel ends its PID namespace and the debug container with it, as with
+//! containerd and runc; the kubelet never restarts an ephemeral container.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +48,10 @@ use crate::pod::PodState;
 use crate::store::{new_id, read_json, write_json};
 use crate::{Entry, Error, Runtime};
 use init::{InitSpec, OverlayRootfs};
+
+/// Next to a container's record, while StartContainer runs: the pin of the PID namespace of the
+/// container's target (PID namespace mode TARGET).
+const TARGET_PID_PIN: &str = "target-pid-ns";
 
 /// Next to a container's record: the inode numbers of its output pipes (stdout, stderr), by
 /// which a restarted daemon that lost their read ends finds them again.
@@ -145,6 +164,7 @@ impl Runtime {
                 message: String::new(),
                 unit: format!("cri-{id}.service"),
                 slice: pod.slice.clone(),
+                user: None,
             };
             let entry = Entry::new(record);
             containers.insert(id.to_string(), entry.clone());
@@ -162,8 +182,21 @@ impl Runtime {
                 std::fs::create_dir_all(layer).map_err(Error::io(format!("cannot create {}", layer.display())))?;
             }
         }
-        let context = SpecContext { pod: &pod, rootfs_mountpoint: &dir.join("rootfs") };
+        if let Some(target) = &record.spec.pid_target {
+            record.spec.pid_target = Some(self.check_pid_target(&pod.id, target)?.id);
+            entry.set(record.clone());
+        }
+        let context = SpecContext {
+            pod: &pod,
+            rootfs_mountpoint: &dir.join("rootfs"),
+            target_pid_pin: &dir.join(TARGET_PID_PIN),
+        };
         let oci = container::oci_spec(&record.spec, &record.rootfs, &context)?;
+        record.user = oci.process().as_ref().map(|p| crate::passwd::Identity {
+            uid: p.user().uid(),
+            gid: p.user().gid(),
+            additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+        });
         let lower_mappings: Vec<oci_spec::runtime::LinuxIdMapping> = serde_json::from_value(container::oci_mappings(
             &container::lower_mappings(&pod, self.config.layer_uid_shift),
         ))
@@ -293,6 +326,14 @@ impl Runtime {
             });
             created.map_err(Error::io(format!("cannot create log file {}", log.display())))?;
         }
+        let target_pin = dir.join(TARGET_PID_PIN);
+        let pinned = match &record.spec.pid_target {
+            Some(target) if pod.spec.pid == crate::pod::NamespaceMode::Container => {
+                self.pin_target_pid_namespace(&pod.id, target, &target_pin).await?;
+                true
+            }
+            _ => false,
+        };
         if record.spec.tty {
             // init's own messages before it has the terminal (the container's output is the pty's).
             properties.push(("StandardOutput", Value::from("journal")));
@@ -300,7 +341,13 @@ impl Runtime {
         } else {
             // stdout and stderr are pipes that the daemon reads into the CRI log (crate::logs).
             // Made last: nothing but the start itself can fail once they are stored.
-            let write_ends = self.start_output(&record.id)?;
+            let write_ends = match self.start_output(&record.id) {
+                Ok(write_ends) => write_ends,
+                Err(e) => {
+                    unpin_target_pid_namespace(&target_pin);
+                    return Err(e);
+                }
+            };
             let [stdout, stderr] = write_ends.map(|fd| Value::Fd(fd.into()));
             properties.push(("StandardOutputFileDescriptor", stdout));
             properties.push(("StandardErrorFileDescriptor", stderr));
@@ -308,6 +355,10 @@ impl Runtime {
         // Before the start: an entrypoint that exits at once must not be missed.
         self.watch_exit(&record.id);
         let started = self.systemd.start_transient_unit(&record.unit, properties).await;
+        // init has joined the namespace (or failed) once the start job is done.
+        if pinned {
+            unpin_target_pid_namespace(&target_pin);
+        }
         match started {
             Ok(()) => {
                 record.state = ContainerState::Running;
@@ -389,7 +440,7 @@ impl Runtime {
         let exit_file = self.container_dir(&record.id).join("exit.json");
         let mut last_signal = libc::SIGKILL;
         if timeout_seconds > 0 {
-            let signal = container::stop_signal(&record.spec.image.stop_signal)?;
+            let signal = record.spec.stop_signal()?;
             last_signal = signal;
             let main_pid = self.systemd.main_pid(&record.unit).await.ok().filter(|&p| p != 0);
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_seconds as u64);
@@ -554,6 +605,8 @@ impl Runtime {
             crate::stdio::forget_output_pipe(&record.id, "stderr");
         }
         let dir = self.container_dir(&record.id);
+        // A pin left by a daemon that died during StartContainer.
+        unpin_target_pid_namespace(&dir.join(TARGET_PID_PIN));
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -921,6 +974,63 @@ impl Runtime {
 
 /// An update's hugepage limits: per page size, the new limit where the update names the size,
 /// the old one elsewhere (the kubelet sends every size of the node, other callers maybe one).
+impl Runtime {
+    /// PID namespace mode TARGET: the target must be a running container of the same pod (as
+    /// containerd checks at CreateContainer).
+    fn check_pid_target(&self, pod_id: &str, target: &str) -> Result<Container, Error> {
+        let target = match self.container(target) {
+            Ok(target) => target,
+            Err(Error::ContainerNotFound { id }) => {
+                return Err(Error::InvalidSpec(format!(
+                    "namespace_options.target_id {id:?}: no such container (PID namespace mode TARGET)"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if target.pod_id != pod_id {
+            return Err(Error::InvalidSpec(format!(
+                "namespace_options.target_id {}: the container belongs to pod {}, not to pod {pod_id}",
+                target.id, target.pod_id
+            )));
+        }
+        if target.state != ContainerState::Running {
+            return Err(Error::ContainerState(format!(
+                "namespace_options.target_id {}: the target container is {:?}, not running: its PID namespace is gone",
+                target.id, target.state
+            )));
+        }
+        Ok(target)
+    }
+
+    /// Pins the PID namespace of `target`'s main process at `pin` for init to join. The main
+    /// PID is read again once the pin is made: had the target ended in between (its PID perhaps
+    /// reused), the pin could hold another process's namespace, and is undone.
+    async fn pin_target_pid_namespace(&self, pod_id: &str, target: &str, pin: &Path) -> Result<(), Error> {
+        let target = self.check_pid_target(pod_id, target)?;
+        let not_running = || {
+            Error::ContainerState(format!(
+                "namespace_options.target_id {}: the target container is not running: its PID namespace is gone",
+                target.id
+            ))
+        };
+        let pid = self.systemd.main_pid(&target.unit).await.ok().filter(|&p| p != 0).ok_or_else(not_running)?;
+        unpin_target_pid_namespace(pin);
+        crate::namespaces::pin_process_namespace(pid, "pid", pin)
+            .map_err(Error::io(format!("cannot pin the PID namespace of container {}", target.id)))?;
+        if self.systemd.main_pid(&target.unit).await.ok() != Some(pid) {
+            unpin_target_pid_namespace(pin);
+            return Err(not_running());
+        }
+        Ok(())
+    }
+}
+
+/// Undoes [`Runtime::pin_target_pid_namespace`]; nothing there is no error.
+fn unpin_target_pid_namespace(pin: &Path) {
+    let _ = nix::mount::umount2(pin, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(pin);
+}
+
 fn merge_hugepage_limits(old: &[HugepageLimit], new: Vec<HugepageLimit>) -> Vec<HugepageLimit> {
     let mut merged: Vec<HugepageLimit> =
         old.iter().filter(|o| !new.iter().any(|n| n.page_size == o.page_size)).cloned().collect();

@@ -46,13 +46,15 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
     BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS,
-    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, parse_cpu_list,
+    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, parse_cpu_list,
+    signal_name, stop_signal,
 };
 pub use containers::ContainerFilter;
 pub use error::{Error, ErrorKind};
 pub use events::{ContainerEvent, ContainerEventKind, EVENT_BUFFER};
 pub use exec::ExecSyncOutput;
 pub use image_volume::ImageVolume;
+pub use passwd::Identity;
 // The daemon's ends of containers' stdio: reached from outside only through StreamingRuntime.
 pub(crate) use logs::{ContainerOutput, OutputChunk};
 pub use namespaces::PodNamespaces;

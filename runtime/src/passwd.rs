@@ -1,12 +1,19 @@
 //! Users and groups as the image's own /etc/passwd and /etc/group define them, read from the
 //! image's layers (the topmost layer that has the file wins, as in the merged rootfs).
+//!
+//! Supplementary groups follow the CRI's SupplementalGroupsPolicy (KEP-3619): Merge adds the
+//! groups the image's /etc/group lists the user in to the config's `supplemental_groups`; Strict
+//! takes only those. Either way the primary gid is among them, as containerd sets it, and that
+//! list is what ContainerStatus.user reports.
 
 use std::path::PathBuf;
 
 use crate::Error;
 
 /// The identity a container process runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// As containerd does, the primary gid is always among the additional ones: that is what the
+/// process's supplementary groups hold, and what ContainerStatus.user reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     pub uid: u32,
     pub gid: u32,
@@ -121,7 +128,15 @@ fn groups(lowerdirs: &[PathBuf]) -> Result<Vec<(String, u32, Vec<String>)>, Erro
 /// number (the image config's `USER user[:group]`, or the CRI's run_as_username / run_as_user and
 /// run_as_group); `extra_gids` are the pod's supplemental groups. A named user or group that the
 /// image does not define is an error, as with runc; a numeric one needs no entry.
-pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gids: &[u32]) -> Result<Identity, Error> {
+/// `image_groups`: the groups the image's /etc/group lists the user in are added (the CRI's
+/// SupplementalGroupsPolicy Merge); without it (Strict) only the primary and `extra_gids` are.
+pub fn resolve(
+    lowerdirs: &[PathBuf],
+    user: &str,
+    group: Option<&str>,
+    extra_gids: &[u32],
+    image_groups: bool,
+) -> Result<Identity, Error> {
     let users = passwd(lowerdirs)?;
     let (uid, mut gid, name) = if user.is_empty() {
         (0, 0, users.iter().find(|u| u.uid == 0).map(|u| u.name.clone()))
@@ -146,11 +161,12 @@ pub fn resolve(lowerdirs: &[PathBuf], user: &str, group: Option<&str>, extra_gid
         };
     }
     let mut additional_gids: Vec<u32> = match &name {
-        Some(name) => {
+        Some(name) if image_groups => {
             all_groups.iter().filter(|(_, _, members)| members.contains(name)).map(|(_, gid, _)| *gid).collect()
         }
-        None => Vec::new(),
+        _ => Vec::new(),
     };
+    additional_gids.push(gid);
     additional_gids.extend_from_slice(extra_gids);
     additional_gids.sort_unstable();
     additional_gids.dedup();
@@ -188,22 +204,30 @@ mod tests {
     #[test]
     fn names_numbers_and_groups() {
         let (_dir, layers) = image();
-        assert_eq!(resolve(&layers, "", None, &[]).unwrap(), Identity { uid: 0, gid: 0, additional_gids: vec![] });
         assert_eq!(
-            resolve(&layers, "www-data", None, &[]).unwrap(),
-            Identity { uid: 33, gid: 33, additional_gids: vec![50] }
+            resolve(&layers, "", None, &[], true).unwrap(),
+            Identity { uid: 0, gid: 0, additional_gids: vec![0] }
         );
         assert_eq!(
-            resolve(&layers, "1000", None, &[7]).unwrap(),
-            Identity { uid: 1000, gid: 1001, additional_gids: vec![7, 50] }
+            resolve(&layers, "www-data", None, &[], true).unwrap(),
+            Identity { uid: 33, gid: 33, additional_gids: vec![33, 50] }
         );
         assert_eq!(
-            resolve(&layers, "4242", Some("4343"), &[]).unwrap(),
-            Identity { uid: 4242, gid: 4343, additional_gids: vec![] }
+            resolve(&layers, "1000", None, &[7], true).unwrap(),
+            Identity { uid: 1000, gid: 1001, additional_gids: vec![7, 50, 1001] }
         );
-        assert_eq!(resolve(&layers, "app", Some("staff"), &[]).unwrap().gid, 50);
-        assert!(resolve(&layers, "nobody-here", None, &[]).is_err());
-        assert!(resolve(&layers, "app", Some("nogroup"), &[]).is_err());
+        // Strict: the image's /etc/group adds nothing.
+        assert_eq!(
+            resolve(&layers, "1000", None, &[7], false).unwrap(),
+            Identity { uid: 1000, gid: 1001, additional_gids: vec![7, 1001] }
+        );
+        assert_eq!(
+            resolve(&layers, "4242", Some("4343"), &[], true).unwrap(),
+            Identity { uid: 4242, gid: 4343, additional_gids: vec![4343] }
+        );
+        assert_eq!(resolve(&layers, "app", Some("staff"), &[], true).unwrap().gid, 50);
+        assert!(resolve(&layers, "nobody-here", None, &[], true).is_err());
+        assert!(resolve(&layers, "app", Some("nogroup"), &[], true).is_err());
         assert_eq!(split_user("www-data:1004"), ("www-data", Some("1004")));
     }
 
@@ -218,8 +242,8 @@ mod tests {
         std::fs::create_dir_all(&top).unwrap();
         std::os::unix::fs::symlink(host.join("etc"), top.join("etc")).unwrap();
         let evil: Vec<PathBuf> = [top.clone()].into_iter().chain(layers.iter().cloned()).collect();
-        assert!(resolve(&evil, "hostonly", None, &[]).is_err());
-        assert!(resolve(&evil, "app", None, &[]).is_err(), "the symlinked etc hides the lower layers");
+        assert!(resolve(&evil, "hostonly", None, &[], true).is_err());
+        assert!(resolve(&evil, "app", None, &[], true).is_err(), "the symlinked etc hides the lower layers");
         // `etc/passwd` a symlink to /proc/self/...
         std::fs::remove_file(top.join("etc")).unwrap();
         std::fs::create_dir(top.join("etc")).unwrap();
@@ -233,7 +257,7 @@ mod tests {
         std::fs::remove_file(top.join("etc/passwd")).unwrap();
         let file = std::fs::File::create(top.join("etc/passwd")).unwrap();
         file.set_len(MAX_USER_DB_BYTES + 1).unwrap();
-        let err = resolve(&evil, "root", None, &[]).unwrap_err();
+        let err = resolve(&evil, "root", None, &[], true).unwrap_err();
         assert!(err.to_string().contains("4194304-byte limit"), "{err}");
     }
 }
