@@ -213,7 +213,15 @@ impl ImageService for Images {
         _: Request<cri::ImageFsInfoRequest>,
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
         let store = self.store.clone();
-        let usage = blocking(move || store.usage()).await?;
+        let writable_layers = self.node.writable_layers_dir();
+        let (usage, split) = blocking(move || {
+            let usage = store.usage()?;
+            // Only a writable layers' directory on a file system of its own gets an entry of its own.
+            let split = on_another_filesystem(&usage.mountpoint, &writable_layers)
+                .then(|| (runtime::stats::disk_usage(&writable_layers), writable_layers));
+            Ok((usage, split))
+        })
+        .await?;
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         let filesystem = cri::FilesystemUsage {
             timestamp,
@@ -221,10 +229,33 @@ impl ImageService for Images {
             used_bytes: Some(cri::UInt64Value { value: usage.used_bytes }),
             inodes_used: Some(cri::UInt64Value { value: usage.inodes_used }),
         };
+        // KEP-4191: the kubelet takes a container filesystem whose mountpoint differs from the
+        // image filesystem's as a split disk (cadvisor stats provider; with KubeletSeparateDiskGC it
+        // errs without one). On one file system it is the image filesystem's own entry, as CRI-O
+        // answers; on another, that directory with the writable layers' use.
+        let container_filesystem = match split {
+            None => filesystem.clone(),
+            Some((used, dir)) => cri::FilesystemUsage {
+                timestamp,
+                fs_id: Some(cri::FilesystemIdentifier { mountpoint: dir.display().to_string() }),
+                used_bytes: Some(cri::UInt64Value { value: used.bytes }),
+                inodes_used: Some(cri::UInt64Value { value: used.inodes }),
+            },
+        };
         Ok(Response::new(cri::ImageFsInfoResponse {
             image_filesystems: vec![filesystem],
-            container_filesystems: vec![],
+            container_filesystems: vec![container_filesystem],
         }))
+    }
+}
+
+/// Whether `dir` is on another file system than `image_root` (a directory that cannot be read
+/// counts as the same: a split disk is never claimed without seeing one).
+fn on_another_filesystem(image_root: &std::path::Path, dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(image_root), std::fs::metadata(dir)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        _ => false,
     }
 }
 
@@ -234,6 +265,14 @@ mod tests {
 
     fn spec(image: &str) -> Option<cri::ImageSpec> {
         Some(cri::ImageSpec { image: image.into(), ..Default::default() })
+    }
+
+    #[test]
+    fn a_split_disk_only_where_the_device_differs() {
+        use std::path::Path;
+        assert!(on_another_filesystem(Path::new("/"), Path::new("/proc")));
+        assert!(!on_another_filesystem(Path::new("/"), Path::new("/")));
+        assert!(!on_another_filesystem(Path::new("/"), Path::new("/no/such/directory")));
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl Node {
         &self.runtime
     }
 
+    /// Where containers' writable layers live (each container's `upper/` beneath it).
+    pub fn writable_layers_dir(&self) -> PathBuf {
+        self.state_root.join("containers")
+    }
+
     pub fn images(&self) -> &ImageStore {
         &self.images
     }

@@ -224,16 +224,27 @@ impl RuntimeService for RuntimeApi {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
+        // The evented PLEG (kubelet's GetPodStatus) takes the pod and container statuses as of
+        // `timestamp` (Unix nanoseconds) and drops events older than it: it is taken before
+        // anything is read, so that nothing read here is older than it says.
+        let timestamp = now_nanos();
         let pod = self.node.pod_status(&request.pod_sandbox_id).await.map_err(node_status)?;
         let mut info = HashMap::new();
         if request.verbose {
             info.insert("info".into(), serde_json::to_string(&pod).unwrap_or_default());
         }
+        let filter = ContainerFilter { pod_id: Some(pod.id.clone()), ..Default::default() };
+        let containers_statuses = self
+            .runtime
+            .containers(&filter)
+            .iter()
+            .map(|c| container_translate::container_status(c, &pod.spec.log_directory))
+            .collect();
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(pod_translate::pod_status(&pod)),
             info,
-            containers_statuses: Vec::new(),
-            timestamp: 0,
+            containers_statuses,
+            timestamp,
         }))
     }
 

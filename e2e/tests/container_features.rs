@@ -290,3 +290,126 @@ async fn debug_target_joins_the_pid_namespace_of_a_running_container_of_the_pod(
     let ended = wait_exited(&mut client, &debuggers[0]).await;
     assert_eq!(ended.exit_code, 137, "{ended:?}");
 }
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
+}
+
+async fn pod_sandbox_status(client: &mut CriClient, pod: &str) -> cri::PodSandboxStatusResponse {
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: false };
+    client.runtime.pod_sandbox_status(request).await.expect("PodSandboxStatus").into_inner()
+}
+
+/// (id, state) of each container status, in order.
+fn states(statuses: &[cri::ContainerStatus]) -> Vec<(String, i32)> {
+    statuses.iter().map(|s| (s.id.clone(), s.state)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evented_pleg_pod_status_and_events_carry_every_container_of_the_pod() {
+    use cri::ContainerEventType::{
+        ContainerCreatedEvent as Created, ContainerDeletedEvent as Deleted, ContainerStartedEvent as Started,
+        ContainerStoppedEvent as Stopped,
+    };
+    use cri::ContainerState::{ContainerExited as Exited, ContainerRunning as Running};
+    let (node, mut client, pod, images) = node_with_pod("cf-pleg", &[]).await;
+    let image = images[0].clone();
+    let pod_uid = "cf-pleg-0000-1111-2222-333344445555";
+    let mut events = client.runtime.get_container_events(cri::GetEventsRequest {}).await.unwrap().into_inner();
+
+    // A lifecycle: a stays running, b runs, stops and is removed.
+    let a =
+        create(&mut client, &pod, container_config("a", &image, &["/bin/busybox", "sleep", "100000"])).await.unwrap();
+    start(&mut client, &a).await.unwrap();
+    let b =
+        create(&mut client, &pod, container_config("b", &image, &["/bin/busybox", "sleep", "100000"])).await.unwrap();
+    start(&mut client, &b).await.unwrap();
+    stop(&mut client, &b, 0).await;
+
+    // PodSandboxStatus: every container of the pod, as ContainerStatus has it, and a timestamp
+    // (Unix nanoseconds, the kubelet's time.Unix(0, ts)) from within the call.
+    let before = now_nanos();
+    let answer = pod_sandbox_status(&mut client, &pod).await;
+    let after = now_nanos();
+    assert!(before <= answer.timestamp && answer.timestamp <= after, "{} not in {before}..{after}", answer.timestamp);
+    assert_eq!(states(&answer.containers_statuses), vec![(a.clone(), Running as i32), (b.clone(), Exited as i32)]);
+    for listed in &answer.containers_statuses {
+        let own = status(&mut client, &listed.id).await;
+        assert_eq!(
+            (listed.metadata.clone(), listed.started_at, listed.image_ref.clone()),
+            (own.metadata, own.started_at, own.image_ref)
+        );
+    }
+
+    client.runtime.remove_container(cri::RemoveContainerRequest { container_id: b.clone() }).await.unwrap();
+
+    // The events, each with the pod's status and every container's status as they were then.
+    let mut seen = Vec::new();
+    let mut last_created_at = 0;
+    while seen.len() < 6 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("an event within 10 s")
+            .expect("the event stream")
+            .expect("not the end of the stream");
+        let sandbox = event.pod_sandbox_status.as_ref().expect("pod_sandbox_status");
+        assert_eq!(sandbox.metadata.as_ref().unwrap().uid, pod_uid, "{event:?}");
+        assert_eq!(sandbox.id, pod);
+        assert!(event.created_at >= last_created_at && event.created_at <= now_nanos(), "{event:?}");
+        last_created_at = event.created_at;
+        seen.push((event.container_id.clone(), event.container_event_type, states(&event.containers_statuses)));
+    }
+    let created = cri::ContainerState::ContainerCreated as i32;
+    assert_eq!(
+        seen,
+        vec![
+            (a.clone(), Created as i32, vec![(a.clone(), created)]),
+            (a.clone(), Started as i32, vec![(a.clone(), Running as i32)]),
+            (b.clone(), Created as i32, vec![(a.clone(), Running as i32), (b.clone(), created)]),
+            (b.clone(), Started as i32, vec![(a.clone(), Running as i32), (b.clone(), Running as i32)]),
+            (b.clone(), Stopped as i32, vec![(a.clone(), Running as i32), (b.clone(), Exited as i32)]),
+            (b.clone(), Deleted as i32, vec![(a.clone(), Running as i32)]),
+        ][..],
+        "{seen:#?}"
+    );
+
+    // Records: the same answer after the daemon was killed and started again.
+    let mut client = kill_and_restart_daemon(&node).await;
+    let answer = pod_sandbox_status(&mut client, &pod).await;
+    assert_eq!(states(&answer.containers_statuses), vec![(a.clone(), Running as i32)]);
+    assert!(answer.timestamp > after);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_fs_info_reports_the_writable_layers_filesystem() {
+    let (node, mut client, pod, images) = node_with_pod("cf-imagefs", &[]).await;
+    let id = create(&mut client, &pod, container_config("writer", &images[0], &["/bin/busybox", "sleep", "100000"]))
+        .await
+        .unwrap();
+    start(&mut client, &id).await.unwrap();
+    let answer = client.image.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner();
+    // One disk: the container filesystem is the image filesystem, with the same mountpoint (the
+    // kubelet takes different mountpoints for a split disk).
+    assert_eq!(answer.image_filesystems.len(), 1);
+    assert_eq!(answer.container_filesystems, answer.image_filesystems, "{answer:?}");
+    let mountpoint = answer.image_filesystems[0].fs_id.as_ref().unwrap().mountpoint.clone();
+    assert_eq!(mountpoint, "/var/lib/cri-systemd/images");
+
+    // The writable layers on a file system of their own (a tmpfs over the containers' directory,
+    // mounted before the daemon starts): their own entry, with what they use.
+    client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
+    node.sh("systemctl stop cri-systemd && mount -t tmpfs -o size=64m,mode=0700 split /var/lib/cri-systemd/containers && systemctl start cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let pod = run_pod(&mut client, "cf-imagefs-split").await;
+    let id = create(&mut client, &pod, container_config("writer", &images[0], &["/bin/busybox", "sleep", "100000"]))
+        .await
+        .unwrap();
+    start(&mut client, &id).await.unwrap();
+    let out = exec_sync(&mut client, &id, &["/bin/busybox", "dd", "if=/dev/zero", "of=/data", "bs=1M", "count=4"]);
+    assert_eq!(out.await.unwrap().exit_code, 0);
+    let answer = client.image.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(answer.image_filesystems[0].fs_id.as_ref().unwrap().mountpoint, "/var/lib/cri-systemd/images");
+    let containers = &answer.container_filesystems[0];
+    assert_eq!(containers.fs_id.as_ref().unwrap().mountpoint, "/var/lib/cri-systemd/containers", "{answer:?}");
+    assert!(containers.used_bytes.unwrap().value >= 4 << 20, "{answer:?}");
+}

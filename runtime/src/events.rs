@@ -13,6 +13,10 @@
 //! or is OOM-killed. Events of the time the daemon is down are lost (the kubelet relists); a
 //! container that ended meanwhile is marked exited on start, before anyone subscribes.
 //!
+//! An event's `created_at` is taken before its snapshot, as PodSandboxStatus's `timestamp` is
+//! (cri-server): the kubelet's evented PLEG keeps a pod's status by that time (Unix nanoseconds)
+//! and drops older ones, so a snapshot must never be older than its time says.
+//!
 //! The channel is bounded and never blocks the runtime: a subscriber that falls behind by more
 //! than [`EVENT_BUFFER`] events loses the oldest ones (and its stream logs how many).
 
@@ -65,6 +69,9 @@ impl Runtime {
         if self.events.receiver_count() == 0 {
             return;
         }
+        // Before the snapshot: the kubelet keeps the newest status by this time, so the
+        // snapshot must not be older than it says.
+        let created_at = now_nanos();
         let entries: Vec<_> = self.containers.lock().expect("container table lock").values().cloned().collect();
         let mut containers: Vec<Container> = entries
             .iter()
@@ -72,13 +79,8 @@ impl Runtime {
             .filter(|c| c.pod_id == pod_id && !matches!(c.state, ContainerState::Creating | ContainerState::Removing))
             .collect();
         containers.sort_by_key(|c| c.created_at);
-        let event = ContainerEvent {
-            container_id: id.to_string(),
-            kind,
-            created_at: now_nanos(),
-            pod: self.pod(pod_id).ok(),
-            containers,
-        };
+        let event =
+            ContainerEvent { container_id: id.to_string(), kind, created_at, pod: self.pod(pod_id).ok(), containers };
         debug!(container = %id, ?kind, "container event");
         // Fails only when the last subscriber left meanwhile.
         let _ = self.events.send(event);
