@@ -972,8 +972,6 @@ impl Runtime {
     }
 }
 
-/// An update's hugepage limits: per page size, the new limit where the update names the size,
-/// the old one elsewhere (the kubelet sends every size of the node, other callers maybe one).
 impl Runtime {
     /// PID namespace mode TARGET: the target must be a running container of the same pod (as
     /// containerd checks at CreateContainer).
@@ -1031,6 +1029,8 @@ fn unpin_target_pid_namespace(pin: &Path) {
     let _ = std::fs::remove_file(pin);
 }
 
+/// An update's hugepage limits: per page size, the new limit where the update names the size,
+/// the old one elsewhere (the kubelet sends every size of the node, other callers maybe one).
 fn merge_hugepage_limits(old: &[HugepageLimit], new: Vec<HugepageLimit>) -> Vec<HugepageLimit> {
     let mut merged: Vec<HugepageLimit> =
         old.iter().filter(|o| !new.iter().any(|n| n.page_size == o.page_size)).cloned().collect();
