@@ -355,7 +355,7 @@ fn stop_signal_of(stop_signal: i32) -> Result<Option<String>, Status> {
 
 /// ContainerStatus.stop_signal: the config's, else the image's STOPSIGNAL, else SIGTERM, as
 /// containerd reports it (an image signal the CRI has no name for: RUNTIME_DEFAULT).
-fn cri_stop_signal(spec: &runtime::ContainerSpec) -> i32 {
+pub(crate) fn cri_stop_signal(spec: &runtime::ContainerSpec) -> i32 {
     let name = match &spec.stop_signal {
         Some(name) => Some(name.clone()),
         None => runtime::stop_signal(&spec.image.stop_signal).ok().and_then(runtime::signal_name),

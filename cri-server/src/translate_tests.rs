@@ -291,3 +291,46 @@ fn image_volumes_are_read_only_image_mounts() {
         );
     }
 }
+
+/// stop_signal (kept as the CRI's name, reported back as containerd reports it),
+/// SupplementalGroupsPolicy and PID namespace mode TARGET, and their refusals.
+#[test]
+fn stop_signal_groups_policy_and_pid_target() {
+    use crate::container_translate::cri_stop_signal;
+    let mut config = secured_container();
+    config.stop_signal = cri::Signal::Sigrtminplus1 as i32;
+    let spec = container_spec(config, &image()).unwrap();
+    assert_eq!(spec.stop_signal.as_deref(), Some("SIGRTMIN+1"));
+    assert_eq!((spec.stop_signal().unwrap(), code_of(spec.validate())), (35, Code::Ok));
+    assert_eq!(cri_stop_signal(&spec), cri::Signal::Sigrtminplus1 as i32);
+    // Unset: the image's, else SIGTERM.
+    let mut spec = container_spec(secured_container(), &image()).unwrap();
+    assert_eq!((spec.stop_signal.as_deref(), cri_stop_signal(&spec)), (None, cri::Signal::Sigterm as i32));
+    for (image_signal, reported) in
+        [("SIGQUIT", cri::Signal::Sigquit), ("3", cri::Signal::Sigquit), ("RTMAX-1", cri::Signal::Sigrtmaxminus1)]
+    {
+        spec.image.stop_signal = image_signal.into();
+        assert_eq!(cri_stop_signal(&spec), reported as i32, "{image_signal}");
+    }
+
+    let policy = |policy: i32| {
+        let mut config = secured_container();
+        config.linux.as_mut().unwrap().security_context.as_mut().unwrap().supplemental_groups_policy = policy;
+        container_spec(config, &image()).map(|s| s.supplemental_groups_policy).map_err(|e| e.code())
+    };
+    assert_eq!(policy(0), Ok(runtime::SupplementalGroupsPolicy::Merge));
+    assert_eq!(policy(cri::SupplementalGroupsPolicy::Strict as i32), Ok(runtime::SupplementalGroupsPolicy::Strict));
+    assert_eq!(policy(5), Err(Code::InvalidArgument));
+
+    let target = |target_id: &str| {
+        let mut config = secured_container();
+        let security = config.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        let options = security.namespace_options.get_or_insert_with(Default::default);
+        options.pid = cri::NamespaceMode::Target as i32;
+        options.target_id = target_id.into();
+        container_spec(config, &image()).map(|s| s.pid_target).map_err(|e| e.code())
+    };
+    assert_eq!(target("abc"), Ok(Some("abc".into())));
+    assert_eq!(target(""), Err(Code::InvalidArgument));
+    assert_eq!(container_spec(secured_container(), &image()).unwrap().pid_target, None);
+}
