@@ -589,6 +589,7 @@ mod tests {
             message: String::new(),
             unit: "cri-abc.service".into(),
             slice: "s.slice".into(),
+            user: None,
         };
         let config = config_dump(&record, 1_700_000_001_000_000_000);
         assert_eq!(config["id"], "abc");
