@@ -317,6 +317,7 @@ pub(crate) fn status_dump(record: &Container) -> serde_json::Value {
 /// (character devices 0/0), and returns the paths they delete ("/" + path in the container).
 pub(crate) fn write_rootfs_diff(upper: &Path, target: &Path) -> Result<Vec<String>, Error> {
     let file = std::fs::File::create(target).map_err(Error::io(format!("cannot create {}", target.display())))?;
+    let scratch = target.parent().unwrap_or(Path::new("/"));
     let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
     builder.follow_symlinks(false);
     let mut deleted = Vec::new();
@@ -337,9 +338,12 @@ pub(crate) fn write_rootfs_diff(upper: &Path, target: &Path) -> Result<Vec<Strin
                 deleted.push(format!("/{}", path.display()));
                 continue;
             }
-            builder
-                .append_path_with_name(&full, &path)
-                .map_err(Error::io(format!("cannot archive {}", full.display())))?;
+            if meta.is_file() {
+                append_file_copy(&mut builder, &full, &path, &meta, scratch)
+            } else {
+                builder.append_path_with_name(&full, &path)
+            }
+            .map_err(Error::io(format!("cannot archive {}", full.display())))?;
             if meta.is_dir() {
                 stack.push(path);
             }
@@ -351,6 +355,26 @@ pub(crate) fn write_rootfs_diff(upper: &Path, target: &Path) -> Result<Vec<Strin
         .map_err(Error::io(format!("cannot write {}", target.display())))?;
     deleted.sort();
     Ok(deleted)
+}
+
+/// Appends a copy of the regular file `full`: the container runs on (CRIU left it running), and a
+/// file it writes while being archived would make the header's size a lie and the rest of the
+/// archive unreadable (seen: "numeric field was not a number: when getting cksum" at restore).
+fn append_file_copy<W: std::io::Write>(
+    builder: &mut tar::Builder<W>,
+    full: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+    scratch: &Path,
+) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut copy = tempfile::tempfile_in(scratch)?;
+    let size = std::io::copy(&mut std::fs::File::open(full)?, &mut copy)?;
+    copy.seek(SeekFrom::Start(0))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    header.set_size(size);
+    builder.append_data(&mut header, name, copy.take(size))
 }
 
 fn is_whiteout(meta: &std::fs::Metadata) -> bool {
@@ -537,6 +561,38 @@ mod tests {
         assert!(joined.contains("--leave-running"));
         assert!(joined.contains("--external net[4026532314]:extRootNetNS"));
         assert!(joined.contains("--external mnt[/dev/shm]:/dev/shm --external mnt[/data]:/data"));
+    }
+
+    #[test]
+    fn the_rootfs_diff_of_files_written_meanwhile_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        let names: Vec<PathBuf> = (0..20).map(|i| upper.join(format!("f{i}"))).collect();
+        names.iter().for_each(|name| std::fs::write(name, "0").unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The container, left running by CRIU, rewrites its files with ever different lengths.
+        let writer = {
+            let (names, stop) = (names.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut round = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for name in &names {
+                        std::fs::write(name, vec![b'x'; 1 + (round * 7919) % 3000]).unwrap();
+                        round += 1;
+                    }
+                }
+            })
+        };
+        for round in 0..30 {
+            let target = dir.path().join("diff.tar");
+            write_rootfs_diff(&upper, &target).unwrap();
+            let mut archive = tar::Archive::new(std::fs::File::open(&target).unwrap());
+            let entries = archive.entries().unwrap().map(|e| e.map(|_| ())).collect::<Result<Vec<()>, _>>();
+            assert_eq!(entries.map(|e| e.len()).map_err(|e| format!("round {round}: {e}")), Ok(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
     }
 
     #[test]
