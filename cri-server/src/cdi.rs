@@ -29,10 +29,15 @@
 //! same container path, then all mounts are ordered by depth, as the library does; options may be
 //! `ro`/`rw`, propagation, `nosuid`, `nodev`, `noexec`; in a pod with a user namespace they are
 //! idmapped to the pod's range (the library adds `idmap`/`ridmap`). `additionalGids` (but 0) join
-//! the supplemental groups.
+//! the supplemental groups. `hooks` are the container's OCI hooks, appended in order to those of
+//! their stage (`hookName`) with their `path`, `args`, `env` and `timeout`, as the library adds
+//! them to the OCI spec; init runs them (`init::hooks`: where each stage runs, the state on
+//! stdin, the bundle's config.json); a failing createContainer hook fails StartContainer. They
+//! run as root of the node, from the paths of the spec files: CDI spec directories are the node
+//! admin's, as containerd and CRI-O treat them (SECURITY.md).
 //!
 //! Refused, naming the device (InvalidArgument, nothing created): an unknown or ambiguous device,
-//! a name that is not fully qualified, `hooks` (cri-systemd runs no OCI hooks), `intelRdt`,
+//! a name that is not fully qualified, a hook path that is not absolute, `intelRdt`,
 //! `netDevices`, fifo device nodes, mounts of other file system types or options. The result is
 //! part of the container's record, so a restarted daemon starts it as it was created, whatever
 //! the spec files say by then.
@@ -118,11 +123,18 @@ pub fn inject(
 
 /// Applies one `containerEdits`; true if it added mounts.
 fn apply(edits: &Edits, pod_userns: Option<IdMapping>, spec: &mut ContainerSpec) -> Result<bool, String> {
-    if let Some(hook) = edits.hooks.first() {
-        return Err(format!(
-            "its spec asks for a {} hook ({}), and cri-systemd runs no OCI hooks",
-            hook.hook_name, hook.path
-        ));
+    for hook in &edits.hooks {
+        // The OCI spec's rule; the library leaves it to the runtime.
+        if !hook.path.starts_with('/') {
+            return Err(format!("its {} hook path {:?} is not absolute", hook.hook_name, hook.path));
+        }
+        spec.hooks.push(runtime::Hook {
+            stage: hook.hook_name.clone(),
+            path: hook.path.clone(),
+            args: hook.args.clone(),
+            env: hook.env.clone(),
+            timeout: hook.timeout,
+        });
     }
     if edits.intel_rdt.is_some() {
         return Err("its spec sets intelRdt, which cri-systemd does not support".into());
@@ -551,6 +563,9 @@ impl Edits {
                 return Err(format!("hook {:?} has an empty path", hook.hook_name));
             }
             check_env(&hook.env).map_err(|e| format!("hook {:?}: {e}", hook.hook_name))?;
+            if hook.timeout.is_some_and(|t| t <= 0) {
+                return Err(format!("hook {:?}: timeout must be positive", hook.hook_name));
+            }
         }
         for mount in &self.mounts {
             if mount.host_path.is_empty() || mount.container_path.is_empty() {
@@ -757,12 +772,16 @@ mod tests {
     fn what_cri_systemd_cannot_do_is_refused_naming_the_device() {
         let hook = LOOP_JSON.replace(
             "\"containerEdits\": {\"env\": [\"FROM_SPEC=1\"]}",
-            "\"containerEdits\": {\"hooks\": [{\"hookName\": \"createContainer\", \"path\": \"/usr/bin/hook\"}]}",
+            "\"containerEdits\": {\"hooks\": [{\"hookName\": \"createContainer\", \"path\": \"usr/bin/hook\"}]}",
         );
         let tmpfs = LOOP_JSON.replace("\"options\": [\"ro\", \"nosuid\", \"rbind\"]", "\"type\": \"tmpfs\"");
         let (_root, dirs_) = dirs(&[("etc", "hook.json", &hook), ("run", "y.yaml", YAML)]);
         let error = inject_names(&dirs_, &["example.com/yaml=1", "example.com/disk=null0"], None).unwrap_err();
-        assert!(error.message().contains("example.com/disk=null0") && error.message().contains("createContainer hook"));
+        let message = error.message();
+        assert!(
+            message.contains("example.com/disk=null0") && message.contains("\"usr/bin/hook\" is not absolute"),
+            "{message}"
+        );
         let (_root, dirs_) = dirs(&[("etc", "tmpfs.json", &tmpfs)]);
         let error = inject_names(&dirs_, &["example.com/disk=null0"], None).unwrap_err();
         assert!(error.message().contains("tmpfs"), "{}", error.message());
@@ -771,6 +790,35 @@ mod tests {
             assert_eq!(error.code(), tonic::Code::InvalidArgument, "{bad}");
             assert!(error.message().contains(bad), "{bad}: {}", error.message());
         }
+    }
+
+    #[test]
+    fn hooks_are_appended_in_order_spec_edits_first_with_args_env_and_timeout() {
+        let hooks = LOOP_JSON
+            .replace(
+                "\"containerEdits\": {\"env\": [\"FROM_SPEC=1\"]}",
+                "\"containerEdits\": {\"hooks\": [{\"hookName\": \"createContainer\", \"path\": \"/bin/ldcache\", \
+                 \"args\": [\"ldcache\", \"-f\"], \"env\": [\"A=1\"], \"timeout\": 5}]}",
+            )
+            .replace(
+                "\"env\": [\"DISK=null0\", \"SHARED=device\"],",
+                "\"hooks\": [{\"hookName\": \"poststop\", \"path\": \"/bin/cleanup\"}, \
+                 {\"hookName\": \"createContainer\", \"path\": \"/bin/symlinks\"}],",
+            );
+        let (_root, dirs_) = dirs(&[("etc", "hooks.json", &hooks)]);
+        let spec = inject_names(&dirs_, &["example.com/disk=null0"], None).unwrap();
+        let got: Vec<(&str, &str)> = spec.hooks.iter().map(|h| (h.stage.as_str(), h.path.as_str())).collect();
+        assert_eq!(
+            got,
+            [("createContainer", "/bin/ldcache"), ("poststop", "/bin/cleanup"), ("createContainer", "/bin/symlinks")]
+        );
+        assert_eq!(spec.hooks[0].args, ["ldcache", "-f"]);
+        assert_eq!(spec.hooks[0].env, ["A=1"]);
+        assert_eq!(spec.hooks[0].timeout, Some(5));
+        let zero = hooks.replace("\"timeout\": 5", "\"timeout\": 0");
+        let (_root, dirs_) = dirs(&[("etc", "zero.json", &zero)]);
+        let error = inject_names(&dirs_, &["example.com/disk=null0"], None).unwrap_err();
+        assert!(error.message().contains("timeout must be positive"), "{}", error.message());
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub fn container_spec(config: cri::ContainerConfig, image: &Image) -> Result<Con
         tty: config.tty,
         stop_signal,
         pid_target,
+        // From CDI devices (crate::cdi::inject).
+        hooks: Vec::new(),
     })
 }
 

@@ -79,6 +79,7 @@
 pub mod cgroup;
 mod error;
 pub mod exec_in;
+pub mod hooks;
 pub mod hugetlb;
 mod idmap;
 mod mount_setattr;
@@ -298,6 +299,8 @@ fn supervise(spec: &InitSpec) -> Result<()> {
     match read_report(&mut report)? {
         // Never reap the child from here on: systemd must collect its exit status.
         Report::Eof => {
+            // The entrypoint runs: poststart hooks before StartContainer returns; not fatal.
+            hooks::run_stage_logged(spec, hooks::Stage::Poststart, child.as_raw() as u32);
             notifier.notify("READY=1")?;
             Ok(())
         }
@@ -350,8 +353,14 @@ fn reap(child: Pid) -> String {
 fn child_main(spec: &InitSpec, plan: &namespaces::Plan, report: OwnedFd, go: OwnedFd) -> ! {
     let result = (|| -> Result<std::convert::Infallible> {
         process::prepare_child()?;
+        // The node's /proc is still in view: our pid as the node sees it, for hooks' state.
+        let host_pid = std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str().and_then(|p| p.parse::<u32>().ok()))
+            .unwrap_or(0);
         namespaces::enter_mount(plan)?;
-        rootfs::setup(spec, plan)?;
+        rootfs::setup(spec, plan, host_pid)?;
+        hooks::run_stage(spec, hooks::Stage::StartContainer, host_pid)?;
         let console = console_socket(spec)?;
         use std::os::fd::AsRawFd;
         let mut keep = vec![report.as_raw_fd(), go.as_raw_fd()];

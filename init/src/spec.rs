@@ -20,8 +20,9 @@ pub struct InitSpec {
     /// dir) and `root.readonly`, `hostname`, `domainname`, `mounts`, `linux.namespaces` (with
     /// `path`: join that pinned namespace file; without: a new one), `linux.rootfsPropagation`,
     /// `linux.devices`, `linux.maskedPaths`, `linux.readonlyPaths`, `linux.sysctl`.
+    /// `hooks` run at their stages (`hooks.rs`).
     /// `linux.resources` is ignored here: systemd applies limits through unit properties. So are
-    /// `hooks`, `process.oomScoreAdj` (use `OOMScoreAdjust=`), `process.ioPriority`,
+    /// `process.oomScoreAdj` (use `OOMScoreAdjust=`), `process.ioPriority`,
     /// `process.scheduler`, `linux.personality`. Refused (the start fails with a message):
     /// `process.terminal`, `linux.seccomp`, AppArmor/SELinux labels, and new user namespaces:
     /// a user namespace must be joined (a `path`), and `linux.uidMappings`/`gidMappings` must
@@ -48,6 +49,13 @@ pub struct InitSpec {
     /// (see `hugetlb.rs`). Empty, or only zeros: nothing is done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hugepage_limits: Vec<HugepageLimit>,
+    /// The container's id, as OCI hooks get it in the state (`id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    /// The container's bundle directory, holding a `config.json` (the OCI spec) for hooks to
+    /// read (`root.path`); hooks get it in the state (`bundle`). None: the error file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
     /// Images mounted read-only in the container (CRI image volumes), after the spec's mounts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_volumes: Vec<ImageVolumeMount>,

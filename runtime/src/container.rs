@@ -326,6 +326,9 @@ pub struct ContainerSpec {
     /// pod whose PID namespace this one joins (checked and made a full id at CreateContainer).
     #[serde(default)]
     pub pid_target: Option<String>,
+    /// OCI hooks (today those of CDI devices), run by init at their stages (`init::hooks`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Hook>,
 }
 
 /// The CRI's SupplementalGroupsPolicy (KEP-3619).
@@ -336,6 +339,46 @@ pub enum SupplementalGroupsPolicy {
     Merge,
     /// Only the primary group and `supplemental_groups`.
     Strict,
+}
+
+/// An OCI hook (runtime-spec config.md "POSIX-platform Hooks") of a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    /// `prestart`, `createRuntime`, `createContainer`, `startContainer`, `poststart` or `poststop`.
+    pub stage: String,
+    /// An absolute path on the node (in the container for `startContainer`).
+    pub path: String,
+    /// The argv, `args[0]` included; empty: the path alone.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The hook's whole environment (`KEY=value`).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Seconds; killed after it.
+    #[serde(default)]
+    pub timeout: Option<i64>,
+}
+
+/// The OCI `hooks` object of the container's hooks, each stage's in order.
+fn oci_hooks(hooks: &[Hook]) -> serde_json::Value {
+    let mut stages = serde_json::Map::new();
+    for hook in hooks {
+        let mut entry = serde_json::json!({"path": hook.path});
+        if !hook.args.is_empty() {
+            entry["args"] = serde_json::json!(hook.args);
+        }
+        if !hook.env.is_empty() {
+            entry["env"] = serde_json::json!(hook.env);
+        }
+        if let Some(timeout) = hook.timeout {
+            entry["timeout"] = serde_json::json!(timeout);
+        }
+        let list = stages.entry(hook.stage.clone()).or_insert_with(|| serde_json::json!([]));
+        if let Some(list) = list.as_array_mut() {
+            list.push(entry);
+        }
+    }
+    serde_json::Value::Object(stages)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -824,7 +867,7 @@ pub(crate) fn oci_spec(
         Seccomp::Localhost(path) => Some(localhost_seccomp(path, &caps)?),
     };
     let apparmor = crate::apparmor::resolve(&spec.apparmor, spec.privileged)?;
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -852,6 +895,11 @@ pub(crate) fn oci_spec(
             "readonlyPaths": readonly,
         },
     });
+    if !spec.hooks.is_empty() {
+        // Hooks read the container's annotations in the state they get on stdin.
+        json["hooks"] = oci_hooks(&spec.hooks);
+        json["annotations"] = serde_json::json!(spec.annotations);
+    }
     serde_json::from_value(json).map_err(|e| Error::InvalidSpec(format!("cannot build the OCI spec: {e}")))
 }
 

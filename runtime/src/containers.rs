@@ -235,7 +235,13 @@ impl Runtime {
             console_socket: record.spec.tty,
             hugepage_limits: record.spec.resources.hugepage_limits.clone(),
             image_volumes,
+            container_id: record.id.clone(),
+            bundle: Some(dir.clone()),
         };
+        if !record.spec.hooks.is_empty() {
+            // The bundle's config.json, which hooks read (root.path: the rootfs as they see it).
+            write_bundle_config(&init.oci, &dir.join("config.json"))?;
+        }
         init.save(&dir.join("init.json")).map_err(Error::io("cannot write the init spec"))?;
         record.state = ContainerState::Created;
         self.save_container(&entry, record.clone())?;
@@ -1125,4 +1131,21 @@ mod stop_signal_tests {
         assert!(signal_reaches("NSpid:\t4242\nSigCgt:\t0000000000000000\n", libc::SIGTERM));
         assert!(signal_reaches("", libc::SIGTERM));
     }
+}
+
+/// Writes the container's OCI spec as `config.json` (0600 like init.json: it holds the env).
+fn write_bundle_config(oci: &oci_spec::runtime::Spec, path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let text =
+        serde_json::to_vec_pretty(oci).map_err(|e| Error::InvalidSpec(format!("cannot write config.json: {e}")))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("cannot write the bundle's config.json"))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("cannot write the bundle's config.json"))?;
+    std::io::Write::write_all(&mut file, &text).map_err(Error::io("cannot write the bundle's config.json"))
 }

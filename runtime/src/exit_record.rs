@@ -45,12 +45,28 @@ pub fn record(path: &Path) -> i32 {
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0),
     };
-    match crate::store::write_json(path, &record) {
+    let written = crate::store::write_json(path, &record);
+    run_poststop_hooks(path);
+    match written {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("cri-systemd record-exit: cannot write {}: {e}", path.display());
             1
         }
+    }
+}
+
+/// The container's poststop hooks (`init.json` next to the exit record), once its processes are
+/// gone; failures are logged (the unit's journal), not fatal, as the OCI spec says.
+fn run_poststop_hooks(exit_path: &Path) {
+    let Some(dir) = exit_path.parent() else { return };
+    let init_path = dir.join("init.json");
+    if !init_path.exists() {
+        return;
+    }
+    match init::InitSpec::load(&init_path) {
+        Ok(spec) => init::hooks::run_stage_logged(&spec, init::hooks::Stage::Poststop, 0),
+        Err(e) => eprintln!("cri-systemd record-exit: poststop hooks: {e}"),
     }
 }
 

@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
     BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS,
-    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, parse_cpu_list,
+    Hook, HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, parse_cpu_list,
     signal_name, stop_signal,
 };
 pub use containers::ContainerFilter;

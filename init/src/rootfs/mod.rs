@@ -29,6 +29,8 @@ use mounts::{clone_bind_source, is_bind, make_parent_mount_private, mount_one};
 use options::{MountOption, parse_option};
 use overlay::mount_overlay;
 use pivot::pivot_root;
+
+use crate::hooks::Stage;
 use resolve::clean;
 
 pub(crate) use pivot::{create_cwd, mask_path, readonly_path, remount_root_readonly};
@@ -67,7 +69,7 @@ pub(crate) fn mount_overlay_at(overlay: &crate::OverlayRootfs, target: &Path, pl
 
 /// Sets the rootfs up at `root.path` and pivots into it. On return, `/` is the container's root
 /// and the host's file system is unreachable.
-pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
+pub(crate) fn setup(spec: &InitSpec, plan: &Plan, host_pid: u32) -> Result<()> {
     let oci = &spec.oci;
     let root = oci.root().as_ref().map(|r| r.path().clone()).ok_or_else(|| Error::new("spec has no root"))?;
     let root = std::fs::canonicalize(&root).ctx(|| format!("rootfs {}", root.display()))?;
@@ -120,5 +122,10 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan) -> Result<()> {
         setup_dev(&rootfd, linux.and_then(|l| l.devices().as_deref()).unwrap_or_default(), plan.userns())?;
     }
     drop(rootfd);
+    // The rootfs is complete at root.path, in this mount namespace only: the hooks that work on
+    // it (CDI's createContainer hooks: ld.so.cache, symlinks) run now, before it becomes "/".
+    for stage in [Stage::Prestart, Stage::CreateRuntime, Stage::CreateContainer] {
+        crate::hooks::run_stage(spec, stage, host_pid)?;
+    }
     pivot_root(&root)
 }
