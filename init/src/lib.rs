@@ -35,6 +35,11 @@
 //! On any failure the child reports a one-line message through the pipe, init writes it to
 //! `error_file` and exits non-zero without `READY=1`, so the start job fails.
 //!
+//! OCI hooks (from CDI specs) run at their stages within this flow: createContainer (and
+//! createRuntime, prestart) in the child once the rootfs is mounted, before pivot_root;
+//! startContainer before the child takes the container's identity; poststart before READY=1
+//! ([`hooks`]).
+//!
 //! The same fork pattern is used when the PID namespace is joined or not listed (hostPID): the
 //! forked child, not init, becomes the main process, so the flow stays the same.
 //!
@@ -64,9 +69,9 @@
 //!
 //! *Other users of the node* (the CVE-2021-41091 class): the directories of pods and containers
 //! (`<state_root>/{pods,containers}/<id>`, `<run_root>/pods/<id>`, the parent of the pod's
-//! `/dev/shm`) and of CNI results are 0700, records (`pod.json`, `container.json`, `init.json` with
-//! the env, exit and CNI results) 0600, CRI log files 0640; a container's `upper/` (its `/`) keeps
-//! 0755 behind its 0700 directory. The daemon tightens these modes of an older install at start
+//! `/dev/shm`) and of CNI results are 0700, records (`pod.json`, `container.json`, `init.json`
+//! and a hooked container's `config.json` with the env, exit and CNI results) 0600, CRI log
+//! files 0640; a container's `upper/` (its `/`) keeps 0755 behind its 0700 directory. The daemon tightens these modes of an older install at start
 //! (`runtime::tighten_modes`). Pod files bind-mounted into containers (hosts, resolv.conf) stay
 //! readable for containers in user namespaces.
 //!

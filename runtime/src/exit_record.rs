@@ -3,6 +3,8 @@
 //! $EXIT_CODE, $EXIT_STATUS) and whether the cgroup saw an OOM kill (cgroup v1
 //! `memory.oom_control`, v2 `memory.events`). The record is written even
 //! while the daemon is down, and outlives the unit, which systemd unloads once it is inactive.
+//! Then it runs the container's poststop OCI hooks (from `init.json` beside the record; failures
+//! are logged in the unit's journal, not fatal: `init::hooks`).
 
 use std::path::Path;
 
