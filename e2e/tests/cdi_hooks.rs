@@ -1,8 +1,9 @@
 //! OCI hooks from CDI specs: a device whose spec asks for a createContainer hook (a shell script
 //! of the node, as nvidia-ctk's `update-ldcache` is a program of the node) that reads the OCI
 //! state on stdin and the bundle's config.json (`root.path`) and writes an ld.so.conf.d entry into
-//! the container's root file system, which the container then sees; a poststop hook that runs
-//! when the container stops; a failing createContainer hook fails StartContainer with its path,
+//! the container's root file system, which the container then sees; a startContainer hook (a
+//! path of the image) and a poststart hook (of the node) with their states; a poststop hook that
+//! runs when the container stops; a failing createContainer hook fails StartContainer with its path,
 //! exit status and stderr. The hooks are in the container's record: a daemon killed between
 //! CreateContainer and StartContainer still runs them, though the spec file is gone by then.
 
@@ -41,6 +42,8 @@ const SPEC: &str = r#"{
     {"name": "ldcache", "containerEdits": {"hooks": [
       {"hookName": "createContainer", "path": "/etc/cdi/hooks/ldcache.sh",
        "args": ["ldcache.sh", "--folder", "/usr/lib/cdi-test"], "env": ["LDCACHE_NOTE=from-cdi"], "timeout": 10},
+      {"hookName": "startContainer", "path": "/bin/sh", "args": ["sh", "-c", "cat > /start-hook-state"]},
+      {"hookName": "poststart", "path": "/usr/bin/busybox", "args": ["sh", "-c", "cat > /tmp/cdi-poststart"]},
       {"hookName": "poststop", "path": "/etc/cdi/hooks/poststop.sh"}
     ]}},
     {"name": "broken", "containerEdits": {"hooks": [
@@ -60,6 +63,15 @@ async fn check_ldcache_entry(node: &e2e::Node, client: &mut CriClient, id: &str)
     let (code, out, err) = sh(client, id, "cat /etc/ld.so.conf.d/cdi-test.conf").await;
     assert_eq!(code, 0, "the hook's entry is not in the container: {out} {err}");
     assert_eq!(out, format!("/usr/lib/cdi-test # from-cdi --folder id={id} status=creating\n"));
+    // startContainer ran in the container (its path, /bin/sh, is the image's) before the entrypoint.
+    let (_, out, _) = sh(client, id, "cat /start-hook-state").await;
+    assert!(out.contains(&format!("\"id\":\"{id}\"")) && out.contains("\"status\":\"created\""), "{out:?}");
+    // poststart ran on the node before StartContainer returned.
+    let poststart = node.sh("cat /tmp/cdi-poststart");
+    assert!(
+        poststart.contains(&format!("\"id\":\"{id}\"")) && poststart.contains("\"status\":\"running\""),
+        "{poststart:?}"
+    );
     // The state's pid is the container's process as the node sees it (it became the entrypoint).
     let pid = node.sh(&format!("cat /tmp/cdi-hook-pid-{id}"));
     let cmdline = node.sh(&format!("tr '\\0' ' ' < /proc/{}/cmdline", pid.trim()));

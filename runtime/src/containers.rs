@@ -1113,6 +1113,23 @@ fn signal_reaches(status: &str, signal: i32) -> bool {
     }
 }
 
+/// Writes the container's OCI spec as `config.json` (0600 like init.json: it holds the env).
+fn write_bundle_config(oci: &oci_spec::runtime::Spec, path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let text =
+        serde_json::to_vec_pretty(oci).map_err(|e| Error::InvalidSpec(format!("cannot write config.json: {e}")))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("cannot write the bundle's config.json"))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("cannot write the bundle's config.json"))?;
+    std::io::Write::write_all(&mut file, &text).map_err(Error::io("cannot write the bundle's config.json"))
+}
+
 #[cfg(test)]
 mod stop_signal_tests {
     use super::signal_reaches;
@@ -1131,21 +1148,4 @@ mod stop_signal_tests {
         assert!(signal_reaches("NSpid:\t4242\nSigCgt:\t0000000000000000\n", libc::SIGTERM));
         assert!(signal_reaches("", libc::SIGTERM));
     }
-}
-
-/// Writes the container's OCI spec as `config.json` (0600 like init.json: it holds the env).
-fn write_bundle_config(oci: &oci_spec::runtime::Spec, path: &std::path::Path) -> Result<(), Error> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let text =
-        serde_json::to_vec_pretty(oci).map_err(|e| Error::InvalidSpec(format!("cannot write config.json: {e}")))?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io("cannot write the bundle's config.json"))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(Error::io("cannot write the bundle's config.json"))?;
-    std::io::Write::write_all(&mut file, &text).map_err(Error::io("cannot write the bundle's config.json"))
 }
