@@ -1244,6 +1244,25 @@ mod tests {
     }
 
     #[test]
+    fn hooks_become_oci_hooks_by_stage_in_order() {
+        let hook = |stage: &str, path: &str| Hook { stage: stage.into(), path: path.into(), ..Default::default() };
+        let hooks = vec![
+            Hook { args: vec!["a".into()], env: vec!["E=1".into()], timeout: Some(5), ..hook("createContainer", "/x") },
+            hook("poststop", "/y"),
+            hook("createContainer", "/z"),
+        ];
+        let json = oci_hooks(&hooks);
+        let parsed: oci_spec::runtime::Hooks = serde_json::from_value(json.clone()).unwrap();
+        let create: Vec<_> = parsed.create_container().clone().unwrap().iter().map(|h| h.path().clone()).collect();
+        assert_eq!(create, [std::path::PathBuf::from("/x"), "/z".into()]);
+        assert_eq!(json["createContainer"][0]["args"], serde_json::json!(["a"]));
+        assert_eq!(json["createContainer"][0]["env"], serde_json::json!(["E=1"]));
+        assert_eq!(json["createContainer"][0]["timeout"], 5);
+        assert!(json["createContainer"][1].get("args").is_none());
+        assert_eq!(parsed.poststop().clone().unwrap().len(), 1);
+    }
+
+    #[test]
     fn privileged_capabilities_follow_the_kernels_numbering() {
         assert_eq!(ALL_CAPABILITIES[24], "CAP_SYS_RESOURCE");
         assert_eq!(ALL_CAPABILITIES[27], "CAP_MKNOD");
