@@ -3,9 +3,10 @@
 //! state on stdin and the bundle's config.json (`root.path`) and writes an ld.so.conf.d entry into
 //! the container's root file system, which the container then sees; a startContainer hook (a
 //! path of the image) and a poststart hook (of the node) with their states; a poststop hook that
-//! runs when the container stops; a failing createContainer hook fails StartContainer with its path,
-//! exit status and stderr. The hooks are in the container's record: a daemon killed between
-//! CreateContainer and StartContainer still runs them, though the spec file is gone by then.
+//! runs when the container stops; a failing createContainer hook fails StartContainer with its
+//! path, exit status and stderr; a relative hook path is refused at CreateContainer. The hooks
+//! are in the container's record: a daemon killed between CreateContainer and StartContainer
+//! still runs them, though the spec file is gone by then.
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,7 @@ const SPEC: &str = r#"{
       {"hookName": "poststart", "path": "/usr/bin/busybox", "args": ["sh", "-c", "cat > /tmp/cdi-poststart"]},
       {"hookName": "poststop", "path": "/etc/cdi/hooks/poststop.sh"}
     ]}},
+    {"name": "relative", "containerEdits": {"hooks": [{"hookName": "createContainer", "path": "hooks/ldcache.sh"}]}},
     {"name": "broken", "containerEdits": {"hooks": [
       {"hookName": "createContainer", "path": "/usr/bin/busybox",
        "args": ["sh", "-c", "echo cannot find libcuda.so >&2; exit 3"]}
@@ -129,6 +131,19 @@ async fn cdi_hooks_run_at_their_oci_stages() {
             && message.contains("cannot find libcuda.so"),
         "{message}"
     );
+
+    // A hook path that is not absolute (the OCI spec's rule) is refused, naming the device; nothing is made.
+    let before = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
+    let config = with_cdi(container_config("relative", &image, &sleep), "example.com/hook=relative");
+    let error = create(&mut client, &pod, config).await.expect_err("CreateContainer with a relative hook path");
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("example.com/hook=relative") && error.message().contains("not absolute"),
+        "{}",
+        error.message()
+    );
+    let after = client.runtime.list_containers(cri::ListContainersRequest::default()).await.unwrap().into_inner();
+    assert_eq!(after.containers.len(), before.containers.len());
 
     // The hooks are in the record: kept across a daemon kill, without the spec file.
     let config = with_cdi(container_config("later", &image, &sleep), "example.com/hook=ldcache");
