@@ -45,8 +45,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
-    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS,
-    Hook, HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, parse_cpu_list,
+    BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS, Hook,
+    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, parse_cpu_list,
     signal_name, stop_signal,
 };
 pub use containers::ContainerFilter;
