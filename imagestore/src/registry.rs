@@ -221,6 +221,40 @@ impl EndpointClient {
         .await
     }
 
+    /// The digest of the image's manifest (or index) from a HEAD request's `Docker-Content-Digest`
+    /// header, without its body: what containerd's resolver asks first (`core/remotes/docker/
+    /// resolver.go`), so that a re-pull of a present image costs one round trip and no body. `None`
+    /// when the registry gives no usable answer (no or a bad header, no `Content-Length`, a
+    /// manifest over [`MAX_MANIFEST_BYTES`], a 405 or any other failure): the caller then GETs
+    /// the manifest as before, and that request reports the error if there is one.
+    pub async fn manifest_digest(&self, image: &ImageReference) -> Option<Digest> {
+        let reference = match (&image.digest, &image.tag) {
+            (Some(digest), _) => digest.to_string(),
+            (None, Some(tag)) => tag.clone(),
+            (None, None) => "latest".into(),
+        };
+        let url = self.url(image, "manifests", &reference);
+        let what = format!("{}:{reference}", image.name());
+        let accept = MANIFEST_MEDIA_TYPES.join(", ");
+        let response = match self.send(reqwest::Method::HEAD, image, &url, Some(&accept), &what).await {
+            Ok(response) => response,
+            Err(e) => {
+                debug!(registry = %self.endpoint.host, manifest = %what, error = %e, "HEAD of manifest failed, fetching it");
+                return None;
+            }
+        };
+        let headers = response.headers();
+        let size = headers
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())?;
+        if size > MAX_MANIFEST_BYTES {
+            return None;
+        }
+        let digest = headers.get("docker-content-digest").and_then(|v| v.to_str().ok())?;
+        digest.parse::<Digest>().ok()
+    }
+
     /// Fetches a small blob (config) fully into memory, bounded by its declared size, which may
     /// be at most [`MAX_CONFIG_BYTES`].
     pub async fn small_blob(&self, image: &ImageReference, digest: &Digest, size: u64) -> Result<Vec<u8>, Error> {
@@ -281,9 +315,21 @@ impl EndpointClient {
         accept: Option<&str>,
         what: &str,
     ) -> Result<reqwest::Response, Error> {
+        self.send(reqwest::Method::GET, image, url, accept, what).await
+    }
+
+    /// [`Self::get`] with any method (HEAD for a manifest's digest).
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        image: &ImageReference,
+        url: &str,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response, Error> {
         let mut authorized = false;
         loop {
-            let mut request = self.http.get(url);
+            let mut request = self.http.request(method.clone(), url);
             if let Some(accept) = accept {
                 request = request.header(reqwest::header::ACCEPT, accept);
             }

@@ -478,3 +478,53 @@ async fn layers_stay_in_the_recorded_uid_shift() {
     open(empty.path(), StoreConfig { layer_uid_shift: 0, ..config_for(&reg) });
     open(empty.path(), config_for(&reg));
 }
+
+/// The manifest requests of a pull: (method, path) for `/manifests/`.
+fn manifest_requests(reg: &FakeRegistry) -> Vec<String> {
+    reg.state().requests.iter().filter(|r| r.contains("/manifests/")).cloned().collect()
+}
+
+#[tokio::test]
+async fn a_repull_of_a_present_image_asks_only_for_the_manifest_digest() {
+    let reg = FakeRegistry::start().await;
+    let host_arch = crate::platform::Platform::host().architecture;
+    let (manifest, config) = push_image(&reg, "app", Some("1"), &two_layers(), "", &host_arch);
+    let index = push_index(&reg, "multi", "2", &[(&format!("linux/{host_arch}"), manifest.clone())]);
+    // The index names the manifest pushed under "app"; the fake registry keys manifests by repo.
+    let body = reg.state().manifests.get(&("app".to_owned(), manifest.to_string())).unwrap().clone();
+    reg.put_manifest("multi", None, &body.0, &body.1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), config_for(&reg));
+    let host = reg.host();
+
+    for name in [format!("{host}/app:1"), format!("{host}/multi:2"), format!("{host}/app@{manifest}")] {
+        store.pull(&name, None).await.unwrap();
+        reg.state().requests.clear();
+        let image = store.pull(&name, None).await.unwrap();
+        assert_eq!(image.id.0, config);
+        // Like containerd's resolver: one HEAD for the digest, nothing else (the manifest, the
+        // config and the layers are all in the store).
+        let requests = reg.state().requests.clone();
+        assert_eq!(requests.len(), 1, "{name}: {requests:?}");
+        assert!(requests[0].starts_with("HEAD ") && requests[0].contains("/manifests/"), "{name}: {requests:?}");
+    }
+    let _ = index;
+
+    // The tag moved: the new manifest is fetched and pulled.
+    let (moved, moved_config) = push_image(&reg, "app", Some("1"), &[tar_with(&[("new", b"2")])], "", &host_arch);
+    reg.state().requests.clear();
+    let image = store.pull(&format!("{host}/app:1"), None).await.unwrap();
+    assert_eq!(image.id.0, moved_config);
+    assert_eq!(image.repo_digests, [format!("{host}/app@{moved}")]);
+    let requests = manifest_requests(&reg);
+    assert!(requests.iter().any(|r| r.starts_with("GET ")), "{requests:?}");
+
+    // A registry without HEAD support (405) or without the digest header still works, by GET.
+    reg.state().fail.clear();
+    reg.state().requests.clear();
+    reg.state().no_head = true;
+    let image = store.pull(&format!("{host}/app:1"), None).await.unwrap();
+    assert_eq!(image.id.0, moved_config);
+    let requests = manifest_requests(&reg);
+    assert_eq!(requests.iter().filter(|r| r.starts_with("GET ")).count(), 1, "{requests:?}");
+}

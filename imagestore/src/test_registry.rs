@@ -25,7 +25,7 @@ pub(crate) enum Auth {
 
 #[derive(Default)]
 pub(crate) struct State {
-    manifests: HashMap<(String, String), (String, Vec<u8>)>,
+    pub manifests: HashMap<(String, String), (String, Vec<u8>)>,
     blobs: HashMap<String, Vec<u8>>,
     pub hits: HashMap<String, usize>,
     pub requests: Vec<String>,
@@ -34,6 +34,8 @@ pub(crate) struct State {
     pub fail: HashMap<String, usize>,
     /// Delay between 16 KiB chunks of blob bodies.
     pub blob_delay: Option<Duration>,
+    /// Answer HEAD of a manifest with 405, as some registries do.
+    pub no_head: bool,
 }
 
 pub(crate) struct FakeRegistry {
@@ -222,6 +224,9 @@ fn route(
         return not_found("NAME_UNKNOWN");
     };
     if let Some((repo, reference)) = rest.split_once("/manifests/") {
+        if method == "HEAD" && st.no_head {
+            return ("405 Method Not Allowed", vec![], Vec::new(), None);
+        }
         return match st.manifests.get(&(repo.to_owned(), reference.to_owned())) {
             Some((media_type, data)) => (
                 "200 OK",
