@@ -24,7 +24,9 @@ use crate::unpack::{self, Limits, UnpackStats};
 /// After the end-of-archive marker a tar stream may carry padding (GNU tar pads to 10 KiB
 /// records); more than this is refused as a way to smuggle unbounded data past the limits.
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
-const READ_BUFFER: usize = 1 << 20;
+/// Buffers of the decompressing pipeline, per layer unpacked at once (4 by default); the same
+/// size as the unpacker's copy buffer so that its reads of large files bypass the second one.
+const READ_BUFFER: usize = 256 << 10;
 
 /// One layer of an image as the manifest and config describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

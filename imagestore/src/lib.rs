@@ -17,6 +17,8 @@ mod error;
 mod layers;
 mod meta;
 mod platform;
+#[cfg(test)]
+mod pull_profile;
 mod reference;
 mod registry;
 mod store;

@@ -510,8 +510,9 @@ impl ImageStore {
         let mut stream = client.blob_stream(image_ref, &layer.digest, layer.size).await?;
         let blob = if self.inner.config.keep_layer_blobs { Some(self.inner.blobs.writer()?) } else { None };
         // Few chunks in flight: hyper hands over up to ~400 KiB per chunk when the registry is
-        // faster than the unpacker, and 64 of them per layer (as before) made ~100 MiB of the
-        // daemon's peak RSS with 4 layers at once; 8 still keep the unpacker fed.
+        // faster than the unpacker. 64 queued chunks per layer (as before) made ~100 MiB of the
+        // daemon's peak RSS with 4 layers at once (e2e pull_perf: +119 MiB; 8 chunks: +31 MiB,
+        // 2: +15 MiB); the socket's receive buffer and the chunk being read keep the unpacker fed.
         let (tx, rx) = mpsc::channel::<Chunk>(DOWNLOAD_CHUNKS_IN_FLIGHT);
         let (store, layer_c, limits, shift) = (self.inner.layers.clone(), layer.clone(), self.limits(), self.shift());
         let unpacker = tokio::task::spawn_blocking(move || {
@@ -923,7 +924,7 @@ fn verify_manifest_digest(body: &[u8], expected: Option<&Digest>, what: &str) ->
 }
 
 /// Downloaded chunks queued for one layer's unpacker (see `download_and_unpack`).
-const DOWNLOAD_CHUNKS_IN_FLIGHT: usize = 8;
+const DOWNLOAD_CHUNKS_IN_FLIGHT: usize = 2;
 
 enum Chunk {
     Data(Bytes),

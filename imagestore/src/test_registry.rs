@@ -26,7 +26,7 @@ pub(crate) enum Auth {
 #[derive(Default)]
 pub(crate) struct State {
     pub manifests: HashMap<(String, String), (String, Vec<u8>)>,
-    blobs: HashMap<String, Vec<u8>>,
+    pub blobs: HashMap<String, Vec<u8>>,
     pub hits: HashMap<String, usize>,
     pub requests: Vec<String>,
     pub auth: Auth,

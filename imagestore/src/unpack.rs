@@ -30,7 +30,7 @@ use crate::tarstream::{Header, Kind, TarError, TarReader};
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-const COPY_BUFFER: usize = 1 << 20;
+const COPY_BUFFER: usize = 256 << 10;
 const FILE_CAPS_XATTR: &[u8] = b"security.capability";
 
 /// A file capability (`security.capability`) of a layer stored shifted, as the kernel must see

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only RUNTIME]
-//! bench pull      [--runs R] [--size-mb M] [--layers L] [--only RUNTIME]
+//! bench pull      [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only RUNTIME]
 //! bench userns    [--runs R] [--size-mb M] [--layers L]   (cri-systemd only)
 //! bench all       (lifecycle, lifecycle --network cni, pull, userns: each in its own node, default options)
 //! ```
@@ -32,7 +32,7 @@ use runtimes::{Kind, Runtime};
 pub const REGISTRY_PORT: u16 = 5000;
 
 const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only cri-systemd|containerd]
-       bench pull [--runs R] [--size-mb M] [--layers L] [--only cri-systemd|containerd]
+       bench pull [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only cri-systemd|containerd]
        bench userns [--runs R] [--size-mb M] [--layers L]
        bench all";
 
@@ -87,6 +87,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
             ("pull", "--runs") => pull.runs = number(i)?,
             ("pull", "--size-mb") => pull.size_mb = number(i)?,
             ("pull", "--layers") => pull.layers = number(i)?,
+            ("pull", "--parallel") => pull.parallel = number(i)?,
             ("userns", "--runs") => userns.runs = number(i)?,
             ("userns", "--size-mb") => userns.size_mb = number(i)?,
             ("userns", "--layers") => userns.layers = number(i)?,

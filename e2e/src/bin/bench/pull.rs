@@ -10,6 +10,8 @@
 //! after each run and the store's blob and layer/snapshot directories are checked to be empty.
 //! Then the same pull again with everything present (what is left is the manifest round trip).
 //! Methods take turns within each run; the table shows medians over the runs.
+//! `--parallel P` splits the image's data into P distinct images (own layers, the busybox layer
+//! shared) pulled at once, each method's P pulls concurrently.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -28,12 +30,14 @@ pub struct Options {
     pub runs: usize,
     pub size_mb: usize,
     pub layers: usize,
+    /// Distinct images pulled at once (the size is split between them).
+    pub parallel: usize,
     pub only: Only,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { runs: 5, size_mb: 200, layers: 4, only: Only::Both }
+        Options { runs: 5, size_mb: 200, layers: 4, parallel: 1, only: Only::Both }
     }
 }
 
@@ -86,21 +90,34 @@ pub(crate) struct Big {
 
 pub async fn run(options: Options) -> Result<(), String> {
     let load = crate::load_average();
-    eprintln!("bench: building a {} MB test image of {} data layers", options.size_mb, options.layers);
-    let t = Instant::now();
-    let big = big_image(options.size_mb, options.layers);
+    let parallel = options.parallel;
     eprintln!(
-        "bench: image built in {:.1} s: {} files, {:.1} MB unpacked, {:.1} MB compressed",
+        "bench: building {parallel} test image(s) of {} MB in all, {} data layers each",
+        options.size_mb, options.layers
+    );
+    let t = Instant::now();
+    let bigs: Vec<Big> = (0..parallel)
+        .map(|k| big_image_seeded(options.size_mb / parallel, options.layers, k * options.layers))
+        .collect();
+    let (files, unpacked_bytes, compressed_bytes) = (
+        bigs.iter().map(|b| b.files).sum::<usize>(),
+        bigs.iter().map(|b| b.unpacked_bytes).sum::<u64>(),
+        bigs.iter().map(|b| b.compressed_bytes).sum::<u64>(),
+    );
+    eprintln!(
+        "bench: built in {:.1} s: {files} files, {:.1} MB unpacked, {:.1} MB compressed",
         t.elapsed().as_secs_f64(),
-        big.files,
-        big.unpacked_bytes as f64 / 1e6,
-        big.compressed_bytes as f64 / 1e6
+        unpacked_bytes as f64 / 1e6,
+        compressed_bytes as f64 / 1e6
     );
 
     let setup = Setup::boot("bench-pull", options.only).await?;
     let registry = setup.registry();
-    let reference = registry.push_image(BIG_REPO, "1", &big.image);
-    drop(big.image.layers);
+    let references: Vec<String> = bigs
+        .into_iter()
+        .enumerate()
+        .map(|(k, big)| registry.push_image(BIG_REPO, &(k + 1).to_string(), &big.image))
+        .collect();
     let node_dir = setup.node.dir();
 
     let methods: Vec<Method> = [Method::CriSystemd, Method::ContainerdCri, Method::Ctr]
@@ -115,11 +132,14 @@ pub async fn run(options: Options) -> Result<(), String> {
             let rt = setup.runtimes.iter().find(|rt| rt.kind == method.kind()).expect("runtime of the method");
             expect_empty(method, &node_dir).await?;
             eprintln!("bench: run {}/{}: {}", run + 1, options.runs, method.label());
-            let sample = pull_once(&setup, rt, method, &reference).await?;
+            let sample = pull_once(&setup, rt, method, &references).await?;
             if run == 0 {
                 store_kib.push((method, disk_kib(&store_dir(method, &node_dir))));
             }
-            remove(&setup.node, rt, method, &reference).await?;
+            for reference in &references {
+                remove(&setup.node, rt, method, reference).await?;
+            }
+            expect_empty(method, &node_dir).await?;
             samples.iter_mut().find(|(m, _)| *m == method).expect("method").1.push(sample);
         }
     }
@@ -127,11 +147,12 @@ pub async fn run(options: Options) -> Result<(), String> {
 
     let mut t = Table::new(
         format!(
-            "Image pull: {} layers (gzip), {:.1} MB unpacked in {} files, {:.1} MB compressed; median of {} runs, empty store each",
-            options.layers + 1,
-            big.unpacked_bytes as f64 / 1e6,
-            big.files,
-            big.compressed_bytes as f64 / 1e6,
+            "Image pull: {}{} layers (gzip), {:.1} MB unpacked in {} files, {:.1} MB compressed; median of {} runs, empty store each",
+            if parallel > 1 { format!("{parallel} images pulled at once, ") } else { String::new() },
+            if parallel > 1 { format!("{} + 1 shared", options.layers) } else { (options.layers + 1).to_string() },
+            unpacked_bytes as f64 / 1e6,
+            files,
+            compressed_bytes as f64 / 1e6,
             options.runs
         ),
         &[
@@ -166,8 +187,8 @@ pub async fn run(options: Options) -> Result<(), String> {
                 let (lo, hi) = all.iter().fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
                 if all.len() > 1 { format!("{seconds:.2} s ({lo:.2}-{hi:.2})") } else { format!("{seconds:.2} s") }
             },
-            format!("{:.1}", big.compressed_bytes as f64 / 1e6 / seconds),
-            format!("{:.1}", big.unpacked_bytes as f64 / 1e6 / seconds),
+            format!("{:.1}", compressed_bytes as f64 / 1e6 / seconds),
+            format!("{:.1}", unpacked_bytes as f64 / 1e6 / seconds),
             peak,
             cpu,
             ms(Duration::from_secs_f64(med(&|x| x.repull_seconds))),
@@ -190,34 +211,51 @@ pub async fn run(options: Options) -> Result<(), String> {
     Ok(())
 }
 
-/// One cold pull and one re-pull, with the daemon's peak RSS and CPU during the cold one.
-async fn pull_once(setup: &Setup, rt: &Runtime, method: Method, reference: &str) -> Result<Sample, String> {
+/// One cold pull of every reference (at once) and one re-pull, with the daemon's peak RSS and CPU
+/// during the cold one; ctr's peak is the largest of its clients', its CPU their sum.
+async fn pull_once(setup: &Setup, rt: &Runtime, method: Method, references: &[String]) -> Result<Sample, String> {
     let _ = std::process::Command::new("sync").status();
     let mut sample = Sample::default();
     procs::reset_peak(rt.daemon_pid)?;
     let cpu0 = procs::cpu_seconds(rt.daemon_pid).unwrap_or(0.0);
     let t = Instant::now();
-    match method {
-        Method::CriSystemd | Method::ContainerdCri => cri_pull(rt, reference).await?,
-        Method::Ctr => {
-            let (peak, cpu) = ctr_pull(setup.pid1, reference)?;
-            sample.client_peak_kib = peak;
-            sample.client_cpu = cpu;
-        }
-    }
+    let (peak, cpu) = pull_all(setup, rt, method, references).await?;
+    (sample.client_peak_kib, sample.client_cpu) = (peak, cpu);
     sample.seconds = t.elapsed().as_secs_f64();
     sample.daemon_peak_kib = procs::status_kib(rt.daemon_pid, "VmHWM").unwrap_or(0);
     sample.daemon_cpu = procs::cpu_seconds(rt.daemon_pid).unwrap_or(0.0) - cpu0;
 
     let t = Instant::now();
-    match method {
-        Method::CriSystemd | Method::ContainerdCri => cri_pull(rt, reference).await?,
-        Method::Ctr => {
-            ctr_pull(setup.pid1, reference)?;
-        }
-    }
+    pull_all(setup, rt, method, references).await?;
     sample.repull_seconds = t.elapsed().as_secs_f64();
     Ok(sample)
+}
+
+/// Pulls every reference at once; for ctr, returns its clients' largest peak RSS and CPU sum.
+async fn pull_all(setup: &Setup, rt: &Runtime, method: Method, references: &[String]) -> Result<(u64, f64), String> {
+    match method {
+        Method::CriSystemd | Method::ContainerdCri => {
+            let pulls = references.iter().map(|reference| cri_pull(rt, reference));
+            futures_util::future::try_join_all(pulls).await?;
+            Ok((0, 0.0))
+        }
+        Method::Ctr => {
+            let pid1 = setup.pid1;
+            let clients: Vec<_> = references
+                .iter()
+                .map(|reference| {
+                    let reference = reference.clone();
+                    std::thread::spawn(move || ctr_pull(pid1, &reference))
+                })
+                .collect();
+            let (mut peak, mut cpu) = (0, 0.0);
+            for client in clients {
+                let (p, c) = client.join().map_err(|_| "ctr thread panicked".to_owned())??;
+                (peak, cpu) = (peak.max(p), cpu + c);
+            }
+            Ok((peak, cpu))
+        }
+    }
 }
 
 async fn cri_pull(rt: &Runtime, reference: &str) -> Result<(), String> {
@@ -258,8 +296,8 @@ fn ctr_pull(pid1: u32, reference: &str) -> Result<(u64, f64), String> {
     }
 }
 
-/// Removes the image the way the method's user would, and waits for garbage collection to
-/// empty the store.
+/// Removes the image the way the method's user would (the caller then waits for garbage
+/// collection to empty the store).
 async fn remove(node: &Node, rt: &Runtime, method: Method, reference: &str) -> Result<(), String> {
     match method {
         Method::CriSystemd | Method::ContainerdCri => {
@@ -274,7 +312,7 @@ async fn remove(node: &Node, rt: &Runtime, method: Method, reference: &str) -> R
             }
         }
     }
-    expect_empty(method, &node.dir()).await
+    Ok(())
 }
 
 /// The directories that must be empty before a cold pull: blobs and unpacked layers.
@@ -419,11 +457,17 @@ fn data_layer(index: usize, bytes: usize) -> (e2e::oci::Layer, u64, usize) {
 
 /// The busybox layer and `layers` data layers of `size_mb` MB in all, built on two threads.
 pub(crate) fn big_image(size_mb: usize, layers: usize) -> Big {
+    big_image_seeded(size_mb, layers, 0)
+}
+
+/// [`big_image`] with data layers from seeds `first_seed..`: distinct images for parallel pulls.
+fn big_image_seeded(size_mb: usize, layers: usize, first_seed: usize) -> Big {
     let per_layer = size_mb * 1_000_000 / layers;
     let built: Vec<(e2e::oci::Layer, u64, usize)> = std::thread::scope(|scope| {
         let (evens, odds): (Vec<usize>, Vec<usize>) = (0..layers).partition(|i| i % 2 == 0);
-        let a = scope.spawn(move || evens.into_iter().map(|i| (i, data_layer(i, per_layer))).collect::<Vec<_>>());
-        let b = scope.spawn(move || odds.into_iter().map(|i| (i, data_layer(i, per_layer))).collect::<Vec<_>>());
+        let layer = move |i: usize| (i, data_layer(first_seed + i, per_layer));
+        let a = scope.spawn(move || evens.into_iter().map(layer).collect::<Vec<_>>());
+        let b = scope.spawn(move || odds.into_iter().map(layer).collect::<Vec<_>>());
         let mut all: Vec<_> =
             a.join().expect("layer thread").into_iter().chain(b.join().expect("layer thread")).collect();
         all.sort_by_key(|(i, _)| *i);
