@@ -53,7 +53,8 @@ pub(crate) struct ImageRecord {
     /// unused. GC is the only place that deletes content.
     #[serde(default)]
     pub removed: bool,
-    /// Seconds since the epoch of the last pull.
+    /// Seconds since the epoch of the last pull that changed the record (a re-pull of the same
+    /// manifest under names it already has leaves the metadata file alone).
     #[serde(default)]
     pub pulled_at: u64,
 }

@@ -153,11 +153,30 @@ impl std::fmt::Debug for EndpointClient {
     }
 }
 
+/// The HTTP clients of the store, one per registry (its mirrors share its TLS settings), kept
+/// across pulls: building one loads the TLS roots (milliseconds), and a kept client reuses its
+/// idle connections, so a re-pull does not start with a TCP (and TLS) handshake. Credentials are
+/// not in the client: they go per request, from each pull's [`EndpointClient`].
+#[derive(Default)]
+pub(crate) struct HttpClients(std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>);
+
+impl HttpClients {
+    fn get(&self, registry: &str, tls: &TlsSettings, config: &StoreConfig) -> Result<reqwest::Client, Error> {
+        if let Some(client) = self.0.lock().expect("http clients lock").get(registry) {
+            return Ok(client.clone());
+        }
+        let client = http_client(registry, tls, config)?;
+        self.0.lock().expect("http clients lock").insert(registry.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
 impl EndpointClient {
     pub async fn new(
         endpoint: Endpoint,
         registry: &str,
         config: &StoreConfig,
+        clients: &HttpClients,
         credentials: Option<&Credentials>,
     ) -> Result<Self, Error> {
         let credentials = credentials_for(&endpoint, registry, credentials);
@@ -169,7 +188,7 @@ impl EndpointClient {
             extra_roots.push(data);
         }
         let tls = TlsSettings { insecure: registry_config.insecure, extra_roots };
-        let http = http_client(registry, &tls, config)?;
+        let http = clients.get(registry, &tls, config)?;
         let bearer = match credentials {
             Some(Credentials::RegistryToken(token)) => Some(token.clone()),
             Some(Credentials::IdentityToken(token)) => {

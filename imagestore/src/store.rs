@@ -23,7 +23,7 @@ use crate::layers::{self, Layer, LayerStore, StreamFailure, stream_io_error};
 use crate::meta::{ImageConfig, ImageRecord, Metadata, parse_image_config};
 use crate::platform::{self, Platform};
 use crate::reference::ImageReference;
-use crate::registry::{self, Credentials, EndpointClient};
+use crate::registry::{self, Credentials, EndpointClient, HttpClients};
 use crate::unpack::Limits;
 
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
@@ -111,6 +111,7 @@ struct Inner {
     active: Mutex<HashMap<Digest, usize>>,
     pinned: HashSet<String>,
     platform: Platform,
+    http_clients: HttpClients,
 }
 
 /// Keeps content referenced while a pull uses it.
@@ -268,6 +269,7 @@ impl ImageStore {
             active: Mutex::new(HashMap::new()),
             pinned,
             platform: Platform::host(),
+            http_clients: HttpClients::default(),
             config,
         };
         Ok(ImageStore { inner: Arc::new(inner) })
@@ -289,8 +291,14 @@ impl ImageStore {
             let is_mirror = endpoint.is_mirror;
             let host = endpoint.host.clone();
             let attempt = async {
-                let client =
-                    EndpointClient::new(endpoint, &image_ref.registry, &self.inner.config, auth.as_ref()).await?;
+                let client = EndpointClient::new(
+                    endpoint,
+                    &image_ref.registry,
+                    &self.inner.config,
+                    &self.inner.http_clients,
+                    auth.as_ref(),
+                )
+                .await?;
                 self.pull_from(&client, &image_ref).await
             };
             match attempt.await {
@@ -377,6 +385,7 @@ impl ImageStore {
         let repo_tag = if image_ref.digest.is_none() { image_ref.repo_tag() } else { None };
         let mut meta = lock(&self.inner.meta);
         meta.update(|images| {
+            let before = images.get(&config_digest).cloned();
             if let Some(tag) = &repo_tag {
                 for other in images.values_mut() {
                     other.repo_tags.remove(tag);
@@ -389,9 +398,12 @@ impl ImageStore {
             entry.manifest = record.manifest.clone();
             entry.index = record.index.clone();
             entry.layers = record.layers.clone();
-            entry.pulled_at = record.pulled_at;
             entry.repo_tags.extend(repo_tag.clone());
             entry.repo_digests.insert(repo_digest.clone());
+            // A re-pull that changes nothing writes nothing (no metadata fsync on the re-pull path).
+            if before.as_ref() != Some(&*entry) {
+                entry.pulled_at = record.pulled_at;
+            }
         })?;
         let record = meta.get(&config_digest).expect("just stored").clone();
         drop(meta);

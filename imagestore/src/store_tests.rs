@@ -500,8 +500,12 @@ async fn a_repull_of_a_present_image_asks_only_for_the_manifest_digest() {
     for name in [format!("{host}/app:1"), format!("{host}/multi:2"), format!("{host}/app@{manifest}")] {
         store.pull(&name, None).await.unwrap();
         reg.state().requests.clear();
+        let metadata = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(dir.path().join("metadata.json")).unwrap());
+        let written = metadata();
         let image = store.pull(&name, None).await.unwrap();
         assert_eq!(image.id.0, config);
+        // Nothing changed, so nothing was written (metadata.json is replaced on every change).
+        assert_eq!(metadata(), written, "{name}: the re-pull rewrote metadata.json");
         // Like containerd's resolver: one HEAD for the digest, nothing else (the manifest, the
         // config and the layers are all in the store).
         let requests = reg.state().requests.clone();
