@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod pod_translate;
+pub mod preflight;
 pub mod runtime_service;
 pub mod server;
 pub mod streaming;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use cri_server::config::Config;
-use cri_server::{logging, server};
+use cri_server::{logging, preflight, server};
 
 #[derive(Debug, Parser)]
 #[command(name = "cri-systemd", version, about = "A Kubernetes container runtime (CRI) on systemd")]
@@ -28,6 +28,13 @@ enum Command {
         /// Print the built-in defaults instead, ignoring any config file.
         #[arg(long)]
         default: bool,
+    },
+    /// Check this node: what works, what does not and what to do, one line a check. Exits 1 only
+    /// when a finding blocks pods.
+    Check {
+        /// Print the findings as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// The ExecStart of a container unit: set the container up from SPEC and exec its entrypoint.
     #[command(hide = true)]
@@ -127,6 +134,7 @@ fn main() -> ExitCode {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }
+        Some(Command::Check { json }) => check(&config, json),
         None | Some(Command::Serve) => {
             logging::init(config.log_level);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -145,4 +153,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `cri-systemd check`: the preflight (cri_server::preflight), with the daemon's config and bus.
+fn check(config: &Config, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cri-systemd: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let systemd = runtime::Systemd::new(config.systemd.bus_address.clone());
+    let report = runtime.block_on(preflight::run(config, &systemd));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.table());
+    }
+    if report.blocking { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

@@ -169,6 +169,9 @@ impl RuntimeService for RuntimeApi {
                 });
                 info.insert("systemd".into(), systemd.to_string());
             }
+            // The node preflight (`cri-systemd check`), beside the effective config.
+            let checks = crate::preflight::run(&self.config, self.runtime.systemd().as_ref()).await;
+            info.insert("checks".into(), serde_json::to_string(&checks).unwrap_or_default());
         }
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {

@@ -220,6 +220,26 @@ pub(crate) fn idmap_tree(tree: &OwnedFd, userns: &OwnedFd, recursive: bool) -> R
         .ctx(|| "set the id mapping (mount_setattr MOUNT_ATTR_IDMAP)".into())
 }
 
+/// Whether a mount of `dir` can be idmapped here: a user namespace mapping 0..65535 to
+/// `host_base..`, a detached clone of `dir` (open_tree(OPEN_TREE_CLONE)) and
+/// mount_setattr(MOUNT_ATTR_IDMAP) on it, exactly what init does to each image layer before it
+/// becomes an overlay lower. Nothing is attached: the clone goes with its fd. For the preflight
+/// (`cri-systemd check`); the child forked for the namespace only makes raw system calls, so the
+/// daemon's threads do not matter.
+pub fn probe_idmapped_mount(dir: &std::path::Path, host_base: u32) -> Result<()> {
+    let line = |host: u32| -> Result<LinuxIdMapping> {
+        serde_json::from_value(serde_json::json!({"containerID": 0, "hostID": host, "size": 65536}))
+            .map_err(|e| Error::new(format!("id mapping: {e}")))
+    };
+    let mappings = Mappings { uids: vec![line(host_base)?], gids: vec![line(host_base)?] };
+    mappings.check("probe")?;
+    let userns = user_namespace(&mappings).map_err(|e| e.context("user namespace for the id mapping"))?;
+    let flags = rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    let tree = rustix::mount::open_tree(rustix::fs::CWD, dir, flags)
+        .ctx(|| format!("clone a mount of {} (open_tree)", dir.display()))?;
+    idmap_tree(&tree, &userns, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

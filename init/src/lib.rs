@@ -111,6 +111,7 @@ use nix::unistd::{ForkResult, Pid};
 
 pub(crate) use error::Context;
 pub use error::{Error, Result, errno_desc};
+pub use idmap::probe_idmapped_mount;
 pub use spec::{HugepageLimit, ImageVolumeMount, InitSpec, OverlayRootfs};
 
 /// The hidden subcommand's name: `cri-systemd init <spec.json>`.

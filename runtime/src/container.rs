@@ -987,7 +987,7 @@ pub(crate) fn check_cpuset_on_node(r: &Resources) -> Result<(), Error> {
 }
 
 /// Whether the node's cgroups are the unified hierarchy (v2) rather than v1 or hybrid.
-pub(crate) fn cgroup_unified() -> bool {
+pub fn cgroup_unified() -> bool {
     nix::sys::statfs::statfs("/sys/fs/cgroup")
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }

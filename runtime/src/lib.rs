@@ -46,8 +46,8 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
 pub use container::{
     BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS, Hook,
-    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, parse_cpu_list,
-    signal_name, stop_signal,
+    HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, cgroup_unified,
+    parse_cpu_list, signal_name, stop_signal,
 };
 pub use containers::ContainerFilter;
 pub use error::{Error, ErrorKind};
@@ -65,7 +65,7 @@ pub use store::Quarantined;
 pub use store::tighten_modes;
 pub use streaming::{StreamError, StreamingRuntime, Streams, TerminalSize};
 pub use systemd::{ManagerInfo, Systemd, UnitManager, UnitProperties};
-pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode};
+pub use userns::{FOREIGN_BASE, IdMapping, IdRange, PodUserns, RANGE_SIZE, UsernsConfig, UsernsMode, known_to_nss};
 
 /// Where the runtime keeps its state.
 #[derive(Debug, Clone)]

@@ -384,7 +384,7 @@ impl IdRanges {
 
 /// Whether `id` is a user or a group the node's NSS knows (systemd's check before it hands out a
 /// container range: someone else's range starts there).
-pub(crate) fn known_to_nss(id: u32) -> bool {
+pub fn known_to_nss(id: u32) -> bool {
     let mut buffer = vec![0u8; 16 * 1024];
     // SAFETY: passwd and group are plain C structs for which all-zero is a valid value.
     let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
