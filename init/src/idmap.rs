@@ -155,7 +155,9 @@ pub(crate) fn mount_mappings(spec: &Spec, m: &Mount) -> Result<Option<Mappings>>
 fn user_namespace(mappings: &Mappings) -> Result<OwnedFd> {
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(Error::Errno)?;
     let (done_r, done_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(Error::Errno)?;
-    // SAFETY: init is single-threaded: the child may do anything; it only unshares and waits.
+    // SAFETY: the child only makes raw system calls (unshare, write, read, _exit: async-signal-safe,
+    // no allocation, no lock), so forking is sound in init (single-threaded) and in the daemon's
+    // preflight (threads) alike.
     let child = match unsafe { nix::unistd::fork() }.map_err(Error::Errno)? {
         ForkResult::Child => {
             drop(ready_r);
