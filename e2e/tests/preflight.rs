@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use e2e::{Node, NodeOptions, cri};
+use e2e::{CNI_CONFLIST, CNI_CONFLIST_PATH, Node, NodeOptions, cri};
 use serde_json::Value;
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,6 +36,8 @@ fn check_json(node: &Node, config_args: &[&str]) -> (Value, Option<i32>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_says_what_this_node_has_and_blocks_only_on_blocking_findings() {
     let node = Node::up("preflight-check", NodeOptions::default());
+    // e2e nodes boot without a CNI config: the one deploy/ ships, as the network tests install it.
+    node.write_file(CNI_CONFLIST_PATH, CNI_CONFLIST);
 
     // The node as booted: the table for people, exit 0.
     let run = node.exec(&["cri-systemd", "check"]);
@@ -108,6 +110,7 @@ async fn check_says_what_this_node_has_and_blocks_only_on_blocking_findings() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_verbose_has_the_checks_beside_the_config() {
     let node = Node::up("preflight-status", NodeOptions::default());
+    node.write_file(CNI_CONFLIST_PATH, CNI_CONFLIST);
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let status = client.runtime.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
     // The `config` key stays as critest reads it.
