@@ -255,6 +255,17 @@ fn cgroup_v2_smoke() {
     let status: cri::StatusResponse = r.json("status");
     let conditions = status.status.unwrap().conditions;
     assert!(conditions.iter().any(|c| c.r#type == "RuntimeReady" && c.status), "{conditions:?}");
+    // The preflight says v2 with every controller, idmapped mounts on the state root's ext4,
+    // nothing blocking.
+    let check = r.get("check");
+    eprintln!("cri-systemd check in the VM:\n{check}");
+    let line = |name: &str| check.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {check}"));
+    assert!(line("cgroup version ").contains("ok       v2 (unified)"), "{check}");
+    assert!(line("cgroup controllers ").contains("ok"), "{check}");
+    assert!(line("hugetlb ").contains("ok"), "{check}");
+    assert!(line("state dir ").contains("on ext4"), "{check}");
+    assert!(line("idmapped mounts ").contains("ok"), "{check}");
+    assert!(check.ends_with("no blocking finding: pods can run on this node\nexit 0"), "{check}");
     let pulled: cri::PullImageResponse = r.json("pull");
     assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
 

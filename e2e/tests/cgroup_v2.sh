@@ -60,6 +60,8 @@ emit daemon.active "$(systemctl is-active cri-systemd.service)"
 emit daemon.cgroup "$(systemctl show -P ControlGroup cri-systemd.service)"
 out=$(cri status) || die "Status: $out"
 emit status "$out"
+# The preflight on a cgroup v2 node, as an operator runs it (the table; its exit status last).
+emit check "$(cri-systemd check 2>&1; echo "exit $?")"
 mark daemon
 
 # --- A registry with the busybox image ---------------------------------------------------------
