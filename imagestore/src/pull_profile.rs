@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use crate::digest::Digest;
 use crate::store::ImageStore;
-use crate::test_registry::{FakeRegistry, OCI_MANIFEST};
+use crate::test_registry::{FakeRegistry, push_gzipped_image};
 
 /// splitmix64, as the bench's generator.
 struct Rng(u64);
@@ -81,20 +81,17 @@ fn layer_tar(index: u64, bytes: usize) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
-/// (gzip blob, its digest, the tar's digest) of layer `i`, generated once.
-fn layer(dir: &Path, i: u64, bytes: usize) -> (Vec<u8>, Digest, Digest) {
-    let (blob_path, ids_path) = (dir.join(format!("layer{i}.tar.gz")), dir.join(format!("layer{i}.ids")));
-    if let (Ok(blob), Ok(ids)) = (fs::read(&blob_path), fs::read_to_string(&ids_path))
-        && let Some((digest, diff_id)) = ids.split_once(' ')
-    {
-        return (blob, digest.parse().unwrap(), diff_id.trim().parse().unwrap());
+/// (gzip blob, the tar's digest) of layer `i`, generated once.
+fn layer(dir: &Path, i: u64, bytes: usize) -> (Vec<u8>, Digest) {
+    let (blob_path, diff_id_path) = (dir.join(format!("layer{i}.tar.gz")), dir.join(format!("layer{i}.diffid")));
+    if let (Ok(blob), Ok(diff_id)) = (fs::read(&blob_path), fs::read_to_string(&diff_id_path)) {
+        return (blob, diff_id.trim().parse().unwrap());
     }
     let tar = layer_tar(i, bytes);
-    let blob = crate::unpack_tests::gzip(&tar);
-    let (digest, diff_id) = (Digest::sha256_of(&blob), Digest::sha256_of(&tar));
+    let (blob, diff_id) = (crate::unpack_tests::gzip(&tar), Digest::sha256_of(&tar));
     fs::write(&blob_path, &blob).unwrap();
-    fs::write(&ids_path, format!("{digest} {diff_id}")).unwrap();
-    (blob, digest, diff_id)
+    fs::write(&diff_id_path, diff_id.to_string()).unwrap();
+    (blob, diff_id)
 }
 
 /// This process's (user, system) CPU seconds, from /proc/self/stat (clock ticks of 10 ms).
@@ -114,29 +111,10 @@ async fn profile_pull() {
     );
     fs::create_dir_all(&dir).unwrap();
     let reg = FakeRegistry::start().await;
-    let (mut descriptors, mut diff_ids, mut compressed) = (Vec::new(), Vec::new(), 0);
-    for i in 0..4 {
-        let (blob, digest, diff_id) = layer(&dir, i, mb * 1_000_000 / 4);
-        compressed += blob.len();
-        descriptors.push(format!(
-            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{}}}"#,
-            blob.len()
-        ));
-        diff_ids.push(format!("\"{diff_id}\""));
-        reg.state().blobs.insert(digest.to_string(), blob);
-    }
+    let layers: Vec<(Vec<u8>, Digest)> = (0..4).map(|i| layer(&dir, i, mb * 1_000_000 / 4)).collect();
+    let compressed: usize = layers.iter().map(|(blob, _)| blob.len()).sum();
     let arch = crate::platform::Platform::host().architecture;
-    let config = format!(
-        r#"{{"architecture":"{arch}","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
-        diff_ids.join(",")
-    );
-    let config_digest = reg.put_blob(config.as_bytes());
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
-        config.len(),
-        descriptors.join(",")
-    );
-    reg.put_manifest("bench", Some("1"), OCI_MANIFEST, manifest.as_bytes());
+    push_gzipped_image(&reg, "bench", Some("1"), layers, "", &arch);
 
     let root = tempfile::tempdir_in(&dir).unwrap();
     let mut config = crate::config::StoreConfig::default();

@@ -264,15 +264,29 @@ pub(crate) fn push_image(
     user: &str,
     arch: &str,
 ) -> (Digest, Digest) {
+    let gzipped: Vec<(Vec<u8>, Digest)> =
+        layers.iter().map(|tar| (crate::unpack_tests::gzip(tar), Digest::sha256_of(tar))).collect();
+    push_gzipped_image(reg, repo, tag, gzipped, user, arch)
+}
+
+/// Pushes an image made of already gzipped layers, each with its diff id (the tar's digest).
+pub(crate) fn push_gzipped_image(
+    reg: &FakeRegistry,
+    repo: &str,
+    tag: Option<&str>,
+    layers: Vec<(Vec<u8>, Digest)>,
+    user: &str,
+    arch: &str,
+) -> (Digest, Digest) {
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
-    for tar in layers {
-        let compressed = crate::unpack_tests::gzip(tar);
-        let digest = reg.put_blob(&compressed);
-        diff_ids.push(format!("\"{}\"", Digest::sha256_of(tar)));
+    for (compressed, diff_id) in layers {
+        let size = compressed.len();
+        let digest = Digest::sha256_of(&compressed);
+        reg.state().blobs.insert(digest.to_string(), compressed);
+        diff_ids.push(format!("\"{diff_id}\""));
         descriptors.push(format!(
-            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{}}}"#,
-            compressed.len()
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{size}}}"#
         ));
     }
     let config = format!(
