@@ -154,7 +154,14 @@ out=$(cri create "$pod" "$WORK/hog.json") || die "CreateContainer hog: $out"
 hog=$(json_string container_id <<<"$out")
 out=$(cri start "$hog") || die "StartContainer hog: $out"
 emit hog.id "$hog"
+started=$SECONDS
 wait_exited "$hog" 60 || emit hog.timeout "not exited after 60 s"
+emit hog.exit_seconds "$((SECONDS - started))"
+# What systemd did, when the exit took long (CI once saw no exit record for over 60 s).
+if ((SECONDS - started > 15)); then
+	emit hog.unit "$(systemctl show "cri-$hog.service" -p LoadState,ActiveState,SubState,Result,MainPID,ExecMainCode,ExecMainStatus 2>&1)"
+	emit hog.unit_journal "$(journalctl --no-pager -o short-monotonic | grep -F "$hog" | tail -n 40)"
+fi
 emit hog.inspect "$(cri inspect "$hog")"
 emit hog.exit_record "$(cat "/var/lib/cri-systemd/containers/$hog/exit.json" 2>&1)"
 emit hog.kernel "$(dmesg | grep -E 'oom-kill|Memory cgroup out of memory' | tail -n 4)"

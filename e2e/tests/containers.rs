@@ -1082,3 +1082,42 @@ async fn a_stop_signal_sent_before_the_entrypoint_handles_it_is_not_lost() {
         "the entrypoint's TERM trap never ran: {stopped:?}"
     );
 }
+
+/// A container whose end systemd does not record (the unit's ExecStopPost cannot write the exit
+/// record: here a directory takes its path) is still seen to exit: the daemon follows the main
+/// process itself and, with no record after a grace period, marks the container exited with an
+/// unknown status instead of reporting it Running for ever. The same holds for one that ends
+/// while the daemon is down. (CI's cgroup v2 VM once saw an OOM-killed container stay Running
+/// with no record for over 60 s.)
+#[tokio::test]
+async fn a_container_whose_end_systemd_does_not_record_is_seen_to_exit() {
+    let node = node("ctr-norec");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = pull_busybox(&node, &mut client).await;
+    let pod = run_pod(&mut client, "norec").await;
+    let unrecorded = |name: &str, seconds: u32| {
+        container_config(name, &image, &["/bin/busybox", "sh", "-c", &format!("sleep {seconds}; exit 3")])
+    };
+    let short = create(&mut client, &pod, unrecorded("short", 1)).await.unwrap();
+    let later = create(&mut client, &pod, unrecorded("later", 20)).await.unwrap();
+    for id in [&short, &later] {
+        node.sh(&format!("mkdir /var/lib/cri-systemd/containers/{id}/exit.json"));
+        start(&mut client, id).await.unwrap();
+    }
+    let exited = wait_exited(&mut client, &short).await;
+    assert_eq!((exited.exit_code, exited.reason.as_str()), (255, "Unknown"), "{exited:?}");
+    assert!(exited.message.contains("no exit status"), "{exited:?}");
+    assert!(exited.finished_at >= exited.started_at, "{exited:?}");
+
+    // `later` ends while the daemon is down; the restarted daemon follows it again.
+    node.sh("systemctl kill -s KILL cri-systemd && systemctl stop cri-systemd");
+    let still = node.sh(&format!("systemctl show -p SubState --value cri-{later}.service"));
+    assert_eq!(still.trim(), "running", "the container outlives the daemon");
+    node.sh("systemctl start cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    assert_eq!(status(&mut client, &later).await.state, cri::ContainerState::ContainerRunning as i32);
+    let exited = wait_exited(&mut client, &later).await;
+    assert_eq!((exited.exit_code, exited.reason.as_str()), (255, "Unknown"), "{exited:?}");
+    let short_after = status(&mut client, &short).await;
+    assert_eq!((short_after.exit_code, short_after.reason.as_str()), (255, "Unknown"), "kept: {short_after:?}");
+}

@@ -371,6 +371,7 @@ impl Runtime {
                 record.started_at = now_nanos();
                 self.save_container(&entry, record.clone())?;
                 info!(container = %record.id, unit = %record.unit, "container started");
+                self.watch_main_process(&record.id);
                 if let Some(prepared) = prepared {
                     let log = self.log_path(&record.id);
                     match crate::stdio::finish(&record.id, record.spec.stdin_once, prepared, log) {
@@ -624,7 +625,19 @@ impl Runtime {
         Ok(())
     }
 
-    /// Picks up an exit record written by systemd since the last look.
+    /// Picks up an exit record written by systemd since the last look, for a caller without the
+    /// container's operation lock (status and list calls): while an operation is under way (a stop
+    /// completes the record it finds: ExecStopPost may not know the signal that ended the
+    /// container), the record is that operation's to pick up, and the state is as last saved.
+    fn refresh_unlocked(&self, entry: &Entry<Container>) -> Container {
+        match entry.operation.try_lock() {
+            Ok(_guard) => self.refresh(entry),
+            Err(_) => entry.get(),
+        }
+    }
+
+    /// Picks up an exit record written by systemd since the last look (the caller holds the
+    /// container's operation lock, or nothing else runs yet).
     pub(crate) fn refresh(&self, entry: &Entry<Container>) -> Container {
         let record = entry.get();
         if record.state != ContainerState::Running {
@@ -636,7 +649,7 @@ impl Runtime {
         }
     }
 
-    fn mark_exited(&self, entry: &Entry<Container>, exit: Option<ExitRecord>, message: &str) -> Container {
+    pub(crate) fn mark_exited(&self, entry: &Entry<Container>, exit: Option<ExitRecord>, message: &str) -> Container {
         let mut record = entry.get();
         if record.state != ContainerState::Running {
             // Another caller noticed first.
@@ -678,7 +691,7 @@ impl Runtime {
     /// The container with this id (or unique prefix), with its latest state.
     pub fn container(&self, id: &str) -> Result<Container, Error> {
         let entry = self.container_entry(id)?;
-        Ok(self.refresh(&entry))
+        Ok(self.refresh_unlocked(&entry))
     }
 
     /// The containers matching `filter`, oldest first.
@@ -687,7 +700,7 @@ impl Runtime {
             self.containers.lock().expect("container table lock").values().cloned().collect();
         let mut list: Vec<Container> = entries
             .iter()
-            .map(|entry| self.refresh(entry))
+            .map(|entry| self.refresh_unlocked(entry))
             .filter(|c| !matches!(c.state, ContainerState::Creating | ContainerState::Removing))
             .filter(|c| filter.id.as_ref().is_none_or(|id| c.id.starts_with(id.as_str())))
             .filter(|c| filter.state.is_none_or(|state| c.state == state))
@@ -930,6 +943,7 @@ impl Runtime {
             }
             if record.state == ContainerState::Running {
                 self.watch_exit(&record.id);
+                self.watch_main_process(&record.id);
                 if !record.spec.tty {
                     // Before refresh: a container that ended meanwhile has its output drained.
                     self.recover_output(&record, &mut stored).await;

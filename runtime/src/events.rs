@@ -13,6 +13,13 @@
 //! or is OOM-killed. Events of the time the daemon is down are lost (the kubelet relists); a
 //! container that ended meanwhile is marked exited on start, before anyone subscribes.
 //!
+//! The record is systemd's word on how the container ended, but it only comes if systemd runs
+//! ExecStopPost and `record-exit` can write: the main process watch follows each running
+//! container's main process itself (a pidfd: readable once the process has ended, child of ours
+//! or not), and a container whose main process ended without a record after [`RECORD_GRACE`] is
+//! marked exited with an unknown status (or OOMKilled, if its cgroup counted an OOM kill), rather
+//! than reported Running for ever.
+//!
 //! An event's `created_at` is taken before its snapshot, as PodSandboxStatus's `timestamp` is
 //! (cri-server): the kubelet's evented PLEG keeps a pod's status by that time (Unix nanoseconds)
 //! and drops older ones, so a snapshot must never be older than its time says.
@@ -25,9 +32,10 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{Container, ContainerState, Pod, Runtime};
 
@@ -36,6 +44,10 @@ pub const EVENT_BUFFER: usize = 1024;
 
 /// The name of the exit record in a container's directory (see crate::exit_record).
 const EXIT_FILE: &str = "exit.json";
+
+/// How long the exit record may take to appear once a container's main process has ended:
+/// systemd first notices the end, then runs ExecStopPost, which on a busy node takes a while.
+pub(crate) const RECORD_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerEventKind {
@@ -94,8 +106,25 @@ impl Runtime {
         }
     }
 
-    /// Starts the thread that turns exit records into Stopped events (once, at start).
+    /// Follows the main process of running container `id` (from its start, or from the daemon's
+    /// start), once the exit watcher runs.
+    pub(crate) fn watch_main_process(&self, id: &str) {
+        // Fails only once the receiving task is gone (the runtime is shutting down).
+        let _ = self.main_process_watch.0.send(id.to_string());
+    }
+
+    /// Starts the thread that turns exit records into Stopped events, and the task that follows
+    /// main processes (once, at start).
     pub fn spawn_exit_watcher(self: &Arc<Self>) {
+        let ids = self.main_process_watch.1.lock().expect("main process watch lock").take();
+        if let Some(mut ids) = ids {
+            let runtime = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some(id) = ids.recv().await {
+                    tokio::spawn(follow_main_process(runtime.clone(), id));
+                }
+            });
+        }
         let Some(watch) = self.exit_watch.clone() else { return };
         let runtime = Arc::downgrade(self);
         let handle = tokio::runtime::Handle::current();
@@ -138,6 +167,99 @@ impl Runtime {
         let Some(entry) = self.containers.lock().expect("container table lock").get(id).cloned() else { return };
         let _guard = entry.operation.clone().lock_owned().await;
         self.refresh(&entry);
+    }
+}
+
+/// Waits for the end of container `id`'s main process; then, if no exit record came within
+/// [`RECORD_GRACE`], marks the container exited without one.
+async fn follow_main_process(runtime: Weak<Runtime>, id: String) {
+    // The record as saved, not refreshed: refreshing is for the lock holders and status calls.
+    let Some(unit) = runtime.upgrade().and_then(|r| r.saved_container(&id)).map(|c| c.unit) else { return };
+    let main_pid = match runtime.upgrade() {
+        Some(r) => r.systemd.main_pid(&unit).await,
+        None => return,
+    };
+    match main_pid.map(|pid| open_main_process(pid, &unit)) {
+        // Readable once the process has ended.
+        Ok(Some(process)) => {
+            // SAFETY: the pidfd is ours alone and stays open while registered: AsyncFd owns it
+            // and deregisters before closing it.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(process, tokio::io::Interest::READABLE) };
+            match registered.map_err(|e| e.into_parts().1) {
+                Ok(process) => drop(process.readable().await),
+                Err(e) => {
+                    warn!(container = %id, "cannot follow the container's main process: {e}");
+                    return;
+                }
+            }
+        }
+        // Gone already (or never seen): the record, or its absence, tells.
+        Ok(None) => {}
+        Err(e) => {
+            warn!(container = %id, "cannot look up the container's main process: {e}");
+            return;
+        }
+    }
+    // Counted now: systemd removes the cgroup soon after.
+    let oom_killed = runtime.upgrade().is_some_and(|r| r.container_saw_oom_kill(&id));
+    tokio::time::sleep(RECORD_GRACE).await;
+    if let Some(runtime) = runtime.upgrade() {
+        runtime.exit_without_record(&id, oom_killed).await;
+    }
+}
+
+/// A pidfd of `pid` if it is (still) a process of `unit`: the pidfd pins the process, and the
+/// cgroup check after opening it rules out a recycled pid.
+fn open_main_process(pid: u32, unit: &str) -> Option<OwnedFd> {
+    if pid == 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    cgroups.lines().any(|line| line.ends_with(&format!("/{unit}"))).then_some(fd)
+}
+
+impl Runtime {
+    /// Whether the cgroup of container `id` counted an OOM kill (v1 or v2).
+    fn container_saw_oom_kill(&self, id: &str) -> bool {
+        let Some(container) = self.saved_container(id) else { return false };
+        let path = crate::stats::cgroup_path(&container.slice, Some(&container.unit));
+        crate::cgroup_detail::sample(&path).oom_kills.unwrap_or(0) > 0
+    }
+
+    /// Container `id`'s record as last saved.
+    fn saved_container(&self, id: &str) -> Option<Container> {
+        self.containers.lock().expect("container table lock").get(id).map(|entry| entry.get())
+    }
+
+    /// Marks container `id` exited if its main process ended and systemd recorded nothing.
+    async fn exit_without_record(&self, id: &str, oom_killed: bool) {
+        let Some(entry) = self.containers.lock().expect("container table lock").get(id).cloned() else { return };
+        let _guard = entry.operation.clone().lock_owned().await;
+        if self.refresh(&entry).state != ContainerState::Running {
+            return;
+        }
+        let why = format!(
+            "its main process ended, but systemd recorded no exit status within {} s (the unit's \
+             ExecStopPost did not run or could not write the record: see the unit's journal)",
+            RECORD_GRACE.as_secs()
+        );
+        info!(container = %id, oom_killed, "{why}");
+        let exit = oom_killed.then(|| crate::exit_record::ExitRecord {
+            result: "oom-kill".into(),
+            exit_code: 128 + libc::SIGKILL,
+            oom_killed: true,
+            finished_at: now_nanos(),
+            main_status_known: false,
+        });
+        self.mark_exited(&entry, exit, &why);
     }
 }
 

@@ -107,6 +107,10 @@ pub struct Runtime {
     events: tokio::sync::broadcast::Sender<ContainerEvent>,
     /// Running containers' directories, watched for their exit record (None: inotify failed).
     exit_watch: Option<Arc<events::ExitWatch>>,
+    /// Running containers whose main process is to be followed (crate::events), queued until the
+    /// exit watcher starts.
+    main_process_watch:
+        (tokio::sync::mpsc::UnboundedSender<String>, Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>),
 }
 
 /// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any

@@ -61,6 +61,10 @@ impl Runtime {
             outputs: Default::default(),
             quarantined: Mutex::new(Vec::new()),
             events: tokio::sync::broadcast::channel(crate::EVENT_BUFFER).0,
+            main_process_watch: {
+                let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+                (sender, Mutex::new(Some(receiver)))
+            },
             exit_watch: match crate::events::ExitWatch::new() {
                 Ok(watch) => Some(Arc::new(watch)),
                 Err(e) => {
