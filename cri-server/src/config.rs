@@ -651,6 +651,14 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.contains("/d/1.toml") && err.contains("`cni.plugin_dirs[0]`"), "{err}");
+        // A table-wide check (`images`) names the last file that set a key of the table.
+        let err = merged(&[
+            ("main.toml", "[images]\nretries = 2\n"),
+            ("/d/1.toml", "[images]\npinned_images = [\"Bad Name\"]\n"),
+            ("/d/2.toml", "log_level = \"warn\"\n"),
+        ])
+        .unwrap_err();
+        assert!(err.contains("/d/1.toml") && err.contains("`images`"), "{err}");
     }
 
     #[test]
