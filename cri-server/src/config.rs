@@ -1,5 +1,19 @@
 //! The daemon's configuration: a TOML file whose every key has a default, so no file is needed.
 //! An unknown key or a bad value is a startup error naming the key and the file.
+//!
+//! Drop-ins: the `*.toml` files of a directory (`--config-dir`, by default `config.d` beside the
+//! config file: /etc/cri-systemd/config.d) are merged over the config file in lexical order of
+//! their names before the result is parsed into [`Config`]. Tables merge key by key and a later
+//! file's value replaces an earlier one; arrays are replaced whole. That is CRI-O's rule for
+//! /etc/crio/crio.conf.d (each file decoded over the config so far, `UpdateFromPath`), not
+//! containerd's `imports` (mergo, which appends arrays): replacing is the only way a drop-in can
+//! remove a default entry, e.g. one of `cni.plugin_dirs`. A missing directory is no error; files
+//! not named `*.toml` (editor and dpkg leftovers) are skipped. Each file is first checked alone
+//! (syntax, unknown keys, types: the error names the file, the key and the line); checks across
+//! keys run on the merged config and name the last file that set the key at fault. The files read
+//! are kept in [`Config::sources`] (`cri-systemd check` and Status(verbose) show them). The merge
+//! is a few lines over `toml::Table`; no crate does this for TOML (figment would, but it brings
+//! its own error and provider model for one function).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +54,10 @@ pub struct Config {
     pub cdi: CdiConfig,
     /// CheckpointContainer and restores (the `[checkpoint]` table).
     pub checkpoint: CheckpointConfig,
+    /// The files this config was read from, in merge order: the config file (if it exists), then
+    /// the drop-ins. Not a key of the file.
+    #[serde(skip)]
+    pub sources: Vec<PathBuf>,
 }
 
 /// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
@@ -122,6 +140,7 @@ impl Default for Config {
             runtimes: BTreeMap::new(),
             cdi: CdiConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            sources: Vec::new(),
         }
     }
 }
@@ -226,28 +245,88 @@ pub enum ConfigError {
 
 impl Config {
     /// Loads the config from `path`, or the defaults when `path` is the default path and no file
-    /// is there. An explicitly named file must exist.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    /// is there (an explicitly named file must exist), then merges the drop-ins of `drop_in_dir`
+    /// (by default `config.d` beside the config file) over it.
+    pub fn load(path: Option<&Path>, drop_in_dir: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, required) = match path {
             Some(path) => (path, true),
             None => (Path::new(DEFAULT_CONFIG_PATH), false),
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-                let config = Config::default();
-                config.validate(&path.display().to_string())?;
-                Ok(config)
+        let default_dir;
+        let drop_in_dir = match drop_in_dir {
+            Some(dir) => dir,
+            None => {
+                default_dir = path.parent().unwrap_or(Path::new("/")).join(DROP_IN_DIR_NAME);
+                &default_dir
             }
-            Err(source) => Err(ConfigError::Read { file: path.to_path_buf(), source }),
+        };
+        let mut files = Vec::new();
+        match std::fs::read_to_string(path) {
+            Ok(text) => files.push((path.to_path_buf(), text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+            Err(source) => return Err(ConfigError::Read { file: path.to_path_buf(), source }),
         }
+        for file in drop_in_files(drop_in_dir)? {
+            let text =
+                std::fs::read_to_string(&file).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+            files.push((file, text));
+        }
+        let named: Vec<(String, &str)> = files.iter().map(|(f, t)| (f.display().to_string(), t.as_str())).collect();
+        let mut config = Config::merge(&named, &path.display().to_string())?;
+        config.sources = files.into_iter().map(|(file, _)| file).collect();
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `file` names the source in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config = Config::deserialize_file(text, file)?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Merges `files` (name, TOML text), in order, over the defaults and validates the result.
+    /// `fallback` names the config in errors no file is to blame for (a bad default).
+    pub fn merge(files: &[(String, &str)], fallback: &str) -> Result<Config, ConfigError> {
+        let mut merged = toml::Table::new();
+        // Which file last set each key (dotted path, leaves only): the file an error names.
+        let mut set_by: BTreeMap<String, usize> = BTreeMap::new();
+        for (index, (file, text)) in files.iter().enumerate() {
+            // Alone first, for errors with the file's own line numbers.
+            Config::deserialize_file(text, file)?;
+            let table: toml::Table = toml::from_str(text)
+                .map_err(|e| ConfigError::Syntax { file: file.clone(), message: describe(&e, text) })?;
+            merge_table(&mut merged, table, "", index, &mut set_by);
+        }
+        let blame = |key: &str| -> String {
+            let key = key.split('[').next().unwrap_or(key);
+            let last = set_by
+                .iter()
+                .filter(|(path, _)| {
+                    *path == key || path.starts_with(&format!("{key}.")) || key.starts_with(&format!("{path}."))
+                })
+                .map(|(_, index)| *index)
+                .max();
+            match last {
+                Some(index) => files[index].0.clone(),
+                None => files.last().map(|(file, _)| file.clone()).unwrap_or_else(|| fallback.to_string()),
+            }
+        };
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Key { file: blame(&key), key, message: e.inner().message().trim().to_string() }
+        })?;
+        config.validate("").map_err(|e| match e {
+            ConfigError::Key { key, message, .. } => ConfigError::Key { file: blame(&key), key, message },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// One file's TOML into a config, without the checks across keys; `file` names it in errors.
+    fn deserialize_file(text: &str, file: &str) -> Result<Config, ConfigError> {
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|e| ConfigError::Syntax { file: file.into(), message: describe(&e, text) })?;
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             let message = describe(e.inner(), text);
             if key.is_empty() || key == "." {
@@ -255,9 +334,7 @@ impl Config {
             } else {
                 ConfigError::Key { file: file.into(), key, message }
             }
-        })?;
-        config.validate(file)?;
-        Ok(config)
+        })
     }
 
     /// Checks what serde cannot: paths must be absolute, the socket path must fit a sockaddr_un.
@@ -348,6 +425,73 @@ impl Config {
     /// The config as TOML, as `cri-systemd config` prints it.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the config always serializes")
+    }
+}
+
+/// The drop-in directory's name, beside the config file.
+pub const DROP_IN_DIR_NAME: &str = "config.d";
+
+/// The `*.toml` files of `dir` (not hidden, not directories), sorted by name; none when `dir`
+/// does not exist.
+fn drop_in_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ConfigError::Read { file: dir.to_path_buf(), source }),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ConfigError::Read { file: dir.to_path_buf(), source })?;
+        let name = entry.file_name();
+        let name = name.as_encoded_bytes();
+        if name.starts_with(b".") || !name.ends_with(b".toml") {
+            continue;
+        }
+        // Follows symlinks: a drop-in may be a link to a shared file.
+        let path = entry.path();
+        if path.is_dir() {
+            continue;
+        }
+        files.push(path);
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Merges `from` into `into`: tables key by key, anything else (arrays too) replaced. Records in
+/// `set_by` that file `file` set each leaf under `prefix`.
+fn merge_table(
+    into: &mut toml::Table,
+    from: toml::Table,
+    prefix: &str,
+    file: usize,
+    set_by: &mut BTreeMap<String, usize>,
+) {
+    for (key, value) in from {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(table)) => {
+                merge_table(existing, table, &path, file, set_by);
+            }
+            (_, value) => {
+                // A table replacing a non-table (or a new one): its leaves are this file's.
+                if let toml::Value::Table(table) = &value {
+                    record_leaves(table, &path, file, set_by);
+                }
+                set_by.insert(path, file);
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+fn record_leaves(table: &toml::Table, prefix: &str, file: usize, set_by: &mut BTreeMap<String, usize>) {
+    for (key, value) in table {
+        let path = format!("{prefix}.{key}");
+        if let toml::Value::Table(inner) = value {
+            record_leaves(inner, &path, file, set_by);
+        }
+        set_by.insert(path, file);
     }
 }
 
@@ -459,7 +603,81 @@ mod tests {
 
     #[test]
     fn explicit_missing_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/c.toml"))).unwrap_err().to_string();
+        let err = Config::load(Some(Path::new("/nonexistent/c.toml")), None).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/c.toml"), "{err}");
+    }
+
+    fn merged(files: &[(&str, &str)]) -> Result<Config, String> {
+        let files: Vec<(String, &str)> = files.iter().map(|(f, t)| (f.to_string(), *t)).collect();
+        Config::merge(&files, "main.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn drop_ins_merge_tables_key_by_key_later_files_win() {
+        let config = merged(&[
+            ("main.toml", "log_level = \"debug\"\n[images]\nretries = 7\nmax_concurrent_downloads = 2\n"),
+            ("10-a.toml", "[images]\nretries = 9\n[cni]\nplugin_dirs = [\"/a\", \"/b\"]\n"),
+            ("20-b.toml", "[cni]\nplugin_dirs = [\"/c\"]\n[runtimes.userns]\nuser_namespace = true\n"),
+        ])
+        .unwrap();
+        assert_eq!(config.log_level, LogLevel::Debug, "a key no drop-in sets stays");
+        assert_eq!(config.images.retries, 9, "a later file wins");
+        assert_eq!(config.images.max_concurrent_downloads, 2, "a table merges key by key");
+        assert_eq!(config.cni.plugin_dirs, [PathBuf::from("/c")], "an array is replaced, not appended");
+        assert!(config.runtimes["userns"].user_namespace);
+        assert_eq!(config.cni.conf_dir, Config::default().cni.conf_dir, "defaults under everything");
+    }
+
+    #[test]
+    fn drop_in_errors_name_the_file_key_and_line() {
+        let err = merged(&[("main.toml", ""), ("/d/10-bad.toml", "\n[images]\nretriez = 1\n")]).unwrap_err();
+        assert!(err.contains("/d/10-bad.toml") && err.contains("retriez") && err.contains("line 3"), "{err}");
+        let err = merged(&[("main.toml", ""), ("/d/10-bad.toml", "log_level = \"x\"\n")]).unwrap_err();
+        assert!(err.contains("/d/10-bad.toml") && err.contains("`log_level`"), "{err}");
+        let err = merged(&[("main.toml", ""), ("/d/10-bad.toml", "[cni\n")]).unwrap_err();
+        assert!(err.contains("/d/10-bad.toml") && err.contains("line 1"), "{err}");
+        // A check across files names the file that set the key at fault.
+        let err = merged(&[
+            ("main.toml", "[images]\nlayer_uid_shift = 655360\n"),
+            ("/d/10-ok.toml", "log_level = \"warn\"\n"),
+            ("/d/20-pool.toml", "[userns]\npool_start = 589824\npool_ranges = 2\n"),
+            ("/d/30-other.toml", "[exec]\nsync_max_output_bytes = 5\n"),
+        ])
+        .unwrap_err();
+        assert!(err.contains("/d/20-pool.toml") && err.contains("`userns.pool_ranges`"), "{err}");
+        let err = merged(&[
+            ("main.toml", "[cni]\nplugin_dirs = [\"/ok\"]\n"),
+            ("/d/1.toml", "[cni]\nplugin_dirs = [\"x\"]\n"),
+        ])
+        .unwrap_err();
+        assert!(err.contains("/d/1.toml") && err.contains("`cni.plugin_dirs[0]`"), "{err}");
+        // A table-wide check (`images`) names the last file that set a key of the table.
+        let err = merged(&[
+            ("main.toml", "[images]\nretries = 2\n"),
+            ("/d/1.toml", "[images]\npinned_images = [\"Bad Name\"]\n"),
+            ("/d/2.toml", "log_level = \"warn\"\n"),
+        ])
+        .unwrap_err();
+        assert!(err.contains("/d/1.toml") && err.contains("`images`"), "{err}");
+    }
+
+    #[test]
+    fn drop_in_dir_is_read_in_lexical_order_of_toml_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("config.toml");
+        std::fs::write(&main, "[images]\nretries = 1\n").unwrap();
+        let drop_ins = dir.path().join(DROP_IN_DIR_NAME);
+        std::fs::create_dir(&drop_ins).unwrap();
+        std::fs::write(drop_ins.join("20-b.toml"), "[images]\nretries = 3\n").unwrap();
+        std::fs::write(drop_ins.join("10-a.toml"), "[images]\nretries = 2\n").unwrap();
+        std::fs::write(drop_ins.join("30-c.toml.dpkg-old"), "garbage").unwrap();
+        std::fs::write(drop_ins.join(".40-hidden.toml"), "garbage").unwrap();
+        std::fs::create_dir(drop_ins.join("50-dir.toml")).unwrap();
+        let config = Config::load(Some(&main), None).unwrap();
+        assert_eq!(config.images.retries, 3);
+        assert_eq!(config.sources, [main.clone(), drop_ins.join("10-a.toml"), drop_ins.join("20-b.toml")]);
+        // Another directory, given explicitly; a missing one is no error.
+        let config = Config::load(Some(&main), Some(&dir.path().join("none"))).unwrap();
+        assert_eq!((config.images.retries, config.sources.len()), (1, 1));
     }
 }

@@ -15,6 +15,10 @@ struct Cli {
     /// Config file [default: /etc/cri-systemd/config.toml, used only if it exists].
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Drop-in directory: its *.toml files are merged over the config file in name order
+    /// [default: config.d beside the config file, /etc/cri-systemd/config.d].
+    #[arg(long, global = true, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -23,7 +27,8 @@ struct Cli {
 enum Command {
     /// Serve the CRI on the configured socket (what runs when no command is given).
     Serve,
-    /// Print the effective configuration (the file merged over the defaults) as TOML.
+    /// Print the effective configuration (the file and its drop-ins merged over the defaults) as
+    /// TOML, after a comment line naming the files read.
     Config {
         /// Print the built-in defaults instead, ignoring any config file.
         #[arg(long)]
@@ -110,7 +115,7 @@ fn main() -> ExitCode {
     }
     let config = match &cli.command {
         Some(Command::Config { default: true }) => Ok(Config::default()),
-        _ => Config::load(cli.config.as_deref()),
+        _ => Config::load(cli.config.as_deref(), cli.config_dir.as_deref()),
     };
     let config = match config {
         Ok(config) => config,
@@ -131,6 +136,8 @@ fn main() -> ExitCode {
             unreachable!("handled above")
         }
         Some(Command::Config { .. }) => {
+            let files: Vec<String> = config.sources.iter().map(|f| f.display().to_string()).collect();
+            println!("# files read: {}", if files.is_empty() { "none (defaults)".into() } else { files.join(", ") });
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }

@@ -9,6 +9,8 @@
 //! (`init::probe_idmapped_mount`, what init does to every layer), NSS (`runtime::userns`, as the
 //! pool allocator asks it), AppArmor and SELinux (`runtime::apparmor`, `runtime::selinux`).
 //!
+//! The first finding (information) names the config file and drop-ins the config was read from.
+//!
 //! Blocking (exit 1): systemd unreachable, no cgroup hierarchy, no overlayfs, a state root on
 //! overlayfs, and, while image layers are stored shifted (`images.layer_uid_shift` non-zero, the
 //! default), no idmapped mounts on the state root's filesystem (every container's layers are
@@ -105,13 +107,20 @@ impl Report {
 /// Runs every check against `config` and the systemd behind `systemd`. The file system probes run
 /// on a blocking thread.
 pub async fn run(config: &Config, systemd: &dyn UnitManager) -> Report {
-    let mut findings = vec![systemd_finding(systemd.manager_info().await)];
+    let mut findings = vec![config_finding(config), systemd_finding(systemd.manager_info().await)];
     let config = config.clone();
     match tokio::task::spawn_blocking(move || node_findings(&config)).await {
         Ok(more) => findings.extend(more),
         Err(e) => findings.push(Finding::new("checks", Outcome::Fail, format!("the node checks did not finish: {e}"))),
     }
     Report::of(findings)
+}
+
+/// The files the config was merged from (the config file, then the drop-ins), as information.
+fn config_finding(config: &Config) -> Finding {
+    let files: Vec<String> = config.sources.iter().map(|f| f.display().to_string()).collect();
+    let detail = if files.is_empty() { "no config file: the defaults".to_string() } else { files.join(", ") };
+    Finding::new("config", Outcome::Info, detail)
 }
 
 fn systemd_finding(info: Result<runtime::ManagerInfo, runtime::Error>) -> Finding {

@@ -771,6 +771,8 @@ fn verbose_config(config: &Config) -> String {
     if let Some(map) = json.as_object_mut() {
         map.insert("rootDir".into(), config.state_root.display().to_string().into());
         map.insert("stateDir".into(), config.state_root.join("containers").display().to_string().into());
+        // The config file and drop-ins it was merged from, in order.
+        map.insert("configFiles".into(), serde_json::to_value(&config.sources).unwrap_or_default());
     }
     json.to_string()
 }

@@ -78,6 +78,9 @@ pub struct NodeOptions {
     pub no_daemon: bool,
     /// A config file for the daemon instead of deploy/config.toml.
     pub config: Option<PathBuf>,
+    /// Boot a node without the daemon's binary, unit and config, as a host before the package is
+    /// installed (`e2e/node up --clean`; implies `no_daemon`).
+    pub clean: bool,
 }
 
 /// A running throwaway node, shut down and removed on drop.
@@ -124,6 +127,9 @@ impl Node {
         command.arg("up").arg(&name);
         if options.no_daemon {
             command.arg("--no-daemon");
+        }
+        if options.clean {
+            command.arg("--clean");
         }
         if let Some(config) = &options.config {
             command.arg("--config").arg(config);
