@@ -58,6 +58,8 @@ pub struct Config {
     /// the drop-ins. Not a key of the file.
     #[serde(skip)]
     pub sources: Vec<PathBuf>,
+    /// The Prometheus metrics endpoint (the `[metrics]` table); off unless `address` is set.
+    pub metrics: MetricsConfig,
 }
 
 /// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
@@ -141,8 +143,19 @@ impl Default for Config {
             cdi: CdiConfig::default(),
             checkpoint: CheckpointConfig::default(),
             sources: Vec::new(),
+            metrics: MetricsConfig::default(),
         }
     }
+}
+
+/// The Prometheus metrics endpoint (the `[metrics]` table), as containerd's `[metrics] address`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:port` to serve `/metrics` on over plain HTTP (e.g. `127.0.0.1:1338`); unset: no
+    /// endpoint. Anyone who reaches it sees pod counts and call rates: keep it on loopback or a
+    /// network only Prometheus reaches.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// ExecSync settings (the `[exec]` table).
@@ -410,6 +423,9 @@ impl Config {
                 ));
             }
         }
+        if self.metrics.address.is_some_and(|address| address.port() == 0) {
+            return Err(bad("metrics.address", "port 0 is not a port Prometheus can scrape: name one".into()));
+        }
         if !self.systemd.bus_address.contains(':') {
             return Err(bad(
                 "systemd.bus_address",
@@ -599,6 +615,23 @@ mod tests {
         assert!(err.contains("userns"), "{err}");
         let err = Config::parse("[cdi]\nspec_dirs = [\"etc/cdi\"]\n", "c").unwrap_err().to_string();
         assert!(err.contains("`cdi.spec_dirs[0]`"), "{err}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_a_bad_address_names_its_key() {
+        assert_eq!(Config::default().metrics.address, None);
+        let config = Config::parse("[metrics]\naddress = \"127.0.0.1:1338\"\n", "c").unwrap();
+        assert_eq!(config.metrics.address, Some("127.0.0.1:1338".parse().unwrap()));
+        assert_eq!(Config::parse(&config.to_toml(), "printed").unwrap(), config);
+        for bad in ["localhost:1338", "127.0.0.1", "1338", "127.0.0.1:99999"] {
+            let err =
+                Config::parse(&format!("[metrics]\naddress = \"{bad}\"\n"), "/etc/c.toml").unwrap_err().to_string();
+            assert!(err.contains("`metrics.address`") && err.contains("/etc/c.toml"), "{bad}: {err}");
+        }
+        let err = Config::parse("[metrics]\naddress = \"127.0.0.1:0\"\n", "c").unwrap_err().to_string();
+        assert!(err.contains("`metrics.address`") && err.contains("port 0"), "{err}");
+        let err = Config::parse("[metrics]\nenable = true\n", "c").unwrap_err().to_string();
+        assert!(err.contains("enable"), "{err}");
     }
 
     #[test]

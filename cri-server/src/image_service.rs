@@ -172,11 +172,13 @@ impl ImageService for Images {
         let auth = credentials(request.auth.as_ref())?;
         info!(image = %name, authenticated = auth.is_some(), ?deadline, "pulling image");
         let pull = store.pull(&name, auth);
+        let counted = crate::prometheus::metrics().pull_started();
         let image = match deadline {
             None => pull.await,
             Some(deadline) if deadline < MIN_PULL_DEADLINE => {
                 // No registry round trip fits: say so at once instead of starting work that
                 // cannot finish (and before the client's own timer fires).
+                counted.finished(Some("deadline_exceeded"));
                 return Err(Status::deadline_exceeded(format!(
                     "a {deadline:?} deadline is too short to pull image {name:?}"
                 )));
@@ -188,14 +190,16 @@ impl ImageService for Images {
                 match tokio::time::timeout(ours, pull).await {
                     Ok(result) => result,
                     Err(_) => {
+                        counted.finished(Some("deadline_exceeded"));
                         return Err(Status::deadline_exceeded(format!(
                             "pulling image {name:?} did not finish within the {deadline:?} deadline"
                         )));
                     }
                 }
             }
-        }
-        .map_err(image_status)?;
+        };
+        counted.finished(image.as_ref().err().map(imagestore::Error::reason));
+        let image = image.map_err(image_status)?;
         Ok(Response::new(cri::PullImageResponse { image_ref: image.id.to_string() }))
     }
 

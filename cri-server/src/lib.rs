@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod node;
 pub mod pod_translate;
 pub mod preflight;
+pub mod prometheus;
 pub mod runtime_service;
 pub mod server;
 pub mod streaming;

@@ -190,7 +190,10 @@ impl Node {
         let store = self.images.clone();
         let runtime = self.runtime.clone();
         match tokio::task::spawn_blocking(move || store.gc(|| in_use(&runtime))).await {
-            Ok(Ok(report)) => debug!(?report, "garbage collected"),
+            Ok(Ok(report)) => {
+                crate::prometheus::metrics().gc_finished(&report);
+                debug!(?report, "garbage collected");
+            }
             Ok(Err(e)) => warn!("garbage collection: {e}"),
             Err(e) => warn!("garbage collection task: {e}"),
         }

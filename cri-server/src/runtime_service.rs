@@ -478,6 +478,7 @@ impl RuntimeService for RuntimeApi {
         let max_output = usize::try_from(self.config.exec.sync_max_output_bytes)
             .unwrap_or(usize::MAX)
             .saturating_sub(EXEC_SYNC_FRAMING_BYTES);
+        crate::prometheus::metrics().exec_sync_started();
         let output = self
             .runtime
             .exec_sync(&request.container_id, request.cmd, timeout, max_output)

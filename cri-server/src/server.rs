@@ -44,6 +44,8 @@ pub enum StartupError {
     Recover(#[from] runtime::Error),
     #[error("cannot start the streaming server: {0}")]
     Streaming(#[from] crate::streaming::StreamingError),
+    #[error("cannot start the metrics endpoint: {0}")]
+    Metrics(#[from] crate::prometheus::MetricsError),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -93,6 +95,9 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = Arc::new(Node::new(runtime, images, config.state_root.clone()));
+    // Before READY: a metrics address that cannot be bound stops the start.
+    let grpc_metrics = crate::prometheus::start(&config.metrics, node.clone()).await?;
 
     info!(socket = %config.socket.display(), "serving CRI");
     notify(&[
@@ -100,8 +105,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         sd_notify::NotifyState::Status(&format!("serving CRI on {}", config.socket.display())),
     ]);
     let socket = config.socket.clone();
-    let node = Arc::new(Node::new(runtime, images, config.state_root.clone()));
     let server = tonic::transport::Server::builder()
+        .layer(grpc_metrics)
         .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), node.clone(), streaming)))
         .add_service(ImageServiceServer::new(Images::new(node)))
         .serve_with_incoming_shutdown(incoming(listener), async {

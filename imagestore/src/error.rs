@@ -106,6 +106,30 @@ impl Error {
         }
     }
 
+    /// A short, stable name of what went wrong (snake case, no detail): the daemon's metrics label
+    /// failed pulls with it, as CRI-O labels `crio_image_pulls_failure_total` with an error category.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidReference { .. } => "invalid_reference",
+            Error::InvalidConfig(_) => "invalid_config",
+            Error::NotFound { .. } => "not_found",
+            Error::NoMatchingPlatform { .. } => "no_matching_platform",
+            Error::Unauthenticated { .. } => "unauthenticated",
+            Error::PermissionDenied { .. } => "permission_denied",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Registry { .. } => "registry_error",
+            Error::TooLarge { .. } => "too_large",
+            Error::DigestMismatch { .. } => "digest_mismatch",
+            Error::SizeMismatch { .. } => "size_mismatch",
+            Error::Unsupported { .. } => "unsupported",
+            Error::InvalidContent { .. } => "invalid_content",
+            Error::HostileLayer { .. } => "hostile_layer",
+            Error::LayerLimit { .. } => "layer_limit",
+            Error::CorruptMetadata { .. } => "corrupt_metadata",
+            Error::Io { .. } => "io",
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io { context: context.into(), source }
     }

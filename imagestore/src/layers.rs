@@ -147,7 +147,7 @@ impl LayerStore {
         LayerStore { dir, tmp }
     }
 
-    fn layer_dir(&self, chain_id: &Digest) -> PathBuf {
+    pub(crate) fn layer_dir(&self, chain_id: &Digest) -> PathBuf {
         self.dir.join(chain_id.algorithm().name()).join(chain_id.hex())
     }
 

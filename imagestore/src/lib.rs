@@ -42,6 +42,6 @@ pub use platform::Platform;
 pub use reference::ImageReference;
 pub use registry::Credentials;
 pub use store::{
-    GcReport, Image, ImageId, ImageManifest, ImageStore, InUse, LayerLease, ManifestPlan, Usage, image_layers,
-    read_manifest,
+    GcReport, Image, ImageId, ImageManifest, ImageStore, InUse, LayerLease, ManifestPlan, StoreCounters, Usage,
+    image_layers, read_manifest,
 };

@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -82,6 +83,31 @@ pub struct GcReport {
     pub images_removed: Vec<ImageId>,
     pub layers_removed: usize,
     pub blobs_removed: usize,
+    /// Disk space the removed layers and blobs took (allocated blocks, as `du` counts them).
+    pub bytes_freed: u64,
+}
+
+/// What the store has done since it was opened, for the daemon's metrics (the store knows no
+/// metrics library: the daemon reads these at each scrape).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Bytes of layers and image configs received from registries.
+    pub bytes_fetched: u64,
+    /// Layers unpacked (downloaded, or from a stored blob).
+    pub layers_unpacked: u64,
+    /// Layers a pull needed that were unpacked already.
+    pub layers_reused: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_fetched: AtomicU64,
+    layers_unpacked: AtomicU64,
+    layers_reused: AtomicU64,
+}
+
+fn count(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 /// The content-addressed image store rooted at one directory. Cheap to clone; clones share state.
@@ -112,6 +138,7 @@ struct Inner {
     pinned: HashSet<String>,
     platform: Platform,
     http_clients: HttpClients,
+    counters: Counters,
 }
 
 /// Keeps content referenced while a pull uses it.
@@ -210,6 +237,27 @@ const INDEX_TYPES: &[&str] =
 const CONFIG_TYPES: &[&str] =
     &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
 
+/// Disk space under `path` (a file or a directory tree): allocated blocks, each inode once.
+/// Entries that vanish meanwhile count as nothing.
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(md) = fs::symlink_metadata(&path) else { continue };
+        if seen.insert((md.dev(), md.ino())) {
+            total += md.blocks() * 512;
+        }
+        if md.is_dir()
+            && let Ok(entries) = fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|entry| entry.path()));
+        }
+    }
+    total
+}
+
 /// Makes sure every unpacked layer was stored with `configured` as its owner shift, recording it
 /// for an empty or unrecorded store. Layers of another shift would show wrong owners in every
 /// container (files of a node user, or unmapped ids): the store then refuses to open.
@@ -270,6 +318,7 @@ impl ImageStore {
             pinned,
             platform: Platform::host(),
             http_clients: HttpClients::default(),
+            counters: Counters::default(),
             config,
         };
         Ok(ImageStore { inner: Arc::new(inner) })
@@ -278,6 +327,16 @@ impl ImageStore {
     /// The directory the store lives in.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// What the store has done since it was opened.
+    pub fn counters(&self) -> StoreCounters {
+        let counters = &self.inner.counters;
+        StoreCounters {
+            bytes_fetched: counters.bytes_fetched.load(Ordering::Relaxed),
+            layers_unpacked: counters.layers_unpacked.load(Ordering::Relaxed),
+            layers_reused: counters.layers_reused.load(Ordering::Relaxed),
+        }
     }
 
     /// Pulls an image and returns it. Cancel-safe: if the future is dropped, the pull stops and
@@ -451,6 +510,7 @@ impl ImageStore {
             return Ok(data);
         }
         let data = client.small_blob(image_ref, digest, size).await?;
+        count(&self.inner.counters.bytes_fetched, data.len() as u64);
         self.inner.blobs.put(digest, &data, &format!("{what} {digest}"))?;
         Ok(data)
     }
@@ -463,11 +523,14 @@ impl ImageStore {
         layer: &Layer,
     ) -> Result<(), Error> {
         let layers = &self.inner.layers;
+        let counters = &self.inner.counters;
         if layers.exists(&layer.chain_id) {
+            count(&counters.layers_reused, 1);
             return Ok(());
         }
         let _guard = self.inner.in_flight.lock(&format!("layer {}", layer.chain_id)).await;
         if layers.exists(&layer.chain_id) {
+            count(&counters.layers_reused, 1);
             return Ok(());
         }
         let _permit = self.inner.downloads.clone().acquire_owned().await.expect("semaphore never closed");
@@ -483,6 +546,7 @@ impl ImageStore {
             .map_err(|e| Error::io("unpack task", io::Error::other(e)))?;
             match result {
                 Ok(stats) => {
+                    count(&counters.layers_unpacked, 1);
                     info!(layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "unpacked layer from stored blob");
                     return Ok(());
                 }
@@ -496,6 +560,7 @@ impl ImageStore {
         loop {
             match self.download_and_unpack(client, image_ref, layer).await {
                 Ok(stats) => {
+                    count(&counters.layers_unpacked, 1);
                     let secs = started.elapsed().as_secs_f64();
                     info!(layer = %layer.digest, size = layer.size, unpacked = stats.bytes, entries = stats.entries,
                         secs = format_args!("{secs:.2}"), rate_mb_s = format_args!("{:.1}", layer.size as f64 / secs.max(1e-3) / 1e6),
@@ -543,6 +608,7 @@ impl ImageStore {
             let message = match chunk {
                 Ok(bytes) => {
                     received += bytes.len() as u64;
+                    count(&self.inner.counters.bytes_fetched, bytes.len() as u64);
                     Chunk::Data(bytes)
                 }
                 // The unpacker verifies size and digest; an error after the whole blob is its end.
@@ -693,12 +759,14 @@ impl ImageStore {
         let mut report = GcReport { images_removed: doomed.into_iter().map(ImageId).collect(), ..Default::default() };
         for chain_id in self.inner.layers.list()? {
             if !live.contains(&chain_id) && !in_use.layers.contains(&self.inner.layers.diff_path(&chain_id)) {
+                report.bytes_freed += allocated_bytes(&self.inner.layers.layer_dir(&chain_id));
                 self.inner.layers.remove(&chain_id)?;
                 report.layers_removed += 1;
             }
         }
         for digest in self.inner.blobs.list()? {
             if !live.contains(&digest) {
+                report.bytes_freed += allocated_bytes(&self.inner.blobs.path(&digest));
                 self.inner.blobs.remove(&digest)?;
                 report.blobs_removed += 1;
             }
@@ -710,6 +778,7 @@ impl ImageStore {
                 images = report.images_removed.len(),
                 layers = report.layers_removed,
                 blobs = report.blobs_removed,
+                bytes_freed = report.bytes_freed,
                 "image garbage collection"
             );
         }

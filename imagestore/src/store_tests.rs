@@ -314,6 +314,12 @@ async fn gc_keeps_what_is_used_or_pinned_and_deletes_the_rest() {
     let used = store.pull(&format!("{}/used:1", reg.host()), None).await.unwrap();
     let pause = store.pull(&format!("{}/pause:3.9", reg.host()), None).await.unwrap();
     assert!(pause.pinned && !used.pinned);
+    let counters = store.counters();
+    assert_eq!((counters.layers_unpacked, counters.layers_reused), (3, 0), "{counters:?}");
+    assert!(counters.bytes_fetched > 0, "{counters:?}");
+    store.pull(&format!("{}/used:1", reg.host()), None).await.unwrap();
+    assert_eq!(store.counters().layers_reused, 2, "a re-pull unpacks nothing");
+    assert_eq!(store.counters().layers_unpacked, 3);
     let blobs_before = fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
 
     let none = InUse::default;
@@ -337,11 +343,13 @@ async fn gc_keeps_what_is_used_or_pinned_and_deletes_the_rest() {
     assert_eq!(report.images_removed, std::slice::from_ref(&used.id));
     assert_eq!(report.layers_removed, 0, "{report:?}");
     assert_eq!(report.blobs_removed, 4, "{report:?}"); // config, manifest, two layer blobs
+    assert!(report.bytes_freed >= 4 * 512, "{report:?}");
     assert!(lowerdirs.iter().all(|d| d.is_dir()));
     assert_eq!(store.lease_layers(&used.id).unwrap_err().kind(), ErrorKind::NotFound);
     // Once unused they go; the pinned image stays.
     let report = store.gc(none).unwrap();
     assert_eq!((report.layers_removed, report.blobs_removed), (2, 0), "{report:?}");
+    assert!(report.bytes_freed > 0, "{report:?}");
     assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), blobs_before - 4);
     assert_eq!(store.images().unwrap().len(), 1);
     let _ = store.lease_layers(&pause.id).unwrap();

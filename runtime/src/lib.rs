@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
-pub use cni::{CniCommand, CniConfig, CniError, NetworkReadiness};
+pub use cni::{CniCommand, CniConfig, CniError, CniObserver, NetworkReadiness};
 pub use container::{
     BindMount, Container, ContainerImage, ContainerSpec, ContainerState, Device, DeviceNode, EXTRA_MOUNT_OPTIONS, Hook,
     HugepageLimit, Propagation, Resources, RootfsLayers, Seccomp, SupplementalGroupsPolicy, cgroup_unified,
@@ -142,5 +142,10 @@ impl Runtime {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// Tells `observer` of every CNI ADD and DEL from now on (the daemon's metrics). Set once.
+    pub fn set_cni_observer(&self, observer: Arc<dyn CniObserver>) {
+        self.cni.set_observer(observer);
     }
 }

@@ -350,6 +350,7 @@ impl StreamingServer {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
+        let _session = crate::prometheus::metrics().streaming_session(request.kind());
         let connection = transport::SpdyConnection::start(io, self.idle_timeout);
         match request {
             StreamRequest::PortForward { .. } => portforward::serve_spdy(self, request, connection).await,
@@ -361,6 +362,7 @@ impl StreamingServer {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let _session = crate::prometheus::metrics().streaming_session(request.kind());
         let channels = transport::WsChannels::start(io, self.idle_timeout).await;
         match request {
             StreamRequest::PortForward { .. } => portforward::serve_websocket(self, request, channels).await,

@@ -59,6 +59,12 @@ impl std::fmt::Display for CniCommand {
     }
 }
 
+/// Told of every ADD, and of every DEL that had something to undo: how long it took and whether it
+/// worked. The daemon counts them for its Prometheus metrics; the runtime knows no metrics library.
+pub trait CniObserver: Send + Sync + std::fmt::Debug {
+    fn observe(&self, command: CniCommand, elapsed: Duration, ok: bool);
+}
+
 /// Why a pod could not be attached to or detached from its network.
 #[derive(Debug, thiserror::Error)]
 pub enum CniError {
@@ -132,6 +138,7 @@ pub(crate) struct Cni {
     cache: ResultCache,
     pod_cidrs: RwLock<Vec<String>>,
     pod_cidrs_file: PathBuf,
+    observer: std::sync::OnceLock<std::sync::Arc<dyn CniObserver>>,
 }
 
 impl Cni {
@@ -153,7 +160,24 @@ impl Cni {
                 Vec::new()
             }
         };
-        Cni { config, cache: ResultCache::new(dir.join("results")), pod_cidrs: RwLock::new(pod_cidrs), pod_cidrs_file }
+        Cni {
+            config,
+            cache: ResultCache::new(dir.join("results")),
+            pod_cidrs: RwLock::new(pod_cidrs),
+            pod_cidrs_file,
+            observer: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets who is told of ADDs and DELs (once; later calls change nothing).
+    pub(crate) fn set_observer(&self, observer: std::sync::Arc<dyn CniObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn observe(&self, command: CniCommand, started: Instant, ok: bool) {
+        if let Some(observer) = self.observer.get() {
+            observer.observe(command, started.elapsed(), ok);
+        }
     }
 
     /// The pod network now. None when the config dir holds no config file at all: pods then get
@@ -218,6 +242,17 @@ impl Cni {
     /// the caller runs `del`.
     pub(crate) async fn add(&self, network: &NetworkList, attachment: &Attachment) -> Result<Vec<IpAddr>, CniError> {
         let started = Instant::now();
+        let added = self.add_plugins(network, attachment, started).await;
+        self.observe(CniCommand::Add, started, added.is_ok());
+        added
+    }
+
+    async fn add_plugins(
+        &self,
+        network: &NetworkList,
+        attachment: &Attachment,
+        started: Instant,
+    ) -> Result<Vec<IpAddr>, CniError> {
         // A missing plugin fails before any runs.
         for kind in network.plugin_types() {
             self.plugin_path(kind)?;
@@ -268,19 +303,34 @@ impl Cni {
     pub(crate) async fn del(&self, container_id: &str, netns: Option<&Path>) -> Result<(), CniError> {
         for (path, read) in self.cache.find(container_id)? {
             let started = Instant::now();
-            let entry = match read {
-                Ok(entry) => entry,
-                Err(reason) => self.fallback_entry(container_id, &path, reason)?,
-            };
-            let network = NetworkList::from_list(entry.config.clone())
-                .map_err(|e| CniError::BadCacheEntry { path: path.clone(), reason: e.to_string() })?;
-            let prev_result = if network.del_gets_prev_result() { entry.result.as_ref() } else { None };
-            for index in (0..network.plugins.len()).rev() {
-                self.invoke(&network, index, CniCommand::Del, &entry, netns, prev_result).await?;
-            }
-            self.cache.remove(&path)?;
-            info!(pod = %container_id, network = %network.name, elapsed = ?started.elapsed(), "pod network detached");
+            let deleted = self.del_entry(container_id, netns, path, read, started).await;
+            self.observe(CniCommand::Del, started, deleted.is_ok());
+            deleted?;
         }
+        Ok(())
+    }
+
+    /// DEL of one cached ADD.
+    async fn del_entry(
+        &self,
+        container_id: &str,
+        netns: Option<&Path>,
+        path: PathBuf,
+        read: Result<CacheEntry, String>,
+        started: Instant,
+    ) -> Result<(), CniError> {
+        let entry = match read {
+            Ok(entry) => entry,
+            Err(reason) => self.fallback_entry(container_id, &path, reason)?,
+        };
+        let network = NetworkList::from_list(entry.config.clone())
+            .map_err(|e| CniError::BadCacheEntry { path: path.clone(), reason: e.to_string() })?;
+        let prev_result = if network.del_gets_prev_result() { entry.result.as_ref() } else { None };
+        for index in (0..network.plugins.len()).rev() {
+            self.invoke(&network, index, CniCommand::Del, &entry, netns, prev_result).await?;
+        }
+        self.cache.remove(&path)?;
+        info!(pod = %container_id, network = %network.name, elapsed = ?started.elapsed(), "pod network detached");
         Ok(())
     }
 
