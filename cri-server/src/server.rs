@@ -90,14 +90,14 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     let images = imagestore::ImageStore::open(&config.state_root.join("images"), config.images.clone())
         .map_err(StartupError::Images)?;
     let streaming = crate::streaming::StreamingServer::start(&config.streaming, runtime.clone()).await?;
+    let node = Arc::new(Node::new(runtime, images, config.state_root.clone()));
+    // Before the CRI socket: a metrics address that cannot be bound stops the start, leaving nothing.
+    let grpc_metrics = crate::prometheus::start(&config.metrics, node.clone()).await?;
     let listener = listen(&config.socket)?;
     let config = Arc::new(config);
     let mut terminate = signal(SignalKind::terminate()).map_err(StartupError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartupError::Signals)?;
     let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = Arc::new(Node::new(runtime, images, config.state_root.clone()));
-    // Before READY: a metrics address that cannot be bound stops the start.
-    let grpc_metrics = crate::prometheus::start(&config.metrics, node.clone()).await?;
 
     info!(socket = %config.socket.display(), "serving CRI");
     notify(&[

@@ -517,6 +517,37 @@ mod tests {
         assert!(fixture.logged().is_empty());
     }
 
+    /// Records what the runtime reports to the daemon's metrics.
+    #[derive(Debug, Default)]
+    struct Observed(std::sync::Mutex<Vec<(CniCommand, bool)>>);
+
+    impl CniObserver for Observed {
+        fn observe(&self, command: CniCommand, _elapsed: Duration, ok: bool) {
+            self.0.lock().unwrap().push((command, ok));
+        }
+    }
+
+    #[test]
+    fn the_observer_hears_of_adds_and_of_dels_with_something_to_undo() {
+        let fixture = Fixture::new();
+        let observed = std::sync::Arc::new(Observed::default());
+        fixture.cni.set_observer(observed.clone());
+        fixture.plugin("bridge", BRIDGE_RESULT);
+        let broken = fixture.dir.path().join("bin/broken");
+        std::fs::write(&broken, "#!/bin/sh\ncat >/dev/null\nexit 1\n").unwrap();
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fixture.conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"},{"type":"broken"}]}"#);
+        let network = fixture.cni.network().unwrap().unwrap();
+        runtime().block_on(fixture.cni.add(&network, &fixture.attachment())).unwrap_err();
+        fixture.conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#);
+        let network = fixture.cni.network().unwrap().unwrap();
+        runtime().block_on(fixture.cni.add(&network, &fixture.attachment())).unwrap();
+        runtime().block_on(fixture.cni.del("pod1", None)).unwrap();
+        runtime().block_on(fixture.cni.del("pod1", None)).unwrap();
+        let observed = observed.0.lock().unwrap().clone();
+        assert_eq!(observed, vec![(CniCommand::Add, false), (CniCommand::Add, true), (CniCommand::Del, true)]);
+    }
+
     #[test]
     fn a_failed_add_leaves_what_del_needs() {
         let fixture = Fixture::new();
