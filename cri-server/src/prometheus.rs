@@ -602,10 +602,10 @@ where
             let mut call = call;
             let response = answer.await?;
             // A call refused or failed at once has its status in the headers (trailers-only).
-            if let Some(code) = response.headers().get("grpc-status") {
-                if let Some(mut call) = call.take() {
-                    call.finish(code);
-                }
+            if let Some(code) = response.headers().get("grpc-status")
+                && let Some(mut call) = call.take()
+            {
+                call.finish(code);
             }
             Ok(response.map(|body| MeteredBody { body, call }))
         })
