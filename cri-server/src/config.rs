@@ -58,6 +58,8 @@ pub struct Config {
     /// the drop-ins. Not a key of the file.
     #[serde(skip)]
     pub sources: Vec<PathBuf>,
+    /// OpenTelemetry traces of CRI calls (the `[tracing]` table; off by default).
+    pub tracing: crate::otel::TracingConfig,
 }
 
 /// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
@@ -141,6 +143,7 @@ impl Default for Config {
             cdi: CdiConfig::default(),
             checkpoint: CheckpointConfig::default(),
             sources: Vec::new(),
+            tracing: crate::otel::TracingConfig::default(),
         }
     }
 }
@@ -419,6 +422,7 @@ impl Config {
                 ),
             ));
         }
+        self.tracing.validate().map_err(|(key, message)| bad(key, message))?;
         Ok(())
     }
 
