@@ -373,7 +373,13 @@ impl Observed {
         B: HttpBody<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        Self { inner: tonic::body::Body::new(body), first: FirstMessage::default(), span, method, side }
+        // Only the messages that name something are read: no copy of a large List or ExecSync answer.
+        let read = match side {
+            Side::Request => REQUESTS_READ.contains(&&*method),
+            Side::Response => RESPONSES_READ.contains(&&*method),
+        };
+        let first = FirstMessage { done: !read, ..Default::default() };
+        Self { inner: tonic::body::Body::new(body), first, span, method, side }
     }
 }
 
@@ -496,6 +502,34 @@ impl Attributes {
 fn decode<M: Message + Default>(message: &[u8]) -> Option<M> {
     M::decode(message).ok()
 }
+
+/// The methods whose request [`request_attributes`] reads.
+const REQUESTS_READ: &[&str] = &[
+    "RunPodSandbox",
+    "StopPodSandbox",
+    "RemovePodSandbox",
+    "PodSandboxStatus",
+    "PortForward",
+    "PodSandboxStats",
+    "CreateContainer",
+    "StartContainer",
+    "StopContainer",
+    "RemoveContainer",
+    "ContainerStatus",
+    "ContainerStats",
+    "UpdateContainerResources",
+    "ReopenContainerLog",
+    "ExecSync",
+    "Exec",
+    "Attach",
+    "CheckpointContainer",
+    "PullImage",
+    "ImageStatus",
+    "RemoveImage",
+];
+
+/// The methods whose answer [`response_attributes`] reads.
+const RESPONSES_READ: &[&str] = &["RunPodSandbox", "CreateContainer"];
 
 /// The ids a request of `method` names.
 fn request_attributes(method: &str, message: &[u8]) -> Attributes {
@@ -657,6 +691,30 @@ mod tests {
         // Another method, or bytes that are no such message: nothing.
         assert_eq!(request_attributes("Version", &run.encode_to_vec()), Attributes::default());
         assert_eq!(request_attributes("StartContainer", &[0xff, 0xff]), Attributes::default());
+    }
+
+    #[test]
+    fn the_methods_read_are_the_methods_decoded() {
+        // A message of the right shape for each: every listed method yields something, so no
+        // method is read for nothing and no decoded method is left unread.
+        let id = cri::StartContainerRequest { container_id: "x".into() }.encode_to_vec();
+        let image = cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec { image: "x".into(), ..Default::default() }),
+            verbose: false,
+        }
+        .encode_to_vec();
+        let pod = cri::RunPodSandboxRequest { config: Some(pod_config()), runtime_handler: String::new() };
+        for method in REQUESTS_READ {
+            let message = match *method {
+                "RunPodSandbox" => pod.encode_to_vec(),
+                "PullImage" | "ImageStatus" | "RemoveImage" => image.clone(),
+                _ => id.clone(),
+            };
+            assert_ne!(request_attributes(method, &message), Attributes::default(), "{method}");
+        }
+        for method in RESPONSES_READ {
+            assert_ne!(response_attributes(method, &id), Attributes::default(), "{method}");
+        }
     }
 
     #[test]
