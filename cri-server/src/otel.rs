@@ -18,9 +18,12 @@
 //!   caller's span: the kubelet's CRI client (k8s.io/cri-client, remote_runtime.go and
 //!   remote_image.go) installs otelgrpc's client handler with the TraceContext and Baggage
 //!   propagators, so with the kubelet's tracing on its spans and ours form one trace.
-//! - **Sampling.** Parent-based, then `sampling_ratio` of the trace ids (containerd's
-//!   `sampling_ratio`, OTEL_TRACES_SAMPLER=parentbased_traceidratio): a caller's sampled trace is
-//!   always followed.
+//! - **Config.** As containerd 1.7's tracing plugins (`endpoint` of
+//!   `io.containerd.tracing.processor.v1.otlp`, `sampling_ratio` and `service_name` of
+//!   `io.containerd.internal.v1.tracing`; containerd 2 deprecates them for the OTEL_* variables),
+//!   in one `[tracing]` table: `otlp_endpoint`, `sampling_ratio`, `service_name`.
+//! - **Sampling.** Parent-based, then `sampling_ratio` of the trace ids, as containerd 1.7's
+//!   `ParentBased(TraceIDRatioBased(sampling_ratio))`: a caller's sampled trace is always followed.
 //! - **Export.** OTLP over gRPC with opentelemetry-otlp's tonic exporter: opentelemetry-otlp 0.33
 //!   builds on tonic 0.14 and prost 0.14, this workspace's, so no second gRPC stack comes in (the
 //!   OTLP/HTTP exporter would have added reqwest). The SDK's batch span processor exports from its
