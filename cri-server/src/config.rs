@@ -60,6 +60,8 @@ pub struct Config {
     pub sources: Vec<PathBuf>,
     /// The Prometheus metrics endpoint (the `[metrics]` table); off unless `address` is set.
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces of CRI calls (the `[tracing]` table; off by default).
+    pub tracing: crate::otel::TracingConfig,
 }
 
 /// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
@@ -144,6 +146,7 @@ impl Default for Config {
             checkpoint: CheckpointConfig::default(),
             sources: Vec::new(),
             metrics: MetricsConfig::default(),
+            tracing: crate::otel::TracingConfig::default(),
         }
     }
 }
@@ -435,6 +438,7 @@ impl Config {
                 ),
             ));
         }
+        self.tracing.validate().map_err(|(key, message)| bad(key, message))?;
         Ok(())
     }
 

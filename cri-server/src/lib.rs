@@ -17,6 +17,7 @@ pub mod list_streaming;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod otel;
 pub mod pod_translate;
 pub mod preflight;
 pub mod prometheus;

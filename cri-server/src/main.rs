@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use cri_server::config::Config;
-use cri_server::{logging, preflight, server};
+use cri_server::{logging, otel, preflight, server};
 
 #[derive(Debug, Parser)]
 #[command(name = "cri-systemd", version, about = "A Kubernetes container runtime (CRI) on systemd")]
@@ -143,21 +143,32 @@ fn main() -> ExitCode {
         }
         Some(Command::Check { json }) => check(&config, json),
         None | Some(Command::Serve) => {
-            logging::init(config.log_level);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {
-                    tracing::error!("cannot start the async runtime: {e}");
+                    eprintln!("cri-systemd: error: cannot start the async runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(server::serve(config)) {
+            // Inside the runtime: the OTLP exporter's channel lives there. Traces are flushed on the way out.
+            let traces = match runtime.block_on(async { otel::Tracing::start(&config.tracing) }) {
+                Ok(traces) => traces,
+                Err(e) => {
+                    eprintln!("cri-systemd: error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            logging::init(config.log_level, traces.layer());
+            traces.announce();
+            let code = match runtime.block_on(server::serve(config, traces.enabled())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            traces.shutdown();
+            code
         }
     }
 }

@@ -52,7 +52,8 @@ pub enum StartupError {
 
 /// Runs the daemon until SIGTERM or SIGINT. Containers are never stopped on the way out: they
 /// are systemd's units and keep running while the daemon is away.
-pub async fn serve(config: Config) -> Result<(), StartupError> {
+/// `traced`: give every CRI call an OpenTelemetry span (`otel.rs`; the exporter is set up by then).
+pub async fn serve(config: Config, traced: bool) -> Result<(), StartupError> {
     info!(version = env!("CARGO_PKG_VERSION"), "cri-systemd starting");
     prepare_dir(&config.state_root, "state root", "state_root", 0o711)?;
     prepare_dir(&config.run_root, "run root", "run_root", 0o711)?;
@@ -107,6 +108,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     let socket = config.socket.clone();
     let server = tonic::transport::Server::builder()
         .layer(grpc_metrics)
+        .layer(crate::otel::CallSpans::new(traced))
         .add_service(RuntimeServiceServer::new(RuntimeApi::new(config.clone(), node.clone(), streaming)))
         .add_service(ImageServiceServer::new(Images::new(node)))
         .serve_with_incoming_shutdown(incoming(listener), async {

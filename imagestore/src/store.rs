@@ -341,6 +341,8 @@ impl ImageStore {
 
     /// Pulls an image and returns it. Cancel-safe: if the future is dropped, the pull stops and
     /// nothing partial becomes visible (verified layers already committed stay, as cache).
+    /// Its span is a step of a traced PullImage (cri-server's otel.rs).
+    #[tracing::instrument(name = "image.pull", skip_all, fields(container.image.name = %reference))]
     pub async fn pull(&self, reference: &str, auth: Option<Credentials>) -> Result<Image, Error> {
         let image_ref = ImageReference::parse(reference)?;
         let started = Instant::now();

@@ -119,6 +119,9 @@ impl Runtime {
         result.map(|()| id)
     }
 
+    /// Its span (a step of a traced CreateContainer, cri-server's otel.rs): checks, the writable
+    /// layer's directories, the init spec.
+    #[tracing::instrument(name = "container.prepare", skip_all, fields(container.id = %id, sandbox.id = %pod_id))]
     async fn create_container_inner(
         &self,
         id: &str,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nix::mount::{MntFlags, MsFlags};
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 use zbus::zvariant::Value;
 
 use crate::cni::{self, Cni, NetworkList};
@@ -332,6 +332,7 @@ impl Runtime {
         let range = pod.userns.map(|u| u.range);
         pod.namespaces =
             tokio::task::spawn_blocking(move || namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range))
+                .instrument(tracing::info_span!("pod.namespaces", sandbox.id = %pod.id))
                 .await
                 .map_err(|e| Error::Io { what: "namespace task".into(), source: std::io::Error::other(e) })?
                 .map_err(Error::io("cannot create pod namespaces"))?;

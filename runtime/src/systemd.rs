@@ -217,6 +217,7 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 impl Systemd {
     /// Starts transient unit `name` with `properties` and waits for its start job to finish.
     /// `Type=notify` services finish starting when they send READY=1.
+    #[tracing::instrument(name = "systemd.start_unit", skip_all, fields(systemd.unit = %name))]
     pub async fn start_transient_unit(&self, name: &str, properties: UnitProperties) -> Result<(), Error> {
         let job_error = |reason: String| Error::Unit { unit: name.to_string(), action: "start", reason };
         let connection = self.connection().await?;
@@ -230,6 +231,7 @@ impl Systemd {
 
     /// As [`Systemd::start_transient_unit`], but a unit of that name that systemd has already
     /// loaded is left as it is: false then, true when this call started it.
+    #[tracing::instrument(name = "systemd.start_unit", skip_all, fields(systemd.unit = %name))]
     pub async fn start_transient_unit_unless_loaded(
         &self,
         name: &str,
@@ -248,6 +250,7 @@ impl Systemd {
 
     /// Stops unit `name` (and, for a slice, every unit in it) and waits for the stop job. A unit
     /// that does not exist is already stopped.
+    #[tracing::instrument(name = "systemd.stop_unit", skip_all, fields(systemd.unit = %name))]
     pub async fn stop_unit(&self, name: &str) -> Result<(), Error> {
         let job_error = |reason: String| Error::Unit { unit: name.to_string(), action: "stop", reason };
         let connection = self.connection().await?;

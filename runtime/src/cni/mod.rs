@@ -240,6 +240,7 @@ impl Cni {
     /// the pod's IPs. The cache entry is written before the first plugin runs and after each one,
     /// so that `del` undoes whatever part of this ran, even after the daemon was killed. On error
     /// the caller runs `del`.
+    #[tracing::instrument(name = "cni.add", skip_all, fields(cni.network = %network.name, sandbox.id = %attachment.container_id))]
     pub(crate) async fn add(&self, network: &NetworkList, attachment: &Attachment) -> Result<Vec<IpAddr>, CniError> {
         let started = Instant::now();
         let added = self.add_plugins(network, attachment, started).await;
@@ -300,6 +301,7 @@ impl Cni {
     /// ADD ran, or a DEL already finished), so calling it again is harmless. As the spec asks,
     /// the first failing plugin stops the DEL; the entry stays for the next try. `netns` is none
     /// when the namespace is gone.
+    #[tracing::instrument(name = "cni.del", skip_all, fields(sandbox.id = %container_id))]
     pub(crate) async fn del(&self, container_id: &str, netns: Option<&Path>) -> Result<(), CniError> {
         for (path, read) in self.cache.find(container_id)? {
             let started = Instant::now();
