@@ -133,6 +133,12 @@ async fn signature_policy() {
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let signed_as = |repo: &str| format!("{REGISTRY}/{repo}");
 
+    // Unsigned under a `signed` scope: refused, nothing stored.
+    let unsigned = image("unsigned");
+    let reference = registry.push_image("p256/unsigned", "1", &unsigned);
+    let scope = format!("scope \"{REGISTRY}/p256\"");
+    assert_refused(&node, &mut client, &reference, &unsigned, &[&scope, "no signature"]).await;
+
     // Signed with P-256, cosign's `.sig` tag: pulled by tag, and by digest.
     let signed = image("p256-signed");
     let reference = registry.push_image("p256/app", "1", &signed);
@@ -170,12 +176,6 @@ async fn signature_policy() {
     assert_eq!(pull(&mut client, &reference).await.expect("signed through referrers"), referred.id());
     let asked = registry.access_lines(&format!("GET /v2/p256/referred/referrers/{}", referred.manifest.digest));
     assert!(!asked.is_empty(), "the daemon did not ask the referrers API:\n{}", registry.logs());
-
-    // Unsigned under a `signed` scope.
-    let unsigned = image("unsigned");
-    let reference = registry.push_image("p256/unsigned", "1", &unsigned);
-    let scope = format!("scope \"{REGISTRY}/p256\"");
-    assert_refused(&node, &mut client, &reference, &unsigned, &[&scope, "no signature"]).await;
 
     // A tampered payload: the registry serves other bytes (same size) for the payload blob.
     let tampered = image("tampered");
