@@ -241,16 +241,14 @@ impl EndpointClient {
     }
 
     /// The OCI 1.1 referrers API's index of the manifests whose `subject` is `digest`
-    /// (`GET /v2/<repo>/referrers/<digest>`). Registries without the API answer 404 (NotFound).
-    /// No `artifactType` filter is sent: registries may ignore it, so the caller filters.
+    /// (`GET /v2/<repo>/referrers/<digest>`). Registries without the API answer 404, some
+    /// another error: not retried, since the caller then looks elsewhere. No `artifactType`
+    /// filter is sent: registries may ignore it, so the caller filters.
     pub async fn referrers(&self, image: &ImageReference, digest: &Digest) -> Result<bytes::Bytes, Error> {
         let url = self.url(image, "referrers", &digest.to_string());
         let what = format!("referrers of {}@{digest}", image.name());
-        self.retry("fetch referrers", || async {
-            let response = self.get(image, &url, Some("application/vnd.oci.image.index.v1+json"), &what).await?;
-            self.read_capped(response, MAX_MANIFEST_BYTES, &what).await
-        })
-        .await
+        let response = self.get(image, &url, Some("application/vnd.oci.image.index.v1+json"), &what).await?;
+        self.read_capped(response, MAX_MANIFEST_BYTES, &what).await
     }
 
     /// The digest of the image's manifest (or index) from a HEAD request's `Docker-Content-Digest`

@@ -520,8 +520,12 @@ pub(crate) async fn verify(
             debug!(reference = %requested, error = %e, "unreadable referrers answer, ignored");
             Vec::new()
         }),
-        Err(e) if not_found(&e) => Vec::new(),
-        Err(e) => return Err(Err(e)),
+        // No API (404, or another answer from registries that do not know the path): the tags
+        // below are asked next, and report a registry that is really failing.
+        Err(e) => {
+            debug!(reference = %requested, error = %e, "no referrers API answer, looking for tags");
+            Vec::new()
+        }
     };
     if referrers.is_empty() {
         let tag = format!("{}-{}", pulled.algorithm().name(), pulled.hex());
