@@ -33,9 +33,9 @@
 //! (a valid signature of another manifest), reference mismatch (of another repository).
 //!
 //! The crypto is RustCrypto's (`p256`, `ed25519-dalek`; `spki` to read a key's algorithm): well
-//! kept, pure Rust, no hand-written crypto. Not `sigstore-rs`: it brings an HTTP stack, TUF and
-//! OpenSSL-free X.509 verification this key-based check does not need, and fetches through its
-//! own registry client rather than the store's (mirrors, credentials, caps).
+//! kept, pure Rust, no hand-written crypto. Not the `sigstore` crate: it brings TUF, Fulcio and
+//! Rekor clients this key-based check does not need, and fetches signatures with its own OCI
+//! client, outside the store's mirrors, credentials and body caps.
 
 use std::collections::BTreeMap;
 use std::fmt;
