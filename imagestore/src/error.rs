@@ -120,6 +120,7 @@ impl Error {
             Error::NoMatchingPlatform { .. } => "no_matching_platform",
             Error::Unauthenticated { .. } => "unauthenticated",
             Error::PermissionDenied { .. } => "permission_denied",
+            Error::SignatureRefused { .. } => "signature_refused",
             Error::Unavailable { .. } => "unavailable",
             Error::Registry { .. } => "registry_error",
             Error::TooLarge { .. } => "too_large",
