@@ -503,3 +503,171 @@ impl Drop for Proxy {
         }
     }
 }
+
+// ---- cosign signatures ------------------------------------------------------------------------
+//
+// Signatures made in the tests with throwaway keys, in exactly the format cosign pushes (sigstore/
+// cosign specs/SIGNATURE_SPEC.md; sigstore's `payload.Cosign` for the payload's JSON): the
+// simple-signing payload as a layer blob of media type `application/vnd.dev.cosign.simplesigning.v1+json`,
+// its base64 signature in the layer annotation `dev.cosignproject.cosign/signature`, in an OCI
+// manifest tagged `sha256-<hex>.sig` (or, in cosign's OCI 1.1 referrers mode, a manifest whose
+// `subject` is the signed manifest).
+
+/// The payload layer's media type.
+pub const COSIGN_SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// The annotation holding a layer's signature.
+pub const COSIGN_SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// The artifact type of signature manifests in cosign's referrers mode.
+pub const COSIGN_SIG_ARTIFACT_TYPE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
+
+/// A throwaway signing key of one of cosign's schemes.
+#[derive(Debug, Clone)]
+pub enum SigningKey {
+    /// ECDSA P-256 with SHA-256, ASN.1 DER signatures (`cosign generate-key-pair`'s keys).
+    P256(p256::ecdsa::SigningKey),
+    Ed25519(ed25519_dalek::SigningKey),
+}
+
+impl SigningKey {
+    /// A P-256 key from a seed byte (deterministic, for tests only).
+    pub fn p256(seed: u8) -> SigningKey {
+        SigningKey::P256(p256::ecdsa::SigningKey::from_slice(&[seed; 32]).expect("a valid P-256 scalar"))
+    }
+
+    /// An Ed25519 key from a seed byte (deterministic, for tests only).
+    pub fn ed25519(seed: u8) -> SigningKey {
+        SigningKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[seed; 32]))
+    }
+
+    /// The public key as PEM `PUBLIC KEY` (SubjectPublicKeyInfo), as `cosign.pub` holds it.
+    pub fn public_pem(&self) -> String {
+        match self {
+            SigningKey::P256(key) => {
+                use p256::pkcs8::EncodePublicKey as _;
+                key.verifying_key().to_public_key_pem(p256::pkcs8::LineEnding::LF).unwrap()
+            }
+            SigningKey::Ed25519(key) => {
+                use ed25519_dalek::pkcs8::EncodePublicKey as _;
+                key.verifying_key().to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF).unwrap()
+            }
+        }
+    }
+
+    /// The signature of `payload` as sigstore's signers make it.
+    pub fn sign(&self, payload: &[u8]) -> Vec<u8> {
+        match self {
+            SigningKey::P256(key) => {
+                use p256::ecdsa::signature::Signer as _;
+                let signature: p256::ecdsa::Signature = key.sign(payload);
+                signature.to_der().as_bytes().to_vec()
+            }
+            SigningKey::Ed25519(key) => {
+                use ed25519_dalek::Signer as _;
+                key.sign(payload).to_bytes().to_vec()
+            }
+        }
+    }
+}
+
+/// cosign's simple-signing payload for a manifest digest and the repository it was signed as,
+/// byte for byte as `payload.Cosign` marshals it (no annotations: `optional` is null).
+pub fn cosign_payload(manifest_digest: &str, docker_reference: &str) -> Vec<u8> {
+    format!(
+        r#"{{"critical":{{"identity":{{"docker-reference":"{docker_reference}"}},"image":{{"docker-manifest-digest":"{manifest_digest}"}},"type":"cosign container image signature"}},"optional":null}}"#
+    )
+    .into_bytes()
+}
+
+/// One signature: a payload and the raw signature bytes over it.
+#[derive(Debug, Clone)]
+pub struct CosignSignature {
+    pub payload: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl CosignSignature {
+    /// `key`'s signature of `manifest_digest` as `docker_reference` (a repository, as cosign signs).
+    pub fn new(key: &SigningKey, manifest_digest: &str, docker_reference: &str) -> CosignSignature {
+        let payload = cosign_payload(manifest_digest, docker_reference);
+        CosignSignature { signature: key.sign(&payload), payload }
+    }
+}
+
+/// The blobs (payloads, config) and manifest of a cosign signature image. `subject`: the signed
+/// manifest's descriptor, for the referrers mode (artifact type and subject set, as cosign's
+/// `WriteSignaturesExperimentalOCI` writes them).
+pub fn cosign_signature_image(signatures: &[CosignSignature], subject: Option<&Blob>) -> (Vec<Blob>, Blob) {
+    use base64::Engine as _;
+    let payloads: Vec<Blob> = signatures.iter().map(|s| Blob::new(COSIGN_SIMPLESIGNING, s.payload.clone())).collect();
+    // go-containerregistry's empty image with the payloads appended (uncompressed: diff id = digest).
+    let config = serde_json::json!({
+        "architecture": "",
+        "created": "0001-01-01T00:00:00Z",
+        "history": payloads.iter().map(|_| serde_json::json!({"created": "0001-01-01T00:00:00Z"})).collect::<Vec<_>>(),
+        "os": "",
+        "rootfs": {"type": "layers", "diff_ids": payloads.iter().map(|p| p.digest.clone()).collect::<Vec<_>>()},
+        "config": {},
+    });
+    let config_media_type = if subject.is_some() { COSIGN_SIG_ARTIFACT_TYPE } else { crate::oci::MEDIA_CONFIG };
+    let config = Blob::new(config_media_type, serde_json::to_vec(&config).unwrap());
+    let layers: Vec<serde_json::Value> = payloads
+        .iter()
+        .zip(signatures)
+        .map(|(blob, s)| {
+            let mut descriptor = blob.descriptor();
+            descriptor["annotations"] = serde_json::json!({
+                COSIGN_SIGNATURE_ANNOTATION: base64::engine::general_purpose::STANDARD.encode(&s.signature)
+            });
+            descriptor
+        })
+        .collect();
+    let mut manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::MEDIA_MANIFEST,
+        "config": config.descriptor(),
+        "layers": layers,
+    });
+    if let Some(subject) = subject {
+        manifest["subject"] = subject.descriptor();
+        manifest["artifactType"] = COSIGN_SIG_ARTIFACT_TYPE.into();
+    }
+    let manifest = Blob::new(crate::oci::MEDIA_MANIFEST, serde_json::to_vec(&manifest).unwrap());
+    let mut blobs = payloads;
+    blobs.push(config);
+    (blobs, manifest)
+}
+
+/// `sha256-<hex>` of a digest, with `suffix` (cosign's tag: `.sig`).
+pub fn digest_tag(digest: &str, suffix: &str) -> String {
+    format!("{}{suffix}", digest.replacen(':', "-", 1))
+}
+
+impl Registry<'_> {
+    /// Pushes signatures of `manifest_digest` to `repo` as `cosign sign` does: a signature image
+    /// tagged `sha256-<hex>.sig`. Returns the signature manifest.
+    pub fn push_cosign_signatures(&self, repo: &str, manifest_digest: &str, signatures: &[CosignSignature]) -> Blob {
+        let (blobs, manifest) = cosign_signature_image(signatures, None);
+        for blob in &blobs {
+            self.push_blob(repo, blob);
+        }
+        self.push_manifest(repo, &digest_tag(manifest_digest, ".sig"), &manifest);
+        manifest
+    }
+
+    /// Pushes signatures of `subject` as cosign's OCI 1.1 referrers mode does on a registry
+    /// without the referrers API (go-containerregistry then keeps the referrers tag schema's index
+    /// under `sha256-<hex>`): the signature manifest by digest, and that index listing it.
+    pub fn push_cosign_referrer(&self, repo: &str, subject: &Blob, signatures: &[CosignSignature]) -> Blob {
+        let (blobs, manifest) = cosign_signature_image(signatures, Some(subject));
+        for blob in &blobs {
+            self.push_blob(repo, blob);
+        }
+        self.push_manifest(repo, &manifest.digest, &manifest);
+        let mut entry = manifest.descriptor();
+        entry["artifactType"] = COSIGN_SIG_ARTIFACT_TYPE.into();
+        let index = serde_json::json!({"schemaVersion": 2, "mediaType": crate::oci::MEDIA_INDEX, "manifests": [entry]});
+        let index = Blob::new(crate::oci::MEDIA_INDEX, serde_json::to_vec(&index).unwrap());
+        self.push_manifest(repo, &digest_tag(&subject.digest, ""), &index);
+        manifest
+    }
+}

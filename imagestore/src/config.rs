@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::signature::SignaturePolicy;
 
 /// Image store settings. Every field has a default, so an empty `[images]` table is valid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,9 @@ pub struct StoreConfig {
     /// Per-registry settings keyed by host (`docker.io`, `localhost:5000`), like containerd's
     /// hosts.toml. A registry without an entry is reached over https with the system roots.
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// The signature policy (`[images.signatures]`): which images a pull accepts, by scope
+    /// (see `signature.rs`). Default: every image.
+    pub signatures: SignaturePolicy,
 }
 
 impl Default for StoreConfig {
@@ -53,6 +57,7 @@ impl Default for StoreConfig {
             pinned_images: Vec::new(),
             layer_uid_shift: FOREIGN_UID_BASE,
             registries: BTreeMap::new(),
+            signatures: SignaturePolicy::default(),
         }
     }
 }
@@ -101,6 +106,8 @@ impl StoreConfig {
             crate::reference::ImageReference::parse(pinned)
                 .map_err(|e| Error::InvalidConfig(format!("pinned_images: {e}")))?;
         }
+        // Reads the keys: a bad policy stops start-up, naming its scope.
+        self.signatures.compile()?;
         Ok(())
     }
 }

@@ -75,6 +75,10 @@ pub enum Error {
     #[error("refusing layer {layer}: {reason}")]
     LayerLimit { layer: String, reason: String },
 
+    /// The signature policy refuses the image (nothing of it was stored).
+    #[error("image {reference} refused by signature policy scope {scope:?}: {reason}")]
+    SignatureRefused { reference: String, scope: String, reason: String },
+
     #[error("corrupt metadata {path}: {detail}")]
     CorruptMetadata { path: PathBuf, detail: String },
 
@@ -93,7 +97,7 @@ impl Error {
             Error::InvalidReference { .. } | Error::InvalidConfig(_) => ErrorKind::InvalidArgument,
             Error::NotFound { .. } | Error::NoMatchingPlatform { .. } => ErrorKind::NotFound,
             Error::Unauthenticated { .. } => ErrorKind::Unauthenticated,
-            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Error::PermissionDenied { .. } | Error::SignatureRefused { .. } => ErrorKind::PermissionDenied,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Registry { .. } => ErrorKind::Unavailable,
             Error::DigestMismatch { .. }
@@ -116,6 +120,7 @@ impl Error {
             Error::NoMatchingPlatform { .. } => "no_matching_platform",
             Error::Unauthenticated { .. } => "unauthenticated",
             Error::PermissionDenied { .. } => "permission_denied",
+            Error::SignatureRefused { .. } => "signature_refused",
             Error::Unavailable { .. } => "unavailable",
             Error::Registry { .. } => "registry_error",
             Error::TooLarge { .. } => "too_large",

@@ -21,6 +21,7 @@ mod platform;
 mod pull_profile;
 mod reference;
 mod registry;
+pub mod signature;
 mod store;
 #[cfg(test)]
 mod store_tests;
@@ -41,6 +42,7 @@ pub use meta::ImageConfig;
 pub use platform::Platform;
 pub use reference::ImageReference;
 pub use registry::Credentials;
+pub use signature::{ScopePolicy, SignaturePolicy};
 pub use store::{
     GcReport, Image, ImageId, ImageManifest, ImageStore, InUse, LayerLease, ManifestPlan, StoreCounters, Usage,
     image_layers, read_manifest,

@@ -240,6 +240,17 @@ impl EndpointClient {
         .await
     }
 
+    /// The OCI 1.1 referrers API's index of the manifests whose `subject` is `digest`
+    /// (`GET /v2/<repo>/referrers/<digest>`). Registries without the API answer 404, some
+    /// another error: not retried, since the caller then looks elsewhere. No `artifactType`
+    /// filter is sent: registries may ignore it, so the caller filters.
+    pub async fn referrers(&self, image: &ImageReference, digest: &Digest) -> Result<bytes::Bytes, Error> {
+        let url = self.url(image, "referrers", &digest.to_string());
+        let what = format!("referrers of {}@{digest}", image.name());
+        let response = self.get(image, &url, Some("application/vnd.oci.image.index.v1+json"), &what).await?;
+        self.read_capped(response, MAX_MANIFEST_BYTES, &what).await
+    }
+
     /// The digest of the image's manifest (or index) from a HEAD request's `Docker-Content-Digest`
     /// header, without its body: what containerd's resolver asks first (`core/remotes/docker/
     /// resolver.go`), so that a re-pull of a present image costs one round trip and no body. `None`

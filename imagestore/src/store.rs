@@ -25,6 +25,7 @@ use crate::meta::{ImageConfig, ImageRecord, Metadata, parse_image_config};
 use crate::platform::{self, Platform};
 use crate::reference::ImageReference;
 use crate::registry::{self, Credentials, EndpointClient, HttpClients};
+use crate::signature::{self, PublicKey, Refusal, Requirement};
 use crate::unpack::Limits;
 
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
@@ -139,6 +140,8 @@ struct Inner {
     platform: Platform,
     http_clients: HttpClients,
     counters: Counters,
+    /// The signature policy, keys read (`config.signatures` compiled).
+    signatures: crate::signature::Policy,
 }
 
 /// Keeps content referenced while a pull uses it.
@@ -307,7 +310,9 @@ impl ImageStore {
                 (None, None) => r.name(),
             })
             .collect();
+        let signatures = config.signatures.compile()?;
         let inner = Inner {
+            signatures,
             root: root.to_path_buf(),
             blobs: BlobStore::new(root.join("blobs"), tmp.clone()),
             layers: Arc::new(layers),
@@ -346,8 +351,18 @@ impl ImageStore {
     pub async fn pull(&self, reference: &str, auth: Option<Credentials>) -> Result<Image, Error> {
         let image_ref = ImageReference::parse(reference)?;
         let started = Instant::now();
+        // The policy of the reference as requested, whichever endpoint (mirror) serves it.
+        let (scope, requirement) = self.inner.signatures.requirement(&image_ref);
+        let keys = match requirement {
+            Requirement::Accept => None,
+            Requirement::Reject => return Err(refused(&image_ref, scope, &Refusal::Rejected)),
+            Requirement::Signed(keys) => Some((scope, keys.as_slice())),
+        };
         let registry_config = self.inner.config.registries.get(&image_ref.registry).cloned().unwrap_or_default();
         let mut last_error = None;
+        // A mirror's image the policy refused: the next endpoint may have its signature, but if
+        // it fails too, the refusal is what the caller should hear (not "unreachable").
+        let mut refusal = None;
         for endpoint in registry::endpoints(&image_ref.registry, &registry_config) {
             let is_mirror = endpoint.is_mirror;
             let host = endpoint.host.clone();
@@ -360,7 +375,7 @@ impl ImageStore {
                     auth.as_ref(),
                 )
                 .await?;
-                self.pull_from(&client, &image_ref).await
+                self.pull_from(&client, &image_ref, keys).await
             };
             match attempt.await {
                 Ok(image) => {
@@ -371,18 +386,42 @@ impl ImageStore {
                 }
                 Err(e) if is_mirror && mirror_may_fall_back(&e) => {
                     warn!(reference = %image_ref, mirror = %host, error = %e, "mirror failed, trying the next endpoint");
-                    last_error = Some(e);
+                    if matches!(e, Error::SignatureRefused { .. }) {
+                        refusal = Some(e);
+                    } else {
+                        last_error = Some(e);
+                    }
                 }
-                Err(e) => return Err(e),
+                Err(e) if matches!(e, Error::SignatureRefused { .. }) => return Err(e),
+                Err(e) => return Err(refusal.unwrap_or(e)),
             }
         }
-        Err(last_error
+        Err(refusal
+            .or(last_error)
             .unwrap_or_else(|| Error::NotFound { reference: reference.to_owned(), detail: "no endpoint".into() }))
     }
 
-    async fn pull_from(&self, client: &EndpointClient, image_ref: &ImageReference) -> Result<Image, Error> {
+    /// One endpoint's pull. `signed`: the scope and keys the image must be signed with; checked
+    /// against the digest of the manifest (or index) fetched, before anything is stored.
+    async fn pull_from(
+        &self,
+        client: &EndpointClient,
+        image_ref: &ImageReference,
+        signed: Option<(&str, &[PublicKey])>,
+    ) -> Result<Image, Error> {
         let body = self.top_manifest(client, image_ref).await?;
         let top_digest = verify_manifest_digest(&body, image_ref.digest.as_ref(), &image_ref.to_string())?;
+        if let Some((scope, keys)) = signed {
+            match signature::verify(client, image_ref, &top_digest, keys).await {
+                Ok(()) => {}
+                Err(Ok(refusal)) => {
+                    warn!(reference = %image_ref, digest = %top_digest, from = %client.endpoint.host, scope, %refusal,
+                        "signature policy refused the image");
+                    return Err(refused(image_ref, scope, &refusal));
+                }
+                Err(Err(e)) => return Err(e),
+            }
+        }
         let (manifest_body, manifest_digest, manifest, index) =
             match read_manifest(&body, &self.inner.platform, &image_ref.to_string())? {
                 ManifestPlan::Index { manifest: digest } => {
@@ -843,6 +882,10 @@ impl ImageStore {
         }
         Ok(LayerLease { inner: self.inner.clone(), keys, lowerdirs })
     }
+}
+
+fn refused(image_ref: &ImageReference, scope: &str, refusal: &Refusal) -> Error {
+    Error::SignatureRefused { reference: image_ref.to_string(), scope: scope.to_owned(), reason: refusal.to_string() }
 }
 
 fn body_clone(b: &Bytes) -> Bytes {

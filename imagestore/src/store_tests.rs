@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{RegistryConfig, StoreConfig};
+use crate::digest::Digest;
 use crate::error::ErrorKind;
 use crate::registry::Credentials;
 use crate::store::{ImageStore, InUse};
-use crate::test_registry::{Auth, FakeRegistry, push_image, push_index, tar_with};
+use crate::test_registry::{Auth, FakeRegistry, OCI_INDEX, OCI_MANIFEST, push_image, push_index, tar_with};
 
 fn config_for(reg: &FakeRegistry) -> StoreConfig {
     let mut config = StoreConfig { retries: 2, ..StoreConfig::default() };
@@ -539,4 +540,93 @@ async fn a_repull_of_a_present_image_asks_only_for_the_manifest_digest() {
     assert_eq!(image.id.0, moved_config);
     let requests = manifest_requests(&reg);
     assert_eq!(requests.iter().filter(|r| r.starts_with("GET ")).count(), 1, "{requests:?}");
+}
+
+/// The signature policy in the pull: an index signed through the referrers API (the signature
+/// names the index digest), a `.sig` signature found although the referrers API fails with 500
+/// (asked once, not retried), an unsigned image refused with nothing stored, a `reject` scope
+/// refused before any request.
+#[tokio::test]
+async fn signature_policy_is_checked_before_anything_is_stored() {
+    use base64::Engine as _;
+    use p256::ecdsa::signature::Signer as _;
+
+    let reg = FakeRegistry::start().await;
+    let host = reg.host();
+    let key = p256::ecdsa::SigningKey::from_slice(&[5; 32]).unwrap();
+    let pem = {
+        use p256::pkcs8::EncodePublicKey as _;
+        key.verifying_key().to_public_key_pem(p256::pkcs8::LineEnding::LF).unwrap()
+    };
+    // A cosign signature manifest of `digest` as `repo`, with its payload blob pushed.
+    let signature_manifest = |repo: &str, digest: &Digest| -> String {
+        let payload = format!(
+            r#"{{"critical":{{"identity":{{"docker-reference":"{host}/{repo}"}},"image":{{"docker-manifest-digest":"{digest}"}},"type":"cosign container image signature"}},"optional":null}}"#
+        );
+        let signature: p256::ecdsa::Signature = key.sign(payload.as_bytes());
+        let signature = base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes());
+        let payload_digest = reg.put_blob(payload.as_bytes());
+        let config = reg.put_blob(b"{}");
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{}",
+                "config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":2,"digest":"{config}"}},
+                "layers":[{{"mediaType":"{}","size":{},"digest":"{payload_digest}","annotations":{{"{}":"{signature}"}}}}]}}"#,
+            crate::signature::COSIGN_SIGNATURE_ARTIFACT_TYPE,
+            crate::signature::SIMPLE_SIGNING_MEDIA_TYPE,
+            payload.len(),
+            crate::signature::SIGNATURE_ANNOTATION,
+        )
+    };
+
+    let host_arch = crate::platform::Platform::host().architecture;
+    let (platform_manifest, config_digest) =
+        push_image(&reg, "signed/multi", None, &[tar_with(&[("m", b"1")])], "", &host_arch);
+    let index = push_index(&reg, "signed/multi", "1", &[(&format!("linux/{host_arch}"), platform_manifest)]);
+    let referrer =
+        reg.put_manifest("signed/multi", None, OCI_MANIFEST, signature_manifest("signed/multi", &index).as_bytes());
+    let referrers = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{referrer}","size":1,"artifactType":"{}"}}]}}"#,
+        crate::signature::COSIGN_SIGNATURE_ARTIFACT_TYPE
+    );
+    reg.state().referrers.insert(("signed/multi".into(), index.to_string()), referrers.into_bytes());
+
+    let (tagged, _) = push_image(&reg, "signed/app", Some("1"), &[tar_with(&[("a", b"1")])], "", &host_arch);
+    let sig = signature_manifest("signed/app", &tagged);
+    reg.put_manifest("signed/app", Some(&format!("sha256-{}.sig", tagged.hex())), OCI_MANIFEST, sig.as_bytes());
+    reg.state().fail.insert("/referrers/".into(), 100);
+
+    let (unsigned, unsigned_config) =
+        push_image(&reg, "signed/unsigned", Some("1"), &[tar_with(&[("u", b"1")])], "", &host_arch);
+
+    let mut config = config_for(&reg);
+    let policy = format!(
+        "[scopes.\"{host}/signed\"]\npolicy = \"signed\"\nkey_data = [\"\"\"{pem}\"\"\"]\n[scopes.\"{host}/rejected\"]\npolicy = \"reject\"\n"
+    );
+    config.signatures = toml::from_str(&policy).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), config);
+
+    // While the referrers API fails (503, transient for other requests), each pull asks it once
+    // and then looks for the tags.
+    let err = store.pull(&format!("{host}/signed/unsigned:1"), None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    assert!(err.to_string().contains(&format!("scope \"{host}/signed\": no signature")), "{err}");
+    assert_eq!(reg.hits(&format!("/referrers/{unsigned}")), 1, "the failing referrers API was retried");
+    assert_eq!(layer_count(dir.path()), 0);
+    assert!(fs::read_dir(dir.path().join("blobs/sha256")).map(|d| d.count() == 0).unwrap_or(true), "blobs were stored");
+    assert!(tmp_is_empty(dir.path()));
+    assert!(store.image(&unsigned_config.to_string()).unwrap().is_none());
+
+    let image = store.pull(&format!("{host}/signed/app:1"), None).await.unwrap();
+    assert_eq!(image.manifest_digest, tagged);
+
+    reg.state().fail.clear();
+    let image = store.pull(&format!("{host}/signed/multi:1"), None).await.unwrap();
+    assert_eq!(image.id.0, config_digest, "the index's signature accepts its platform's image");
+
+    let requests = reg.state().requests.len();
+    let err = store.pull(&format!("{host}/rejected/app:1"), None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("rejects every image"), "{err}");
+    assert_eq!(reg.state().requests.len(), requests, "a rejected image was asked for");
 }

@@ -36,6 +36,9 @@ pub(crate) struct State {
     pub blob_delay: Option<Duration>,
     /// Answer HEAD of a manifest with 405, as some registries do.
     pub no_head: bool,
+    /// The OCI 1.1 referrers API: `(repo, subject digest)` -> the index to answer. A registry
+    /// without any answers 404 for every subject, as registries without the API do.
+    pub referrers: HashMap<(String, String), Vec<u8>>,
 }
 
 pub(crate) struct FakeRegistry {
@@ -238,6 +241,12 @@ fn route(
                 None,
             ),
             None => not_found("MANIFEST_UNKNOWN"),
+        };
+    }
+    if let Some((repo, digest)) = rest.split_once("/referrers/") {
+        return match st.referrers.get(&(repo.to_owned(), digest.to_owned())) {
+            Some(index) => ("200 OK", vec![("Content-Type".into(), OCI_INDEX.into())], index.clone(), None),
+            None => not_found("NAME_UNKNOWN"),
         };
     }
     if let Some((_repo, digest)) = rest.split_once("/blobs/") {
