@@ -15,7 +15,8 @@ use crate::config::LogLevel;
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
 pub fn init(level: LogLevel) {
     // Dependencies log their internals at debug; keep them quiet unless asked for by RUST_LOG.
-    let default_filter = format!("{},zbus=warn,h2=warn,hyper=warn,tower=warn,rustls=warn", level.as_str());
+    let default_filter =
+        format!("{},zbus=warn,h2=warn,hyper=warn,tower=warn,rustls=warn,tss_esapi=warn", level.as_str());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
     if std::env::var_os("JOURNAL_STREAM").is_some() {

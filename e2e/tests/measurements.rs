@@ -13,22 +13,8 @@ use e2e::{Node, cri};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// cri-server's `measurements::MESSAGE_ID`.
 const MESSAGE_ID: &str = "0b424bd67e764aee981de9464b4641af";
-const TCTI: &str = "swtpm:host=127.0.0.1,port=2321";
+const TCTI: &str = e2e::SWTPM_TCTI;
 const LOG: &str = "/var/lib/cri-systemd/measurements/starts.log";
-
-/// Starts swtpm on the node's loopback as a unit of its own and waits until it answers.
-fn start_swtpm(node: &Node) {
-    node.sh("mkdir -p /var/lib/e2e-swtpm && systemd-run --unit=e2e-swtpm --quiet swtpm socket --tpm2 \
-         --tpmstate dir=/var/lib/e2e-swtpm --server type=tcp,port=2321,bindaddr=127.0.0.1 \
-         --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 --flags not-need-init,startup-clear");
-    for _ in 0..100 {
-        if node.exec(&["tpm2_pcrread", "-T", TCTI, "sha256:23"]).success() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("swtpm does not answer in node {}:\n{}", node.name(), node.sh("journalctl -u e2e-swtpm --no-pager || true"));
-}
 
 /// PCR 23 of the SHA-256 bank as tpm2_pcrread prints it, lowercase hex.
 fn pcr23(node: &Node) -> String {
@@ -81,11 +67,18 @@ async fn starts_are_measured_verified_and_survive_a_kill_between_record_and_star
         "measure",
         &format!("[measurements]\nenabled = true\ntpm = true\ntcti = \"{TCTI}\"\n"),
     );
-    // After the daemon: it waits for the TPM (starts are refused until it answers).
-    start_swtpm(&node);
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = e2e::pull_busybox(&node, &mut client, "measure-registry").await;
     let pod = crisimple::run_pod(&mut client, "measured").await;
+    // No TPM yet: the start is refused, naming the TPM, and nothing runs unmeasured.
+    let early = create_sleeper(&mut client, &pod, &image, "early").await;
+    let refused = crisimple::start(&mut client, &early).await.expect_err("a start without its measurement");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(TCTI), "{refused:?}");
+    assert_eq!(crisimple::status(&mut client, &early).await.state(), cri::ContainerState::ContainerCreated);
+    assert_eq!(node.sh(&format!("wc -c < {LOG}")).trim(), "0", "no record of a refused start");
+    crisimple::remove_container(&mut client, &early).await;
+    e2e::start_swtpm(&node);
     let mut ids = Vec::new();
     for name in ["first", "second"] {
         let id = create_sleeper(&mut client, &pod, &image, name).await;
@@ -155,4 +148,20 @@ async fn starts_are_measured_verified_and_survive_a_kill_between_record_and_star
         let position = if what == "torn" { "record 4:" } else { "record 2:" };
         assert!(out.contains(position) && out.contains("FAILED"), "{what}: {out}");
     }
+
+    // A log torn by a crash (a line without its end) is set aside as it is, and the next start
+    // begins a new log that continues the chain from the last intact record.
+    node.sh(&format!("printf '{{\"record\":{{\"seq\":5,' >> {LOG}"));
+    let mut client = restart_daemon(&node, "").await;
+    let fifth = create_sleeper(&mut client, &pod, &image, "fifth").await;
+    crisimple::start(&mut client, &fifth).await.expect("StartContainer after a torn log");
+    let aside = node.sh(&format!("ls {LOG}.torn-*"));
+    let aside = aside.trim();
+    let (code, out) = verify(&node, &format!("--no-tpm --log {aside}"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("record 5: torn"), "{out}");
+    let (code, out) = verify(&node, "");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 1 records, chain intact, PCR 23 equals the replay") && out.contains("torn"), "{out}");
+    assert_eq!(journal_container_ids(&node).len(), 5);
 }
