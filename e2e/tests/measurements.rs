@@ -135,6 +135,18 @@ async fn starts_are_measured_verified_and_survive_a_kill_between_record_and_star
     assert_eq!(code, 0, "the config's TPM: {out}");
     assert!(out.contains("ok: 4 records, chain intact, PCR 23 equals the replay"), "{out}");
 
+    // Killed after the record is written, before its extend: the next daemon finds the PCR at the
+    // value before the last record and redoes the extend, so the log verifies against the TPM.
+    let mut client = restart_daemon(&node, "CRI_SYSTEMD_FAILPOINT=measurement-written").await;
+    let fourth = create_sleeper(&mut client, &pod, &image, "fourth").await;
+    assert!(crisimple::start(&mut client, &fourth).await.is_err(), "the failpoint kills the daemon");
+    let mut client = restart_daemon(&node, "").await;
+    let (code, out) = verify(&node, "");
+    assert_eq!(code, 0, "after a kill before the extend: {out}");
+    assert!(out.contains("ok: 5 records, chain intact, PCR 23 equals the replay"), "{out}");
+    crisimple::start(&mut client, &fourth).await.expect("StartContainer after the kill");
+    assert_eq!(pcr23(&node), records(&node)[5]["pcr_after"].as_str().unwrap());
+
     // Any change is reported at its position, and verify exits 1.
     for (what, edit) in [
         ("edited", r#"sed '2s/"container_name":"second"/"container_name":"evil"/'"#),
@@ -145,7 +157,7 @@ async fn starts_are_measured_verified_and_survive_a_kill_between_record_and_star
         node.sh(&format!("{edit} {LOG} > /tmp/{what}.log"));
         let (code, out) = verify(&node, &format!("--no-tpm --log /tmp/{what}.log"));
         assert_eq!(code, 1, "{what}: {out}");
-        let position = if what == "torn" { "record 4:" } else { "record 2:" };
+        let position = if what == "torn" { "record 6:" } else { "record 2:" };
         assert!(out.contains(position) && out.contains("FAILED"), "{what}: {out}");
     }
 
@@ -159,9 +171,10 @@ async fn starts_are_measured_verified_and_survive_a_kill_between_record_and_star
     let aside = aside.trim();
     let (code, out) = verify(&node, &format!("--no-tpm --log {aside}"));
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("record 5: torn"), "{out}");
+    assert!(out.contains("record 7: torn"), "{out}");
     let (code, out) = verify(&node, "");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: 1 records, chain intact, PCR 23 equals the replay") && out.contains("torn"), "{out}");
-    assert_eq!(journal_container_ids(&node).len(), 5);
+    // Every start but the one killed before its extend (and so before its journal entry).
+    assert_eq!(journal_container_ids(&node).len(), 6);
 }

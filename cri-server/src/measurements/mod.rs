@@ -62,11 +62,24 @@ use crate::config::MeasurementsConfig;
 /// The journal MESSAGE_ID of a measured container start (generated once for this purpose).
 pub const MESSAGE_ID: &str = "0b424bd67e764aee981de9464b4641af";
 
-/// The debug builds' failpoint: with this environment variable set to [`FAILPOINT_AFTER_RECORD`],
-/// the daemon kills itself (SIGKILL) after a record is written and extended, before the unit
-/// starts: the e2e test of what such a crash leaves.
+/// The debug builds' failpoints, for the e2e test of what a crash leaves: with this environment
+/// variable set to [`FAILPOINT_AFTER_RECORD`] the daemon kills itself (SIGKILL) after a record is
+/// written, extended and journaled, before the unit starts; set to [`FAILPOINT_BEFORE_EXTEND`],
+/// after the record is written and before its extend.
 pub const FAILPOINT_ENV: &str = "CRI_SYSTEMD_FAILPOINT";
 pub const FAILPOINT_AFTER_RECORD: &str = "measurement-recorded";
+pub const FAILPOINT_BEFORE_EXTEND: &str = "measurement-written";
+
+/// SIGKILL when the failpoint `name` is set (debug builds only).
+fn failpoint(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var(FAILPOINT_ENV).as_deref() == Ok(name) {
+        warn!("failpoint {name}: SIGKILL");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}
 
 /// Why a measurement failed (the start is refused).
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +157,7 @@ impl Measurer {
         let appended = state.log.append(record, base)?;
         if let Some(pcr) = &self.pcr {
             state.pcr_base = None;
+            failpoint(FAILPOINT_BEFORE_EXTEND);
             if let Err(e) = pcr.extend(&appended.digest) {
                 // The record stays ("intended"); the next start compares the PCR again and redoes
                 // this extend if the TPM never saw it.
@@ -153,11 +167,7 @@ impl Measurer {
         }
         drop(state);
         self.journal(&appended);
-        #[cfg(debug_assertions)]
-        if std::env::var(FAILPOINT_ENV).as_deref() == Ok(FAILPOINT_AFTER_RECORD) {
-            warn!(container = %appended.record.container_id, "failpoint {FAILPOINT_AFTER_RECORD}: SIGKILL");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        }
+        failpoint(FAILPOINT_AFTER_RECORD);
         Ok(appended)
     }
 
