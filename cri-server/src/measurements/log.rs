@@ -259,7 +259,9 @@ fn tail_of(text: &[u8]) -> Result<Option<Tail>, (usize, String)> {
     if !text.ends_with(b"\n") {
         return Err((position, "torn: the line has no end (a write cut short by a crash?)".into()));
     }
-    let parse = |line: &[u8]| -> Result<(Record, [u8; 32], Option<[u8; 32]>), String> {
+    /// A line's record, its digest, and its `pcr_after`.
+    type Parsed = (Record, [u8; 32], Option<[u8; 32]>);
+    let parse = |line: &[u8]| -> Result<Parsed, String> {
         let parsed: Line<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
         let record: Record = serde_json::from_str(parsed.record.get()).map_err(|e| e.to_string())?;
         let after = parsed.pcr_after.as_deref().and_then(parse_hex32);

@@ -175,11 +175,12 @@ impl Measurer {
         let Some(dispatch) = &self.journal else { return };
         let r = &appended.record;
         let layers = r.layer_chain_ids.join(" ");
+        let digest = log::digest_name(&appended.digest);
         tracing::dispatcher::with_default(dispatch, || {
             tracing::info!(
                 message_id = MESSAGE_ID,
                 record_seq = r.seq,
-                record_digest = %log::digest_name(&appended.digest),
+                record_digest = %digest,
                 record_prev = %r.prev,
                 pcr_after = %appended.pcr_after.map(hex::encode).unwrap_or_default(),
                 pod_id = %r.pod_id,
