@@ -62,6 +62,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// OpenTelemetry traces of CRI calls (the `[tracing]` table; off by default).
     pub tracing: crate::otel::TracingConfig,
+    /// Measured starts (the `[measurements]` table): off by default.
+    pub measurements: MeasurementsConfig,
 }
 
 /// A runtime handler (a `[runtimes.<name>]` table): what its pods get besides what the default
@@ -147,6 +149,7 @@ impl Default for Config {
             sources: Vec::new(),
             metrics: MetricsConfig::default(),
             tracing: crate::otel::TracingConfig::default(),
+            measurements: MeasurementsConfig::default(),
         }
     }
 }
@@ -245,6 +248,55 @@ pub struct SystemdConfig {
 impl Default for SystemdConfig {
     fn default() -> Self {
         Self { bus_address: "unix:path=/run/dbus/system_bus_socket".into() }
+    }
+}
+
+/// Measured starts (the `[measurements]` table; `crate::measurements`): every StartContainer
+/// appends a hash-chained record to `log` before the container's unit starts, and, with `tpm`,
+/// extends the record's digest into PCR `pcr` of the TPM that `tcti` reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeasurementsConfig {
+    /// Record every container start (off by default).
+    pub enabled: bool,
+    /// The log file; default `<state_root>/measurements/starts.log`.
+    pub log: Option<PathBuf>,
+    /// Extend each record into a TPM PCR. A start is refused while the TPM cannot be reached.
+    pub tpm: bool,
+    /// How to reach the TPM, as tpm2-tss names a TCTI: `device:/dev/tpmrm0` (the kernel's resource
+    /// manager), `swtpm:host=127.0.0.1,port=2321`, `tabrmd:`.
+    pub tcti: String,
+    /// The PCR (SHA-256 bank) extended: 23, "application support" in the UAPI Linux TPM PCR
+    /// Registry; 0-15 belong to firmware, boot loaders, IMA (10) and systemd (11-15), 16 is debug.
+    pub pcr: u8,
+}
+
+impl Default for MeasurementsConfig {
+    fn default() -> Self {
+        Self { enabled: false, log: None, tpm: false, tcti: "device:/dev/tpmrm0".into(), pcr: 23 }
+    }
+}
+
+impl MeasurementsConfig {
+    /// The log file of this config under `state_root`.
+    pub fn log_path(&self, state_root: &Path) -> PathBuf {
+        self.log.clone().unwrap_or_else(|| state_root.join("measurements").join("starts.log"))
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(log) = &self.log
+            && !log.is_absolute()
+        {
+            return Err(("measurements.log", format!("{} is not an absolute path", log.display())));
+        }
+        if self.pcr > 23 {
+            return Err(("measurements.pcr", format!("{} is not a PCR of a PC-client TPM (0-23)", self.pcr)));
+        }
+        if self.pcr < 8 {
+            return Err(("measurements.pcr", format!("PCR {} belongs to the firmware (0-7); use 23", self.pcr)));
+        }
+        crate::measurements::tpm::parse_tcti(&self.tcti).map_err(|e| ("measurements.tcti", e.to_string()))?;
+        Ok(())
     }
 }
 
@@ -439,6 +491,7 @@ impl Config {
             ));
         }
         self.tracing.validate().map_err(|(key, message)| bad(key, message))?;
+        self.measurements.validate().map_err(|(key, message)| bad(key, message))?;
         Ok(())
     }
 
@@ -716,5 +769,29 @@ mod tests {
         // Another directory, given explicitly; a missing one is no error.
         let config = Config::load(Some(&main), Some(&dir.path().join("none"))).unwrap();
         assert_eq!((config.images.retries, config.sources.len()), (1, 1));
+    }
+
+    #[test]
+    fn measurements_keys_are_checked() {
+        let config = Config::parse(
+            "[measurements]\nenabled = true\ntpm = true\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\n",
+            "c",
+        )
+        .unwrap();
+        assert!(config.measurements.enabled && config.measurements.pcr == 23);
+        assert_eq!(
+            config.measurements.log_path(&config.state_root),
+            Path::new("/var/lib/cri-systemd/measurements/starts.log")
+        );
+        for (bad, key) in [
+            ("[measurements]\nlog = \"rel/log\"\n", "`measurements.log`"),
+            ("[measurements]\npcr = 24\n", "`measurements.pcr`"),
+            ("[measurements]\npcr = 7\n", "`measurements.pcr`"),
+            ("[measurements]\ntcti = \"tpm0\"\n", "`measurements.tcti`"),
+            ("[measurements]\npcrs = 1\n", "pcrs"),
+        ] {
+            let err = Config::parse(bad, "/etc/c.toml").unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("/etc/c.toml"), "{bad}: {err}");
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod errors;
 pub mod image_service;
 pub mod list_streaming;
 pub mod logging;
+pub mod measurements;
 pub mod metrics;
 pub mod node;
 pub mod otel;

@@ -23,7 +23,8 @@ pub type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
 /// filters the log only, not `extra`.
 pub fn init(level: LogLevel, extra: Option<ExtraLayer>) {
     // Dependencies log their internals at debug; keep them quiet unless asked for by RUST_LOG.
-    let default_filter = format!("{},zbus=warn,h2=warn,hyper=warn,tower=warn,rustls=warn", level.as_str());
+    let default_filter =
+        format!("{},zbus=warn,h2=warn,hyper=warn,tower=warn,rustls=warn,tss_esapi=warn", level.as_str());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
     let log: ExtraLayer = if std::env::var_os("JOURNAL_STREAM").is_some() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use cri_server::config::Config;
-use cri_server::{logging, otel, preflight, server};
+use cri_server::{logging, measurements, otel, preflight, server};
 
 #[derive(Debug, Parser)]
 #[command(name = "cri-systemd", version, about = "A Kubernetes container runtime (CRI) on systemd")]
@@ -40,6 +40,11 @@ enum Command {
         /// Print the findings as JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Measured starts: the log of container starts (`[measurements]`).
+    Measurements {
+        #[command(subcommand)]
+        command: MeasurementsCommand,
     },
     /// The ExecStart of a container unit: set the container up from SPEC and exec its entrypoint.
     #[command(hide = true)]
@@ -75,6 +80,25 @@ enum Command {
         main_pid: i32,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MeasurementsCommand {
+    /// Replay the log: numbering, hash chain, PCR values; with a TPM (the config's, or --tcti),
+    /// compare the PCR with the replay. Prints each problem with its record's position; exits 1
+    /// when anything does not verify, 2 when the log or the TPM cannot be read.
+    Verify {
+        /// The log [default: the config's `measurements.log`].
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// The TPM to compare with, as tpm2-tss names a TCTI [default: the config's
+        /// `measurements.tcti` when `measurements.tpm` is on].
+        #[arg(long)]
+        tcti: Option<String>,
+        /// Do not compare with a TPM, whatever the config says.
+        #[arg(long, conflicts_with = "tcti")]
+        no_tpm: bool,
     },
 }
 
@@ -142,6 +166,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Check { json }) => check(&config, json),
+        Some(Command::Measurements { command: MeasurementsCommand::Verify { log, tcti, no_tpm } }) => {
+            verify_measurements(&config, log, tcti, no_tpm)
+        }
         None | Some(Command::Serve) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -190,4 +217,28 @@ fn check(config: &Config, json: bool) -> ExitCode {
         print!("{}", report.table());
     }
     if report.blocking { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn verify_measurements(config: &Config, log: Option<PathBuf>, tcti: Option<String>, no_tpm: bool) -> ExitCode {
+    let log = log.unwrap_or_else(|| config.measurements.log_path(&config.state_root));
+    let tcti = match (tcti, no_tpm) {
+        (_, true) => None,
+        (Some(tcti), false) => Some(tcti),
+        (None, false) => config.measurements.tpm.then(|| config.measurements.tcti.clone()),
+    };
+    let pcr = match tcti.map(|tcti| measurements::tpm::Pcr::new(&tcti, config.measurements.pcr)).transpose() {
+        Ok(pcr) => pcr,
+        Err(e) => {
+            eprintln!("cri-systemd: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match measurements::verify_command(&log, pcr) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("cri-systemd: error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -48,6 +48,8 @@ pub enum StartupError {
     Metrics(#[from] crate::prometheus::MetricsError),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("measured starts (`[measurements]`): {0}")]
+    Measurements(String),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Containers are never stopped on the way out: they
@@ -85,6 +87,11 @@ pub async fn serve(config: Config, traced: bool) -> Result<(), StartupError> {
         tasks_max: config.containers.tasks_max,
     };
     let runtime = Arc::new(runtime::Runtime::open(runtime_config, systemd).await?);
+    if config.measurements.enabled {
+        let measurer = crate::measurements::Measurer::open(&config.measurements, &config.state_root)
+            .map_err(|e| StartupError::Measurements(e.to_string()))?;
+        runtime.set_start_gate(Arc::new(measurer)).map_err(|e| StartupError::Measurements(e.to_string()))?;
+    }
     runtime.spawn_exit_watcher();
     // The journal cursor of versions that read container output from the journal.
     let _ = std::fs::remove_file(config.state_root.join("logs.cursor"));

@@ -359,3 +359,23 @@ pub async fn sleeping_container(node: &Node, client: &mut CriClient, name: &str)
         .expect("StartContainer");
     id
 }
+
+// --- A software TPM in a node (measured starts) -------------------------------------------------
+
+/// The TCTI of the swtpm that [`start_swtpm`] starts (tpm2-tss's `swtpm` TCTI; control port + 1).
+pub const SWTPM_TCTI: &str = "swtpm:host=127.0.0.1,port=2321";
+
+/// Starts swtpm (Debian's `swtpm`) on the node's loopback as the unit `e2e-swtpm`, a fresh TPM 2.0
+/// with its PCRs reset, and waits until `tpm2_pcrread` (Debian's `tpm2-tools`) gets an answer.
+pub fn start_swtpm(node: &Node) {
+    node.sh("mkdir -p /var/lib/e2e-swtpm && systemd-run --unit=e2e-swtpm --quiet swtpm socket --tpm2 \
+         --tpmstate dir=/var/lib/e2e-swtpm --server type=tcp,port=2321,bindaddr=127.0.0.1 \
+         --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 --flags not-need-init,startup-clear");
+    for _ in 0..100 {
+        if node.exec(&["tpm2_pcrread", "-T", SWTPM_TCTI, "sha256:23"]).success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("swtpm does not answer in node {}:\n{}", node.name(), node.sh("journalctl -u e2e-swtpm --no-pager || true"));
+}

@@ -324,6 +324,18 @@ impl Runtime {
             }
             properties.push(("After", Value::from(vec![init_unit.clone()])));
         }
+        // Last of the checks, before anything of the start is made: a refusal leaves it Created.
+        if let Some(gate) = self.start_gate.get().cloned() {
+            let starting = crate::StartingContainer {
+                container: record.clone(),
+                pod: pod.clone(),
+                init_spec: dir.join("init.json"),
+            };
+            tokio::task::spawn_blocking(move || gate.before_start(&starting))
+                .await
+                .map_err(|e| Error::StartRefused(format!("the start gate failed: {e}")))?
+                .map_err(|reason| Error::StartRefused(format!("container {}: {reason}", record.id)))?;
+        }
         properties.extend(container::device_properties(&record.spec));
         properties.extend(container::cpuset_properties(&record.spec.resources, container::cgroup_unified())?);
         // The kubelet reads the log file from the start; create it before the first line.

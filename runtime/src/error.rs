@@ -78,6 +78,9 @@ pub enum Error {
     /// A container init's files (init spec) cannot be used.
     #[error("{0}")]
     InitSpec(String),
+    /// The start gate (measured starts) refused the start: nothing was started.
+    #[error("start refused: {0}")]
+    StartRefused(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     /// Attaching a pod to its network or detaching it (a CNI plugin's own message included).
@@ -106,7 +109,8 @@ impl Error {
             | Error::NodeUnsupported(_)
             | Error::IdRangeInUse(_)
             | Error::NotSealed
-            | Error::InitSpec(_) => ErrorKind::FailedPrecondition,
+            | Error::InitSpec(_)
+            | Error::StartRefused(_) => ErrorKind::FailedPrecondition,
             Error::IdRangesExhausted(_) => ErrorKind::ResourceExhausted,
             Error::ExecTimeout(_) => ErrorKind::DeadlineExceeded,
             Error::SystemdUnreachable { .. } => ErrorKind::Unavailable,

@@ -111,6 +111,26 @@ pub struct Runtime {
     /// exit watcher starts.
     main_process_watch:
         (tokio::sync::mpsc::UnboundedSender<String>, Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>),
+    /// What StartContainer asks before a container's unit starts (the daemon's measured starts).
+    start_gate: std::sync::OnceLock<Arc<dyn StartGate>>,
+}
+
+/// A container about to start: what a [`StartGate`] sees.
+#[derive(Debug, Clone)]
+pub struct StartingContainer {
+    pub container: Container,
+    pub pod: Pod,
+    /// The container's init spec (`init.json`): the effective command, environment, mounts,
+    /// user, capabilities and seccomp filter.
+    pub init_spec: std::path::PathBuf,
+}
+
+/// Asked by StartContainer once the container can start (it is Created, its pod Ready), before
+/// its unit starts: an error refuses the start, which leaves the container Created. The daemon's
+/// measured starts (cri-server's `measurements`) record each start here; it runs on a blocking
+/// thread, so it may write, fsync and talk to a TPM.
+pub trait StartGate: Send + Sync + std::fmt::Debug {
+    fn before_start(&self, starting: &StartingContainer) -> Result<(), String>;
 }
 
 /// One pod or container: `operation` serialises its lifecycle calls; `record` can be read at any
@@ -147,5 +167,10 @@ impl Runtime {
     /// Tells `observer` of every CNI ADD and DEL from now on (the daemon's metrics). Set once.
     pub fn set_cni_observer(&self, observer: Arc<dyn CniObserver>) {
         self.cni.set_observer(observer);
+    }
+
+    /// Installs the gate every StartContainer passes (once; a second gate is refused).
+    pub fn set_start_gate(&self, gate: Arc<dyn StartGate>) -> Result<(), Error> {
+        self.start_gate.set(gate).map_err(|_| Error::StartRefused("a start gate is installed already".into()))
     }
 }

@@ -72,6 +72,7 @@ impl Runtime {
                     None
                 }
             },
+            start_gate: std::sync::OnceLock::new(),
         };
         *runtime.quarantined.lock().expect("quarantine lock") =
             crate::store::list_quarantined(&runtime.config.state_root);

@@ -6,6 +6,7 @@
 //! bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only RUNTIME]
 //! bench pull      [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only RUNTIME]
 //! bench userns    [--runs R] [--size-mb M] [--layers L]   (cri-systemd only)
+//! bench measure   [--starts N] [--rounds R]   (cri-systemd only: measured starts off / log / TPM)
 //! bench all       (lifecycle, lifecycle --network cni, pull, userns: each in its own node, default options)
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! `E2E_KEEP_NODES=1` keeps the node afterwards for inspection (`e2e/node down NAME` removes it).
 
 mod lifecycle;
+mod measure;
 mod procs;
 mod pull;
 mod runtimes;
@@ -34,6 +36,7 @@ pub const REGISTRY_PORT: u16 = 5000;
 const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only cri-systemd|containerd]
        bench pull [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only cri-systemd|containerd]
        bench userns [--runs R] [--size-mb M] [--layers L]
+       bench measure [--starts N] [--rounds R]
        bench all";
 
 /// Which runtimes to measure.
@@ -54,6 +57,7 @@ enum Command {
     Lifecycle(lifecycle::Options),
     Pull(pull::Options),
     Userns(userns::Options),
+    Measure(measure::Options),
     All,
 }
 
@@ -62,6 +66,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
     let mut lifecycle = lifecycle::Options::default();
     let mut pull = pull::Options::default();
     let mut userns = userns::Options::default();
+    let mut measure = measure::Options::default();
     let mut i = 0;
     let value = |i: usize| rest.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value\n{USAGE}", rest[i]));
     let number = |i: usize| -> Result<usize, String> {
@@ -91,6 +96,8 @@ fn parse(args: &[String]) -> Result<Command, String> {
             ("userns", "--runs") => userns.runs = number(i)?,
             ("userns", "--size-mb") => userns.size_mb = number(i)?,
             ("userns", "--layers") => userns.layers = number(i)?,
+            ("measure", "--starts") => measure.starts = number(i)?,
+            ("measure", "--rounds") => measure.rounds = number(i)?,
             ("lifecycle" | "pull", "--only") => {
                 let only = match value(i)?.as_str() {
                     "cri-systemd" => Only::One(Kind::CriSystemd),
@@ -109,6 +116,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "lifecycle" => Ok(Command::Lifecycle(lifecycle)),
         "pull" => Ok(Command::Pull(pull)),
         "userns" => Ok(Command::Userns(userns)),
+        "measure" => Ok(Command::Measure(measure)),
         "all" => Ok(Command::All),
         "-h" | "--help" => Err(USAGE.into()),
         other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
@@ -134,6 +142,7 @@ fn main() -> ExitCode {
             Command::Lifecycle(options) => interruptible(lifecycle::run(options)).await,
             Command::Pull(options) => interruptible(pull::run(options)).await,
             Command::Userns(options) => interruptible(userns::run(options)).await,
+            Command::Measure(options) => interruptible(measure::run(options)).await,
             Command::All => {
                 interruptible(lifecycle::run(lifecycle::Options::default())).await?;
                 interruptible(lifecycle::run(lifecycle::Options { cni: true, ..Default::default() })).await?;
