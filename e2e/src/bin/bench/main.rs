@@ -7,6 +7,7 @@
 //! bench pull      [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only RUNTIME]
 //! bench userns    [--runs R] [--size-mb M] [--layers L]   (cri-systemd only)
 //! bench measure   [--starts N] [--rounds R]   (cri-systemd only: measured starts off / log / TPM)
+//! bench density   [--pods N] [--steps A,B,..] [--parallel P] [--sample S] [--execs K] [--plot FILE.png] [--only RUNTIME]
 //! bench all       (lifecycle, lifecycle --network cni, pull, userns: each in its own node, default options)
 //! ```
 //!
@@ -14,8 +15,10 @@
 //! (`target/release/cri-systemd`, or `CRI_SYSTEMD_BIN`). `scripts/bench` builds and runs it all.
 //! `E2E_KEEP_NODES=1` keeps the node afterwards for inspection (`e2e/node down NAME` removes it).
 
+mod density;
 mod lifecycle;
 mod measure;
+mod plot;
 mod procs;
 mod pull;
 mod runtimes;
@@ -37,6 +40,7 @@ const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K
        bench pull [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only cri-systemd|containerd]
        bench userns [--runs R] [--size-mb M] [--layers L]
        bench measure [--starts N] [--rounds R]
+       bench density [--pods N] [--steps 10,100,500,1000] [--parallel P] [--sample S] [--execs K] [--plot FILE.png] [--only cri-systemd|containerd]
        bench all";
 
 /// Which runtimes to measure.
@@ -58,6 +62,7 @@ enum Command {
     Pull(pull::Options),
     Userns(userns::Options),
     Measure(measure::Options),
+    Density(density::Options),
     All,
 }
 
@@ -67,6 +72,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
     let mut pull = pull::Options::default();
     let mut userns = userns::Options::default();
     let mut measure = measure::Options::default();
+    let mut density = density::Options::default();
     let mut i = 0;
     let value = |i: usize| rest.get(i + 1).cloned().ok_or_else(|| format!("{} needs a value\n{USAGE}", rest[i]));
     let number = |i: usize| -> Result<usize, String> {
@@ -98,7 +104,13 @@ fn parse(args: &[String]) -> Result<Command, String> {
             ("userns", "--layers") => userns.layers = number(i)?,
             ("measure", "--starts") => measure.starts = number(i)?,
             ("measure", "--rounds") => measure.rounds = number(i)?,
-            ("lifecycle" | "pull", "--only") => {
+            ("density", "--pods") => density.pods = number(i)?,
+            ("density", "--steps") => density.steps = density::parse_steps(&value(i)?)?,
+            ("density", "--parallel") => density.parallel = number(i)?,
+            ("density", "--sample") => density.sample = number(i)?,
+            ("density", "--execs") => density.execs = number(i)?,
+            ("density", "--plot") => density.plot = Some(value(i)?.into()),
+            ("lifecycle" | "pull" | "density", "--only") => {
                 let only = match value(i)?.as_str() {
                     "cri-systemd" => Only::One(Kind::CriSystemd),
                     "containerd" => Only::One(Kind::Containerd),
@@ -106,6 +118,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
                 };
                 lifecycle.only = only;
                 pull.only = only;
+                density.only = only;
             }
             ("-h" | "--help", _) | (_, "-h" | "--help") => return Err(USAGE.into()),
             (_, other) => return Err(format!("unknown argument {other:?} for {verb}\n{USAGE}")),
@@ -117,6 +130,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
         "pull" => Ok(Command::Pull(pull)),
         "userns" => Ok(Command::Userns(userns)),
         "measure" => Ok(Command::Measure(measure)),
+        "density" => Ok(Command::Density(density)),
         "all" => Ok(Command::All),
         "-h" | "--help" => Err(USAGE.into()),
         other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
@@ -143,6 +157,7 @@ fn main() -> ExitCode {
             Command::Pull(options) => interruptible(pull::run(options)).await,
             Command::Userns(options) => interruptible(userns::run(options)).await,
             Command::Measure(options) => interruptible(measure::run(options)).await,
+            Command::Density(options) => interruptible(density::run(options)).await,
             Command::All => {
                 interruptible(lifecycle::run(lifecycle::Options::default())).await?;
                 interruptible(lifecycle::run(lifecycle::Options { cni: true, ..Default::default() })).await?;
