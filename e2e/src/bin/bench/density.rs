@@ -109,13 +109,13 @@ pub struct Step {
     pub mem_available_drop_kib: i64,
     /// The node's memory cgroup growth since before the first pod (KiB).
     pub node_memory_kib: i64,
-    /// RSS of the processes in the containers' own cgroups (KiB).
-    pub containers_rss_kib: u64,
+    /// Memory charged to the containers' own cgroups (KiB).
+    pub containers_memory_kib: u64,
     pub pid1_rss_kib: u64,
     /// systemd's CPU time since before the first pod.
     pub pid1_cpu: f64,
-    /// The daemon's RSS (containerd: with its shims).
-    pub daemon_rss_kib: u64,
+    /// The daemon's PSS (containerd: with its shims, whose shared pages PSS counts once).
+    pub daemon_pss_kib: u64,
     pub daemon_cpu: f64,
     /// Everything in the node's cgroup since before the first pod.
     pub node_cpu: f64,
@@ -125,7 +125,7 @@ pub struct Step {
 impl Step {
     /// Node memory per pod outside the containers' processes, in KiB.
     pub fn memory_per_pod_kib(&self) -> i64 {
-        (self.node_memory_kib - self.containers_rss_kib as i64) / self.pods.max(1) as i64
+        (self.node_memory_kib - self.containers_memory_kib as i64) / self.pods.max(1) as i64
     }
 }
 
@@ -209,6 +209,40 @@ fn node_memory_kib(node_dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The memory charged to the containers' own cgroups (their names carry the container id), KiB:
+/// what the containers cost, not the runtime. (Their processes' RSS would count the shared busybox
+/// pages once per process, more than the node's cgroup was charged.)
+fn containers_memory_kib(node_dir: &std::path::Path, container_ids: &[&str]) -> u64 {
+    let roots = [
+        procs::node_cgroup(node_dir, "memory").map(|d| (d, "memory.usage_in_bytes")),
+        procs::node_cgroup(node_dir, "unified").map(|d| (d, "memory.current")),
+    ];
+    let Some((root, file)) = roots.into_iter().flatten().find(|(d, f)| std::path::Path::new(d).join(f).exists()) else {
+        return 0;
+    };
+    let ids: std::collections::HashSet<&str> = container_ids.iter().copied().collect();
+    let mut total = 0;
+    let mut dirs = vec![PathBuf::from(root)];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // cri-<id>.service (cri-systemd), cri-containerd-<id>.scope (runc under systemd).
+            let id = name.trim_end_matches(".service").trim_end_matches(".scope");
+            let id = id.strip_prefix("cri-containerd-").or_else(|| id.strip_prefix("cri-")).unwrap_or("");
+            if ids.contains(id) {
+                total += std::fs::read_to_string(entry.path().join(file))
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            } else {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    total / 1024
+}
+
 /// The daemon's processes: cri-systemd's daemon; containerd and its shims.
 fn daemon_procs(rt: &Runtime, node_procs: &NodeProcs) -> Vec<procs::Proc> {
     node_procs
@@ -257,19 +291,17 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
         expect_running(rt, &mut client, pods.len()).await?;
         tokio::time::sleep(SETTLE).await;
 
-        let now = node_procs.list();
         let container_ids: Vec<&str> = pods.iter().map(|(_, c)| c.as_str()).collect();
-        let containers_rss_kib =
-            now.iter().filter(|p| container_ids.iter().any(|id| p.cgroup.contains(id))).map(|p| p.rss_kib).sum();
+        let containers_memory = containers_memory_kib(&node_dir, &container_ids);
         let daemon = daemon_procs(rt, &node_procs);
         let mut s = Step {
             pods: pods.len(),
             mem_available_drop_kib: mem0 - mem_available_kib() as i64,
             node_memory_kib: node_memory_kib(&node_dir) as i64 - node_mem0,
-            containers_rss_kib,
+            containers_memory_kib: containers_memory,
             pid1_rss_kib: procs::status_kib(setup.pid1, "VmRSS").unwrap_or(0),
             pid1_cpu: procs::cpu_seconds(setup.pid1).unwrap_or(0.0) - pid1_cpu0,
-            daemon_rss_kib: daemon.iter().map(|p| p.rss_kib).sum(),
+            daemon_pss_kib: daemon.iter().filter_map(|p| procs::pss_kib(p.pid)).sum(),
             daemon_cpu: daemon_cpu(&daemon) - daemon_cpu0,
             node_cpu: node_cpu.seconds().unwrap_or(0.0) - cpu0,
             load: crate::load_average(),
@@ -315,7 +347,7 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
             p50_p99(&s.create_start),
             p50_p99(&s.exec),
             p50_p99(&s.stop_remove),
-            mib(s.memory_per_pod_kib().max(0) as u64)
+            signed_mib(s.memory_per_pod_kib())
         );
         m.steps.push(s);
     }
@@ -421,6 +453,11 @@ fn series(results: &[(Runtime, Measured)]) -> Vec<crate::plot::Series> {
     out
 }
 
+/// KiB as MiB, with a sign when negative (memory given back).
+pub fn signed_mib(kib: i64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
 /// `b / a` as "1.23x", or "-".
 pub fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
     match (a, b) {
@@ -458,12 +495,12 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     t.row(row("Create+StartContainer   p50 / p99", &|s| p50_p99(&s.create_start)));
     t.row(row("ExecSync /bin/true      p50 / p99", &|s| p50_p99(&s.exec)));
     t.row(row("StopPodSandbox+Remove   p50 / p99", &|s| p50_p99(&s.stop_remove)));
-    t.row(row("node memory per pod (outside containers)", &|s| mib(s.memory_per_pod_kib().max(0) as u64)));
-    t.row(row("MemAvailable drop per pod", &|s| mib((s.mem_available_drop_kib / s.pods as i64).max(0) as u64)));
-    t.row(row("containers' own RSS per pod", &|s| mib(s.containers_rss_kib / s.pods as u64)));
+    t.row(row("node memory per pod (outside containers)", &|s| signed_mib(s.memory_per_pod_kib())));
+    t.row(row("MemAvailable drop per pod", &|s| signed_mib(s.mem_available_drop_kib / s.pods as i64)));
+    t.row(row("containers' own memory per pod", &|s| mib(s.containers_memory_kib / s.pods as u64)));
     t.row(row("systemd (PID 1) RSS", &|s| mib(s.pid1_rss_kib)));
     t.row(row("systemd (PID 1) CPU since 0 pods", &|s| secs(s.pid1_cpu)));
-    t.row(row("daemon RSS (containerd: + shims)", &|s| mib(s.daemon_rss_kib)));
+    t.row(row("daemon PSS (containerd: + shims)", &|s| mib(s.daemon_pss_kib)));
     t.row(row("daemon CPU since 0 pods", &|s| secs(s.daemon_cpu)));
     t.row(row("node CPU since 0 pods", &|s| secs(s.node_cpu)));
     t.row(row("load average (1 min)", &|s| s.load.clone()));
@@ -489,24 +526,24 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     if let [(a, ma), (b, mb)] = results
         && let (Some(sa), Some(sb)) = (ma.steps.last(), mb.steps.last())
     {
-        let (pa, pb) = (sa.memory_per_pod_kib().max(1), sb.memory_per_pod_kib().max(1));
+        let (pa, pb) = (sa.memory_per_pod_kib(), sb.memory_per_pod_kib());
         t.note(format!(
             "node memory per pod at {} pods: {} {} vs {} {} ({:.3} of it)",
             sa.pods,
             a.short(),
-            mib(pa as u64),
+            signed_mib(pa),
             b.short(),
-            mib(pb as u64),
-            pa as f64 / pb as f64
+            signed_mib(pb),
+            pa as f64 / pb.max(1) as f64
         ));
     }
-    t.note("node memory: the node's memory cgroup (everything in it: daemon, shims, pause, systemd, journal, page cache of the runtime's files) since before the first pod, less the containers' processes' RSS, divided by the pods running");
+    t.note("node memory: the node's memory cgroup (everything in it: daemon, shims, pause, systemd, journal, page cache of the runtime's files) since before the first pod, less what the containers' own cgroups were charged, divided by the pods running");
     t.note("MemAvailable: the machine's (the node shares its kernel, so kernel memory per pod counts here): noisy when other work runs");
     t.note(format!(
         "latency samples per step: {} pods one after the other from one client while the step's pods run; p99 of {} samples is near their maximum",
         options.sample, options.sample
     ));
-    t.note("containerd: containerd 1.6 + runc, a shim and a pause (busybox sleep) per pod; its daemon RSS/CPU includes the shims");
+    t.note("containerd: containerd 1.6 + runc, a shim and a pause (busybox sleep) per pod; its daemon PSS/CPU includes the shims (PSS: shared pages divided among the processes that map them)");
     t.note(limits);
     for (rt, _) in results {
         t.note(format!("{}: {}", rt.short(), rt.label));
@@ -541,7 +578,7 @@ mod tests {
 
     #[test]
     fn memory_per_pod_leaves_out_the_containers() {
-        let s = Step { pods: 10, node_memory_kib: 3000, containers_rss_kib: 1000, ..Default::default() };
+        let s = Step { pods: 10, node_memory_kib: 3000, containers_memory_kib: 1000, ..Default::default() };
         assert_eq!(s.memory_per_pod_kib(), 200);
     }
 

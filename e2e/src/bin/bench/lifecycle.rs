@@ -7,6 +7,13 @@
 //! 2. parallel: P clients (own connections) bring up N pods (run + create + start) as fast as
 //!    they can: the wall time until all N run; then P clients tear them down.
 //!
+//! The floor (issue 17 item 2): before the runtimes of each round, N bare `systemd-run`s in the
+//! node of the same busybox sleep, each a transient service (Type=exec: started once the binary
+//! runs; ours are Type=notify, ready once init has exec'd) in a slice of its own named like a
+//! kubelet's pod slice, timed in the node by bash around each `systemd-run` (its own start and
+//! bus connection included: that is the bare tool's cost). Pod + container start is compared with
+//! it (the ratio row).
+//!
 //! Per-pod overhead is measured, not assumed: the processes that appeared in the node while the
 //! N pods were up, minus the containers' own (found by their cgroups, which carry the container
 //! id), are what the runtime costs per pod (containerd: a shim and the pause process per pod).
@@ -20,7 +27,7 @@ use e2e::{CriClient, cri};
 
 use crate::procs::{self, NodeCpu};
 use crate::runtimes::{CNI_CONF_DIR, Kind, Runtime};
-use crate::table::{Table, median_f64, mib, p50_p99, secs};
+use crate::table::{Table, median_f64, mib, p50_p99, percentile, secs};
 use crate::{BUSYBOX_REPO, Only, PAUSE_REPO, Setup, call, image_ref, image_spec};
 
 #[derive(Debug, Clone)]
@@ -92,7 +99,10 @@ pub async fn run(options: Options) -> Result<(), String> {
     // Rounds alternate which runtime goes first, so that neither always runs on a fresher node
     // or in a quieter minute of the machine.
     let mut rounds: Vec<(Runtime, Vec<Measured>)> = setup.runtimes.iter().map(|rt| (rt.clone(), Vec::new())).collect();
+    let mut floor = Vec::new();
     for round in 0..options.rounds {
+        eprintln!("bench: round {}/{}: the floor: {} bare systemd-run", round + 1, options.rounds, options.pods);
+        floor.extend(systemd_run_floor(&setup, options.pods, round)?);
         let mut order: Vec<usize> = (0..rounds.len()).collect();
         if round % 2 == 1 {
             order.reverse();
@@ -106,8 +116,42 @@ pub async fn run(options: Options) -> Result<(), String> {
     }
     drop(registry);
     let results: Vec<(Runtime, Measured)> = rounds.into_iter().map(|(rt, all)| (rt, merge(all))).collect();
-    print!("{}", render(&options, &results, &load));
+    print!("{}", render(&options, &results, &floor, &load));
     Ok(())
+}
+
+/// `n` bare `systemd-run`s of busybox sleep in the node, each in a slice of its own, timed by
+/// bash in the node ($EPOCHREALTIME: no process of its own around the call); then stopped.
+fn systemd_run_floor(setup: &Setup, n: usize, round: usize) -> Result<Vec<Duration>, String> {
+    let script = format!(
+        r#"set -e
+for i in $(seq 1 {n}); do
+  t0=$EPOCHREALTIME
+  systemd-run --quiet --unit=bench-floor-{round}x$i --slice=kubepods-besteffort-podfloor{round}x$i.slice \
+    -p Type=exec -p CollectMode=inactive-or-failed /bin/busybox sleep 2147483647
+  t1=$EPOCHREALTIME
+  echo "${{t0/./}} ${{t1/./}}"
+done"#
+    );
+    let run = setup.node.exec(&["bash", "-c", &script]);
+    let stop = setup.node.exec(&["sh", "-c", &format!("systemctl stop 'kubepods-besteffort-podfloor{round}x*.slice'")]);
+    if !run.success() || !stop.success() {
+        return Err(format!("the systemd-run floor: {}{}{}", run.stdout, run.stderr, stop.stderr));
+    }
+    parse_floor(&run.stdout)
+}
+
+/// Lines of "<start> <end>" in microseconds (bash's $EPOCHREALTIME without its dot).
+pub(crate) fn parse_floor(text: &str) -> Result<Vec<Duration>, String> {
+    text.lines()
+        .map(|line| {
+            let mut parts = line.split_whitespace().map(str::parse::<u64>);
+            match (parts.next(), parts.next()) {
+                (Some(Ok(t0)), Some(Ok(t1))) if t1 >= t0 => Ok(Duration::from_micros(t1 - t0)),
+                _ => Err(format!("the systemd-run floor: cannot read {line:?}")),
+            }
+        })
+        .collect()
 }
 
 /// Brings the N pods up and down, sequentially then in parallel, measuring as it goes.
@@ -445,7 +489,7 @@ const CNI_CONFLIST: &str = r#"{
 }
 "#;
 
-fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> String {
+fn render(options: &Options, results: &[(Runtime, Measured)], floor: &[Duration], load: &str) -> String {
     let n = options.pods;
     let mode = if options.cni {
         "pod network (bridge CNI, same config for both)"
@@ -467,6 +511,11 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
     };
     t.row(row("RunPodSandbox                    p50 / p99", &|m| p50_p99(&m.run_pod)));
     t.row(row("CreateContainer+StartContainer   p50 / p99", &|m| p50_p99(&m.create_start)));
+    t.row(row("floor: bare systemd-run in a slice p50 / p99", &|_| p50_p99(floor)));
+    t.row(row("  pod + container p50 / floor p50", &|m| {
+        let both: Vec<Duration> = m.run_pod.iter().zip(&m.create_start).map(|(a, b)| *a + *b).collect();
+        crate::density::ratio(percentile(floor, 50.0), percentile(&both, 50.0))
+    }));
     t.row(row("StopPodSandbox+RemovePodSandbox  p50 / p99", &|m| p50_p99(&m.stop_remove)));
     t.row(row("ExecSync /bin/true               p50 / p99", &|m| match &m.exec_unavailable {
         None => p50_p99(&m.exec),
@@ -498,6 +547,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
         "p50/p99: nearest rank over all {} calls ({n} pods x {rounds} rounds), one after the other from one client; other rows: the median round (VmHWM: the highest)",
         n * rounds
     ));
+    t.note("floor: `systemd-run -p Type=exec --slice=<a pod-like slice> /bin/busybox sleep` in the node, timed around the command by bash; the same for both columns; pod + container: RunPodSandbox + Create+Start of the same pod");
     t.note("the runtimes take turns in the same node, round by round (the first one alternates)");
     t.note("node CPU: user+sys of everything in the node's cgroup (daemon, systemd, shims, runc, containers), not the benchmark client");
     t.note("processes per pod: those that appeared in the node while the pods ran, outside the containers' own cgroups; PSS shares common pages among them");
@@ -510,4 +560,17 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str) -> Str
     t.note(format!("{} ExecSync calls per runtime and round, round robin over the containers", options.execs));
     t.note(crate::machine_note(load));
     t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floor_lines_are_read_as_durations() {
+        let read = parse_floor("1765000000123456 1765000000135456\n1765000001000000 1765000001009000\n").unwrap();
+        assert_eq!(read, vec![Duration::from_micros(12_000), Duration::from_micros(9_000)]);
+        assert!(parse_floor("12 x\n").unwrap_err().contains("\"12 x\""));
+        assert!(parse_floor("20 10\n").is_err());
+    }
 }

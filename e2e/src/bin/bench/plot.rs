@@ -23,12 +23,12 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const WIDTH: u32 = 1000;
+const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 640;
 const COLOURS: [RGBColor; 4] =
     [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
 /// Plot area inside the picture: left, top, right, bottom margins.
-const MARGIN: (i32, i32, i32, i32) = (80, 40, 300, 60);
+const MARGIN: (i32, i32, i32, i32) = (80, 48, 420, 60);
 
 /// Writes the plot of `series` to `path` (PNG). Latency axis from 0, pods axis from 0.
 pub fn latency_vs_pods(path: &Path, series: &[Series]) -> Result<(), String> {
@@ -71,7 +71,8 @@ fn draw(buffer: &mut [u8], series: &[Series]) -> Result<(), Box<dyn std::error::
     }
     root.draw(&PathElement::new(vec![(x0, y0), (x0, y1), (x1, y1)], BLACK.stroke_width(2)))?;
     text(&root, (x0 + x1) / 2 - 100, y1 + 36, "pods running", 2, &BLACK)?;
-    text(&root, 8, 12, "p50 latency, ms", 2, &BLACK)?;
+    text(&root, 8, 8, "p50 latency, ms", 2, &BLACK)?;
+    text(&root, x0 + 260, 12, "thick line, dots: cri-systemd; thin line, squares: containerd", 1, &BLACK)?;
 
     // The lines, and the legend on the right.
     for (i, s) in series.iter().enumerate() {
