@@ -143,14 +143,16 @@ impl Runtime {
         }
         let entry = {
             let mut containers = self.containers.lock().expect("container table lock");
-            let taken = containers
-                .values()
-                .map(|e| e.get())
-                .find(|c| c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt);
+            let taken = containers.values().find_map(|e| {
+                e.read(|c| {
+                    (c.pod_id == pod.id && c.spec.name == spec.name && c.spec.attempt == spec.attempt)
+                        .then(|| c.id.clone())
+                })
+            });
             if let Some(existing) = taken {
                 return Err(Error::ContainerExists(format!(
-                    "container {:?} attempt {} already exists in pod {} as {}",
-                    spec.name, spec.attempt, pod.id, existing.id
+                    "container {:?} attempt {} already exists in pod {} as {existing}",
+                    spec.name, spec.attempt, pod.id
                 )));
             }
             let record = Container {
@@ -713,14 +715,21 @@ impl Runtime {
     pub fn containers(&self, filter: &ContainerFilter) -> Vec<Container> {
         let entries: Vec<Arc<Entry<Container>>> =
             self.containers.lock().expect("container table lock").values().cloned().collect();
+        // What does not change when a container ends is tested on the record as it is: only the
+        // containers that match it are refreshed (their exit record read). The kubelet lists one
+        // pod's containers by its uid label at each of its status syncs.
         let mut list: Vec<Container> = entries
             .iter()
+            .filter(|entry| {
+                entry.read(|c| {
+                    filter.id.as_ref().is_none_or(|id| c.id.starts_with(id.as_str()))
+                        && filter.pod_id.as_ref().is_none_or(|pod| &c.pod_id == pod)
+                        && filter.labels.iter().all(|(k, v)| c.spec.labels.get(k) == Some(v))
+                })
+            })
             .map(|entry| self.refresh_unlocked(entry))
             .filter(|c| !matches!(c.state, ContainerState::Creating | ContainerState::Removing))
-            .filter(|c| filter.id.as_ref().is_none_or(|id| c.id.starts_with(id.as_str())))
             .filter(|c| filter.state.is_none_or(|state| c.state == state))
-            .filter(|c| filter.pod_id.as_ref().is_none_or(|pod| &c.pod_id == pod))
-            .filter(|c| filter.labels.iter().all(|(k, v)| c.spec.labels.get(k) == Some(v)))
             .collect();
         list.sort_by_key(|c| c.created_at);
         list
@@ -838,8 +847,11 @@ impl Runtime {
         containers
             .values()
             .flat_map(|e| {
-                let spec = e.get().spec;
-                std::iter::once(spec.image.id).chain(spec.image_volumes.into_iter().map(|v| v.image_id))
+                e.read(|c| {
+                    std::iter::once(c.spec.image.id.clone())
+                        .chain(c.spec.image_volumes.iter().map(|v| v.image_id.clone()))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect()
     }
@@ -852,8 +864,14 @@ impl Runtime {
         containers
             .values()
             .flat_map(|e| {
-                let c = e.get();
-                c.rootfs.lowerdirs.into_iter().chain(c.spec.image_volumes.into_iter().flat_map(|v| v.lowerdirs))
+                e.read(|c| {
+                    c.rootfs
+                        .lowerdirs
+                        .iter()
+                        .chain(c.spec.image_volumes.iter().flat_map(|v| &v.lowerdirs))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
             })
             .collect()
     }
@@ -873,7 +891,7 @@ impl Runtime {
     pub(crate) fn refresh_pod_containers(&self, pod_id: &str) {
         let entries: Vec<Arc<Entry<Container>>> =
             self.containers.lock().expect("container table lock").values().cloned().collect();
-        for entry in entries.iter().filter(|e| e.get().pod_id == pod_id) {
+        for entry in entries.iter().filter(|e| e.read(|c| c.pod_id == pod_id)) {
             let record = self.refresh(entry);
             if record.state == ContainerState::Running {
                 self.mark_exited(entry, None, "stopped with its pod");
@@ -889,7 +907,7 @@ impl Runtime {
             self.containers.lock().expect("container table lock").values().cloned().collect();
         let stops = entries
             .iter()
-            .filter(|e| e.get().pod_id == pod_id && e.get().state == ContainerState::Running)
+            .filter(|e| e.read(|c| c.pod_id == pod_id && c.state == ContainerState::Running))
             .map(|entry| async move {
                 let _guard = entry.operation.clone().lock_owned().await;
                 if let Err(e) = self.stop_locked(entry, 0).await {
@@ -904,7 +922,7 @@ impl Runtime {
         let entries: Vec<Arc<Entry<Container>>> =
             self.containers.lock().expect("container table lock").values().cloned().collect();
         let mut errors = Vec::new();
-        for entry in entries.iter().filter(|e| e.get().pod_id == pod_id) {
+        for entry in entries.iter().filter(|e| e.read(|c| c.pod_id == pod_id)) {
             let _guard = entry.operation.clone().lock_owned().await;
             if let Err(e) = self.remove_locked(entry).await {
                 errors.push(e);

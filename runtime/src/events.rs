@@ -87,8 +87,12 @@ impl Runtime {
         let entries: Vec<_> = self.containers.lock().expect("container table lock").values().cloned().collect();
         let mut containers: Vec<Container> = entries
             .iter()
-            .map(|entry| entry.get())
-            .filter(|c| c.pod_id == pod_id && !matches!(c.state, ContainerState::Creating | ContainerState::Removing))
+            .filter_map(|entry| {
+                entry.read(|c| {
+                    (c.pod_id == pod_id && !matches!(c.state, ContainerState::Creating | ContainerState::Removing))
+                        .then(|| c.clone())
+                })
+            })
             .collect();
         containers.sort_by_key(|c| c.created_at);
         let event =

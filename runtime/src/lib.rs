@@ -150,6 +150,12 @@ impl<T: Clone> Entry<T> {
         self.record.read().expect("record lock").clone()
     }
 
+    /// `f` of the record, without cloning it: scans of the tables test each record this way and
+    /// clone only those they keep (a clone is the whole spec: labels, env, mounts).
+    fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        f(&self.record.read().expect("record lock"))
+    }
+
     fn set(&self, record: T) {
         *self.record.write().expect("record lock") = record;
     }

@@ -638,7 +638,12 @@ impl Runtime {
 
     fn other_pods_in_slice(&self, pod: &Pod) -> Vec<Pod> {
         let entries: Vec<Arc<Entry<Pod>>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
-        entries.iter().map(|entry| entry.get()).filter(|other| other.id != pod.id && other.slice == pod.slice).collect()
+        entries
+            .iter()
+            .filter_map(|entry| {
+                entry.read(|other| (other.id != pod.id && other.slice == pod.slice).then(|| other.clone()))
+            })
+            .collect()
     }
 
     /// UpdatePodSandboxResources: the pod-level resources the kubelet sends after resizing a pod,
@@ -698,13 +703,19 @@ impl Runtime {
     /// The pods matching `filter`, oldest first. Pods being created or removed are not listed.
     pub fn pods(&self, filter: &PodFilter) -> Vec<Pod> {
         let entries: Vec<Arc<Entry<Pod>>> = self.pods.lock().expect("pod table lock").values().cloned().collect();
+        // Only the pods that match are cloned: the kubelet lists one pod by its uid label at each
+        // of its status syncs.
         let mut pods: Vec<Pod> = entries
             .iter()
-            .map(|entry| entry.record.read().expect("pod record lock").clone())
-            .filter(|pod| matches!(pod.state, PodState::Ready | PodState::NotReady))
-            .filter(|pod| filter.id.as_ref().is_none_or(|id| pod.id.starts_with(id.as_str())))
-            .filter(|pod| filter.state.is_none_or(|state| pod.state == state))
-            .filter(|pod| filter.labels.iter().all(|(k, v)| pod.spec.labels.get(k) == Some(v)))
+            .filter_map(|entry| {
+                entry.read(|pod| {
+                    (matches!(pod.state, PodState::Ready | PodState::NotReady)
+                        && filter.id.as_ref().is_none_or(|id| pod.id.starts_with(id.as_str()))
+                        && filter.state.is_none_or(|state| pod.state == state)
+                        && filter.labels.iter().all(|(k, v)| pod.spec.labels.get(k) == Some(v)))
+                    .then(|| pod.clone())
+                })
+            })
             .collect();
         pods.sort_by_key(|pod| pod.created_at);
         pods
