@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use e2e::{CriClient, cri};
 
-use crate::lifecycle::{create_start, pod_config, run_pod, stop_remove};
+use crate::lifecycle::{POD_UID_LABEL, create_start, pod_config, run_pod, stop_remove};
 use crate::procs::{self, NodeCpu, NodeProcs};
 use crate::runtimes::{Kind, Runtime};
 use crate::table::{Table, mib, p50_p99, percentile, secs};
@@ -105,6 +105,8 @@ pub struct Step {
     pub create_start: Vec<Duration>,
     pub exec: Vec<Duration>,
     pub stop_remove: Vec<Duration>,
+    /// ListPodSandbox + ListContainers of one pod by its uid label (the kubelet's pod status sync).
+    pub list_one: Vec<Duration>,
     /// MemAvailable drop since before the first pod (KiB; negative: more available).
     pub mem_available_drop_kib: i64,
     /// The node's memory cgroup growth since before the first pod (KiB).
@@ -334,6 +336,27 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
                 return Err(format!("{}: ExecSync /bin/true exited {}", rt.short(), response.exit_code));
             }
         }
+        for k in 0..options.execs {
+            let uid = pod_config(&format!("{tag}u"), k * pods.len() / options.execs.max(1), false)
+                .metadata
+                .map(|m| m.uid)
+                .unwrap_or_default();
+            let selector = std::collections::HashMap::from([(POD_UID_LABEL.to_string(), uid)]);
+            let t = Instant::now();
+            let filter = cri::PodSandboxFilter { label_selector: selector.clone(), ..Default::default() };
+            let request = cri::ListPodSandboxRequest { filter: Some(filter) };
+            let found = call(rt, "ListPodSandbox", CALL, client.runtime.list_pod_sandbox(request)).await?.items.len();
+            let filter = cri::ContainerFilter { label_selector: selector, ..Default::default() };
+            let request = cri::ListContainersRequest { filter: Some(filter) };
+            let found = (
+                found,
+                call(rt, "ListContainers", CALL, client.runtime.list_containers(request)).await?.containers.len(),
+            );
+            s.list_one.push(t.elapsed());
+            if found != (1, 1) {
+                return Err(format!("{}: one pod listed by its uid label: {found:?} (pods, containers)", rt.short()));
+            }
+        }
         for pod in &sample {
             let t = Instant::now();
             stop_remove(rt, &mut client, pod).await?;
@@ -430,11 +453,12 @@ async fn expect_running(rt: &Runtime, client: &mut CriClient, n: usize) -> Resul
 fn series(results: &[(Runtime, Measured)]) -> Vec<crate::plot::Series> {
     let mut out = Vec::new();
     for (rt, m) in results {
-        let calls: [(&str, fn(&Step) -> &Vec<Duration>); 4] = [
+        let calls: [(&str, fn(&Step) -> &Vec<Duration>); 5] = [
             ("RunPodSandbox", |s| &s.run_pod),
             ("Create+Start", |s| &s.create_start),
             ("ExecSync", |s| &s.exec),
             ("Stop+Remove", |s| &s.stop_remove),
+            ("lists by uid", |s| &s.list_one),
         ];
         for (i, (call, samples)) in calls.into_iter().enumerate() {
             let points = m
@@ -495,6 +519,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     t.row(row("Create+StartContainer   p50 / p99", &|s| p50_p99(&s.create_start)));
     t.row(row("ExecSync /bin/true      p50 / p99", &|s| p50_p99(&s.exec)));
     t.row(row("StopPodSandbox+Remove   p50 / p99", &|s| p50_p99(&s.stop_remove)));
+    t.row(row("one pod's lists by uid  p50 / p99", &|s| p50_p99(&s.list_one)));
     t.row(row("node memory per pod (outside containers)", &|s| signed_mib(s.memory_per_pod_kib())));
     t.row(row("MemAvailable drop per pod", &|s| signed_mib(s.mem_available_drop_kib / s.pods as i64)));
     t.row(row("containers' own memory per pod", &|s| mib(s.containers_memory_kib / s.pods as u64)));
@@ -539,6 +564,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     }
     t.note("node memory: the node's memory cgroup (everything in it: daemon, shims, pause, systemd, journal, page cache of the runtime's files) since before the first pod, less what the containers' own cgroups were charged, divided by the pods running");
     t.note("MemAvailable: the machine's (the node shares its kernel, so kernel memory per pod counts here): noisy when other work runs");
+    t.note("one pod's lists: ListPodSandbox + ListContainers with the label selector io.kubernetes.pod.uid=<a running pod's>, as the kubelet at each pod status sync");
     t.note(format!(
         "latency samples per step: {} pods one after the other from one client while the step's pods run; p99 of {} samples is near their maximum",
         options.sample, options.sample

@@ -331,6 +331,9 @@ fn merge(all: Vec<Measured>) -> Measured {
     m
 }
 
+/// The label by which the kubelet finds a pod's sandboxes and containers.
+pub(crate) const POD_UID_LABEL: &str = "io.kubernetes.pod.uid";
+
 /// A pod as the kubelet would ask for it: its own slice under kubepods, logs, a hostname, the
 /// namespace modes spelled out (the node's network unless CNI; container PID namespaces).
 pub(crate) fn pod_config(tag: &str, i: usize, cni: bool) -> cri::PodSandboxConfig {
@@ -347,7 +350,8 @@ pub(crate) fn pod_config(tag: &str, i: usize, cni: bool) -> cri::PodSandboxConfi
         // without a UTS namespace of the pod's own).
         hostname: if cni { name.clone() } else { String::new() },
         log_directory: format!("/var/log/pods/bench_{name}_{uid}"),
-        labels: HashMap::from([("app".into(), "bench".into())]),
+        // The kubelet's label: it lists a pod's sandboxes and containers by it.
+        labels: HashMap::from([("app".into(), "bench".into()), (POD_UID_LABEL.into(), uid.clone())]),
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")),
             security_context: Some(cri::LinuxSandboxSecurityContext {
@@ -389,8 +393,10 @@ pub(crate) async fn create_start(
 ) -> Result<String, String> {
     let namespace_options =
         pod_config.linux.as_ref().and_then(|l| l.security_context.as_ref()).and_then(|s| s.namespace_options.clone());
+    let uid = pod_config.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
     let config = cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata { name: "sleep".into(), attempt: 0 }),
+        labels: HashMap::from([(POD_UID_LABEL.into(), uid)]),
         image: image_spec(image),
         command: vec!["/bin/busybox".into(), "sleep".into(), "2147483647".into()],
         log_path: "sleep/0.log".into(),
