@@ -119,6 +119,10 @@ pub struct Step {
     /// The daemon's PSS (containerd: with its shims, whose shared pages PSS counts once).
     pub daemon_pss_kib: u64,
     pub daemon_cpu: f64,
+    /// Open file descriptors and threads of the daemon (containerd: with its shims), and PID 1's fds.
+    pub daemon_fds: usize,
+    pub daemon_threads: u64,
+    pub pid1_fds: usize,
     /// Everything in the node's cgroup since before the first pod.
     pub node_cpu: f64,
     pub load: String,
@@ -245,6 +249,11 @@ fn containers_memory_kib(node_dir: &std::path::Path, container_ids: &[&str]) -> 
     total / 1024
 }
 
+/// How many file descriptors process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
 /// The daemon's processes: cri-systemd's daemon; containerd and its shims.
 fn daemon_procs(rt: &Runtime, node_procs: &NodeProcs) -> Vec<procs::Proc> {
     node_procs
@@ -305,6 +314,9 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
             pid1_cpu: procs::cpu_seconds(setup.pid1).unwrap_or(0.0) - pid1_cpu0,
             daemon_pss_kib: daemon.iter().filter_map(|p| procs::pss_kib(p.pid)).sum(),
             daemon_cpu: daemon_cpu(&daemon) - daemon_cpu0,
+            daemon_fds: daemon.iter().map(|p| open_fds(p.pid)).sum(),
+            daemon_threads: daemon.iter().filter_map(|p| procs::status_kib(p.pid, "Threads")).sum(),
+            pid1_fds: open_fds(setup.pid1),
             node_cpu: node_cpu.seconds().unwrap_or(0.0) - cpu0,
             load: crate::load_average(),
             ..Default::default()
@@ -449,11 +461,14 @@ async fn expect_running(rt: &Runtime, client: &mut CriClient, n: usize) -> Resul
     Ok(())
 }
 
+/// Which samples of a step a line shows.
+type SamplesOf = fn(&Step) -> &Vec<Duration>;
+
 /// The plot's lines: per runtime and call, (pods running, p50 in ms).
 fn series(results: &[(Runtime, Measured)]) -> Vec<crate::plot::Series> {
     let mut out = Vec::new();
     for (rt, m) in results {
-        let calls: [(&str, fn(&Step) -> &Vec<Duration>); 5] = [
+        let calls: [(&str, SamplesOf); 5] = [
             ("RunPodSandbox", |s| &s.run_pod),
             ("Create+Start", |s| &s.create_start),
             ("ExecSync", |s| &s.exec),
@@ -527,6 +542,8 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     t.row(row("systemd (PID 1) CPU since 0 pods", &|s| secs(s.pid1_cpu)));
     t.row(row("daemon PSS (containerd: + shims)", &|s| mib(s.daemon_pss_kib)));
     t.row(row("daemon CPU since 0 pods", &|s| secs(s.daemon_cpu)));
+    t.row(row("daemon open fds / threads", &|s| format!("{} / {}", s.daemon_fds, s.daemon_threads)));
+    t.row(row("systemd (PID 1) open fds", &|s| s.pid1_fds.to_string()));
     t.row(row("node CPU since 0 pods", &|s| secs(s.node_cpu)));
     t.row(row("load average (1 min)", &|s| s.load.clone()));
 

@@ -23,12 +23,17 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const WIDTH: u32 = 1200;
+const WIDTH: u32 = 1400;
 const HEIGHT: u32 = 640;
-const COLOURS: [RGBColor; 4] =
-    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+const COLOURS: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
 /// Plot area inside the picture: left, top, right, bottom margins.
-const MARGIN: (i32, i32, i32, i32) = (80, 48, 420, 60);
+const MARGIN: (i32, i32, i32, i32) = (80, 48, 520, 60);
 
 /// Writes the plot of `series` to `path` (PNG). Latency axis from 0, pods axis from 0.
 pub fn latency_vs_pods(path: &Path, series: &[Series]) -> Result<(), String> {
@@ -126,7 +131,9 @@ fn text<DB: DrawingBackend>(
                 // Bit 0 is the leftmost pixel.
                 if bits & (1 << col) != 0 {
                     let (px, py) = (gx + col * scale, y + row as i32 * scale);
-                    area.draw(&Rectangle::new([(px, py), (px + scale - 1, py + scale - 1)], colour.filled()))?;
+                    for (dx, dy) in (0..scale).flat_map(|dx| (0..scale).map(move |dy| (dx, dy))) {
+                        area.draw_pixel((px + dx, py + dy), colour)?;
+                    }
                 }
             }
         }
