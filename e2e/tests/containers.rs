@@ -659,7 +659,8 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     let first =
         create(&mut client, &pod, container_config("first", &image, &["/bin/busybox", "sleep", "1000"])).await.unwrap();
     start(&mut client, &first).await.unwrap();
-    let script = "/bin/busybox sh -c '/bin/busybox sleep 3 & echo $! > /tmp/orphan'; exec /bin/busybox sleep 2000";
+    // (12 s: under load the checks below took over 3 s to reach the orphan, gone by then.)
+    let script = "/bin/busybox sh -c '/bin/busybox sleep 12 & echo $! > /tmp/orphan'; exec /bin/busybox sleep 2000";
     let second = create(&mut client, &pod, container_config("second", &image, &["/bin/busybox", "sh", "-c", script]))
         .await
         .unwrap();
@@ -702,7 +703,7 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     let orphan_status = format!("/proc/{orphan}/status");
     let parent = exec_sync(&mut client, &first, &["/bin/busybox", "grep", "PPid", &orphan_status]).await;
     assert_eq!(parent.split_whitespace().last(), Some("1"), "{parent}");
-    eventually(Duration::from_secs(20), "the orphan to be reaped", || {
+    eventually(Duration::from_secs(40), "the orphan to be reaped", || {
         let mut client = client.clone();
         let first = first.clone();
         let orphan_status = orphan_status.clone();
