@@ -153,7 +153,11 @@ pub fn run(spec_path: &Path) -> ! {
         error_file.write(&message);
         std::process::exit(1);
     }
-    match supervise(&spec) {
+    // Opened while init still sees the node's file systems; written once the child exists.
+    let main_pid_file = spec.error_file.parent().and_then(|dir| {
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(dir.join(MAIN_PID_FILE)).ok()
+    });
+    match supervise(&spec, main_pid_file) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("cri-systemd init: {e}");
@@ -248,8 +252,12 @@ const MSG_READY: u8 = b'R';
 const MSG_ERROR: u8 = b'E';
 const MSG_GO: u8 = b'G';
 
+/// Where init writes the container's main PID (beside the spec's `error_file`), before handing it
+/// to systemd: the daemon follows that process without asking systemd (a D-Bus round trip per start).
+pub const MAIN_PID_FILE: &str = "main.pid";
+
 /// The parent's side: validate, enter namespaces, fork, and hand the child over to systemd.
-fn supervise(spec: &InitSpec) -> Result<()> {
+fn supervise(spec: &InitSpec, main_pid_file: Option<std::fs::File>) -> Result<()> {
     process::validate(&spec.oci)?;
     let notifier = notify::Notifier::open()?;
     // First, while init is root in the node's namespaces and sees its cgroup file systems: the
@@ -297,6 +305,10 @@ fn supervise(spec: &InitSpec) -> Result<()> {
     }
 
     // Phase 2: the child is alive and blocked on "go": make it the main PID before it can exit.
+    if let Some(mut file) = main_pid_file {
+        // Best effort: without it the daemon asks systemd.
+        let _ = file.write_all(child.to_string().as_bytes());
+    }
     notifier.notify(&format!("MAINPID={child}"))?;
     let mut go = std::fs::File::from(go_w);
     go.write_all(&[MSG_GO]).ctx(|| "release container process".into())?;

@@ -180,7 +180,14 @@ async fn follow_main_process(runtime: Weak<Runtime>, id: String) {
     // The record as saved, not refreshed: refreshing is for the lock holders and status calls.
     let Some(unit) = runtime.upgrade().and_then(|r| r.saved_container(&id)).map(|c| c.unit) else { return };
     let main_pid = match runtime.upgrade() {
-        Some(r) => r.systemd.main_pid(&unit).await,
+        // What init wrote before handing the process to systemd; systemd's word otherwise.
+        Some(r) => {
+            let written = std::fs::read_to_string(r.container_dir(&id).join(init::MAIN_PID_FILE)).ok();
+            match written.and_then(|text| text.trim().parse::<u32>().ok()) {
+                Some(pid) => Ok(pid),
+                None => r.systemd.main_pid(&unit).await,
+            }
+        }
         None => return,
     };
     match main_pid.map(|pid| open_main_process(pid, &unit)) {
