@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use e2e::{CriClient, cri};
 
-use crate::lifecycle::{POD_UID_LABEL, create_start, pod_config, run_pod, stop_remove};
+use crate::lifecycle::{POD_UID_LABEL, create_start, expect_running, pod_config, run_pod, stop_remove};
 use crate::procs::{self, NodeCpu, NodeProcs};
 use crate::runtimes::{Kind, Runtime};
 use crate::table::{Table, mib, p50_p99, percentile, secs};
@@ -299,7 +299,7 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
         m.up += t.elapsed();
         pods.extend(added);
         eprintln!("bench: density: {}: {} pods running ({:.1} s so far)", rt.short(), pods.len(), m.up.as_secs_f64());
-        expect_running(rt, &mut client, pods.len()).await?;
+        expect_running(rt, &mut client, pods.len(), CALL).await?;
         tokio::time::sleep(SETTLE).await;
 
         let container_ids: Vec<&str> = pods.iter().map(|(_, c)| c.as_str()).collect();
@@ -390,7 +390,7 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
     let t = Instant::now();
     bring_down(rt, &clients, pods.into_iter().map(|(pod, _)| pod).collect()).await?;
     m.down = t.elapsed();
-    expect_running(rt, &mut client, 0).await?;
+    expect_running(rt, &mut client, 0, CALL).await?;
     Ok(m)
 }
 
@@ -444,19 +444,6 @@ async fn bring_down(rt: &Runtime, clients: &[CriClient], pods: Vec<String>) -> R
     }
     while let Some(result) = tasks.join_next().await {
         result.map_err(|e| format!("client task: {e}"))??;
-    }
-    Ok(())
-}
-
-async fn expect_running(rt: &Runtime, client: &mut CriClient, n: usize) -> Result<(), String> {
-    let filter = cri::ContainerFilter {
-        state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 }),
-        ..Default::default()
-    };
-    let request = cri::ListContainersRequest { filter: Some(filter) };
-    let running = call(rt, "ListContainers", CALL, client.runtime.list_containers(request)).await?.containers.len();
-    if running != n {
-        return Err(format!("{}: {running} containers running, expected {n}", rt.short()));
     }
     Ok(())
 }

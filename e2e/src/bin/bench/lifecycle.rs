@@ -195,7 +195,7 @@ async fn measure(
     }
     m.node_cpu_up = node_cpu.seconds().unwrap_or(0.0) - cpu0;
     m.pid1_cpu_up = procs::cpu_seconds(setup.pid1).unwrap_or(0.0) - pid1_cpu0;
-    expect_running(rt, &mut client, n).await?;
+    expect_running(rt, &mut client, n, CALL).await?;
 
     // All N running: who is there besides the containers?
     let container_ids: Vec<&str> = pods.iter().map(|(_, c)| c.as_str()).collect();
@@ -278,7 +278,7 @@ async fn measure(
         pods.extend(result.map_err(|e| format!("client task: {e}"))??);
     }
     m.parallel_up = t.elapsed();
-    expect_running(rt, &mut client, n).await?;
+    expect_running(rt, &mut client, n, CALL).await?;
 
     let pods = Arc::new(std::sync::Mutex::new(pods));
     let t = Instant::now();
@@ -440,13 +440,19 @@ pub(crate) async fn stop_remove(rt: &Runtime, client: &mut CriClient, pod: &str)
     Ok(())
 }
 
-async fn expect_running(rt: &Runtime, client: &mut CriClient, n: usize) -> Result<(), String> {
+/// Fails unless exactly `n` containers run (`timeout`: how long the list may take).
+pub(crate) async fn expect_running(
+    rt: &Runtime,
+    client: &mut CriClient,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), String> {
     let filter = cri::ContainerFilter {
         state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 }),
         ..Default::default()
     };
     let request = cri::ListContainersRequest { filter: Some(filter) };
-    let running = call(rt, "ListContainers", CALL, client.runtime.list_containers(request)).await?.containers.len();
+    let running = call(rt, "ListContainers", timeout, client.runtime.list_containers(request)).await?.containers.len();
     if running != n {
         return Err(format!("{}: {running} containers running, expected {n}", rt.short()));
     }
