@@ -81,6 +81,10 @@ pub struct NodeOptions {
     /// Boot a node without the daemon's binary, unit and config, as a host before the package is
     /// installed (`e2e/node up --clean`; implies `no_daemon`).
     pub clean: bool,
+    /// The state directory (the node's /var/lib/cri-systemd) on a fresh journaled ext4 of this
+    /// size (`"16G"`), an image file loop-mounted by `e2e/node up --state-ext4`: what a
+    /// production node's /var/lib is, whatever the host's root file system.
+    pub state_ext4: Option<String>,
 }
 
 /// A running throwaway node, shut down and removed on drop.
@@ -133,6 +137,9 @@ impl Node {
         }
         if let Some(config) = &options.config {
             command.arg("--config").arg(config);
+        }
+        if let Some(size) = &options.state_ext4 {
+            command.arg("--state-ext4").arg(size);
         }
         let node = Node { name };
         let output = command.stdin(Stdio::null()).output().expect("cannot run e2e/node");
@@ -300,6 +307,17 @@ pub const CNI_CONFLIST_PATH: &str = "/etc/cni/net.d/10-cri-systemd.conflist";
 
 /// The port of the plain-HTTP registry the tests start on a node's loopback.
 pub const LOCAL_REGISTRY_PORT: u16 = 5000;
+
+/// Starts `slice` in the node the way the kubelet's systemd cgroup driver does before
+/// RunPodSandbox (a transient slice with the pod's limits: CPUShares=2 for a best-effort pod).
+pub fn start_kubelet_slice(node: &Node, slice: &str) {
+    node.sh(&format!(
+        "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \
+         StartTransientUnit 'ssa(sv)a(sa(sv))' {slice} replace 3 Description s 'libcontainer container kubepods' \
+         DefaultDependencies b false CPUShares t 2 0 && \
+         for i in $(seq 50); do systemctl is-active -q {slice} && exit 0; sleep 0.1; done; exit 1"
+    ));
+}
 
 /// A node whose daemon pulls from the plain-HTTP registry on the node's loopback;
 /// `extra_config` is more daemon config TOML (may be empty).

@@ -141,6 +141,8 @@ fn the_density_benchmark_runs_end_to_end() {
         "StopPodSandbox+Remove",
         "node memory per pod",
         "systemd (PID 1) RSS",
+        "floor: bare systemd-run",
+        "pod + container p50 / floor p50",
         "load average",
     ] {
         assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");

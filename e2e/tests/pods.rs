@@ -209,17 +209,6 @@ async fn a_pod_without_a_hostname_has_the_nodes_whatever_its_name() {
     assert_eq!(before, after);
 }
 
-/// Starts `slice` in the node the way the kubelet's systemd cgroup driver does before
-/// RunPodSandbox (a transient slice with the pod's limits: CPUShares=2 for a best-effort pod).
-fn start_kubelet_slice(node: &Node, slice: &str) {
-    node.sh(&format!(
-        "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \
-         StartTransientUnit 'ssa(sv)a(sa(sv))' {slice} replace 3 Description s 'libcontainer container kubepods' \
-         DefaultDependencies b false CPUShares t 2 0 && \
-         for i in $(seq 50); do systemctl is-active -q {slice} && exit 0; sleep 0.1; done; exit 1"
-    ));
-}
-
 fn is_active(node: &Node, unit: &str) -> bool {
     node.exec(&["systemctl", "is-active", unit]).stdout.trim() == "active"
 }
@@ -245,7 +234,7 @@ async fn cgroup_parent_as_the_kubelet_sends_it() {
     // The kubelet's own slice, started before RunPodSandbox.
     let slice = "kubepods-besteffort-pod0000abcd_5555_4c2d_9e8f_0123456789ab.slice";
     let path = format!("/kubepods.slice/kubepods-besteffort.slice/{slice}");
-    start_kubelet_slice(&node, slice);
+    e2e::start_kubelet_slice(&node, slice);
     let since = node.sh(&format!("systemctl show -p ActiveEnterTimestampMonotonic --value {slice}"));
 
     // A RunPodSandbox that fails after the slice step rolls back without stopping it (the bare

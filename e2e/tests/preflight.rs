@@ -68,6 +68,17 @@ async fn check_says_what_this_node_has_and_blocks_only_on_blocking_findings() {
     assert_eq!(cni["outcome"], "ok", "{cni}");
     assert!(cni["detail"].as_str().unwrap().contains("/etc/cni/net.d/10-cri-systemd.conflist"), "{cni}");
     assert_eq!(finding(&report, "TPM")["outcome"], "info");
+    // Whether a move into a cgroup waits: as the node's own mount table says.
+    let moves = finding(&report, "cgroup task moves");
+    let favoring = node.sh("grep -c 'cgroup.* [^ ]*favordynmods' /proc/self/mounts || true").trim() != "0";
+    if favoring {
+        assert_eq!(moves["outcome"], "ok", "{moves}");
+    } else {
+        // Before Linux 6.0 moves never wait; from 6.0 on they do, and the fix says how not to.
+        let waits = moves["outcome"] == "info" && moves["fix"].as_str().is_some_and(|f| f.contains("favordynmods"));
+        let old_kernel = moves["outcome"] == "ok" && moves["detail"].as_str().is_some_and(|d| d.contains("kernel"));
+        assert!(waits || old_kernel, "{moves}");
+    }
 
     // CNI config removed: not ready, with what to do, and still exit 0 (host-network pods run).
     node.sh("mkdir -p /root/cni-aside && mv /etc/cni/net.d/* /root/cni-aside/");

@@ -199,6 +199,58 @@ async fn daemon_killed_during_lifecycle_calls_recovers_without_leaks() {
     }
 }
 
+/// What a daemon killed inside RunPodSandbox leaves when the kill comes after the pod's slice,
+/// namespace pins and /dev/shm were made but before the record said so (the record says
+/// `Creating`, nothing more): the next start finds them where they are always made, and the
+/// slice by the pod id in its Description, and removes them all. (A CI run of the test above
+/// left exactly this: the slice, the pod's run dir and three pins.)
+#[tokio::test]
+async fn a_pod_made_but_not_yet_recorded_when_the_daemon_died_is_rolled_back() {
+    let node = node("stress-unrecorded");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let clean = leftovers(&node);
+    // A pod with namespaces of its own, and a kubelet-style slice that was there before it.
+    let kubelets_slice = "kubepods-besteffort-podkubelets.slice";
+    e2e::start_kubelet_slice(&node, kubelets_slice);
+    // (A PID namespace per container, as the kubelet asks: the pod has no init unit yet.)
+    let own = run_pod_sandbox(&mut client, stress_pod("unrecorded").pid(cri::NamespaceMode::Container).build())
+        .await
+        .unwrap();
+    let config = stress_pod("in-kubelets-slice").pid(cri::NamespaceMode::Container).build();
+    let config = cri::PodSandboxConfig {
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: format!("/kubepods.slice/kubepods-besteffort.slice/{kubelets_slice}"),
+            ..config.linux.clone().unwrap_or_default()
+        }),
+        ..config
+    };
+    let in_kubelets = run_pod_sandbox(&mut client, config).await.unwrap();
+    let pins = node.sh(&format!("grep -c 'cri-systemd/pods/{own}' /proc/self/mountinfo || true"));
+    assert_eq!(pins.trim(), "4", "net, ipc and uts pins and /dev/shm");
+
+    node.sh("systemctl stop cri-systemd");
+    // Both records as they were before the pins were recorded.
+    for pod in [&own, &in_kubelets] {
+        let path = format!("/var/lib/cri-systemd/pods/{pod}/pod.json");
+        let mut record: serde_json::Value = serde_json::from_str(&node.sh(&format!("cat {path}"))).unwrap();
+        record["state"] = "Creating".into();
+        record["owns_slice"] = false.into();
+        record["namespaces"] = serde_json::json!({});
+        record["shm"] = serde_json::Value::Null;
+        record["init_unit"] = serde_json::Value::Null;
+        node.write_file(&path, &record.to_string());
+    }
+    node.sh("systemctl start cri-systemd");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+
+    let pods = client.runtime.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner();
+    assert!(pods.items.is_empty(), "{:?}", pods.items);
+    // The kubelet's slice is not the runtime's to stop; everything else is gone.
+    assert_eq!(node.exec(&["systemctl", "is-active", kubelets_slice]).stdout.trim(), "active");
+    node.sh(&format!("systemctl stop {kubelets_slice}"));
+    assert_eq!(leftovers(&node), clean, "journal:\n{}", node.logs());
+}
+
 /// Containers that end by themselves, many at once: each one's exit code is exactly its own
 /// (the kubelet decides restarts and Job success on it), whichever of systemd's events about
 /// the end of the main process and of its cgroup comes first.

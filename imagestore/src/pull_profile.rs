@@ -9,7 +9,11 @@
 //! ```
 //!
 //! The layers are generated once into `PULL_PROFILE_DIR` (default `/tmp/imagestore-pull-profile`),
-//! so that a profile shows the pull, not the gzip compression of its input.
+//! so that a profile shows the pull, not the gzip compression of its input. The store is made
+//! there too: put it on the file system to measure. On ext4 without a journal (the test VMs'
+//! root) a run soon after the previous one's store was deleted spends seconds of system CPU in
+//! ext4 skipping the recently freed inodes (README, Benchmarks: pull); a loop-mounted journaled
+//! ext4 image shows what a production /var/lib would.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -45,7 +45,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::{cgroup_mounts, systemd_cgroup};
+use crate::cgroup::systemd_cgroup;
 use crate::{Context, Error, InitSpec, Result, errno_desc, namespaces, process};
 
 /// The hidden subcommand's name.
@@ -157,6 +157,7 @@ fn supervise(args: &ExecInArgs, control: &OwnedFd) -> Result<()> {
     let signalfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).ctx(|| "create signalfd".into())?;
 
     let spec = InitSpec::load(&args.init_spec)?;
+    crate::cgroup::use_given_mounts(spec.cgroup_mounts.as_deref());
     let mut process = spec.oci.process().clone().ok_or_else(|| Error::new("the container's spec has no process"))?;
     if args.command.is_empty() {
         return Err(Error::new("no command given"));
@@ -328,8 +329,7 @@ fn wait(child: Pid, control: &OwnedFd, signalfd: &SignalFd) -> Result<()> {
 /// Writes this process into the cgroups listed in `cgroups` (another process's
 /// /proc/<pid>/cgroup), in every hierarchy mounted here.
 fn join_cgroups(cgroups: &str) -> Result<()> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo".into())?;
-    let mounts = cgroup_mounts(&mountinfo);
+    let mounts = crate::cgroup::mounts().ctx(|| "read /proc/self/mountinfo".into())?;
     let pid = std::process::id().to_string();
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');

@@ -64,9 +64,8 @@ pub enum Hierarchy {
 
 impl Hierarchy {
     pub fn find() -> Result<Hierarchy> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        let mounts = crate::cgroup::mounts()
             .map_err(|source| Error::File { what: "cannot read /proc/self/mountinfo".into(), source })?;
-        let mounts = crate::cgroup::cgroup_mounts(&mountinfo);
         if let Some(m) = mounts.iter().find(|m| m.controllers.iter().any(|c| c == CONTROLLER)) {
             return Ok(Hierarchy::V1(PathBuf::from(&m.mount_point)));
         }

@@ -146,6 +146,7 @@ pub fn run(spec_path: &Path) -> ! {
             std::process::exit(1);
         }
     };
+    crate::cgroup::use_given_mounts(spec.cgroup_mounts.as_deref());
     let error_file = ErrorFile::open(&spec.error_file);
     if let Err(e) = hold_output_pipes() {
         let message = format!("reopen stdout and stderr read-write: {e}");

@@ -59,6 +59,11 @@ pub struct InitSpec {
     /// Images mounted read-only in the container (CRI image volumes), after the spec's mounts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_volumes: Vec<ImageVolumeMount>,
+    /// The node's cgroup file systems, as the daemon read them from its mountinfo once, at its
+    /// first CreateContainer (the same mount and cgroup namespaces as init's). None: init reads
+    /// its own mountinfo, whose size grows with the pods' mounts on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_mounts: Option<Vec<crate::cgroup::CgroupMount>>,
 }
 
 /// An image's root file system (or a directory of it) mounted read-only in the container. init

@@ -17,7 +17,7 @@ use crate::error::Error;
 /// Removes a stopped container's cgroups in the unmanaged v1 hierarchies (or, with `unit`
 /// None, what is left of a pod's slice there), and the parents they leave empty.
 pub(crate) fn remove(slice: &str, unit: Option<&str>) -> Result<(), Error> {
-    for mount in init::cgroup::mounts().iter().filter(|m| init::cgroup::unmanaged(m)) {
+    for mount in init::cgroup::mounts().unwrap_or_default().iter().filter(|m| init::cgroup::unmanaged(m)) {
         crate::hugetlb::remove_in(Path::new(&mount.mount_point), slice, unit)?;
     }
     Ok(())

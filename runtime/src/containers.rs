@@ -242,6 +242,7 @@ impl Runtime {
             image_volumes,
             container_id: record.id.clone(),
             bundle: Some(dir.clone()),
+            cgroup_mounts: node_cgroup_mounts(),
         };
         if !record.spec.hooks.is_empty() {
             // The bundle's config.json, which hooks read (root.path: the rootfs as they see it).
@@ -1175,6 +1176,19 @@ fn write_bundle_config(oci: &oci_spec::runtime::Spec, path: &std::path::Path) ->
     file.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(Error::io("cannot write the bundle's config.json"))?;
     std::io::Write::write_all(&mut file, &text).map_err(Error::io("cannot write the bundle's config.json"))
+}
+
+/// The node's cgroup file systems, read from the daemon's mountinfo once: init and exec-in get
+/// them in init.json instead of reading their own mountinfo, whose size grows with every pod's
+/// mounts on the node (3 ms a read with 2000 of them in a test node at load 2, 28 ms at load 7).
+/// None if it cannot be read (not kept: init then reads its own, and fails as it did before).
+fn node_cgroup_mounts() -> Option<Vec<init::cgroup::CgroupMount>> {
+    static MOUNTS: std::sync::OnceLock<Vec<init::cgroup::CgroupMount>> = std::sync::OnceLock::new();
+    if let Some(mounts) = MOUNTS.get() {
+        return Some(mounts.clone());
+    }
+    let mounts = init::cgroup::mounts().ok()?;
+    Some(MOUNTS.get_or_init(|| mounts).clone())
 }
 
 #[cfg(test)]

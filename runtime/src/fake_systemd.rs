@@ -21,6 +21,7 @@ pub(crate) enum Call {
     ResetFailed(String),
     UnitExists(String),
     MainPid(String),
+    Description(String),
 }
 
 impl Call {
@@ -34,6 +35,7 @@ impl Call {
             Call::ResetFailed(_) => "reset_failed",
             Call::UnitExists(_) => "unit_exists",
             Call::MainPid(_) => "main_pid",
+            Call::Description(_) => "description",
         }
     }
 
@@ -46,7 +48,8 @@ impl Call {
             | Call::SetProperties(u)
             | Call::ResetFailed(u)
             | Call::UnitExists(u)
-            | Call::MainPid(u) => u,
+            | Call::MainPid(u)
+            | Call::Description(u) => u,
         }
     }
 }
@@ -58,6 +61,8 @@ struct State {
     calls: Vec<Call>,
     /// Loaded units and the slice each was started in (None: a slice, or no Slice= given).
     loaded: BTreeMap<String, Option<String>>,
+    /// The Description each unit was started with.
+    descriptions: BTreeMap<String, String>,
     /// (method, unit name): every such call fails.
     failures: Vec<(&'static str, String)>,
     /// Runs with the unit's name when a loaded service stops (what its ExecStopPost would do).
@@ -114,15 +119,19 @@ impl FakeSystemd {
     }
 
     fn start(&self, name: &str, properties: &UnitProperties) -> Result<(), Error> {
-        let slice = properties.iter().find(|(key, _)| *key == "Slice").and_then(|(_, value)| match value {
-            Value::Str(s) => Some(s.to_string()),
-            _ => None,
-        });
+        let property = |name: &str| {
+            properties.iter().find(|(key, _)| *key == name).and_then(|(_, value)| match value {
+                Value::Str(s) => Some(s.to_string()),
+                _ => None,
+            })
+        };
+        let (slice, description) = (property("Slice"), property("Description"));
         let mut state = self.state.lock().expect("fake lock");
         if state.loaded.contains_key(name) {
             return Err(Error::Unit { unit: name.into(), action: "start", reason: "unit exists".into() });
         }
         state.loaded.insert(name.to_string(), slice);
+        state.descriptions.insert(name.to_string(), description.unwrap_or_default());
         Ok(())
     }
 }
@@ -196,5 +205,11 @@ impl UnitManager for FakeSystemd {
     async fn main_pid(&self, name: &str) -> Result<u32, Error> {
         // No real process stands behind a fake unit: every main process has ended.
         self.record(Call::MainPid(name.into())).map(|()| 0)
+    }
+
+    async fn unit_description(&self, name: &str) -> Result<Option<String>, Error> {
+        self.record(Call::Description(name.into()))?;
+        let state = self.state.lock().expect("fake lock");
+        Ok(state.loaded.contains_key(name).then(|| state.descriptions.get(name).cloned().unwrap_or_default()))
     }
 }

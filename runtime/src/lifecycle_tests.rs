@@ -207,6 +207,40 @@ async fn a_pod_left_creating_by_a_dead_daemon_is_rolled_back_at_restart() {
 }
 
 #[tokio::test]
+async fn a_slice_started_but_not_yet_recorded_is_told_from_the_kubelets_by_its_description() {
+    let node = Node::new().await;
+    let own = node.ready_pod("k").await;
+    node.systemd.load("kubepods-besteffort-podkubelets.slice");
+    let in_kubelets = node
+        .runtime
+        .run_pod(PodSpec {
+            cgroup_parent: "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podkubelets.slice".into(),
+            ..host_pod("l")
+        })
+        .await
+        .unwrap();
+    // A daemon killed between the slice's start and the record of it.
+    for id in [&own, &in_kubelets] {
+        let mut record = node.pod_dir_record(id);
+        record.state = PodState::Creating;
+        record.owns_slice = false;
+        crate::store::write_json(&node.dir.path().join("state/pods").join(id).join("pod.json"), &record).unwrap();
+    }
+    let own_slice = node.runtime.pod(&own).unwrap().slice;
+    let systemd = node.systemd.clone();
+
+    // The restart's systemd is the same one: the units are still loaded.
+    let Node { dir, runtime, .. } = node;
+    drop(runtime);
+    let runtime = Runtime::open(config(dir.path()), systemd.clone()).await.unwrap();
+    assert!(!systemd.is_loaded(&own_slice), "{systemd:?}");
+    assert!(systemd.is_loaded("kubepods-besteffort-podkubelets.slice"), "{systemd:?}");
+    assert!(!systemd.calls().contains(&Call::Stop("kubepods-besteffort-podkubelets.slice".into())));
+    assert!(runtime.pods(&PodFilter::default()).is_empty());
+    assert!(dir_names(&dir.path().join("state/pods")).is_empty());
+}
+
+#[tokio::test]
 async fn create_container_failing_after_its_files_were_made_leaves_no_record() {
     let node = Node::new().await;
     let pod = node.ready_pod("g").await;

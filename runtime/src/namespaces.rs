@@ -49,6 +49,17 @@ impl PodNamespaces {
     pub fn pins(&self) -> impl Iterator<Item = &PathBuf> {
         [&self.network, &self.ipc, &self.uts, &self.user, &self.pid].into_iter().flatten()
     }
+
+    /// Every pin a pod can have in `dir`, its pins' directory (the names the pins are made with).
+    pub fn every_pin_in(dir: &Path) -> PodNamespaces {
+        PodNamespaces {
+            network: Some(dir.join("net")),
+            ipc: Some(dir.join("ipc")),
+            uts: Some(dir.join("uts")),
+            user: Some(dir.join("user")),
+            pid: Some(dir.join("pid")),
+        }
+    }
 }
 
 /// Pins namespace `kind` of process `pid` at `pin` (a bind mount of `/proc/<pid>/ns/<kind>`).

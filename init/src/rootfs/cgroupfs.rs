@@ -31,26 +31,16 @@ pub(super) fn mount_cgroup(rootfd: &OwnedFd, rel: &Path, opts: &MountOptions, pl
     }
     at(rootfd, rel, |t| mount(Some("tmpfs"), t, Some("tmpfs"), flags & !MsFlags::MS_RDONLY, Some("mode=755")))
         .ctx(|| format!("mount tmpfs for cgroups on {shown}"))?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo".into())?;
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        let (Some(mount_point), Some(fstype), Some(super_opts)) =
-            (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
-        else {
-            continue;
-        };
-        if *fstype != "cgroup" && *fstype != "cgroup2" {
-            continue;
-        }
-        let Some(name) = mount_point.strip_prefix("/sys/fs/cgroup/") else { continue };
+    for hierarchy in crate::cgroup::mounts().ctx(|| "read /proc/self/mountinfo".into())? {
+        let Some(name) = hierarchy.mount_point.strip_prefix("/sys/fs/cgroup/") else { continue };
         if name.contains('/') {
             continue;
         }
-        let options = super_opts.split(',').filter(|o| *o != "rw" && *o != "ro").collect::<Vec<_>>().join(",");
+        let options = hierarchy.controllers.join(",");
         let sub = rel.join(name);
         mkdir_all(rootfd, &sub)?;
-        mount_hierarchy(rootfd, &sub, Path::new(mount_point), fstype, &options, flags, plan, &own)
+        let mount_point = Path::new(&hierarchy.mount_point);
+        mount_hierarchy(rootfd, &sub, mount_point, hierarchy.fstype(), &options, flags, plan, &own)
             .map_err(|e| e.context(format!("cgroup {name} on {shown}/{name}")))?;
     }
     let entries = std::fs::read_dir(host).ctx(|| "read /sys/fs/cgroup".into())?;

@@ -97,8 +97,12 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan, host_pid: u32) -> Result<()> {
     // volumes, a slave of it for "rslave"), even when the source is on that same mount.
     let sources = mounts.iter().map(|m| clone_bind_source(oci, m, plan)).collect::<Result<Vec<_>>>()?;
     // pivot_root refuses a new root whose parent mount is shared (rootfsPropagation "rshared"),
-    // and nothing mounted at the rootfs may propagate to the host.
-    make_parent_mount_private(&root)?;
+    // and nothing mounted at the rootfs may propagate to the host. After a recursive change to
+    // slave, private or unbindable (the default: rslave) no mount is shared: the search of
+    // mountinfo for the parent mount, O(mounts on the node), is skipped.
+    if !propagation.contains(MsFlags::MS_REC) || propagation.contains(MsFlags::MS_SHARED) {
+        make_parent_mount_private(&root)?;
+    }
 
     match &spec.rootfs {
         Some(overlay) => mount_overlay(overlay, &root, plan)?,

@@ -30,7 +30,7 @@ use crate::lifecycle::{POD_UID_LABEL, create_start, expect_running, pod_config, 
 use crate::procs::{self, NodeCpu, NodeProcs};
 use crate::runtimes::{Kind, Runtime};
 use crate::table::{Table, mib, p50_p99, percentile, secs};
-use crate::{BUSYBOX_REPO, Only, PAUSE_REPO, Setup, call, image_ref, image_spec};
+use crate::{BUSYBOX_REPO, Only, PAUSE_REPO, Setup, call, image_ref};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -107,6 +107,9 @@ pub struct Step {
     pub stop_remove: Vec<Duration>,
     /// ListPodSandbox + ListContainers of one pod by its uid label (the kubelet's pod status sync).
     pub list_one: Vec<Duration>,
+    /// Bare `systemd-run`s of the same busybox in a slice beside the pods': what systemd alone
+    /// costs per start with the step's units loaded (PID 1's own work grows with them).
+    pub floor: Vec<Duration>,
     /// MemAvailable drop since before the first pod (KiB; negative: more available).
     pub mem_available_drop_kib: i64,
     /// The node's memory cgroup growth since before the first pod (KiB).
@@ -150,16 +153,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     let registry = setup.registry();
     let busybox = image_ref(&format!("{BUSYBOX_REPO}:1"));
     let pause = image_ref(&format!("{PAUSE_REPO}:1"));
-    for rt in &setup.runtimes {
-        let mut client = rt.client().await?;
-        for image in [&busybox, &pause] {
-            if *image == pause && rt.kind == Kind::CriSystemd {
-                continue;
-            }
-            let request = cri::PullImageRequest { image: image_spec(image), ..Default::default() };
-            call(rt, &format!("PullImage {image}"), CALL, client.image.pull_image(request)).await?;
-        }
-    }
+    crate::lifecycle::pull_images(&setup, &busybox, &pause).await?;
     let mut results = Vec::new();
     for rt in &setup.runtimes {
         eprintln!("bench: density: {}: up to {} pods, steps {:?}", rt.label, options.pods, options.effective_steps());
@@ -374,14 +368,18 @@ async fn measure(setup: &Setup, rt: &Runtime, image: &str, options: &Options) ->
             stop_remove(rt, &mut client, pod).await?;
             s.stop_remove.push(t.elapsed());
         }
+        // The floor with this runtime's pods running (units loaded in PID 1), after the sample's
+        // pods are gone.
+        s.floor = crate::lifecycle::systemd_run_floor(setup, options.sample, &format!("{tag}{}", s.pods))?;
         eprintln!(
-            "bench: density: {}: at {} pods: RunPodSandbox {}, Create+Start {}, ExecSync {}, Stop+Remove {}; {}/pod",
+            "bench: density: {}: at {} pods: RunPodSandbox {}, Create+Start {}, ExecSync {}, Stop+Remove {}, floor {}; {}/pod",
             rt.short(),
             s.pods,
             p50_p99(&s.run_pod),
             p50_p99(&s.create_start),
             p50_p99(&s.exec),
             p50_p99(&s.stop_remove),
+            p50_p99(&s.floor),
             signed_mib(s.memory_per_pod_kib())
         );
         m.steps.push(s);
@@ -455,12 +453,13 @@ type SamplesOf = fn(&Step) -> &Vec<Duration>;
 fn series(results: &[(Runtime, Measured)]) -> Vec<crate::plot::Series> {
     let mut out = Vec::new();
     for (rt, m) in results {
-        let calls: [(&str, SamplesOf); 5] = [
+        let calls: [(&str, SamplesOf); 6] = [
             ("RunPodSandbox", |s| &s.run_pod),
             ("Create+Start", |s| &s.create_start),
             ("ExecSync", |s| &s.exec),
             ("Stop+Remove", |s| &s.stop_remove),
             ("lists by uid", |s| &s.list_one),
+            ("systemd-run floor", |s| &s.floor),
         ];
         for (i, (call, samples)) in calls.into_iter().enumerate() {
             let points = m
@@ -522,6 +521,11 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     t.row(row("ExecSync /bin/true      p50 / p99", &|s| p50_p99(&s.exec)));
     t.row(row("StopPodSandbox+Remove   p50 / p99", &|s| p50_p99(&s.stop_remove)));
     t.row(row("one pod's lists by uid  p50 / p99", &|s| p50_p99(&s.list_one)));
+    t.row(row("floor: bare systemd-run p50 / p99", &|s| p50_p99(&s.floor)));
+    t.row(row("  pod + container p50 / floor p50", &|s| {
+        let both: Vec<Duration> = s.run_pod.iter().zip(&s.create_start).map(|(a, b)| *a + *b).collect();
+        ratio(percentile(&s.floor, 50.0), percentile(&both, 50.0))
+    }));
     t.row(row("node memory per pod (outside containers)", &|s| signed_mib(s.memory_per_pod_kib())));
     t.row(row("MemAvailable drop per pod", &|s| signed_mib(s.mem_available_drop_kib / s.pods as i64)));
     t.row(row("containers' own memory per pod", &|s| mib(s.containers_memory_kib / s.pods as u64)));
@@ -539,7 +543,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
         let last = m.steps.last();
         let p50 = |s: Option<&Step>, f: fn(&Step) -> &Vec<Duration>| s.and_then(|s| percentile(f(s), 50.0));
         t.note(format!(
-            "{}: {} pods up in {} by {} clients ({:.1} pods/s), down in {}; p50 at {} pods / at {}: RunPodSandbox {}, Create+Start {}",
+            "{}: {} pods up in {} by {} clients ({:.1} pods/s), down in {}; p50 at {} pods / at {}: RunPodSandbox {}, Create+Start {}, the bare systemd-run floor {}",
             rt.short(),
             options.pods,
             secs(m.up.as_secs_f64()),
@@ -550,6 +554,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
             first.map(|s| s.pods).unwrap_or(0),
             ratio(p50(first, |s| &s.run_pod), p50(last, |s| &s.run_pod)),
             ratio(p50(first, |s| &s.create_start), p50(last, |s| &s.create_start)),
+            ratio(p50(first, |s| &s.floor), p50(last, |s| &s.floor)),
         ));
     }
     if let [(a, ma), (b, mb)] = results
@@ -568,6 +573,7 @@ fn render(options: &Options, results: &[(Runtime, Measured)], load: &str, limits
     }
     t.note("node memory: the node's memory cgroup (everything in it: daemon, shims, pause, systemd, journal, page cache of the runtime's files) since before the first pod, less what the containers' own cgroups were charged, divided by the pods running");
     t.note("MemAvailable: the machine's (the node shares its kernel, so kernel memory per pod counts here): noisy when other work runs");
+    t.note("floor: the sample's count of `systemd-run -p Type=exec --slice=<a slice beside the pods'> /bin/busybox sleep`, timed by bash in the node, after the sample's pods are removed: systemd's own cost per start with the step's units loaded");
     t.note("one pod's lists: ListPodSandbox + ListContainers with the label selector io.kubernetes.pod.uid=<a running pod's>, as the kubelet at each pod status sync");
     t.note(format!(
         "latency samples per step: {} pods one after the other from one client while the step's pods run; p99 of {} samples is near their maximum",

@@ -56,6 +56,9 @@ const CALL: Duration = Duration::from_secs(120);
 struct Measured {
     run_pod: Vec<Duration>,
     create_start: Vec<Duration>,
+    /// The two calls of `create_start` on their own (sequential pods only).
+    create: Vec<Duration>,
+    start: Vec<Duration>,
     stop_remove: Vec<Duration>,
     exec: Vec<Duration>,
     /// Why ExecSync could not be measured (the runtime answers Unimplemented).
@@ -84,25 +87,14 @@ pub async fn run(options: Options) -> Result<(), String> {
     if options.cni {
         setup.node.write_file(&format!("{CNI_CONF_DIR}/10-bench.conflist"), CNI_CONFLIST);
     }
-    for rt in &setup.runtimes {
-        let mut client = rt.client().await?;
-        // Images first, untimed: the pause image only matters to containerd (cri-systemd has no
-        // sandbox process), which would otherwise pull it within the first RunPodSandbox.
-        for image in [&busybox, &pause] {
-            if *image == pause && rt.kind == Kind::CriSystemd {
-                continue;
-            }
-            let request = cri::PullImageRequest { image: image_spec(image), ..Default::default() };
-            call(rt, &format!("PullImage {image}"), CALL, client.image.pull_image(request)).await?;
-        }
-    }
+    pull_images(&setup, &busybox, &pause).await?;
     // Rounds alternate which runtime goes first, so that neither always runs on a fresher node
     // or in a quieter minute of the machine.
     let mut rounds: Vec<(Runtime, Vec<Measured>)> = setup.runtimes.iter().map(|rt| (rt.clone(), Vec::new())).collect();
     let mut floor = Vec::new();
     for round in 0..options.rounds {
         eprintln!("bench: round {}/{}: the floor: {} bare systemd-run", round + 1, options.rounds, options.pods);
-        floor.extend(systemd_run_floor(&setup, options.pods, round)?);
+        floor.extend(systemd_run_floor(&setup, options.pods, &round.to_string())?);
         let mut order: Vec<usize> = (0..rounds.len()).collect();
         if round % 2 == 1 {
             order.reverse();
@@ -120,21 +112,39 @@ pub async fn run(options: Options) -> Result<(), String> {
     Ok(())
 }
 
-/// `n` bare `systemd-run`s of busybox sleep in the node, each in a slice of its own, timed by
-/// bash in the node ($EPOCHREALTIME: no process of its own around the call); then stopped.
-fn systemd_run_floor(setup: &Setup, n: usize, round: usize) -> Result<Vec<Duration>, String> {
+/// Pulls `busybox` into every runtime, and `pause` into containerd's, untimed: the pause image
+/// only matters to containerd (cri-systemd has no sandbox process), which would otherwise pull it
+/// within the first RunPodSandbox.
+pub(crate) async fn pull_images(setup: &Setup, busybox: &str, pause: &str) -> Result<(), String> {
+    for rt in &setup.runtimes {
+        let mut client = rt.client().await?;
+        for image in [busybox, pause] {
+            if image == pause && rt.kind == Kind::CriSystemd {
+                continue;
+            }
+            let request = cri::PullImageRequest { image: image_spec(image), ..Default::default() };
+            call(rt, &format!("PullImage {image}"), CALL, client.image.pull_image(request)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `n` bare `systemd-run`s of busybox sleep in the node, each in a slice of its own beside the
+/// pods' (kubepods-besteffort.slice), timed by bash in the node ($EPOCHREALTIME: no process of its
+/// own around the call); then stopped. `tag` keeps the unit names of different calls apart.
+pub(crate) fn systemd_run_floor(setup: &Setup, n: usize, tag: &str) -> Result<Vec<Duration>, String> {
     let script = format!(
         r#"set -e
 for i in $(seq 1 {n}); do
   t0=$EPOCHREALTIME
-  systemd-run --quiet --unit=bench-floor-{round}x$i --slice=kubepods-besteffort-podfloor{round}x$i.slice \
+  systemd-run --quiet --unit=bench-floor-{tag}x$i --slice=kubepods-besteffort-podfloor{tag}x$i.slice \
     -p Type=exec -p CollectMode=inactive-or-failed /bin/busybox sleep 2147483647
   t1=$EPOCHREALTIME
   echo "${{t0/./}} ${{t1/./}}"
 done"#
     );
     let run = setup.node.exec(&["bash", "-c", &script]);
-    let stop = setup.node.exec(&["sh", "-c", &format!("systemctl stop 'kubepods-besteffort-podfloor{round}x*.slice'")]);
+    let stop = setup.node.exec(&["sh", "-c", &format!("systemctl stop 'kubepods-besteffort-podfloor{tag}x*.slice'")]);
     if !run.success() || !stop.success() {
         return Err(format!("the systemd-run floor: {}{}{}", run.stdout, run.stderr, stop.stderr));
     }
@@ -189,8 +199,10 @@ async fn measure(
             check_pod_ip(rt, &mut client, &pod).await?;
         }
         let t = Instant::now();
-        let container = create_start(rt, &mut client, &pod, &config, image).await?;
+        let (container, create, start) = create_start_timed(rt, &mut client, &pod, &config, image).await?;
         m.create_start.push(t.elapsed());
+        m.create.push(create);
+        m.start.push(start);
         pods.push((pod, container));
     }
     m.node_cpu_up = node_cpu.seconds().unwrap_or(0.0) - cpu0;
@@ -323,6 +335,8 @@ fn merge(all: Vec<Measured>) -> Measured {
     for round in all {
         m.run_pod.extend(round.run_pod);
         m.create_start.extend(round.create_start);
+        m.create.extend(round.create);
+        m.start.extend(round.start);
         m.stop_remove.extend(round.stop_remove);
         m.exec.extend(round.exec);
         m.exec_unavailable = m.exec_unavailable.or(round.exec_unavailable);
@@ -391,6 +405,17 @@ pub(crate) async fn create_start(
     pod_config: &cri::PodSandboxConfig,
     image: &str,
 ) -> Result<String, String> {
+    create_start_timed(rt, client, pod, pod_config, image).await.map(|(id, _, _)| id)
+}
+
+/// [`create_start`], with the time CreateContainer and StartContainer each took.
+async fn create_start_timed(
+    rt: &Runtime,
+    client: &mut CriClient,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    image: &str,
+) -> Result<(String, Duration, Duration), String> {
     let namespace_options =
         pod_config.linux.as_ref().and_then(|l| l.security_context.as_ref()).and_then(|s| s.namespace_options.clone());
     let uid = pod_config.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
@@ -411,7 +436,10 @@ pub(crate) async fn create_start(
         config: Some(config),
         sandbox_config: Some(pod_config.clone()),
     };
+    let t = Instant::now();
     let id = call(rt, "CreateContainer", CALL, client.runtime.create_container(request)).await?.container_id;
+    let created = t.elapsed();
+    let t = Instant::now();
     call(
         rt,
         "StartContainer",
@@ -419,7 +447,7 @@ pub(crate) async fn create_start(
         client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }),
     )
     .await?;
-    Ok(id)
+    Ok((id, created, t.elapsed()))
 }
 
 pub(crate) async fn stop_remove(rt: &Runtime, client: &mut CriClient, pod: &str) -> Result<(), String> {
@@ -523,6 +551,8 @@ fn render(options: &Options, results: &[(Runtime, Measured)], floor: &[Duration]
     };
     t.row(row("RunPodSandbox                    p50 / p99", &|m| p50_p99(&m.run_pod)));
     t.row(row("CreateContainer+StartContainer   p50 / p99", &|m| p50_p99(&m.create_start)));
+    t.row(row("  CreateContainer alone          p50 / p99", &|m| p50_p99(&m.create)));
+    t.row(row("  StartContainer alone           p50 / p99", &|m| p50_p99(&m.start)));
     t.row(row("floor: bare systemd-run in a slice p50 / p99", &|_| p50_p99(floor)));
     t.row(row("  pod + container p50 / floor p50", &|m| {
         let both: Vec<Duration> = m.run_pod.iter().zip(&m.create_start).map(|(a, b)| *a + *b).collect();

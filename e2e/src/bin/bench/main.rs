@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only RUNTIME]
-//! bench pull      [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only RUNTIME]
+//! bench pull      [--runs R] [--size-mb M] [--layers L] [--parallel P] [--fs journaled|host] [--only RUNTIME]
 //! bench userns    [--runs R] [--size-mb M] [--layers L]   (cri-systemd only)
 //! bench measure   [--starts N] [--rounds R]   (cri-systemd only: measured starts off / log / TPM)
 //! bench density   [--pods N] [--steps A,B,..] [--parallel P] [--sample S] [--execs K] [--plot FILE.png] [--only RUNTIME]
@@ -37,7 +37,7 @@ use runtimes::{Kind, Runtime};
 pub const REGISTRY_PORT: u16 = 5000;
 
 const USAGE: &str = "usage: bench lifecycle [--pods N] [--parallel P] [--execs K] [--rounds R] [--network host|cni] [--only cri-systemd|containerd]
-       bench pull [--runs R] [--size-mb M] [--layers L] [--parallel P] [--only cri-systemd|containerd]
+       bench pull [--runs R] [--size-mb M] [--layers L] [--parallel P] [--fs journaled|host] [--only cri-systemd|containerd]
        bench userns [--runs R] [--size-mb M] [--layers L]
        bench measure [--starts N] [--rounds R]
        bench density [--pods N] [--steps 10,100,500,1000] [--parallel P] [--sample S] [--execs K] [--plot FILE.png] [--only cri-systemd|containerd]
@@ -99,6 +99,7 @@ fn parse(args: &[String]) -> Result<Command, String> {
             ("pull", "--size-mb") => pull.size_mb = number(i)?,
             ("pull", "--layers") => pull.layers = number(i)?,
             ("pull", "--parallel") => pull.parallel = number(i)?,
+            ("pull", "--fs") => pull.fs = pull::StoreFs::parse(&value(i)?)?,
             ("userns", "--runs") => userns.runs = number(i)?,
             ("userns", "--size-mb") => userns.size_mb = number(i)?,
             ("userns", "--layers") => userns.layers = number(i)?,
@@ -265,11 +266,24 @@ pub fn pause_image() -> Image {
 
 impl Setup {
     pub async fn boot(label: &str, only: Only) -> Result<Setup, String> {
+        Setup::boot_with(label, only, None).await
+    }
+
+    /// [`Setup::boot`] with the node's state directory (both runtimes' stores) on a fresh
+    /// journaled ext4 of `state_ext4` bytes (`"16G"`) when given (`e2e/node up --state-ext4`).
+    pub async fn boot_with(label: &str, only: Only, state_ext4: Option<&str>) -> Result<Setup, String> {
         let config = std::env::temp_dir().join(format!("cri-systemd-bench-{}.toml", std::process::id()));
         std::fs::write(&config, format!("[images.registries.\"127.0.0.1:{REGISTRY_PORT}\"]\nplain_http = true\n"))
             .map_err(|e| format!("write {}: {e}", config.display()))?;
         eprintln!("bench: booting a node");
-        let node = Node::up(label, NodeOptions { config: Some(config.clone()), ..Default::default() });
+        let node = Node::up(
+            label,
+            NodeOptions {
+                config: Some(config.clone()),
+                state_ext4: state_ext4.map(str::to_owned),
+                ..Default::default()
+            },
+        );
         let _ = std::fs::remove_file(&config);
         let pid1 = NodeNet::of(&node).pid1();
         let mut runtimes = Vec::new();
@@ -320,6 +334,51 @@ pub fn machine_note(load_at_start: &str) -> String {
     format!("machine: {cpus} CPUs ({model}); load average {load_at_start} at the start, {} at the end", load_average())
 }
 
+/// The file system a directory is on, for table notes: type, device, for ext4 whether it has a
+/// journal (ext4 without one avoids reusing recently freed inodes, at a cost to every file
+/// created after a delete), and a loop device's backing file.
+pub fn file_system_note(dir: &std::path::Path) -> String {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some((fstype, source)) = mount_of(&mountinfo, dir) else {
+        return format!("{}: file system unknown", dir.display());
+    };
+    let device = source.rsplit('/').next().unwrap_or(&source).to_owned();
+    let mut note = format!("{fstype} on {source}");
+    if fstype == "ext4" {
+        let journal = std::fs::read_to_string(format!("/sys/fs/ext4/{device}/journal_task")).unwrap_or_default();
+        let options = std::fs::read_to_string(format!("/proc/fs/ext4/{device}/options")).unwrap_or_default();
+        let data = options.lines().find(|o| o.starts_with("data=")).unwrap_or("");
+        note = match journal.trim() {
+            "" => format!("{note} (journal unknown)"),
+            "<none>" => format!("{note} without a journal"),
+            _ => format!("{note} with a journal ({})", if data.is_empty() { "journaled" } else { data }),
+        };
+    }
+    if let Ok(backing) = std::fs::read_to_string(format!("/sys/block/{device}/loop/backing_file")) {
+        note = format!("{note}, loop-mounted image file {}", backing.trim());
+    }
+    note
+}
+
+/// (file system type, source) of the mount that shows at `dir`, from a mountinfo text: the mount
+/// with the longest mount point containing `dir`, the later one of equals (it is on top).
+fn mount_of(mountinfo: &str, dir: &std::path::Path) -> Option<(String, String)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let mut right = right.split(' ');
+            let (fstype, source) = (right.next()?, right.next()?);
+            dir.starts_with(mount_point).then(|| (mount_point.len(), fstype.to_owned(), source.to_owned()))
+        })
+        .fold(None, |best: Option<(usize, String, String)>, m| match &best {
+            Some((len, _, _)) if *len > m.0 => best,
+            _ => Some(m),
+        })
+        .map(|(_, fstype, source)| (fstype, source))
+}
+
 /// A CRI call with a bound on its duration, and the runtime and call named in its error.
 pub async fn call<T>(
     rt: &Runtime,
@@ -336,4 +395,35 @@ pub async fn call<T>(
 
 pub fn image_spec(image: &str) -> Option<cri::ImageSpec> {
     Some(cri::ImageSpec { image: image.into(), ..Default::default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mount_on_top_of_a_directory_names_its_file_system() {
+        let mountinfo = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+40 27 0:50 / /var/tmp/n/root rw,relatime - overlay e2e rw,lowerdir=/
+41 27 7:1 / /var/tmp/n/state rw,relatime - ext4 /dev/loop1 rw
+42 41 0:51 / /var/tmp/n/state rw,relatime - tmpfs tmpfs rw
+";
+        let at = |dir: &str| mount_of(mountinfo, std::path::Path::new(dir));
+        assert_eq!(at("/var/tmp/n/state/images"), Some(("tmpfs".into(), "tmpfs".into())), "the later mount is on top");
+        assert_eq!(at("/var/tmp/n/root/etc"), Some(("overlay".into(), "e2e".into())));
+        // Path components, not string prefixes: state2 is not under state.
+        assert_eq!(at("/var/tmp/n/state2"), Some(("ext4".into(), "/dev/vda".into())));
+        assert_eq!(mount_of("", std::path::Path::new("/")), None);
+    }
+
+    #[test]
+    fn pull_takes_the_store_file_system() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let Ok(Command::Pull(pull)) = parse(&args(&["pull"])) else { panic!("pull") };
+        assert_eq!(pull.fs, pull::StoreFs::Journaled, "production-like by default");
+        let Ok(Command::Pull(pull)) = parse(&args(&["pull", "--fs", "host"])) else { panic!("pull --fs host") };
+        assert_eq!(pull.fs, pull::StoreFs::Host);
+        assert!(parse(&args(&["pull", "--fs", "xfs"])).is_err());
+    }
 }

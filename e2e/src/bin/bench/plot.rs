@@ -25,12 +25,13 @@ pub struct Series {
 
 const WIDTH: u32 = 1400;
 const HEIGHT: u32 = 640;
-const COLOURS: [RGBColor; 5] = [
+const COLOURS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(127, 127, 127),
 ];
 /// Plot area inside the picture: left, top, right, bottom margins.
 const MARGIN: (i32, i32, i32, i32) = (80, 48, 520, 60);

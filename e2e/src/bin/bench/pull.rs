@@ -12,6 +12,12 @@
 //! Methods take turns within each run; the table shows medians over the runs.
 //! `--parallel P` splits the image's data into P distinct images (own layers, the busybox layer
 //! shared) pulled at once, each method's P pulls concurrently.
+//!
+//! Both stores are on the node's state directory, by default a fresh journaled ext4 in an image
+//! file (`e2e/node up --state-ext4`), as a production node's /var/lib would be; `--fs host` keeps
+//! it a directory of the host's root file system (the test VMs' is ext4 without a journal: there
+//! every file created shortly after a delete makes ext4 scan past the recently freed inodes,
+//! which the delete-then-pull loop here turns into seconds of system CPU per pull).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,11 +39,34 @@ pub struct Options {
     /// Distinct images pulled at once (the size is split between them).
     pub parallel: usize,
     pub only: Only,
+    /// Where the stores are: a fresh journaled ext4 (default) or the host's file system.
+    pub fs: StoreFs,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFs {
+    /// A fresh ext4 with a journal (mkfs.ext4 defaults) in an image file, loop-mounted.
+    Journaled,
+    /// The node directory on the host's own file system.
+    Host,
+}
+
+impl StoreFs {
+    pub fn parse(value: &str) -> Result<StoreFs, String> {
+        match value {
+            "journaled" => Ok(StoreFs::Journaled),
+            "host" => Ok(StoreFs::Host),
+            other => Err(format!("--fs: want journaled or host, got {other:?}")),
+        }
+    }
+}
+
+/// The journaled ext4's size: sparse, only what the stores write takes space.
+const STATE_EXT4_SIZE: &str = "16G";
 
 impl Default for Options {
     fn default() -> Self {
-        Options { runs: 5, size_mb: 200, layers: 4, parallel: 1, only: Only::Both }
+        Options { runs: 5, size_mb: 200, layers: 4, parallel: 1, only: Only::Both, fs: StoreFs::Journaled }
     }
 }
 
@@ -111,7 +140,8 @@ pub async fn run(options: Options) -> Result<(), String> {
         compressed_bytes as f64 / 1e6
     );
 
-    let setup = Setup::boot("bench-pull", options.only).await?;
+    let state_ext4 = (options.fs == StoreFs::Journaled).then_some(STATE_EXT4_SIZE);
+    let setup = Setup::boot_with("bench-pull", options.only, state_ext4).await?;
     let registry = setup.registry();
     let references: Vec<String> = bigs
         .into_iter()
@@ -119,6 +149,8 @@ pub async fn run(options: Options) -> Result<(), String> {
         .map(|(k, big)| registry.push_image(BIG_REPO, &(k + 1).to_string(), &big.image))
         .collect();
     let node_dir = setup.node.dir();
+    let store_fs = crate::file_system_note(&node_dir.join("state"));
+    eprintln!("bench: stores on {store_fs}");
 
     let methods: Vec<Method> = [Method::CriSystemd, Method::ContainerdCri, Method::Ctr]
         .into_iter()
@@ -198,7 +230,8 @@ pub async fn run(options: Options) -> Result<(), String> {
     for rt in &setup.runtimes {
         t.note(format!("{}: {}", rt.short(), rt.label));
     }
-    t.note("MB = 10^6 bytes; MB/s = image bytes / wall time of the pull call (registry on the node's loopback, stores on the same ext4 disk)");
+    t.note("MB = 10^6 bytes; MB/s = image bytes / wall time of the pull call (registry on the node's loopback)");
+    t.note(format!("both runtimes' stores (the node's /var/lib/cri-systemd): {store_fs}"));
     t.note("daemon peak RSS: VmHWM of the daemon process during the pull (reset before each pull); CPU: user+sys of the daemon during the pull");
     t.note("ctr: the client downloads and streams content to the daemon, which unpacks; its own peak RSS and CPU are shown after the +");
     t.note("re-pull: the same pull again with the image present; store on disk: blobs + unpacked layers/snapshots after the first pull");
