@@ -63,6 +63,7 @@ pub async fn serve(config: Config, traced: bool) -> Result<(), StartupError> {
     // Every unit and exec-in runs the daemon's binary from this read-only mount (CVE-2019-5736).
     let sealed = runtime::sealed_exe::seal(&config.run_root).map_err(StartupError::SealBinary)?;
     info!(path = %sealed.display(), "the daemon's binary is sealed read-only for units and exec-in");
+    seal_init_helper(&config.run_root);
 
     let systemd = Arc::new(Systemd::new(config.systemd.bus_address.clone()));
     // The daemon serves even without systemd (Status then says why it is not ready), so that
@@ -218,4 +219,47 @@ fn listen(path: &Path) -> Result<UnixListener, StartupError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|source| StartupError::Listen { path: path.into(), source })?;
     Ok(listener)
+}
+
+/// Seals `cri-systemd-init` (beside the daemon's binary) for init and exec-in when its build id is
+/// the daemon's (`init::helper`). Without it, or with another build's, the daemon's binary does
+/// both, as it always could: the helper only makes each exec cheaper.
+fn seal_init_helper(run_root: &std::path::Path) {
+    let Some(helper) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(init::helper::BINARY)))
+        .filter(|helper| helper.is_file())
+    else {
+        info!("no {} beside the daemon's binary: init and exec-in run the daemon's binary", init::helper::BINARY);
+        runtime::sealed_exe::forget_helper(run_root);
+        return;
+    };
+    let accept = |sealed: &std::path::Path| match std::process::Command::new(sealed)
+        .arg(init::helper::BUILD_ID_FLAG)
+        .output()
+    {
+        Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == init::helper::BUILD_ID => {
+            true
+        }
+        Ok(out) => {
+            warn!(
+                helper = %helper.display(),
+                build_id = %String::from_utf8_lossy(&out.stdout).trim(),
+                want = init::helper::BUILD_ID,
+                "the init helper is from another build: init and exec-in run the daemon's binary"
+            );
+            false
+        }
+        Err(e) => {
+            warn!(helper = %helper.display(), "cannot run the init helper ({e}): init and exec-in run the daemon's binary");
+            false
+        }
+    };
+    match runtime::sealed_exe::seal_helper(run_root, &helper, accept) {
+        Ok(true) => info!(helper = %helper.display(), "init and exec-in run the sealed init helper"),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(helper = %helper.display(), "cannot seal the init helper ({e}): init and exec-in run the daemon's binary")
+        }
+    }
 }

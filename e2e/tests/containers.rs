@@ -42,6 +42,9 @@ async fn container_lifecycle_as_a_systemd_service() {
     assert!(running.started_at >= running.created_at);
     let unit = format!("cri-{id}.service");
     assert_eq!(node.sh(&format!("systemctl show -p Slice --value {unit}")).trim(), slice);
+    // Set up by the init helper of the daemon's build, sealed beside the daemon's binary.
+    let exec_start = node.sh(&format!("systemctl show -p ExecStart --value {unit}"));
+    assert!(exec_start.contains("path=/run/cri-systemd/exe/cri-systemd-init ;"), "{unit}: {exec_start}");
     let main_pid = node.sh(&format!("systemctl show -p MainPID --value {unit}")).trim().to_string();
     assert_eq!(node.sh(&format!("tr '\\0' ' ' < /proc/{main_pid}/cmdline")).trim(), "/bin/busybox sleep 1000");
     let cgroup = node.sh(&format!("systemctl show -p ControlGroup --value {unit}")).trim().to_string();

@@ -182,10 +182,13 @@ fn image_with_the_daemons_libraries() -> Image {
 /// `#!/proc/self/exe` scripts, as a container's entrypoint (exec'd by init) and as an ExecSync
 /// command (exec'd by exec-in), run the binary that exec'd them. Another container keeps
 /// their `/proc/<pid>/exe` open and writes to it once the daemon stopped: the node's
-/// `/usr/local/bin/cri-systemd` stays unchanged, and the write is refused (read-only).
+/// `/usr/local/bin/cri-systemd` stays unchanged, and the write is refused (read-only). Here init
+/// and exec-in are the daemon's binary, as without an init helper of its build (and as pod-init,
+/// restore-in and record-exit always are); the helper's case is the next test.
 #[tokio::test]
 async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
     let node = e2e::node_with_local_registry("sec-exe", "");
+    node.sh("rm /usr/local/bin/cri-systemd-init && systemctl restart cri-systemd");
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = push_and_pull(&node, &mut client, "sec-exe", "libc", &image_with_the_daemons_libraries()).await;
     let sha = || node.sh("sha256sum /usr/local/bin/cri-systemd").split_whitespace().next().unwrap().to_string();
@@ -265,6 +268,78 @@ async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
         2,
         "both writes refused as read-only:\n{caught}\n{write}"
     );
+}
+
+/// The init helper (`cri-systemd-init`, which runs init and exec-in) against the same attack: it
+/// makes itself not dumpable before anything else, so a container that sees it (hostPID) cannot
+/// open its `/proc/<pid>/exe`, and a `#!/proc/self/exe` script gets a usage error from it, not a
+/// daemon; the node's helper is unchanged and its sealed mount is read-only.
+#[tokio::test]
+async fn the_init_helper_cannot_be_opened_or_written_through_proc_exe() {
+    let node = e2e::node_with_local_registry("sec-helper", "");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    // The helper's loader and libraries are a subset of the daemon's.
+    let image = push_and_pull(&node, &mut client, "sec-helper", "libc", &image_with_the_daemons_libraries()).await;
+    let sha = || node.sh("sha256sum /usr/local/bin/cri-systemd-init").split_whitespace().next().unwrap().to_string();
+    let before = sha();
+    node.sh("mkdir -p /srv/sec-helper && chmod 777 /srv/sec-helper && \
+         printf '#!/proc/self/exe --config\\n' > /srv/sec-helper/evil && chmod 755 /srv/sec-helper/evil");
+    let pod = pod("sec-helper").pid(cri::NamespaceMode::Node).build();
+    let pod_id = run_pod_sandbox(&mut client, pod.clone()).await.expect("RunPodSandbox");
+    let mut config = container_config("attacker", &image, &["/bin/busybox", "sleep", "100000"]);
+    config.mounts = vec![cri::Mount {
+        container_path: "/shared".into(),
+        host_path: "/srv/sec-helper".into(),
+        ..Default::default()
+    }];
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let request =
+        cri::CreateContainerRequest { pod_sandbox_id: pod_id, config: Some(config), sandbox_config: Some(pod) };
+    let attacker = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;
+    crisimple::start(&mut client, &attacker).await.expect("StartContainer");
+
+    // exec-in stays for as long as its command runs: the attacker looks for it meanwhile.
+    let long = cri::ExecSyncRequest {
+        container_id: attacker.clone(),
+        cmd: vec!["/bin/busybox".into(), "sleep".into(), "4".into()],
+        timeout: 20,
+    };
+    let mut exec_client = node.cri(ANSWER_TIMEOUT).await;
+    let running = tokio::spawn(async move { exec_client.runtime.exec_sync(long).await });
+    let helper = e2e::eventually(Duration::from_secs(10), "exec-in running from the helper", || {
+        let pids = node.sh("for p in /proc/[0-9]*; do [ \"$(readlink $p/exe)\" = /run/cri-systemd/exe/cri-systemd-init ] && echo ${p#/proc/}; done; true");
+        async move { pids.split_whitespace().next().map(str::to_string) }
+    })
+    .await;
+    let probe = format!("(exec 5</proc/{helper}/exe) 2>/dev/null && echo opened || echo refused");
+    let request = cri::ExecSyncRequest {
+        container_id: attacker.clone(),
+        cmd: vec!["/bin/sh".into(), "-c".into(), probe],
+        timeout: 10,
+    };
+    let answer = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+    assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), "refused", "{answer:?}");
+    assert_eq!(running.await.unwrap().expect("the long ExecSync").into_inner().exit_code, 0);
+
+    // A script whose interpreter is /proc/self/exe, run by exec-in, runs the helper, which
+    // refuses the script's arguments.
+    let request = cri::ExecSyncRequest { container_id: attacker, cmd: vec!["/shared/evil".into()], timeout: 10 };
+    let answer = client.runtime.exec_sync(request).await.expect("ExecSync").into_inner();
+    assert_eq!(answer.exit_code, 2, "{answer:?}");
+    assert!(String::from_utf8_lossy(&answer.stderr).contains("cri-systemd-init: usage"), "{answer:?}");
+
+    let write = node.exec(&["sh", "-c", "echo pwned >> /run/cri-systemd/exe/cri-systemd-init"]);
+    assert!(write.stderr.contains("Read-only file system"), "{write:?}");
+    assert_eq!(sha(), before, "the node's helper changed");
 }
 
 // ---- CVE-2021-41091 class: a container's files seen by other users of the node ----------------

@@ -80,7 +80,7 @@ pub enum Report {
 }
 
 /// The parsed command line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecInArgs {
     pub init_spec: PathBuf,
     /// The container's unit: its main process must be in this unit's cgroup.

@@ -84,6 +84,7 @@
 pub mod cgroup;
 mod error;
 pub mod exec_in;
+pub mod helper;
 pub mod hooks;
 pub mod hugetlb;
 mod idmap;

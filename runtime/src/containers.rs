@@ -275,8 +275,9 @@ impl Runtime {
         }
         let dir = self.container_dir(&record.id);
         let exe = crate::sealed_exe::path()?.to_string_lossy().into_owned();
+        let init_exe = crate::sealed_exe::init_path()?.to_string_lossy().into_owned();
         let init_args =
-            vec![exe.clone(), init::SUBCOMMAND.to_string(), dir.join("init.json").to_string_lossy().into_owned()];
+            vec![init_exe.clone(), init::SUBCOMMAND.to_string(), dir.join("init.json").to_string_lossy().into_owned()];
         let record_args = vec![
             exe.clone(),
             exit_record::SUBCOMMAND.to_string(),
@@ -291,7 +292,7 @@ impl Runtime {
             ("Type", Value::from("notify")),
             // The READY and MAINPID messages come from init's forked child as well.
             ("NotifyAccess", Value::from("all")),
-            ("ExecStart", Value::from(vec![(exe.clone(), init_args, false)])),
+            ("ExecStart", Value::from(vec![(init_exe, init_args, false)])),
             ("ExecStopPost", Value::from(vec![(exe, record_args, false)])),
             // The exit record holds the status; the unit need not linger once inactive or failed.
             ("CollectMode", Value::from("inactive-or-failed")),

@@ -144,7 +144,7 @@ impl Runtime {
 
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| Error::Io { what: "cannot create the exec control socket".into(), source: e.into() })?;
-        let exe = crate::sealed_exe::path()?;
+        let exe = crate::sealed_exe::init_path()?;
         let mut command = std::process::Command::new(exe);
         command.arg(exec_in::SUBCOMMAND);
         if request.tty {

@@ -10,6 +10,11 @@
 //! copies itself into a sealed memfd at every start instead; one bind mount per daemon start
 //! costs nothing per container. (init, exec-in and pod-init are also not dumpable until exec, so
 //! that other container processes cannot open their `/proc/<pid>/exe` at all.)
+//!
+//! `init` and `exec-in` run from the init helper, `cri-systemd-init` beside the daemon's binary,
+//! sealed the same way at `<run_root>/exe/cri-systemd-init` when its build id matches the
+//! daemon's (`init::helper`: ~2 ms less per container start and per ExecSync); without one, from
+//! the daemon's binary.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -20,6 +25,7 @@ use nix::mount::{MntFlags, MsFlags};
 use crate::Error;
 
 static SEALED: OnceLock<PathBuf> = OnceLock::new();
+static HELPER: OnceLock<PathBuf> = OnceLock::new();
 
 /// Where the sealed binary is mounted under `run_root`.
 pub fn path_under(run_root: &Path) -> PathBuf {
@@ -31,7 +37,43 @@ pub fn path_under(run_root: &Path) -> PathBuf {
 /// starts mounted there (their containers keep their own reference). Called once at start.
 pub fn seal(run_root: &Path) -> Result<PathBuf, Error> {
     let path = path_under(run_root);
-    let dir = path.parent().expect("path_under has a parent");
+    seal_file(Path::new("/proc/self/exe"), &path, "the daemon's binary")?;
+    let _ = SEALED.set(path.clone());
+    Ok(path)
+}
+
+/// Where the init helper (`cri-systemd-init`, see `init::helper`) is mounted under `run_root`.
+pub fn helper_path_under(run_root: &Path) -> PathBuf {
+    run_root.join("exe").join(init::helper::BINARY)
+}
+
+/// Seals `helper` as [`seal`] seals the daemon's binary, at [`helper_path_under`]`(run_root)`,
+/// and from then on runs it for `init` and `exec-in` when `accept` says yes to the sealed file
+/// (the daemon checks its build id there: after the mount, so that what was checked is what
+/// runs). Refused, the mount is removed and the daemon's own binary goes on doing both.
+pub fn seal_helper(run_root: &Path, helper: &Path, accept: impl FnOnce(&Path) -> bool) -> Result<bool, Error> {
+    let path = helper_path_under(run_root);
+    seal_file(helper, &path, "the init helper")?;
+    if accept(&path) {
+        let _ = HELPER.set(path);
+        Ok(true)
+    } else {
+        let _ = nix::mount::umount2(&path, MntFlags::MNT_DETACH);
+        Ok(false)
+    }
+}
+
+/// Detaches a helper that an earlier start sealed, when this start has none to seal.
+pub fn forget_helper(run_root: &Path) {
+    let path = helper_path_under(run_root);
+    while nix::mount::umount2(&path, MntFlags::MNT_DETACH).is_ok() {}
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Bind-mounts `source` read-only, nosuid, nodev on the file `path` (made 0700 if missing), after
+/// detaching every mount earlier starts left there.
+fn seal_file(source: &Path, path: &Path, what: &str) -> Result<(), Error> {
+    let dir = path.parent().expect("sealed paths have a parent");
     let io = |what: String| move |e: Errno| Error::Io { what, source: e.into() };
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -42,7 +84,7 @@ pub fn seal(run_root: &Path) -> Result<PathBuf, Error> {
             .map_err(Error::io(format!("cannot create {}", dir.display())))?;
     }
     loop {
-        match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
+        match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
             Ok(()) => continue,
             Err(Errno::EINVAL | Errno::ENOENT) => break,
             Err(e) => return Err(io(format!("cannot detach the old {}", path.display()))(e)),
@@ -55,21 +97,26 @@ pub fn seal(run_root: &Path) -> Result<PathBuf, Error> {
             .truncate(false)
             .write(true)
             .mode(0o700)
-            .open(&path)
+            .open(path)
             .map_err(Error::io(format!("cannot create the mount point {}", path.display())))?;
     }
-    nix::mount::mount(Some("/proc/self/exe"), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(io(format!("cannot bind-mount the daemon's binary on {}", path.display())))?;
+    nix::mount::mount(Some(source), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(io(format!("cannot bind-mount {what} on {}", path.display())))?;
     let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    nix::mount::mount(None::<&str>, &path, None::<&str>, flags, None::<&str>)
+    nix::mount::mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
         .map_err(io(format!("cannot make {} read-only", path.display())))?;
-    let _ = SEALED.set(path.clone());
-    Ok(path)
+    Ok(())
 }
 
 /// The sealed binary, for ExecStart/ExecStopPost and exec-in.
 pub fn path() -> Result<&'static Path, Error> {
     SEALED.get().map(PathBuf::as_path).ok_or(Error::NotSealed)
+}
+
+/// The binary that runs `init` and `exec-in`: the sealed helper when the daemon accepted one,
+/// else the sealed daemon binary (both take the same command lines).
+pub fn init_path() -> Result<&'static Path, Error> {
+    HELPER.get().map_or_else(path, |helper| Ok(helper.as_path()))
 }
 
 /// Unit tests start units only in a fake systemd: any path stands for the sealed binary.
