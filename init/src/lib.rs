@@ -2,6 +2,8 @@
 //! run before anything else in its `main`: `init` (this module), `exec-in` ([`exec_in`]),
 //! `pod-init` ([`pod_init`]) and `restore-in` ([`restore`], a container restored by CRIU); and `init.json` ([`InitSpec`]), which the runtime writes and init
 //! reads. The runtime depends on this crate, never the reverse.
+//! `init` and `exec-in` also make up `cri-systemd-init` ([`helper`]), a binary of this crate alone
+//! that the daemon runs instead of its own when the two are of one build (cheaper to exec).
 //!
 //! `cri-systemd init <spec.json>`: the `ExecStart` of every container unit. It sets the container
 //! up (namespaces, rootfs, mounts, identity, capabilities) and ends by exec'ing the container's
