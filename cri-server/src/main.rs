@@ -46,9 +46,6 @@ enum Command {
         #[command(subcommand)]
         command: MeasurementsCommand,
     },
-    /// The ExecStart of a container unit: set the container up from SPEC and exec its entrypoint.
-    #[command(hide = true)]
-    Init { spec: PathBuf },
     /// The ExecStopPost of a container unit: record how the container ended in FILE.
     #[command(hide = true, name = "record-exit")]
     RecordExit { file: PathBuf },
@@ -68,19 +65,6 @@ enum Command {
     /// The ExecStart of a container restored from a checkpoint: mount its root, exec CRIU.
     #[command(hide = true, name = "restore-in")]
     RestoreIn { init_spec: PathBuf, restore_dir: PathBuf, criu: PathBuf },
-    /// Spawned by the daemon for ExecSync and Exec: run COMMAND in the running container whose
-    /// init spec is INIT_SPEC, unit UNIT and main process MAIN_PID (control socket on fd 3).
-    #[command(hide = true, name = "exec-in")]
-    ExecIn {
-        /// Give the command a pty (sent to the daemon over the control socket).
-        #[arg(long)]
-        tty: bool,
-        init_spec: PathBuf,
-        unit: String,
-        main_pid: i32,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,27 +87,22 @@ enum MeasurementsCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // Before any config, logging or async runtime: init must stay single-threaded (it forks).
-    if let Some(Command::Init { spec }) = &cli.command {
-        init::run(spec);
+    // `init` (a container unit's ExecStart) and `exec-in` (spawned for ExecSync and Exec), with
+    // the init helper's parser (`init::helper`: the daemon's binary runs them when no helper of
+    // its build is beside it). Before clap, config, logging or an async runtime: they stay
+    // single-threaded (they fork and join namespaces).
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    match init::helper::Invocation::parse(&args) {
+        Ok(init::helper::Invocation::Init(spec)) => init::run(&spec),
+        Ok(init::helper::Invocation::ExecIn(args)) => init::exec_in::run(&args),
+        Ok(init::helper::Invocation::BuildId) | Err(_) => {}
     }
+    let cli = Cli::parse();
     // Single-threaded too: it joins a user namespace and forks.
     if let Some(Command::PodInit { net, ipc, uts, user }) = &cli.command {
         let args =
             init::pod_init::PodInitArgs { net: net.clone(), ipc: ipc.clone(), uts: uts.clone(), user: user.clone() };
         init::pod_init::run(&args);
-    }
-    // Single-threaded too: it joins the container's mount namespace.
-    if let Some(Command::ExecIn { tty, init_spec, unit, main_pid, command }) = &cli.command {
-        let args = init::exec_in::ExecInArgs {
-            init_spec: init_spec.clone(),
-            unit: unit.clone(),
-            main_pid: *main_pid,
-            tty: *tty,
-            command: command.clone(),
-        };
-        init::exec_in::run(&args);
     }
     // Single-threaded too: it unshares its mount namespace and execs CRIU.
     if let Some(Command::RestoreIn { init_spec, restore_dir, criu }) = &cli.command {
@@ -150,13 +129,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(
-            Command::Init { .. }
-            | Command::RecordExit { .. }
-            | Command::ExecIn { .. }
-            | Command::PodInit { .. }
-            | Command::RestoreIn { .. },
-        ) => {
+        Some(Command::RecordExit { .. } | Command::PodInit { .. } | Command::RestoreIn { .. }) => {
             unreachable!("handled above")
         }
         Some(Command::Config { .. }) => {

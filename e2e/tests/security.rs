@@ -179,6 +179,24 @@ fn image_with_the_daemons_libraries() -> Image {
     Image::new(vec![oci::busybox_layer(Compression::Gzip), layer.build(Compression::Gzip)], ConfigOptions::default())
 }
 
+/// `config` in the node's PID namespace (it sees every process of the node) with `host_dir` at
+/// /shared: the attacker's and its victims' containers.
+fn host_pid_with_shared_dir(mut config: cri::ContainerConfig, host_dir: &str) -> cri::ContainerConfig {
+    config.mounts =
+        vec![cri::Mount { container_path: "/shared".into(), host_path: host_dir.into(), ..Default::default() }];
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
 /// `#!/proc/self/exe` scripts, as a container's entrypoint (exec'd by init) and as an ExecSync
 /// command (exec'd by exec-in), run the binary that exec'd them. Another container keeps
 /// their `/proc/<pid>/exe` open and writes to it once the daemon stopped: the node's
@@ -201,22 +219,9 @@ async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
     // hostPID, so that the attacker sees its victims without a pod init (which would keep the
     // binary busy: the attack needs a moment when nothing runs it, e.g. a daemon upgrade).
     let pod = pod("sec-exe").pid(cri::NamespaceMode::Node).build();
-    let shared_pid = || cri::NamespaceOption { pid: cri::NamespaceMode::Node as i32, ..Default::default() };
     let pod_id = run_pod_sandbox(&mut client, pod.clone()).await.expect("RunPodSandbox");
     let mut create = async |name: &str, command: &[&str]| {
-        let mut config = container_config(name, &image, command);
-        config.mounts = vec![cri::Mount {
-            container_path: "/shared".into(),
-            host_path: "/srv/sec-exe".into(),
-            ..Default::default()
-        }];
-        config.linux = Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(shared_pid()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        let config = host_pid_with_shared_dir(container_config(name, &image, command), "/srv/sec-exe");
         let request = cri::CreateContainerRequest {
             pod_sandbox_id: pod_id.clone(),
             config: Some(config),
@@ -270,10 +275,12 @@ async fn the_nodes_binary_cannot_be_written_through_proc_exe() {
     );
 }
 
-/// The init helper (`cri-systemd-init`, which runs init and exec-in) against the same attack: it
-/// makes itself not dumpable before anything else, so a container that sees it (hostPID) cannot
-/// open its `/proc/<pid>/exe`, and a `#!/proc/self/exe` script gets a usage error from it, not a
-/// daemon; the node's helper is unchanged and its sealed mount is read-only.
+/// The init helper (`cri-systemd-init`, which runs init and exec-in) against the same attack: a
+/// container that sees a running exec-in (hostPID) cannot open its `/proc/<pid>/exe` (exec-in
+/// keeps the node's capabilities until it execs, and is not dumpable: either refuses the open;
+/// checked by hand, the open stays refused with both not-dumpable calls removed, so this does not
+/// prove the helper's own early one), a `#!/proc/self/exe` script gets a usage error from it, not
+/// a daemon, the sealed mount is read-only and the node's file unchanged.
 #[tokio::test]
 async fn the_init_helper_cannot_be_opened_or_written_through_proc_exe() {
     let node = e2e::node_with_local_registry("sec-helper", "");
@@ -286,22 +293,10 @@ async fn the_init_helper_cannot_be_opened_or_written_through_proc_exe() {
          printf '#!/proc/self/exe --config\\n' > /srv/sec-helper/evil && chmod 755 /srv/sec-helper/evil");
     let pod = pod("sec-helper").pid(cri::NamespaceMode::Node).build();
     let pod_id = run_pod_sandbox(&mut client, pod.clone()).await.expect("RunPodSandbox");
-    let mut config = container_config("attacker", &image, &["/bin/busybox", "sleep", "100000"]);
-    config.mounts = vec![cri::Mount {
-        container_path: "/shared".into(),
-        host_path: "/srv/sec-helper".into(),
-        ..Default::default()
-    }];
-    config.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Node as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let config = host_pid_with_shared_dir(
+        container_config("attacker", &image, &["/bin/busybox", "sleep", "100000"]),
+        "/srv/sec-helper",
+    );
     let request =
         cri::CreateContainerRequest { pod_sandbox_id: pod_id, config: Some(config), sandbox_config: Some(pod) };
     let attacker = client.runtime.create_container(request).await.expect("CreateContainer").into_inner().container_id;

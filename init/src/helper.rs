@@ -18,8 +18,8 @@ pub const BUILD_ID: &str = env!("INIT_BUILD_ID");
 /// Prints [`BUILD_ID`].
 pub const BUILD_ID_FLAG: &str = "--build-id";
 
-/// What the helper was asked to do, from its arguments (the program name left out): the same
-/// command lines as the daemon's hidden subcommands.
+/// What the helper was asked to do, from its arguments (the program name left out). The daemon's
+/// binary parses `init` and `exec-in` with this too, so the two take the same command lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invocation {
     /// `init SPEC`

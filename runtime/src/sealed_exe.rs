@@ -58,7 +58,7 @@ pub fn seal_helper(run_root: &Path, helper: &Path, accept: impl FnOnce(&Path) ->
         let _ = HELPER.set(path);
         Ok(true)
     } else {
-        let _ = nix::mount::umount2(&path, MntFlags::MNT_DETACH);
+        forget_helper(run_root);
         Ok(false)
     }
 }
