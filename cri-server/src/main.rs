@@ -61,6 +61,9 @@ enum Command {
         uts: Option<PathBuf>,
         #[arg(long)]
         user: Option<PathBuf>,
+        /// The daemon's pod mount namespace, where the IPC, UTS and user pins are.
+        #[arg(long)]
+        pod_mounts: Option<PathBuf>,
     },
     /// The ExecStart of a container restored from a checkpoint: mount its root, exec CRIU.
     #[command(hide = true, name = "restore-in")]
@@ -99,9 +102,14 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // Single-threaded too: it joins a user namespace and forks.
-    if let Some(Command::PodInit { net, ipc, uts, user }) = &cli.command {
-        let args =
-            init::pod_init::PodInitArgs { net: net.clone(), ipc: ipc.clone(), uts: uts.clone(), user: user.clone() };
+    if let Some(Command::PodInit { net, ipc, uts, user, pod_mounts }) = &cli.command {
+        let args = init::pod_init::PodInitArgs {
+            net: net.clone(),
+            ipc: ipc.clone(),
+            uts: uts.clone(),
+            user: user.clone(),
+            pod_mounts: pod_mounts.clone(),
+        };
         init::pod_init::run(&args);
     }
     // Single-threaded too: it unshares its mount namespace and execs CRIU.

@@ -27,6 +27,8 @@ pub fn node_command() -> PathBuf {
 /// Set (to anything) by scripts/test-all: an e2e test whose prerequisites are missing then fails
 /// instead of skipping, so that the suite cannot pass without having run.
 pub const E2E_REQUIRED_VAR: &str = "CRI_SYSTEMD_E2E_REQUIRED";
+/// The daemon's pod mount namespace, pinned in the node (`runtime::pod_mounts`).
+pub const POD_MOUNTS: &str = "/run/cri-systemd/pod-mounts/mnt";
 
 /// What the machine lacks of root and the `commands` (looked up in PATH), if anything.
 fn missing_prerequisites(commands: &[&str]) -> Vec<String> {
@@ -196,6 +198,21 @@ impl Node {
         assert!(
             run.success(),
             "in node {}: `{script}` failed ({}):\n{}{}",
+            self.name,
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        run.stdout
+    }
+
+    /// Runs `script` as [`Node::sh`] does, in the daemon's pod mount namespace, where the pods'
+    /// IPC, UTS, user and PID pins and /dev/shm mounts are (`runtime::pod_mounts`).
+    pub fn sh_in_pod_mounts(&self, script: &str) -> String {
+        let run = self.exec(&["nsenter", &format!("--mount={POD_MOUNTS}"), "--", "sh", "-c", script]);
+        assert!(
+            run.success(),
+            "in node {}, pod mount namespace: `{script}` failed ({}):\n{}{}",
             self.name,
             run.status,
             run.stdout,

@@ -59,7 +59,7 @@ async fn container_lifecycle_as_a_systemd_service() {
     );
     assert_eq!(
         node.sh(&format!("stat -L -c %i /proc/{main_pid}/ns/uts")),
-        node.sh(&format!("stat -L -c %i {pins}/uts"))
+        node.sh_in_pod_mounts(&format!("stat -L -c %i {pins}/uts"))
     );
 
     let listed =
@@ -637,7 +637,11 @@ async fn pods_sharing_a_pid_namespace_have_an_init_that_reaps() {
     let init_pid = node.sh(&format!("systemctl show -p MainPID --value {init_unit}")).trim().to_string();
     assert_eq!(node.sh(&format!("grep NSpid /proc/{init_pid}/status")).split_whitespace().last(), Some("1"));
     let pins = format!("/run/cri-systemd/pods/{pod}/ns");
-    let inode = |path: &str| node.sh(&format!("stat -L -c %i {path}")).trim().to_string();
+    // The network pin is the node's; the others are in the daemon's pod mount namespace.
+    let inode = |path: &str| {
+        let stat = format!("stat -L -c %i {path}");
+        if path.ends_with("/net") { node.sh(&stat) } else { node.sh_in_pod_mounts(&stat) }.trim().to_string()
+    };
     let pod_pidns = inode(&format!("{pins}/pid"));
     assert_eq!(inode(&format!("/proc/{init_pid}/ns/pid")), pod_pidns);
     // It lives in the pod's network, IPC and UTS namespaces, with no capabilities.

@@ -59,14 +59,35 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     let links = node.sh(&format!("nsenter --net={pins}/net ip -o link"));
     assert_eq!(links.lines().count(), 1, "{links}");
     assert!(links.contains("lo:") && links.contains("UP"), "{links}");
-    assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), "web-host");
+    // The IPC and UTS pins and /dev/shm are mounts of the daemon's pod mount namespace, not of the
+    // node's: the node's mount table (copied by every container start, parsed by systemd at each
+    // change) has one mount per pod, its network namespace's pin.
+    assert_eq!(node.sh_in_pod_mounts(&format!("nsenter --uts={pins}/uts hostname")).trim(), "web-host");
     assert_ne!(
-        node.sh(&format!("readlink /proc/self/ns/ipc; nsenter --ipc={pins}/ipc readlink /proc/self/ns/ipc"))
-            .lines()
-            .collect::<std::collections::HashSet<_>>()
-            .len(),
+        node.sh_in_pod_mounts(&format!(
+            "readlink /proc/self/ns/ipc; nsenter --ipc={pins}/ipc readlink /proc/self/ns/ipc"
+        ))
+        .lines()
+        .collect::<std::collections::HashSet<_>>()
+        .len(),
         1
     );
+    let in_node: Vec<String> = node
+        .sh(&format!("grep 'cri-systemd/pods/{id}/' /proc/self/mountinfo | cut -d' ' -f5 || true"))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(in_node, [format!("{pins}/net")], "the pod's mounts in the node's mount namespace");
+    let in_pod_mounts =
+        node.sh_in_pod_mounts(&format!(
+            "awk '$5 ~ \"cri-systemd/pods/{id}/\" {{ for (i = 7; i < NF; i++) if ($i == \"-\") print $5, $(i + 1) }}' /proc/self/mountinfo"
+        ));
+    for (path, fs) in [("ns/ipc", "nsfs"), ("ns/uts", "nsfs"), ("shm", "tmpfs")] {
+        assert!(
+            in_pod_mounts.contains(&format!("/run/cri-systemd/pods/{id}/{path} {fs}")),
+            "{path} in the pod mount namespace:\n{in_pod_mounts}"
+        );
+    }
     let procs = node.sh(&format!(
         "find /sys/fs/cgroup/systemd/kubepods.slice -path '*{slice}*' -name cgroup.procs -exec cat {{}} +"
     ));
@@ -80,7 +101,7 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     );
     assert_eq!(node.sh(&format!("cat {files}/hostname")), "web-host\n");
     assert!(node.sh(&format!("cat {files}/hosts")).contains("web-host"));
-    assert!(node.sh(&format!("findmnt -n -o FSTYPE {files}/shm")).contains("tmpfs"));
+    assert!(node.sh_in_pod_mounts(&format!("findmnt -n -o FSTYPE {files}/shm")).contains("tmpfs"));
 
     // The same pod attempt again is the same pod.
     assert_eq!(run_pod_sandbox(&mut client, labelled_pod("web", uid)).await.unwrap(), id);
@@ -101,6 +122,9 @@ async fn pod_lifecycle_on_a_slice_with_pinned_namespaces() {
     let state = pod_status(&mut client, &id).await.unwrap().status.unwrap().state;
     assert_eq!(state, cri::PodSandboxState::SandboxNotready as i32);
     assert!(node.exec(&["test", "-e", &format!("{pins}/net")]).status.code() == Some(1));
+    for mountinfo in [node.sh("cat /proc/self/mountinfo"), node.sh_in_pod_mounts("cat /proc/self/mountinfo")] {
+        assert!(!mountinfo.contains(&format!("cri-systemd/pods/{id}/")), "left mounted after the stop:\n{mountinfo}");
+    }
     assert_ne!(node.exec(&["systemctl", "is-active", slice]).stdout.trim(), "active");
     let ready_only = cri::PodSandboxFilter {
         state: Some(cri::PodSandboxStateValue { state: cri::PodSandboxState::SandboxReady as i32 }),
@@ -194,7 +218,11 @@ async fn a_pod_without_a_hostname_has_the_nodes_whatever_its_name() {
         config.metadata.as_mut().unwrap().uid = format!("0000eeee-4444-4c2d-9e8f-00000000000{index}");
         let id = run_pod_sandbox(&mut client, config).await.expect("RunPodSandbox of a pod named with 100 bytes");
         let pins = format!("/run/cri-systemd/pods/{id}/ns");
-        assert_eq!(node.sh(&format!("nsenter --uts={pins}/uts hostname")).trim(), node_hostname, "userns {userns}");
+        assert_eq!(
+            node.sh_in_pod_mounts(&format!("nsenter --uts={pins}/uts hostname")).trim(),
+            node_hostname,
+            "userns {userns}"
+        );
         assert_eq!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hostname")), format!("{node_hostname}\n"));
         assert!(node.sh(&format!("cat /run/cri-systemd/pods/{id}/hosts")).contains(&node_hostname));
         client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();

@@ -68,7 +68,7 @@ fn leftovers(node: &Node) -> String {
            | awk '{print $1}' | grep -v '^kubepods-besteffort.slice$' || true; \
          find /run/cri-systemd/pods /var/lib/cri-systemd/pods /var/lib/cri-systemd/containers -mindepth 1 -maxdepth 1 2>/dev/null; \
          grep -c ' nsfs \\|cri-systemd/pods' /proc/self/mountinfo || true",
-    )
+    ) + &node.sh_in_pod_mounts("grep -c 'cri-systemd/pods' /proc/self/mountinfo || true")
 }
 
 #[tokio::test]
@@ -226,7 +226,10 @@ async fn a_pod_made_but_not_yet_recorded_when_the_daemon_died_is_rolled_back() {
     };
     let in_kubelets = run_pod_sandbox(&mut client, config).await.unwrap();
     let pins = node.sh(&format!("grep -c 'cri-systemd/pods/{own}' /proc/self/mountinfo || true"));
-    assert_eq!(pins.trim(), "4", "net, ipc and uts pins and /dev/shm");
+    assert_eq!(pins.trim(), "1", "the net pin");
+    let pins = node
+        .sh_in_pod_mounts(&format!("grep 'cri-systemd/pods/{own}' /proc/self/mountinfo | grep -vc '/ns/net ' || true"));
+    assert_eq!(pins.trim(), "3", "ipc and uts pins and /dev/shm in the pod mount namespace");
 
     node.sh("systemctl stop cri-systemd");
     // Both records as they were before the pins were recorded.

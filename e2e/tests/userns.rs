@@ -252,7 +252,7 @@ async fn userns_pods_get_disjoint_ranges_and_root_inside_is_not_root_outside() {
             let pins = format!("/run/cri-systemd/pods/{pod}/ns");
             assert_eq!(
                 node.sh(&format!("stat -L -c %i /proc/{pid}/ns/user")),
-                node.sh(&format!("stat -L -c %i {pins}/user"))
+                node.sh_in_pod_mounts(&format!("stat -L -c %i {pins}/user"))
             );
             // Root of the pod's user namespace administers the pod's network (its namespace
             // belongs to the pod's user namespace), and nothing of the node's.
@@ -592,7 +592,11 @@ async fn a_userns_pod_shares_a_pid_namespace_that_its_user_namespace_owns() {
         .collect();
     assert_eq!(uids, vec![host; 4]);
     let pins = format!("/run/cri-systemd/pods/{pod}/ns");
-    let inode = |path: &str| node.sh(&format!("stat -L -c %i {path}")).trim().to_string();
+    // The network pin is the node's; the others are in the daemon's pod mount namespace.
+    let inode = |path: &str| {
+        let stat = format!("stat -L -c %i {path}");
+        if path.ends_with("/net") { node.sh(&stat) } else { node.sh_in_pod_mounts(&stat) }.trim().to_string()
+    };
     assert_eq!(inode(&format!("/proc/{init}/ns/user")), inode(&format!("{pins}/user")));
     let pidns = inode(&format!("{pins}/pid"));
     let owner = node.sh(&format!("lsns -t pid -n -o NS,ONS | awk '$1 == {pidns} {{ print $2 }}' | sort -u"));

@@ -94,6 +94,7 @@ mod mount_setattr;
 mod namespaces;
 mod notify;
 pub mod pod_init;
+pub mod pod_mounts;
 mod process;
 pub mod restore;
 mod rootfs;
@@ -274,7 +275,7 @@ fn supervise(spec: &InitSpec, main_pid_file: Option<std::fs::File>) -> Result<()
     if let Some(relative) = cgroup::systemd_cgroup(&cgroups) {
         cgroup::join_unmanaged_v1(&relative)?;
     }
-    let mut plan = namespaces::open(&spec.oci)?;
+    let mut plan = namespaces::open(&spec.oci, spec.pod_mounts.as_ref())?;
     // Before any namespace is entered: the helpers of the idmaps must be seen in init's /proc
     // and must not be the first process of the container's PID namespace.
     plan.idmaps = idmap::IdmapNamespaces::prepare(spec)?;

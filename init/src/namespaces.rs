@@ -18,6 +18,7 @@ use nix::sys::stat::Mode;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::idmap::{IdmapNamespaces, Mappings};
+use crate::pod_mounts::PodMounts;
 use crate::{Context, Error, Result};
 
 /// What the child needs to know about the namespaces it lives in.
@@ -36,6 +37,9 @@ pub(crate) struct Plan {
     pub new_cgroup: bool,
     /// The user namespaces idmapped mounts take their mappings from.
     pub idmaps: IdmapNamespaces,
+    /// The pod's mounts of the daemon's pod mount namespace (its /dev/shm), cloned, to attach
+    /// at their paths in the container's mount namespace ([`crate::pod_mounts`]).
+    pub pod_trees: Vec<(PathBuf, OwnedFd)>,
 }
 
 impl Default for Plan {
@@ -48,6 +52,7 @@ impl Default for Plan {
             uts: false,
             new_cgroup: false,
             idmaps: IdmapNamespaces::default(),
+            pod_trees: Vec::new(),
         }
     }
 }
@@ -57,6 +62,13 @@ impl Plan {
     /// its behalf (owners, mount options) are translated through them.
     pub(crate) fn userns(&self) -> Option<&Mappings> {
         self.user.as_ref().map(|(_, _, mappings)| mappings)
+    }
+
+    /// Takes the opened file of namespace `typ` to join, for a caller that joins it otherwise
+    /// (restore-in hands them to CRIU).
+    pub(crate) fn take_join(&mut self, typ: LinuxNamespaceType) -> Option<OwnedFd> {
+        let i = self.joins.iter().position(|(t, _, _)| *t == typ)?;
+        Some(self.joins.remove(i).2)
     }
 }
 
@@ -74,11 +86,13 @@ fn clone_flag(typ: LinuxNamespaceType) -> CloneFlags {
     }
 }
 
-/// In the parent, before anything changes: opens every namespace to join and works out which to
-/// create (see [`enter`]).
-pub(crate) fn open(spec: &Spec) -> Result<Plan> {
+/// In the parent, before anything changes: opens every namespace to join (those `pod_mounts`
+/// names in the daemon's pod mount namespace) and works out which to create (see [`enter`]).
+pub(crate) fn open(spec: &Spec, pod_mounts: Option<&PodMounts>) -> Result<Plan> {
     let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
     let mut plan = Plan::default();
+    let mut in_pod_mounts = pod_mounts.map(PodMounts::open).transpose()?.unwrap_or_default();
+    plan.pod_trees = std::mem::take(&mut in_pod_mounts.trees);
     let mut joins: Vec<(LinuxNamespaceType, PathBuf, OwnedFd)> = Vec::new();
     let mut unshare = CloneFlags::empty();
     let mut seen = Vec::new();
@@ -96,8 +110,11 @@ pub(crate) fn open(spec: &Spec) -> Result<Plan> {
         match ns.path() {
             // Open every file first: joining the mount namespace would change what paths mean.
             Some(path) => {
-                let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-                    .ctx(|| format!("open {typ} namespace {}", path.display()))?;
+                let fd = match in_pod_mounts.take_pin(path) {
+                    Some(fd) => fd,
+                    None => nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+                        .ctx(|| format!("open {typ} namespace {}", path.display()))?,
+                };
                 joins.push((typ, path.clone(), fd));
             }
             None if typ == LinuxNamespaceType::Mount => {}

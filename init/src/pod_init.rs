@@ -1,4 +1,4 @@
-//! `cri-systemd pod-init [--net NS] [--ipc NS] [--uts NS] [--user NS]`: the `ExecStart` of the
+//! `cri-systemd pod-init [--net NS] [--ipc NS] [--uts NS] [--user NS] [--pod-mounts MNTNS]`: the `ExecStart` of the
 //! unit `cri-pod-<pod id>.service` that only pods sharing one PID namespace among their
 //! containers (`shareProcessNamespace`, CRI pid mode POD) get. Its main process is PID 1 of the
 //! pod's PID namespace: it holds the namespace, reaps the zombies that the containers' orphans
@@ -47,6 +47,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::ForkResult;
 
+use crate::pod_mounts::PodMounts;
 use crate::{Context, Error, Result, namespaces, notify};
 
 /// The hidden subcommand's name.
@@ -59,13 +60,23 @@ pub struct PodInitArgs {
     pub ipc: Option<PathBuf>,
     pub uts: Option<PathBuf>,
     pub user: Option<PathBuf>,
+    /// The daemon's pod mount namespace: the IPC, UTS and user pins are opened there
+    /// ([`crate::pod_mounts`]). None: all in the node's.
+    pub pod_mounts: Option<PathBuf>,
 }
 
 impl PodInitArgs {
     /// The command line after the subcommand, as [`run`] takes it back.
     pub fn to_args(&self) -> Vec<String> {
         let mut args = Vec::new();
-        for (flag, path) in [("--net", &self.net), ("--ipc", &self.ipc), ("--uts", &self.uts), ("--user", &self.user)] {
+        let flags = [
+            ("--net", &self.net),
+            ("--ipc", &self.ipc),
+            ("--uts", &self.uts),
+            ("--user", &self.user),
+            ("--pod-mounts", &self.pod_mounts),
+        ];
+        for (flag, path) in flags {
             if let Some(path) = path {
                 args.push(flag.to_string());
                 args.push(path.to_string_lossy().into_owned());
@@ -95,11 +106,21 @@ pub fn run(args: &PodInitArgs) -> ! {
 
 fn start(args: &PodInitArgs) -> Result<()> {
     let notifier = notify::Notifier::open()?;
-    let open = |kind: &str, path: &Option<PathBuf>| -> Result<Option<OwnedFd>> {
+    let mut in_pod_mounts = match &args.pod_mounts {
+        Some(namespace) => PodMounts {
+            namespace: namespace.clone(),
+            pins: [&args.ipc, &args.uts, &args.user].into_iter().flatten().cloned().collect(),
+            trees: Vec::new(),
+        }
+        .open()?,
+        None => Default::default(),
+    };
+    let mut open = |kind: &str, path: &Option<PathBuf>| -> Result<Option<OwnedFd>> {
         path.as_ref()
-            .map(|p| {
-                nix::fcntl::open(p, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-                    .ctx(|| format!("open {kind} namespace {}", p.display()))
+            .map(|p| match in_pod_mounts.take_pin(p) {
+                Some(fd) => Ok(fd),
+                None => nix::fcntl::open(p, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+                    .ctx(|| format!("open {kind} namespace {}", p.display())),
             })
             .transpose()
     };

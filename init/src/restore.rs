@@ -11,10 +11,8 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::OFlag;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
-use nix::sys::stat::Mode;
 use oci_spec::runtime::LinuxNamespaceType;
 
 use crate::{Context, Error, InitSpec, Result, idmap, namespaces};
@@ -45,11 +43,13 @@ pub fn run(args: &RestoreArgs) -> ! {
 fn restore(args: &RestoreArgs) -> Result<std::convert::Infallible> {
     let spec = InitSpec::load(&args.init_spec)?;
     let root = spec.oci.root().as_ref().map(|r| r.path().clone()).ok_or_else(|| Error::new("spec has no root"))?;
-    let mut plan = namespaces::open(&spec.oci)?;
+    let mut plan = namespaces::open(&spec.oci, spec.pod_mounts.as_ref())?;
     plan.idmaps = idmap::IdmapNamespaces::prepare(&spec)?;
     unshare(CloneFlags::CLONE_NEWNS).ctx(|| "unshare the mount namespace".into())?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
         .ctx(|| "make / a slave mount".into())?;
+    // The pod's /dev/shm at its path, where CRIU's external bind mount takes it from.
+    crate::pod_mounts::attach_trees(&plan.pod_trees)?;
     mount(
         Some("proc"),
         "/proc",
@@ -61,10 +61,6 @@ fn restore(args: &RestoreArgs) -> Result<std::convert::Infallible> {
     let overlay = spec.rootfs.as_ref().ok_or_else(|| Error::new("a restore needs the overlay rootfs"))?;
     crate::rootfs::mount_overlay_at(overlay, &root, &plan)?;
 
-    let path_of = |typ: LinuxNamespaceType| {
-        let namespaces = spec.oci.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
-        namespaces.into_iter().find(|n| n.typ() == typ).and_then(|n| n.path().clone())
-    };
     let dir = &args.restore_dir;
     let mut criu: Vec<String> = vec![
         "restore".into(),
@@ -86,14 +82,18 @@ fn restore(args: &RestoreArgs) -> Result<std::convert::Infallible> {
     ];
     // Kept open (no CLOEXEC) until the exec: CRIU takes them by number.
     let mut keep: Vec<OwnedFd> = Vec::new();
-    if let Some(net) = path_of(LinuxNamespaceType::Network) {
-        let fd = open_inheritable(&net)?;
+    // The pod's namespaces as init opened them (IPC and UTS pins are in the daemon's pod mount
+    // namespace, out of CRIU's sight): CRIU gets them as inherited descriptors.
+    if let Some(net) = plan.take_join(LinuxNamespaceType::Network) {
+        let fd = inheritable(&net)?;
         criu.extend(["--inherit-fd".into(), format!("fd[{}]:extRootNetNS", fd.as_raw_fd())]);
         keep.push(fd);
     }
     for (typ, name) in [(LinuxNamespaceType::Ipc, "ipc"), (LinuxNamespaceType::Uts, "uts")] {
-        if let Some(path) = path_of(typ) {
-            criu.extend(["--join-ns".into(), format!("{name}:{}", path.display())]);
+        if let Some(ns) = plan.take_join(typ) {
+            let fd = inheritable(&ns)?;
+            criu.extend(["--join-ns".into(), format!("{name}:/proc/self/fd/{}", fd.as_raw_fd())]);
+            keep.push(fd);
         }
     }
     for m in spec.oci.mounts().as_deref().unwrap_or_default() {
@@ -137,8 +137,11 @@ fn restore(args: &RestoreArgs) -> Result<std::convert::Infallible> {
     Err(Error::new(format!("exec {}: {}", args.criu.display(), crate::errno_desc(errno))))
 }
 
-fn open_inheritable(path: &Path) -> Result<OwnedFd> {
-    nix::fcntl::open(path, OFlag::O_RDONLY, Mode::empty()).ctx(|| format!("open {}", path.display()))
+/// A copy of `fd` that the exec'd CRIU inherits (no close-on-exec).
+fn inheritable(fd: &OwnedFd) -> Result<OwnedFd> {
+    let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD(3)).ctx(|| "duplicate a namespace file".into())?;
+    // SAFETY: F_DUPFD returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) })
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

@@ -64,6 +64,11 @@ pub struct InitSpec {
     /// its own mountinfo, whose size grows with the pods' mounts on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_mounts: Option<Vec<crate::cgroup::CgroupMount>>,
+    /// The pins in `linux.namespaces` and the mounts (the pod's /dev/shm, a bind source in
+    /// `mounts`) that are in the daemon's pod mount namespace, not the node's. None: all in the
+    /// node's (records of older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_mounts: Option<crate::pod_mounts::PodMounts>,
 }
 
 /// An image's root file system (or a directory of it) mounted read-only in the container. init

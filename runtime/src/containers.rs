@@ -243,6 +243,11 @@ impl Runtime {
             container_id: record.id.clone(),
             bundle: Some(dir.clone()),
             cgroup_mounts: node_cgroup_mounts(),
+            pod_mounts: pod.namespaces.in_pod_mounts.then(|| init::pod_mounts::PodMounts {
+                namespace: self.pod_mounts.pin().to_path_buf(),
+                pins: pod.namespaces.pins_in_pod_mounts().into_iter().map(Path::to_path_buf).collect(),
+                trees: pod.shm.iter().cloned().collect(),
+            }),
         };
         if !record.spec.hooks.is_empty() {
             // The bundle's config.json, which hooks read (root.path: the rootfs as they see it).
@@ -1068,7 +1073,7 @@ impl Runtime {
         };
         let pid = self.systemd.main_pid(&target.unit).await.ok().filter(|&p| p != 0).ok_or_else(not_running)?;
         unpin_target_pid_namespace(pin);
-        crate::namespaces::pin_process_namespace(pid, "pid", pin)
+        crate::namespaces::pin_process_namespace(pid, "pid", pin, None)
             .map_err(Error::io(format!("cannot pin the PID namespace of container {}", target.id)))?;
         if self.systemd.main_pid(&target.unit).await.ok() != Some(pid) {
             unpin_target_pid_namespace(pin);

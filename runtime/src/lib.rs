@@ -27,6 +27,7 @@ pub mod memory_qos;
 mod namespaces;
 mod passwd;
 mod pod;
+pub mod pod_mounts;
 mod podfiles;
 mod pods;
 pub mod sealed_exe;
@@ -113,6 +114,8 @@ pub struct Runtime {
         (tokio::sync::mpsc::UnboundedSender<String>, Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>),
     /// What StartContainer asks before a container's unit starts (the daemon's measured starts).
     start_gate: std::sync::OnceLock<Arc<dyn StartGate>>,
+    /// Where the pods' pins (but the network's) and /dev/shm mounts are.
+    pod_mounts: Arc<pod_mounts::PodMountNamespace>,
 }
 
 /// A container about to start: what a [`StartGate`] sees.

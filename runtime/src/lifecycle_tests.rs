@@ -16,6 +16,8 @@ use crate::{
 };
 
 struct Node {
+    // First: fields drop in order.
+    _unpin: Unpin,
     dir: tempfile::TempDir,
     systemd: Arc<FakeSystemd>,
     runtime: Runtime,
@@ -34,22 +36,32 @@ fn config(dir: &Path) -> RuntimeConfig {
     }
 }
 
+/// The pod mount namespace's pin is a mount of the machine's namespace: unmounted before the
+/// node's directory goes.
+struct Unpin(std::path::PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 impl Node {
     async fn new() -> Node {
         crate::sealed_exe::set_for_tests();
         let dir = tempfile::tempdir().unwrap();
         let systemd = Arc::new(FakeSystemd::default());
         let runtime = Runtime::open(config(dir.path()), systemd.clone()).await.unwrap();
-        Node { dir, systemd, runtime }
+        Node { _unpin: Unpin(dir.path().join("run/pod-mounts")), dir, systemd, runtime }
     }
 
     /// What a restart of the daemon finds: the same directories, a systemd that works.
     async fn restart(self) -> Node {
-        let Node { dir, runtime, .. } = self;
+        let Node { _unpin, dir, runtime, .. } = self;
         drop(runtime);
         let systemd = Arc::new(FakeSystemd::default());
         let runtime = Runtime::open(config(dir.path()), systemd.clone()).await.unwrap();
-        Node { dir, systemd, runtime }
+        Node { _unpin, dir, systemd, runtime }
     }
 
     fn pod_records(&self) -> Vec<String> {

@@ -23,11 +23,12 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::pod_mounts::PodMountNamespace;
 use crate::userns::IdRange;
 
 /// The namespaces a pod shares among its containers, each pinned at a path.
@@ -43,6 +44,11 @@ pub struct PodNamespaces {
     /// (pinned from the running process, see [`pin_process_namespace`]).
     #[serde(default)]
     pub pid: Option<PathBuf>,
+    /// The pins but the network's are mounts of the daemon's pod mount namespace
+    /// ([`crate::pod_mounts`]), as is the pod's /dev/shm; false in records of older daemons (all
+    /// in the node's).
+    #[serde(default)]
+    pub in_pod_mounts: bool,
 }
 
 impl PodNamespaces {
@@ -58,16 +64,42 @@ impl PodNamespaces {
             uts: Some(dir.join("uts")),
             user: Some(dir.join("user")),
             pid: Some(dir.join("pid")),
+            in_pod_mounts: true,
         }
+    }
+
+    /// The pins that are in the pod mount namespace (all but the network's), if they are there.
+    pub fn pins_in_pod_mounts(&self) -> Vec<&Path> {
+        if !self.in_pod_mounts {
+            return Vec::new();
+        }
+        [&self.ipc, &self.uts, &self.user, &self.pid].into_iter().flatten().map(PathBuf::as_path).collect()
+    }
+
+    /// Whether every pin still holds its namespace (they are gone after a reboot, with /run).
+    pub fn all_pinned(&self, pod_mounts: &PodMountNamespace) -> bool {
+        let in_pod_mounts = self.pins_in_pod_mounts();
+        let here = self.pins().filter(|pin| !in_pod_mounts.contains(&pin.as_path())).all(|pin| is_pinned(pin));
+        here && pod_mounts.run(|| in_pod_mounts.iter().all(|pin| is_pinned(pin))).unwrap_or(false)
     }
 }
 
-/// Pins namespace `kind` of process `pid` at `pin` (a bind mount of `/proc/<pid>/ns/<kind>`).
-pub fn pin_process_namespace(pid: u32, kind: &str, pin: &Path) -> std::io::Result<()> {
+/// Pins namespace `kind` of process `pid` at `pin` (a bind mount of `/proc/<pid>/ns/<kind>`), in
+/// the pod mount namespace if given, else in the node's.
+pub fn pin_process_namespace(
+    pid: u32,
+    kind: &str,
+    pin: &Path,
+    pod_mounts: Option<&PodMountNamespace>,
+) -> std::io::Result<()> {
     std::fs::File::create(pin)?;
     let source = format!("/proc/{pid}/ns/{kind}");
-    nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| std::io::Error::other(format!("pin {source} at {}: {e}", pin.display())))
+    let mount = || nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>);
+    match pod_mounts {
+        Some(pod_mounts) => pod_mounts.run(mount)?,
+        None => mount(),
+    }
+    .map_err(|e| std::io::Error::other(format!("pin {source} at {}: {e}", pin.display())))
 }
 
 /// Which new namespaces a pod gets (NODE mode means the host's, so no new one).
@@ -79,21 +111,23 @@ pub struct NewNamespaces {
 }
 
 /// Creates the requested namespaces and pins them in `dir` as files `net`, `ipc`, `uts` (and
-/// `user`, owner of the others, when `userns` gives the pod's host id range). `hostname`, if
-/// given, is set in the new UTS namespace (else it keeps the node's name), and loopback is brought up in the new network namespace. On error
-/// nothing stays pinned.
+/// `user`, owner of the others, when `userns` gives the pod's host id range): the network's in
+/// the node's mount namespace, the others in `pod_mounts`. `hostname`, if given, is set in the
+/// new UTS namespace (else it keeps the node's name), and loopback is brought up in the new
+/// network namespace. On error nothing stays pinned.
 pub fn create_pinned(
     dir: &Path,
     wanted: NewNamespaces,
     hostname: Option<&str>,
     userns: Option<IdRange>,
+    pod_mounts: &PodMountNamespace,
 ) -> std::io::Result<PodNamespaces> {
     crate::store::create_private_dir_all(dir)?;
     if let Some(range) = userns {
-        return create_in_user_namespace(dir, wanted, hostname, range);
+        return create_in_user_namespace(dir, wanted, hostname, range, pod_mounts);
     }
     let mut flags = CloneFlags::empty();
-    let mut pins = PodNamespaces::default();
+    let mut pins = PodNamespaces { in_pod_mounts: true, ..Default::default() };
     if wanted.network {
         flags |= CloneFlags::CLONE_NEWNET;
         pins.network = Some(dir.join("net"));
@@ -114,27 +148,39 @@ pub fn create_pinned(
     // unshare() of these kinds moves only the calling thread; a thread of its own keeps the
     // daemon's other threads (and the tokio runtime) in the host namespaces. The thread ends
     // right after, and the pins keep the namespaces alive.
-    let result = std::thread::spawn(move || -> std::io::Result<()> {
-        nix::sched::unshare(flags)?;
-        if let Some(hostname) = hostname.filter(|_| wanted.uts) {
-            nix::unistd::sethostname(hostname)?;
-        }
-        if wanted.network {
-            bring_loopback_up()?;
-        }
-        for (kind, pin) in [("net", &to_pin.network), ("ipc", &to_pin.ipc), ("uts", &to_pin.uts)] {
-            if let Some(pin) = pin {
-                std::fs::File::create(pin)?;
-                let source = format!("/proc/thread-self/ns/{kind}");
-                nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
-            }
-        }
-        Ok(())
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")));
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> std::io::Result<()> {
+                nix::sched::unshare(flags)?;
+                if let Some(hostname) = hostname.filter(|_| wanted.uts) {
+                    nix::unistd::sethostname(hostname)?;
+                }
+                if wanted.network {
+                    bring_loopback_up()?;
+                }
+                let pin = |kind: &str, pin: &Path| -> std::io::Result<()> {
+                    std::fs::File::create(pin)?;
+                    let source = format!("/proc/thread-self/ns/{kind}");
+                    Ok(nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)?)
+                };
+                if let Some(net) = &to_pin.network {
+                    pin("net", net)?;
+                }
+                if to_pin.ipc.is_some() || to_pin.uts.is_some() {
+                    pod_mounts.enter_this_thread()?;
+                }
+                for (kind, path) in [("ipc", &to_pin.ipc), ("uts", &to_pin.uts)] {
+                    if let Some(path) = path {
+                        pin(kind, path)?;
+                    }
+                }
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    });
     if let Err(e) = result {
-        let _ = release(&pins);
+        let _ = release(&pins, pod_mounts);
         return Err(e);
     }
     Ok(pins)
@@ -165,9 +211,10 @@ fn create_in_user_namespace(
     wanted: NewNamespaces,
     hostname: Option<&str>,
     range: IdRange,
+    pod_mounts: &PodMountNamespace,
 ) -> std::io::Result<PodNamespaces> {
     let mut flags = 0;
-    let mut pins = PodNamespaces { user: Some(dir.join("user")), ..Default::default() };
+    let mut pins = PodNamespaces { user: Some(dir.join("user")), in_pod_mounts: true, ..Default::default() };
     if wanted.network {
         flags |= libc::CLONE_NEWNET;
         pins.network = Some(dir.join("net"));
@@ -227,15 +274,23 @@ fn create_in_user_namespace(
         }
         nix::unistd::write(&to_child_w, &[STEP_NAMESPACES])?;
         expect_child(&from_child_r, STEP_LOOPBACK)?;
-        for (kind, pin) in [("user", &pins.user), ("net", &pins.network), ("ipc", &pins.ipc), ("uts", &pins.uts)] {
-            if let Some(pin) = pin {
-                std::fs::File::create(pin)?;
-                let source = format!("/proc/{pid}/ns/{kind}");
-                nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                    .map_err(|e| std::io::Error::other(format!("pin {kind} namespace at {}: {e}", pin.display())))?;
-            }
+        let pin = |kind: &str, pin: &Path| -> std::io::Result<()> {
+            std::fs::File::create(pin)?;
+            let source = format!("/proc/{pid}/ns/{kind}");
+            nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| std::io::Error::other(format!("pin {kind} namespace at {}: {e}", pin.display())))
+        };
+        if let Some(net) = &pins.network {
+            pin("net", net)?;
         }
-        Ok(())
+        pod_mounts.run(|| {
+            for (kind, path) in [("user", &pins.user), ("ipc", &pins.ipc), ("uts", &pins.uts)] {
+                if let Some(path) = path {
+                    pin(kind, path)?;
+                }
+            }
+            Ok(())
+        })?
     })();
     // Closing the pipe ends the child, whatever state it is in.
     drop(to_child_w);
@@ -243,7 +298,7 @@ fn create_in_user_namespace(
     // The child is gone: its stack may go too.
     drop(stack);
     if let Err(e) = result {
-        let _ = release(&pins);
+        let _ = release(&pins, pod_mounts);
         return Err(e);
     }
     Ok(pins)
@@ -353,14 +408,12 @@ fn namespace_child(
 }
 
 /// Unpins the namespaces (they die with their last user) and removes the pin files. Missing pins
-/// are fine; every pin is tried, and every failure is returned (none: all released).
-pub(crate) fn release(pins: &PodNamespaces) -> Vec<Error> {
-    let mut errors = Vec::new();
+/// are fine; every pin is tried, in both mount namespaces, and every failure is returned (none:
+/// all released).
+pub(crate) fn release(pins: &PodNamespaces, pod_mounts: &PodMountNamespace) -> Vec<Error> {
+    let paths: Vec<&Path> = pins.pins().map(PathBuf::as_path).collect();
+    let mut errors = pod_mounts.unmount_everywhere(&paths);
     for pin in pins.pins() {
-        match nix::mount::umount2(pin, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => errors.push(Error::Io { what: format!("unmount {}", pin.display()), source: e.into() }),
-        }
         match std::fs::remove_file(pin) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -469,35 +522,51 @@ pub fn sysctl_file(key: &str) -> Result<(SysctlNamespace, PathBuf), Error> {
 /// of its own that ends with it: where the node itself is a container (kind, systemd-nspawn),
 /// the node's /proc/sys is read-only. A value the kernel refuses is the request's fault; the
 /// steps before it are the node's.
-pub fn apply_sysctls(pins: &PodNamespaces, sysctls: &[(String, String)]) -> Result<(), Error> {
-    let pins = pins.clone();
-    let sysctls = sysctls.to_vec();
+pub fn apply_sysctls(
+    pins: &PodNamespaces,
+    sysctls: &[(String, String)],
+    pod_mounts: &PodMountNamespace,
+) -> Result<(), Error> {
     let node = |what: &str| {
         let what = format!("sysctls: {what}");
         move |e: nix::errno::Errno| Error::Io { what, source: e.into() }
     };
+    let mut writes = Vec::new();
+    let (mut net, mut ipc) = (None, None);
+    for (key, value) in sysctls {
+        let (namespace, file) = sysctl_file(key)?;
+        let (pin, kind, opened) = match namespace {
+            SysctlNamespace::Network => (&pins.network, "network", &mut net),
+            SysctlNamespace::Ipc => (&pins.ipc, "IPC", &mut ipc),
+        };
+        if opened.is_none() {
+            let pin = pin.as_ref().ok_or_else(|| {
+                Error::InvalidSpec(format!("sysctl {key}: the pod has no {kind} namespace of its own"))
+            })?;
+            let open = || std::fs::File::open(pin).map_err(Error::io(format!("open {}", pin.display())));
+            // Opened where it is pinned; the thread below copies the node's mount namespace,
+            // which is small, not the pod mount namespace.
+            *opened = Some(if pins.pins_in_pod_mounts().contains(&pin.as_path()) {
+                pod_mounts.run(open).map_err(Error::io("enter the pod mount namespace"))??
+            } else {
+                open()?
+            });
+        }
+        writes.push((key.clone(), value.clone(), file));
+    }
     std::thread::spawn(move || -> Result<(), Error> {
         nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(node("unshare the mount namespace"))?;
         nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
             .map_err(node("make mounts private"))?;
         nix::mount::mount(Some("proc"), "/proc", Some("proc"), MsFlags::empty(), None::<&str>)
             .map_err(node("mount a procfs"))?;
-        let mut joined = (false, false);
-        for (key, value) in &sysctls {
-            let (namespace, file) = sysctl_file(key)?;
-            let (pin, kind, flag, done) = match namespace {
-                SysctlNamespace::Network => (&pins.network, "network", CloneFlags::CLONE_NEWNET, &mut joined.0),
-                SysctlNamespace::Ipc => (&pins.ipc, "IPC", CloneFlags::CLONE_NEWIPC, &mut joined.1),
-            };
-            if !*done {
-                let pin = pin.as_ref().ok_or_else(|| {
-                    Error::InvalidSpec(format!("sysctl {key}: the pod has no {kind} namespace of its own"))
-                })?;
-                let ns = std::fs::File::open(pin).map_err(Error::io(format!("open {}", pin.display())))?;
+        for (ns, kind, flag) in [(net, "network", CloneFlags::CLONE_NEWNET), (ipc, "IPC", CloneFlags::CLONE_NEWIPC)] {
+            if let Some(ns) = ns {
                 nix::sched::setns(ns, flag).map_err(node(&format!("join the pod's {kind} namespace")))?;
-                *done = true;
             }
-            std::fs::write(Path::new("/proc/sys").join(&file), value)
+        }
+        for (key, value, file) in &writes {
+            std::fs::write(Path::new("/proc/sys").join(file), value)
                 .map_err(|e| Error::InvalidSpec(format!("sysctl {key}={value:?}: {e}")))?;
         }
         Ok(())

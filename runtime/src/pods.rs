@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MsFlags;
 use tracing::{Instrument, error, info, warn};
 use zbus::zvariant::Value;
 
@@ -25,6 +25,7 @@ use crate::cni::{self, Cni, NetworkList};
 use crate::events::ContainerEventKind;
 use crate::namespaces::{self, NewNamespaces};
 use crate::pod::{NamespaceMode, Pod, PodSpec, PodState, init_unit_name};
+use crate::pod_mounts::PodMountNamespace;
 use crate::store::{new_id, read_json, write_json};
 use crate::userns::{self, IdRange, IdRanges, PodUserns, UsernsMode};
 use crate::{Entry, Error, NetworkReadiness, Runtime, RuntimeConfig, UnitManager, podfiles};
@@ -50,6 +51,7 @@ impl Runtime {
         // Before anything is spawned (CNI plugins on recovery): the stored descriptors are not
         // close-on-exec until taken.
         let stored = crate::stdio::Stored::take();
+        let pod_mounts = PodMountNamespace::new(&config.run_root);
         let runtime = Runtime {
             cni: Cni::open(config.cni.clone(), &config.state_root),
             userns_ranges: Arc::new(Mutex::new(IdRanges::new(config.userns.clone()))),
@@ -73,6 +75,7 @@ impl Runtime {
                 }
             },
             start_gate: std::sync::OnceLock::new(),
+            pod_mounts: Arc::new(pod_mounts),
         };
         *runtime.quarantined.lock().expect("quarantine lock") =
             crate::store::list_quarantined(&runtime.config.state_root);
@@ -104,7 +107,7 @@ impl Runtime {
             match pod.state {
                 // Once every record is in the table: teardown looks for other pods in the slice.
                 PodState::Creating | PodState::Removing => half_done.push(pod.id.clone()),
-                PodState::Ready if !pod.namespaces.pins().all(|pin| namespaces::is_pinned(pin)) => {
+                PodState::Ready if !pod.namespaces.all_pinned(&runtime.pod_mounts) => {
                     info!(pod = %pod.id, "pod namespaces are gone (reboot?): pod is NotReady");
                     pod.state = PodState::NotReady;
                     write_json(&record_path, &pod).map_err(Error::io("cannot update pod record"))?;
@@ -336,12 +339,15 @@ impl Runtime {
         // that come together are read once (22 instead of 35 ms for two, measured in a test node).
         let shm = wanted.ipc.then(|| pod.files_dir.join("shm"));
         let shm_path = shm.clone();
+        let pod_mounts = self.pod_mounts.clone();
         let namespaces = tokio::task::spawn_blocking(move || {
-            let pins = namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range)
+            let pins = namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range, &pod_mounts)
                 .map_err(Error::io("cannot create pod namespaces"))?;
             if let Some(shm) = &shm_path {
                 // (A failure here leaves the pins to the caller's rollback, as any later step's.)
-                mount_shm(shm, root)
+                pod_mounts
+                    .run(|| mount_shm(shm, root))
+                    .and_then(|mounted| mounted)
                     .map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
             }
             Ok::<_, Error>(pins)
@@ -407,8 +413,9 @@ impl Runtime {
         }
         // After the network is attached, as with containerd (sysctls of the pod's interfaces).
         if !pod.spec.sysctls.is_empty() {
-            let (pins, sysctls) = (pod.namespaces.clone(), pod.spec.sysctls.clone());
-            tokio::task::spawn_blocking(move || namespaces::apply_sysctls(&pins, &sysctls))
+            let (pins, sysctls, pod_mounts) =
+                (pod.namespaces.clone(), pod.spec.sysctls.clone(), self.pod_mounts.clone());
+            tokio::task::spawn_blocking(move || namespaces::apply_sysctls(&pins, &sysctls, &pod_mounts))
                 .await
                 .map_err(|e| Error::Io { what: "sysctl task".into(), source: std::io::Error::other(e) })??;
         }
@@ -439,6 +446,7 @@ impl Runtime {
             ipc: pod.namespaces.ipc.clone(),
             uts: pod.namespaces.uts.clone(),
             user: pod.namespaces.user.clone(),
+            pod_mounts: pod.namespaces.in_pod_mounts.then(|| self.pod_mounts.pin().to_path_buf()),
         };
         let mut argv = vec![exe.clone(), pod_init::SUBCOMMAND.to_string()];
         argv.extend(args.to_args());
@@ -463,7 +471,9 @@ impl Runtime {
         if pid == 0 {
             return Err(Error::PodInit(format!("the init process of pod {} ended at once", pod.id)));
         }
-        namespaces::pin_process_namespace(pid, "pid", &pin).map_err(Error::io("cannot pin the pod's PID namespace"))?;
+        let pod_mounts = pod.namespaces.in_pod_mounts.then_some(&*self.pod_mounts);
+        namespaces::pin_process_namespace(pid, "pid", &pin, pod_mounts)
+            .map_err(Error::io("cannot pin the pod's PID namespace"))?;
         // The PID may have been reused if the process died meanwhile: then the pin is not the
         // pod's, and the pod fails.
         if self.systemd.main_pid(&unit).await? != pid {
@@ -626,12 +636,11 @@ impl Runtime {
         }
         // Every pin where pins are always made, recorded or not: a daemon killed between making
         // one and recording it leaves it unrecorded.
-        errors.extend(namespaces::release(&namespaces::PodNamespaces::every_pin_in(&pod.files_dir.join("ns"))));
-        let shm = pod.files_dir.join("shm");
-        match nix::mount::umount2(&shm, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => errors.push(Error::Io { what: format!("unmount {}", shm.display()), source: e.into() }),
-        }
+        errors.extend(namespaces::release(
+            &namespaces::PodNamespaces::every_pin_in(&pod.files_dir.join("ns")),
+            &self.pod_mounts,
+        ));
+        errors.extend(self.pod_mounts.unmount_everywhere(&[&pod.files_dir.join("shm")]));
         if remove && errors.is_empty() {
             // The record last, and only once the files are gone: it is what lets a later
             // RemovePodSandbox or restart find what is left.

@@ -91,6 +91,8 @@ pub(crate) fn setup(spec: &InitSpec, plan: &Plan, host_pid: u32) -> Result<()> {
         },
     };
     mount(None::<&str>, "/", None::<&str>, propagation, None::<&str>).ctx(|| "make / a slave mount".into())?;
+    // The pod's /dev/shm, at its path in this namespace only: the bind mount below finds it there.
+    crate::pod_mounts::attach_trees(&plan.pod_trees)?;
     let mounts = oci.mounts().as_deref().unwrap_or_default();
     // Bind sources are cloned now, before the parent mount of the rootfs is made private: the
     // clones keep the propagation of their source (a peer of the host's mount for "rshared"
