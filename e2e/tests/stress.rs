@@ -67,8 +67,17 @@ fn leftovers(node: &Node) -> String {
         "systemctl list-units --all --plain --no-legend 'kubepods-*' 'cri-[0-9a-f]*.service' 'cri-pod-*.service' \
            | awk '{print $1}' | grep -v '^kubepods-besteffort.slice$' || true; \
          find /run/cri-systemd/pods /var/lib/cri-systemd/pods /var/lib/cri-systemd/containers -mindepth 1 -maxdepth 1 2>/dev/null; \
-         grep -c ' nsfs \\|cri-systemd/pods' /proc/self/mountinfo || true",
-    ) + &node.sh_in_pod_mounts("grep -c 'cri-systemd/pods' /proc/self/mountinfo || true")
+         grep ' nsfs \\|cri-systemd/pods' /proc/self/mountinfo | grep -vc ' /run/cri-systemd/pod-mounts/mnt ' || true",
+    ) + &pod_mounts_of_pods(node)
+}
+
+/// How many mounts of pods the pod mount namespace holds (none before the first pod made it).
+fn pod_mounts_of_pods(node: &Node) -> String {
+    if node.exec(&["test", "-e", e2e::POD_MOUNTS]).success() {
+        node.sh_in_pod_mounts("grep -c 'cri-systemd/pods' /proc/self/mountinfo || true")
+    } else {
+        "0\n".into()
+    }
 }
 
 #[tokio::test]
