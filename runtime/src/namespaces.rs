@@ -114,17 +114,19 @@ pub struct NewNamespaces {
 /// `user`, owner of the others, when `userns` gives the pod's host id range): the network's in
 /// the node's mount namespace, the others in `pod_mounts`. `hostname`, if given, is set in the
 /// new UTS namespace (else it keeps the node's name), and loopback is brought up in the new
-/// network namespace. On error nothing stays pinned.
+/// network namespace. `also` runs in `pod_mounts` once the pins are made (the pod's /dev/shm is
+/// mounted there). On error nothing stays pinned (what `also` made is the caller's).
 pub fn create_pinned(
     dir: &Path,
     wanted: NewNamespaces,
     hostname: Option<&str>,
     userns: Option<IdRange>,
     pod_mounts: &PodMountNamespace,
+    also: &(dyn Fn() -> std::io::Result<()> + Sync),
 ) -> std::io::Result<PodNamespaces> {
     crate::store::create_private_dir_all(dir)?;
     if let Some(range) = userns {
-        return create_in_user_namespace(dir, wanted, hostname, range, pod_mounts);
+        return create_in_user_namespace(dir, wanted, hostname, range, pod_mounts, also);
     }
     let mut flags = CloneFlags::empty();
     let mut pins = PodNamespaces { in_pod_mounts: true, ..Default::default() };
@@ -166,21 +168,20 @@ pub fn create_pinned(
                 if let Some(net) = &to_pin.network {
                     pin("net", net)?;
                 }
-                if to_pin.ipc.is_some() || to_pin.uts.is_some() {
-                    pod_mounts.enter_this_thread()?;
-                }
+                // This thread ends after: it may stay in the pod mount namespace.
+                pod_mounts.enter_this_thread()?;
                 for (kind, path) in [("ipc", &to_pin.ipc), ("uts", &to_pin.uts)] {
                     if let Some(path) = path {
                         pin(kind, path)?;
                     }
                 }
-                Ok(())
+                also()
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
     });
     if let Err(e) = result {
-        let _ = release(&pins, pod_mounts);
+        let _ = release(&pins, &[], pod_mounts);
         return Err(e);
     }
     Ok(pins)
@@ -212,6 +213,7 @@ fn create_in_user_namespace(
     hostname: Option<&str>,
     range: IdRange,
     pod_mounts: &PodMountNamespace,
+    also: &(dyn Fn() -> std::io::Result<()> + Sync),
 ) -> std::io::Result<PodNamespaces> {
     let mut flags = 0;
     let mut pins = PodNamespaces { user: Some(dir.join("user")), in_pod_mounts: true, ..Default::default() };
@@ -289,7 +291,7 @@ fn create_in_user_namespace(
                     pin(kind, path)?;
                 }
             }
-            Ok(())
+            also()
         })?
     })();
     // Closing the pipe ends the child, whatever state it is in.
@@ -298,7 +300,7 @@ fn create_in_user_namespace(
     // The child is gone: its stack may go too.
     drop(stack);
     if let Err(e) = result {
-        let _ = release(&pins, pod_mounts);
+        let _ = release(&pins, &[], pod_mounts);
         return Err(e);
     }
     Ok(pins)
@@ -407,11 +409,11 @@ fn namespace_child(
     unsafe { libc::_exit(0) }
 }
 
-/// Unpins the namespaces (they die with their last user) and removes the pin files. Missing pins
-/// are fine; every pin is tried, in both mount namespaces, and every failure is returned (none:
-/// all released).
-pub(crate) fn release(pins: &PodNamespaces, pod_mounts: &PodMountNamespace) -> Vec<Error> {
-    let paths: Vec<&Path> = pins.pins().map(PathBuf::as_path).collect();
+/// Unpins the namespaces (they die with their last user) and removes the pin files, and unmounts
+/// `also` (the pod's /dev/shm). Missing pins are fine; every pin is tried, in both mount
+/// namespaces, and every failure is returned (none: all released).
+pub(crate) fn release(pins: &PodNamespaces, also: &[&Path], pod_mounts: &PodMountNamespace) -> Vec<Error> {
+    let paths: Vec<&Path> = pins.pins().map(PathBuf::as_path).chain(also.iter().copied()).collect();
     let mut errors = pod_mounts.unmount_everywhere(&paths);
     for pin in pins.pins() {
         match std::fs::remove_file(pin) {

@@ -131,7 +131,7 @@ fn is_mount_namespace(path: &Path) -> bool {
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     let Ok(file) = std::fs::File::open(path) else { return false };
     // SAFETY: an ioctl without an argument on a descriptor we own.
-    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE) };
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
     kind == libc::CLONE_NEWNS
 }
 

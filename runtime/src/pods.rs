@@ -334,22 +334,23 @@ impl Runtime {
         // In a user namespace the pod's root is the first id of its range: it owns the pod's
         // files (a chown of three small files) and its /dev/shm, as root owns them elsewhere.
         let root = range.map(|r| r.host_id);
-        // The /dev/shm tmpfs right after the pins: systemd re-reads the node's whole mountinfo at
-        // each mount change it sees (~17 ms of PID 1 with 2000 pod mounts, at load 2), and changes
-        // that come together are read once (22 instead of 35 ms for two, measured in a test node).
+        // The /dev/shm tmpfs, like the IPC and UTS pins, is a mount of the pod mount namespace
+        // (crate::pod_mounts): systemd, which re-reads the node's whole mountinfo at each change
+        // it sees, never sees it.
         let shm = wanted.ipc.then(|| pod.files_dir.join("shm"));
         let shm_path = shm.clone();
         let pod_mounts = self.pod_mounts.clone();
         let namespaces = tokio::task::spawn_blocking(move || {
-            let pins = namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range, &pod_mounts)
+            // In the pod mount namespace, on the namespace thread. (A failure leaves the pins to
+            // the caller's rollback, as any later step's.)
+            let shm = || match &shm_path {
+                Some(shm) => mount_shm(shm, root).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot mount the pod's /dev/shm at {}: {e}", shm.display()))
+                }),
+                None => Ok(()),
+            };
+            let pins = namespaces::create_pinned(&ns_dir, wanted, hostname.as_deref(), range, &pod_mounts, &shm)
                 .map_err(Error::io("cannot create pod namespaces"))?;
-            if let Some(shm) = &shm_path {
-                // (A failure here leaves the pins to the caller's rollback, as any later step's.)
-                pod_mounts
-                    .run(|| mount_shm(shm, root))
-                    .and_then(|mounted| mounted)
-                    .map_err(Error::io(format!("cannot mount the pod's /dev/shm at {}", shm.display())))?;
-            }
             Ok::<_, Error>(pins)
         })
         .instrument(tracing::info_span!("pod.namespaces", sandbox.id = %pod.id));
@@ -638,9 +639,9 @@ impl Runtime {
         // one and recording it leaves it unrecorded.
         errors.extend(namespaces::release(
             &namespaces::PodNamespaces::every_pin_in(&pod.files_dir.join("ns")),
+            &[&pod.files_dir.join("shm")],
             &self.pod_mounts,
         ));
-        errors.extend(self.pod_mounts.unmount_everywhere(&[&pod.files_dir.join("shm")]));
         if remove && errors.is_empty() {
             // The record last, and only once the files are gone: it is what lets a later
             // RemovePodSandbox or restart find what is left.
