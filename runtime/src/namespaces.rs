@@ -578,6 +578,26 @@ pub fn apply_sysctls(
 }
 
 #[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    #[test]
+    fn records_of_older_daemons_keep_every_pin_in_the_nodes_mount_namespace() {
+        // A pod.json `namespaces` written before the pod mount namespace existed.
+        let old: PodNamespaces =
+            serde_json::from_str(r#"{"network": "/r/ns/net", "ipc": "/r/ns/ipc", "uts": "/r/ns/uts"}"#).unwrap();
+        assert!(!old.in_pod_mounts);
+        assert!(old.pins_in_pod_mounts().is_empty());
+        let new = PodNamespaces { in_pod_mounts: true, pid: Some("/r/ns/pid".into()), ..old.clone() };
+        assert_eq!(
+            new.pins_in_pod_mounts(),
+            [Path::new("/r/ns/ipc"), Path::new("/r/ns/uts"), Path::new("/r/ns/pid")],
+            "all but the network's"
+        );
+    }
+}
+
+#[cfg(test)]
 mod sysctl_tests {
     use super::*;
 
