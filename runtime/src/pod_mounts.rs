@@ -16,7 +16,9 @@
 //! Made once per boot by the daemon, at its first pod (a copy of the node's, with `/` made a recursive slave so
 //! that the node's mounts and unmounts reach it and nothing made here goes back), and pinned at
 //! `<run_root>/pod-mounts/mnt` in the node's namespace (a private mount of its own: one more
-//! mount on the node, whatever the number of pods), so that it outlives every daemon. The daemon
+//! mount on the node, whatever the number of pods), so that it outlives every daemon. (Unmounts
+//! reach it through propagation: systemd makes the node's mounts shared at boot. A mount made
+//! private on the node before the first pod would stay referenced here until a reboot.) The daemon
 //! stays in the node's namespace: the few steps that mount, unmount or look at these pins run on
 //! a thread of their own that joins it ([`PodMountNamespace::run`]). init, pod-init and
 //! restore-in step into it to open what they need and step back (`init::pod_mounts`). The pin
