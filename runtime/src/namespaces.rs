@@ -92,14 +92,18 @@ pub fn pin_process_namespace(
     pin: &Path,
     pod_mounts: Option<&PodMountNamespace>,
 ) -> std::io::Result<()> {
-    std::fs::File::create(pin)?;
     let source = format!("/proc/{pid}/ns/{kind}");
-    let mount = || nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>);
     match pod_mounts {
-        Some(pod_mounts) => pod_mounts.run(mount)?,
-        None => mount(),
+        Some(pod_mounts) => pod_mounts.run(|| bind_pin(&source, pin))?,
+        None => bind_pin(&source, pin),
     }
-    .map_err(|e| std::io::Error::other(format!("pin {source} at {}: {e}", pin.display())))
+}
+
+/// Pins the namespace file `source` at `pin` (a file, made here), in the caller's mount namespace.
+fn bind_pin(source: &str, pin: &Path) -> std::io::Result<()> {
+    std::fs::File::create(pin)?;
+    nix::mount::mount(Some(source), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| std::io::Error::other(format!("pin {source} at {}: {e}", pin.display())))
 }
 
 /// Which new namespaces a pod gets (NODE mode means the host's, so no new one).
@@ -160,11 +164,7 @@ pub fn create_pinned(
                 if wanted.network {
                     bring_loopback_up()?;
                 }
-                let pin = |kind: &str, pin: &Path| -> std::io::Result<()> {
-                    std::fs::File::create(pin)?;
-                    let source = format!("/proc/thread-self/ns/{kind}");
-                    Ok(nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)?)
-                };
+                let pin = |kind: &str, pin: &Path| bind_pin(&format!("/proc/thread-self/ns/{kind}"), pin);
                 if let Some(net) = &to_pin.network {
                     pin("net", net)?;
                 }
@@ -276,12 +276,7 @@ fn create_in_user_namespace(
         }
         nix::unistd::write(&to_child_w, &[STEP_NAMESPACES])?;
         expect_child(&from_child_r, STEP_LOOPBACK)?;
-        let pin = |kind: &str, pin: &Path| -> std::io::Result<()> {
-            std::fs::File::create(pin)?;
-            let source = format!("/proc/{pid}/ns/{kind}");
-            nix::mount::mount(Some(source.as_str()), pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(|e| std::io::Error::other(format!("pin {kind} namespace at {}: {e}", pin.display())))
-        };
+        let pin = |kind: &str, pin: &Path| bind_pin(&format!("/proc/{pid}/ns/{kind}"), pin);
         if let Some(net) = &pins.network {
             pin("net", net)?;
         }
