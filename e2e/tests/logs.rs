@@ -145,11 +145,27 @@ async fn short_lived_writers_lose_no_line() {
     eprintln!("100 containers of 50 lines each in {:?}", started.elapsed());
 }
 
-/// The ticks in a ticker's log as numbers, in log order.
+/// The lines of the log at `path` as the kubelet reads them: partial (P) pieces joined to the
+/// rest of their line, per stream.
+fn whole_lines(node: &Node, path: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut partial: std::collections::HashMap<String, String> = Default::default();
+    for (stream, tag, text) in parse_log(&node.exec(&["cat", path]).stdout) {
+        let piece = partial.entry(stream).or_default();
+        piece.push_str(&text);
+        if tag == "F" {
+            lines.push(std::mem::take(piece));
+        }
+    }
+    lines
+}
+
+/// The ticks in a ticker's log as numbers, in log order: lines `tick-<n> whole` only (a line
+/// that lost a piece is not a tick).
 fn ticks(node: &Node, path: &str) -> Vec<u64> {
-    log_lines(node, path)
+    whole_lines(node, path)
         .into_iter()
-        .filter_map(|(_, text)| text.strip_prefix("tick-").and_then(|t| t.split(' ').next()?.parse().ok()))
+        .filter_map(|text| text.strip_prefix("tick-")?.strip_suffix(" whole")?.parse().ok())
         .collect()
 }
 
@@ -159,7 +175,10 @@ async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_n
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let image = e2e::pull_busybox(&node, &mut client, "logs").await;
     let (pod, dir) = run_logging_pod(&mut client, "kill").await;
-    let script = "i=0; while :; do echo tick-$i; i=$((i+1)); busybox usleep 10000; done";
+    // Each tick is written in two halves 5 ms apart, so that the daemon mostly holds an
+    // unfinished line when it is killed; a tick that lost its first half is missing below.
+    let script =
+        "i=0; while :; do echo -n tick-$i; busybox usleep 5000; echo ' whole'; i=$((i+1)); busybox usleep 5000; done";
     run_logging_container(&mut client, &pod, "ticker", &image, &["sh", "-c", script]).await;
     let log = format!("{dir}/ticker/0.log");
     eventually(Duration::from_secs(10), "the first ticks", || {
@@ -194,8 +213,14 @@ async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_n
         assert!(node.logs().contains("took the output pipes back"), "systemd {version}: the pipes found through /proc");
     }
     let ticks = ticks(&node, &log);
-    let expected: Vec<u64> = (0..ticks.len() as u64).collect();
-    assert!(ticks == expected, "every tick once, in order: {ticks:?}");
+    let last = ticks.iter().copied().max().unwrap_or(0);
+    let expected: Vec<u64> = (0..=last).collect();
+    let missing: Vec<u64> = expected.iter().copied().filter(|t| !ticks.contains(t)).collect();
+    let unordered: Vec<(u64, u64)> = ticks.windows(2).filter(|w| w[1] != w[0] + 1).map(|w| (w[0], w[1])).collect();
+    assert!(
+        ticks == expected,
+        "every tick once, in order: ticks 0..={last}, missing {missing:?}, out of order {unordered:?}"
+    );
 
     // A writer that fills its pipe (1 MiB) while the daemon is away blocks, and loses nothing.
     let mut client = node.cri(ANSWER_TIMEOUT).await;
