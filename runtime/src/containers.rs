@@ -78,6 +78,12 @@ impl Runtime {
         self.containers_state_dir().join(id)
     }
 
+    /// Where container `id`'s output waits for its log (crate::log_spool): under the run root,
+    /// as the pipes it comes from do not outlive the node.
+    fn output_spool_dir(&self, id: &str) -> PathBuf {
+        self.config.run_root.join("output").join(id)
+    }
+
     fn save_container(&self, entry: &Entry<Container>, container: Container) -> Result<(), Error> {
         write_json(&self.container_dir(&container.id).join("container.json"), &container)
             .map_err(Error::io("cannot write container record"))?;
@@ -635,6 +641,12 @@ impl Runtime {
             crate::stdio::forget_output_pipe(&record.id, "stdout");
             crate::stdio::forget_output_pipe(&record.id, "stderr");
         }
+        let spool = self.output_spool_dir(&record.id);
+        match std::fs::remove_dir_all(&spool) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io { what: format!("cannot remove {}", spool.display()), source: e }),
+        }
         let dir = self.container_dir(&record.id);
         // A pin left by a daemon that died during StartContainer.
         unpin_target_pid_namespace(&dir.join(TARGET_PID_PIN));
@@ -786,7 +798,8 @@ impl Runtime {
         std::fs::write(&file, inodes.join(" ") + "\n")
             .map_err(Error::io(format!("cannot write {}", file.display())))?;
         crate::stdio::store_output_pipes(id, &read_ends.each_ref().map(Some));
-        let output = crate::ContainerOutput::start(id, read_ends.map(Some), self.log_path(id))?;
+        let output =
+            crate::ContainerOutput::start(id, read_ends.map(Some), self.log_path(id), &self.output_spool_dir(id))?;
         self.outputs.lock().expect("output table lock").insert(id.to_string(), output);
         Ok(write_ends)
     }
@@ -813,7 +826,8 @@ impl Runtime {
                 }
             }
         }
-        match crate::ContainerOutput::start(&record.id, read_ends, self.log_path(&record.id)) {
+        let spool = self.output_spool_dir(&record.id);
+        match crate::ContainerOutput::start(&record.id, read_ends, self.log_path(&record.id), &spool) {
             Ok(output) => {
                 self.outputs.lock().expect("output table lock").insert(record.id.clone(), output);
             }
@@ -1010,7 +1024,25 @@ impl Runtime {
             }
         }
         stored.close_rest();
+        self.remove_orphan_spools();
         Ok(())
+    }
+
+    /// Removes the output spools of containers without a record (removed by a daemon killed
+    /// before it got to their spool; a spool set aside as unreadable is kept).
+    fn remove_orphan_spools(&self) {
+        let Ok(spools) = std::fs::read_dir(self.config.run_root.join("output")) else { return };
+        for spool in spools.flatten() {
+            let name = spool.file_name().to_string_lossy().into_owned();
+            if name.contains(".unreadable-")
+                || self.containers.lock().expect("container table lock").contains_key(&name)
+            {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(spool.path()) {
+                warn!("cannot remove the output spool {}: {e}", spool.path().display());
+            }
+        }
     }
 }
 

@@ -22,6 +22,7 @@ mod hugetlb;
 mod image_volume;
 #[cfg(test)]
 mod lifecycle_tests;
+mod log_spool;
 mod logs;
 pub mod memory_qos;
 mod namespaces;

@@ -7,18 +7,21 @@
 //! (the upstream nginx and httpd images link their log files there; a journald stream socket
 //! refused that with ENXIO). init reopens each through `/proc/self/fd` read-write, so a pipe never
 //! lacks a reader and a writer is never killed by SIGPIPE. The daemon stores the read ends in its
-//! fd store (`FDNAME=<id>-stdout|<id>-stderr`, see crate::stdio) before the unit starts, reads them
-//! (one task per pipe, at most 256 KiB per turn so that a flooding container does not starve the
-//! others) and writes the kubelet's format (`<RFC3339Nano> <stream> <F|P> <text>`, 16 KiB pieces, a
-//! last unfinished line as P, as containerd writes it) to the container's log path;
+//! fd store (`FDNAME=<id>-stdout|<id>-stderr`, see crate::stdio) before the unit starts, moves what
+//! they hold into a spool that a kill of the daemon cannot lose (crate::log_spool; one task per
+//! pipe, at most 256 KiB per turn so that a flooding container does not starve the others) and
+//! writes the kubelet's format (`<RFC3339Nano> <stream> <F|P> <text>`, 16 KiB pieces, a last
+//! unfinished line as P, as containerd writes it) from there to the container's log path;
 //! ReopenContainerLog swaps the file; Attach subscribes to the same reader.
 //!
 //! **While the daemon is down** (crashed, killed, restarting) a writer fills its pipe (raised to 1
 //! MiB with `F_SETPIPE_SZ`, capped by `/proc/sys/fs/pipe-max-size`) and then blocks until the
 //! restarted daemon reads again: nothing written meanwhile is lost or repeated, as with
-//! containerd's shim, but a container that logs a lot stalls while the daemon is away. (A kill of
-//! the daemon itself can lose what it had read and not yet written: an unfinished line it was
-//! holding, or one read's worth; containerd's reader has the same window.) The order of stdout
+//! containerd's shim, but a container that logs a lot stalls while the daemon is away. Nor is
+//! what the daemon had taken and not yet written when it was killed, or an unfinished line it was
+//! waiting to complete: they are in the spool (containerd's reader loses them). (A terminal's
+//! output, crate::stdio, is read, not spliced: a pty is not a pipe, and a kill can lose one read
+//! of it.) The order of stdout
 //! lines against stderr lines is the order they were read in, as with any two pipes. The inode
 //! numbers of the two pipes are noted in `output-pipes` next to the container's record: if systemd
 //! dropped the stored read ends (an explicit `systemctl stop` before systemd 254), the restarted
@@ -34,7 +37,7 @@
 //! about the unit (and init's for tty containers; for the others a failed start's message goes to
 //! the CRI log and ContainerStatus), not the container's output, so a container printing without
 //! pause (`yes`) fills only its own log file, which the kubelet rotates, and cannot evict the
-//! node's journal (e2e `logs.rs` measures it: ~210 MB of CRI log in 10 s from `yes`, while another
+//! node's journal (e2e `logs.rs` measures it: ~450 MB of CRI log in 10 s from `yes`, while another
 //! container's log keeps flowing within a second, ContainerStatus answers within 25 ms and a
 //! `logger` line of the node stays in the journal; as with containerd, such a log grows that fast
 //! between the kubelet's rotation checks). Containers started by versions that wrote output to the
@@ -55,6 +58,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use crate::Error;
+use crate::log_spool::{LogWrite, Spool};
 
 /// The kubelet splits lines longer than this into partial (P) lines.
 const MAX_LINE: usize = 16 * 1024;
@@ -63,6 +67,8 @@ const MAX_LINE: usize = 16 * 1024;
 const PIPE_SIZE: usize = 1024 * 1024;
 /// How much one read pass takes from a pipe before it lets other containers' pipes be read.
 const READ_BUDGET: usize = 256 * 1024;
+/// How much one move from a pipe to its spool takes at most.
+const READ_CHUNK: usize = 64 * 1024;
 /// How many chunks of output an attached client may fall behind before it loses some.
 const ATTACH_BACKLOG: usize = 1024;
 /// The streams, in the order of the pipes.
@@ -129,14 +135,10 @@ struct Attached {
 
 struct OutputState {
     /// stdout and stderr; `None` once at end of file.
-    pipes: [Option<Pipe>; 2],
+    pipes: [Option<Arc<AsyncFd<OwnedFd>>>; 2],
+    /// What was taken from the pipes and is not in the log yet.
+    spool: Spool,
     log: LogFile,
-}
-
-struct Pipe {
-    fd: Arc<AsyncFd<OwnedFd>>,
-    /// Output of an unfinished line.
-    pending: Vec<u8>,
 }
 
 /// What one read pass found.
@@ -150,13 +152,16 @@ enum Pass {
 }
 
 impl ContainerOutput {
-    /// Takes over the read ends and starts reading them into the log at `log_path` (if any).
-    /// (A missing read end is a pipe that already ended.)
+    /// Takes over the read ends and starts reading them, through the spool in `spool_dir`, into
+    /// the log at `log_path` (if any); first, what the spool holds from an earlier daemon goes to
+    /// the log. (A missing read end is a pipe that already ended.)
     pub(crate) fn start(
         id: &str,
         read_ends: [Option<OwnedFd>; 2],
         log_path: Option<PathBuf>,
+        spool_dir: &Path,
     ) -> Result<Arc<ContainerOutput>, Error> {
+        let (spool, under_way) = open_spool(id, spool_dir)?;
         let mut pipes = Vec::with_capacity(2);
         for fd in read_ends {
             let Some(fd) = fd else {
@@ -169,15 +174,25 @@ impl ContainerOutput {
             let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(|e| {
                 Error::Io { what: format!("cannot watch the output of container {id}"), source: e.into_parts().1 }
             })?;
-            pipes.push(Some(Pipe { fd: Arc::new(fd), pending: Vec::new() }));
+            pipes.push(Some(Arc::new(fd)));
         }
-        let fds: Vec<Option<Arc<AsyncFd<OwnedFd>>>> = pipes.iter().map(|p| p.as_ref().map(|p| p.fd.clone())).collect();
-        let pipes: [Option<Pipe>; 2] = pipes.try_into().unwrap_or_else(|_| unreachable!("two pipes"));
+        let pipes: [Option<Arc<AsyncFd<OwnedFd>>>; 2] = pipes.try_into().unwrap_or_else(|_| unreachable!("two pipes"));
+        let fds = pipes.clone();
         let output = Arc::new(ContainerOutput {
             id: id.to_string(),
-            state: Mutex::new(OutputState { pipes, log: LogFile::new(log_path) }),
+            state: Mutex::new(OutputState { pipes, spool, log: LogFile::new(log_path) }),
             attached: Mutex::new(Attached { sender: None, ended: fds.iter().all(Option::is_none) }),
         });
+        {
+            let mut state = output.state.lock().expect("output lock");
+            let OutputState { pipes, spool, log } = &mut *state;
+            if let Some(write) = under_way {
+                output.finish_write(spool, log, write);
+            }
+            for (index, pipe) in pipes.iter().enumerate() {
+                output.log_pending(spool, log, index, pipe.is_none(), 0);
+            }
+        }
         for (index, fd) in fds.into_iter().enumerate() {
             if let Some(fd) = fd {
                 tokio::spawn(pump(Arc::downgrade(&output), index, fd));
@@ -215,26 +230,19 @@ impl ContainerOutput {
     /// Reads what pipe `index` holds, up to `budget` bytes, into the log and to attached clients.
     fn read_pass(&self, index: usize, budget: usize, flush: bool) -> Pass {
         let mut state = self.state.lock().expect("output lock");
-        let OutputState { pipes, log } = &mut *state;
-        let Some(pipe) = pipes[index].as_mut() else { return Pass::Ended };
+        let OutputState { pipes, spool, log } = &mut *state;
+        let Some(pipe) = pipes[index].as_ref() else { return Pass::Ended };
         let stream = STREAMS[index];
-        let mut buffer = [0u8; 64 * 1024];
         let mut taken = 0;
         let pass = loop {
             if taken >= budget {
                 break Pass::More;
             }
-            match nix::unistd::read(pipe.fd.get_ref().as_fd(), &mut buffer) {
+            match spool.take(index, pipe.get_ref().as_fd(), READ_CHUNK) {
                 Ok(0) => break Pass::Ended,
                 Ok(n) => {
                     taken += n;
-                    self.send(index, &buffer[..n]);
-                    pipe.pending.extend_from_slice(&buffer[..n]);
-                    log.write(&self.id, &take_lines(&mut pipe.pending, stream, None));
-                    // What is left is under 16 KiB: give back what a big read made it hold.
-                    if pipe.pending.capacity() > 4 * MAX_LINE {
-                        pipe.pending.shrink_to(MAX_LINE);
-                    }
+                    self.log_pending(spool, log, index, false, n);
                 }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break Pass::Empty,
@@ -246,7 +254,7 @@ impl ContainerOutput {
         };
         // An unfinished last line, as containerd writes it: a partial (P) line.
         if matches!(pass, Pass::Ended) || (flush && matches!(pass, Pass::Empty)) {
-            log.write(&self.id, &take_lines(&mut pipe.pending, stream, Some("P")));
+            self.log_pending(spool, log, index, true, 0);
         }
         if matches!(pass, Pass::Ended) {
             pipes[index] = None;
@@ -256,9 +264,75 @@ impl ContainerOutput {
                 let mut attached = self.attached.lock().expect("attach lock");
                 attached.ended = true;
                 attached.sender = None;
+                drop(attached);
+                // Everything is in the log.
+                if let Err(e) = std::fs::remove_dir_all(spool.dir()) {
+                    warn!(container = %self.id, "cannot remove {}: {e}", spool.dir().display());
+                }
             }
         }
         pass
+    }
+
+    /// Writes the complete lines spooled for stream `index` to the log (with `flush`, the
+    /// unfinished rest too, as a partial line); the last `fresh` of those bytes are new output,
+    /// sent to attached clients.
+    fn log_pending(&self, spool: &mut Spool, log: &mut LogFile, index: usize, flush: bool, fresh: usize) {
+        let bytes = match spool.pending(index) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(container = %self.id, "cannot read the spooled {}: {e}", STREAMS[index]);
+                return;
+            }
+        };
+        if fresh > 0 {
+            self.send(index, &bytes[bytes.len().saturating_sub(fresh)..]);
+        }
+        let timestamp = now_nanos();
+        let (text, used) = lines_of(&bytes, STREAMS[index], flush.then_some("P"), timestamp);
+        if used == 0 {
+            return;
+        }
+        // Inode 0: no log to write (none asked for, or it cannot be opened).
+        let (log_inode, log_before) = log.end(&self.id).unwrap_or((0, 0));
+        let log_after = if log_inode == 0 { 0 } else { log_before + text.len() as u64 };
+        let write = LogWrite { stream: index, len: used as u64, flush, timestamp, log_inode, log_before, log_after };
+        if let Err(e) = spool.begin(&write) {
+            warn!(container = %self.id, "cannot write {}/state: {e}", spool.dir().display());
+        }
+        log.write(&self.id, &text);
+        spool.written(index, used as u64);
+    }
+
+    /// A write to the log that a killed daemon left under way: done, finished, or (not begun)
+    /// left for the spooled bytes to be written again.
+    fn finish_write(&self, spool: &mut Spool, log: &mut LogFile, write: LogWrite) {
+        if write.log_inode == 0 {
+            // Output dropped: there was no log to write.
+            spool.written(write.stream, write.len);
+            return;
+        }
+        let Some((inode, size)) = log.end(&self.id) else { return };
+        if inode != write.log_inode || size <= write.log_before {
+            return;
+        }
+        if size < write.log_after {
+            let bytes = match spool.pending(write.stream) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    warn!(container = %self.id, "cannot read the spooled {}: {e}", STREAMS[write.stream]);
+                    return;
+                }
+            };
+            let bytes = &bytes[..(write.len as usize).min(bytes.len())];
+            let (text, _) = lines_of(bytes, STREAMS[write.stream], write.flush.then_some("P"), write.timestamp);
+            let cut = (size - write.log_before) as usize;
+            if text.len() as u64 == write.log_after - write.log_before {
+                log.write(&self.id, &text[cut..]);
+                info!(container = %self.id, "finished a write to the log that a killed daemon had begun");
+            }
+        }
+        spool.written(write.stream, write.len);
     }
 
     fn send(&self, index: usize, bytes: &[u8]) {
@@ -307,6 +381,24 @@ impl LogFile {
         LogFile { path, file: None, failing: false }
     }
 
+    /// The log file's inode number and size (it is opened if it is not), `None` without a log or
+    /// if it cannot be opened.
+    fn end(&mut self, id: &str) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path.as_ref()?;
+        if self.file.is_none() {
+            match open_log(path) {
+                Ok(file) => self.file = Some(file),
+                Err(e) => {
+                    self.fail(id, &e);
+                    return None;
+                }
+            }
+        }
+        let meta = self.file.as_ref()?.metadata().ok()?;
+        Some((meta.ino(), meta.size()))
+    }
+
     fn write(&mut self, id: &str, text: &[u8]) {
         let Some(path) = &self.path else { return };
         if text.is_empty() {
@@ -326,13 +418,41 @@ impl LogFile {
                 self.failing = false;
             }
             Ok(()) => {}
-            Err(e) if !self.failing => {
-                warn!(container = id, "cannot write log {}: {e} (output is dropped until it can)", path.display());
-                self.failing = true;
-            }
-            Err(_) => {}
+            Err(e) => self.fail(id, &e),
         }
     }
+
+    fn fail(&mut self, id: &str, e: &std::io::Error) {
+        if !self.failing {
+            let path = self.path.as_deref().unwrap_or(Path::new(""));
+            warn!(container = id, "cannot write log {}: {e} (output is dropped until it can)", path.display());
+            self.failing = true;
+        }
+    }
+}
+
+/// Opens the spool in `dir`; one whose state does not parse is set aside (renamed
+/// `<dir>.unreadable-<nanos>`) for a fresh one.
+fn open_spool(id: &str, dir: &Path) -> Result<(Spool, Option<LogWrite>), Error> {
+    match Spool::open(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            let aside = dir.with_file_name(format!(
+                "{}.unreadable-{}",
+                dir.file_name().unwrap_or_default().to_string_lossy(),
+                now_nanos()
+            ));
+            warn!(container = id, "{e}: its spool is set aside as {}", aside.display());
+            std::fs::rename(dir, &aside).map_err(Error::io(format!("cannot set {} aside", dir.display())))?;
+            Spool::open(dir)
+        }
+        opened => opened,
+    }
+    .map_err(Error::io(format!("cannot open the output spool of container {id}")))
+}
+
+fn now_nanos() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
@@ -394,29 +514,36 @@ pub(crate) fn terminal_lines(pending: &mut Vec<u8>, flush: bool) -> Vec<u8> {
 /// `\n` dropped, as containerd's reader does), an unfinished line of 16 KiB or more in partial
 /// pieces; with `rest_tag`, what is left too, tagged so.
 fn take_lines(pending: &mut Vec<u8>, stream: &str, rest_tag: Option<&str>) -> Vec<u8> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64);
-    let timestamp = rfc3339_nanos(now.unwrap_or(0));
+    let (out, used) = lines_of(pending, stream, rest_tag, now_nanos());
+    pending.drain(..used);
+    out
+}
+
+/// [`take_lines`] of `bytes`, with lines stamped `timestamp` (nanoseconds since the epoch): the
+/// log lines and how many of the bytes they hold.
+fn lines_of(bytes: &[u8], stream: &str, rest_tag: Option<&str>, timestamp: i64) -> (Vec<u8>, usize) {
+    let timestamp = rfc3339_nanos(timestamp);
     let mut out = Vec::new();
     let mut start = 0;
-    while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
-        let line = &pending[start..start + end];
+    while let Some(end) = bytes[start..].iter().position(|&b| b == b'\n') {
+        let line = &bytes[start..start + end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         out.extend(format_lines(&timestamp, stream, line, true));
         start += end + 1;
     }
-    pending.drain(..start);
-    if pending.len() >= MAX_LINE {
-        let cut = pending.len() - pending.len() % MAX_LINE;
-        out.extend(format_lines(&timestamp, stream, &pending[..cut], false));
-        pending.drain(..cut);
+    let rest = &bytes[start..];
+    if rest.len() >= MAX_LINE {
+        let cut = rest.len() - rest.len() % MAX_LINE;
+        out.extend(format_lines(&timestamp, stream, &rest[..cut], false));
+        start += cut;
     }
     if let Some(tag) = rest_tag
-        && !pending.is_empty()
+        && start < bytes.len()
     {
-        out.extend(format_lines(&timestamp, stream, pending, tag == "F"));
-        pending.clear();
+        out.extend(format_lines(&timestamp, stream, &bytes[start..], tag == "F"));
+        start = bytes.len();
     }
-    out
+    (out, start)
 }
 
 /// `2016-10-06T00:17:09.669794202Z` for nanoseconds since the epoch.
@@ -496,7 +623,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("c/0.log");
         let (read_ends, [stdout, stderr]) = output_pipes().unwrap();
-        let output = ContainerOutput::start("test", read_ends.map(Some), Some(log.clone())).unwrap();
+        let output =
+            ContainerOutput::start("test", read_ends.map(Some), Some(log.clone()), &dir.path().join("spool")).unwrap();
         let mut attached = output.subscribe().unwrap();
         nix::unistd::write(&stdout, b"hello\nwor").unwrap();
         nix::unistd::write(&stderr, b"oops\n").unwrap();
@@ -513,6 +641,89 @@ mod tests {
         lines.sort();
         assert_eq!(lines, ["stderr F oops", "stdout F hello", "stdout F world", "stdout P last"]);
         assert!(output.subscribe().is_none(), "ended");
+    }
+
+    /// The log's lines without their timestamps.
+    fn log_texts(log: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines().map(|l| l.split_once(' ').unwrap().1.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn what_a_killed_reader_had_taken_and_an_unfinished_line_reach_the_log_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, spool_dir) = (dir.path().join("0.log"), dir.path().join("spool"));
+        let (read_ends, [stdout, stderr]) = output_pipes().unwrap();
+        nix::unistd::write(&stdout, b"one\ntw").unwrap();
+        let first = ContainerOutput::start(
+            "test",
+            [0, 1].map(|i| read_ends[i].try_clone().ok()),
+            Some(log.clone()),
+            &spool_dir,
+        )
+        .unwrap();
+        assert!(matches!(first.read_pass(0, usize::MAX, false), Pass::Empty));
+        assert_eq!(log_texts(&log), ["stdout F one"]);
+        // Killed between a take and its write: the bytes are in the spool only.
+        nix::unistd::write(&stdout, b"o\nthree\n").unwrap();
+        first.state.lock().unwrap().spool.take(0, read_ends[0].as_fd(), 1024).unwrap();
+        std::mem::forget(first);
+        drop((stdout, stderr));
+        let second = ContainerOutput::start("test", read_ends.map(Some), Some(log.clone()), &spool_dir).unwrap();
+        second.drain();
+        assert_eq!(log_texts(&log), ["stdout F one", "stdout F two", "stdout F three"]);
+        assert!(!spool_dir.exists(), "removed once both pipes ended");
+    }
+
+    /// A spool whose state says a write of `a\nb\n` to `log` was under way, with `logged` bytes of
+    /// it in the log; returns the whole write.
+    fn write_under_way(spool_dir: &Path, log: &Path, logged: usize) -> Vec<u8> {
+        use std::os::unix::fs::MetadataExt;
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let (mut spool, _) = Spool::open(spool_dir).unwrap();
+        nix::unistd::write(&write, b"a\nb\n").unwrap();
+        spool.take(0, read.as_fd(), 1024).unwrap();
+        let timestamp = 1_700_000_000_123_456_789;
+        let (text, used) = lines_of(b"a\nb\n", "stdout", None, timestamp);
+        std::fs::write(log, &text[..logged]).unwrap();
+        let log_inode = std::fs::metadata(log).unwrap().ino();
+        let log_after = text.len() as u64;
+        let write =
+            LogWrite { stream: 0, len: used as u64, flush: false, timestamp, log_inode, log_before: 0, log_after };
+        spool.begin(&write).unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn a_write_to_the_log_under_way_at_a_kill_is_done_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, spool_dir) = (dir.path().join("0.log"), dir.path().join("spool"));
+        // The lines' length does not depend on their time.
+        let length = lines_of(b"a\nb\n", "stdout", None, 0).0.len();
+        for logged in [0, 10, length] {
+            let whole = write_under_way(&spool_dir, &log, logged);
+            ContainerOutput::start("test", [None, None], Some(log.clone()), &spool_dir).unwrap();
+            assert_eq!(log_texts(&log), ["stdout F a", "stdout F b"], "{logged} bytes were written");
+            if logged > 0 {
+                assert_eq!(std::fs::read(&log).unwrap(), whole, "the same lines, finished");
+            }
+            std::fs::remove_dir_all(&spool_dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_spool_whose_state_does_not_parse_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::create_dir(&spool_dir).unwrap();
+        std::fs::write(spool_dir.join("state"), [7u8; 96]).unwrap();
+        std::fs::write(spool_dir.join("stdout"), b"kept\n").unwrap();
+        let (spool, under_way) = open_spool("test", &spool_dir).unwrap();
+        assert!(under_way.is_none());
+        assert!(spool.pending(0).unwrap().is_empty());
+        let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        let aside = aside.iter().find(|n| n.to_string_lossy().starts_with("spool.unreadable-")).expect("set aside");
+        assert_eq!(std::fs::read(dir.path().join(aside).join("stdout")).unwrap(), b"kept\n");
     }
 
     #[test]
