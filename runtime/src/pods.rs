@@ -83,9 +83,10 @@ impl Runtime {
         crate::store::create_private_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         let entries = std::fs::read_dir(&dir).map_err(Error::io(format!("cannot read {}", dir.display())))?;
         let mut half_done = Vec::new();
+        let mut records = Vec::new();
         for entry in entries.flatten() {
             let record_path = entry.path().join("pod.json");
-            let mut pod: Pod = match read_json(&record_path) {
+            let pod: Pod = match read_json(&record_path) {
                 Ok(pod) => pod,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // A record-less dir is what a daemon killed before its first write leaves.
@@ -104,10 +105,17 @@ impl Runtime {
                     continue;
                 }
             };
+            records.push((record_path, pod));
+        }
+        let ready: Vec<&namespaces::PodNamespaces> =
+            records.iter().filter(|(_, pod)| pod.state == PodState::Ready).map(|(_, pod)| &pod.namespaces).collect();
+        let mut pinned = namespaces::all_pinned(&ready, &runtime.pod_mounts).into_iter();
+        for (record_path, mut pod) in records {
+            let lost_pins = pod.state == PodState::Ready && !pinned.next().unwrap_or(false);
             match pod.state {
                 // Once every record is in the table: teardown looks for other pods in the slice.
                 PodState::Creating | PodState::Removing => half_done.push(pod.id.clone()),
-                PodState::Ready if !pod.namespaces.all_pinned(&runtime.pod_mounts) => {
+                PodState::Ready if lost_pins => {
                     info!(pod = %pod.id, "pod namespaces are gone (reboot?): pod is NotReady");
                     pod.state = PodState::NotReady;
                     write_json(&record_path, &pod).map_err(Error::io("cannot update pod record"))?;
