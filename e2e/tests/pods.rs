@@ -180,17 +180,35 @@ async fn pods_survive_a_daemon_kill_and_bad_requests_change_nothing() {
     let after = node.sh("ls /var/lib/cri-systemd/pods; systemctl list-units --all --plain --no-legend 'kubepods*'");
     assert_eq!(before, after);
 
+    // A pod whose namespaces are gone when the daemon starts (a reboot empties /run) is NotReady,
+    // and only that one: the pins of all pods are looked at in one step into the pod mount
+    // namespace, and each answer must reach its own pod (four Ready pods: no mix-up of their
+    // order, a reversal say, leaves the lost one in place).
+    let lost =
+        run_pod_sandbox(&mut client, labelled_pod("lost", "0000eeee-3333-4c2d-9e8f-0123456789ab")).await.unwrap();
+    let kept =
+        run_pod_sandbox(&mut client, labelled_pod("kept", "0000ffff-3333-4c2d-9e8f-0123456789ab")).await.unwrap();
+    node.sh("systemctl stop cri-systemd");
+    node.sh_in_pod_mounts(&format!("umount /run/cri-systemd/pods/{lost}/ns/ipc"));
+    node.sh("systemctl start cri-systemd");
+
     // SIGKILL the daemon: systemd restarts it, and it knows its pods again.
+    let _ = node.cri(ANSWER_TIMEOUT).await;
     node.sh("systemctl kill -s KILL cri-systemd");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut client = node.cri(ANSWER_TIMEOUT).await;
     let mut listed = list_pods(&mut client, None).await;
     listed.sort();
-    let mut expected = vec![id.clone(), host_id.clone()];
+    let mut expected = vec![id.clone(), host_id.clone(), lost.clone(), kept.clone()];
     expected.sort();
     assert_eq!(listed, expected);
-    let status = pod_status(&mut client, &id).await.unwrap().status.unwrap();
-    assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
+    let ready = cri::PodSandboxState::SandboxReady;
+    for (pod, state) in
+        [(&id, ready), (&host_id, ready), (&kept, ready), (&lost, cri::PodSandboxState::SandboxNotready)]
+    {
+        let status = pod_status(&mut client, pod).await.unwrap().status.unwrap();
+        assert_eq!(status.state, state as i32, "pod {pod}");
+    }
     client.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
     assert_ne!(
         node.exec(&["systemctl", "is-active", "kubepods-burstable-pod0000aaaa_3333.slice"]).stdout.trim(),
