@@ -17,7 +17,9 @@
 //! Nothing here needs to outlive the node: the pipes die with it. The files are in the page cache
 //! (the run root is a tmpfs on most nodes) and are never synced; the state is one small write at
 //! offset 0, which a killed process cannot tear. Spool bytes already in the log are freed with
-//! `FALLOC_FL_PUNCH_HOLE`: the offsets only grow, the space does not.
+//! `FALLOC_FL_PUNCH_HOLE`: the offsets only grow, the space does not. A spool without room (a full
+//! run root) has its reader drop what does not fit, as a log that cannot be written does, rather
+//! than leave it in the pipe, where it would stop the container's writes (crate::logs).
 
 use std::fs::File;
 use std::io;

@@ -139,6 +139,8 @@ struct OutputState {
     /// What was taken from the pipes and is not in the log yet.
     spool: Spool,
     log: LogFile,
+    /// The spool has no room (a full run root): output is being dropped; said once.
+    dropping: bool,
 }
 
 /// What one read pass found.
@@ -180,12 +182,12 @@ impl ContainerOutput {
         let fds = pipes.clone();
         let output = Arc::new(ContainerOutput {
             id: id.to_string(),
-            state: Mutex::new(OutputState { pipes, spool, log: LogFile::new(log_path) }),
+            state: Mutex::new(OutputState { pipes, spool, log: LogFile::new(log_path), dropping: false }),
             attached: Mutex::new(Attached { sender: None, ended: fds.iter().all(Option::is_none) }),
         });
         {
             let mut state = output.state.lock().expect("output lock");
-            let OutputState { pipes, spool, log } = &mut *state;
+            let OutputState { pipes, spool, log, .. } = &mut *state;
             if let Some(write) = under_way {
                 output.finish_write(spool, log, write);
             }
@@ -230,7 +232,7 @@ impl ContainerOutput {
     /// Reads what pipe `index` holds, up to `budget` bytes, into the log and to attached clients.
     fn read_pass(&self, index: usize, budget: usize, flush: bool) -> Pass {
         let mut state = self.state.lock().expect("output lock");
-        let OutputState { pipes, spool, log } = &mut *state;
+        let OutputState { pipes, spool, log, dropping } = &mut *state;
         let Some(pipe) = pipes[index].as_ref() else { return Pass::Ended };
         let stream = STREAMS[index];
         let mut taken = 0;
@@ -242,10 +244,32 @@ impl ContainerOutput {
                 Ok(0) => break Pass::Ended,
                 Ok(n) => {
                     taken += n;
+                    if std::mem::take(dropping) {
+                        info!(container = %self.id, "spooling the container's output again");
+                    }
                     self.log_pending(spool, log, index, false, n);
                 }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break Pass::Empty,
+                // No room for the spool: the output is dropped, as when the log cannot be
+                // written, rather than left in the pipe, where it would stop the container's
+                // writes once the pipe is full.
+                Err(e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG)) => {
+                    if !std::mem::replace(dropping, true) {
+                        warn!(container = %self.id, "cannot spool the container's {stream}: {e} (output is dropped until it can)");
+                    }
+                    let mut dropped = [0u8; 16 * 1024];
+                    match nix::unistd::read(pipe.get_ref().as_fd(), &mut dropped) {
+                        Ok(0) => break Pass::Ended,
+                        Ok(n) => taken += n,
+                        Err(Errno::EINTR) => continue,
+                        Err(Errno::EAGAIN) => break Pass::Empty,
+                        Err(e) => {
+                            warn!(container = %self.id, "cannot read the container's {stream}: {e}");
+                            break Pass::Ended;
+                        }
+                    }
+                }
                 Err(e) => {
                     warn!(container = %self.id, "cannot read the container's {stream}: {e}");
                     break Pass::Ended;
@@ -709,6 +733,47 @@ mod tests {
             }
             std::fs::remove_dir_all(&spool_dir).unwrap();
         }
+    }
+
+    /// A spool without room (a full run root; here a 64 KiB tmpfs, mounted in a mount namespace
+    /// of a thread of the test's): what does not fit is dropped and the pipe read on, so that a
+    /// writer never blocks on a full pipe; what fitted reaches the log.
+    #[tokio::test]
+    async fn output_that_finds_no_room_in_the_spool_is_dropped_and_reading_goes_on() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (log, spool_dir) = (dir.path().join("0.log"), dir.path().join("run"));
+        std::fs::create_dir(&spool_dir).unwrap();
+        let (read_ends, [stdout, stderr]) = output_pipes().unwrap();
+        let read_end = read_ends[0].try_clone().unwrap();
+        let (runtime, log_path) = (tokio::runtime::Handle::current(), log.clone());
+        // The spool's files are opened on the tmpfs and stay usable from any thread.
+        let output = std::thread::spawn(move || {
+            use nix::mount::{MsFlags, mount};
+            let _entered = runtime.enter();
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_FS).unwrap();
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+            mount(Some("tmpfs"), &spool_dir, Some("tmpfs"), MsFlags::empty(), Some("size=64k")).unwrap();
+            ContainerOutput::start("test", read_ends.map(Some), Some(log_path), &spool_dir.join("c")).unwrap()
+        })
+        .join()
+        .unwrap();
+        let line = [vec![b'x'; 999], vec![b'\n']].concat();
+        for _ in 0..100 {
+            nix::unistd::write(&stdout, &line).unwrap();
+        }
+        assert!(matches!(output.read_pass(0, usize::MAX, false), Pass::Empty), "read on");
+        let mut byte = [0u8; 1];
+        assert_eq!(nix::unistd::read(&read_end, &mut byte), Err(Errno::EAGAIN), "the pipe is empty");
+        let logged = log_texts(&log);
+        assert!((40..100).contains(&logged.len()), "{} lines logged", logged.len());
+        assert!(logged.iter().all(|l| l.len() == "stdout F ".len() + 999));
+        drop((stdout, stderr));
+        output.drain();
+        assert!(output.subscribe().is_none(), "ended");
     }
 
     #[test]
