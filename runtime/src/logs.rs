@@ -18,14 +18,14 @@
 //! MiB with `F_SETPIPE_SZ`, capped by `/proc/sys/fs/pipe-max-size`) and then blocks until the
 //! restarted daemon reads again: nothing written meanwhile is lost or repeated, as with
 //! containerd's shim, but a container that logs a lot stalls while the daemon is away. Nor is
-//! what the daemon had taken and not yet written when it was killed, or an unfinished line it was
-//! waiting to complete: they are in the spool (containerd's reader loses them). (A terminal's
-//! output, crate::stdio, is read, not spliced: a pty is not a pipe, and a kill can lose one read
-//! of it.) The order of stdout
-//! lines against stderr lines is the order they were read in, as with any two pipes. The inode
-//! numbers of the two pipes are noted in `output-pipes` next to the container's record: if systemd
-//! dropped the stored read ends (an explicit `systemctl stop` before systemd 254), the restarted
-//! daemon opens the pipes again through `/proc/<pid>/fd/<n>` of the unit's processes.
+//! anything lost that the daemon had taken and not yet written when it was killed, an unfinished
+//! line included: it is in the spool (containerd's reader loses it). A terminal's output
+//! (crate::stdio) is read, not spliced, as a pty is not a pipe: a kill can lose one read of it.
+//! The order of stdout lines against stderr lines is the order they were read in, as with any two
+//! pipes. The inode numbers of the two pipes are noted in `output-pipes` next to the container's
+//! record: if systemd dropped the stored read ends (an explicit `systemctl stop` before systemd
+//! 254), the restarted daemon opens the pipes again through `/proc/<pid>/fd/<n>` of the unit's
+//! processes.
 //!
 //! **End of a container**: its processes are gone once `record-exit` ran (`ExecStopPost` runs after
 //! the unit's cgroup is empty), so when the exit record is seen the pipes are drained into the log
