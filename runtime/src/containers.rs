@@ -641,19 +641,16 @@ impl Runtime {
             crate::stdio::forget_output_pipe(&record.id, "stdout");
             crate::stdio::forget_output_pipe(&record.id, "stderr");
         }
-        let spool = self.output_spool_dir(&record.id);
-        match std::fs::remove_dir_all(&spool) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Io { what: format!("cannot remove {}", spool.display()), source: e }),
-        }
         let dir = self.container_dir(&record.id);
         // A pin left by a daemon that died during StartContainer.
         unpin_target_pid_namespace(&dir.join(TARGET_PID_PIN));
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Io { what: format!("cannot remove {}", dir.display()), source: e }),
+        // The record's directory last: until it is gone, a restarted daemon finishes the removal.
+        for dir in [self.output_spool_dir(&record.id), dir] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Io { what: format!("cannot remove {}", dir.display()), source: e }),
+            }
         }
         self.containers.lock().expect("container table lock").remove(&record.id);
         info!(container = %record.id, "container removed");

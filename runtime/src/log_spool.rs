@@ -7,9 +7,9 @@
 //! `internal/cri/io/logger.go`: a kill loses what that holds). So the daemon never reads a pipe
 //! into its memory: `splice(2)` moves the bytes into a spool file (`<run_root>/output/<id>/stdout`,
 //! `stderr`), one call that takes from the pipe exactly what it wrote to the file, and the log is
-//! written from the spool. The file `state` says how far each spool is in the log and, while a write to the log is
-//! under way, which spool bytes it covers, the log's inode and sizes before and after, and the
-//! lines' timestamp. A restarted daemon finds such a write done (the log reached the size after),
+//! written from the spool. The file `state` says how far each spool is in the log and, while a
+//! write to the log is under way, which spool bytes it covers, the log's inode and sizes before
+//! and after, and the lines' timestamp. A restarted daemon finds such a write done (the log reached the size after),
 //! cut (the rest of the same lines is written) or not begun (the bytes are written again, with a
 //! new timestamp): a kill at any point loses and repeats nothing. (Only a write to a log the kubelet
 //! rotated away just then cannot be checked; it is written again, to the new log.)
@@ -24,7 +24,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -73,7 +73,7 @@ impl Spool {
     /// daemon left under way, if any: the caller checks it against the log and calls
     /// [`Spool::written`] if it was done (or finishes it first).
     pub(crate) fn open(dir: &Path) -> io::Result<(Spool, Option<LogWrite>)> {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        crate::store::create_private_dir_all(dir)?;
         let open = |name: &str| {
             std::fs::OpenOptions::new()
                 .read(true)
@@ -81,7 +81,6 @@ impl Spool {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
                 .open(dir.join(name))
         };
         let files = [open(FILES[0])?, open(FILES[1])?];
