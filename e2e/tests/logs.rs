@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::crisimple::{container_config, create, parse_log, pod, run_pod_sandbox, start, wait_exited};
+use e2e::crisimple::{container_config, create, parse_log, pod, remove_container, run_pod_sandbox, start, wait_exited};
 use e2e::oci::{Compression, ConfigOptions, Image, LayerBuilder, busybox_layer};
 use e2e::registry::{Registry, RegistryOptions};
 use e2e::{CriClient, LOCAL_REGISTRY_PORT, Node, cri, eventually};
@@ -246,6 +246,58 @@ async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_n
         lines.len(),
         lines.iter().zip(&expected).position(|(a, b)| a != b)
     );
+}
+
+/// The entries in the daemon's fd store.
+fn fd_store_entries(node: &Node) -> u32 {
+    node.sh("systemctl show -p NFileDescriptorStore --value cri-systemd").trim().parse().expect("NFileDescriptorStore")
+}
+
+#[tokio::test]
+async fn all_output_pipes_are_kept_in_one_stored_queue_across_removals_and_kills() {
+    let node = node("logs-vault");
+    let mut client = node.cri(ANSWER_TIMEOUT).await;
+    let image = e2e::pull_busybox(&node, &mut client, "logs").await;
+    let (pod, dir) = run_logging_pod(&mut client, "vault").await;
+    let script = "i=0; while :; do echo tick-$i whole; i=$((i+1)); busybox usleep 10000; done";
+    for name in ["ticker", "second", "third"] {
+        run_logging_container(&mut client, &pod, name, &image, &["sh", "-c", script]).await;
+    }
+    // systemd compares each fd it stores with every one it holds: the queue's two ends for all
+    // the pipes (it was two entries per container), whatever the number of containers.
+    assert_eq!(fd_store_entries(&node), 2, "three running containers");
+    // Removed containers leave dead entries in the queue until it is rebuilt (at 64 and more
+    // than the live ones): 40 containers, 80 entries.
+    for n in 0..40 {
+        let name = format!("short-{n}");
+        let id = run_logging_container(&mut client, &pod, &name, &image, &["sh", "-c", "echo short"]).await;
+        assert_eq!(wait_exited(&mut client, &id).await.exit_code, 0);
+        remove_container(&mut client, &id).await;
+    }
+    assert!(node.logs().contains("rebuilt the queue of output pipes"), "a rebuild after 32 removals");
+    assert_eq!(fd_store_entries(&node), 2, "after the rebuild");
+    let log = format!("{dir}/ticker/0.log");
+    for _ in 0..2 {
+        node.sh("systemctl kill -s KILL cri-systemd");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = ticks(&node, &log).len();
+        let _ = node.cri(ANSWER_TIMEOUT).await;
+        eventually(Duration::from_secs(20), "ticks after the restart", || {
+            let n = ticks(&node, &log).len();
+            async move { (n > before + 50).then_some(()) }
+        })
+        .await;
+        assert_eq!(fd_store_entries(&node), 2, "the restarted daemon's queue replaced the stored one");
+    }
+    let journal = node.logs();
+    let said: Vec<&str> =
+        journal.lines().filter(|line| line.contains("output pipes") || line.contains("descriptor")).collect();
+    assert!(!journal.contains("took the output pipes back"), "the pipes came from the queue, not /proc: {said:#?}");
+    for name in ["ticker", "second", "third"] {
+        let ticks = ticks(&node, &format!("{dir}/{name}/0.log"));
+        let last = ticks.iter().copied().max().unwrap_or(0);
+        assert!(ticks == (0..=last).collect::<Vec<u64>>(), "{name}: every tick once, in order, up to {last}");
+    }
 }
 
 #[tokio::test]

@@ -818,11 +818,12 @@ impl Runtime {
             match read_ends.iter().filter(|fd| fd.is_some()).count() {
                 0 => warn!(container = %record.id, "the output pipes are lost: no more output reaches the log"),
                 found => {
-                    info!(container = %record.id, found, "took the output pipes back from the container's processes");
-                    crate::stdio::store_output_pipes(&record.id, &read_ends.each_ref().map(Option::as_ref));
+                    info!(container = %record.id, found, "took the output pipes back from the container's processes")
                 }
             }
         }
+        // Into this daemon's queue, which replaces the stored one at the end of recovery.
+        crate::stdio::store_output_pipes(&record.id, &read_ends.each_ref().map(Option::as_ref));
         let spool = self.output_spool_dir(&record.id);
         match crate::ContainerOutput::start(&record.id, read_ends, self.log_path(&record.id), &spool) {
             Ok(output) => {

@@ -26,6 +26,7 @@ mod log_spool;
 mod logs;
 pub mod memory_qos;
 mod namespaces;
+mod output_vault;
 mod passwd;
 mod pod;
 pub mod pod_mounts;

@@ -15,11 +15,11 @@
 //! writes input and sets sizes (TIOCSWINSZ) on it; `stdin_once` sends VEOF (^D) when the first
 //! session ends.
 //!
-//! No process stays per container: write ends and masters (and the output pipes' read ends) are
-//! kept in the daemon's systemd fd store (`FDSTORE=1`,
-//! `FDNAME=<id>-stdin|<id>-tty|<id>-stdout|<id>-stderr`; the unit has `FileDescriptorStoreMax=`),
+//! No process stays per container: write ends and masters are kept in the daemon's systemd fd
+//! store (`FDSTORE=1`, `FDNAME=<id>-stdin|<id>-tty`; the unit has `FileDescriptorStoreMax=`),
 //! handed back on restart through `LISTEN_FDS`/`LISTEN_FDNAMES` and removed with `FDSTOREREMOVE=1`
-//! with the container; stored fds no running container claims are closed at start.
+//! with the container; stored fds no running container claims are closed at start. The output
+//! pipes' read ends are kept in one queue that is a single fd-store entry (crate::output_vault).
 //!
 //! Trade-offs: while the daemon is down, a terminal's output waits in the kernel's pty buffer (a
 //! few KiB) and the container blocks on write once it is full (as it does on its output pipes,
@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::exec::Pty;
+use crate::output_vault::{FdStore, OutputVault};
 
 /// The control character a terminal's line discipline turns into end of file (VEOF, ^D).
 const VEOF: u8 = 0x04;
@@ -277,35 +278,53 @@ fn write_log(id: &str, path: Option<&PathBuf>, text: &[u8]) {
     }
 }
 
-/// The daemon's stored descriptors, by name, as systemd handed them back at start.
-pub(crate) struct Stored(HashMap<String, OwnedFd>);
+/// The daemon's stored descriptors, as systemd handed them back at start.
+pub(crate) struct Stored {
+    /// The fd store's entries, by name.
+    fds: HashMap<String, OwnedFd>,
+    /// The output pipes' read ends found in the stored queue, by name.
+    queued: HashMap<String, OwnedFd>,
+    /// Output read ends taken from the fd store's own entries (an older daemon's, or no room in
+    /// the queue): removed from it once the queue that now holds them is stored.
+    moved_to_queue: Vec<String>,
+}
 
 impl Stored {
-    /// Takes what systemd passed (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`); once per process.
+    /// Takes what systemd passed (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`) and reads the
+    /// stored queue of output pipes; once per process.
     pub(crate) fn take() -> Stored {
         static TAKEN: Once = Once::new();
-        let mut stored = HashMap::new();
+        let mut fds = HashMap::new();
+        let mut queued = HashMap::new();
+        let mut queues = Vec::new();
         TAKEN.call_once(|| {
             let pid_matches =
                 std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
             let count: i32 = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
-            if !pid_matches || count <= 0 {
-                return;
+            if pid_matches && count > 0 {
+                let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+                let names: Vec<&str> = names.split(':').collect();
+                for (index, fd) in (3..3 + count).enumerate() {
+                    // SAFETY: systemd passed descriptors 3..3+LISTEN_FDS to this process, which has
+                    // not used them before (taken once); each is owned from here on.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+                    let name = names.get(index).copied().unwrap_or("unknown").to_string();
+                    if OutputVault::is_stored_queue(&name) {
+                        queues.push((name, fd));
+                    } else {
+                        fds.insert(name, fd);
+                    }
+                }
             }
-            let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-            let names: Vec<&str> = names.split(':').collect();
-            for (index, fd) in (3..3 + count).enumerate() {
-                // SAFETY: systemd passed descriptors 3..3+LISTEN_FDS to this process, which has
-                // not used them before (taken once); each is owned from here on.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-                stored.insert(names.get(index).copied().unwrap_or("unknown").to_string(), fd);
-            }
+            let (vault, found) = OutputVault::recover(std::mem::take(&mut queues));
+            queued = found;
+            *VAULT.lock().expect("output vault lock") = Some(vault);
         });
-        if !stored.is_empty() {
-            info!(count = stored.len(), "got container stdio descriptors back from systemd");
+        if !fds.is_empty() || !queued.is_empty() {
+            info!(stored = fds.len(), queued = queued.len(), "got container stdio descriptors back from systemd");
         }
-        Stored(stored)
+        Stored { fds, queued, moved_to_queue: Vec::new() }
     }
 
     /// The stdin or terminal of a running container, from the store.
@@ -317,27 +336,67 @@ impl Stored {
         log_path: Option<PathBuf>,
     ) -> Option<Result<Arc<ContainerStdio>, Error>> {
         if tty {
-            let master = self.0.remove(&fd_name(id, TTY))?;
+            let master = self.fds.remove(&fd_name(id, TTY))?;
             Some(adopt_pty(id, stdin_once, master, log_path))
         } else {
-            let write = self.0.remove(&fd_name(id, STDIN))?;
+            let write = self.fds.remove(&fd_name(id, STDIN))?;
             Some(adopt_pipe(id, stdin_once, write))
         }
     }
 
-    /// The read ends of a container's output pipes that are in the store (one may have
-    /// reached its end already).
+    /// The read ends of a container's output pipes that were kept (one may have reached its end
+    /// already). The caller keeps them again ([`store_output_pipes`]).
     pub(crate) fn take_output(&mut self, id: &str) -> [Option<OwnedFd>; 2] {
-        OUTPUT.map(|stream| self.0.remove(&fd_name(id, stream)))
+        OUTPUT.map(|stream| {
+            let name = fd_name(id, stream);
+            self.queued.remove(&name).or_else(|| {
+                let fd = self.fds.remove(&name)?;
+                self.moved_to_queue.push(name);
+                Some(fd)
+            })
+        })
     }
 
-    /// Closes and unstores what no running container claimed.
+    /// The end of recovery: stores the new queue of output pipes, and closes and unstores what
+    /// no running container claimed.
     pub(crate) fn close_rest(self) {
-        for (name, fd) in self.0 {
+        with_vault(|vault| {
+            vault.commit(&SystemdFdStore);
+            for name in &self.moved_to_queue {
+                if !vault.in_fd_store(name) {
+                    fdstore_remove(name);
+                }
+            }
+        });
+        for (name, fd) in self.fds {
             info!(name = %name, "closing a stored descriptor no running container claims");
             fdstore_remove(&name);
             drop(fd);
         }
+        // Entries of the old queue: it leaves the store with the commit.
+        drop(self.queued);
+    }
+}
+
+/// The output pipes' read ends, kept across restarts (made at the first use in a process that
+/// did not take its stored descriptors, as unit tests).
+static VAULT: Mutex<Option<OutputVault>> = Mutex::new(None);
+
+fn with_vault<R>(f: impl FnOnce(&mut OutputVault) -> R) -> R {
+    let mut vault = VAULT.lock().expect("output vault lock");
+    f(vault.get_or_insert_with(OutputVault::new))
+}
+
+/// systemd's fd store, through the notification socket.
+struct SystemdFdStore;
+
+impl FdStore for SystemdFdStore {
+    fn add(&self, name: &str, fd: BorrowedFd<'_>) {
+        fdstore_add(name, fd);
+    }
+
+    fn remove(&self, name: &str) {
+        fdstore_remove(name);
     }
 }
 
@@ -347,20 +406,22 @@ pub(crate) fn forget(id: &str) {
     fdstore_remove(&fd_name(id, TTY));
 }
 
-/// Stores the read ends of a container's output pipes (before its unit starts: a daemon killed
-/// during the start finds them on restart).
+/// Keeps the read ends of a container's output pipes across restarts (before its unit starts: a
+/// daemon killed during the start finds them on restart).
 pub(crate) fn store_output_pipes(id: &str, read_ends: &[Option<&OwnedFd>; 2]) {
-    for (fd, stream) in read_ends.iter().zip(OUTPUT) {
-        if let Some(fd) = fd {
-            fdstore_add(&fd_name(id, stream), fd.as_fd());
+    with_vault(|vault| {
+        for (fd, stream) in read_ends.iter().zip(OUTPUT) {
+            if let Some(fd) = fd {
+                vault.keep(&fd_name(id, stream), fd.as_fd(), &SystemdFdStore);
+            }
         }
-    }
+    });
 }
 
 /// Forgets the read end of a container's `stream` (`stdout`, `stderr`): it reached its end, or
 /// the container is removed.
 pub(crate) fn forget_output_pipe(id: &str, stream: &str) {
-    fdstore_remove(&fd_name(id, stream));
+    with_vault(|vault| vault.forget(&fd_name(id, stream), &SystemdFdStore));
 }
 
 fn fdstore_add(name: &str, fd: BorrowedFd<'_>) {
