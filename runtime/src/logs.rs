@@ -6,8 +6,8 @@
 //! passed over D-Bus), so `/dev/stdout`, `/dev/stderr` and `/proc/self/fd/1` open again by path
 //! (the upstream nginx and httpd images link their log files there; a journald stream socket
 //! refused that with ENXIO). init reopens each through `/proc/self/fd` read-write, so a pipe never
-//! lacks a reader and a writer is never killed by SIGPIPE. The daemon stores the read ends in its
-//! fd store (`FDNAME=<id>-stdout|<id>-stderr`, see crate::stdio) before the unit starts, moves what
+//! lacks a reader and a writer is never killed by SIGPIPE. The daemon keeps the read ends across
+//! its restarts (crate::output_vault: a queue in its fd store) before the unit starts, moves what
 //! they hold into a spool that a kill of the daemon cannot lose (crate::log_spool; one task per
 //! pipe, at most 256 KiB per turn so that a flooding container does not starve the others) and
 //! writes the kubelet's format (`<RFC3339Nano> <stream> <F|P> <text>`, 16 KiB pieces, a last
@@ -30,8 +30,8 @@
 //! **End of a container**: its processes are gone once `record-exit` ran (`ExecStopPost` runs after
 //! the unit's cgroup is empty), so when the exit record is seen the pipes are drained into the log
 //! *before* the status says exited: the kubelet finds every line of a short-lived container. End of
-//! file comes when systemd drops its own copy of the write ends, with the unit; the read ends then
-//! leave the fd store.
+//! file comes when systemd drops its own copy of the write ends, with the unit; the read ends are
+//! then no longer kept.
 //!
 //! **The journal is not in the path**: `journalctl -u cri-<id>.service` shows systemd's messages
 //! about the unit (and init's for tty containers; for the others a failed start's message goes to
