@@ -1,5 +1,5 @@
-//! The output pipes' read ends across restarts of the daemon, kept in one unix socket's queue
-//! whose receiving end is their only entry in systemd's fd store.
+//! The output pipes' read ends across restarts of the daemon, kept in one unix socket pair's
+//! queue whose two ends are their only entries in systemd's fd store.
 //!
 //! Why not an fd-store entry per pipe: systemd compares every descriptor it is asked to store
 //! with each one it already holds (`same_fd`, one `kcmp` each), so two entries per container
@@ -8,8 +8,9 @@
 //! name, `<id>-stdout|stderr`, as payload) into a SOCK_SEQPACKET socketpair; a descriptor in
 //! flight keeps its pipe open as a stored one does. Both ends are stored, under one name
 //! (`FDNAME=output-vault-<generation>`, so that one FDSTOREREMOVE drops both): systemd drops a
-//! stored socket that reports a hang-up, which the receiving end would as soon as the daemon's
-//! sending end closed with it.
+//! stored descriptor that reports EPOLLHUP (`on_fd_store_io` in its service.c), which the
+//! receiving end would as soon as the daemon's sending end closed with it (`FDPOLL=0` would turn
+//! that off, on the systemd versions that know it).
 //!
 //! A queued message cannot be taken back, so a removed container's or an ended pipe's entry
 //! stays, dead, until the queue is rebuilt: a new generation gets the live read ends (the vault
@@ -37,7 +38,7 @@ use nix::sys::socket::{
 };
 use tracing::{info, warn};
 
-/// The fd store's name of a generation's receiving end: `output-vault-<generation>`.
+/// The fd store's name of a generation's two ends: `output-vault-<generation>`.
 pub(crate) const STORE_PREFIX: &str = "output-vault-";
 /// The queue's room (the sender's buffer).
 const QUEUE_BYTES: usize = 64 << 20;
