@@ -5,6 +5,15 @@
 //! socket as fd 3, on which exec-in reports the pty, the start and the end of the command.
 //! Dropping an [`ExecSession`] closes the control socket, which kills the command.
 //!
+//! exec-in is started with `posix_spawn(3)` (glibc clones with CLONE_VM|CLONE_VFORK and applies
+//! the stdio and fd 3 as file actions), not a fork: a fork copies the daemon's page tables and
+//! the child then tears them down at exec, which made every ExecSync (the kubelet's exec probes)
+//! pay for the daemon's size. Measured outside the daemon (a Rust program with 40 MiB touched
+//! and 8 threads, `/bin/true`, 2-CPU AMD VM): 5.6 ms per fork+exec against 0.9 ms per
+//! posix_spawn. (std's Command forks whenever a `pre_exec` closure is set, which the dup onto
+//! fd 3 needed.) The helper is reaped through a pidfd by a task of its own, so a session dropped
+//! without a wait leaves no zombie.
+//!
 //! # How exec-in enters a container
 //!
 //! ExecSync and Exec spawn `cri-systemd exec-in` (single-threaded, as `setns` into a mount
@@ -17,9 +26,10 @@
 //! control socket; closing it kills the command's process group (`runtime/src/exec.rs`,
 //! `init/src/exec_in.rs`).
 
+use std::ffi::CString;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +38,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, socketpair};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::unix::pipe;
 use tracing::debug;
 
 use crate::container::ContainerState;
@@ -64,11 +75,11 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// A command started in a container. Dropping it kills the command (and its process group).
 #[derive(Debug)]
 pub struct ExecSession {
-    helper: tokio::process::Child,
+    helper: Helper,
     control: Control,
-    pub stdin: Option<tokio::process::ChildStdin>,
-    pub stdout: Option<tokio::process::ChildStdout>,
-    pub stderr: Option<tokio::process::ChildStderr>,
+    pub stdin: Option<pipe::Sender>,
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
     /// The pty master (`tty` sessions): the command's stdin, stdout and stderr.
     pub pty: Option<Arc<Pty>>,
     /// Why the command could not be started, with the shell-like exit code reported for it.
@@ -94,10 +105,9 @@ impl ExecSession {
                 Some((Report::Failed { message, .. }, _)) => return Err(Error::Exec(format!("exec-in: {message}"))),
                 Some(_) => continue,
                 None => {
-                    let status = self.helper.wait().await.ok();
+                    let status = self.helper.wait().await;
                     return Err(Error::Exec(format!(
-                        "exec-in ended ({}) without reporting the command's end: did the container stop?",
-                        status.map(|s| s.to_string()).unwrap_or_else(|| "status unknown".into())
+                        "exec-in ended ({status}) without reporting the command's end: did the container stop?"
                     )));
                 }
             };
@@ -145,41 +155,48 @@ impl Runtime {
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| Error::Io { what: "cannot create the exec control socket".into(), source: e.into() })?;
         let exe = crate::sealed_exe::init_path()?;
-        let mut command = std::process::Command::new(exe);
-        command.arg(exec_in::SUBCOMMAND);
+        let mut args: Vec<std::ffi::OsString> = vec![exe.as_os_str().to_owned(), exec_in::SUBCOMMAND.into()];
         if request.tty {
-            command.arg("--tty");
+            args.push("--tty".into());
         }
-        command.arg(&init_spec).arg(&container.unit).arg(main_pid.to_string()).arg("--").args(&request.command);
-        let piped = |wanted: bool| {
-            if wanted && !request.tty { std::process::Stdio::piped() } else { std::process::Stdio::null() }
+        args.extend([
+            init_spec.into_os_string(),
+            container.unit.clone().into(),
+            main_pid.to_string().into(),
+            "--".into(),
+        ]);
+        args.extend(request.command.iter().map(Into::into));
+        let pipe_error = |e: Errno| Error::Io { what: "cannot create the exec stdio pipes".into(), source: e.into() };
+        let piped = |wanted: bool| -> Result<Option<(OwnedFd, OwnedFd)>, Error> {
+            match wanted && !request.tty {
+                true => nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(Some).map_err(pipe_error),
+                false => Ok(None),
+            }
         };
-        command.stdin(piped(request.stdin)).stdout(piped(request.stdout)).stderr(piped(request.stderr));
-        let control_fd: RawFd = theirs.as_raw_fd();
-        // SAFETY: the closure runs between fork and exec in the child and calls only dup2, which
-        // is async-signal-safe; dup2 onto fd 3 clears its close-on-exec flag there.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::dup2(control_fd, exec_in::CONTROL_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut helper =
-            tokio::process::Command::from(command).spawn().map_err(Error::io("cannot start cri-systemd exec-in"))?;
+        // (read, write) pairs: exec-in gets stdin's read end and the outputs' write ends.
+        let (stdin, stdout, stderr) = (piped(request.stdin)?, piped(request.stdout)?, piped(request.stderr)?);
+        let child_ends = [
+            stdin.as_ref().map(|(read, _)| read.as_fd()),
+            stdout.as_ref().map(|(_, write)| write.as_fd()),
+            stderr.as_ref().map(|(_, write)| write.as_fd()),
+        ];
+        let helper = Helper::spawn(exe, &args, child_ends, theirs.as_fd())?;
         drop(theirs);
+        let ours_of =
+            |what: &str, e: std::io::Error| Error::Io { what: format!("cannot watch the exec {what}"), source: e };
+        let stdin =
+            stdin.map(|(_, write)| pipe::Sender::from_owned_fd(write)).transpose().map_err(|e| ours_of("stdin", e))?;
+        let stdout = stdout
+            .map(|(read, _)| pipe::Receiver::from_owned_fd(read))
+            .transpose()
+            .map_err(|e| ours_of("stdout", e))?;
+        let stderr = stderr
+            .map(|(read, _)| pipe::Receiver::from_owned_fd(read))
+            .transpose()
+            .map_err(|e| ours_of("stderr", e))?;
         let control = Control::new(ours)?;
-        let mut session = ExecSession {
-            stdin: helper.stdin.take(),
-            stdout: helper.stdout.take(),
-            stderr: helper.stderr.take(),
-            helper,
-            control,
-            pty: None,
-            start_error: None,
-            exit_code: None,
-        };
+        let mut session =
+            ExecSession { stdin, stdout, stderr, helper, control, pty: None, start_error: None, exit_code: None };
         loop {
             match session.control.receive().await? {
                 Some((Report::Tty, Some(master))) => session.pty = Some(Arc::new(Pty::new(master)?)),
@@ -205,7 +222,7 @@ impl Runtime {
                     return Err(Error::Exec(format!("exec-in reported {other:?} before the command started")));
                 }
                 None => {
-                    let status = session.helper.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                    let status = session.helper.wait().await;
                     return Err(Error::Exec(format!("exec-in ended ({status}) before the command started")));
                 }
             }
@@ -303,6 +320,105 @@ impl Captured {
         }
         std::mem::take(&mut *self.data.lock().expect("output lock"))
     }
+}
+
+/// The exec-in process: spawned without a fork of the daemon, reaped by a task of its own.
+#[derive(Debug)]
+struct Helper {
+    /// How it ended, once it has (from the reaper).
+    ended: Option<tokio::sync::oneshot::Receiver<String>>,
+    status: Option<String>,
+}
+
+impl Helper {
+    /// Spawns `exe` with `args` (argv, the program first) and the daemon's environment: `stdio`
+    /// (None: /dev/null) as fds 0-2 and `control` as fd 3, the signal mask empty and SIGPIPE at
+    /// its default (the daemon ignores it), as std's Command would.
+    fn spawn(
+        exe: &std::path::Path,
+        args: &[std::ffi::OsString],
+        stdio: [Option<std::os::fd::BorrowedFd<'_>>; 3],
+        control: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Helper, Error> {
+        use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+        let failed = |what: &str, e: Errno| Error::Io {
+            what: format!("cannot start cri-systemd exec-in: {what}"),
+            source: e.into(),
+        };
+        let c_string = |bytes: &[u8]| {
+            CString::new(bytes).map_err(|_| Error::InvalidSpec("exec: a NUL byte in an argument".into()))
+        };
+        let path = c_string(exe.as_os_str().as_bytes())?;
+        let argv = args.iter().map(|arg| c_string(arg.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+        let envp: Vec<CString> = std::env::vars_os()
+            .filter_map(|(key, value)| CString::new([key.as_bytes(), b"=", value.as_bytes()].concat()).ok())
+            .collect();
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| Error::Io { what: "cannot open /dev/null".into(), source: e })?;
+        let mut actions = PosixSpawnFileActions::init().map_err(|e| failed("file actions", e))?;
+        for (target, fd) in stdio.iter().enumerate() {
+            let source = fd.map_or(null.as_raw_fd(), |fd| fd.as_raw_fd());
+            actions.add_dup2(source, target as RawFd).map_err(|e| failed("file actions", e))?;
+        }
+        // Last: a stdio source numbered 3 is copied before fd 3 is replaced.
+        actions.add_dup2(control.as_raw_fd(), exec_in::CONTROL_FD).map_err(|e| failed("file actions", e))?;
+        let mut attr = PosixSpawnAttr::init().map_err(|e| failed("attributes", e))?;
+        attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF)
+            .map_err(|e| failed("attributes", e))?;
+        attr.set_sigmask(&nix::sys::signal::SigSet::empty()).map_err(|e| failed("attributes", e))?;
+        let mut defaults = nix::sys::signal::SigSet::empty();
+        defaults.add(nix::sys::signal::Signal::SIGPIPE);
+        attr.set_sigdefault(&defaults).map_err(|e| failed("attributes", e))?;
+        let pid = posix_spawn(path.as_c_str(), &actions, &attr, &argv, &envp).map_err(|e| failed("posix_spawn", e))?;
+        let (sender, ended) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = sender.send(reap(pid).await);
+        });
+        Ok(Helper { ended: Some(ended), status: None })
+    }
+
+    /// Waits for the process to end: how it ended, for messages.
+    async fn wait(&mut self) -> String {
+        if let Some(ended) = self.ended.take() {
+            self.status = Some(ended.await.unwrap_or_else(|_| "status unknown".into()));
+        }
+        self.status.clone().unwrap_or_default()
+    }
+}
+
+/// Waits for child `pid` to end and reaps it: through a pidfd (Linux 5.3+), else on a blocking
+/// thread.
+async fn reap(pid: nix::unistd::Pid) -> String {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+    let describe = |status: nix::Result<WaitStatus>| match status {
+        Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+        Ok(WaitStatus::Signaled(_, signal, _)) => format!("killed by {signal}"),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("status unknown: {e}"),
+    };
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked. The child is not reaped
+    // before this (only this task waits for it), so the pid is still its own.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if raw >= 0 {
+        // SAFETY: a descriptor the kernel just returned; owned from here on.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or replaces.
+        if let Ok(watched) = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+            loop {
+                let Ok(mut ready) = watched.readable().await else { break };
+                match waitid(Id::PIDFd(watched.get_ref().as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+                    Ok(WaitStatus::StillAlive) => ready.clear_ready(),
+                    status => return describe(status),
+                }
+            }
+        }
+    }
+    tokio::task::spawn_blocking(move || describe(waitpid(pid, None)))
+        .await
+        .unwrap_or_else(|e| format!("status unknown: {e}"))
 }
 
 /// The daemon's end of the control socket.

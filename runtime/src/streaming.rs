@@ -447,7 +447,7 @@ async fn stdin_into(stdio: Arc<ContainerStdio>, mut input: mpsc::Receiver<Vec<u8
     stdio.session_ended().await;
 }
 
-async fn pipe_input(mut pipe: tokio::process::ChildStdin, mut input: mpsc::Receiver<Vec<u8>>) {
+async fn pipe_input(mut pipe: tokio::net::unix::pipe::Sender, mut input: mpsc::Receiver<Vec<u8>>) {
     while let Some(bytes) = input.recv().await {
         if pipe.write_all(&bytes).await.is_err() {
             return;
