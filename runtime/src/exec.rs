@@ -551,3 +551,42 @@ impl Pty {
             .map_err(std::io::Error::from)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `script` printed on each of fd 1, 2 and 3, and how it ended, run as exec-in is.
+    async fn spawned(script: &str) -> (String, String, String, String) {
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (out_read, out_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let args: Vec<std::ffi::OsString> = vec!["/bin/sh".into(), "-c".into(), script.into()];
+        let stdio = [None, Some(out_write.as_fd()), Some(err_write.as_fd())];
+        let mut helper = Helper::spawn(std::path::Path::new("/bin/sh"), &args, stdio, theirs.as_fd()).unwrap();
+        drop((theirs, out_write, err_write));
+        let status = helper.wait().await;
+        let read_all = |fd: OwnedFd| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).unwrap();
+            text
+        };
+        (read_all(out_read), read_all(err_read), read_all(ours), status)
+    }
+
+    #[tokio::test]
+    async fn the_helper_gets_its_stdio_and_the_control_socket_as_fd_3_and_is_reaped() {
+        let (out, err, control, status) = spawned("echo out; echo err >&2; echo control >&3; exit 7").await;
+        assert_eq!((out.as_str(), err.as_str(), control.as_str()), ("out\n", "err\n", "control\n"));
+        assert_eq!(status, "exit status 7");
+        // stdin is /dev/null; no signal is blocked and SIGPIPE is not ignored (the daemon's is).
+        let script = "read -r line; echo \"read $?\"; grep -E '^Sig(Blk|Ign)' /proc/self/status";
+        let (out, _, _, status) = spawned(script).await;
+        assert_eq!(status, "exit status 0");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "read 1", "end of file on stdin");
+        assert!(lines[1].ends_with("0000000000000000"), "no blocked signal: {}", lines[1]);
+        let ignored = u64::from_str_radix(lines[2].split_whitespace().last().unwrap(), 16).unwrap();
+        assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE at its default: {}", lines[2]);
+    }
+}
