@@ -6,13 +6,13 @@
 //! Dropping an [`ExecSession`] closes the control socket, which kills the command.
 //!
 //! exec-in is started with `posix_spawn(3)` (glibc clones with CLONE_VM|CLONE_VFORK and applies
-//! the stdio and fd 3 as file actions), not a fork: a fork copies the daemon's page tables and
-//! the child then tears them down at exec, which made every ExecSync (the kubelet's exec probes)
-//! pay for the daemon's size. Measured outside the daemon (a Rust program with 40 MiB touched
-//! and 8 threads, `/bin/true`, 2-CPU AMD VM): 5.6 ms per fork+exec against 0.9 ms per
-//! posix_spawn. (std's Command forks whenever a `pre_exec` closure is set, which the dup onto
-//! fd 3 needed.) The helper is reaped through a pidfd by a task of its own, so a session dropped
-//! without a wait leaves no zombie.
+//! the stdio and fd 3 as file actions) by crate::spawner's thread, not forked: a fork copies the
+//! daemon's page tables and the child then tears them down at exec, which made every ExecSync
+//! (the kubelet's exec probes) pay for the daemon's size. Measured outside the daemon (a Rust
+//! program with 40 MiB touched and 8 threads, `/bin/true`, 2-CPU AMD VM): 5.6 ms per fork+exec
+//! against 0.9 ms per posix_spawn. (std's Command forks whenever a `pre_exec` closure is set,
+//! which the dup onto fd 3 needed.) The helper is reaped through a pidfd by a task of its own,
+//! so a session dropped without a wait leaves no zombie.
 //!
 //! # How exec-in enters a container
 //!
@@ -332,47 +332,31 @@ struct Helper {
 
 impl Helper {
     /// Spawns `exe` with `args` (argv, the program first) and the daemon's environment: `stdio`
-    /// (None: /dev/null) as fds 0-2 and `control` as fd 3, the signal mask empty and SIGPIPE at
-    /// its default (the daemon ignores it), as std's Command would.
+    /// (None: /dev/null) as fds 0-2 and `control` as fd 3 (crate::spawner).
     fn spawn(
         exe: &std::path::Path,
         args: &[std::ffi::OsString],
         stdio: [Option<std::os::fd::BorrowedFd<'_>>; 3],
         control: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Helper, Error> {
-        use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
-        let failed = |what: &str, e: Errno| Error::Io {
-            what: format!("cannot start cri-systemd exec-in: {what}"),
-            source: e.into(),
-        };
         let c_string = |bytes: &[u8]| {
             CString::new(bytes).map_err(|_| Error::InvalidSpec("exec: a NUL byte in an argument".into()))
         };
         let path = c_string(exe.as_os_str().as_bytes())?;
         let argv = args.iter().map(|arg| c_string(arg.as_bytes())).collect::<Result<Vec<_>, _>>()?;
-        let envp: Vec<CString> = std::env::vars_os()
-            .filter_map(|(key, value)| CString::new([key.as_bytes(), b"=", value.as_bytes()].concat()).ok())
-            .collect();
         let null = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/null")
             .map_err(|e| Error::Io { what: "cannot open /dev/null".into(), source: e })?;
-        let mut actions = PosixSpawnFileActions::init().map_err(|e| failed("file actions", e))?;
-        for (target, fd) in stdio.iter().enumerate() {
-            let source = fd.map_or(null.as_raw_fd(), |fd| fd.as_raw_fd());
-            actions.add_dup2(source, target as RawFd).map_err(|e| failed("file actions", e))?;
-        }
-        // Last: a stdio source numbered 3 is copied before fd 3 is replaced.
-        actions.add_dup2(control.as_raw_fd(), exec_in::CONTROL_FD).map_err(|e| failed("file actions", e))?;
-        let mut attr = PosixSpawnAttr::init().map_err(|e| failed("attributes", e))?;
-        attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF)
-            .map_err(|e| failed("attributes", e))?;
-        attr.set_sigmask(&nix::sys::signal::SigSet::empty()).map_err(|e| failed("attributes", e))?;
-        let mut defaults = nix::sys::signal::SigSet::empty();
-        defaults.add(nix::sys::signal::Signal::SIGPIPE);
-        attr.set_sigdefault(&defaults).map_err(|e| failed("attributes", e))?;
-        let pid = posix_spawn(path.as_c_str(), &actions, &attr, &argv, &envp).map_err(|e| failed("posix_spawn", e))?;
+        let fds = [
+            stdio[0].unwrap_or(null.as_fd()),
+            stdio[1].unwrap_or(null.as_fd()),
+            stdio[2].unwrap_or(null.as_fd()),
+            control,
+        ];
+        let pid = crate::spawner::spawn(&path, &argv, fds)
+            .map_err(|e| Error::Io { what: "cannot start cri-systemd exec-in".into(), source: e.into() })?;
         let (sender, ended) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let _ = sender.send(reap(pid).await);

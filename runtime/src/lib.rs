@@ -35,6 +35,7 @@ mod pods;
 pub mod sealed_exe;
 mod seccomp_profile;
 pub mod selinux;
+mod spawner;
 pub mod stats;
 mod stdio;
 mod store;
