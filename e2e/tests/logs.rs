@@ -169,6 +169,20 @@ fn ticks(node: &Node, path: &str) -> Vec<u64> {
         .collect()
 }
 
+/// SIGKILLs the daemon (systemd restarts it, Restart=always, and hands its fd store back) and
+/// waits for 50 more ticks in the ticker's log at `log`.
+async fn kill_the_daemon_and_see_ticks_go_on(node: &Node, log: &str) {
+    node.sh("systemctl kill -s KILL cri-systemd");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ticks(node, log).len();
+    let _ = node.cri(ANSWER_TIMEOUT).await;
+    eventually(Duration::from_secs(20), "ticks after the restart", || {
+        let n = ticks(node, log).len();
+        async move { (n > before + 50).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_no_line() {
     let node = node("logs-kill");
@@ -186,17 +200,8 @@ async fn a_daemon_killed_or_stopped_while_a_container_writes_loses_and_repeats_n
         async move { (n > 20).then_some(()) }
     })
     .await;
-    // SIGKILL: systemd restarts the daemon (Restart=always) and hands its fd store back.
     for _ in 0..3 {
-        node.sh("systemctl kill -s KILL cri-systemd");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = ticks(&node, &log).len();
-        let _ = node.cri(ANSWER_TIMEOUT).await;
-        eventually(Duration::from_secs(20), "ticks after the restart", || {
-            let n = ticks(&node, &log).len();
-            async move { (n > before + 50).then_some(()) }
-        })
-        .await;
+        kill_the_daemon_and_see_ticks_go_on(&node, &log).await;
     }
     // An explicit stop: before systemd 254 (FileDescriptorStorePreserve=) systemd drops the fd
     // store, and the started daemon opens the pipes again through the container's /proc/<pid>/fd.
@@ -278,15 +283,7 @@ async fn all_output_pipes_are_kept_in_one_stored_queue_across_removals_and_kills
     assert_eq!(fd_store_entries(&node), 2, "after the rebuild");
     let log = format!("{dir}/ticker/0.log");
     for _ in 0..2 {
-        node.sh("systemctl kill -s KILL cri-systemd");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = ticks(&node, &log).len();
-        let _ = node.cri(ANSWER_TIMEOUT).await;
-        eventually(Duration::from_secs(20), "ticks after the restart", || {
-            let n = ticks(&node, &log).len();
-            async move { (n > before + 50).then_some(()) }
-        })
-        .await;
+        kill_the_daemon_and_see_ticks_go_on(&node, &log).await;
         assert_eq!(fd_store_entries(&node), 2, "the restarted daemon's queue replaced the stored one");
     }
     let journal = node.logs();
