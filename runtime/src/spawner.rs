@@ -15,7 +15,9 @@
 //! descriptors: the child's fds 0, 1, 2 and 3; the answer is the child's pid, or an errno. The
 //! spawn itself is `posix_spawn(3)`: no fork of the daemon's memory, the signal mask empty and
 //! SIGPIPE at its default (the daemon ignores it), the daemon's environment.
-//! If the thread cannot be made, the caller's own thread spawns (the same call, a bigger table).
+//! Spawns go through the thread one at a time (a posix_spawn returns once the child has exec'd,
+//! about 1 ms). If the thread cannot be made, or is gone, the caller's own thread spawns (the
+//! same call, a bigger table).
 
 use std::ffi::CString;
 use std::io::{IoSlice, IoSliceMut};
