@@ -229,6 +229,34 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_spawns_each_get_their_own_descriptors() {
+        let threads: Vec<_> = (0..8)
+            .map(|thread| {
+                std::thread::spawn(move || {
+                    for round in 0..10 {
+                        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+                        let null = std::fs::File::open("/dev/null").unwrap();
+                        let path = CString::new("/bin/sh").unwrap();
+                        let script = format!("echo {thread}-{round}");
+                        let args =
+                            [CString::new("sh").unwrap(), CString::new("-c").unwrap(), CString::new(script).unwrap()];
+                        let pid =
+                            spawn(&path, &args, [null.as_fd(), write.as_fd(), null.as_fd(), null.as_fd()]).unwrap();
+                        drop(write);
+                        nix::sys::wait::waitpid(pid, None).unwrap();
+                        let mut text = String::new();
+                        std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut text).unwrap();
+                        assert_eq!(text, format!("{thread}-{round}\n"));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+    }
+
+    #[test]
     fn requests_are_parsed_or_refused() {
         let (path, args) = parse(b"/bin/x\0a\0b\0").unwrap();
         assert_eq!((path.as_bytes(), args.len()), (&b"/bin/x"[..], 2));
