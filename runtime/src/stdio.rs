@@ -19,7 +19,8 @@
 //! store (`FDSTORE=1`, `FDNAME=<id>-stdin|<id>-tty`; the unit has `FileDescriptorStoreMax=`),
 //! handed back on restart through `LISTEN_FDS`/`LISTEN_FDNAMES` and removed with `FDSTOREREMOVE=1`
 //! with the container; stored fds no running container claims are closed at start. The output
-//! pipes' read ends are kept in one queue that is a single fd-store entry (crate::output_vault).
+//! pipes' read ends are kept in one queue whose two ends are stored under one name
+//! (crate::output_vault).
 //!
 //! Trade-offs: while the daemon is down, a terminal's output waits in the kernel's pty buffer (a
 //! few KiB) and the container blocks on write once it is full (as it does on its output pipes,
