@@ -220,19 +220,21 @@ async fn follow_main_process(runtime: Weak<Runtime>, id: String) {
     }
 }
 
+/// A pidfd of process `pid` (Linux 5.3+), readable once the process has ended.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a fresh descriptor owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// A pidfd of `pid` if it is (still) a process of `unit`: the pidfd pins the process, and the
 /// cgroup check after opening it rules out a recycled pid.
 fn open_main_process(pid: u32, unit: &str) -> Option<OwnedFd> {
     if pid == 0 {
         return None;
     }
-    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a fresh descriptor owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = pidfd_open(pid as libc::pid_t)?;
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     cgroups.lines().any(|line| line.ends_with(&format!("/{unit}"))).then_some(fd)
 }

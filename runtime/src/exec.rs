@@ -383,12 +383,8 @@ async fn reap(pid: nix::unistd::Pid) -> String {
         Ok(other) => format!("{other:?}"),
         Err(e) => format!("status unknown: {e}"),
     };
-    // SAFETY: pidfd_open takes a pid and flags; the result is checked. The child is not reaped
-    // before this (only this task waits for it), so the pid is still its own.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if raw >= 0 {
-        // SAFETY: a descriptor the kernel just returned; owned from here on.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+    // The child is not reaped before this (only this task waits for it): the pid is its own.
+    if let Some(pidfd) = crate::events::pidfd_open(pid.as_raw()) {
         // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or replaces.
         if let Ok(watched) = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
             loop {

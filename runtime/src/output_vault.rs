@@ -140,7 +140,7 @@ impl OutputVault {
     /// by name (the first one of a name wins: a kill during a rebuild leaves two generations
     /// holding the same pipes).
     pub(crate) fn recover(stored: Vec<(String, OwnedFd)>) -> (OutputVault, HashMap<String, OwnedFd>) {
-        let mut ends: Vec<(u64, String, OwnedFd)> = Vec::new();
+        let mut ends: Vec<(u64, OwnedFd)> = Vec::new();
         let mut retired = Vec::new();
         for (name, fd) in stored {
             // Whatever the name, it leaves the store once the next generation is in it.
@@ -148,14 +148,14 @@ impl OutputVault {
                 retired.push(name.clone());
             }
             match name[STORE_PREFIX.len()..].parse::<u64>() {
-                Ok(generation) => ends.push((generation, name, fd)),
+                Ok(generation) => ends.push((generation, fd)),
                 Err(_) => warn!(name, "an fd-store entry of an unknown form: dropped"),
             }
         }
         // Newest first; a generation's two ends are alike (the sending end's queue is empty).
-        ends.sort_by_key(|(generation, _, _)| std::cmp::Reverse(*generation));
+        ends.sort_by_key(|(generation, _)| std::cmp::Reverse(*generation));
         let mut found = HashMap::new();
-        for (generation, _, end) in &ends {
+        for (generation, end) in &ends {
             match peek_all(end) {
                 Ok(entries) => {
                     if !entries.is_empty() {
@@ -168,7 +168,7 @@ impl OutputVault {
                 Err(e) => warn!(generation, "cannot read the stored queue of output pipes: {e}"),
             }
         }
-        let last = ends.first().map_or(0, |(generation, _, _)| *generation);
+        let last = ends.first().map_or(0, |(generation, _)| *generation);
         (OutputVault::after(last, retired), found)
     }
 
@@ -188,13 +188,9 @@ impl OutputVault {
             sent = self.queue.as_ref().map(|queue| queue.send(name, fd));
         }
         match sent {
-            Some(Ok(())) => {
-                if let Some(old) = self.live.insert(name.to_string(), copy) {
-                    // Kept again under the same name (taken back from the fd store at start).
-                    drop(old);
-                    self.dead += 1;
-                }
-            }
+            // Kept again under a name already queued: the earlier entry is dead.
+            Some(Ok(())) if self.live.insert(name.to_string(), copy).is_some() => self.dead += 1,
+            Some(Ok(())) => {}
             Some(Err(e)) => {
                 warn!(name, "no room for an output pipe in the queue ({e}): it goes to the fd store");
                 self.store_directly(name, fd, store);

@@ -122,7 +122,7 @@ fn serve(socket: OwnedFd) {
     loop {
         let mut space = nix::cmsg_space!([RawFd; CHILD_FDS]);
         let mut iov = [IoSliceMut::new(&mut request)];
-        let received = match recvmsg::<()>(socket_fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        let (length, fds) = match recvmsg::<()>(socket_fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(message) => {
                 let mut fds = Vec::new();
                 for cmsg in message.cmsgs().into_iter().flatten() {
@@ -136,21 +136,16 @@ fn serve(socket: OwnedFd) {
             Err(Errno::EINTR) => continue,
             Err(_) => return,
         };
-        let (length, fds) = received;
         if length == 0 && fds.is_empty() {
             return; // the daemon's end is gone
         }
-        let answer = match parse(&request[..length]) {
-            Some((path, args)) if fds.len() == CHILD_FDS => {
-                let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-                match spawn_here(&path, &args, &[raw[0], raw[1], raw[2], raw[3]]) {
-                    Ok(pid) => i64::from(pid.as_raw()),
-                    Err(e) => -(e as i64),
-                }
-            }
+        let answer = match (parse(&request[..length]), <[OwnedFd; CHILD_FDS]>::try_from(fds)) {
+            (Some((path, args)), Ok(fds)) => match spawn_here(&path, &args, &fds.each_ref().map(AsRawFd::as_raw_fd)) {
+                Ok(pid) => i64::from(pid.as_raw()),
+                Err(e) => -(e as i64),
+            },
             _ => -(Errno::EINVAL as i64),
         };
-        drop(fds);
         if nix::sys::socket::send(socket_fd, &answer.to_le_bytes(), MsgFlags::MSG_NOSIGNAL).is_err() {
             return;
         }
@@ -174,8 +169,8 @@ fn spawn_here(path: &CString, args: &[CString], fds: &[RawFd; CHILD_FDS]) -> Res
         .filter_map(|(key, value)| CString::new([key.as_bytes(), b"=", value.as_bytes()].concat()).ok())
         .collect();
     let mut actions = PosixSpawnFileActions::init()?;
-    // In order: a source numbered below its target is copied before that target is replaced
-    // (sources are never 0-2 here: those are the daemon's stdio).
+    // In order 0 to 3: sources are never 0-2 (the daemon's stdio), so the only source a dup can
+    // replace is fd 3, which is copied to 0-2 before the last dup replaces it.
     for (target, &fd) in fds.iter().enumerate() {
         actions.add_dup2(fd, target as RawFd)?;
     }
